@@ -1,0 +1,79 @@
+"""Public entry point for video attention: validation, backend choice, then the reference or the Triton op.
+
+Layers: ``triton_fwd.py`` / ``triton_bwd.py`` hold the kernels and their launchers; ``_ops.py`` registers them as
+``torch.library`` custom ops (``matten::video_attention_fwd`` / ``matten::video_attention_bwd``) with fake kernels
+and autograd; this file validates input and dispatches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._backend import FLOAT_DTYPES, check_tensor, choose_backend
+from .reference import video_attention_ref
+
+AXES = ("spatial", "temporal", "global")
+MAX_HEAD_DIM = 128
+_OP = "video_attention"
+
+
+def _validate(q, k, v, num_frames, axis, softmax_scale):
+    """Raise a clear ValueError/TypeError for bad input; return (F, S)."""
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES + (torch.float64,), op=_OP)
+    batch, tokens, heads, head_dim = q.shape
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(name, t, ndim=4, dtypes=(q.dtype,), device=q.device, shape=tuple(q.shape), op=_OP)
+    if axis not in AXES:
+        raise ValueError(f"{_OP}: unknown axis {axis!r}; expected one of {list(AXES)}")
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"{_OP}: num_frames must be a positive int, got {num_frames!r}")
+    if tokens % num_frames != 0:
+        raise ValueError(
+            f"{_OP}: the token count F*S = q.shape[1] = {tokens} is not divisible by num_frames={num_frames}"
+        )
+    if head_dim < 1 or head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"{_OP}: head_dim = q.shape[3] must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
+    if batch < 1 or tokens < 1 or heads < 1:
+        raise ValueError(f"{_OP}: q must have non-empty batch, token and head dims, got shape {tuple(q.shape)}")
+    if softmax_scale is not None and not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"{_OP}: softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    return num_frames, tokens // num_frames
+
+
+def video_attention(q, k, v, *, num_frames, axis, softmax_scale=None, backend=None):
+    """Softmax attention among the tokens of a frame, of a spatial position, or of the whole clip.
+
+    Args:
+        q, k, v: ``(batch, F*S, heads, head_dim)`` frame-major tokens (index ``f*S + s``), fp32/fp16/bf16 (fp64 on
+            the reference only), all the same shape, dtype and device. They may be strided views of a packed
+            ``(batch, F*S, 3, heads, head_dim)`` projection output: the Triton kernels read them through their
+            strides (the last dim must have stride 1), with no copies. head_dim <= 128.
+        num_frames: F; ``q.shape[1]`` must be divisible by it (S = F*S / F, S = 1 and F = 1 allowed).
+        axis: ``"spatial"`` (attend among the S tokens of each frame), ``"temporal"`` (among the F tokens at each
+            spatial position) or ``"global"`` (among all F*S tokens).
+        softmax_scale: defaults to ``head_dim ** -0.5``.
+        backend: ``None`` (auto: ``"triton"`` for CUDA tensors, ``"ref"`` otherwise), ``"triton"`` (CUDA, or the CPU
+            under ``TRITON_INTERPRET=1``), or ``"ref"`` (plain PyTorch, fp32 softmax).
+
+    Returns:
+        ``(batch, F*S, heads, head_dim)`` contiguous, dtype of q. Differentiable in q, k and v.
+
+    Numerics (Triton): fp32 accumulation and online softmax; the logsumexp is saved and the backward recomputes the
+    probabilities. For fp32 inputs on a GPU the matmuls run in tf32 (relative error ~3e-4); the interpreter uses
+    ieee fp32.
+    """
+    num_frames, _ = _validate(q, k, v, num_frames, axis, softmax_scale)
+    chosen = choose_backend(backend, q.device, _OP)
+    if chosen == "ref":
+        return video_attention_ref(q, k, v, num_frames=num_frames, axis=axis, softmax_scale=softmax_scale)
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{_OP}: backend='triton' supports {[str(d) for d in FLOAT_DTYPES]}, got {q.dtype}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(
+                f"{_OP}: backend='triton' needs {name}.stride(-1) == 1 (head_dim contiguous), got strides {t.stride()}"
+            )
+    from . import _ops  # registers the custom ops on first use (imports triton)
+
+    scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
+    return torch.ops.matten.video_attention_fwd(q, k, v, num_frames, AXES.index(axis), scale)[0]
