@@ -18,7 +18,7 @@ def video_attention_ref(q, k, v, *, num_frames, axis, softmax_scale=None):
     pattern = {
         "spatial": "b (f s) h d -> (b f) h s d",
         "temporal": "b (f s) h d -> (b s) h f d",
-        "global": "b n h d -> b h n d",
+        "global": "b (f s) h d -> b h (f s) d",
     }[axis]
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     qs, ks, vs = (rearrange(x.to(dtype), pattern, f=F, s=S) for x in (q, k, v))
