@@ -1,8 +1,8 @@
 """Public entry point for video attention: validation, backend choice, then the reference or the Triton op.
 
-Layers: ``triton_fwd.py`` / ``triton_bwd.py`` hold the kernels and their launchers; ``_ops.py`` registers them as
-``torch.library`` custom ops (``matten::video_attention_fwd`` / ``matten::video_attention_bwd``) with fake kernels
-and autograd; this file validates input and dispatches.
+Layers: ``triton_fwd.py`` / ``triton_bwd.py`` hold the kernels and their launchers (triton is imported only when
+an op first runs); this file registers them as ``torch.library`` custom ops (``matten::video_attention_fwd`` /
+``matten::video_attention_bwd``) with fake kernels and autograd, validates input and dispatches.
 """
 
 from __future__ import annotations
@@ -15,6 +15,79 @@ from .reference import video_attention_ref
 AXES = ("spatial", "temporal", "global")
 MAX_HEAD_DIM = 128
 _OP = "video_attention"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.library custom ops (opaque to torch.compile; the fake kernels give it shapes)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("matten::video_attention_fwd", mutates_args=())
+def _attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_frames: int, axis: str, softmax_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (o, lse): o (batch, F*S, heads, head_dim) contiguous; lse (batch, heads, F*S) fp32, base 2."""
+    from .triton_fwd import video_attention_fwd_launch
+
+    return video_attention_fwd_launch(q, k, v, num_frames, axis, softmax_scale)
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, num_frames, axis, softmax_scale):
+    batch, tokens, heads, head_dim = q.shape
+    return (
+        q.new_empty((batch, tokens, heads, head_dim)),
+        q.new_empty((batch, heads, tokens), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("matten::video_attention_bwd", mutates_args=())
+def _attention_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    num_frames: int,
+    axis: str,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dq, dk, dv), each (batch, F*S, heads, head_dim) contiguous."""
+    from .triton_bwd import video_attention_bwd_launch
+
+    return video_attention_bwd_launch(do, q, k, v, o, lse, num_frames, axis, softmax_scale)
+
+
+@_attention_bwd.register_fake
+def _(do, q, k, v, o, lse, num_frames, axis, softmax_scale):
+    shape = tuple(q.shape)
+    return q.new_empty(shape), q.new_empty(shape), q.new_empty(shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, num_frames, axis, softmax_scale = inputs
+    o, lse = output
+    # Saved: the inputs (views, no copies), the output and the fp32 logsumexp (batch*heads*F*S floats). The
+    # attention probabilities (L^2 per sequence) are recomputed in the backward from q, k and lse.
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.geometry = (num_frames, axis, softmax_scale)
+
+
+def _backward(ctx, grad_o, grad_lse):
+    q, k, v, o, lse = ctx.saved_tensors
+    num_frames, axis, softmax_scale = ctx.geometry
+    # lse is an auxiliary output; nothing upstream differentiates through it (grad_lse is None or unused).
+    dq, dk, dv = _attention_bwd(grad_o, q, k, v, o, lse, num_frames, axis, softmax_scale)
+    return dq, dk, dv, None, None, None
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# public function
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def _validate(q, k, v, num_frames, axis, softmax_scale):
@@ -47,7 +120,7 @@ def video_attention(q, k, v, *, num_frames, axis, softmax_scale=None, backend=No
         q, k, v: ``(batch, F*S, heads, head_dim)`` frame-major tokens (index ``f*S + s``), fp32/fp16/bf16 (fp64 on
             the reference only), all the same shape, dtype and device. They may be strided views of a packed
             ``(batch, F*S, 3, heads, head_dim)`` projection output: the Triton kernels read them through their
-            strides (the last dim must have stride 1), with no copies. head_dim <= 128.
+            strides, with no copies. head_dim <= 128.
         num_frames: F; ``q.shape[1]`` must be divisible by it (S = F*S / F, S = 1 and F = 1 allowed).
         axis: ``"spatial"`` (attend among the S tokens of each frame), ``"temporal"`` (among the F tokens at each
             spatial position) or ``"global"`` (among all F*S tokens).
@@ -68,12 +141,5 @@ def video_attention(q, k, v, *, num_frames, axis, softmax_scale=None, backend=No
         return video_attention_ref(q, k, v, num_frames=num_frames, axis=axis, softmax_scale=softmax_scale)
     if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{_OP}: backend='triton' supports {[str(d) for d in FLOAT_DTYPES]}, got {q.dtype}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(-1) != 1:
-            raise ValueError(
-                f"{_OP}: backend='triton' needs {name}.stride(-1) == 1 (head_dim contiguous), got strides {t.stride()}"
-            )
-    from . import _ops  # registers the custom ops on first use (imports triton)
-
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
-    return torch.ops.matten.video_attention_fwd(q, k, v, num_frames, AXES.index(axis), scale)[0]
+    return _attention_fwd(q, k, v, num_frames, axis, scale)[0]
