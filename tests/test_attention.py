@@ -1,0 +1,262 @@
+"""video_attention (ref and Triton) against float64 attention, forward and every gradient.
+
+Tolerance rules:
+* CPU (reference backend and the Triton interpreter, fp32 with ieee dots): max |out - fp64| <= 2e-5 and the same for
+  each gradient (random cotangent), i.e. fp32 rounding only.
+* GPU fp16/bf16 (flash-attention's rule): max error vs float64 at most 2x the max error of torch SDPA (with the
+  rearranges) at the same precision, plus an absolute slack of 1e-3 (1e-2 for bf16 gradients summed over 4096 keys is
+  not needed: the 2x term already scales with the dtype). fp32 on GPU runs tf32 dots: relative error <= 2e-3.
+
+The float64 oracle here is written independently of ``reference.py``: dense attention over all F*S tokens with a
+block mask (same frame / same spatial position / everything), no rearranges.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as Fn
+from einops import rearrange
+
+from matten_kernels import video_attention, video_attention_ref
+
+log = logging.getLogger(__name__)
+AXES = ("spatial", "temporal", "global")
+CPU_ATOL = 2e-5
+
+
+def masked_attention_fp64(q, k, v, num_frames, axis, scale=None):
+    """Dense float64 attention over all tokens with the axis's block mask; (B, N, H, D) in and out."""
+    B, N, H, D = q.shape
+    S = N // num_frames
+    idx = torch.arange(N, device=q.device)
+    frame, pos = idx // S, idx % S
+    if axis == "spatial":
+        allowed = frame[:, None] == frame[None, :]
+    elif axis == "temporal":
+        allowed = pos[:, None] == pos[None, :]
+    else:
+        allowed = torch.ones(N, N, dtype=torch.bool, device=q.device)
+    scale = D ** -0.5 if scale is None else scale
+    q, k, v = (x.double().transpose(1, 2) for x in (q, k, v))  # (B, H, N, D)
+    s = (q @ k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    return (torch.softmax(s, -1) @ v).transpose(1, 2)
+
+
+def packed_qkv(B, N, H, D, dtype=torch.float32, device="cpu"):
+    """q, k, v as strided views of one (B, N, 3, H, D) tensor, like the model's fused projection."""
+    qkv = torch.randn(B, N, 3, H, D, dtype=dtype, device=device)
+    return qkv, qkv.unbind(2)
+
+
+def _errors(name, got, want):
+    err = (got.double() - want.double()).abs()
+    log.info("%s: max err %.3e mean err %.3e", name, err.max().item(), err.mean().item())
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    return err.max().item()
+
+
+def _check_fwd_bwd(backend, B, F, S, H, D, axis, scale=None):
+    qkv, _ = packed_qkv(B, F * S, H, D)
+    q, k, v = qkv.requires_grad_().unbind(2)
+    out = video_attention(q, k, v, num_frames=F, axis=axis, softmax_scale=scale, backend=backend)
+    assert out.shape == (B, F * S, H, D) and out.is_contiguous() and out.dtype == q.dtype
+    cot = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, qkv, cot)
+
+    qkv64 = qkv.detach().double().requires_grad_()
+    ref = masked_attention_fp64(*qkv64.unbind(2), F, axis, scale)
+    (grad64,) = torch.autograd.grad(ref, qkv64, cot.double())
+    tag = f"{backend}/{axis}/F{F}S{S}D{D}"
+    assert _errors(f"{tag} out", out, ref) <= CPU_ATOL
+    for i, gname in enumerate("qkv"):
+        assert _errors(f"{tag} d{gname}", grad[:, :, i], grad64[:, :, i]) <= CPU_ATOL
+
+
+# (F, S, D): awkward sizes. L <= 64 runs the packed kernel, L > 64 the looping (flash) kernel.
+SHAPES = [
+    pytest.param(3, 5, 8, id="F3-S5-D8"),
+    pytest.param(1, 7, 24, id="F1-S7-D24"),
+    pytest.param(5, 1, 8, id="F5-S1-D8"),
+    pytest.param(2, 21, 72, id="F2-S21-D72"),
+]
+
+
+@pytest.mark.parametrize("axis", AXES)
+@pytest.mark.parametrize("F,S,D", SHAPES)
+def test_ref_matches_fp64(F, S, D, axis):
+    _check_fwd_bwd("ref", 2, F, S, 2, D, axis)
+
+
+@pytest.mark.parametrize("axis", AXES)
+@pytest.mark.parametrize("F,S,D", SHAPES)
+def test_triton_matches_fp64(F, S, D, axis):
+    _check_fwd_bwd("triton", 2, F, S, 2, D, axis)
+
+
+@pytest.mark.parametrize(
+    "F,S,D,axis",
+    [
+        pytest.param(2, 67, 8, "spatial", id="spatial-S67-masked"),
+        pytest.param(66, 2, 8, "temporal", id="temporal-F66-masked"),
+        pytest.param(3, 32, 8, "global", id="global-96-even"),
+    ],
+)
+def test_triton_looping_mode(F, S, D, axis):
+    """Sequences longer than the packing limit: several query and key blocks, with and without ragged tails."""
+    _check_fwd_bwd("triton", 1, F, S, 1, D, axis)
+
+
+def test_triton_custom_scale():
+    _check_fwd_bwd("triton", 1, 3, 4, 2, 16, "temporal", scale=0.3)
+
+
+def test_triton_separate_tensors_and_noncontiguous_cotangent():
+    """q, k, v from different storages with different strides; the cotangent a transposed view."""
+    B, F, S, H, D = 1, 2, 3, 2, 8
+    q = torch.randn(B, F * S, H, D)
+    k = torch.randn(B, H, F * S, D).transpose(1, 2)
+    v = torch.randn(B, F * S, H, 2 * D)[..., ::2]  # head_dim stride 2
+    for t in (q, k, v):
+        t.requires_grad_()
+    out = video_attention(q, k, v, num_frames=F, axis="spatial", backend="triton")
+    cot = torch.randn(B, H, F * S, D).transpose(1, 2)
+    grads = torch.autograd.grad(out, (q, k, v), cot)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = masked_attention_fp64(q64, k64, v64, F, "spatial")
+    grads64 = torch.autograd.grad(ref, (q64, k64, v64), cot.double())
+    assert _errors("sep out", out, ref) <= CPU_ATOL
+    for g, g64 in zip(grads, grads64):
+        assert g.shape == g64.shape
+        assert _errors("sep grad", g, g64) <= CPU_ATOL
+
+
+def test_reference_is_the_spec():
+    """reference.py (rearranges) and the masked dense oracle agree in float64."""
+    q, k, v = (torch.randn(2, 12, 3, 5, dtype=torch.float64) for _ in range(3))
+    for axis in AXES:
+        got = video_attention_ref(q, k, v, num_frames=4, axis=axis)
+        assert _errors(f"spec {axis}", got, masked_attention_fp64(q, k, v, 4, axis)) <= 1e-12
+
+
+def test_opcheck():
+    from matten_kernels.attention import interface  # noqa: F401  (registers the ops)
+
+    _, (q, k, v) = packed_qkv(1, 6, 1, 8)
+    torch.library.opcheck(torch.ops.matten.video_attention_fwd.default, (q, k, v, 2, "temporal", 0.35))
+    o, lse = torch.ops.matten.video_attention_fwd(q, k, v, 2, "temporal", 0.35)
+    do = torch.randn_like(o)
+    torch.library.opcheck(torch.ops.matten.video_attention_bwd.default, (do, q, k, v, o, lse, 2, "temporal", 0.35))
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(torch.ops.matten.video_attention_fwd.default, (qg, kg, vg, 3, "spatial", 0.35),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_validation_errors():
+    q = torch.randn(1, 6, 2, 8)
+    with pytest.raises(ValueError, match="not divisible by num_frames=4"):
+        video_attention(q, q, q, num_frames=4, axis="spatial")
+    with pytest.raises(ValueError, match="unknown axis"):
+        video_attention(q, q, q, num_frames=2, axis="time")
+    with pytest.raises(ValueError, match="k must have shape"):
+        video_attention(q, q[:, :3], q, num_frames=2, axis="spatial")
+    with pytest.raises(TypeError, match="v must have dtype"):
+        video_attention(q, q, q.double(), num_frames=2, axis="spatial")
+    with pytest.raises(ValueError, match="q must have 4 dimensions"):
+        video_attention(q[0], q[0], q[0], num_frames=2, axis="spatial")
+    with pytest.raises(ValueError, match="head_dim"):
+        big = torch.randn(1, 2, 1, 136)
+        video_attention(big, big, big, num_frames=1, axis="global")
+    with pytest.raises(ValueError, match="num_frames must be a positive int"):
+        video_attention(q, q, q, num_frames=0, axis="spatial")
+    with pytest.raises(ValueError, match="unknown backend"):
+        video_attention(q, q, q, num_frames=2, axis="spatial", backend="cuda")
+    with pytest.raises(TypeError, match="backend='triton' supports"):
+        qd = q.double()
+        video_attention(qd, qd, qd, num_frames=2, axis="spatial", backend="triton")
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        video_attention(q.numpy(), q, q, num_frames=2, axis="spatial")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------------------------
+
+SDPA_PATTERN = {
+    "spatial": "b (f s) h d -> (b f) h s d",
+    "temporal": "b (f s) h d -> (b s) h f d",
+    "global": "b (f s) h d -> b h (f s) d",
+}
+
+
+def sdpa_video_attention(q, k, v, num_frames, axis):
+    """The baseline: rearrange to (sequences, heads, L, d), torch SDPA, rearrange back."""
+    B, N, H, D = q.shape
+    S = N // num_frames
+    pattern = SDPA_PATTERN[axis]
+    qs, ks, vs = (rearrange(x, pattern, f=num_frames, s=S) for x in (q, k, v))
+    o = Fn.scaled_dot_product_attention(qs, ks, vs)
+    inverse = " -> ".join(reversed(pattern.split(" -> ")))
+    return rearrange(o, inverse, b=B, f=num_frames, s=S)
+
+
+def _fwd_bwd(fn, qkv, cot, F, axis):
+    qkv = qkv.detach().requires_grad_()
+    out = fn(*qkv.unbind(2), F, axis)
+    (grad,) = torch.autograd.grad(out, qkv, cot)
+    return out, grad
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("axis", AXES)
+@pytest.mark.parametrize("B,F,S,H,D", [pytest.param(2, 16, 256, 16, 72, id="XL"), pytest.param(1, 5, 37, 3, 40, id="odd")])
+def test_gpu_flash_rule(B, F, S, H, D, axis, dtype):
+    qkv, _ = packed_qkv(B, F * S, H, D, dtype=dtype, device="cuda")
+    cot = torch.randn(B, F * S, H, D, dtype=dtype, device="cuda")
+    ours = _fwd_bwd(lambda q, k, v, f, a: video_attention(q, k, v, num_frames=f, axis=a), qkv, cot, F, axis)
+    base = _fwd_bwd(sdpa_video_attention, qkv, cot, F, axis)
+    ref = _fwd_bwd(lambda q, k, v, f, a: video_attention_ref(q, k, v, num_frames=f, axis=a), qkv.double(),
+                   cot.double(), F, axis)
+    for name, got, sdpa, want in zip(("out", "dqkv"), ours, base, ref):
+        e_ours = _errors(f"ours {axis} {name}", got, want)
+        e_sdpa = _errors(f"sdpa {axis} {name}", sdpa, want)
+        assert e_ours <= 2 * e_sdpa + 1e-3, f"{axis} {name}: ours {e_ours:.3e} vs sdpa {e_sdpa:.3e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("axis", AXES)
+def test_gpu_fp32_tf32(axis):
+    B, F, S, H, D = 1, 6, 50, 2, 72
+    qkv, _ = packed_qkv(B, F * S, H, D, device="cuda")
+    cot = torch.randn(B, F * S, H, D, device="cuda")
+    out, grad = _fwd_bwd(lambda q, k, v, f, a: video_attention(q, k, v, num_frames=f, axis=a), qkv, cot, F, axis)
+    ref, grad64 = _fwd_bwd(masked_attention_fp64, qkv.double(), cot.double(), F, axis)
+    for name, got, want in (("out", out, ref), ("dqkv", grad, grad64)):
+        _errors(f"fp32 {axis} {name}", got, want)
+        rel = ((got.double() - want).norm() / want.norm()).item()
+        assert rel <= 2e-3, f"{axis} {name}: relative error {rel:.2e}"
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_fullgraph():
+    B, F, S, H, D = 2, 4, 24, 4, 72
+    qkv, _ = packed_qkv(B, F * S, H, D, dtype=torch.bfloat16, device="cuda")
+    cot = torch.randn(B, F * S, H, D, dtype=torch.bfloat16, device="cuda")
+
+    def f(qkv):
+        q, k, v = qkv.unbind(2)
+        x = video_attention(q, k, v, num_frames=F, axis="temporal")
+        return video_attention(x, k, v, num_frames=F, axis="spatial")
+
+    compiled = torch.compile(f, fullgraph=True)
+    qkv_e = qkv.clone().requires_grad_()
+    qkv_c = qkv.clone().requires_grad_()
+    out_e, out_c = f(qkv_e), compiled(qkv_c)
+    (g_e,) = torch.autograd.grad(out_e, qkv_e, cot)
+    (g_c,) = torch.autograd.grad(out_c, qkv_c, cot)
+    assert _errors("compile out", out_c, out_e) <= 1e-2
+    assert _errors("compile grad", g_c, g_e) <= 1e-2
