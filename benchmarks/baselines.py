@@ -1,0 +1,136 @@
+"""The ops users would otherwise use, for the benchmarks to beat (issue 7).
+
+* Bidirectional Mamba mixer as Vision Mamba composes it (bimamba v2): the causal path once on the sequence and once
+  on its flipped copy (``torch.flip`` of the conv input, of z, and of the output), ``F.conv1d`` with padding and
+  slicing for the short convolution, ``x_proj`` / ``dt_proj`` as plain matmuls, and a unidirectional selective scan:
+  ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` when mamba_ssm is importable, else matten's own
+  ``selective_scan`` (Triton) called twice. ``SCAN_PROVIDER`` says which one ran; every result file records it.
+* Video attention as users write it with PyTorch: einops ``rearrange`` of q, k, v into (sequences, heads, L, d),
+  ``F.scaled_dot_product_attention`` (FlashAttention / cuDNN / efficient backends, whichever PyTorch picks), and the
+  rearrange back.
+
+``swap_in_baselines(model)`` returns a context manager that runs a Matten model on these ops with its own weights,
+so "our kernels vs. the ops users would otherwise use" compares the same parameters and the same math.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+try:  # optional peer: mamba-ssm's CUDA selective scan (never vendored)
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_selective_scan_fn
+
+    SCAN_PROVIDER = "mamba_ssm.selective_scan_fn"
+except ImportError:  # not installed: fall back to our unidirectional Triton scan, called twice with flips
+    _mamba_selective_scan_fn = None
+    SCAN_PROVIDER = "matten_kernels.selective_scan (mamba_ssm not importable)"
+
+
+def uni_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True):
+    """One direction of the scan through the provider in ``SCAN_PROVIDER`` (same signature as selective_scan_fn)."""
+    if _mamba_selective_scan_fn is not None:
+        return _mamba_selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    from matten_kernels import selective_scan
+
+    return selective_scan(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                          backend="triton" if u.is_cuda else None)
+
+
+def vim_bi_selective_scan(u, delta, A, B, C, D, z, delta_bias, *, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b):
+    """Vim's bidirectional scan: ``out_f + flip(scan(flip(inputs_b)))``, each direction gated by silu(z) inside.
+
+    Same function as ``matten_kernels.bi_selective_scan(..., delta_softplus=True)`` with all ``*_b`` given (SPEC.md
+    section 2), computed with flipped copies and two launches, as Vision Mamba / VideoMamba do.
+    """
+    out_f = uni_selective_scan(u, delta, A, B, C, D, z, delta_bias, True)
+    flip = lambda x: x.flip(-1)  # noqa: E731
+    out_b = uni_selective_scan(flip(u_b), flip(delta_b), A_b, flip(B_b), flip(C_b), D_b, flip(z), delta_bias_b, True)
+    return out_f + flip(out_b)
+
+
+class VimBiMamba(nn.Module):
+    """Vision Mamba's bimamba-v2 forward over the parameters of a :class:`matten_kernels.modules.BiMamba`.
+
+    The wrapped module's parameters are used as they are (no copy), so outputs match the wrapped module's up to
+    rounding; only the composition differs: flipped copies, ``F.conv1d`` with padding k-1 then a slice, separate
+    scans per direction.
+    """
+
+    def __init__(self, mixer: nn.Module):
+        super().__init__()
+        if getattr(mixer, "bimamba", None) != "v2":
+            raise ValueError(f"VimBiMamba: wraps a BiMamba with bimamba='v2', got {getattr(mixer, 'bimamba', None)!r}")
+        self.mixer = mixer
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        m = self.mixer
+        batch, L, _ = hidden_states.shape
+        E, N, R, k = m.d_inner, m.d_state, m.dt_rank, m.d_conv
+        xz = rearrange(m.in_proj(hidden_states), "b l d -> b d l")  # (batch, 2E, L) view, as Vim
+        x, z = xz.chunk(2, dim=1)
+
+        def direction(x, z, conv, x_proj, dt_proj, A_log, D):
+            x = F.silu(F.conv1d(x, conv.weight, conv.bias, padding=k - 1, groups=E)[..., :L])  # (batch, E, L)
+            x_dbl = F.linear(rearrange(x, "b d l -> (b l) d"), x_proj.weight)  # (batch*L, R + 2N)
+            dt, B, C = torch.split(x_dbl, [R, N, N], dim=-1)
+            delta = rearrange(dt_proj.weight @ dt.t(), "d (b l) -> b d l", l=L)  # (batch, E, L)
+            B = rearrange(B, "(b l) n -> b n l", l=L).contiguous()
+            C = rearrange(C, "(b l) n -> b n l", l=L).contiguous()
+            A = -torch.exp(A_log.float())
+            return uni_selective_scan(x, delta, A, B, C, D.float(), z, dt_proj.bias.float(), True)
+
+        out = direction(x, z, m.conv1d, m.x_proj, m.dt_proj, m.A_log, m.D)
+        out_b = direction(x.flip(-1), z.flip(-1), m.conv1d_b, m.x_proj_b, m.dt_proj_b, m.A_b_log, m.D_b)
+        y = out + out_b.flip(-1)
+        if m.divide_out:
+            y = y / 2
+        return m.out_proj(rearrange(y, "b d l -> b l d"))  # (batch, L, d_model)
+
+
+_SDPA_PATTERNS = {
+    "spatial": "b (f s) h d -> (b f) h s d",
+    "temporal": "b (f s) h d -> (b s) h f d",
+    "global": "b (f s) h d -> b h (f s) d",
+}
+
+
+def sdpa_video_attention(q, k, v, *, num_frames, axis, softmax_scale=None, backend=None):
+    """Video attention with einops rearranges and ``F.scaled_dot_product_attention`` (signature of
+    ``matten_kernels.video_attention``; ``backend`` is accepted and ignored)."""
+    batch, tokens, heads, head_dim = q.shape
+    Fr, S = num_frames, tokens // num_frames
+    pattern = _SDPA_PATTERNS[axis]
+    qs, ks, vs = (rearrange(x, pattern, f=Fr, s=S) for x in (q, k, v))
+    o = F.scaled_dot_product_attention(qs, ks, vs, scale=softmax_scale)
+    inverse = " -> ".join(reversed(pattern.split(" -> ")))
+    return rearrange(o, inverse, b=batch, f=Fr, s=S)
+
+
+@contextlib.contextmanager
+def swap_in_baselines(model: nn.Module):
+    """Run ``model`` on the baseline ops inside the ``with`` block: every BiMamba mixer is replaced by a
+    :class:`VimBiMamba` over its own parameters, and the model's attention calls ``sdpa_video_attention``.
+    Everything is restored on exit."""
+    from matten_kernels.modules import BiMamba
+
+    import matten.model as model_module
+
+    replaced = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, BiMamba):
+                setattr(parent, name, VimBiMamba(child))
+                replaced.append((parent, name, child))
+    saved_attention = getattr(model_module, "video_attention")
+    model_module.video_attention = sdpa_video_attention
+    try:
+        yield model
+    finally:
+        model_module.video_attention = saved_attention
+        for parent, name, child in replaced:
+            setattr(parent, name, child)
