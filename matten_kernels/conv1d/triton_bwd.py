@@ -1,0 +1,244 @@
+"""Backward Triton kernel of the depthwise conv1d + SiLU (causal and anti-causal directions in one pass).
+
+With pre-activations a_f, a_b (see triton_fwd.py) and g = dy * silu'(a) per direction::
+
+    dx[t]          = sum_m weight[K-1-m] * g_f[t+m]  +  sum_m weight_b[K-1-m] * g_b[t-m]      (m = 0 .. K-1)
+    dweight[j]     = sum_{batch, t} g_f[t] * x[t - (K-1) + j]
+    dweight_b[K-1-i] = sum_{batch, t} g_b[t] * x[t + i]
+    dbias = sum g_f,   dbias_b = sum g_b
+
+Nothing is saved by the forward: the pre-activations are recomputed here from x at the K shifted positions every
+dx term needs (from the seven x tiles at shifts -3 .. 3, held in registers), so the backward reads x, dy_f, dy_b
+once from DRAM (the halo re-reads hit L1/L2) and writes dx once; no (batch, D, L) scratch tensor is materialised.
+The body is written for 4 taps; K < 4 runs as a width-4 conv with zero leading taps (``_tap``).
+
+Determinism: one program owns BLOCK_D channels x one chunk of L of one batch element and loops over the chunk's
+tiles; it writes its partial dweight/dbias sums to its own row of a (chunks*batch, D, K) fp32 buffer, which the
+launcher reduces with ``sum(0)`` in a fixed order. No atomics.
+
+Cost model (global XL bf16, both directions): bytes = 2 B * b*d*L * (3 reads + 1 write) = 151 MB -> ~50 us at
+3.0 TB/s; work per element 48 FMAs and 8 sigmoids (both directions, 4 taps).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import triton_interpreting
+
+from .interface import new_output
+
+
+@triton.jit
+def _gate(b_a, p_dy_rows, o_pos, stride_dy_l, m_d, L):
+    """g = dy * silu'(a) at positions o_pos (0 outside [0, L)): silu'(a) = sig(a) * (1 + a * (1 - sig(a)))."""
+    m_pos = m_d[:, None] & ((o_pos >= 0) & (o_pos < L))[None, :]
+    b_dy = tl.load(p_dy_rows + o_pos[None, :] * stride_dy_l, mask=m_pos, other=0.0).to(tl.float32)
+    b_sig = 1.0 / (1.0 + tl.exp(-b_a))
+    return b_dy * b_sig * (1.0 + b_a * (1.0 - b_sig))
+
+
+@triton.jit
+def _shifted(p_x_rows, o_l, SHIFT: tl.constexpr, stride_x_l, m_d, L):
+    """The x tile at positions o_l + SHIFT (0 outside [0, L)), in x's dtype: seven of these stay live, and 16-bit
+    tiles take half the registers; every use multiplies by an fp32 weight, which promotes to fp32."""
+    o_src = o_l + SHIFT
+    m_src = m_d[:, None] & ((o_src >= 0) & (o_src < L))[None, :]
+    return tl.load(p_x_rows + o_src[None, :] * stride_x_l, mask=m_src, other=0.0)
+
+
+@triton.jit
+def _tap(p_w, o_d, m_d, stride_w_d, stride_w_k, J: tl.constexpr, K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Tap J of the weight left-padded to 4 taps: weight[:, J - (4-K)], or 0 for J < 4-K. A causal conv of width
+    K equals the width-4 conv with zero leading taps, so the kernel body is written once, for 4 taps."""
+    b_w = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if J >= 4 - K:
+        b_w = tl.load(p_w + o_d * stride_w_d + (J - (4 - K)) * stride_w_k, mask=m_d, other=0.0).to(tl.float32)
+    return b_w
+
+
+@triton.jit
+def _dwconv_silu_bwd_kernel(
+    # pointers
+    p_x, p_w, p_bias, p_w_b, p_bias_b, p_dy, p_dy_b,
+    p_dx, p_dw_part, p_dbias_part, p_dwb_part, p_dbiasb_part,
+    # sizes
+    D, L, TILES_PER_PROG,
+    # strides
+    stride_x_b, stride_x_d, stride_x_l,
+    stride_w_d, stride_w_k,
+    stride_wb_d, stride_wb_k,
+    stride_dy_b, stride_dy_d, stride_dy_l,
+    stride_dyb_b, stride_dyb_d, stride_dyb_l,
+    stride_dx_b, stride_dx_d, stride_dx_l,
+    # meta-parameters
+    K: tl.constexpr, BIDIR: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    # Written out for 4 taps (K <= 4 via zero-padded leading taps, see _tap): the seven x tiles at shifts -3 .. 3
+    # are loaded once per tile and held in registers (xm3 .. xp3); a Triton loop cannot keep a list of tiles.
+    i_d, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_b = tl.num_programs(2)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    i_b64 = i_b.to(tl.int64)
+    p_x_rows = p_x + i_b64 * stride_x_b + o_d[:, None] * stride_x_d
+    p_dy_rows = p_dy + i_b64 * stride_dy_b + o_d[:, None] * stride_dy_d
+    p_dyb_rows = p_dy_b + i_b64 * stride_dyb_b + o_d[:, None] * stride_dyb_d
+    p_dx_rows = p_dx + i_b64 * stride_dx_b + o_d[:, None] * stride_dx_d
+
+    # causal taps w0..w3 (x[t-3] .. x[t]); anti-causal taps u0..u3 of weight_b, x_b[t] = sum_i u[3-i] x[t+i]
+    w0 = _tap(p_w, o_d, m_d, stride_w_d, stride_w_k, 0, K, BLOCK_D)[:, None]
+    w1 = _tap(p_w, o_d, m_d, stride_w_d, stride_w_k, 1, K, BLOCK_D)[:, None]
+    w2 = _tap(p_w, o_d, m_d, stride_w_d, stride_w_k, 2, K, BLOCK_D)[:, None]
+    w3 = _tap(p_w, o_d, m_d, stride_w_d, stride_w_k, 3, K, BLOCK_D)[:, None]
+    b_bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None]
+    b_dw0 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    b_dw1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    b_dw2 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    b_dw3 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    b_dbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if BIDIR:
+        u0 = _tap(p_w_b, o_d, m_d, stride_wb_d, stride_wb_k, 0, K, BLOCK_D)[:, None]
+        u1 = _tap(p_w_b, o_d, m_d, stride_wb_d, stride_wb_k, 1, K, BLOCK_D)[:, None]
+        u2 = _tap(p_w_b, o_d, m_d, stride_wb_d, stride_wb_k, 2, K, BLOCK_D)[:, None]
+        u3 = _tap(p_w_b, o_d, m_d, stride_wb_d, stride_wb_k, 3, K, BLOCK_D)[:, None]
+        b_bias_b = tl.load(p_bias_b + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None]
+        b_du0 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        b_du1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        b_du2 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        b_du3 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        b_dbias_b = tl.zeros((BLOCK_D,), dtype=tl.float32)
+
+    for i_t in range(0, TILES_PER_PROG):
+        o_l = (i_c * TILES_PER_PROG + i_t) * BLOCK_L + tl.arange(0, BLOCK_L)
+        xm3 = _shifted(p_x_rows, o_l, -3, stride_x_l, m_d, L)
+        xm2 = _shifted(p_x_rows, o_l, -2, stride_x_l, m_d, L)
+        xm1 = _shifted(p_x_rows, o_l, -1, stride_x_l, m_d, L)
+        x0 = _shifted(p_x_rows, o_l, 0, stride_x_l, m_d, L)
+        xp1 = _shifted(p_x_rows, o_l, 1, stride_x_l, m_d, L)
+        xp2 = _shifted(p_x_rows, o_l, 2, stride_x_l, m_d, L)
+        xp3 = _shifted(p_x_rows, o_l, 3, stride_x_l, m_d, L)
+
+        # causal direction: g_f at t + m (m = 0..3) reaches dx[t] through w[3-m]
+        g0 = _gate(b_bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0, p_dy_rows, o_l, stride_dy_l, m_d, L)
+        b_dx = w3 * g0
+        b_dbias += tl.sum(g0, axis=1)
+        b_dw0 += tl.sum(g0 * xm3, axis=1)
+        b_dw1 += tl.sum(g0 * xm2, axis=1)
+        b_dw2 += tl.sum(g0 * xm1, axis=1)
+        b_dw3 += tl.sum(g0 * x0, axis=1)
+        b_dx += w2 * _gate(b_bias + w0 * xm2 + w1 * xm1 + w2 * x0 + w3 * xp1, p_dy_rows, o_l + 1, stride_dy_l, m_d, L)
+        b_dx += w1 * _gate(b_bias + w0 * xm1 + w1 * x0 + w2 * xp1 + w3 * xp2, p_dy_rows, o_l + 2, stride_dy_l, m_d, L)
+        b_dx += w0 * _gate(b_bias + w0 * x0 + w1 * xp1 + w2 * xp2 + w3 * xp3, p_dy_rows, o_l + 3, stride_dy_l, m_d, L)
+        if BIDIR:
+            # anti-causal direction: g_b at t - m reaches dx[t] through u[3-m]
+            gb0 = _gate(b_bias_b + u3 * x0 + u2 * xp1 + u1 * xp2 + u0 * xp3, p_dyb_rows, o_l, stride_dyb_l, m_d, L)
+            b_dx += u3 * gb0
+            b_dbias_b += tl.sum(gb0, axis=1)
+            b_du3 += tl.sum(gb0 * x0, axis=1)
+            b_du2 += tl.sum(gb0 * xp1, axis=1)
+            b_du1 += tl.sum(gb0 * xp2, axis=1)
+            b_du0 += tl.sum(gb0 * xp3, axis=1)
+            b_dx += u2 * _gate(b_bias_b + u3 * xm1 + u2 * x0 + u1 * xp1 + u0 * xp2,
+                               p_dyb_rows, o_l - 1, stride_dyb_l, m_d, L)
+            b_dx += u1 * _gate(b_bias_b + u3 * xm2 + u2 * xm1 + u1 * x0 + u0 * xp1,
+                               p_dyb_rows, o_l - 2, stride_dyb_l, m_d, L)
+            b_dx += u0 * _gate(b_bias_b + u3 * xm3 + u2 * xm2 + u1 * xm1 + u0 * x0,
+                               p_dyb_rows, o_l - 3, stride_dyb_l, m_d, L)
+        m_out = m_d[:, None] & (o_l < L)[None, :]
+        tl.store(p_dx_rows + o_l[None, :] * stride_dx_l, b_dx.to(p_dx.dtype.element_ty), mask=m_out)
+
+    # This program's partial sums go to row (i_c * batch + i_b) of the (chunks*batch, D, K) / (chunks*batch, D)
+    # buffers; padded tap J is weight column J - (4-K).
+    row = (i_c * n_b + i_b).to(tl.int64)
+    p_dw_row = p_dw_part + row * D * K + o_d * K - (4 - K)
+    tl.store(p_dbias_part + row * D + o_d, b_dbias, mask=m_d)
+    if K >= 4:
+        tl.store(p_dw_row + 0, b_dw0, mask=m_d)
+    if K >= 3:
+        tl.store(p_dw_row + 1, b_dw1, mask=m_d)
+    if K >= 2:
+        tl.store(p_dw_row + 2, b_dw2, mask=m_d)
+    tl.store(p_dw_row + 3, b_dw3, mask=m_d)
+    if BIDIR:
+        p_dwb_row = p_dwb_part + row * D * K + o_d * K - (4 - K)
+        tl.store(p_dbiasb_part + row * D + o_d, b_dbias_b, mask=m_d)
+        if K >= 4:
+            tl.store(p_dwb_row + 0, b_du0, mask=m_d)
+        if K >= 3:
+            tl.store(p_dwb_row + 1, b_du1, mask=m_d)
+        if K >= 2:
+            tl.store(p_dwb_row + 2, b_du2, mask=m_d)
+        tl.store(p_dwb_row + 3, b_du3, mask=m_d)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few chunks, so tests exercise the multi-chunk reduction
+
+
+def _bwd_config(x: torch.Tensor):
+    """(BLOCK_D, BLOCK_L, num_warps). The body keeps seven x tiles, up to eight dy tiles, eight weight columns and ten
+    per-channel partial sums live, all scaling with the elements a thread owns, so tiles are small: two elements a
+    thread (8 warps) compiles to 127 registers and no spills on sm_90 (four elements a thread already needs ~240,
+    eight spill). Channel-fastest x: 64 channels x 8 positions (128 B rows); L-fastest x: 32 x 32."""
+    _, D, L = x.shape
+    if x.stride(1) == 1:
+        block_d, block_l = 64, 8
+    else:
+        block_d, block_l = 32, 32
+    if triton_interpreting():  # registers do not matter there; bigger tiles mean fewer (slow) Python programs
+        block_d, block_l = 32, 32
+    block_d = min(block_d, max(16, triton.next_power_of_2(D)))
+    block_l = min(block_l, max(8, triton.next_power_of_2(L)))
+    return block_d, block_l, 8
+
+
+def dwconv_silu_bwd_launch(dy: torch.Tensor, dy_b: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
+                           bias: torch.Tensor, weight_b: torch.Tensor | None = None,
+                           bias_b: torch.Tensor | None = None):
+    """Gradients (dx, dweight, dbias[, dweight_b, dbias_b]); dx in x's dtype and ``new_output`` layout, the others
+    in their parameter's dtype. ``dy_b`` (and weight_b, bias_b) None: the causal direction only."""
+    batch, D, L = x.shape
+    K = weight.shape[1]
+    bidir = weight_b is not None
+    block_d, block_l, num_warps = _bwd_config(x)
+    n_d, n_tiles = triton.cdiv(D, block_d), triton.cdiv(L, block_l)
+    # Chunks of L per program: about 8 programs an SM (4 waves at 2 resident CTAs), few enough partial-sum rows.
+    n_chunks = max(1, min(n_tiles, triton.cdiv(8 * _num_sms(x.device), n_d * batch)))
+    tiles_per_prog = triton.cdiv(n_tiles, n_chunks)
+    n_chunks = triton.cdiv(n_tiles, tiles_per_prog)
+
+    dx = new_output(x)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dw_part = torch.empty((n_chunks * batch, D, K), **f32)
+    dbias_part = torch.empty((n_chunks * batch, D), **f32)
+    if bidir:
+        dwb_part = torch.empty((n_chunks * batch, D, K), **f32)
+        dbiasb_part = torch.empty((n_chunks * batch, D), **f32)
+        w_b, b_b, g_b = weight_b, bias_b.contiguous(), dy_b
+    else:
+        dwb_part, dbiasb_part = dw_part, dbias_part  # never written
+        w_b, b_b, g_b = weight, bias, dy
+    grid = (n_d, n_chunks, batch)
+    _dwconv_silu_bwd_kernel[grid](
+        x, weight, bias.contiguous(), w_b, b_b, dy, g_b,
+        dx, dw_part, dbias_part, dwb_part, dbiasb_part,
+        D, L, tiles_per_prog,
+        x.stride(0), x.stride(1), x.stride(2),
+        weight.stride(0), weight.stride(1),
+        w_b.stride(0), w_b.stride(1),
+        dy.stride(0), dy.stride(1), dy.stride(2),
+        g_b.stride(0), g_b.stride(1), g_b.stride(2),
+        dx.stride(0), dx.stride(1), dx.stride(2),
+        K=K, BIDIR=bidir, BLOCK_D=block_d, BLOCK_L=block_l,
+        num_warps=num_warps,
+    )
+    dweight = dw_part.sum(0).to(weight.dtype)
+    dbias = dbias_part.sum(0).to(bias.dtype)
+    if not bidir:
+        return dx, dweight, dbias
+    return dx, dweight, dbias, dwb_part.sum(0).to(weight_b.dtype), dbiasb_part.sum(0).to(bias_b.dtype)
