@@ -1,0 +1,299 @@
+// torch.library binding of the CUDA selective scan: ops matten_cuda::selective_scan_fwd / _bwd (CUDA kernels)
+// and matten_cuda::selective_scan_configs (the configuration table, for the Python layer's fake kernels).
+//
+// Both ops take the forward direction's inputs and, for the bidirectional scan, the backward direction's
+// (u_b given <=> bidirectional; the Python layer passes the forward twin for a missing *_b input, so autograd
+// adds the twin's two gradients). All tensors must be contiguous (the Python layer makes them so); B and C
+// are (batch, G, N, L). Autograd and fake kernels are registered in matten_kernels/selective_scan/cuda.py.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <numeric>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "selective_scan.h"
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+const void* ptr_or_null(const OptTensor& t) { return t.has_value() ? t->data_ptr() : nullptr; }
+const float* fptr_or_null(const OptTensor& t) {
+  return t.has_value() ? t->data_ptr<float>() : nullptr;
+}
+
+void check_input(const Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape,
+                 const at::Device& device) {
+  TORCH_CHECK(t.device() == device, "selective_scan (cuda): ", name, " is on ", t.device(), ", expected ", device);
+  TORCH_CHECK(t.scalar_type() == dtype, "selective_scan (cuda): ", name, " must have dtype ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, "selective_scan (cuda): ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "selective_scan (cuda): ", name, " must be contiguous");
+}
+
+struct Dir {
+  Tensor u, delta, A, B, C;
+  OptTensor D, delta_bias;
+};
+
+// Check one direction's inputs against u's shape; return G.
+int check_dir(const Dir& d, int64_t batch, int64_t dim, int64_t L, int64_t N, const at::Device& dev,
+              at::ScalarType dt) {
+  check_input(d.u, "u", dt, {batch, dim, L}, dev);
+  check_input(d.delta, "delta", dt, {batch, dim, L}, dev);
+  check_input(d.A, "A", at::kFloat, {dim, N}, dev);
+  TORCH_CHECK(d.B.dim() == 4 && d.C.dim() == 4, "selective_scan (cuda): B and C must be (batch, G, N, L)");
+  const int64_t G = d.B.size(1);
+  TORCH_CHECK(G >= 1 && dim % G == 0, "selective_scan (cuda): dim must be a multiple of B's group count");
+  check_input(d.B, "B", dt, {batch, G, N, L}, dev);
+  check_input(d.C, "C", dt, {batch, G, N, L}, dev);
+  if (d.D) check_input(*d.D, "D", at::kFloat, {dim}, dev);
+  if (d.delta_bias) check_input(*d.delta_bias, "delta_bias", at::kFloat, {dim}, dev);
+  return static_cast<int>(G);
+}
+
+void fill_dir(matten_scan::DirParams& p, const Dir& d, int G) {
+  p.u = d.u.data_ptr();
+  p.delta = d.delta.data_ptr();
+  p.A = d.A.data_ptr<float>();
+  p.B = d.B.data_ptr();
+  p.C = d.C.data_ptr();
+  p.D = fptr_or_null(d.D);
+  p.delta_bias = fptr_or_null(d.delta_bias);
+  p.groups = G;
+}
+
+// Segment size: the largest channel count that divides dim / G of every direction.
+int segment(int dim, int G0, int G1) { return std::gcd(dim / G0, dim / G1); }
+
+int resolve_config(int64_t config, int64_t N, int64_t L) {
+  const int c = config >= 0 ? static_cast<int>(config) : matten_scan::choose_config((int)N, (int)L);
+  TORCH_CHECK(c < matten_scan::kNumConfigs, "selective_scan (cuda): unknown config ", config);
+  const matten_scan::ConfigInfo info = matten_scan::config_info(c);
+  TORCH_CHECK(info.tpc * info.npt >= N, "selective_scan (cuda): config ", c, " holds at most ",
+              info.tpc * info.npt, " states, N = ", N);
+  return c;
+}
+
+cudaError_t launch(bool fwd, at::ScalarType dt, const matten_scan::ScanParams& p, int config,
+                   cudaStream_t stream) {
+  using namespace matten_scan;
+  switch (dt) {
+    case at::kFloat: return fwd ? launch_fwd_fp32(p, config, stream) : launch_bwd_fp32(p, config, stream);
+    case at::kHalf: return fwd ? launch_fwd_fp16(p, config, stream) : launch_bwd_fp16(p, config, stream);
+    case at::kBFloat16: return fwd ? launch_fwd_bf16(p, config, stream) : launch_bwd_bf16(p, config, stream);
+    default: TORCH_CHECK(false, "selective_scan (cuda): unsupported dtype ", dt);
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Returns (out, last_state, states, y_saved). last_state is empty for the bidirectional scan; states (ndir,
+// batch, dim, nchunks, N) and y_saved (the pre-gate y, only with z) are empty unless save_for_backward.
+std::tuple<Tensor, Tensor, Tensor, Tensor> selective_scan_fwd(
+    const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C, const OptTensor& D,
+    const OptTensor& delta_bias, const OptTensor& z, const OptTensor& initial_state, const OptTensor& u_b,
+    const OptTensor& delta_b, const OptTensor& A_b, const OptTensor& B_b, const OptTensor& C_b,
+    const OptTensor& D_b, const OptTensor& delta_bias_b, bool delta_softplus, bool divide_out,
+    bool save_for_backward, int64_t config) {
+  TORCH_CHECK(u.is_cuda(), "selective_scan (cuda): tensors must be on a CUDA device");
+  const c10::cuda::CUDAGuard guard(u.device());
+  const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1);
+  const auto dev = u.device();
+  const auto dt = u.scalar_type();
+  const bool bi = u_b.has_value();
+  const Dir f{u, delta, A, B, C, D, delta_bias};
+  const int G0 = check_dir(f, batch, dim, L, N, dev, dt);
+  Dir r;
+  int G1 = G0;
+  if (bi) {
+    TORCH_CHECK(delta_b && A_b && B_b && C_b, "selective_scan (cuda): bidirectional needs every *_b tensor");
+    r = Dir{*u_b, *delta_b, *A_b, *B_b, *C_b, D_b, delta_bias_b};
+    G1 = check_dir(r, batch, dim, L, N, dev, dt);
+    TORCH_CHECK(!initial_state, "selective_scan (cuda): initial_state is unidirectional only");
+  }
+  if (z) check_input(*z, "z", dt, {batch, dim, L}, dev);
+  if (initial_state) check_input(*initial_state, "initial_state", at::kFloat, {batch, dim, N}, dev);
+  const int cfg = resolve_config(config, N, L);
+  const int chunk = matten_scan::config_info(cfg).chunk;
+  const int64_t nchunks = (L + chunk - 1) / chunk;
+  const int ndir = bi ? 2 : 1;
+
+  Tensor out = at::empty({batch, dim, L}, u.options());
+  Tensor last_state = bi ? at::empty({0}, u.options().dtype(at::kFloat))
+                         : at::empty({batch, dim, N}, u.options().dtype(at::kFloat));
+  Tensor states = save_for_backward ? at::empty({ndir, batch, dim, nchunks, N}, u.options().dtype(at::kFloat))
+                                    : at::empty({0}, u.options().dtype(at::kFloat));
+  Tensor y_saved = (save_for_backward && z) ? at::empty({batch, dim, L}, u.options()) : at::empty({0}, u.options());
+  Tensor ws = bi ? at::empty({batch, dim, L}, u.options().dtype(at::kFloat)) : Tensor();
+
+  matten_scan::ScanParams p{};
+  p.batch = (int)batch;
+  p.dim = (int)dim;
+  p.L = (int)L;
+  p.N = (int)N;
+  p.seg = segment((int)dim, G0, G1);
+  p.bidirectional = bi;
+  p.delta_softplus = delta_softplus;
+  p.divide_out = divide_out;
+  fill_dir(p.dir[0], f, G0);
+  if (bi) fill_dir(p.dir[1], r, G1);
+  const int64_t dir_states = batch * dim * nchunks * N;
+  for (int d = 0; d < ndir; ++d)
+    p.dir[d].states = save_for_backward ? states.data_ptr<float>() + d * dir_states : nullptr;
+  p.z = ptr_or_null(z);
+  p.initial_state = fptr_or_null(initial_state);
+  p.out = out.data_ptr();
+  p.last_state = bi ? nullptr : last_state.data_ptr<float>();
+  p.y_saved = y_saved.numel() ? y_saved.data_ptr() : nullptr;
+  p.ws = bi ? ws.data_ptr<float>() : nullptr;
+  const cudaError_t err = launch(true, dt, p, cfg, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "selective_scan (cuda): forward launch failed: ", cudaGetErrorString(err));
+  return {out, last_state, states, y_saved};
+}
+
+// Returns [du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, dinitial_state, du_b, ddelta_b, dA_b, dB_b, dC_b, dD_b,
+// ddelta_bias_b]; entries for absent inputs are empty tensors. dB/dC are (batch, G, N, L) in the input dtype.
+std::vector<Tensor> selective_scan_bwd(
+    const Tensor& dout, const OptTensor& dlast_state, const Tensor& u, const Tensor& delta, const Tensor& A,
+    const Tensor& B, const Tensor& C, const OptTensor& D, const OptTensor& delta_bias, const OptTensor& z,
+    const OptTensor& initial_state, const Tensor& states, const Tensor& y_saved, const OptTensor& u_b,
+    const OptTensor& delta_b, const OptTensor& A_b, const OptTensor& B_b, const OptTensor& C_b,
+    const OptTensor& D_b, const OptTensor& delta_bias_b, bool delta_softplus, bool divide_out, int64_t config) {
+  TORCH_CHECK(u.is_cuda(), "selective_scan (cuda): tensors must be on a CUDA device");
+  const c10::cuda::CUDAGuard guard(u.device());
+  const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1);
+  const auto dev = u.device();
+  const auto dt = u.scalar_type();
+  const bool bi = u_b.has_value();
+  const Dir f{u, delta, A, B, C, D, delta_bias};
+  const int G0 = check_dir(f, batch, dim, L, N, dev, dt);
+  Dir r;
+  int G1 = G0;
+  if (bi) {
+    TORCH_CHECK(delta_b && A_b && B_b && C_b, "selective_scan (cuda): bidirectional needs every *_b tensor");
+    r = Dir{*u_b, *delta_b, *A_b, *B_b, *C_b, D_b, delta_bias_b};
+    G1 = check_dir(r, batch, dim, L, N, dev, dt);
+  }
+  check_input(dout, "dout", dt, {batch, dim, L}, dev);
+  if (dlast_state) check_input(*dlast_state, "dlast_state", at::kFloat, {batch, dim, N}, dev);
+  if (z) {
+    check_input(*z, "z", dt, {batch, dim, L}, dev);
+    check_input(y_saved, "y_saved", dt, {batch, dim, L}, dev);
+  }
+  const int cfg = resolve_config(config, N, L);
+  const int chunk = matten_scan::config_info(cfg).chunk;
+  const int cpb = matten_scan::channels_per_block(cfg);
+  const int64_t nchunks = (L + chunk - 1) / chunk;
+  const int ndir = bi ? 2 : 1;
+  check_input(states, "states", at::kFloat, {ndir, batch, dim, nchunks, N}, dev);
+
+  const int seg = segment((int)dim, G0, G1);
+  const int blocks_per_seg = (seg + cpb - 1) / cpb;
+  const auto f32 = u.options().dtype(at::kFloat);
+  matten_scan::ScanParams p{};
+  p.batch = (int)batch;
+  p.dim = (int)dim;
+  p.L = (int)L;
+  p.N = (int)N;
+  p.seg = seg;
+  p.bidirectional = bi;
+  p.delta_softplus = delta_softplus;
+  p.divide_out = divide_out;
+  struct DirGrads {
+    Tensor du, ddelta, dA_part, dB_part, dC_part, dD_part, dbias_part;
+  } grads[2];
+  const Dir* dirs[2] = {&f, &r};
+  const int Gs[2] = {G0, G1};
+  for (int d = 0; d < ndir; ++d) {
+    const int G = Gs[d];
+    const int64_t parts = (int64_t)(dim / G / seg) * blocks_per_seg;
+    DirGrads& g = grads[d];
+    g.du = at::empty({batch, dim, L}, u.options());
+    g.ddelta = at::empty({batch, dim, L}, u.options());
+    g.dA_part = at::empty({batch, dim, N}, f32);
+    g.dB_part = at::empty({parts, batch, G, N, L}, f32);
+    g.dC_part = at::empty({parts, batch, G, N, L}, f32);
+    g.dD_part = at::empty({batch, dim}, f32);
+    g.dbias_part = at::empty({batch, dim}, f32);
+    matten_scan::DirParams& q = p.dir[d];
+    fill_dir(q, *dirs[d], G);
+    q.states = states.data_ptr<float>() + d * batch * dim * nchunks * N;
+    q.du = g.du.data_ptr();
+    q.ddelta = g.ddelta.data_ptr();
+    q.dA_part = g.dA_part.data_ptr<float>();
+    q.dB_part = g.dB_part.data_ptr<float>();
+    q.dC_part = g.dC_part.data_ptr<float>();
+    q.dD_part = g.dD_part.data_ptr<float>();
+    q.dbias_part = g.dbias_part.data_ptr<float>();
+  }
+  Tensor dz = z ? at::empty({batch, dim, L}, u.options()) : at::empty({0}, u.options());
+  Tensor dinit = initial_state ? at::empty({batch, dim, N}, f32) : at::empty({0}, f32);
+  p.z = ptr_or_null(z);
+  p.dout = dout.data_ptr();
+  p.dlast_state = fptr_or_null(dlast_state);
+  p.y_saved_in = z ? y_saved.data_ptr() : nullptr;
+  p.dz = z ? dz.data_ptr() : nullptr;
+  p.dinitial_state = initial_state ? dinit.data_ptr<float>() : nullptr;
+  const cudaError_t err = launch(false, dt, p, cfg, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "selective_scan (cuda): backward launch failed: ", cudaGetErrorString(err));
+
+  // Deterministic reductions of the per-block / per-batch-row partial sums.
+  std::vector<Tensor> res;
+  const Tensor none = at::empty({0}, f32);
+  const OptTensor* Ds[2] = {&D, &D_b};
+  const OptTensor* biases[2] = {&delta_bias, &delta_bias_b};
+  for (int d = 0; d < 2; ++d) {
+    if (d >= ndir) {
+      for (int i = 0; i < 7; ++i) res.push_back(none);
+      break;
+    }
+    DirGrads& g = grads[d];
+    res.push_back(g.du);
+    res.push_back(g.ddelta);
+    res.push_back(g.dA_part.sum(0));
+    res.push_back(g.dB_part.sum(0).to(dt));
+    res.push_back(g.dC_part.sum(0).to(dt));
+    res.push_back(Ds[d]->has_value() ? g.dD_part.sum(0) : none);
+    res.push_back(biases[d]->has_value() ? g.dbias_part.sum(0) : none);
+    if (d == 0) {
+      res.push_back(dz);
+      res.push_back(dinit);
+    }
+  }
+  return res;
+}
+
+std::vector<int64_t> selective_scan_configs() {
+  std::vector<int64_t> table;
+  for (int c = 0; c < matten_scan::kNumConfigs; ++c) {
+    const matten_scan::ConfigInfo info = matten_scan::config_info(c);
+    table.insert(table.end(), {info.tpc, info.npt, info.chunk, info.nwarps});
+  }
+  return table;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(matten_cuda, m) {
+  m.def(
+      "selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? delta_bias, "
+      "Tensor? z, Tensor? initial_state, Tensor? u_b, Tensor? delta_b, Tensor? A_b, Tensor? B_b, Tensor? C_b, "
+      "Tensor? D_b, Tensor? delta_bias_b, bool delta_softplus, bool divide_out, bool save_for_backward, "
+      "int config) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "selective_scan_bwd(Tensor dout, Tensor? dlast_state, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, "
+      "Tensor? D, Tensor? delta_bias, Tensor? z, Tensor? initial_state, Tensor states, Tensor y_saved, "
+      "Tensor? u_b, Tensor? delta_b, Tensor? A_b, Tensor? B_b, Tensor? C_b, Tensor? D_b, Tensor? delta_bias_b, "
+      "bool delta_softplus, bool divide_out, int config) -> Tensor[]");
+  m.def("selective_scan_configs() -> int[]", &selective_scan_configs);
+}
+
+TORCH_LIBRARY_IMPL(matten_cuda, CUDA, m) {
+  m.impl("selective_scan_fwd", &selective_scan_fwd);
+  m.impl("selective_scan_bwd", &selective_scan_bwd);
+}

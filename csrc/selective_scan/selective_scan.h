@@ -1,0 +1,122 @@
+// Parameters and launchers of the CUDA selective scan (Mamba S6), uni- and bidirectional.
+//
+// Semantics: SPEC.md section 2. Plain C++ and the CUDA runtime only, so the kernel .cu files compile with
+// `nvcc -c` without torch headers; the binding (selective_scan.cpp) fills these structs from tensors.
+//
+// Layout of the work. A thread owns NPT states of one channel (TPC threads per channel, TPC*NPT >= N) and
+// runs the recurrence h_t = exp(d_t A) h_{t-1} + d_t B_t u_t sequentially over the whole sequence, in
+// chunks of CHUNK time steps staged through shared memory (the next chunk's loads are in flight while the
+// current one is computed). y_t = <C_t, h_t> is reduced over the TPC threads of a channel by warp shuffles.
+// The forward saves the state at the start of every chunk (fp32, (batch, dim, nchunks, N)); the backward
+// recomputes h inside a chunk from that checkpoint and runs the adjoint recurrence backwards in time.
+// A block holds CPB = 32*NWARPS/TPC channels of one batch row; its channels lie in one group of B/C for
+// every direction (they come from one "segment" of `seg` channels, seg dividing dim/G of each direction).
+#pragma once
+
+#include <cuda_runtime.h>
+
+namespace matten_scan {
+
+// (id, TPC threads per channel, NPT states per thread, CHUNK steps per tile, NWARPS warps per block).
+// The backward keeps CHUNK*NPT recomputed states per thread in registers, hence smaller chunks for large N.
+#define MATTEN_SCAN_CONFIGS(X) \
+  X(0, 4, 1, 32, 4)            \
+  X(1, 8, 1, 32, 4)            \
+  X(2, 16, 1, 32, 8)           \
+  X(3, 16, 1, 16, 8)           \
+  X(4, 8, 2, 32, 8)            \
+  X(5, 32, 1, 32, 8)           \
+  X(6, 32, 2, 32, 4)           \
+  X(7, 32, 4, 16, 4)           \
+  X(8, 32, 8, 8, 4)
+
+constexpr int kNumConfigs = 9;
+
+struct ConfigInfo {
+  int tpc, npt, chunk, nwarps;
+};
+
+inline ConfigInfo config_info(int config) {
+  switch (config) {
+#define MATTEN_SCAN_INFO_CASE(ID, TPC, NPT, CHUNK, NWARPS) \
+  case ID:                                                 \
+    return ConfigInfo{TPC, NPT, CHUNK, NWARPS};
+    MATTEN_SCAN_CONFIGS(MATTEN_SCAN_INFO_CASE)
+#undef MATTEN_SCAN_INFO_CASE
+    default:
+      return ConfigInfo{0, 0, 0, 0};
+  }
+}
+
+// Default configuration for state size N and sequence length L.
+inline int choose_config(int N, int L) {
+  if (N <= 4) return 0;
+  if (N <= 8) return 1;
+  if (N <= 16) return L <= 16 ? 3 : 2;
+  if (N <= 32) return 5;
+  if (N <= 64) return 6;
+  if (N <= 128) return 7;
+  return 8;
+}
+
+enum Dtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// One scan direction. All tensors contiguous; "dtype" tensors have the input dtype, the rest are fp32.
+struct DirParams {
+  const void* u;              // (batch, dim, L) dtype
+  const void* delta;          // (batch, dim, L) dtype
+  const float* A;             // (dim, N)
+  const void* B;              // (batch, G, N, L) dtype
+  const void* C;              // (batch, G, N, L) dtype
+  const float* D;             // (dim,) or nullptr
+  const float* delta_bias;    // (dim,) or nullptr
+  int groups;                 // G
+  float* states;              // (batch, dim, nchunks, N): state before each chunk in scan order (forward:
+                              //   written, nullptr = not saved; backward: read)
+  // Backward outputs.
+  void* du;                   // (batch, dim, L) dtype
+  void* ddelta;               // (batch, dim, L) dtype
+  float* dA_part;             // (batch, dim, N): per batch row, summed by the caller
+  float* dB_part;             // (P, batch, G, N, L): per block of channels, summed by the caller
+  float* dC_part;             // (P, batch, G, N, L)
+  float* dD_part;             // (batch, dim)
+  float* dbias_part;          // (batch, dim)
+};
+
+struct ScanParams {
+  int batch, dim, L, N;
+  int seg;                    // channels per segment (grid.y = dim / seg)
+  int bidirectional;          // dir[1] scans t = L-1 .. 0 and its y is added to dir[0]'s
+  int delta_softplus;
+  int divide_out;             // bidirectional: out = (y_f + y_b) / 2 [* silu(z)]
+  DirParams dir[2];
+  const void* z;              // (batch, dim, L) dtype or nullptr
+  const float* initial_state; // (batch, dim, N) or nullptr (unidirectional only)
+  // Forward outputs.
+  void* out;                  // (batch, dim, L) dtype
+  float* last_state;          // (batch, dim, N) or nullptr (unidirectional only)
+  void* y_saved;              // (batch, dim, L) dtype: y before the gate, written when z is given and non-null
+  float* ws;                  // (batch, dim, L) fp32 scratch for the backward direction's y (bidirectional)
+  // Backward inputs and outputs.
+  const void* dout;           // (batch, dim, L) dtype
+  const float* dlast_state;   // (batch, dim, N) or nullptr
+  const void* y_saved_in;     // (batch, dim, L) dtype, when z is given
+  void* dz;                   // (batch, dim, L) dtype, when z is given
+  float* dinitial_state;      // (batch, dim, N) or nullptr
+};
+
+// Channels per block of a configuration (the grid is (ceil(seg / CPB), dim / seg, batch)).
+inline int channels_per_block(int config) {
+  const ConfigInfo c = config_info(config);
+  return c.tpc > 0 ? 32 * c.nwarps / c.tpc : 0;
+}
+
+// Launchers, one per dtype (selective_scan_{fwd,bwd}_{fp32,fp16,bf16}.cu). Return the launch's error code.
+cudaError_t launch_fwd_fp32(const ScanParams& p, int config, cudaStream_t stream);
+cudaError_t launch_fwd_fp16(const ScanParams& p, int config, cudaStream_t stream);
+cudaError_t launch_fwd_bf16(const ScanParams& p, int config, cudaStream_t stream);
+cudaError_t launch_bwd_fp32(const ScanParams& p, int config, cudaStream_t stream);
+cudaError_t launch_bwd_fp16(const ScanParams& p, int config, cudaStream_t stream);
+cudaError_t launch_bwd_bf16(const ScanParams& p, int config, cudaStream_t stream);
+
+}  // namespace matten_scan

@@ -1,0 +1,321 @@
+// Backward kernel of the selective scan (template; instantiated per dtype in selective_scan_bwd_*.cu).
+//
+// With a_t = exp(d_t A), b_t = d_t B_t u_t, gy_t = dout_t * silu(z_t) [/ 2], the adjoint of the state is
+//     lambda_t = a_{t+1} lambda_{t+1} + gy_t C_t,         lambda_{L-1} starts from dlast_state (or 0)
+// and the gradients are (sums over the states n of a channel unless the target is per state):
+//     dC_t += gy_t h_t          dB_t += lambda_t d_t u_t     (summed over the channels of a group)
+//     du_t  = d_t sum_n lambda_t B_t + D gy_t
+//     dd_t  = u_t sum_n lambda_t B_t + sum_n A lambda_t a_t h_{t-1};   ddelta_t = dd_t * softplus'(x_t)
+//     dA   += lambda_t a_t h_{t-1} d_t      dD += gy_t u_t     dbias += ddelta_t     dh_{-1} = a_0 lambda_0
+//     dz_t  = dout_t y_t silu'(z_t)         (y_t before the gate, saved by the forward)
+// Chunks are visited last to first. For each, h is recomputed from the chunk's saved start state into
+// registers (CHUNK * NPT floats per thread), then the chunk is walked backwards. The per-channel sums over n
+// go through reduce_scatter; dB/dC are summed over the warp's channels by shuffles, over the block's warps in
+// shared memory (fixed order), and written per block to dB_part/dC_part, which the caller sums (deterministic).
+#pragma once
+
+#include "selective_scan_common.cuh"
+
+namespace matten_scan {
+
+template <int TPC, int NPT, int CHUNK, int NWARPS>
+struct BwdSmem {
+  static constexpr int CPB = NWARPS * 32 / TPC;
+  static constexpr int NP = TPC * NPT;
+  float2 ddu[CPB][CHUNK];  // (d, d*u)
+  float u[CPB][CHUNK];
+  float gy[CPB][CHUNK];
+  float sig[CPB][CHUNK];   // d(d)/d(delta)
+  float sq[CPB][CHUNK];    // sum_n lambda B
+  float saw[CPB][CHUNK];   // sum_n A lambda a h_{t-1}
+  float2 bc[CHUNK][NP];    // (B, C)
+  float dB[CHUNK][NWARPS][NP];
+  float dC[CHUNK][NWARPS][NP];
+};
+
+template <typename T, int TPC, int NPT, int CHUNK, int NWARPS, int MINB = (NPT >= 4 ? 8 : 16) / NWARPS>
+__global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanParams p) {
+  constexpr int NT = NWARPS * 32;
+  constexpr int CPB = NT / TPC;
+  constexpr int NP = TPC * NPT;
+  constexpr int RT = CHUNK < TPC ? CHUNK : TPC;
+  constexpr int TILE = CPB * CHUNK;
+  constexpr int EPT = (TILE + NT - 1) / NT;
+  constexpr int BC_TILE = NP * CHUNK;
+  constexpr int BPT = (BC_TILE + NT - 1) / NT;
+  static_assert(NT % TPC == 0 && 32 % TPC == 0 && CHUNK <= 32 && NT % CHUNK == 0, "bad configuration");
+  using Smem = BwdSmem<TPC, NPT, CHUNK, NWARPS>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Smem& S = *reinterpret_cast<Smem*>(smem_raw);
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31, warp = tid / 32;
+  const int c_loc = tid / TPC;
+  const int k = tid % TPC;
+  const int b = blockIdx.z;
+  const int seg_start = blockIdx.y * p.seg;
+  const int c0 = seg_start + blockIdx.x * CPB;
+  const int c_end = seg_start + p.seg;
+  const int chan = c0 + c_loc;
+  const bool chan_ok = chan < c_end;
+  const int L = p.L, N = p.N, dim = p.dim, batch = p.batch;
+  const int nchunks = (L + CHUNK - 1) / CHUNK;
+  const bool has_z = p.z != nullptr;
+  const T* __restrict__ zp = static_cast<const T*>(p.z);
+  const T* __restrict__ doutp = static_cast<const T*>(p.dout);
+  const T* __restrict__ ysp = static_cast<const T*>(p.y_saved_in);
+
+  for (int di = 0; di <= (p.bidirectional ? 1 : 0); ++di) {
+    const DirParams& dp = p.dir[di];
+    const bool reverse = di == 1;
+    const int G = dp.groups;
+    const int dpg = dim / G;
+    const int g = c0 / dpg;
+    const int segs_per_group = dpg / p.seg;
+    const int part = (blockIdx.y % segs_per_group) * gridDim.x + blockIdx.x;  // index into dB_part
+    const T* __restrict__ u = static_cast<const T*>(dp.u);
+    const T* __restrict__ delta = static_cast<const T*>(dp.delta);
+    const T* __restrict__ Bp = static_cast<const T*>(dp.B);
+    const T* __restrict__ Cp = static_cast<const T*>(dp.C);
+    const bool do_dz = has_z && di == 0;
+
+    float A[NPT], A2[NPT], lam[NPT], a_next[NPT], dA_acc[NPT];
+#pragma unroll
+    for (int i = 0; i < NPT; ++i) {
+      const int n = k + TPC * i;
+      const bool ok = chan_ok && n < N;
+      A[i] = ok ? dp.A[(size_t)chan * N + n] : 0.f;
+      A2[i] = A[i] * kLog2e;
+      lam[i] = (ok && p.dlast_state != nullptr && !p.bidirectional)
+                   ? p.dlast_state[((size_t)b * dim + chan) * N + n] : 0.f;
+      a_next[i] = 1.f;
+      dA_acc[i] = 0.f;
+    }
+    float accD[EPT], accBias[EPT];
+#pragma unroll
+    for (int r = 0; r < EPT; ++r) accD[r] = accBias[r] = 0.f;
+
+    T r_u[EPT], r_dt[EPT], r_do[EPT], r_z[EPT], r_ys[EPT], r_B[BPT], r_C[BPT];
+    auto load = [&](int c) {
+#pragma unroll
+      for (int r = 0; r < EPT; ++r) {
+        const int e = tid + r * NT, row = e / CHUNK, tau = c * CHUNK + e % CHUNK;
+        const bool ok = e < TILE && tau < L && c0 + row < c_end;
+        const size_t idx = ((size_t)b * dim + c0 + row) * L + natural_t(tau, L, reverse);
+        r_u[r] = load_or_zero(u, idx, ok);
+        r_dt[r] = load_or_zero(delta, idx, ok);
+        r_do[r] = load_or_zero(doutp, idx, ok);
+        r_z[r] = load_or_zero(zp, idx, ok && has_z);
+        r_ys[r] = load_or_zero(ysp, idx, ok && do_dz);
+      }
+#pragma unroll
+      for (int r = 0; r < BPT; ++r) {
+        const int e = tid + r * NT, n = e / CHUNK, tau = c * CHUNK + e % CHUNK;
+        const bool ok = e < BC_TILE && n < N && tau < L;
+        const size_t idx = (((size_t)b * G + g) * N + n) * L + natural_t(tau, L, reverse);
+        r_B[r] = load_or_zero(Bp, idx, ok);
+        r_C[r] = load_or_zero(Cp, idx, ok);
+      }
+    };
+    auto stage = [&](int c) {
+#pragma unroll
+      for (int r = 0; r < EPT; ++r) {
+        const int e = tid + r * NT, row = e / CHUNK, j = e % CHUNK;
+        if (e < TILE) {
+          const int tau = c * CHUNK + j;
+          const bool ok = tau < L && c0 + row < c_end;
+          float uu = to_float(r_u[r]);
+          float x = to_float(r_dt[r]);
+          if (dp.delta_bias != nullptr && ok) x += dp.delta_bias[c0 + row];
+          float d = x, sig = 1.f;
+          if (p.delta_softplus) softplus_and_grad(x, d, sig);
+          const float go = to_float(r_do[r]);
+          float gy = go;
+          if (has_z) {
+            const float zz = to_float(r_z[r]);
+            const float sz = sigmoid(zz);
+            gy = go * zz * sz;
+            if (do_dz && ok) {
+              const float dz = go * to_float(r_ys[r]) * sz * (1.f + zz * (1.f - sz));
+              const size_t idx = ((size_t)b * dim + c0 + row) * L + natural_t(tau, L, reverse);
+              static_cast<T*>(p.dz)[idx] = from_float<T>(dz);
+            }
+          }
+          if (p.divide_out) gy *= 0.5f;
+          if (!ok) d = uu = gy = 0.f;
+          S.ddu[row][j] = make_float2(d, d * uu);
+          S.u[row][j] = uu;
+          S.gy[row][j] = gy;
+          S.sig[row][j] = sig;
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < BPT; ++r) {
+        const int e = tid + r * NT;
+        if (e < BC_TILE) S.bc[e % CHUNK][e / CHUNK] = make_float2(to_float(r_B[r]), to_float(r_C[r]));
+      }
+    };
+
+    load(nchunks - 1);
+    for (int c = nchunks - 1; c >= 0; --c) {
+      __syncthreads();
+      stage(c);
+      __syncthreads();
+      if (c > 0) load(c - 1);
+
+      // Recompute the chunk's states from its saved start state.
+      float h0[NPT], hs[CHUNK][NPT];
+#pragma unroll
+      for (int i = 0; i < NPT; ++i) {
+        const int n = k + TPC * i;
+        h0[i] = (chan_ok && n < N) ? dp.states[(((size_t)b * dim + chan) * nchunks + c) * N + n] : 0.f;
+      }
+#pragma unroll
+      for (int j = 0; j < CHUNK; ++j) {
+        const float2 ddu = S.ddu[c_loc][j];
+#pragma unroll
+        for (int i = 0; i < NPT; ++i) {
+          const float2 bc = S.bc[j][k + TPC * i];
+          const float a = exp2f(ddu.x * A2[i]);
+          hs[j][i] = fmaf(a, j > 0 ? hs[j - 1][i] : h0[i], ddu.y * bc.x);
+        }
+      }
+
+      // Walk the chunk backwards.
+#pragma unroll
+      for (int j0 = CHUNK - RT; j0 >= 0; j0 -= RT) {
+        float sq[RT], saw[RT];
+#pragma unroll
+        for (int jj = RT - 1; jj >= 0; --jj) {
+          const int j = j0 + jj;
+          const float2 ddu = S.ddu[c_loc][j];
+          const float gy = S.gy[c_loc][j];
+          float q_acc = 0.f, w_acc = 0.f;
+#pragma unroll
+          for (int i = 0; i < NPT; ++i) {
+            const int n = k + TPC * i;
+            const float2 bc = S.bc[j][n];
+            lam[i] = fmaf(a_next[i], lam[i], gy * bc.y);
+            const float h_prev = j > 0 ? hs[j - 1][i] : h0[i];
+            const float a = exp2f(ddu.x * A2[i]);
+            float dBp = lam[i] * ddu.y;
+            float dCp = gy * hs[j][i];
+#pragma unroll
+            for (int m = TPC; m < 32; m *= 2) {  // sum over the warp's channels
+              dBp += __shfl_xor_sync(0xffffffffu, dBp, m);
+              dCp += __shfl_xor_sync(0xffffffffu, dCp, m);
+            }
+            if (lane < TPC) {
+              S.dB[j][warp][n] = dBp;
+              S.dC[j][warp][n] = dCp;
+            }
+            q_acc = fmaf(lam[i], bc.x, q_acc);
+            const float w = lam[i] * a * h_prev;
+            dA_acc[i] = fmaf(w, ddu.x, dA_acc[i]);
+            w_acc = fmaf(w, A[i], w_acc);
+            a_next[i] = a;
+          }
+          sq[jj] = q_acc;
+          saw[jj] = w_acc;
+        }
+        int idx;
+        bool writer;
+        const float vq = reduce_scatter<TPC, RT>(sq, lane, idx, writer);
+        const float vw = reduce_scatter<TPC, RT>(saw, lane, idx, writer);
+        if (writer) {
+          S.sq[c_loc][j0 + idx] = vq;
+          S.saw[c_loc][j0 + idx] = vw;
+        }
+      }
+      __syncthreads();
+
+      // Per (channel, step): du, ddelta; accumulate dD, dbias.
+#pragma unroll
+      for (int r = 0; r < EPT; ++r) {
+        const int e = tid + r * NT, row = e / CHUNK, j = e % CHUNK;
+        const int tau = c * CHUNK + j, ch = c0 + row;
+        if (e < TILE && tau < L && ch < c_end) {
+          const size_t idx = ((size_t)b * dim + ch) * L + natural_t(tau, L, reverse);
+          const float d = S.ddu[row][j].x, uu = S.u[row][j], gy = S.gy[row][j], sq = S.sq[row][j];
+          float du = d * sq;
+          if (dp.D != nullptr) du = fmaf(dp.D[ch], gy, du);
+          const float ddelta = fmaf(uu, sq, S.saw[row][j]) * S.sig[row][j];
+          static_cast<T*>(dp.du)[idx] = from_float<T>(du);
+          static_cast<T*>(dp.ddelta)[idx] = from_float<T>(ddelta);
+          accD[r] = fmaf(gy, uu, accD[r]);
+          accBias[r] += ddelta;
+        }
+      }
+      // Per (state, step): dB, dC summed over the block's warps.
+#pragma unroll
+      for (int r = 0; r < BPT; ++r) {
+        const int e = tid + r * NT, n = e / CHUNK, j = e % CHUNK;
+        const int tau = c * CHUNK + j;
+        if (e < BC_TILE && n < N && tau < L) {
+          float sB = 0.f, sC = 0.f;
+#pragma unroll
+          for (int w = 0; w < NWARPS; ++w) {
+            sB += S.dB[j][w][n];
+            sC += S.dC[j][w][n];
+          }
+          const size_t idx = ((((size_t)part * batch + b) * G + g) * N + n) * L + natural_t(tau, L, reverse);
+          dp.dB_part[idx] = sB;
+          dp.dC_part[idx] = sC;
+        }
+      }
+    }
+
+    // Per-thread results: dA (per batch row), dinitial_state, dD and dbias (summed over the row's lanes).
+#pragma unroll
+    for (int i = 0; i < NPT; ++i) {
+      const int n = k + TPC * i;
+      if (chan_ok && n < N) {
+        const size_t idx = ((size_t)b * dim + chan) * N + n;
+        dp.dA_part[idx] = dA_acc[i];
+        if (!p.bidirectional && p.dinitial_state != nullptr) p.dinitial_state[idx] = a_next[i] * lam[i];
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < EPT; ++r) {
+#pragma unroll
+      for (int m = 1; m < CHUNK; m *= 2) {
+        accD[r] += __shfl_xor_sync(0xffffffffu, accD[r], m);
+        accBias[r] += __shfl_xor_sync(0xffffffffu, accBias[r], m);
+      }
+      const int e = tid + r * NT, row = e / CHUNK;
+      if (e < TILE && e % CHUNK == 0 && c0 + row < c_end) {
+        dp.dD_part[(size_t)b * dim + c0 + row] = accD[r];
+        dp.dbias_part[(size_t)b * dim + c0 + row] = accBias[r];
+      }
+    }
+  }
+}
+
+template <typename T, int TPC, int NPT, int CHUNK, int NWARPS>
+cudaError_t launch_bwd_config(const ScanParams& p, cudaStream_t stream) {
+  constexpr int CPB = NWARPS * 32 / TPC;
+  constexpr size_t smem = sizeof(BwdSmem<TPC, NPT, CHUNK, NWARPS>);
+  auto kernel = scan_bwd_kernel<T, TPC, NPT, CHUNK, NWARPS>;
+  if (smem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid((p.seg + CPB - 1) / CPB, p.dim / p.seg, p.batch);
+  kernel<<<grid, NWARPS * 32, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_bwd(const ScanParams& p, int config, cudaStream_t stream) {
+  switch (config) {
+#define MATTEN_SCAN_BWD_CASE(ID, TPC, NPT, CHUNK, NWARPS) \
+  case ID:                                                \
+    return launch_bwd_config<T, TPC, NPT, CHUNK, NWARPS>(p, stream);
+    MATTEN_SCAN_CONFIGS(MATTEN_SCAN_BWD_CASE)
+#undef MATTEN_SCAN_BWD_CASE
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace matten_scan

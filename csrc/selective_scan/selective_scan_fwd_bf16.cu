@@ -1,0 +1,10 @@
+// FWD launcher of the selective scan for bf16 inputs (one translation unit per dtype keeps builds parallel).
+#include "selective_scan_fwd.cuh"
+
+namespace matten_scan {
+
+cudaError_t launch_fwd_bf16(const ScanParams& p, int config, cudaStream_t stream) {
+  return launch_fwd<__nv_bfloat16>(p, config, stream);
+}
+
+}  // namespace matten_scan

@@ -1,0 +1,256 @@
+"""The CUDA C++ selective scan (``csrc/selective_scan``): build/load, autograd, entry points for ``backend="cuda"``.
+
+Layers: the kernels (``csrc/selective_scan/*.cu``) -> launchers + ``torch.library`` ops ``matten_cuda::selective_scan_fwd``
+/ ``_bwd`` (``selective_scan.cpp``) -> fake kernels and ``register_autograd`` (here) -> :func:`cuda_selective_scan`,
+:func:`cuda_bi_selective_scan`, which ``interface.py`` calls after validating the inputs.
+
+The extension is either built ahead of time (``MATTEN_BUILD_CUDA=1 pip install -e . --no-build-isolation``, which puts
+``_C*.so`` next to this file) or on first use through ``torch.utils.cpp_extension.load`` (ninja; cached under
+``TORCH_EXTENSIONS_DIR``; for the architectures of the visible GPUs, or ``TORCH_CUDA_ARCH_LIST``). Without a GPU, nvcc
+or ninja, the entry points raise a ``RuntimeError`` that gives the build command: no silent slow path.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import logging
+import os
+import shutil
+
+import torch
+
+logger = logging.getLogger("matten_kernels")
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_REPO = os.path.dirname(os.path.dirname(_HERE))
+_CSRC = os.path.join(_REPO, "csrc", "selective_scan")
+SOURCES = ["selective_scan.cpp"] + [f"selective_scan_{d}_{t}.cu" for d in ("fwd", "bwd") for t in ("fp32", "fp16", "bf16")]
+NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+
+_loaded = False
+_config_table = None  # {config id: (tpc, npt, chunk, nwarps)}, read from the extension
+config_override = None  # benchmarks may set a config id (see csrc/selective_scan/selective_scan.h); None = default
+
+
+def build_command() -> str:
+    """The shell command that builds the extension ahead of time (from the repository root)."""
+    return f"cd {_REPO} && MATTEN_BUILD_CUDA=1 pip install -e . --no-build-isolation"
+
+
+def _prebuilt() -> str | None:
+    found = sorted(glob.glob(os.path.join(_HERE, "_C*.so")) + glob.glob(os.path.join(_HERE, "_C*.pyd")))
+    return found[0] if found else None
+
+
+def _nvcc() -> str | None:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return os.path.join(CUDA_HOME, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+@functools.lru_cache(maxsize=None)
+def _unavailable_reason() -> str | None:
+    """Why the extension cannot be used here (None if it is loaded, prebuilt, or can be built). Never compiles."""
+    if _loaded:
+        return None
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible (torch.cuda.is_available() is False)"
+    if _prebuilt() is not None:
+        return None
+    if torch.version.cuda is None:
+        return "this PyTorch build has no CUDA support"
+    if not os.path.isdir(_CSRC):
+        return f"the CUDA sources are not in this installation ({_CSRC} is missing)"
+    if _nvcc() is None:
+        return "nvcc was not found (set CUDA_HOME or put nvcc on PATH) and no prebuilt extension is installed"
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if not is_ninja_available():
+        return "ninja was not found (pip install ninja) and no prebuilt extension is installed"
+    return None
+
+
+def is_available() -> bool:
+    """True when ``backend="cuda"`` can run here: a GPU, and the extension loaded, prebuilt, or buildable (nvcc and
+    ninja found). Cheap: it never compiles; a build that then fails raises from the first call."""
+    return _unavailable_reason() is None
+
+
+def _load() -> None:
+    """Load the extension (prebuilt, else build it with ninja on first use) and register fake kernels and autograd."""
+    global _loaded, _config_table
+    if _loaded:
+        return
+    reason = _unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(
+            f"selective_scan: backend='cuda' is not available: {reason}. Build the extension with\n    "
+            f"{build_command()}\n(needs nvcc and a CUDA build of PyTorch; with nvcc and ninja installed it also builds "
+            "itself on first use). Or use backend='triton' or backend='ref'."
+        )
+    path = _prebuilt()
+    if path is not None:
+        torch.ops.load_library(path)
+        logger.info("selective_scan cuda: loaded prebuilt %s", path)
+    else:
+        from torch.utils.cpp_extension import load
+
+        logger.info("selective_scan cuda: building the extension with ninja (first use; cached afterwards)")
+        load(name="matten_selective_scan_cuda", sources=[os.path.join(_CSRC, s) for s in SOURCES],
+             extra_cflags=["-O3"], extra_cuda_cflags=NVCC_FLAGS, extra_include_paths=[_CSRC],
+             is_python_module=False, verbose=False)
+    flat = list(torch.ops.matten_cuda.selective_scan_configs())
+    _config_table = {i // 4: tuple(flat[i:i + 4]) for i in range(0, len(flat), 4)}
+    _register()
+    _loaded = True
+    _unavailable_reason.cache_clear()
+
+
+def _choose_config(N: int, L: int) -> int:
+    """Mirror of ``choose_config`` in selective_scan.h (checked against the table read from the extension)."""
+    if config_override is not None:
+        return int(config_override)
+    if N <= 4:
+        return 0
+    if N <= 8:
+        return 1
+    if N <= 16:
+        return 3 if L <= 16 else 2
+    for cfg, top in ((5, 32), (6, 64), (7, 128)):
+        if N <= top:
+            return cfg
+    return 8
+
+
+def _register() -> None:
+    fwd, bwd = "matten_cuda::selective_scan_fwd", "matten_cuda::selective_scan_bwd"
+
+    @torch.library.register_fake(fwd)
+    def _fwd_fake(u, delta, A, B, C, D, delta_bias, z, initial_state, u_b, delta_b, A_b, B_b, C_b, D_b,
+                  delta_bias_b, delta_softplus, divide_out, save_for_backward, config):
+        batch, dim, L = u.shape
+        N = A.shape[1]
+        chunk = _config_table[config][2]
+        ndir = 2 if u_b is not None else 1
+        f32 = dict(dtype=torch.float32, device=u.device)
+        last = u.new_empty((0,), dtype=torch.float32) if ndir == 2 else u.new_empty((batch, dim, N), **f32)
+        states = (u.new_empty((ndir, batch, dim, -(-L // chunk), N), **f32) if save_for_backward
+                  else u.new_empty((0,), **f32))
+        y_saved = u.new_empty(u.shape) if (save_for_backward and z is not None) else u.new_empty((0,))
+        return u.new_empty(u.shape), last, states, y_saved
+
+    @torch.library.register_fake(bwd)
+    def _bwd_fake(dout, dlast_state, u, delta, A, B, C, D, delta_bias, z, initial_state, states, y_saved, u_b,
+                  delta_b, A_b, B_b, C_b, D_b, delta_bias_b, delta_softplus, divide_out, config):
+        none = u.new_empty((0,), dtype=torch.float32)
+        out = []
+        for d, (uu, AA, BB, CC, DD, bb) in enumerate(((u, A, B, C, D, delta_bias),
+                                                       (u_b, A_b, B_b, C_b, D_b, delta_bias_b))):
+            if uu is None:
+                out += [none] * 7
+                continue
+            out += [uu.new_empty(uu.shape), uu.new_empty(uu.shape), AA.new_empty(AA.shape), BB.new_empty(BB.shape),
+                    CC.new_empty(CC.shape), DD.new_empty(DD.shape) if DD is not None else none,
+                    bb.new_empty(bb.shape) if bb is not None else none]
+            if d == 0:
+                out += [z.new_empty(z.shape) if z is not None else u.new_empty((0,)),
+                        initial_state.new_empty(initial_state.shape) if initial_state is not None else none]
+        return out
+
+    def _setup_context(ctx, inputs, output):
+        (u, delta, A, B, C, D, delta_bias, z, initial_state, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b,
+         delta_softplus, divide_out, save_for_backward, config) = inputs
+        _, _, states, y_saved = output
+        # Saved: the inputs, the fp32 state at every chunk start (ndir, batch, dim, L/chunk, N) and, with z, y before
+        # the gate. The backward recomputes h inside each chunk from its start state: no (batch, dim, L, N) tensor.
+        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, z, initial_state, u_b, delta_b, A_b, B_b, C_b, D_b,
+                              delta_bias_b, states, y_saved)
+        ctx.flags = (delta_softplus, divide_out, config)
+        ctx.set_materialize_grads(False)
+
+    def _backward(ctx, dout, dlast_state, _dstates, _dy_saved):
+        (u, delta, A, B, C, D, delta_bias, z, initial_state, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b,
+         states, y_saved) = ctx.saved_tensors
+        delta_softplus, divide_out, config = ctx.flags
+        if states.numel() == 0:
+            raise RuntimeError("selective_scan (cuda): the forward ran without saving states for the backward")
+        dout = torch.zeros_like(u) if dout is None else dout.contiguous()
+        if dlast_state is not None:
+            dlast_state = dlast_state.contiguous()
+        g = torch.ops.matten_cuda.selective_scan_bwd(
+            dout, dlast_state, u, delta, A, B, C, D, delta_bias, z, initial_state, states, y_saved, u_b, delta_b,
+            A_b, B_b, C_b, D_b, delta_bias_b, delta_softplus, divide_out, config)
+        du, ddelta, dA, dB, dC, dD, dbias, dz, dinit, du_b, ddelta_b, dA_b, dB_b, dC_b, dD_b, dbias_b = g
+        opt = lambda grad, t: grad if t is not None else None  # noqa: E731
+        return (du, ddelta, dA, dB, dC, opt(dD, D), opt(dbias, delta_bias), opt(dz, z), opt(dinit, initial_state),
+                opt(du_b, u_b), opt(ddelta_b, delta_b), opt(dA_b, A_b), opt(dB_b, B_b), opt(dC_b, C_b),
+                opt(dD_b, D_b), opt(dbias_b, delta_bias_b), None, None, None, None)
+
+    torch.library.register_autograd(fwd, _backward, setup_context=_setup_context)
+
+
+def _contig(t):
+    return None if t is None else t.contiguous()
+
+
+def _grouped(X):
+    """(batch, N, L) -> (batch, 1, N, L) view; (batch, G, N, L) unchanged; contiguous."""
+    return (X.unsqueeze(1) if X.dim() == 3 else X).contiguous()
+
+
+def _check_device(op, u):
+    if not u.is_cuda:
+        raise ValueError(f"{op}: backend='cuda' needs CUDA tensors, got tensors on {u.device}")
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _config(A, L) -> int:
+    cfg = _choose_config(A.shape[1], L)
+    tpc, npt, _, _ = _config_table[cfg]
+    if tpc * npt < A.shape[1]:
+        raise ValueError(f"selective_scan (cuda): config {cfg} holds {tpc * npt} states < N = {A.shape[1]}")
+    return cfg
+
+
+def cuda_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                        return_last_state=False, *, initial_state=None):
+    """CUDA backend of :func:`matten_kernels.selective_scan` (same arguments, validated by the caller).
+
+    Returns ``out`` (batch, dim, L) in u.dtype, or ``(out, last_state)`` with last_state (batch, dim, N) fp32.
+    Differentiable in every tensor input, initial_state and last_state included.
+    """
+    _load()
+    _check_device("selective_scan", u)
+    save = _needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    out, last_state, _, _ = torch.ops.matten_cuda.selective_scan_fwd(
+        u.contiguous(), delta.contiguous(), A.contiguous(), _grouped(B), _grouped(C), _contig(D), _contig(delta_bias),
+        _contig(z), _contig(initial_state), None, None, None, None, None, None, None, bool(delta_softplus), False,
+        save, _config(A, u.shape[-1]))
+    return (out, last_state) if return_last_state else out
+
+
+def cuda_bi_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *,
+                           u_b=None, delta_b=None, A_b=None, B_b=None, C_b=None, D_b=None, delta_bias_b=None,
+                           divide_out=False):
+    """CUDA backend of :func:`matten_kernels.bi_selective_scan` (same arguments, validated by the caller).
+
+    One launch runs both directions (the backward one reads the natural-order ``*_b`` inputs from the end; no
+    flipped copies). A missing ``*_b`` input is passed as its forward twin, so autograd sums the twin's two gradients.
+    """
+    _load()
+    _check_device("bi_selective_scan", u)
+    twin = lambda b, f: f if b is None else b  # noqa: E731
+    u_b, delta_b, A_b, B_b, C_b = twin(u_b, u), twin(delta_b, delta), twin(A_b, A), twin(B_b, B), twin(C_b, C)
+    D_b, delta_bias_b = twin(D_b, D), twin(delta_bias_b, delta_bias)
+    save = _needs_grad(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b)
+    out, _, _, _ = torch.ops.matten_cuda.selective_scan_fwd(
+        u.contiguous(), delta.contiguous(), A.contiguous(), _grouped(B), _grouped(C), _contig(D), _contig(delta_bias),
+        _contig(z), None, u_b.contiguous(), delta_b.contiguous(), A_b.contiguous(), _grouped(B_b), _grouped(C_b),
+        _contig(D_b), _contig(delta_bias_b), bool(delta_softplus), bool(divide_out), save, _config(A, u.shape[-1]))
+    return out

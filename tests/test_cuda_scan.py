@@ -1,0 +1,266 @@
+"""CUDA C++ selective scan (csrc/selective_scan, backend="cuda").
+
+CPU (CI): every kernel .cu compiles with plain ``nvcc -c`` for sm_80 and sm_90 (no torch headers; skipped with a
+message where nvcc is missing), and backend="cuda" without a GPU raises a RuntimeError that gives the build command.
+
+GPU (marker ``gpu``): cuda vs the float64 reference (``selective_scan_ref`` on upcast inputs), forward and every
+gradient, uni- and bidirectional, fp32/fp16/bf16, awkward sizes; and cuda vs triton where the Triton backend exists.
+
+Tolerance rule (mamba-ssm's table, elementwise ``|x - ref| <= atol * max(1, max|ref|) + rtol * |ref|``):
+    forward    fp32 (6e-4, 2e-3)   fp16 (3e-3, 5e-3)   bf16 (3e-2, 5e-2)      as (rtol, atol)
+    gradients  the same table times 5 (gradients sum over L, dim or batch, so they carry more rounding);
+               dA, dD and ddelta_bias (sums over batch and L of many terms) times 10.
+The inputs are rounded to the test dtype first, so the reference sees exactly what the kernel sees.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+import torch
+
+from matten_kernels import bi_selective_scan, bi_selective_scan_ref, selective_scan, selective_scan_ref
+
+logger = logging.getLogger(__name__)
+
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "selective_scan")
+TOL = {torch.float32: (6e-4, 2e-3), torch.float16: (3e-3, 5e-3), torch.bfloat16: (3e-2, 5e-2)}
+GRAD_MULT = 5.0
+REDUCED_GRAD_MULT = 10.0  # dA, dD, ddelta_bias
+DTYPE_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+# ---------------------------------------------------------------------------------------------------------- CPU / CI
+def _kernel_sources():
+    return sorted(f for f in os.listdir(CSRC) if f.endswith(".cu"))
+
+
+def test_kernel_files_include_no_torch():
+    """Kernel .cu files and their headers compile without torch: only CUDA headers and our own headers."""
+    for name in os.listdir(CSRC):
+        if name.endswith((".cu", ".cuh", ".h")):
+            text = open(os.path.join(CSRC, name)).read()
+            for bad in ("<torch/", "<ATen/", "<c10/", "<pybind11"):
+                assert bad not in text, f"{name} includes {bad}"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: cannot check that the .cu files compile")
+def test_cu_files_compile_sm80_sm90():
+    """Each .cu compiles with plain `nvcc -c` for sm_80 and sm_90 (one nvcc per file, two at a time)."""
+    sources = _kernel_sources()
+    assert len(sources) == 6, sources
+
+    def compile_one(name):
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = ["nvcc", "-c", "-std=c++17", "-O3", "-I", CSRC,
+                   "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+                   os.path.join(CSRC, name), "-o", os.path.join(tmp, name + ".o")]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            return name, res.returncode, res.stderr
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        results = list(pool.map(compile_one, sources))
+    for name, rc, err in results:
+        assert rc == 0, f"nvcc failed on {name}:\n{err}"
+        assert "warning" not in err.lower(), f"nvcc warned on {name}:\n{err}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error path without a GPU")
+def test_cuda_backend_without_gpu_raises_with_build_command():
+    from matten_kernels.selective_scan import cuda as cuda_mod
+
+    assert cuda_mod.is_available() is False
+    assert "MATTEN_BUILD_CUDA=1 pip install -e . --no-build-isolation" in cuda_mod.build_command()
+    u = torch.randn(1, 2, 5)
+    A = -torch.rand(2, 4)
+    B = torch.randn(1, 4, 5)
+    with pytest.raises(RuntimeError) as info:
+        selective_scan(u, u.clone(), A, B, B.clone(), backend="cuda")
+    assert cuda_mod.build_command() in str(info.value)
+    with pytest.raises(RuntimeError) as info:
+        bi_selective_scan(u, u.clone(), A, B, B.clone(), backend="cuda")
+    assert cuda_mod.build_command() in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------------------ GPU
+def _check(name, x, ref, dtype, mult=1.0):
+    rtol, atol = TOL[dtype]
+    rtol, atol = rtol * mult, atol * mult
+    x, ref = x.double(), ref.double()
+    err = (x - ref).abs()
+    scale = max(1.0, ref.abs().max().item())
+    logger.info("%-14s max err %.3e  mean err %.3e  (max|ref| %.3e)", name, err.max().item(), err.mean().item(),
+                ref.abs().max().item())
+    assert torch.isfinite(x).all(), f"{name}: non-finite values"
+    bad = err > atol * scale + rtol * ref.abs()
+    assert not bad.any(), (f"{name}: {bad.sum().item()} of {bad.numel()} elements off; max err {err.max().item():.3e} "
+                           f"(rtol {rtol:g}, atol {atol:g} * {scale:.3g})")
+
+
+def _inputs(batch, dim, N, L, dtype, *, groups=None, softplus=True, has_D=True, has_z=True, has_bias=True,
+            has_init=False, noncontig=False, device="cuda"):
+    """Random inputs already rounded to `dtype` (fp32 for A, D, delta_bias, initial_state)."""
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device) * scale).to(dtype)
+
+    u = rnd(batch, L, dim).transpose(1, 2) if noncontig else rnd(batch, dim, L)
+    delta = (rnd(batch, dim, L, scale=0.5) if softplus
+             else (torch.rand(batch, dim, L, device=device) * 0.3).to(dtype))
+    A = -(0.5 + torch.rand(dim, N, device=device)) * torch.exp(torch.randn(dim, N, device=device) * 0.3)
+    bc_shape = (batch, N, L) if groups is None else (batch, groups, N, L)
+    B, C = rnd(*bc_shape), rnd(*bc_shape)
+    D = torch.randn(dim, device=device) if has_D else None
+    z = rnd(batch, dim, L) if has_z else None
+    bias = torch.randn(dim, device=device) * 0.5 if has_bias else None
+    init = torch.randn(batch, dim, N, device=device) if has_init else None
+    return dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=bias, initial_state=init)
+
+
+def _leaves(tensors, dtype64=False):
+    out = {}
+    for k, v in tensors.items():
+        if v is None:
+            out[k] = None
+        else:
+            w = v.detach().double() if dtype64 else v.detach().clone()
+            out[k] = w.requires_grad_(True)
+    return out
+
+
+UNI_CASES = [  # (batch, dim, N, L, options)
+    pytest.param(2, 5, 16, 1, dict(), id="L1"),
+    pytest.param(1, 3, 1, 17, dict(has_z=False, has_D=False), id="N1-L17"),
+    pytest.param(2, 8, 16, 257, dict(has_init=True, last=True), id="N16-L257-init-last"),
+    pytest.param(2, 6, 16, 300, dict(groups=2, softplus=False, has_bias=False), id="grouped-G2-nosoftplus"),
+    pytest.param(1, 4, 64, 129, dict(has_init=True, last=True), id="N64"),
+    pytest.param(1, 2, 256, 40, dict(), id="N256"),
+    pytest.param(3, 19, 16, 16, dict(noncontig=True), id="L16-noncontig"),
+    pytest.param(1, 4, 16, 2049, dict(last=True), id="L2049"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: DTYPE_ID[d])
+@pytest.mark.parametrize("batch, dim, N, L, opts", UNI_CASES)
+def test_selective_scan_cuda_vs_ref(batch, dim, N, L, opts, dtype):
+    opts = dict(opts)
+    last = opts.pop("last", False)
+    softplus = opts.get("softplus", True)
+    x = _inputs(batch, dim, N, L, dtype, **opts)
+    kw = dict(delta_softplus=softplus, return_last_state=last)
+
+    xc = _leaves(x)
+    res = selective_scan(xc["u"], xc["delta"], xc["A"], xc["B"], xc["C"], xc["D"], xc["z"], xc["delta_bias"],
+                         initial_state=xc["initial_state"], backend="cuda", **kw)
+    x64 = _leaves(x, dtype64=True)
+    ref = selective_scan_ref(x64["u"], x64["delta"], x64["A"], x64["B"], x64["C"], x64["D"], x64["z"],
+                             x64["delta_bias"], initial_state=x64["initial_state"], **kw)
+    out, out64 = (res[0], ref[0]) if last else (res, ref)
+    assert out.dtype == dtype and out.shape == (batch, dim, L)
+    _check("out", out, out64, dtype)
+    if last:
+        assert res[1].dtype == torch.float32
+        _check("last_state", res[1], ref[1], torch.float32 if dtype == torch.float32 else dtype)
+
+    g_out = torch.randn_like(out64)
+    outs, outs64, grads = [out], [out64], [g_out.to(dtype)]
+    if last:
+        g_last = torch.randn_like(ref[1])
+        outs.append(res[1]), outs64.append(ref[1]), grads.append(g_last.float())
+        grads64 = [g_out, g_last]
+    else:
+        grads64 = [g_out]
+    names = [k for k, v in x.items() if v is not None]
+    gc = torch.autograd.grad(outs, [xc[k] for k in names], grads)
+    g64 = torch.autograd.grad(outs64, [x64[k] for k in names], grads64)
+    for k, a, b in zip(names, gc, g64):
+        assert a is not None, f"no gradient for {k}"
+        mult = REDUCED_GRAD_MULT if k in ("A", "D", "delta_bias") else GRAD_MULT
+        _check("d" + k, a, b, dtype, mult)
+
+
+BI_CASES = [  # (batch, dim, N, L, mode)
+    pytest.param(2, 6, 16, 77, "v2", id="v2-L77"),
+    pytest.param(1, 8, 16, 1, "v2", id="v2-L1"),
+    pytest.param(2, 4, 16, 33, "v1", id="v1-onlyA_b"),
+    pytest.param(1, 6, 8, 64, "v2-grouped", id="v2-G3-vs-G1"),
+    pytest.param(2, 5, 16, 300, "none", id="no-b-inputs-divide"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: DTYPE_ID[d])
+@pytest.mark.parametrize("batch, dim, N, L, mode", BI_CASES)
+def test_bi_selective_scan_cuda_vs_ref(batch, dim, N, L, mode, dtype):
+    x = _inputs(batch, dim, N, L, dtype, groups=3 if mode == "v2-grouped" else None)
+    x.pop("initial_state")
+    b = _inputs(batch, dim, N, L, dtype, has_z=False)
+    bkeys = {"v2": ("u", "delta", "A", "B", "C", "D", "delta_bias"), "v2-grouped": ("u", "delta", "A", "B", "C", "D"),
+             "v1": ("A",), "none": ()}[mode]
+    for k in bkeys:
+        x[k + "_b"] = b[k]
+    divide = mode in ("none", "v2")
+
+    def run(t, fn, **extra):
+        fwd = {k: t[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")}
+        bwd = {k: t[k] for k in t if k.endswith("_b")}
+        return fn(**fwd, **bwd, delta_softplus=True, divide_out=divide, **extra)
+
+    xc, x64 = _leaves(x), _leaves(x, dtype64=True)
+    out = run(xc, bi_selective_scan, backend="cuda")
+    out64 = run(x64, bi_selective_scan_ref)
+    _check("out", out, out64, dtype)
+    g = torch.randn_like(out64)
+    names = [k for k, v in x.items() if v is not None]
+    gc = torch.autograd.grad(out, [xc[k] for k in names], g.to(dtype))
+    g64 = torch.autograd.grad(out64, [x64[k] for k in names], g)
+    for k, a, r in zip(names, gc, g64):
+        mult = REDUCED_GRAD_MULT if k.removesuffix("_b") in ("A", "D", "delta_bias") else GRAD_MULT
+        _check("d" + k, a, r, dtype, mult)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_ID[d])
+def test_cuda_matches_triton(dtype):
+    """The two fast backends agree (forward and gradients) on one mid-size case, uni and bidirectional."""
+    try:
+        from matten_kernels.selective_scan import _ops  # noqa: F401  (the Triton backend)
+    except ImportError as e:
+        pytest.skip(f"Triton backend not importable: {e}")
+    x = _inputs(2, 64, 16, 1000, dtype)
+    x.pop("initial_state")
+    for bi in (False, True):
+        res = {}
+        for backend in ("cuda", "triton"):
+            t = _leaves(x)
+            fn = bi_selective_scan if bi else selective_scan
+            out = fn(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"], True,
+                     backend=backend)
+            g = torch.autograd.grad(out, [t[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")],
+                                    torch.ones_like(out))
+            res[backend] = (out, *g)
+        for name, a, b in zip(("out", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"), res["cuda"],
+                              res["triton"]):
+            _check(("bi " if bi else "") + name, a, b, dtype, 1.0 if name == "out" else REDUCED_GRAD_MULT)
+
+
+@pytest.mark.gpu
+def test_cuda_deterministic_and_no_grad_path():
+    x = _inputs(2, 32, 16, 500, torch.bfloat16)
+    args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True)
+    with torch.no_grad():
+        o1 = selective_scan(*args, backend="cuda")
+    o2 = selective_scan(*args, backend="cuda")
+    assert torch.equal(o1, o2)
+    t1, t2 = _leaves(x), _leaves(x)
+    g1 = torch.autograd.grad(selective_scan(t1["u"], t1["delta"], t1["A"], t1["B"], t1["C"], t1["D"], t1["z"],
+                                            t1["delta_bias"], True, backend="cuda").sum(), [t1["B"], t1["A"]])
+    g2 = torch.autograd.grad(selective_scan(t2["u"], t2["delta"], t2["A"], t2["B"], t2["C"], t2["D"], t2["z"],
+                                            t2["delta_bias"], True, backend="cuda").sum(), [t2["B"], t2["A"]])
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2)), "backward is not deterministic"
