@@ -26,7 +26,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _REPO = os.path.dirname(os.path.dirname(_HERE))
 _CSRC = os.path.join(_REPO, "csrc", "selective_scan")
 SOURCES = ["selective_scan.cpp"] + [f"selective_scan_{d}_{t}.cu" for d in ("fwd", "bwd") for t in ("fp32", "fp16", "bf16")]
-NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 
 _loaded = False
 _config_table = None  # {config id: (tpc, npt, chunk, nwarps)}, read from the extension
