@@ -110,6 +110,35 @@ def test_triton_looping_mode(F, S, D, axis):
     _check_fwd_bwd("triton", 1, F, S, 1, D, axis)
 
 
+@pytest.mark.parametrize("axis", ["temporal", "global"])
+def test_triton_unsplit_head_dim(axis, monkeypatch):
+    """Head dim 40 as one masked 64 block instead of the default 32 + 16 chunks."""
+    from matten_kernels.attention import triton_fwd
+
+    monkeypatch.setattr(triton_fwd, "SPLIT_HEAD_DIM", False)
+    assert triton_fwd.head_dim_blocks(40) == (64, 0)
+    _check_fwd_bwd("triton", 1, 3, 7, 2, 40, axis)
+
+
+@pytest.mark.parametrize("axis", ["spatial", "global"])
+def test_triton_atomic_dq(axis, monkeypatch):
+    """Looping-mode backward with dQ accumulated by atomics in the dK/dV kernel."""
+    from matten_kernels.attention import triton_bwd
+
+    monkeypatch.setattr(triton_bwd, "ATOMIC_DQ", True)
+    _check_fwd_bwd("triton", 1, 2, 67 if axis == "spatial" else 40, 1, 24, axis)
+
+
+def test_head_dim_blocks():
+    from matten_kernels.attention.triton_fwd import head_dim_blocks
+
+    assert head_dim_blocks(72, split=True) == (64, 16)
+    assert head_dim_blocks(72, split=False) == (128, 0)
+    assert head_dim_blocks(128, split=True) == (128, 0)
+    assert head_dim_blocks(24, split=True) == (32, 0)
+    assert head_dim_blocks(8, split=True) == (16, 0)
+
+
 def test_triton_custom_scale():
     _check_fwd_bwd("triton", 1, 3, 4, 2, 16, "temporal", scale=0.3)
 

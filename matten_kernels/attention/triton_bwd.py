@@ -23,8 +23,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import triton_interpreting
-from .triton_fwd import LOG2E, _program_ids, _rows, block_d, dot_precision, num_programs, pack_len, sequence_geometry
+from .triton_fwd import (
+    LOG2E,
+    _load_cols,
+    _load_rows,
+    _program_ids,
+    _rows,
+    _store_rows,
+    dot_precision,
+    head_dim_blocks,
+    launch,
+    num_programs,
+    pack_len,
+    sequence_geometry,
+)
 
 
 @triton.jit
@@ -64,60 +76,91 @@ def _bwd_dkdv_kernel(
     s_dob, s_don, s_doh, s_dod,
     s_gb, s_gn, s_gh,
     # meta-parameters
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PACK_LEN: tl.constexpr, EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, PACK_LEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, EVEN_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
+    """One program: dK, dV for BLOCK_N keys (looping mode), or dQ, dK, dV for whole sequences (packed mode).
+    ATOMIC_DQ (looping mode): also add this key block's share of dQ into the fp32 buffer p_dq with atomics.
+    Head-dim chunks as in the forward: main [0, BLOCK_D), tail (suffix 2) when BLOCK_DT > 0."""
     # Program ids over key blocks (BLOCK_N plays the role the forward's BLOCK_M plays).
     i_n, i_g, i_bh = _program_ids(L, NSEQ, BLOCK_N, PACK_LEN)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_d = offs_d < HEAD_DIM
-
-    tok_k, slot_k, m_k = _rows(i_g, i_n, tl.arange(0, BLOCK_N), L, NSEQ, SEQ_STRIDE, TOK_STRIDE, BLOCK_N, PACK_LEN)
-    m_kd = m_k[:, None] & m_d[None, :]
-    b_k = tl.load(p_k + i_b * s_kb + i_h * s_kh + tok_k[:, None] * s_kn + offs_d[None, :] * s_kd, mask=m_kd, other=0.0)
-    b_v = tl.load(p_v + i_b * s_vb + i_h * s_vh + tok_k[:, None] * s_vn + offs_d[None, :] * s_vd, mask=m_kd, other=0.0)
-    b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    p_q_bh = p_q + i_b * s_qb + i_h * s_qh
+    p_do_bh = p_do + i_b * s_dob + i_h * s_doh
+    p_k_bh = p_k + i_b * s_kb + i_h * s_kh
+    p_v_bh = p_v + i_b * s_vb + i_h * s_vh
     p_lse_bh = p_lse + i_bh.to(tl.int64) * N_TOK
     p_delta_bh = p_delta + i_bh.to(tl.int64) * N_TOK
+    o_g_bh = i_b * s_gb + i_h * s_gh
+
+    offs_d = tl.arange(0, BLOCK_D)
+    tok_k, slot_k, m_k = _rows(i_g, i_n, tl.arange(0, BLOCK_N), L, NSEQ, SEQ_STRIDE, TOK_STRIDE, BLOCK_N, PACK_LEN)
+    b_k = _load_rows(p_k_bh, tok_k, s_kn, offs_d, s_kd, m_k, HEAD_DIM)
+    b_v = _load_rows(p_v_bh, tok_k, s_vn, offs_d, s_vd, m_k, HEAD_DIM)
+    b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if BLOCK_DT > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_DT)
+        b_k2 = _load_rows(p_k_bh, tok_k, s_kn, offs_d2, s_kd, m_k, HEAD_DIM)
+        b_v2 = _load_rows(p_v_bh, tok_k, s_vn, offs_d2, s_vd, m_k, HEAD_DIM)
+        b_dk2 = tl.zeros([BLOCK_N, BLOCK_DT], dtype=tl.float32)
+        b_dv2 = tl.zeros([BLOCK_N, BLOCK_DT], dtype=tl.float32)
 
     m_end = BLOCK_M if PACK_LEN > 0 else L
     for start_m in range(0, m_end, BLOCK_M):
         tok_q, slot_q, m_q = _rows(
             i_g, start_m // BLOCK_M, tl.arange(0, BLOCK_M), L, NSEQ, SEQ_STRIDE, TOK_STRIDE, BLOCK_M, PACK_LEN
         )
-        m_qd = m_q[:, None] & m_d[None, :]
-        b_q = tl.load(
-            p_q + i_b * s_qb + i_h * s_qh + tok_q[:, None] * s_qn + offs_d[None, :] * s_qd, mask=m_qd, other=0.0
-        )
-        b_do = tl.load(
-            p_do + i_b * s_dob + i_h * s_doh + tok_q[:, None] * s_don + offs_d[None, :] * s_dod, mask=m_qd, other=0.0
-        )
+        b_q = _load_rows(p_q_bh, tok_q, s_qn, offs_d, s_qd, m_q, HEAD_DIM)
+        b_do = _load_rows(p_do_bh, tok_q, s_don, offs_d, s_dod, m_q, HEAD_DIM)
         b_lse = tl.load(p_lse_bh + tok_q, mask=m_q, other=0.0)
         b_delta = tl.load(p_delta_bh + tok_q, mask=m_q, other=0.0)
 
         # Transposed tiles (keys x queries), as the dK/dV accumulators are indexed by key.
-        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M), base 2
-        b_pt = tl.exp2(b_st - b_lse[None, :])
+        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)  # dP^T
+        if BLOCK_DT > 0:
+            b_q2 = _load_rows(p_q_bh, tok_q, s_qn, offs_d2, s_qd, m_q, HEAD_DIM)
+            b_do2 = _load_rows(p_do_bh, tok_q, s_don, offs_d2, s_dod, m_q, HEAD_DIM)
+            b_st = tl.dot(b_k2, tl.trans(b_q2), b_st, input_precision=DOT_PRECISION)
+            b_dpt = tl.dot(b_v2, tl.trans(b_do2), b_dpt, input_precision=DOT_PRECISION)
+        b_pt = tl.exp2(b_st * qk_scale - b_lse[None, :])
         if PACK_LEN > 0:
             b_pt = tl.where((slot_k[:, None] == slot_q[None, :]) & m_q[None, :] & m_k[:, None], b_pt, 0.0)
         elif not EVEN_M:
             b_pt = tl.where(m_q[None, :], b_pt, 0.0)
-        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
-        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
-        b_dst = b_pt * (b_dpt - b_delta[None, :])
-        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
+        b_dst = (b_pt * (b_dpt - b_delta[None, :])).to(b_q.dtype)  # dS^T
+        b_pt = b_pt.to(b_do.dtype)
+        b_dv = tl.dot(b_pt, b_do, b_dv, input_precision=DOT_PRECISION)
+        b_dk = tl.dot(b_dst, b_q, b_dk, input_precision=DOT_PRECISION)
+        if BLOCK_DT > 0:
+            b_dv2 = tl.dot(b_pt, b_do2, b_dv2, input_precision=DOT_PRECISION)
+            b_dk2 = tl.dot(b_dst, b_q2, b_dk2, input_precision=DOT_PRECISION)
         if PACK_LEN > 0:
             # The program holds whole sequences: dQ = scale * dS K is complete here.
-            b_dq = tl.dot(tl.trans(b_dst).to(b_k.dtype), b_k, input_precision=DOT_PRECISION) * scale
-            p_dq_blk = p_dq + i_b * s_gb + i_h * s_gh + tok_q[:, None] * s_gn + offs_d[None, :]
-            tl.store(p_dq_blk, b_dq.to(p_dq.dtype.element_ty), mask=m_qd)
+            b_ds = tl.trans(b_dst)
+            b_dq = tl.dot(b_ds, b_k, input_precision=DOT_PRECISION) * scale
+            _store_rows(p_dq + o_g_bh, tok_q, s_gn, offs_d, m_q, b_dq, HEAD_DIM)
+            if BLOCK_DT > 0:
+                b_dq2 = tl.dot(b_ds, b_k2, input_precision=DOT_PRECISION) * scale
+                _store_rows(p_dq + o_g_bh, tok_q, s_gn, offs_d2, m_q, b_dq2, HEAD_DIM)
+        elif ATOMIC_DQ:
+            b_ds = tl.trans(b_dst)
+            b_dq = tl.dot(b_ds, b_k, input_precision=DOT_PRECISION) * scale
+            p_dq_blk = p_dq + o_g_bh + tok_q[:, None] * s_gn + offs_d[None, :]
+            tl.atomic_add(p_dq_blk, b_dq, mask=m_q[:, None] & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+            if BLOCK_DT > 0:
+                b_dq2 = tl.dot(b_ds, b_k2, input_precision=DOT_PRECISION) * scale
+                p_dq_blk2 = p_dq + o_g_bh + tok_q[:, None] * s_gn + offs_d2[None, :]
+                tl.atomic_add(p_dq_blk2, b_dq2, mask=m_q[:, None] & (offs_d2[None, :] < HEAD_DIM), sem="relaxed")
 
-    o_g = i_b * s_gb + i_h * s_gh + tok_k[:, None] * s_gn + offs_d[None, :]
-    tl.store(p_dk + o_g, (b_dk * scale).to(p_dk.dtype.element_ty), mask=m_kd)
-    tl.store(p_dv + o_g, b_dv.to(p_dv.dtype.element_ty), mask=m_kd)
+    _store_rows(p_dk + o_g_bh, tok_k, s_gn, offs_d, m_k, b_dk * scale, HEAD_DIM)
+    _store_rows(p_dv + o_g_bh, tok_k, s_gn, offs_d, m_k, b_dv, HEAD_DIM)
+    if BLOCK_DT > 0:
+        _store_rows(p_dk + o_g_bh, tok_k, s_gn, offs_d2, m_k, b_dk2 * scale, HEAD_DIM)
+        _store_rows(p_dv + o_g_bh, tok_k, s_gn, offs_d2, m_k, b_dv2, HEAD_DIM)
 
 
 @triton.heuristics({"EVEN_N": lambda a: a["L"] % a["BLOCK_N"] == 0})
@@ -134,76 +177,84 @@ def _bwd_dq_kernel(
     s_dob, s_don, s_doh, s_dod,
     s_gb, s_gn, s_gh,
     # meta-parameters
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Looping mode only (PACK_LEN == 0): dQ for one query block."""
+    """Looping mode only (PACK_LEN == 0): dQ for one block of BLOCK_M queries over all keys of its sequence."""
     i_m, i_g, i_bh = _program_ids(L, NSEQ, BLOCK_M, 0)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_d = offs_d < HEAD_DIM
+    p_q_bh = p_q + i_b * s_qb + i_h * s_qh
+    p_do_bh = p_do + i_b * s_dob + i_h * s_doh
+    p_k_bh = p_k + i_b * s_kb + i_h * s_kh
+    p_v_bh = p_v + i_b * s_vb + i_h * s_vh
 
+    offs_d = tl.arange(0, BLOCK_D)
     tok_q, slot_q, m_q = _rows(i_g, i_m, tl.arange(0, BLOCK_M), L, NSEQ, SEQ_STRIDE, TOK_STRIDE, BLOCK_M, 0)
-    m_qd = m_q[:, None] & m_d[None, :]
-    b_q = tl.load(p_q + i_b * s_qb + i_h * s_qh + tok_q[:, None] * s_qn + offs_d[None, :] * s_qd, mask=m_qd, other=0.0)
-    b_do = tl.load(
-        p_do + i_b * s_dob + i_h * s_doh + tok_q[:, None] * s_don + offs_d[None, :] * s_dod, mask=m_qd, other=0.0
-    )
+    b_q = _load_rows(p_q_bh, tok_q, s_qn, offs_d, s_qd, m_q, HEAD_DIM)
+    b_do = _load_rows(p_do_bh, tok_q, s_don, offs_d, s_dod, m_q, HEAD_DIM)
+    b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if BLOCK_DT > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_DT)
+        b_q2 = _load_rows(p_q_bh, tok_q, s_qn, offs_d2, s_qd, m_q, HEAD_DIM)
+        b_do2 = _load_rows(p_do_bh, tok_q, s_don, offs_d2, s_dod, m_q, HEAD_DIM)
+        b_dq2 = tl.zeros([BLOCK_M, BLOCK_DT], dtype=tl.float32)
     b_lse = tl.load(p_lse + i_bh.to(tl.int64) * N_TOK + tok_q, mask=m_q, other=0.0)
     b_delta = tl.load(p_delta + i_bh.to(tl.int64) * N_TOK + tok_q, mask=m_q, other=0.0)
-    b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     for start_n in range(0, L, BLOCK_N):
         tok_k, slot_k, m_k = _rows(
             i_g, start_n // BLOCK_N, tl.arange(0, BLOCK_N), L, NSEQ, SEQ_STRIDE, TOK_STRIDE, BLOCK_N, 0
         )
-        p_kt = p_k + i_b * s_kb + i_h * s_kh + tok_k[None, :] * s_kn + offs_d[:, None] * s_kd  # (BLOCK_D, BLOCK_N)
-        p_vt = p_v + i_b * s_vb + i_h * s_vh + tok_k[None, :] * s_vn + offs_d[:, None] * s_vd
-        b_kt = tl.load(p_kt, mask=m_k[None, :] & m_d[:, None], other=0.0)
-        b_vt = tl.load(p_vt, mask=m_k[None, :] & m_d[:, None], other=0.0)
-        b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale
-        b_p = tl.exp2(b_s - b_lse[:, None])
+        b_kt = _load_cols(p_k_bh, tok_k, s_kn, offs_d, s_kd, m_k, HEAD_DIM)  # (BLOCK_D, BLOCK_N)
+        b_vt = _load_cols(p_v_bh, tok_k, s_vn, offs_d, s_vd, m_k, HEAD_DIM)
+        b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION)
+        b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PRECISION)
+        if BLOCK_DT > 0:
+            b_kt2 = _load_cols(p_k_bh, tok_k, s_kn, offs_d2, s_kd, m_k, HEAD_DIM)
+            b_vt2 = _load_cols(p_v_bh, tok_k, s_vn, offs_d2, s_vd, m_k, HEAD_DIM)
+            b_s = tl.dot(b_q2, b_kt2, b_s, input_precision=DOT_PRECISION)
+            b_dp = tl.dot(b_do2, b_vt2, b_dp, input_precision=DOT_PRECISION)
+        b_p = tl.exp2(b_s * qk_scale - b_lse[:, None])
         if not EVEN_N:
             b_p = tl.where(m_k[None, :], b_p, 0.0)
-        b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PRECISION)
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq += tl.dot(b_ds.to(b_q.dtype), tl.trans(b_kt), input_precision=DOT_PRECISION)
+        b_ds = (b_p * (b_dp - b_delta[:, None])).to(b_q.dtype)
+        b_dq = tl.dot(b_ds, tl.trans(b_kt), b_dq, input_precision=DOT_PRECISION)
+        if BLOCK_DT > 0:
+            b_dq2 = tl.dot(b_ds, tl.trans(b_kt2), b_dq2, input_precision=DOT_PRECISION)
 
-    p_dq_blk = p_dq + i_b * s_gb + i_h * s_gh + tok_q[:, None] * s_gn + offs_d[None, :]
-    tl.store(p_dq_blk, (b_dq * scale).to(p_dq.dtype.element_ty), mask=m_qd)
+    _store_rows(p_dq + i_b * s_gb + i_h * s_gh, tok_q, s_gn, offs_d, m_q, b_dq * scale, HEAD_DIM)
+    if BLOCK_DT > 0:
+        _store_rows(p_dq + i_b * s_gb + i_h * s_gh, tok_q, s_gn, offs_d2, m_q, b_dq2 * scale, HEAD_DIM)
 
 
-# Autotuning, narrowly (key: L, NSEQ, HEAD_DIM). dK/dV programs hold k, v, dk, dv (4 x BLOCK_N x BLOCK_D) and stream
-# query blocks: a wide key block and a narrow query block, as in flash-attention 2. dQ programs are the mirror
-# image. Packed mode: rows per program as in the forward, the block-diagonal tile is recomputed once.
+# Autotuning, narrowly (key: L, NSEQ, HEAD_DIM, head-dim split). dK/dV programs hold k, v, dk, dv
+# (4 x BLOCK_N x BLOCK_D) and stream query blocks: a wide key block and a narrow query block, as in
+# flash-attention 2; dQ programs are the mirror image. Configs chosen to compile without spills at hd 72 (ptxas
+# sm_90: dkdv 32x128/8 warps and 32x64/4 warps, dq 128x32/8 and 64x32/4 fit in 255 registers; 64x64/4 warps spills).
+# Packed mode: rows per program as in the forward; 128 rows spill in dkdv, so at most 64.
 def _dkdv_configs(plen: int):
     if plen > 0:
         return [triton.Config({"BLOCK_M": r, "BLOCK_N": r}, num_warps=w, num_stages=1)
-                for r, w in ((max(32, plen), 4), (max(64, plen), 4), (max(128, plen), 8))]
+                for r, w in ((max(32, plen), 4), (max(64, plen), 8), (max(16, plen), 4))]
     return [
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
     ]
 
 
 def _dq_configs():
     return [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
     ]
 
 
-_TUNED = {}
-
-
-def _tuned(name: str, plen: int):
-    if (name, plen) not in _TUNED:
-        kernel, configs = (_bwd_dkdv_kernel, _dkdv_configs(plen)) if name == "dkdv" else (_bwd_dq_kernel, _dq_configs())
-        _TUNED[name, plen] = triton.autotune(configs=configs, key=["L", "NSEQ", "HEAD_DIM"])(kernel)
-    return _TUNED[name, plen]
+# Looping mode: dQ by atomics from the dK/dV kernel (5 matmuls, nondeterministic summation order) instead of a
+# second kernel that recomputes Q K^T and dO V^T (7 matmuls, deterministic). Chosen by measurement (NOTES_attention).
+ATOMIC_DQ = False
 
 
 def video_attention_bwd_launch(do, q, k, v, o, lse, num_frames: int, axis: str, softmax_scale: float):
@@ -211,40 +262,39 @@ def video_attention_bwd_launch(do, q, k, v, o, lse, num_frames: int, axis: str, 
     batch, num_tokens, heads, head_dim = q.shape
     L, nseq, seq_stride, tok_stride = sequence_geometry(num_tokens, num_frames, axis)
     plen = pack_len(L)
-    bd = block_d(head_dim)
+    bd, bdt = head_dim_blocks(head_dim)
 
     delta = torch.empty((batch, heads, num_tokens), device=q.device, dtype=torch.float32)
     block_t = 64
     _bwd_preprocess_kernel[(triton.cdiv(num_tokens, block_t), batch * heads)](
-        o, do, delta, heads, num_tokens, *o.stride()[:3], *do.stride(), HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_T=block_t
+        o, do, delta, heads, num_tokens, *o.stride()[:3], *do.stride(),
+        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_T=block_t,
     )
 
     dq = torch.empty((batch, num_tokens, heads, head_dim), device=q.device, dtype=q.dtype)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
-    args = (
-        q, k, v, do, lse, delta,
-        heads, num_tokens, L, nseq, seq_stride, tok_stride, softmax_scale, softmax_scale * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride()[:3],
-    )
-    meta = dict(HEAD_DIM=head_dim, BLOCK_D=bd, DOT_PRECISION=dot_precision(q.dtype))
-    interp = triton_interpreting()
+    atomic = ATOMIC_DQ and plen == 0
+    # Atomic variant: dQ accumulates in fp32 over key blocks (zeroed; autotune trials reset it), cast at the end.
+    dq_acc = torch.zeros(dq.shape, device=q.device, dtype=torch.float32) if atomic else dq
+    sizes = (heads, num_tokens, L, nseq, seq_stride, tok_stride, softmax_scale, softmax_scale * LOG2E)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride()[:3])
+    meta = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_DT=bdt, DOT_PRECISION=dot_precision(q.dtype))
+    small = {"BLOCK_M": max(16, 2 * plen), "BLOCK_N": max(16, 2 * plen)} if plen else {"BLOCK_M": 16, "BLOCK_N": 16}
 
     # dK, dV (and dQ in packed mode): programs over key blocks.
-    if interp:
-        cfg = {"BLOCK_M": max(16, 2 * plen), "BLOCK_N": max(16, 2 * plen)} if plen else {"BLOCK_M": 16, "BLOCK_N": 16}
-        grid = (num_programs(batch * heads, L, nseq, cfg["BLOCK_N"], plen),)
-        _bwd_dkdv_kernel[grid](*args[:6], dq, dk, dv, *args[6:], **meta, PACK_LEN=plen, **cfg)
-    else:
-        grid = lambda META: (num_programs(batch * heads, L, nseq, META["BLOCK_N"], plen),)  # noqa: E731
-        _tuned("dkdv", plen)[grid](*args[:6], dq, dk, dv, *args[6:], **meta, PACK_LEN=plen)
-
-    if plen == 0:
-        if interp:
-            cfg = {"BLOCK_M": 16, "BLOCK_N": 16}
-            grid = (num_programs(batch * heads, L, nseq, cfg["BLOCK_M"], 0),)
-            _bwd_dq_kernel[grid](*args[:6], dq, *args[6:], **meta, **cfg)
-        else:
-            grid = lambda META: (num_programs(batch * heads, L, nseq, META["BLOCK_M"], 0),)  # noqa: E731
-            _tuned("dq", 0)[grid](*args[:6], dq, *args[6:], **meta)
+    launch(
+        ("dkdv", plen, atomic), _bwd_dkdv_kernel, _dkdv_configs(plen), small,
+        lambda c: num_programs(batch * heads, L, nseq, c["BLOCK_N"], plen),
+        (q, k, v, do, lse, delta, dq_acc, dk, dv, *sizes, *strides), dict(meta, PACK_LEN=plen, ATOMIC_DQ=atomic),
+        reset_to_zero=["p_dq"] if atomic else None,
+    )
+    if atomic:
+        dq.copy_(dq_acc)
+    elif plen == 0:
+        launch(
+            ("dq", 0), _bwd_dq_kernel, _dq_configs(), small,
+            lambda c: num_programs(batch * heads, L, nseq, c["BLOCK_M"], 0),
+            (q, k, v, do, lse, delta, dq, *sizes, *strides), meta,
+        )
     return dq, dk, dv

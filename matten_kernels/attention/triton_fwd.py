@@ -18,6 +18,9 @@ Two ways to map sequences to programs (constexpr ``PACK_LEN``):
   BLOCK_M x BLOCK_M block-diagonal score tile (one key block, no loop). The off-diagonal waste (BLOCK_M / PACK_LEN
   times the FLOPs) is cheap at L = 16, and it fills the tensor cores that a 16 x 16 tile per program would not.
 
+Head dim: blocks must be powers of two; a head dim like 72 is covered by a 64 main chunk plus a masked 16 tail chunk
+(two dots per product, see ``head_dim_blocks``), or by one masked 128 chunk when ``SPLIT_HEAD_DIM`` is off.
+
 Numerics: scores and softmax in fp32 (base 2: the scale is folded with log2(e)), P cast to the input dtype for P @ V,
 fp32 accumulators. The saved logsumexp ``lse`` is in base 2: lse = log2(sum_j 2^(s_j * scale * log2 e)); shape
 (batch, heads, F*S) fp32, indexed by token position like the output.
@@ -27,6 +30,8 @@ Cost model (per batch and head): FLOPs 4 * NSEQ * L^2 * head_dim (two matmuls), 
 """
 
 from __future__ import annotations
+
+import os
 
 import triton
 import triton.language as tl
@@ -54,9 +59,23 @@ def pack_len(L: int) -> int:
     return triton.next_power_of_2(L) if L <= PACK_MAX_LEN else 0
 
 
-def block_d(head_dim: int) -> int:
-    """Head-dim block: next power of two (masked), at least 16 for tl.dot."""
-    return max(16, triton.next_power_of_2(head_dim))
+SPLIT_HEAD_DIM = True  # cover a non-power-of-two head dim by two chunks (72 -> 64 + 16) instead of padding
+
+
+def head_dim_blocks(head_dim: int, split: bool | None = None):
+    """(BLOCK_D, BLOCK_DT): main and tail chunks of the head dim; tl.dot needs power-of-two blocks of >= 16.
+
+    Padding 72 to 128 spends 1.78x the tensor-core work of the real head dim; 64 + 16 = 80 spends 1.11x (two
+    dots per product instead of one). BLOCK_DT = 0: one chunk, next power of two, masked.
+    """
+    padded = max(16, triton.next_power_of_2(head_dim))
+    split = SPLIT_HEAD_DIM if split is None else split
+    if split and head_dim > 16:
+        main = triton.next_power_of_2(head_dim) // 2
+        tail = max(16, triton.next_power_of_2(head_dim - main))
+        if main + tail < padded:
+            return main, tail
+    return padded, 0
 
 
 def dot_precision(dtype) -> str:
@@ -107,6 +126,26 @@ def num_programs(batch_heads: int, L: int, NSEQ: int, block_m: int, plen: int) -
     return batch_heads * NSEQ * triton.cdiv(L, block_m)
 
 
+@triton.jit
+def _load_rows(p_base, tok, s_n, offs_d, s_d, m_row, HEAD_DIM: tl.constexpr):
+    """(rows, d-chunk) tile of a (tokens, head_dim) slice; rows out of range and d >= HEAD_DIM read as 0."""
+    return tl.load(p_base + tok[:, None] * s_n + offs_d[None, :] * s_d,
+                   mask=m_row[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def _load_cols(p_base, tok, s_n, offs_d, s_d, m_col, HEAD_DIM: tl.constexpr):
+    """Transposed tile (d-chunk, cols), for the right operand of q @ k^T."""
+    return tl.load(p_base + tok[None, :] * s_n + offs_d[:, None] * s_d,
+                   mask=m_col[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def _store_rows(p_base, tok, s_n, offs_d, m_row, b_x, HEAD_DIM: tl.constexpr):
+    tl.store(p_base + tok[:, None] * s_n + offs_d[None, :], b_x.to(p_base.dtype.element_ty),
+             mask=m_row[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
 @triton.heuristics({"EVEN_N": lambda a: a["PACK_LEN"] == 0 and a["L"] % a["BLOCK_N"] == 0})
 @triton.jit
 def _video_attn_fwd_kernel(
@@ -120,23 +159,29 @@ def _video_attn_fwd_kernel(
     s_vb, s_vn, s_vh, s_vd,
     s_ob, s_on, s_oh,
     # meta-parameters
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PACK_LEN: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, PACK_LEN: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """One program: BLOCK_M query rows against all keys of their sequence(s). The head dim is covered by a main
+    chunk [0, BLOCK_D) and, when BLOCK_DT > 0, a tail chunk [BLOCK_D, BLOCK_D + BLOCK_DT) (see head_dim_blocks)."""
     i_m, i_g, i_bh = _program_ids(L, NSEQ, BLOCK_M, PACK_LEN)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
+    p_q_bh = p_q + i_b * s_qb + i_h * s_qh
+    p_k_bh = p_k + i_b * s_kb + i_h * s_kh
+    p_v_bh = p_v + i_b * s_vb + i_h * s_vh
 
     offs_d = tl.arange(0, BLOCK_D)
-    m_d = offs_d < HEAD_DIM
     tok_q, slot_q, m_q = _rows(i_g, i_m, tl.arange(0, BLOCK_M), L, NSEQ, SEQ_STRIDE, TOK_STRIDE, BLOCK_M, PACK_LEN)
-
-    p_q_blk = p_q + i_b * s_qb + i_h * s_qh + tok_q[:, None] * s_qn + offs_d[None, :] * s_qd
-    b_q = tl.load(p_q_blk, mask=m_q[:, None] & m_d[None, :], other=0.0)
+    b_q = _load_rows(p_q_bh, tok_q, s_qn, offs_d, s_qd, m_q, HEAD_DIM)
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if BLOCK_DT > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_DT)
+        b_q2 = _load_rows(p_q_bh, tok_q, s_qn, offs_d2, s_qd, m_q, HEAD_DIM)
+        b_acc2 = tl.zeros([BLOCK_M, BLOCK_DT], dtype=tl.float32)
 
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (base-2 scaled scores)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of 2^(s - m)
-    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # Packed mode: one key block (the same sequences as the queries). Looping mode: all L keys of the sequence.
     n_end = BLOCK_N if PACK_LEN > 0 else L
@@ -144,12 +189,14 @@ def _video_attn_fwd_kernel(
         tok_k, slot_k, m_k = _rows(
             i_g, start_n // BLOCK_N, tl.arange(0, BLOCK_N), L, NSEQ, SEQ_STRIDE, TOK_STRIDE, BLOCK_N, PACK_LEN
         )
-        p_kt = p_k + i_b * s_kb + i_h * s_kh + tok_k[None, :] * s_kn + offs_d[:, None] * s_kd  # (BLOCK_D, BLOCK_N)
-        p_v_blk = p_v + i_b * s_vb + i_h * s_vh + tok_k[:, None] * s_vn + offs_d[None, :] * s_vd
-        b_kt = tl.load(p_kt, mask=m_k[None, :] & m_d[:, None], other=0.0)
-        b_v = tl.load(p_v_blk, mask=m_k[:, None] & m_d[None, :], other=0.0)
-
-        b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
+        b_kt = _load_cols(p_k_bh, tok_k, s_kn, offs_d, s_kd, m_k, HEAD_DIM)  # (BLOCK_D, BLOCK_N)
+        b_v = _load_rows(p_v_bh, tok_k, s_vn, offs_d, s_vd, m_k, HEAD_DIM)
+        b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        if BLOCK_DT > 0:
+            b_kt2 = _load_cols(p_k_bh, tok_k, s_kn, offs_d2, s_kd, m_k, HEAD_DIM)
+            b_v2 = _load_rows(p_v_bh, tok_k, s_vn, offs_d2, s_vd, m_k, HEAD_DIM)
+            b_s = tl.dot(b_q2, b_kt2, b_s, input_precision=DOT_PRECISION)
+        b_s = b_s * qk_scale  # base-2 units
         # Finite fill (not -inf): fully masked padding rows then stay NaN-free; valid rows always see their own
         # sequence's first key in the first block, so the fill never wins a max for them.
         if PACK_LEN > 0:
@@ -161,29 +208,32 @@ def _video_attn_fwd_kernel(
         b_p = tl.exp2(b_s - b_m_new[:, None])
         b_alpha = tl.exp2(b_m - b_m_new)
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+        b_p = b_p.to(b_v.dtype)
+        b_acc = tl.dot(b_p, b_v, b_acc * b_alpha[:, None], input_precision=DOT_PRECISION)
+        if BLOCK_DT > 0:
+            b_acc2 = tl.dot(b_p, b_v2, b_acc2 * b_alpha[:, None], input_precision=DOT_PRECISION)
         b_m = b_m_new
 
-    b_o = b_acc / b_l[:, None]
-    p_o_blk = p_o + i_b * s_ob + i_h * s_oh + tok_q[:, None] * s_on + offs_d[None, :]
-    tl.store(p_o_blk, b_o.to(p_o.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])
-    p_lse_blk = p_lse + i_bh.to(tl.int64) * N_TOK + tok_q
-    tl.store(p_lse_blk, b_m + tl.log2(b_l), mask=m_q)
+    p_o_bh = p_o + i_b * s_ob + i_h * s_oh
+    _store_rows(p_o_bh, tok_q, s_on, offs_d, m_q, b_acc / b_l[:, None], HEAD_DIM)
+    if BLOCK_DT > 0:
+        _store_rows(p_o_bh, tok_q, s_on, offs_d2, m_q, b_acc2 / b_l[:, None], HEAD_DIM)
+    tl.store(p_lse + i_bh.to(tl.int64) * N_TOK + tok_q, b_m + tl.log2(b_l), mask=m_q)
 
 
-# Autotuning, narrowly. Looping mode (spatial S=256, global 4096): the usual flash-attention tiles for a head-dim
-# block of 64..128; BLOCK_N 64 keeps the fp32 score tile + the (BLOCK_M, 128) accumulator within registers at 8
-# warps. Packed mode (temporal F=16): rows per program 32/64/128 trades tensor-core fill against block-diagonal waste
-# and against the number of programs (B*H*S / sequences per program must still fill 132 SMs).
-# Key: L and NSEQ (the sequence-length bucket and count); head_dim and dtype specialise the kernel anyway.
+# Autotuning, narrowly. Looping mode (spatial S=256, global 4096): flash-attention tiles; BLOCK_N 64 keeps the fp32
+# score tile plus the (BLOCK_M, 64 + 16) accumulators in registers at 8 warps (ptxas, sm_90, hd 72: 215 registers, no
+# spills). Packed mode (temporal F=16): rows per program 32/64/128 trade tensor-core fill (wgmma needs 64 rows)
+# against block-diagonal waste and against the program count (B*H*S / sequences per program must fill 132 SMs).
+# Key: L, NSEQ (the sequence-length bucket and count), HEAD_DIM and the head-dim split.
 def _fwd_configs(plen: int):
     if plen > 0:
         return [triton.Config({"BLOCK_M": r, "BLOCK_N": r}, num_warps=w, num_stages=1)
-                for r, w in ((max(32, plen), 4), (max(64, plen), 4), (max(128, plen), 8))]
+                for r, w in ((max(64, plen), 4), (max(32, plen), 4), (max(128, plen), 8))]
     return [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
     ]
 
 
@@ -195,15 +245,29 @@ def _interp_config(plen: int):
     return {"BLOCK_M": 16, "BLOCK_N": 16}
 
 
+# MATTEN_ATTN_AUTOTUNE=0: run the first config of each list (GPU tests: fewer compilations; same code paths).
+AUTOTUNE = os.environ.get("MATTEN_ATTN_AUTOTUNE", "1") != "0"
+TUNE_KEY = ["L", "NSEQ", "HEAD_DIM", "BLOCK_DT"]
 _TUNED = {}
 
 
-def _tuned_fwd(plen: int):
-    if plen not in _TUNED:
-        _TUNED[plen] = triton.autotune(configs=_fwd_configs(plen), key=["L", "NSEQ", "HEAD_DIM"])(
-            _video_attn_fwd_kernel
-        )
-    return _TUNED[plen]
+def launch(name, kernel, configs, interp_config, grid_fn, args, meta, reset_to_zero=None):
+    """Launch ``kernel``: fixed small tiles in the interpreter; on the GPU autotuned over ``configs`` (or
+    ``configs[0]`` with AUTOTUNE off). ``grid_fn(block_sizes) -> number of programs`` (the grid is 1-D)."""
+    if triton_interpreting():
+        kernel[(grid_fn(interp_config),)](*args, **meta, **interp_config)
+    elif not AUTOTUNE:
+        cfg = configs[0]
+        kernel[(grid_fn(cfg.kwargs),)](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    else:
+        if name not in _TUNED:
+            _TUNED[name] = triton.autotune(configs=configs, key=TUNE_KEY, reset_to_zero=reset_to_zero)(kernel)
+        _TUNED[name][lambda META: (grid_fn(META),)](*args, **meta)
+
+
+def tuned_configs():
+    """{kernel name: {autotune key: best config}} of what has been tuned in this process (for benchmark notes)."""
+    return {name: {str(k): str(c) for k, c in t.cache.items()} for name, t in _TUNED.items()}
 
 
 def video_attention_fwd_launch(q, k, v, num_frames: int, axis: str, softmax_scale: float):
@@ -221,12 +285,10 @@ def video_attention_fwd_launch(q, k, v, num_frames: int, axis: str, softmax_scal
         heads, num_tokens, L, nseq, seq_stride, tok_stride, softmax_scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *o.stride()[:3],
     )
-    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), PACK_LEN=plen, DOT_PRECISION=dot_precision(q.dtype))
-    if triton_interpreting():
-        cfg = _interp_config(plen)
-        grid = (num_programs(batch * heads, L, nseq, cfg["BLOCK_M"], plen),)
-        _video_attn_fwd_kernel[grid](*args, **meta, **cfg)
-    else:
-        grid = lambda META: (num_programs(batch * heads, L, nseq, META["BLOCK_M"], plen),)  # noqa: E731
-        _tuned_fwd(plen)[grid](*args, **meta)
+    bd, bdt = head_dim_blocks(head_dim)
+    meta = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_DT=bdt, PACK_LEN=plen, DOT_PRECISION=dot_precision(q.dtype))
+    launch(
+        ("fwd", plen), _video_attn_fwd_kernel, _fwd_configs(plen), _interp_config(plen),
+        lambda c: num_programs(batch * heads, L, nseq, c["BLOCK_M"], plen), args, meta,
+    )
     return o, lse
