@@ -1,0 +1,210 @@
+"""Model-level benchmark: Matten-XL/2 variants 1-4 vs Latte-XL/2, and our kernels vs the ops users would otherwise use.
+
+Shape: latent video (batch 2, C 4, F 16, 32 x 32), i.e. 16 frames of 256 x 256 through the SD VAE; 4096 tokens per
+clip; bf16 autocast (fp32 master weights); every model from the same code (matten.model) and the same kernels.
+
+What is timed (CUDA events around each call, median of ``ITERS`` after ``WARMUP`` calls):
+  train step   forward, MSE loss against a random target, backward, fused AdamW step, zero_grad (set_to_none).
+  sample step  one forward under torch.no_grad (one denoising step at batch 2, no classifier-free guidance).
+Peak memory: torch.cuda.max_memory_allocated over one call after warm-up (weights, grads and AdamW state included
+for the train step).
+
+Cases, in the order they run (the most important first, so a short budget still answers the issue's questions):
+  v3 ours, v3 baselines (benchmarks/baselines.py: Vim-style bi-Mamba from a unidirectional scan with flips and
+  F.conv1d; SDPA attention with rearranges; the same weights), Latte, v1, v2, v4, and v3 with kernel_backend="ref"
+  (sample step only, one call: the reference scan loops in Python over 4096 tokens x 14 blocks x 2 directions; its
+  training step would keep every step's state for autograd, tens of GB, so it is not run).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import torch
+import torch.nn.functional as F
+
+from baselines import SCAN_PROVIDER, swap_in_baselines
+
+BATCH = 2
+WARMUP, ITERS = 2, 5
+# (label, variant, kernel_backend, baselines swapped in, run the train step)
+CASES = [
+    ("Matten-XL/2 v3", 3, "auto", False, True),
+    ("Matten-XL/2 v3 baselines", 3, "auto", True, True),
+    ("Latte-XL/2", "latte", "auto", False, True),
+    ("Matten-XL/2 v1", 1, "auto", False, True),
+    ("Matten-XL/2 v2", 2, "auto", False, True),
+    ("Matten-XL/2 v4", 4, "auto", False, True),
+    ("Matten-XL/2 v3 ref", 3, "ref", False, False),
+]
+
+
+def _free(ctx):
+    gc.collect()
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _autocast(ctx):
+    if ctx.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def run_case(ctx, label, variant, backend, baselines, train):
+    from matten import create_model
+    from matten.flops import count_flops
+
+    preset = "Matten-T/2" if ctx.smoke else "Matten-XL/2"
+    small = {"num_frames": 4, "sample_size": 8} if ctx.smoke else {}  # smoke: 64 tokens, the ref scan stays quick
+    warmup, iters = (1, 1) if ctx.smoke else (WARMUP, ITERS)
+    t0 = time.monotonic()
+    with torch.device(ctx.device):
+        model = create_model(preset, variant=variant, kernel_backend=backend, **small)
+    cfg = model.matten_config
+    x = torch.randn(BATCH, cfg.in_channels, cfg.num_frames, cfg.sample_size, cfg.sample_size, device=ctx.device)
+    t = torch.randint(0, 1000, (BATCH,), device=ctx.device)
+    target = torch.randn(BATCH, cfg.out_channels, cfg.num_frames, cfg.sample_size, cfg.sample_size,
+                         device=ctx.device)
+    fwd_flops = count_flops(model, batch=BATCH).total
+    row = {"preset": preset, "variant": variant, "kernel_backend": backend, "baselines": baselines,
+           "params_M": sum(p.numel() for p in model.parameters()) / 1e6, "fwd_GFLOPs": fwd_flops / 1e9,
+           "build_s": time.monotonic() - t0}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=ctx.device.type == "cuda")
+
+    def train_step():
+        with _autocast(ctx):
+            out = model(x, t).sample
+        loss = F.mse_loss(out.float(), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def sample_step():
+        with torch.no_grad(), _autocast(ctx):
+            return model(x, t).sample
+
+    swap = swap_in_baselines(model) if baselines else _nullcontext()
+    with swap:
+        if train:
+            t1 = time.monotonic()
+            row["train"] = ctx.time_steps(train_step, warmup=warmup, iters=iters)
+            row["train"]["peak_GiB"] = _gib(ctx.peak_memory(train_step))
+            row["train"]["wall_s"] = time.monotonic() - t1
+            # fwd + bwd ~ 3x the forward FLOPs (the optimizer step is elementwise)
+            row["train"]["model_TFLOPs"] = 3 * fwd_flops / (row["train"]["median_ms"] * 1e-3) / 1e12
+        else:
+            row["train"] = {"skipped": "reference scan: autograd would keep every step's state (tens of GB); "
+                                       "sample step timed once instead"}
+        opt.state.clear()
+        _free(ctx)
+        t1 = time.monotonic()
+        if backend == "ref":
+            row["sample"] = ctx.time_steps(sample_step, warmup=0, iters=1)
+        else:
+            row["sample"] = ctx.time_steps(sample_step, warmup=warmup, iters=iters)
+        row["sample"]["peak_GiB"] = _gib(ctx.peak_memory(sample_step)) if backend != "ref" else None
+        row["sample"]["wall_s"] = time.monotonic() - t1
+        row["sample"]["model_TFLOPs"] = fwd_flops / (row["sample"]["median_ms"] * 1e-3) / 1e12
+    del model, opt
+    _free(ctx)
+    return row
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _gib(n):
+    return None if n is None else n / 2 ** 30
+
+
+def run(ctx, save):
+    res = {"batch": BATCH, "dtype": "bf16 autocast" if ctx.device.type == "cuda" else "fp32 (smoke)",
+           "scan_provider": SCAN_PROVIDER, "warmup": WARMUP, "iters": ITERS, "cases": {}}
+    for label, variant, backend, baselines, train in CASES:
+        # the reference case needs ~1 minute of headroom (one slow forward); skip it rather than blow the budget
+        need = 60 if backend == "ref" and not ctx.smoke else 0
+        if ctx.time_left() <= need:
+            res["cases"][label] = {"skipped": "time budget"}
+            continue
+        try:
+            res["cases"][label] = run_case(ctx, label, variant, backend, baselines, train)
+        except torch.cuda.OutOfMemoryError as e:
+            res["cases"][label] = {"error": f"OOM: {str(e).splitlines()[0]}"}
+            _free(ctx)
+        except Exception as e:  # record and go on: one broken case must not hide the others
+            res["cases"][label] = {"error": f"{type(e).__name__}: {e}"}
+            _free(ctx)
+        save(res)
+    ours, base = res["cases"].get("Matten-XL/2 v3", {}), res["cases"].get("Matten-XL/2 v3 baselines", {})
+    res["speedup_vs_baselines"] = {
+        mode: (base[mode]["median_ms"] / ours[mode]["median_ms"])
+        if "median_ms" in ours.get(mode, {}) and "median_ms" in base.get(mode, {}) else None
+        for mode in ("train", "sample")}
+    ref = res["cases"].get("Matten-XL/2 v3 ref", {})
+    res["speedup_vs_ref_sample"] = (ref["sample"]["median_ms"] / ours["sample"]["median_ms"]
+                                    if "median_ms" in ref.get("sample", {}) and "median_ms" in ours.get("sample", {})
+                                    else None)
+    return res
+
+
+def summarize(section, res):
+    lines = [f"## model step (batch {res['batch']}, {res['dtype']}; baselines' scan: {res['scan_provider']})",
+             "| case | params M | train ms | train peak GiB | train TFLOP/s | sample ms | sample peak GiB |",
+             "|---|---|---|---|---|---|---|"]
+
+    def f(d, k, spec):
+        v = d.get(k) if isinstance(d, dict) else None
+        return spec.format(v) if v is not None else "-"
+
+    for label, row in res["cases"].items():
+        if "error" in row or "skipped" in row:
+            lines.append(f"| {label} | {row.get('error') or row.get('skipped')} |||||")
+            continue
+        tr, sa = row.get("train", {}), row.get("sample", {})
+        lines.append(f"| {label} | {row['params_M']:.1f} | {f(tr, 'median_ms', '{:.1f}')} | "
+                     f"{f(tr, 'peak_GiB', '{:.1f}')} | {f(tr, 'model_TFLOPs', '{:.0f}')} | "
+                     f"{f(sa, 'median_ms', '{:.1f}')} | {f(sa, 'peak_GiB', '{:.1f}')} |")
+    sp = res.get("speedup_vs_baselines", {})
+    fmt = lambda v, spec: "-" if v is None else spec.format(v)  # noqa: E731
+    lines.append(f"v3 ours vs baselines: train step {fmt(sp.get('train'), '{:.2f}x')} (target >= 1.5x), "
+                 f"sample step {fmt(sp.get('sample'), '{:.2f}x')}")
+    lines.append(f"v3 triton vs ref backend, sample step: {fmt(res.get('speedup_vs_ref_sample'), '{:.1f}x')}")
+    return "\n".join(lines)
+
+
+def plot(section, res, path, env):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [k for k, v in res["cases"].items() if "error" not in v and "skipped" not in v]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, (mode, key, unit) in zip(axes, (("train", "median_ms", "train step ms"),
+                                            ("sample", "median_ms", "sample step ms"),
+                                            ("train", "peak_GiB", "train peak GiB"))):
+        vals = [res["cases"][k].get(mode, {}).get(key) for k in labels]
+        pts = [(k, v) for k, v in zip(labels, vals) if v is not None]
+        if not pts:
+            continue
+        ax.bar(range(len(pts)), [v for _, v in pts],
+               color=["C1" if "baselines" in k else "C2" if "ref" in k else "C0" for k, _ in pts])
+        ax.set_xticks(range(len(pts)))
+        ax.set_xticklabels([k.replace("Matten-XL/2 ", "") for k, _ in pts], rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel(unit)
+        if mode == "sample" and any("ref" in k for k, _ in pts):
+            ax.set_yscale("log")
+        for i, (_, v) in enumerate(pts):
+            ax.annotate(f"{v:.0f}" if v >= 10 else f"{v:.1f}", (i, v), ha="center", va="bottom", fontsize=7)
+    fig.suptitle(f"Matten-XL/2 variants vs Latte-XL/2, batch {res['batch']}, latent 16x4x32x32, {res['dtype']}: "
+                 f"{env['gpu']}, commit {env['commit']}, {env['date_utc']} UTC", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
