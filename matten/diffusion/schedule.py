@@ -83,7 +83,8 @@ def make_scheduler(kind: str = "ddim", diffusion: GaussianDiffusion | None = Non
 
     ``"ddpm"``: ``DDPMScheduler`` with ``variance_type="learned_range"`` (the model's whole output is passed, the
     scheduler splits eps and v); ``"ddim"``: deterministic DDIM (eta 0), which uses eps only (the pipeline drops the
-    variance half), with "trailing" spacing so that few steps still start from t = T - 1.
+    variance half), with "trailing" spacing so that few steps still start from t = T - 1, and a last step onto
+    the predicted x_0 (``set_alpha_to_one``).
     """
     from diffusers import DDIMScheduler, DDPMScheduler
 
@@ -94,5 +95,5 @@ def make_scheduler(kind: str = "ddim", diffusion: GaussianDiffusion | None = Non
     if kind == "ddpm":
         return DDPMScheduler(variance_type="learned_range", **common)
     if kind == "ddim":
-        return DDIMScheduler(set_alpha_to_one=False, timestep_spacing="trailing", **common)
+        return DDIMScheduler(set_alpha_to_one=True, timestep_spacing="trailing", **common)
     raise ValueError(f"scheduler must be 'ddpm' or 'ddim', got {kind!r}")
