@@ -104,7 +104,14 @@ def main():
     ap.add_argument("--configs", action="store_true", help="also time the cuda kernel configurations for N=16")
     ap.add_argument("--budget_s", type=float, default=200.0, help="skip what would start after this many seconds")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--once", default=None, help="run one cuda fwd+bwd on this shape and exit (for a profiler)")
     args = ap.parse_args()
+    if args.once:
+        x = make_inputs(*SHAPES[args.once][0], bi=False, requires_grad=True)
+        out = run_fn("cuda", False)(x)
+        torch.autograd.grad(out, list(x.values()), torch.ones_like(out))
+        torch.cuda.synchronize()
+        return
     t0 = time.time()
     provs = args.providers.split(",") if args.providers else providers()
     gpu = torch.cuda.get_device_name()

@@ -1,5 +1,5 @@
 // torch.library binding of the CUDA selective scan: ops matten_cuda::selective_scan_fwd / _bwd (CUDA kernels)
-// and matten_cuda::selective_scan_configs (the configuration table, for the Python layer's fake kernels).
+// and matten_cuda::selective_scan_configs (the configuration table: 5 ints per config, for the Python layer).
 //
 // Both ops take the forward direction's inputs and, for the bidirectional scan, the backward direction's
 // (u_b given <=> bidirectional; the Python layer passes the forward twin for a missing *_b input, so autograd
@@ -187,7 +187,7 @@ std::vector<Tensor> selective_scan_bwd(
   }
   const int cfg = resolve_config(config, N, L);
   const int chunk = matten_scan::config_info(cfg).chunk;
-  const int cpb = matten_scan::channels_per_block(cfg);
+  const int cpb = matten_scan::bwd_channels_per_block(cfg);
   const int64_t nchunks = (L + chunk - 1) / chunk;
   const int ndir = bi ? 2 : 1;
   check_input(states, "states", at::kFloat, {ndir, batch, dim, nchunks, N}, dev);
@@ -272,7 +272,7 @@ std::vector<int64_t> selective_scan_configs() {
   std::vector<int64_t> table;
   for (int c = 0; c < matten_scan::kNumConfigs; ++c) {
     const matten_scan::ConfigInfo info = matten_scan::config_info(c);
-    table.insert(table.end(), {info.tpc, info.npt, info.chunk, info.nwarps});
+    table.insert(table.end(), {info.tpc, info.npt, info.chunk, info.nwarps_fwd, info.nwarps_bwd});
   }
   return table;
 }

@@ -17,34 +17,36 @@
 
 namespace matten_scan {
 
-// (id, TPC threads per channel, NPT states per thread, CHUNK steps per tile, NWARPS warps per block).
-// The backward keeps CHUNK*NPT recomputed states per thread in registers, hence smaller chunks for large N.
+// (id, TPC threads per channel, NPT states per thread, CHUNK steps per tile, NWF / NWB warps per block of the
+// forward / backward). The backward keeps CHUNK*NPT recomputed states per thread in registers, hence smaller chunks
+// for large N; the forward uses small blocks (an even spread over the SMs), the backward larger ones (fewer dB/dC
+// partial sums to write).
 #define MATTEN_SCAN_CONFIGS(X) \
-  X(0, 4, 1, 32, 4)            \
-  X(1, 8, 1, 32, 4)            \
-  X(2, 16, 1, 32, 8)           \
-  X(3, 16, 1, 16, 8)           \
-  X(4, 8, 2, 32, 8)            \
-  X(5, 32, 1, 32, 8)           \
-  X(6, 32, 2, 32, 4)           \
-  X(7, 32, 4, 16, 4)           \
-  X(8, 32, 8, 8, 4)
+  X(0, 4, 1, 32, 4, 4)         \
+  X(1, 8, 1, 32, 4, 4)         \
+  X(2, 16, 1, 32, 4, 8)        \
+  X(3, 16, 1, 16, 4, 8)        \
+  X(4, 8, 2, 32, 4, 8)         \
+  X(5, 32, 1, 32, 4, 8)        \
+  X(6, 32, 2, 32, 4, 4)        \
+  X(7, 32, 4, 16, 4, 4)        \
+  X(8, 32, 8, 8, 4, 4)
 
 constexpr int kNumConfigs = 9;
 
 struct ConfigInfo {
-  int tpc, npt, chunk, nwarps;
+  int tpc, npt, chunk, nwarps_fwd, nwarps_bwd;
 };
 
 inline ConfigInfo config_info(int config) {
   switch (config) {
-#define MATTEN_SCAN_INFO_CASE(ID, TPC, NPT, CHUNK, NWARPS) \
-  case ID:                                                 \
-    return ConfigInfo{TPC, NPT, CHUNK, NWARPS};
+#define MATTEN_SCAN_INFO_CASE(ID, TPC, NPT, CHUNK, NWF, NWB) \
+  case ID:                                                   \
+    return ConfigInfo{TPC, NPT, CHUNK, NWF, NWB};
     MATTEN_SCAN_CONFIGS(MATTEN_SCAN_INFO_CASE)
 #undef MATTEN_SCAN_INFO_CASE
     default:
-      return ConfigInfo{0, 0, 0, 0};
+      return ConfigInfo{0, 0, 0, 0, 0};
   }
 }
 
@@ -52,7 +54,7 @@ inline ConfigInfo config_info(int config) {
 inline int choose_config(int N, int L) {
   if (N <= 4) return 0;
   if (N <= 8) return 1;
-  if (N <= 16) return L <= 16 ? 3 : 2;
+  if (N <= 16) return 3;
   if (N <= 32) return 5;
   if (N <= 64) return 6;
   if (N <= 128) return 7;
@@ -105,10 +107,11 @@ struct ScanParams {
   float* dinitial_state;      // (batch, dim, N) or nullptr
 };
 
-// Channels per block of a configuration (the grid is (ceil(seg / CPB), dim / seg, batch)).
-inline int channels_per_block(int config) {
+// Channels per block of the backward (its grid is (ceil(seg / CPB), dim / seg, batch); dB_part holds one
+// partial sum per block of a group).
+inline int bwd_channels_per_block(int config) {
   const ConfigInfo c = config_info(config);
-  return c.tpc > 0 ? 32 * c.nwarps / c.tpc : 0;
+  return c.tpc > 0 ? 32 * c.nwarps_bwd / c.tpc : 0;
 }
 
 // Launchers, one per dtype (selective_scan_{fwd,bwd}_{fp32,fp16,bf16}.cu). Return the launch's error code.

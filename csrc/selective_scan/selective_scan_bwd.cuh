@@ -22,28 +22,38 @@ template <int TPC, int NPT, int CHUNK, int NWARPS>
 struct BwdSmem {
   static constexpr int CPB = NWARPS * 32 / TPC;
   static constexpr int NP = TPC * NPT;
-  float2 ddu[CPB][CHUNK];  // (d, d*u)
+  static constexpr int NQ = NP + 4;   // row of q/w: +4 floats spreads the output pass's float4 reads over the banks
+  float2 ddu[CPB][CHUNK];   // (d, d*u)
   float u[CPB][CHUNK];
   float gy[CPB][CHUNK];
-  float sig[CPB][CHUNK];   // d(d)/d(delta)
-  float sq[CPB][CHUNK];    // sum_n lambda B
-  float saw[CPB][CHUNK];   // sum_n A lambda a h_{t-1}
-  float2 bc[CHUNK][NP];    // (B, C)
+  float sig[CPB][CHUNK];    // d(d)/d(delta)
+  float2 bc[CHUNK][NP + 1]; // (B, C); +1: the staging writes go down a column
+  alignas(16) float q[CPB][CHUNK][NQ];  // lambda B per state, summed over n in the output pass
+  alignas(16) float w[CPB][CHUNK][NQ];  // A lambda a h_{t-1} per state
   float dB[CHUNK][NWARPS][NP];
   float dC[CHUNK][NWARPS][NP];
 };
 
-template <typename T, int TPC, int NPT, int CHUNK, int NWARPS, int MINB = (NPT >= 4 ? 8 : 16) / NWARPS>
+// Register budget per thread (sets the blocks per SM the compiler must allow): the recomputed states, six
+// per-state values, the prefetch registers, and ~48 for the rest.
+template <int TPC, int NPT, int CHUNK, int NWARPS>
+constexpr int bwd_min_blocks() {
+  constexpr int regs = CHUNK * NPT + 6 * NPT + 48 + 8 * (CHUNK / TPC);
+  constexpr int blocks = 65536 / (NWARPS * 32 * regs);
+  return blocks > 0 ? blocks : 1;
+}
+
+template <typename T, int TPC, int NPT, int CHUNK, int NWARPS, int MINB = bwd_min_blocks<TPC, NPT, CHUNK, NWARPS>()>
 __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanParams p) {
   constexpr int NT = NWARPS * 32;
   constexpr int CPB = NT / TPC;
   constexpr int NP = TPC * NPT;
-  constexpr int RT = CHUNK < TPC ? CHUNK : TPC;
   constexpr int TILE = CPB * CHUNK;
   constexpr int EPT = (TILE + NT - 1) / NT;
   constexpr int BC_TILE = NP * CHUNK;
   constexpr int BPT = (BC_TILE + NT - 1) / NT;
-  static_assert(NT % TPC == 0 && 32 % TPC == 0 && CHUNK <= 32 && NT % CHUNK == 0, "bad configuration");
+  static_assert(NT % TPC == 0 && 32 % TPC == 0 && CHUNK <= 32 && NT % CHUNK == 0 && NP % 4 == 0,
+                "bad configuration");
   using Smem = BwdSmem<TPC, NPT, CHUNK, NWARPS>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Smem& S = *reinterpret_cast<Smem*>(smem_raw);
@@ -176,55 +186,40 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
 #pragma unroll
         for (int i = 0; i < NPT; ++i) {
           const float2 bc = S.bc[j][k + TPC * i];
-          const float a = exp2f(ddu.x * A2[i]);
+          const float a = fast_exp2(ddu.x * A2[i]);
           hs[j][i] = fmaf(a, j > 0 ? hs[j - 1][i] : h0[i], ddu.y * bc.x);
         }
       }
 
-      // Walk the chunk backwards.
+      // Walk the chunk backwards. Per-state terms of the sums over n go to shared memory (q, w): no reduction
+      // inside the loop, whose only carried dependency is lambda.
 #pragma unroll
-      for (int j0 = CHUNK - RT; j0 >= 0; j0 -= RT) {
-        float sq[RT], saw[RT];
+      for (int j = CHUNK - 1; j >= 0; --j) {
+        const float2 ddu = S.ddu[c_loc][j];
+        const float gy = S.gy[c_loc][j];
 #pragma unroll
-        for (int jj = RT - 1; jj >= 0; --jj) {
-          const int j = j0 + jj;
-          const float2 ddu = S.ddu[c_loc][j];
-          const float gy = S.gy[c_loc][j];
-          float q_acc = 0.f, w_acc = 0.f;
+        for (int i = 0; i < NPT; ++i) {
+          const int n = k + TPC * i;
+          const float2 bc = S.bc[j][n];
+          lam[i] = fmaf(a_next[i], lam[i], gy * bc.y);
+          const float h_prev = j > 0 ? hs[j - 1][i] : h0[i];
+          const float a = fast_exp2(ddu.x * A2[i]);
+          float dBp = lam[i] * ddu.y;
+          float dCp = gy * hs[j][i];
 #pragma unroll
-          for (int i = 0; i < NPT; ++i) {
-            const int n = k + TPC * i;
-            const float2 bc = S.bc[j][n];
-            lam[i] = fmaf(a_next[i], lam[i], gy * bc.y);
-            const float h_prev = j > 0 ? hs[j - 1][i] : h0[i];
-            const float a = exp2f(ddu.x * A2[i]);
-            float dBp = lam[i] * ddu.y;
-            float dCp = gy * hs[j][i];
-#pragma unroll
-            for (int m = TPC; m < 32; m *= 2) {  // sum over the warp's channels
-              dBp += __shfl_xor_sync(0xffffffffu, dBp, m);
-              dCp += __shfl_xor_sync(0xffffffffu, dCp, m);
-            }
-            if (lane < TPC) {
-              S.dB[j][warp][n] = dBp;
-              S.dC[j][warp][n] = dCp;
-            }
-            q_acc = fmaf(lam[i], bc.x, q_acc);
-            const float w = lam[i] * a * h_prev;
-            dA_acc[i] = fmaf(w, ddu.x, dA_acc[i]);
-            w_acc = fmaf(w, A[i], w_acc);
-            a_next[i] = a;
+          for (int m = TPC; m < 32; m *= 2) {  // sum over the warp's channels
+            dBp += __shfl_xor_sync(0xffffffffu, dBp, m);
+            dCp += __shfl_xor_sync(0xffffffffu, dCp, m);
           }
-          sq[jj] = q_acc;
-          saw[jj] = w_acc;
-        }
-        int idx;
-        bool writer;
-        const float vq = reduce_scatter<TPC, RT>(sq, lane, idx, writer);
-        const float vw = reduce_scatter<TPC, RT>(saw, lane, idx, writer);
-        if (writer) {
-          S.sq[c_loc][j0 + idx] = vq;
-          S.saw[c_loc][j0 + idx] = vw;
+          if (lane < TPC) {
+            S.dB[j][warp][n] = dBp;
+            S.dC[j][warp][n] = dCp;
+          }
+          const float w = lam[i] * a * h_prev;
+          dA_acc[i] = fmaf(w, ddu.x, dA_acc[i]);
+          S.q[c_loc][j][n] = lam[i] * bc.x;
+          S.w[c_loc][j][n] = w * A[i];
+          a_next[i] = a;
         }
       }
       __syncthreads();
@@ -236,10 +231,18 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
         const int tau = c * CHUNK + j, ch = c0 + row;
         if (e < TILE && tau < L && ch < c_end) {
           const size_t idx = ((size_t)b * dim + ch) * L + natural_t(tau, L, reverse);
-          const float d = S.ddu[row][j].x, uu = S.u[row][j], gy = S.gy[row][j], sq = S.sq[row][j];
+          float sq = 0.f, saw = 0.f;  // sum over the states (padding states hold zeros)
+#pragma unroll
+          for (int n = 0; n < NP; n += 4) {
+            const float4 q4 = *reinterpret_cast<const float4*>(&S.q[row][j][n]);
+            const float4 w4 = *reinterpret_cast<const float4*>(&S.w[row][j][n]);
+            sq += (q4.x + q4.y) + (q4.z + q4.w);
+            saw += (w4.x + w4.y) + (w4.z + w4.w);
+          }
+          const float d = S.ddu[row][j].x, uu = S.u[row][j], gy = S.gy[row][j];
           float du = d * sq;
           if (dp.D != nullptr) du = fmaf(dp.D[ch], gy, du);
-          const float ddelta = fmaf(uu, sq, S.saw[row][j]) * S.sig[row][j];
+          const float ddelta = fmaf(uu, sq, saw) * S.sig[row][j];
           static_cast<T*>(dp.du)[idx] = from_float<T>(du);
           static_cast<T*>(dp.ddelta)[idx] = from_float<T>(ddelta);
           accD[r] = fmaf(gy, uu, accD[r]);
@@ -308,9 +311,9 @@ cudaError_t launch_bwd_config(const ScanParams& p, cudaStream_t stream) {
 template <typename T>
 cudaError_t launch_bwd(const ScanParams& p, int config, cudaStream_t stream) {
   switch (config) {
-#define MATTEN_SCAN_BWD_CASE(ID, TPC, NPT, CHUNK, NWARPS) \
-  case ID:                                                \
-    return launch_bwd_config<T, TPC, NPT, CHUNK, NWARPS>(p, stream);
+#define MATTEN_SCAN_BWD_CASE(ID, TPC, NPT, CHUNK, NWF, NWB) \
+  case ID:                                                  \
+    return launch_bwd_config<T, TPC, NPT, CHUNK, NWB>(p, stream);
     MATTEN_SCAN_CONFIGS(MATTEN_SCAN_BWD_CASE)
 #undef MATTEN_SCAN_BWD_CASE
     default:

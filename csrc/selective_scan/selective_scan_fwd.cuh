@@ -29,7 +29,7 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_fwd_kernel(const ScanP
   __shared__ float s_u[CPB][CHUNK];
   __shared__ float s_z[CPB][CHUNK];
   __shared__ float s_y[CPB][CHUNK];      // <C_t, h_t>
-  __shared__ float2 s_bc[CHUNK][NP];     // (B, C)
+  __shared__ float2 s_bc[CHUNK][NP + 1];  // (B, C); +1: the staging writes go down a column
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_fwd_kernel(const ScanP
 #pragma unroll
           for (int i = 0; i < NPT; ++i) {
             const float2 bc = s_bc[j0 + jj][k + TPC * i];
-            const float a = exp2f(ddu.x * A2[i]);
+            const float a = fast_exp2(ddu.x * A2[i]);
             h[i] = fmaf(a, h[i], ddu.y * bc.x);
             acc = fmaf(bc.y, h[i], acc);
           }
@@ -195,9 +195,9 @@ cudaError_t launch_fwd_config(const ScanParams& p, cudaStream_t stream) {
 template <typename T>
 cudaError_t launch_fwd(const ScanParams& p, int config, cudaStream_t stream) {
   switch (config) {
-#define MATTEN_SCAN_FWD_CASE(ID, TPC, NPT, CHUNK, NWARPS) \
-  case ID:                                                \
-    return launch_fwd_config<T, TPC, NPT, CHUNK, NWARPS>(p, stream);
+#define MATTEN_SCAN_FWD_CASE(ID, TPC, NPT, CHUNK, NWF, NWB) \
+  case ID:                                                  \
+    return launch_fwd_config<T, TPC, NPT, CHUNK, NWF>(p, stream);
     MATTEN_SCAN_CONFIGS(MATTEN_SCAN_FWD_CASE)
 #undef MATTEN_SCAN_FWD_CASE
     default:

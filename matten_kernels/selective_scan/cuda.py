@@ -29,7 +29,7 @@ SOURCES = ["selective_scan.cpp"] + [f"selective_scan_{d}_{t}.cu" for d in ("fwd"
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 
 _loaded = False
-_config_table = None  # {config id: (tpc, npt, chunk, nwarps)}, read from the extension
+_config_table = None  # {config id: (tpc, npt, chunk, nwarps_fwd, nwarps_bwd)}, read from the extension
 config_override = None  # benchmarks may set a config id (see csrc/selective_scan/selective_scan.h); None = default
 
 
@@ -103,7 +103,7 @@ def _load() -> None:
              extra_cflags=["-O3"], extra_cuda_cflags=NVCC_FLAGS, extra_include_paths=[_CSRC],
              is_python_module=False, verbose=False)
     flat = list(torch.ops.matten_cuda.selective_scan_configs())
-    _config_table = {i // 4: tuple(flat[i:i + 4]) for i in range(0, len(flat), 4)}
+    _config_table = {i // 5: tuple(flat[i:i + 5]) for i in range(0, len(flat), 5)}
     _register()
     _loaded = True
     _unavailable_reason.cache_clear()
@@ -118,7 +118,7 @@ def _choose_config(N: int, L: int) -> int:
     if N <= 8:
         return 1
     if N <= 16:
-        return 3 if L <= 16 else 2
+        return 3
     for cfg, top in ((5, 32), (6, 64), (7, 128)):
         if N <= top:
             return cfg
@@ -212,7 +212,7 @@ def _needs_grad(*tensors) -> bool:
 
 def _config(A, L) -> int:
     cfg = _choose_config(A.shape[1], L)
-    tpc, npt, _, _ = _config_table[cfg]
+    tpc, npt = _config_table[cfg][:2]
     if tpc * npt < A.shape[1]:
         raise ValueError(f"selective_scan (cuda): config {cfg} holds {tpc * npt} states < N = {A.shape[1]}")
     return cfg
