@@ -196,7 +196,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise FileNotFoundError(f"--checkpoint {path!r}: expected a model folder with config.json and "
                                 "diffusion_pytorch_model.safetensors (a training run writes one to OUTPUT/ema), or a "
                                 ".safetensors file with a .json beside it")
-    model = _model_class().from_pretrained(path, **config_overrides)
+    model = _model_class().from_pretrained(path, low_cpu_mem_usage=False, **config_overrides)
     meta = {}
     if os.path.isfile(os.path.join(path, SAMPLING_FILE)):
         with open(os.path.join(path, SAMPLING_FILE)) as fh:

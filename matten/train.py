@@ -480,8 +480,10 @@ def _train_loop(args, d: Dist, dataset, data_info, vae, vae_for_sampling, create
         indices = list(sampler)
         batches = [indices[i * args.batch_size:(i + 1) * args.batch_size] for i in range(steps_per_epoch)]
         skip = step - epoch * steps_per_epoch  # batches of this epoch already trained on (resume)
+        # own generator: creating an iterator draws a worker base seed, which must not consume the global RNG
+        loader_rng = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch * 101 + d.rank)
         loader = DataLoader(dataset, batch_sampler=batches[skip:], num_workers=args.num_workers,
-                            pin_memory=device.type == "cuda")
+                            pin_memory=device.type == "cuda", generator=loader_rng)
         for batch in loader:
             x0 = batch["video"].to(device, non_blocking=True).float()
             labels = batch["label"].to(device, non_blocking=True) if cond else None
