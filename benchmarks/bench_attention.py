@@ -10,7 +10,7 @@ that. Bytes floor: forward reads q, k, v and writes o (4 x B*N*H*hd*2 bytes); fw
 and writing dq, dk, dv (12 x in all). Floor = max(bytes / 3.0 TB/s, FLOPs / 693 TFLOP/s) (device copy rate and bf16
 matmul rate measured on an H100, SPEC.md section 7).
 
-Usage: PYTHONPATH=. python benchmarks/bench_attention.py [--variants] [--check] [--out benchmarks/results]
+Usage: PYTHONPATH=. python benchmarks/bench_attention.py [--check] [--variants] [--sweep-configs 3] [--out DIR]
 """
 
 from __future__ import annotations
@@ -100,6 +100,29 @@ def git_commit():
         return "unknown"
 
 
+def sweep_configs(n, args):
+    """Run configs 0..n-1 of every kernel (no autotuning) each in its own process (a crash or a wrong result at one
+    tile shape then names the shape and spares the others); return one summary line per config."""
+    lines = []
+    for i in range(n):
+        cmd = [sys.executable, __file__, "--providers", "matten", "--check", "--tag", f"cfg{i}", "--out", args.out]
+        env = dict(os.environ, MATTEN_ATTN_CONFIG=str(i))
+        try:
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.sweep_timeout)
+            out, rc = r.stdout, r.returncode
+        except subprocess.TimeoutExpired as e:
+            out, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
+            r = None
+        if rc != 0:
+            err = (r.stderr if r is not None else "").strip().splitlines()[-3:]
+            lines.append(f"cfg{i}: FAILED rc={rc}: {' | '.join(err)}")
+        for line in out.splitlines():
+            if line.startswith(("check", "spatial", "temporal", "global", "configs")):
+                lines.append(f"cfg{i}: {line}")
+        print("\n".join(l for l in lines if l.startswith(f"cfg{i}")), flush=True)
+    return lines
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=2)
@@ -107,13 +130,18 @@ def main(argv=None):
     ap.add_argument("--spatial", type=int, default=256)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=72)
-    ap.add_argument("--variants", action="store_true",
-                    help="also time the padded (unsplit) head dim and the atomic-dQ backward")
-    ap.add_argument("--check", action="store_true", help="max error of both providers vs fp32 reference")
+    ap.add_argument("--variants", action="store_true", help="also time the padded (unsplit) head dim")
+    ap.add_argument("--check", action="store_true", help="max error of the providers vs the fp32 reference")
+    ap.add_argument("--providers", default="matten,sdpa")
+    ap.add_argument("--sweep-configs", type=int, default=0, metavar="N",
+                    help="first run config indices 0..N-1 without autotuning, each in a subprocess")
+    ap.add_argument("--sweep-timeout", type=float, default=90)
+    ap.add_argument("--tag", default="")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_attention: needs a CUDA GPU")
+    sweep = sweep_configs(args.sweep_configs, args) if args.sweep_configs else []
 
     B, F, S, H, D = args.batch, args.frames, args.spatial, args.heads, args.head_dim
     dtype = torch.bfloat16
@@ -121,10 +149,38 @@ def main(argv=None):
     qkv = torch.randn(B, F * S, 3, H, D, device="cuda", dtype=dtype)
     cot = torch.randn(B, F * S, H, D, device="cuda", dtype=dtype)
     elem = B * F * S * H * D * qkv.element_size()
+    all_providers = {"matten": matten_provider, "sdpa": sdpa_provider}
+    providers = {name: all_providers[name] for name in args.providers.split(",")}
+    if triton_fwd.FIXED_CONFIG is not None:
+        i = triton_fwd.FIXED_CONFIG
 
-    providers = {"matten": matten_provider, "sdpa": sdpa_provider}
-    # (name, SPLIT_HEAD_DIM, ATOMIC_DQ); the first is the library default
-    variants = [("split", True, False)] + ([("padded", False, False), ("atomic", True, True)] if args.variants else [])
+        def pick(configs):
+            return configs[min(i, len(configs) - 1)]
+
+        print(f"configs {i}: fwd {pick(triton_fwd._fwd_configs(0))}; fwd packed {pick(triton_fwd._fwd_configs(16))}; "
+              f"dkdv {pick(triton_bwd._dkdv_configs(0))}; dq {pick(triton_bwd._dq_configs(0))}; "
+              f"bwd packed {pick(triton_bwd._packed_configs(16))}", flush=True)
+
+    checks = []
+    if args.check:
+        sdpa_fn = sdpa_provider
+        for axis in AXES:
+            x = qkv.detach().float().requires_grad_()
+            ref = video_attention_ref(*x.unbind(2), num_frames=F, axis=axis)
+            (ref_grad,) = torch.autograd.grad(ref, x, cot.float())
+            ref = ref.detach()
+            base = max_errors(sdpa_fn, qkv, cot, F, axis, ref, ref_grad)
+            for name, fn in providers.items():
+                e_out, e_grad, ok = max_errors(fn, qkv, cot, F, axis, ref, ref_grad)
+                rule = ok and e_out <= 2 * base[0] + 1e-3 and e_grad <= 2 * base[1] + 1e-3
+                checks.append(dict(axis=axis, provider=name, max_err_out=e_out, max_err_grad=e_grad, finite=ok,
+                                   sdpa_err_out=base[0], sdpa_err_grad=base[1], flash_rule=rule))
+                print(f"check {axis:8s} {name:6s} max|err| out {e_out:.2e} grad {e_grad:.2e} (sdpa {base[0]:.2e} "
+                      f"{base[1]:.2e}) {'ok' if rule else 'FAIL'}", flush=True)
+            del x, ref, ref_grad
+
+    # (name, SPLIT_HEAD_DIM); the first is the library default
+    variants = [("split", True)] + ([("padded", False)] if args.variants else [])
     rows = []
     for axis in AXES:
         flops_fwd = attention_flops(B, F, S, H, D, axis)
@@ -133,47 +189,38 @@ def main(argv=None):
             nbytes = elem * (4 if mode == "fwd" else 12)
             floor_ms = max(nbytes / COPY_BW, flops / MATMUL_RATE) * 1e3
             for name, fn in providers.items():
-                for vname, split, atomic in variants if name == "matten" else [("-", None, None)]:
-                    if atomic and (mode == "fwd" or axis == "temporal"):
-                        continue  # atomic dQ only changes the looping-mode backward
+                for vname, split in variants if name == "matten" else [("-", None)]:
                     if split is not None:
-                        triton_fwd.SPLIT_HEAD_DIM, triton_bwd.ATOMIC_DQ = split, atomic
+                        triton_fwd.SPLIT_HEAD_DIM = split
                     ms = time_provider(fn, qkv, cot, F, axis, mode)
                     rows.append(dict(axis=axis, mode=mode, provider=name, variant=vname, ms=ms,
                                      tflops=flops / ms * 1e-9, floor_ms=floor_ms, floor_frac=floor_ms / ms,
                                      flops=flops, bytes=nbytes, anchor_sdpa_ms=ANCHOR_SDPA_MS[axis][mode != "fwd"]))
-            triton_fwd.SPLIT_HEAD_DIM, triton_bwd.ATOMIC_DQ = True, False
-
-    checks = []
-    if args.check:
-        for axis in AXES:
-            x = qkv.detach().float().requires_grad_()
-            ref = video_attention_ref(*x.unbind(2), num_frames=F, axis=axis)
-            (ref_grad,) = torch.autograd.grad(ref, x, cot.float())
-            ref = ref.detach()
-            for name, fn in providers.items():
-                e_out, e_grad, ok = max_errors(fn, qkv, cot, F, axis, ref, ref_grad)
-                checks.append(dict(axis=axis, provider=name, max_err_out=e_out, max_err_grad=e_grad, finite=ok))
-            del x, ref, ref_grad
+                    print(f"{axis:8s} {mode:7s} {name:6s} {vname:6s} {ms:8.3f} ms", flush=True)
+            triton_fwd.SPLIT_HEAD_DIM = True
 
     meta = dict(
         gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, commit=git_commit(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         shape=dict(batch=B, frames=F, spatial=S, heads=H, head_dim=D, dtype=str(dtype)),
         timing="triton.testing.do_bench median, warmup 25 ms, rep 100 ms",
-        tuned_configs=triton_fwd.tuned_configs(),
+        fixed_config=triton_fwd.FIXED_CONFIG, tuned_configs=triton_fwd.tuned_configs(), sweep=sweep,
     )
     os.makedirs(args.out, exist_ok=True)
     gpu_tag = meta["gpu"].replace(" ", "-").replace("/", "-")
-    path = os.path.join(args.out, f"attention-{gpu_tag}-{meta['date'][:10]}.json")
+    path = os.path.join(args.out, f"attention-{gpu_tag}-{meta['date'][:10]}{'-' + args.tag if args.tag else ''}.json")
     with open(path, "w") as fh:
         json.dump(dict(meta=meta, results=rows, checks=checks), fh, indent=2)
+    if "sdpa" not in providers:
+        return
 
     print(f"# {meta['gpu']} torch {meta['torch']} triton {meta['triton']} commit {meta['commit']} -> {path}")
     print(f"# B={B} F={F} S={S} H={H} hd={D} bf16, packed qkv; ms = do_bench median")
+    for line in sweep:
+        print(line)
     for c in checks:
         print(f"check {c['axis']:8s} {c['provider']:6s} max|err| out {c['max_err_out']:.2e} grad {c['max_err_grad']:.2e}"
-              f" finite={c['finite']}")
+              f" (sdpa {c['sdpa_err_out']:.2e} {c['sdpa_err_grad']:.2e}) {'ok' if c['flash_rule'] else 'FAIL'}")
     print(f"{'axis':8s} {'mode':7s} {'variant':7s} {'ours ms':>8s} {'sdpa ms':>8s} {'speedup':>7s} {'TFLOP/s':>7s} "
           f"{'floor%':>6s} {'anchor':>6s}  target")
     for axis in AXES:

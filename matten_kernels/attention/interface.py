@@ -9,8 +9,18 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import FLOAT_DTYPES, check_tensor, choose_backend
+from .._backend import FLOAT_DTYPES, check_tensor, choose_backend, logger
 from .reference import video_attention_ref
+
+# choose_backend logs at debug level; Dynamo graph-breaks on Logger methods unless they are listed here, which would
+# break torch.compile(fullgraph=True) of any model that calls video_attention. Only this package's logger.debug.
+_dynamo_config = torch._dynamo.config
+_ignored_logging = (
+    _dynamo_config.ignore_logging_functions
+    if hasattr(_dynamo_config, "ignore_logging_functions")
+    else _dynamo_config.ignore_logger_methods
+)
+_ignored_logging.add(logger.debug)
 
 AXES = ("spatial", "temporal", "global")
 MAX_HEAD_DIM = 128

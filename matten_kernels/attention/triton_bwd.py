@@ -7,11 +7,15 @@ With s = scale * q k^T, P = softmax(s), dO the output cotangent and delta = rows
 
 Kernels:
 1. ``_bwd_preprocess_kernel``: delta (batch, heads, F*S) fp32, one pass over O and dO.
-2. ``_bwd_dkdv_kernel``: one program per key block (looping mode) accumulates dK, dV over all query blocks of its
-   sequence; in packed mode the program owns whole sequences, so it also writes dQ (no second kernel).
-3. ``_bwd_dq_kernel`` (looping mode only): one program per query block accumulates dQ over the key blocks.
-   Two kernels recompute Q K^T twice (7 matmuls instead of 5) but need no atomics: deterministic, and safe to
-   autotune (no output to reset between trials).
+2. ``_bwd_dkdv_kernel``: one program per key block (packed mode: per group of whole sequences) accumulates dK, dV
+   over the query blocks of its sequence(s).
+3. ``_bwd_dq_kernel``: one program per query block (packed: per group of sequences) accumulates dQ over the keys.
+   Two kernels recompute Q K^T and dO V^T twice (7 matmuls instead of 5) but need no atomics: deterministic, and
+   safe to autotune (no output to reset between trials).
+
+Operand orientation follows Triton's fused-attention tutorial (q^T and k^T tiles loaded transposed from memory,
+``tl.trans`` only of loaded tiles): on the H100 (Triton 3.6) a dot on ``tl.trans`` of a computed dS tile at 64 rows
+gave wrong dQ, and an in-kernel atomic dQ variant is gone with it (NOTES_attention.md, run 1).
 
 Cost model (per batch and head): FLOPs 2.5 x the forward's 4 * NSEQ * L^2 * head_dim counted as useful work; bytes
 read q, k, v, o, dO once (preprocess + kernels re-read q, k, v, dO per pass), write dq, dk, dv.
@@ -66,10 +70,10 @@ def _bwd_preprocess_kernel(
 @triton.jit
 def _bwd_dkdv_kernel(
     # pointers
-    p_q, p_k, p_v, p_do, p_lse, p_delta, p_dq, p_dk, p_dv,
+    p_q, p_k, p_v, p_do, p_lse, p_delta, p_dk, p_dv,
     # sizes
     H, N_TOK, L, NSEQ, SEQ_STRIDE, TOK_STRIDE, scale, qk_scale,
-    # strides (elements); dq, dk, dv are contiguous and share strides s_g*
+    # strides (elements); dk, dv are contiguous and share strides s_g*
     s_qb, s_qn, s_qh, s_qd,
     s_kb, s_kn, s_kh, s_kd,
     s_vb, s_vn, s_vh, s_vd,
@@ -77,11 +81,9 @@ def _bwd_dkdv_kernel(
     s_gb, s_gn, s_gh,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, PACK_LEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, EVEN_M: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, PACK_LEN: tl.constexpr, EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program: dK, dV for BLOCK_N keys (looping mode), or dQ, dK, dV for whole sequences (packed mode).
-    ATOMIC_DQ (looping mode): also add this key block's share of dQ into the fp32 buffer p_dq with atomics.
+    """One program: dK, dV for BLOCK_N keys (looping mode) or for whole sequences (packed mode).
     Head-dim chunks as in the forward: main [0, BLOCK_D), tail (suffix 2) when BLOCK_DT > 0."""
     # Program ids over key blocks (BLOCK_N plays the role the forward's BLOCK_M plays).
     i_n, i_g, i_bh = _program_ids(L, NSEQ, BLOCK_N, PACK_LEN)
@@ -97,7 +99,7 @@ def _bwd_dkdv_kernel(
 
     offs_d = tl.arange(0, BLOCK_D)
     tok_k, slot_k, m_k = _rows(i_g, i_n, tl.arange(0, BLOCK_N), L, NSEQ, SEQ_STRIDE, TOK_STRIDE, BLOCK_N, PACK_LEN)
-    b_k = _load_rows(p_k_bh, tok_k, s_kn, offs_d, s_kd, m_k, HEAD_DIM)
+    b_k = _load_rows(p_k_bh, tok_k, s_kn, offs_d, s_kd, m_k, HEAD_DIM)  # (BLOCK_N, BLOCK_D)
     b_v = _load_rows(p_v_bh, tok_k, s_vn, offs_d, s_vd, m_k, HEAD_DIM)
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -113,48 +115,32 @@ def _bwd_dkdv_kernel(
         tok_q, slot_q, m_q = _rows(
             i_g, start_m // BLOCK_M, tl.arange(0, BLOCK_M), L, NSEQ, SEQ_STRIDE, TOK_STRIDE, BLOCK_M, PACK_LEN
         )
-        b_q = _load_rows(p_q_bh, tok_q, s_qn, offs_d, s_qd, m_q, HEAD_DIM)
-        b_do = _load_rows(p_do_bh, tok_q, s_don, offs_d, s_dod, m_q, HEAD_DIM)
+        b_qt = _load_cols(p_q_bh, tok_q, s_qn, offs_d, s_qd, m_q, HEAD_DIM)  # q^T (BLOCK_D, BLOCK_M)
+        b_do = _load_rows(p_do_bh, tok_q, s_don, offs_d, s_dod, m_q, HEAD_DIM)  # (BLOCK_M, BLOCK_D)
         b_lse = tl.load(p_lse_bh + tok_q, mask=m_q, other=0.0)
         b_delta = tl.load(p_delta_bh + tok_q, mask=m_q, other=0.0)
 
         # Transposed tiles (keys x queries), as the dK/dV accumulators are indexed by key.
-        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
-        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)  # dP^T
+        b_st = tl.dot(b_k, b_qt, input_precision=DOT_PRECISION)  # S^T (BLOCK_N, BLOCK_M)
         if BLOCK_DT > 0:
-            b_q2 = _load_rows(p_q_bh, tok_q, s_qn, offs_d2, s_qd, m_q, HEAD_DIM)
+            b_qt2 = _load_cols(p_q_bh, tok_q, s_qn, offs_d2, s_qd, m_q, HEAD_DIM)
             b_do2 = _load_rows(p_do_bh, tok_q, s_don, offs_d2, s_dod, m_q, HEAD_DIM)
-            b_st = tl.dot(b_k2, tl.trans(b_q2), b_st, input_precision=DOT_PRECISION)
-            b_dpt = tl.dot(b_v2, tl.trans(b_do2), b_dpt, input_precision=DOT_PRECISION)
+            b_st = tl.dot(b_k2, b_qt2, b_st, input_precision=DOT_PRECISION)
         b_pt = tl.exp2(b_st * qk_scale - b_lse[None, :])
         if PACK_LEN > 0:
-            b_pt = tl.where((slot_k[:, None] == slot_q[None, :]) & m_q[None, :] & m_k[:, None], b_pt, 0.0)
+            b_pt = tl.where((slot_k[:, None] == slot_q[None, :]) & m_q[None, :], b_pt, 0.0)
         elif not EVEN_M:
             b_pt = tl.where(m_q[None, :], b_pt, 0.0)
-        b_dst = (b_pt * (b_dpt - b_delta[None, :])).to(b_q.dtype)  # dS^T
-        b_pt = b_pt.to(b_do.dtype)
-        b_dv = tl.dot(b_pt, b_do, b_dv, input_precision=DOT_PRECISION)
-        b_dk = tl.dot(b_dst, b_q, b_dk, input_precision=DOT_PRECISION)
+        b_ppt = b_pt.to(b_do.dtype)
+        b_dv = tl.dot(b_ppt, b_do, b_dv, input_precision=DOT_PRECISION)
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)  # dP^T
         if BLOCK_DT > 0:
-            b_dv2 = tl.dot(b_pt, b_do2, b_dv2, input_precision=DOT_PRECISION)
-            b_dk2 = tl.dot(b_dst, b_q2, b_dk2, input_precision=DOT_PRECISION)
-        if PACK_LEN > 0:
-            # The program holds whole sequences: dQ = scale * dS K is complete here.
-            b_ds = tl.trans(b_dst)
-            b_dq = tl.dot(b_ds, b_k, input_precision=DOT_PRECISION) * scale
-            _store_rows(p_dq + o_g_bh, tok_q, s_gn, offs_d, m_q, b_dq, HEAD_DIM)
-            if BLOCK_DT > 0:
-                b_dq2 = tl.dot(b_ds, b_k2, input_precision=DOT_PRECISION) * scale
-                _store_rows(p_dq + o_g_bh, tok_q, s_gn, offs_d2, m_q, b_dq2, HEAD_DIM)
-        elif ATOMIC_DQ:
-            b_ds = tl.trans(b_dst)
-            b_dq = tl.dot(b_ds, b_k, input_precision=DOT_PRECISION) * scale
-            p_dq_blk = p_dq + o_g_bh + tok_q[:, None] * s_gn + offs_d[None, :]
-            tl.atomic_add(p_dq_blk, b_dq, mask=m_q[:, None] & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
-            if BLOCK_DT > 0:
-                b_dq2 = tl.dot(b_ds, b_k2, input_precision=DOT_PRECISION) * scale
-                p_dq_blk2 = p_dq + o_g_bh + tok_q[:, None] * s_gn + offs_d2[None, :]
-                tl.atomic_add(p_dq_blk2, b_dq2, mask=m_q[:, None] & (offs_d2[None, :] < HEAD_DIM), sem="relaxed")
+            b_dv2 = tl.dot(b_ppt, b_do2, b_dv2, input_precision=DOT_PRECISION)
+            b_dpt = tl.dot(b_v2, tl.trans(b_do2), b_dpt, input_precision=DOT_PRECISION)
+        b_dst = (b_pt * (b_dpt - b_delta[None, :])).to(b_qt.dtype)  # dS^T
+        b_dk = tl.dot(b_dst, tl.trans(b_qt), b_dk, input_precision=DOT_PRECISION)
+        if BLOCK_DT > 0:
+            b_dk2 = tl.dot(b_dst, tl.trans(b_qt2), b_dk2, input_precision=DOT_PRECISION)
 
     _store_rows(p_dk + o_g_bh, tok_k, s_gn, offs_d, m_k, b_dk * scale, HEAD_DIM)
     _store_rows(p_dv + o_g_bh, tok_k, s_gn, offs_d, m_k, b_dv, HEAD_DIM)
@@ -163,7 +149,7 @@ def _bwd_dkdv_kernel(
         _store_rows(p_dv + o_g_bh, tok_k, s_gn, offs_d2, m_k, b_dv2, HEAD_DIM)
 
 
-@triton.heuristics({"EVEN_N": lambda a: a["L"] % a["BLOCK_N"] == 0})
+@triton.heuristics({"EVEN_N": lambda a: a["PACK_LEN"] == 0 and a["L"] % a["BLOCK_N"] == 0})
 @triton.jit
 def _bwd_dq_kernel(
     # pointers
@@ -178,10 +164,10 @@ def _bwd_dq_kernel(
     s_gb, s_gn, s_gh,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, PACK_LEN: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Looping mode only (PACK_LEN == 0): dQ for one block of BLOCK_M queries over all keys of its sequence."""
-    i_m, i_g, i_bh = _program_ids(L, NSEQ, BLOCK_M, 0)
+    """One program: dQ for BLOCK_M queries over all keys of their sequence(s)."""
+    i_m, i_g, i_bh = _program_ids(L, NSEQ, BLOCK_M, PACK_LEN)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
     p_q_bh = p_q + i_b * s_qb + i_h * s_qh
@@ -190,7 +176,7 @@ def _bwd_dq_kernel(
     p_v_bh = p_v + i_b * s_vb + i_h * s_vh
 
     offs_d = tl.arange(0, BLOCK_D)
-    tok_q, slot_q, m_q = _rows(i_g, i_m, tl.arange(0, BLOCK_M), L, NSEQ, SEQ_STRIDE, TOK_STRIDE, BLOCK_M, 0)
+    tok_q, slot_q, m_q = _rows(i_g, i_m, tl.arange(0, BLOCK_M), L, NSEQ, SEQ_STRIDE, TOK_STRIDE, BLOCK_M, PACK_LEN)
     b_q = _load_rows(p_q_bh, tok_q, s_qn, offs_d, s_qd, m_q, HEAD_DIM)
     b_do = _load_rows(p_do_bh, tok_q, s_don, offs_d, s_dod, m_q, HEAD_DIM)
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -202,9 +188,10 @@ def _bwd_dq_kernel(
     b_lse = tl.load(p_lse + i_bh.to(tl.int64) * N_TOK + tok_q, mask=m_q, other=0.0)
     b_delta = tl.load(p_delta + i_bh.to(tl.int64) * N_TOK + tok_q, mask=m_q, other=0.0)
 
-    for start_n in range(0, L, BLOCK_N):
+    n_end = BLOCK_N if PACK_LEN > 0 else L
+    for start_n in range(0, n_end, BLOCK_N):
         tok_k, slot_k, m_k = _rows(
-            i_g, start_n // BLOCK_N, tl.arange(0, BLOCK_N), L, NSEQ, SEQ_STRIDE, TOK_STRIDE, BLOCK_N, 0
+            i_g, start_n // BLOCK_N, tl.arange(0, BLOCK_N), L, NSEQ, SEQ_STRIDE, TOK_STRIDE, BLOCK_N, PACK_LEN
         )
         b_kt = _load_cols(p_k_bh, tok_k, s_kn, offs_d, s_kd, m_k, HEAD_DIM)  # (BLOCK_D, BLOCK_N)
         b_vt = _load_cols(p_v_bh, tok_k, s_vn, offs_d, s_vd, m_k, HEAD_DIM)
@@ -216,7 +203,9 @@ def _bwd_dq_kernel(
             b_s = tl.dot(b_q2, b_kt2, b_s, input_precision=DOT_PRECISION)
             b_dp = tl.dot(b_do2, b_vt2, b_dp, input_precision=DOT_PRECISION)
         b_p = tl.exp2(b_s * qk_scale - b_lse[:, None])
-        if not EVEN_N:
+        if PACK_LEN > 0:
+            b_p = tl.where((slot_q[:, None] == slot_k[None, :]) & m_k[None, :], b_p, 0.0)
+        elif not EVEN_N:
             b_p = tl.where(m_k[None, :], b_p, 0.0)
         b_ds = (b_p * (b_dp - b_delta[:, None])).to(b_q.dtype)
         b_dq = tl.dot(b_ds, tl.trans(b_kt), b_dq, input_precision=DOT_PRECISION)
@@ -230,13 +219,18 @@ def _bwd_dq_kernel(
 
 # Autotuning, narrowly (key: L, NSEQ, HEAD_DIM, head-dim split). dK/dV programs hold k, v, dk, dv
 # (4 x BLOCK_N x BLOCK_D) and stream query blocks: a wide key block and a narrow query block, as in
-# flash-attention 2; dQ programs are the mirror image. Configs chosen to compile without spills at hd 72 (ptxas
-# sm_90: dkdv 32x128/8 warps and 32x64/4 warps, dq 128x32/8 and 64x32/4 fit in 255 registers; 64x64/4 warps spills).
-# Packed mode: rows per program as in the forward; 128 rows spill in dkdv, so at most 64.
+# flash-attention 2 and Triton's tutorial (32 x 128); dQ programs are the mirror image (128 x 32). First entry =
+# the config used without autotuning, the one verified on the H100 in run 1. ptxas (sm_90, hd 72 split): all
+# compile in 255 registers without spills except dkdv 64 x 128 (48 B).
+# Packed mode: rows per program as in the forward (first: 32 rows, verified in run 1).
+def _packed_configs(plen: int):
+    return [triton.Config({"BLOCK_M": r, "BLOCK_N": r}, num_warps=w, num_stages=1)
+            for r, w in ((max(32, plen), 4), (max(64, plen), 4), (max(16, plen), 4))]
+
+
 def _dkdv_configs(plen: int):
     if plen > 0:
-        return [triton.Config({"BLOCK_M": r, "BLOCK_N": r}, num_warps=w, num_stages=1)
-                for r, w in ((max(32, plen), 4), (max(64, plen), 8), (max(16, plen), 4))]
+        return _packed_configs(plen)
     return [
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3),
@@ -244,17 +238,14 @@ def _dkdv_configs(plen: int):
     ]
 
 
-def _dq_configs():
+def _dq_configs(plen: int):
+    if plen > 0:
+        return _packed_configs(plen)
     return [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
     ]
-
-
-# Looping mode: dQ by atomics from the dK/dV kernel (5 matmuls, nondeterministic summation order) instead of a
-# second kernel that recomputes Q K^T and dO V^T (7 matmuls, deterministic). Chosen by measurement (NOTES_attention).
-ATOMIC_DQ = False
 
 
 def video_attention_bwd_launch(do, q, k, v, o, lse, num_frames: int, axis: str, softmax_scale: float):
@@ -274,27 +265,19 @@ def video_attention_bwd_launch(do, q, k, v, o, lse, num_frames: int, axis: str, 
     dq = torch.empty((batch, num_tokens, heads, head_dim), device=q.device, dtype=q.dtype)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
-    atomic = ATOMIC_DQ and plen == 0
-    # Atomic variant: dQ accumulates in fp32 over key blocks (zeroed; autotune trials reset it), cast at the end.
-    dq_acc = torch.zeros(dq.shape, device=q.device, dtype=torch.float32) if atomic else dq
     sizes = (heads, num_tokens, L, nseq, seq_stride, tok_stride, softmax_scale, softmax_scale * LOG2E)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride()[:3])
-    meta = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_DT=bdt, DOT_PRECISION=dot_precision(q.dtype))
+    meta = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_DT=bdt, PACK_LEN=plen, DOT_PRECISION=dot_precision(q.dtype))
     small = {"BLOCK_M": max(16, 2 * plen), "BLOCK_N": max(16, 2 * plen)} if plen else {"BLOCK_M": 16, "BLOCK_N": 16}
 
-    # dK, dV (and dQ in packed mode): programs over key blocks.
     launch(
-        ("dkdv", plen, atomic), _bwd_dkdv_kernel, _dkdv_configs(plen), small,
+        ("dkdv", plen), _bwd_dkdv_kernel, _dkdv_configs(plen), small,
         lambda c: num_programs(batch * heads, L, nseq, c["BLOCK_N"], plen),
-        (q, k, v, do, lse, delta, dq_acc, dk, dv, *sizes, *strides), dict(meta, PACK_LEN=plen, ATOMIC_DQ=atomic),
-        reset_to_zero=["p_dq"] if atomic else None,
+        (q, k, v, do, lse, delta, dk, dv, *sizes, *strides), meta,
     )
-    if atomic:
-        dq.copy_(dq_acc)
-    elif plen == 0:
-        launch(
-            ("dq", 0), _bwd_dq_kernel, _dq_configs(), small,
-            lambda c: num_programs(batch * heads, L, nseq, c["BLOCK_M"], 0),
-            (q, k, v, do, lse, delta, dq, *sizes, *strides), meta,
-        )
+    launch(
+        ("dq", plen), _bwd_dq_kernel, _dq_configs(plen), small,
+        lambda c: num_programs(batch * heads, L, nseq, c["BLOCK_M"], plen),
+        (q, k, v, do, lse, delta, dq, *sizes, *strides), meta,
+    )
     return dq, dk, dv

@@ -245,19 +245,21 @@ def _interp_config(plen: int):
     return {"BLOCK_M": 16, "BLOCK_N": 16}
 
 
-# MATTEN_ATTN_AUTOTUNE=0: run the first config of each list (GPU tests: fewer compilations; same code paths).
-AUTOTUNE = os.environ.get("MATTEN_ATTN_AUTOTUNE", "1") != "0"
+# MATTEN_ATTN_CONFIG=i: no autotuning, run config i of each list (clamped to its length). GPU tests use 0 (fewer
+# compilations, same code paths); the benchmark's --sweep-configs runs each index in its own process.
+_fixed = os.environ.get("MATTEN_ATTN_CONFIG", "")
+FIXED_CONFIG = int(_fixed) if _fixed.strip() else None
 TUNE_KEY = ["L", "NSEQ", "HEAD_DIM", "BLOCK_DT"]
 _TUNED = {}
 
 
 def launch(name, kernel, configs, interp_config, grid_fn, args, meta, reset_to_zero=None):
     """Launch ``kernel``: fixed small tiles in the interpreter; on the GPU autotuned over ``configs`` (or
-    ``configs[0]`` with AUTOTUNE off). ``grid_fn(block_sizes) -> number of programs`` (the grid is 1-D)."""
+    ``configs[FIXED_CONFIG]``). ``grid_fn(block_sizes) -> number of programs`` (the grid is 1-D)."""
     if triton_interpreting():
         kernel[(grid_fn(interp_config),)](*args, **meta, **interp_config)
-    elif not AUTOTUNE:
-        cfg = configs[0]
+    elif FIXED_CONFIG is not None:
+        cfg = configs[min(FIXED_CONFIG, len(configs) - 1)]
         kernel[(grid_fn(cfg.kwargs),)](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         if name not in _TUNED:
