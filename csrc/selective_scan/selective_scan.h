@@ -3,10 +3,10 @@
 // Semantics: SPEC.md section 2. Plain C++ and the CUDA runtime only, so the kernel .cu files compile with
 // `nvcc -c` without torch headers; the binding (selective_scan.cpp) fills these structs from tensors.
 //
-// Layout of the work. A thread owns NPT states of one channel (TPC threads per channel, TPC*NPT >= N) and
+// Layout of the work. A thread owns NPT adjacent states of one channel (TPC threads per channel, TPC*NPT >= N) and
 // runs the recurrence h_t = exp(d_t A) h_{t-1} + d_t B_t u_t sequentially over the whole sequence, in
 // chunks of CHUNK time steps staged through shared memory (the next chunk's loads are in flight while the
-// current one is computed). y_t = <C_t, h_t> is reduced over the TPC threads of a channel by warp shuffles.
+// current one is computed). y_t = <C_t, h_t> is summed over the TPC threads of a channel in shared memory.
 // The forward saves the state at the start of every chunk (fp32, (batch, dim, nchunks, N)); the backward
 // recomputes h inside a chunk from that checkpoint and runs the adjoint recurrence backwards in time.
 // A block holds CPB = 32*NWARPS/TPC channels of one batch row; its channels lie in one group of B/C for
@@ -26,7 +26,7 @@ namespace matten_scan {
   X(1, 8, 1, 32, 4, 4)         \
   X(2, 16, 1, 32, 4, 8)        \
   X(3, 16, 1, 16, 4, 8)        \
-  X(4, 8, 2, 32, 4, 8)         \
+  X(4, 8, 2, 16, 4, 8)         \
   X(5, 32, 1, 32, 4, 8)        \
   X(6, 32, 2, 32, 4, 4)        \
   X(7, 32, 4, 16, 4, 4)        \

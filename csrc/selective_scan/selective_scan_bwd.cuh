@@ -10,8 +10,9 @@
 //     dz_t  = dout_t y_t silu'(z_t)         (y_t before the gate, saved by the forward)
 // Chunks are visited last to first. For each, h is recomputed from the chunk's saved start state into
 // registers (CHUNK * NPT floats per thread), then the chunk is walked backwards. The per-channel sums over n
-// go through reduce_scatter; dB/dC are summed over the warp's channels by shuffles, over the block's warps in
-// shared memory (fixed order), and written per block to dB_part/dC_part, which the caller sums (deterministic).
+// go through shared memory (one part per lane and step, summed in the output pass); dB/dC are summed over the
+// warp's channels by shuffles, over the block's warps in shared memory (fixed order), and written per block to
+// dB_part/dC_part, which the caller sums (deterministic).
 #pragma once
 
 #include "selective_scan_common.cuh"
@@ -20,16 +21,16 @@ namespace matten_scan {
 
 template <int TPC, int NPT, int CHUNK, int NWARPS>
 struct BwdSmem {
-  static constexpr int CPB = NWARPS * 32 / TPC;
+  static constexpr int NT = NWARPS * 32;
+  static constexpr int CPB = NT / TPC;
   static constexpr int NP = TPC * NPT;
-  static constexpr int NQ = NP + 4;   // row of q/w: +4 floats spreads the output pass's float4 reads over the banks
   float2 ddu[CPB][CHUNK];   // (d, d*u)
   float u[CPB][CHUNK];
   float gy[CPB][CHUNK];
   float sig[CPB][CHUNK];    // d(d)/d(delta)
-  float2 bc[CHUNK][NP + 1]; // (B, C); +1: the staging writes go down a column
-  alignas(16) float q[CPB][CHUNK][NQ];  // lambda B per state, summed over n in the output pass
-  alignas(16) float w[CPB][CHUNK][NQ];  // A lambda a h_{t-1} per state
+  alignas(16) float2 bc[CHUNK][NP + 2];  // (B, C); +2: the staging writes go down a column
+  alignas(16) float q[CHUNK][NT + 4];    // per-lane parts of sum_n lambda B; +4 spreads the output pass's reads
+  alignas(16) float w[CHUNK][NT + 4];    // per-lane parts of sum_n A lambda a h_{t-1}
   float dB[CHUNK][NWARPS][NP];
   float dC[CHUNK][NWARPS][NP];
 };
@@ -52,7 +53,7 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
   constexpr int EPT = (TILE + NT - 1) / NT;
   constexpr int BC_TILE = NP * CHUNK;
   constexpr int BPT = (BC_TILE + NT - 1) / NT;
-  static_assert(NT % TPC == 0 && 32 % TPC == 0 && CHUNK <= 32 && NT % CHUNK == 0 && NP % 4 == 0,
+  static_assert(NT % TPC == 0 && 32 % TPC == 0 && CHUNK <= 32 && NT % CHUNK == 0 && TPC % 4 == 0,
                 "bad configuration");
   using Smem = BwdSmem<TPC, NPT, CHUNK, NWARPS>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -92,7 +93,7 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
     float A[NPT], A2[NPT], lam[NPT], a_next[NPT], dA_acc[NPT];
 #pragma unroll
     for (int i = 0; i < NPT; ++i) {
-      const int n = k + TPC * i;
+      const int n = k * NPT + i;
       const bool ok = chan_ok && n < N;
       A[i] = ok ? dp.A[(size_t)chan * N + n] : 0.f;
       A2[i] = A[i] * kLog2e;
@@ -105,8 +106,22 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
 #pragma unroll
     for (int r = 0; r < EPT; ++r) accD[r] = accBias[r] = 0.f;
 
+    float row_bias[EPT], row_D[EPT];  // per-row constants, read once
+#pragma unroll
+    for (int r = 0; r < EPT; ++r) {
+      const int row = (tid + r * NT) / CHUNK;
+      const bool ok = tid + r * NT < TILE && c0 + row < c_end;
+      row_bias[r] = (ok && dp.delta_bias != nullptr) ? dp.delta_bias[c0 + row] : 0.f;
+      row_D[r] = (ok && dp.D != nullptr) ? dp.D[c0 + row] : 0.f;
+    }
     T r_u[EPT], r_dt[EPT], r_do[EPT], r_z[EPT], r_ys[EPT], r_B[BPT], r_C[BPT];
+    float r_h0[NPT];  // the chunk's saved start state
     auto load = [&](int c) {
+#pragma unroll
+      for (int i = 0; i < NPT; ++i) {
+        const int n = k * NPT + i;
+        r_h0[i] = (chan_ok && n < N) ? dp.states[(((size_t)b * dim + chan) * nchunks + c) * N + n] : 0.f;
+      }
 #pragma unroll
       for (int r = 0; r < EPT; ++r) {
         const int e = tid + r * NT, row = e / CHUNK, tau = c * CHUNK + e % CHUNK;
@@ -136,7 +151,7 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
           const bool ok = tau < L && c0 + row < c_end;
           float uu = to_float(r_u[r]);
           float x = to_float(r_dt[r]);
-          if (dp.delta_bias != nullptr && ok) x += dp.delta_bias[c0 + row];
+          x += row_bias[r];
           float d = x, sig = 1.f;
           if (p.delta_softplus) softplus_and_grad(x, d, sig);
           const float go = to_float(r_do[r]);
@@ -171,37 +186,37 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
       __syncthreads();
       stage(c);
       __syncthreads();
-      if (c > 0) load(c - 1);
-
       // Recompute the chunk's states from its saved start state.
       float h0[NPT], hs[CHUNK][NPT];
 #pragma unroll
-      for (int i = 0; i < NPT; ++i) {
-        const int n = k + TPC * i;
-        h0[i] = (chan_ok && n < N) ? dp.states[(((size_t)b * dim + chan) * nchunks + c) * N + n] : 0.f;
-      }
+      for (int i = 0; i < NPT; ++i) h0[i] = r_h0[i];
+      if (c > 0) load(c - 1);
+
 #pragma unroll
       for (int j = 0; j < CHUNK; ++j) {
         const float2 ddu = S.ddu[c_loc][j];
+        float2 bc[NPT];
+        load_bc<NPT>(S.bc, j, k, bc);
 #pragma unroll
         for (int i = 0; i < NPT; ++i) {
-          const float2 bc = S.bc[j][k + TPC * i];
           const float a = fast_exp2(ddu.x * A2[i]);
-          hs[j][i] = fmaf(a, j > 0 ? hs[j - 1][i] : h0[i], ddu.y * bc.x);
+          hs[j][i] = fmaf(a, j > 0 ? hs[j - 1][i] : h0[i], ddu.y * bc[i].x);
         }
       }
 
-      // Walk the chunk backwards. Per-state terms of the sums over n go to shared memory (q, w): no reduction
-      // inside the loop, whose only carried dependency is lambda.
+      // Walk the chunk backwards. The only carried dependency is lambda; the per-lane parts of the sums over n
+      // go to shared memory.
 #pragma unroll
       for (int j = CHUNK - 1; j >= 0; --j) {
         const float2 ddu = S.ddu[c_loc][j];
         const float gy = S.gy[c_loc][j];
+        float2 bc[NPT];
+        load_bc<NPT>(S.bc, j, k, bc);
+        float q_acc = 0.f, w_acc = 0.f;
 #pragma unroll
         for (int i = 0; i < NPT; ++i) {
-          const int n = k + TPC * i;
-          const float2 bc = S.bc[j][n];
-          lam[i] = fmaf(a_next[i], lam[i], gy * bc.y);
+          const int n = k * NPT + i;
+          lam[i] = fmaf(a_next[i], lam[i], gy * bc[i].y);
           const float h_prev = j > 0 ? hs[j - 1][i] : h0[i];
           const float a = fast_exp2(ddu.x * A2[i]);
           float dBp = lam[i] * ddu.y;
@@ -217,10 +232,12 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
           }
           const float w = lam[i] * a * h_prev;
           dA_acc[i] = fmaf(w, ddu.x, dA_acc[i]);
-          S.q[c_loc][j][n] = lam[i] * bc.x;
-          S.w[c_loc][j][n] = w * A[i];
+          q_acc = fmaf(lam[i], bc[i].x, q_acc);
+          w_acc = fmaf(w, A[i], w_acc);
           a_next[i] = a;
         }
+        S.q[j][tid] = q_acc;
+        S.w[j][tid] = w_acc;
       }
       __syncthreads();
 
@@ -231,17 +248,11 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
         const int tau = c * CHUNK + j, ch = c0 + row;
         if (e < TILE && tau < L && ch < c_end) {
           const size_t idx = ((size_t)b * dim + ch) * L + natural_t(tau, L, reverse);
-          float sq = 0.f, saw = 0.f;  // sum over the states (padding states hold zeros)
-#pragma unroll
-          for (int n = 0; n < NP; n += 4) {
-            const float4 q4 = *reinterpret_cast<const float4*>(&S.q[row][j][n]);
-            const float4 w4 = *reinterpret_cast<const float4*>(&S.w[row][j][n]);
-            sq += (q4.x + q4.y) + (q4.z + q4.w);
-            saw += (w4.x + w4.y) + (w4.z + w4.w);
-          }
+          const float sq = sum_parts<TPC>(&S.q[j][row * TPC]);  // padding states contribute zeros
+          const float saw = sum_parts<TPC>(&S.w[j][row * TPC]);
           const float d = S.ddu[row][j].x, uu = S.u[row][j], gy = S.gy[row][j];
           float du = d * sq;
-          if (dp.D != nullptr) du = fmaf(dp.D[ch], gy, du);
+          du = fmaf(row_D[r], gy, du);
           const float ddelta = fmaf(uu, sq, saw) * S.sig[row][j];
           static_cast<T*>(dp.du)[idx] = from_float<T>(du);
           static_cast<T*>(dp.ddelta)[idx] = from_float<T>(ddelta);
@@ -271,7 +282,7 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
     // Per-thread results: dA (per batch row), dinitial_state, dD and dbias (summed over the row's lanes).
 #pragma unroll
     for (int i = 0; i < NPT; ++i) {
-      const int n = k + TPC * i;
+      const int n = k * NPT + i;
       if (chan_ok && n < N) {
         const size_t idx = ((size_t)b * dim + chan) * N + n;
         dp.dA_part[idx] = dA_acc[i];

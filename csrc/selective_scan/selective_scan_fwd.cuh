@@ -2,9 +2,9 @@
 //
 // Per chunk of CHUNK steps: (1) the block stages d = softplus(delta + bias), d*u, u, z and (B, C) of its
 // channels in shared memory (loads for the next chunk are issued right after, so they overlap the compute);
-// (2) each thread advances its NPT states over the chunk in fp32 registers and forms its part of <C_t, h_t>;
-// (3) the parts are summed over the channel's TPC lanes (reduce_scatter) into s_y; (4) the block adds D*u,
-// combines directions, gates with silu(z) and writes `out` (and y before the gate, for the backward).
+// (2) each thread advances its NPT states (n = k*NPT + i) over the chunk in fp32 registers and stores its part
+// of <C_t, h_t> in s_yp (one store per step, no shuffles); (3) the block sums the TPC parts of each element,
+// adds D*u, combines directions, gates with silu(z) and writes `out` (and y before the gate, for the backward).
 // Bidirectional: one block runs the backward direction first (its y goes to the fp32 scratch `ws`), then the
 // forward direction, which adds it; both read the same natural-order inputs, the backward one from the end.
 #pragma once
@@ -18,7 +18,6 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_fwd_kernel(const ScanP
   constexpr int NT = NWARPS * 32;        // threads per block
   constexpr int CPB = NT / TPC;          // channels per block
   constexpr int NP = TPC * NPT;          // states per channel, padded
-  constexpr int RT = CHUNK < TPC ? CHUNK : TPC;  // steps per reduce_scatter
   constexpr int TILE = CPB * CHUNK;      // (channel, step) elements of a tile
   constexpr int EPT = (TILE + NT - 1) / NT;
   constexpr int BC_TILE = NP * CHUNK;    // (state, step) elements of the B/C tile
@@ -28,13 +27,12 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_fwd_kernel(const ScanP
   __shared__ float2 s_ddu[CPB][CHUNK];   // (d, d*u)
   __shared__ float s_u[CPB][CHUNK];
   __shared__ float s_z[CPB][CHUNK];
-  __shared__ float s_y[CPB][CHUNK];      // <C_t, h_t>
-  __shared__ float2 s_bc[CHUNK][NP + 1];  // (B, C); +1: the staging writes go down a column
+  __shared__ alignas(16) float s_yp[CHUNK][NT + 4];  // per-lane parts of <C_t, h_t>; +4 spreads the reads
+  __shared__ alignas(16) float2 s_bc[CHUNK][NP + 2];  // (B, C); +2: staging writes go down a column
 
   const int tid = threadIdx.x;
-  const int lane = tid & 31;
   const int c_loc = tid / TPC;           // this thread's channel within the block
-  const int k = tid % TPC;               // ... and its lane within the channel: states k, k + TPC, ...
+  const int k = tid % TPC;               // ... and its lane within the channel: states k*NPT .. k*NPT+NPT-1
   const int b = blockIdx.z;
   const int seg_start = blockIdx.y * p.seg;
   const int c0 = seg_start + blockIdx.x * CPB;
@@ -60,7 +58,7 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_fwd_kernel(const ScanP
     float A2[NPT], h[NPT];
 #pragma unroll
     for (int i = 0; i < NPT; ++i) {
-      const int n = k + TPC * i;
+      const int n = k * NPT + i;
       const bool ok = chan_ok && n < N;
       A2[i] = ok ? dp.A[(size_t)chan * N + n] * kLog2e : 0.f;
       h[i] = (ok && p.initial_state != nullptr && !p.bidirectional)
@@ -68,6 +66,14 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_fwd_kernel(const ScanP
     }
 
     // Registers holding the next chunk's raw inputs.
+    float row_bias[EPT], row_D[EPT];  // per-row constants, read once
+#pragma unroll
+    for (int r = 0; r < EPT; ++r) {
+      const int row = (tid + r * NT) / CHUNK;
+      const bool ok = tid + r * NT < TILE && c0 + row < c_end;
+      row_bias[r] = (ok && dp.delta_bias != nullptr) ? dp.delta_bias[c0 + row] : 0.f;
+      row_D[r] = (ok && dp.D != nullptr) ? dp.D[c0 + row] : 0.f;
+    }
     T r_u[EPT], r_dt[EPT], r_z[EPT], r_B[BPT], r_C[BPT];
     auto load = [&](int c) {
 #pragma unroll
@@ -96,7 +102,7 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_fwd_kernel(const ScanP
           const bool ok = c * CHUNK + j < L && c0 + row < c_end;
           const float uu = to_float(r_u[r]);
           float x = to_float(r_dt[r]);
-          if (dp.delta_bias != nullptr && ok) x += dp.delta_bias[c0 + row];
+          x += row_bias[r];
           float d = x, unused;
           if (p.delta_softplus) softplus_and_grad(x, d, unused);
           if (!ok) d = 0.f;  // padding steps: exp(0) = 1 and d*B*u = 0 keep the state
@@ -117,7 +123,7 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_fwd_kernel(const ScanP
       if (dp.states != nullptr && chan_ok) {
 #pragma unroll
         for (int i = 0; i < NPT; ++i) {
-          const int n = k + TPC * i;
+          const int n = k * NPT + i;
           if (n < N) dp.states[(((size_t)b * dim + chan) * nchunks + c) * N + n] = h[i];
         }
       }
@@ -127,25 +133,18 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_fwd_kernel(const ScanP
       if (c + 1 < nchunks) load(c + 1);
 
 #pragma unroll
-      for (int j0 = 0; j0 < CHUNK; j0 += RT) {
-        float yp[RT];
+      for (int j = 0; j < CHUNK; ++j) {
+        const float2 ddu = s_ddu[c_loc][j];
+        float2 bc[NPT];
+        load_bc<NPT>(s_bc, j, k, bc);
+        float acc = 0.f;
 #pragma unroll
-        for (int jj = 0; jj < RT; ++jj) {
-          const float2 ddu = s_ddu[c_loc][j0 + jj];
-          float acc = 0.f;
-#pragma unroll
-          for (int i = 0; i < NPT; ++i) {
-            const float2 bc = s_bc[j0 + jj][k + TPC * i];
-            const float a = fast_exp2(ddu.x * A2[i]);
-            h[i] = fmaf(a, h[i], ddu.y * bc.x);
-            acc = fmaf(bc.y, h[i], acc);
-          }
-          yp[jj] = acc;
+        for (int i = 0; i < NPT; ++i) {
+          const float a = fast_exp2(ddu.x * A2[i]);
+          h[i] = fmaf(a, h[i], ddu.y * bc[i].x);
+          acc = fmaf(bc[i].y, h[i], acc);
         }
-        int idx;
-        bool writer;
-        const float y = reduce_scatter<TPC, RT>(yp, lane, idx, writer);
-        if (writer) s_y[c_loc][j0 + idx] = y;
+        s_yp[j][tid] = acc;
       }
       __syncthreads();
 
@@ -156,8 +155,8 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_fwd_kernel(const ScanP
         const int tau = c * CHUNK + j, ch = c0 + row;
         if (e < TILE && tau < L && ch < c_end) {
           const size_t idx = ((size_t)b * dim + ch) * L + natural_t(tau, L, reverse);
-          float y = s_y[row][j];
-          if (dp.D != nullptr) y = fmaf(dp.D[ch], s_u[row][j], y);
+          float y = sum_parts<TPC>(&s_yp[j][row * TPC]);
+          y = fmaf(row_D[r], s_u[row][j], y);
           if (reverse) {
             p.ws[idx] = y;
           } else {
@@ -177,7 +176,7 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_fwd_kernel(const ScanP
     if (!p.bidirectional && p.last_state != nullptr && chan_ok) {
 #pragma unroll
       for (int i = 0; i < NPT; ++i) {
-        const int n = k + TPC * i;
+        const int n = k * NPT + i;
         if (n < N) p.last_state[((size_t)b * dim + chan) * N + n] = h[i];
       }
     }
