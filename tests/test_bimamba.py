@@ -13,6 +13,7 @@ Tolerance rules:
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 
@@ -181,3 +182,85 @@ def test_bad_input():
         BiMamba(16, backend="cuda")
     with pytest.raises(ValueError, match="d_model"):
         BiMamba(0)
+
+
+def _fast_vs_slow(m_fast: BiMamba, hidden: torch.Tensor, ref_dtype=torch.float64):
+    """Run m_fast (fast path) and a copy of it in ref_dtype on the slow path with one random cotangent.
+
+    Returns {name: (fast tensor, reference tensor)} for the output, the input gradient and every parameter gradient."""
+    m_ref = copy.deepcopy(m_fast).to(ref_dtype)
+    m_ref.use_fast_path = False
+    x = hidden.detach().clone().requires_grad_(True)
+    x_ref = hidden.detach().to(ref_dtype).requires_grad_(True)
+    out = m_fast(x)
+    out_ref = m_ref(x_ref)
+    cot = torch.randn_like(out_ref)
+    (out.float() * cot.float()).sum().backward()
+    (out_ref * cot).sum().backward()
+    pairs = {"out": (out, out_ref), "d_hidden": (x.grad, x_ref.grad)}
+    params_ref = dict(m_ref.named_parameters())
+    for name, p in m_fast.named_parameters():
+        assert p.grad is not None, f"no gradient reached {name}"
+        pairs["d_" + name] = (p.grad, params_ref[name].grad)
+    return pairs
+
+
+FAST_CASES = [  # (bimamba, L, divide_out); d_model 16 (d_inner 32, dt_rank 1), batch 2
+    ("v2", 9, False),
+    ("v1", 9, True),
+    ("none", 9, False),
+    ("v2", 33, True),
+]
+
+
+@pytest.mark.skipif(not HAS_TRITON_DEVICE, reason="the fast path needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("bimamba,L,divide_out", FAST_CASES, ids=[f"{b}-L{L}-div{int(d)}" for b, L, d in FAST_CASES])
+def test_fast_path_matches_slow_path(bimamba, L, divide_out):
+    """Triton conv + Triton bidirectional scan (fp32) vs the slow path in float64 on the same weights."""
+    m = BiMamba(16, bimamba=bimamba, divide_out=divide_out, backend="triton").to(DEVICE)
+    _randomise(m)
+    pairs = _fast_vs_slow(m, torch.randn(2, L, 16, device=DEVICE))
+    for name, (got, ref) in pairs.items():
+        err = (got.double() - ref).abs()
+        tol = 2e-4 * (1 + ref.abs().max().item())
+        logger.info("%s: max err %.3e mean err %.3e (tol %.3e)", name, err.max(), err.mean(), tol)
+        assert got.shape == ref.shape, name
+        assert err.max().item() <= tol, f"{name}: max error {err.max().item():.3e} > {tol:.3e}"
+
+
+# ------------------------------------------------------------------------------------------------------------- GPU
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bimamba", ["v2", "v1"])
+def test_fast_vs_slow_matten_shape_fp32_gpu(bimamba):
+    """Matten-XL global block: d_model 1152 (d_inner 2304), L 4096, batch 2, fp32 both paths."""
+    m = BiMamba(1152, bimamba=bimamba, backend="triton", divide_out=bimamba == "v1").cuda()
+    pairs = _fast_vs_slow(m, torch.randn(2, 4096, 1152, device="cuda"), ref_dtype=torch.float32)
+    for name, (got, ref) in pairs.items():
+        rel = _rel(got, ref)
+        logger.info("fp32 %s: relative error %.3e", name, rel)
+        assert torch.isfinite(got).all(), name
+        assert rel <= 1e-3, f"{name}: relative error {rel:.3e} > 1e-3"
+
+
+@pytest.mark.gpu
+def test_fast_vs_slow_matten_shape_bf16_gpu():
+    """bf16 fast path vs the fp32 slow path on the same (bf16-valued) weights; the bar is the bf16 slow path's own
+    error against that fp32 reference: at most 2x it, plus 1e-3."""
+    m = BiMamba(1152, bimamba="v2", backend="triton").cuda().to(torch.bfloat16)
+    hidden = torch.randn(2, 4096, 1152, device="cuda", dtype=torch.bfloat16)
+    torch.manual_seed(1)
+    fast = _fast_vs_slow(m, hidden, ref_dtype=torch.float32)
+    m_slow = copy.deepcopy(m)
+    m_slow.use_fast_path = False
+    torch.manual_seed(1)  # the same cotangent
+    slow = _fast_vs_slow(m_slow, hidden, ref_dtype=torch.float32)
+    for name, (got, ref) in fast.items():
+        base = _rel(slow[name][0], slow[name][1])
+        rel = _rel(got, ref)
+        logger.info("bf16 %s: fast %.3e, bf16 slow path %.3e", name, rel, base)
+        assert torch.isfinite(got).all(), name
+        assert rel <= 2 * base + 1e-3, f"{name}: relative error {rel:.3e} > 2 x {base:.3e} + 1e-3"
