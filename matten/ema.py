@@ -36,8 +36,9 @@ class EMA:
         """``ema = decay * ema + (1 - decay) * model`` for every parameter; buffers are copied."""
         d = self.decay_at(step)
         ema_params = dict(self.model.named_parameters())
-        for name, p in model.named_parameters():
-            ema_params[name].lerp_(p.detach().float(), 1.0 - d)
+        names = [name for name, _ in model.named_parameters()]
+        src = [p.detach().float() for _, p in model.named_parameters()]
+        torch._foreach_lerp_([ema_params[n] for n in names], src, 1.0 - d)  # one fused launch per dtype/device group
         ema_buffers = dict(self.model.named_buffers())
         for name, b in model.named_buffers():
             ema_buffers[name].copy_(b)

@@ -400,7 +400,8 @@ def _train_loop(args, d: Dist, dataset, data_info, vae, vae_for_sampling, create
         ema = EMA.paper(model)
     else:
         ema = EMA(model, decay=args.ema_decay, warmup_steps=args.ema_warmup_steps, warmup_decay=args.ema_warmup_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999),
+                            fused=device.type == "cuda")
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed * 1000 + d.rank)  # timesteps and noise, per rank
     diffusion = GaussianDiffusion()
