@@ -174,8 +174,9 @@ class BiMamba(nn.Module):
         batch, L, _ = hidden_states.shape
         E, N, R = self.d_inner, self.d_state, self.dt_rank
         xz = self.in_proj(hidden_states)  # (batch, L, 2E)
-        x = xz[..., :E].transpose(1, 2)  # (batch, E, L) view, channel stride 1: no copy
-        z = xz[..., E:].transpose(1, 2)  # (batch, E, L) view
+        # One split node (its backward is a single cat of dx and dz into dxz), then transposed views: x and z are
+        # (batch, E, L) with channel stride 1, read by the kernels through their strides, never copied.
+        x, z = (t.transpose(1, 2) for t in torch.split(xz, [E, E], dim=-1))
 
         conv_w = self.conv1d.weight[:, 0, :]  # (E, k) view of (E, 1, k)
         if self.bimamba == "v2":
