@@ -64,13 +64,18 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
   const int c_loc = tid / TPC;
   const int k = tid % TPC;
   const int b = blockIdx.z;
+  const int nb = gridDim.x / p.nsplit;   // blocks per segment of channels
+  const int si = blockIdx.x / nb;         // this block's split of the sequence
+  const int cb = blockIdx.x % nb;
   const int seg_start = blockIdx.y * p.seg;
-  const int c0 = seg_start + blockIdx.x * CPB;
+  const int c0 = seg_start + cb * CPB;
   const int c_end = seg_start + p.seg;
   const int chan = c0 + c_loc;
   const bool chan_ok = chan < c_end;
   const int L = p.L, N = p.N, dim = p.dim, batch = p.batch;
   const int nchunks = (L + CHUNK - 1) / CHUNK;
+  const int c_lo = si * p.split_chunks;
+  const int c_hi = min(c_lo + p.split_chunks, nchunks);
   const bool has_z = p.z != nullptr;
   const T* __restrict__ zp = static_cast<const T*>(p.z);
   const T* __restrict__ doutp = static_cast<const T*>(p.dout);
@@ -83,7 +88,7 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
     const int dpg = dim / G;
     const int g = c0 / dpg;
     const int segs_per_group = dpg / p.seg;
-    const int part = (blockIdx.y % segs_per_group) * gridDim.x + blockIdx.x;  // index into dB_part
+    const int part = (blockIdx.y % segs_per_group) * nb + cb;  // index into dB_part
     const T* __restrict__ u = static_cast<const T*>(dp.u);
     const T* __restrict__ delta = static_cast<const T*>(dp.delta);
     const T* __restrict__ Bp = static_cast<const T*>(dp.B);
@@ -99,6 +104,11 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
       A2[i] = A[i] * kLog2e;
       lam[i] = (ok && p.dlast_state != nullptr && !p.bidirectional)
                    ? p.dlast_state[((size_t)b * dim + chan) * N + n] : 0.f;
+      // Compose the summaries of the later splits: rho <- exp2(A2 * sum_d) rho + rho_split (rho = a * lambda).
+      for (int s2 = p.nsplit - 1; s2 > si && ok; --s2) {
+        const size_t row = ((size_t)(di * p.nsplit + s2) * p.batch + b) * dim + chan;
+        lam[i] = fmaf(fast_exp2(A2[i] * p.split_sumd[row]), lam[i], p.split_state[row * N + n]);
+      }
       a_next[i] = 1.f;
       dA_acc[i] = 0.f;
     }
@@ -181,8 +191,8 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
       }
     };
 
-    load(nchunks - 1);
-    for (int c = nchunks - 1; c >= 0; --c) {
+    load(c_hi - 1);
+    for (int c = c_hi - 1; c >= c_lo; --c) {
       __syncthreads();
       stage(c);
       __syncthreads();
@@ -190,7 +200,7 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
       float h0[NPT], hs[CHUNK][NPT];
 #pragma unroll
       for (int i = 0; i < NPT; ++i) h0[i] = r_h0[i];
-      if (c > 0) load(c - 1);
+      if (c > c_lo) load(c - 1);
 
 #pragma unroll
       for (int j = 0; j < CHUNK; ++j) {
@@ -279,14 +289,15 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
       }
     }
 
-    // Per-thread results: dA (per batch row), dinitial_state, dD and dbias (summed over the row's lanes).
+    // Per-thread results: dA (per split and batch row), dinitial_state, dD and dbias (summed over the row's
+    // lanes, per split and batch row).
 #pragma unroll
     for (int i = 0; i < NPT; ++i) {
       const int n = k * NPT + i;
       if (chan_ok && n < N) {
         const size_t idx = ((size_t)b * dim + chan) * N + n;
-        dp.dA_part[idx] = dA_acc[i];
-        if (!p.bidirectional && p.dinitial_state != nullptr) p.dinitial_state[idx] = a_next[i] * lam[i];
+        dp.dA_part[(size_t)si * batch * dim * N + idx] = dA_acc[i];
+        if (!p.bidirectional && p.dinitial_state != nullptr && si == 0) p.dinitial_state[idx] = a_next[i] * lam[i];
       }
     }
 #pragma unroll
@@ -298,9 +309,132 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
       }
       const int e = tid + r * NT, row = e / CHUNK;
       if (e < TILE && e % CHUNK == 0 && c0 + row < c_end) {
-        dp.dD_part[(size_t)b * dim + c0 + row] = accD[r];
-        dp.dbias_part[(size_t)b * dim + c0 + row] = accBias[r];
+        const size_t idx = ((size_t)si * batch + b) * dim + c0 + row;
+        dp.dD_part[idx] = accD[r];
+        dp.dbias_part[idx] = accBias[r];
       }
+    }
+  }
+}
+
+// Split summaries of the backward: for every split but the first, the adjoint rho = a * lambda it passes to its
+// start when run from zero (rho_t = a_t (rho_{t+1} + gy_t C_t)), and the sum of d over it.
+template <typename T, int TPC, int NPT, int CHUNK, int NWARPS>
+__global__ void __launch_bounds__(NWARPS * 32) scan_bwd_split_kernel(const ScanParams p) {
+  constexpr int NT = NWARPS * 32;
+  constexpr int CPB = NT / TPC;
+  constexpr int NP = TPC * NPT;
+  constexpr int TILE = CPB * CHUNK;
+  constexpr int EPT = (TILE + NT - 1) / NT;
+  constexpr int BC_TILE = NP * CHUNK;
+  constexpr int BPT = (BC_TILE + NT - 1) / NT;
+  __shared__ float2 s_dg[CPB][CHUNK];                 // (d, gy)
+  __shared__ alignas(16) float2 s_c[CHUNK][NP + 2];  // (0, C): the layout load_bc reads
+
+  const int tid = threadIdx.x, c_loc = tid / TPC, k = tid % TPC;
+  const int b = blockIdx.z;
+  const int nb = gridDim.x / p.nsplit;
+  const int si = blockIdx.x / nb;
+  if (si == 0) return;  // nothing composes the first split's summary (uniform per block)
+  const int seg_start = blockIdx.y * p.seg;
+  const int c0 = seg_start + (blockIdx.x % nb) * CPB;
+  const int c_end = seg_start + p.seg;
+  const int chan = c0 + c_loc;
+  const bool chan_ok = chan < c_end;
+  const int L = p.L, N = p.N, dim = p.dim;
+  const int nchunks = (L + CHUNK - 1) / CHUNK;
+  const int c_lo = si * p.split_chunks;
+  const int c_hi = min(c_lo + p.split_chunks, nchunks);
+  const bool has_z = p.z != nullptr;
+  const T* __restrict__ zp = static_cast<const T*>(p.z);
+  const T* __restrict__ doutp = static_cast<const T*>(p.dout);
+
+  for (int di = 0; di <= (p.bidirectional ? 1 : 0); ++di) {
+    const DirParams& dp = p.dir[di];
+    const bool reverse = di == 1;
+    const int G = dp.groups;
+    const int g = c0 / (dim / G);
+    const T* __restrict__ delta = static_cast<const T*>(dp.delta);
+    const T* __restrict__ Cp = static_cast<const T*>(dp.C);
+    float A2[NPT], rho[NPT];
+#pragma unroll
+    for (int i = 0; i < NPT; ++i) {
+      const int n = k * NPT + i;
+      A2[i] = (chan_ok && n < N) ? dp.A[(size_t)chan * N + n] * kLog2e : 0.f;
+      rho[i] = 0.f;
+    }
+    float row_bias[EPT];
+#pragma unroll
+    for (int r = 0; r < EPT; ++r) {
+      const int row = (tid + r * NT) / CHUNK;
+      row_bias[r] = (tid + r * NT < TILE && c0 + row < c_end && dp.delta_bias != nullptr)
+                        ? dp.delta_bias[c0 + row] : 0.f;
+    }
+    T r_dt[EPT], r_do[EPT], r_z[EPT], r_C[BPT];
+    auto load = [&](int c) {
+#pragma unroll
+      for (int r = 0; r < EPT; ++r) {
+        const int e = tid + r * NT, row = e / CHUNK, tau = c * CHUNK + e % CHUNK;
+        const bool ok = e < TILE && tau < L && c0 + row < c_end;
+        const size_t idx = ((size_t)b * dim + c0 + row) * L + natural_t(tau, L, reverse);
+        r_dt[r] = load_or_zero(delta, idx, ok);
+        r_do[r] = load_or_zero(doutp, idx, ok);
+        r_z[r] = load_or_zero(zp, idx, ok && has_z);
+      }
+#pragma unroll
+      for (int r = 0; r < BPT; ++r) {
+        const int e = tid + r * NT, n = e / CHUNK, tau = c * CHUNK + e % CHUNK;
+        const size_t idx = (((size_t)b * G + g) * N + n) * L + natural_t(tau, L, reverse);
+        r_C[r] = load_or_zero(Cp, idx, e < BC_TILE && n < N && tau < L);
+      }
+    };
+    float sum_d = 0.f;
+    load(c_hi - 1);
+    for (int c = c_hi - 1; c >= c_lo; --c) {
+      __syncthreads();
+#pragma unroll
+      for (int r = 0; r < EPT; ++r) {
+        const int e = tid + r * NT, row = e / CHUNK, j = e % CHUNK;
+        if (e < TILE) {
+          const bool ok = c * CHUNK + j < L && c0 + row < c_end;
+          const float x = to_float(r_dt[r]) + row_bias[r];
+          float d = x, unused;
+          if (p.delta_softplus) softplus_and_grad(x, d, unused);
+          float gy = to_float(r_do[r]);
+          if (has_z) {
+            const float zz = to_float(r_z[r]);
+            gy *= zz * sigmoid(zz);
+          }
+          if (p.divide_out) gy *= 0.5f;
+          if (!ok) d = gy = 0.f;
+          s_dg[row][j] = make_float2(d, gy);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < BPT; ++r) {
+        const int e = tid + r * NT;
+        if (e < BC_TILE) s_c[e % CHUNK][e / CHUNK] = make_float2(0.f, to_float(r_C[r]));
+      }
+      __syncthreads();
+      if (c > c_lo) load(c - 1);
+#pragma unroll
+      for (int j = CHUNK - 1; j >= 0; --j) {
+        const float2 dg = s_dg[c_loc][j];
+        float2 bc[NPT];
+        load_bc<NPT>(s_c, j, k, bc);
+        sum_d += dg.x;
+#pragma unroll
+        for (int i = 0; i < NPT; ++i) rho[i] = fast_exp2(dg.x * A2[i]) * fmaf(dg.y, bc[i].y, rho[i]);
+      }
+    }
+    if (chan_ok) {
+      const size_t row = ((size_t)(di * p.nsplit + si) * p.batch + b) * dim + chan;
+#pragma unroll
+      for (int i = 0; i < NPT; ++i) {
+        const int n = k * NPT + i;
+        if (n < N) p.split_state[row * N + n] = rho[i];
+      }
+      if (k == 0) p.split_sumd[row] = sum_d;
     }
   }
 }
@@ -314,7 +448,8 @@ cudaError_t launch_bwd_config(const ScanParams& p, cudaStream_t stream) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (err != cudaSuccess) return err;
   }
-  const dim3 grid((p.seg + CPB - 1) / CPB, p.dim / p.seg, p.batch);
+  const dim3 grid((p.seg + CPB - 1) / CPB * p.nsplit, p.dim / p.seg, p.batch);
+  if (p.nsplit > 1) scan_bwd_split_kernel<T, TPC, NPT, CHUNK, NWARPS><<<grid, NWARPS * 32, 0, stream>>>(p);
   kernel<<<grid, NWARPS * 32, smem, stream>>>(p);
   return cudaGetLastError();
 }
