@@ -34,8 +34,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._backend import FLOAT_DTYPES, check_tensor, choose_backend
-from ..conv1d.reference import bi_depthwise_conv1d_silu_ref, depthwise_conv1d_silu_ref
-from ..selective_scan.reference import bi_selective_scan_ref, selective_scan_ref
+from ..conv1d import (bi_depthwise_conv1d_silu, bi_depthwise_conv1d_silu_ref, depthwise_conv1d_silu,
+                      depthwise_conv1d_silu_ref)
+from ..selective_scan import bi_selective_scan, bi_selective_scan_ref, selective_scan, selective_scan_ref
 
 BIMAMBA_TYPES = ("v2", "v1", "none")
 
@@ -182,16 +183,12 @@ class BiMamba(nn.Module):
         if self.bimamba == "v2":
             conv_w_b = self.conv1d_b.weight[:, 0, :]
             if fast:
-                from ..conv1d import bi_depthwise_conv1d_silu
-
                 x_f, x_b = bi_depthwise_conv1d_silu(x, conv_w, self.conv1d.bias, conv_w_b, self.conv1d_b.bias,
                                                     backend="triton")
             else:
                 x_f, x_b = bi_depthwise_conv1d_silu_ref(x, conv_w, self.conv1d.bias, conv_w_b, self.conv1d_b.bias)
         else:
             if fast:
-                from ..conv1d import depthwise_conv1d_silu
-
                 x_f = depthwise_conv1d_silu(x, conv_w, self.conv1d.bias, backend="triton")
             else:
                 x_f = depthwise_conv1d_silu_ref(x, conv_w, self.conv1d.bias)
@@ -209,8 +206,6 @@ class BiMamba(nn.Module):
         D, dt_bias = _fp32(self.D), _fp32(self.dt_proj.bias)
         if self.bimamba == "none":
             if fast:
-                from ..selective_scan import selective_scan
-
                 y = selective_scan(x_f, delta, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True,
                                    backend="triton")
             else:
@@ -222,8 +217,6 @@ class BiMamba(nn.Module):
                 kw.update(u_b=x_b, delta_b=delta_b, B_b=B_b, C_b=C_b, D_b=_fp32(self.D_b),
                           delta_bias_b=_fp32(self.dt_proj_b.bias))
             if fast:
-                from ..selective_scan import bi_selective_scan
-
                 y = bi_selective_scan(x_f, delta, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True,
                                       backend="triton", **kw)
             else:
