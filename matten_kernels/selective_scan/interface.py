@@ -131,11 +131,13 @@ def bi_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     """
     op = "bi_selective_scan"
     _validate(op, u, delta, A, B, C, D, z, delta_bias, None)
+    for name, Xb, X in (("u_b", u_b, u), ("delta_b", delta_b, delta), ("A_b", A_b, A)):
+        if isinstance(Xb, torch.Tensor) and Xb.shape != X.shape:
+            raise ValueError(f"{op}: {name} must have the shape of its forward twin {tuple(X.shape)}, "
+                             f"got {tuple(Xb.shape)}")
     twin = lambda b, f: f if b is None else b  # noqa: E731
     _validate(op, twin(u_b, u), twin(delta_b, delta), twin(A_b, A), twin(B_b, B), twin(C_b, C), twin(D_b, D), z,
               twin(delta_bias_b, delta_bias), None, suffix="_b")
-    if A_b is not None and A_b.shape != A.shape:
-        raise ValueError(f"{op}: A_b must have the shape of A {tuple(A.shape)}, got {tuple(A_b.shape)}")
     _check_flag(op, "delta_softplus", delta_softplus)
     _check_flag(op, "divide_out", divide_out)
     backend = choose_backend(backend, u.device, op, available=BACKENDS)

@@ -1,0 +1,212 @@
+"""torch.library custom ops over the Triton selective-scan kernels, with fake kernels and autograd.
+
+    matten::selective_scan_fwd     (u, delta, A, B, C, D?, z?, delta_bias?, initial_state?, softplus)
+                                   -> out, last_state, states
+    matten::selective_scan_bwd     -> du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state
+    matten::bi_selective_scan_fwd  (..., u_b?, delta_b?, A_b?, B_b?, C_b?, D_b?, delta_bias_b?, softplus, divide_out)
+                                   -> out, states, states_b
+    matten::bi_selective_scan_bwd  -> the gradients of all 15 tensor inputs
+
+Custom-op outputs cannot be None: a gradient that does not exist (input not given, or a ``*_b`` shared with its
+forward twin, whose gradient then already holds both directions) is returned as an empty tensor and mapped back to
+None in the autograd formula. Being opaque custom ops with fake kernels, they trace under
+``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .triton_bwd import selective_scan_bwd
+from .triton_fwd import _bc_strides, scan_config, selective_scan_fwd
+
+_BI_NAMES = ("u_b", "delta_b", "A_b", "B_b", "C_b", "D_b", "delta_bias_b")
+
+
+def _device_guard(t: Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _c(x):
+    """Small per-channel tensors (A, D, delta_bias, states) are indexed as contiguous by the kernels."""
+    return None if x is None else x.contiguous()
+
+
+def _n_chunks(u, A, B, C, extra_groups=()):
+    batch, dim, L = u.shape
+    groups = (_bc_strides(B)[0], _bc_strides(C)[0], *extra_groups)
+    _, _, CHUNK, _ = scan_config(batch, dim, A.shape[1], L, groups)
+    return -(-L // CHUNK)
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0, dtype=torch.float32)
+
+
+def _or_none(t: Tensor, present: bool):
+    return t if present else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# unidirectional
+
+
+@torch.library.custom_op("matten::selective_scan_fwd", mutates_args=())
+def selective_scan_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                          z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
+                          delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor]:
+    with _device_guard(u):
+        out, last_state, states, _ = selective_scan_fwd(u, delta, _c(A), B, C, _c(D), z, _c(delta_bias),
+                                                        _c(initial_state), delta_softplus)
+    return out, last_state, states
+
+
+@selective_scan_fwd_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    n_chunks = _n_chunks(u, A, B, C)
+    return (u.new_empty(u.shape), u.new_empty((batch, dim, N), dtype=torch.float32),
+            u.new_empty((batch, dim, n_chunks, N), dtype=torch.float32))
+
+
+@torch.library.custom_op("matten::selective_scan_bwd", mutates_args=())
+def selective_scan_bwd_op(dout: Tensor, dlast_state: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor,
+                          B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+                          delta_bias: Optional[Tensor], initial_state: Optional[Tensor], states: Tensor,
+                          delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                         Tensor, Tensor]:
+    with _device_guard(u):
+        g = selective_scan_bwd(dout, _c(dlast_state), u, delta, _c(A), B, C, _c(D), z, _c(delta_bias),
+                               initial_state, states, delta_softplus)
+    return tuple(_empty(u) if g[k] is None else g[k] for k in
+                 ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"))
+
+
+@selective_scan_bwd_op.register_fake
+def _(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, states, delta_softplus):
+    f32 = lambda x: x.new_empty(x.shape, dtype=torch.float32) if x is not None else _empty(u)  # noqa: E731
+    return (u.new_empty(u.shape), delta.new_empty(delta.shape), f32(A), B.new_empty(B.shape), C.new_empty(C.shape),
+            f32(D), z.new_empty(z.shape) if z is not None else _empty(u), f32(delta_bias), f32(initial_state))
+
+
+def _scan_setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus = inputs
+    _, _, states = output
+    # Saved: the inputs and the fp32 state at every chunk start (batch, dim, L / CHUNK, N). Recomputed in the
+    # backward: the states inside each chunk, y (for dz) and softplus(delta). Never a (batch, dim, L, N) tensor.
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, states)
+    ctx.delta_softplus = delta_softplus
+
+
+def _scan_backward(ctx, dout, dlast_state, dstates):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, states = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(u)
+    g = selective_scan_bwd_op(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, states,
+                              ctx.delta_softplus)
+    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = g
+    return (du, ddelta, dA, dB, dC, _or_none(dD, D is not None), _or_none(dz, z is not None),
+            _or_none(dbias, delta_bias is not None), _or_none(dh0, initial_state is not None), None)
+
+
+selective_scan_fwd_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+
+
+def triton_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          return_last_state=False, *, initial_state=None):
+    """The Triton backend of :func:`matten_kernels.selective_scan` (inputs already validated)."""
+    out, last_state, _ = selective_scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, initial_state,
+                                               bool(delta_softplus))
+    return (out, last_state) if return_last_state else out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bidirectional
+
+
+@torch.library.custom_op("matten::bi_selective_scan_fwd", mutates_args=())
+def bi_selective_scan_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                             z: Optional[Tensor], delta_bias: Optional[Tensor], u_b: Optional[Tensor],
+                             delta_b: Optional[Tensor], A_b: Optional[Tensor], B_b: Optional[Tensor],
+                             C_b: Optional[Tensor], D_b: Optional[Tensor], delta_bias_b: Optional[Tensor],
+                             delta_softplus: bool, divide_out: bool) -> tuple[Tensor, Tensor, Tensor]:
+    with _device_guard(u):
+        out, _, states, states_b = selective_scan_fwd(
+            u, delta, _c(A), B, C, _c(D), z, _c(delta_bias), None, delta_softplus, u_b=u_b, delta_b=delta_b,
+            A_b=_c(A_b), B_b=B_b, C_b=C_b, D_b=_c(D_b), delta_bias_b=_c(delta_bias_b), bidirectional=True,
+            divide_out=divide_out)
+    return out, states, states_b
+
+
+def _bi_groups(B, C, B_b, C_b):
+    return (_bc_strides(B if B_b is None else B_b)[0], _bc_strides(C if C_b is None else C_b)[0])
+
+
+@bi_selective_scan_fwd_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b, delta_softplus,
+      divide_out):
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    n_chunks = _n_chunks(u, A, B, C, _bi_groups(B, C, B_b, C_b))
+    states = u.new_empty((batch, dim, n_chunks, N), dtype=torch.float32)
+    return u.new_empty(u.shape), states, states.new_empty(states.shape)
+
+
+_BI_GRAD_ORDER = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias") + _BI_NAMES
+
+
+@torch.library.custom_op("matten::bi_selective_scan_bwd", mutates_args=())
+def bi_selective_scan_bwd_op(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                             D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
+                             u_b: Optional[Tensor], delta_b: Optional[Tensor], A_b: Optional[Tensor],
+                             B_b: Optional[Tensor], C_b: Optional[Tensor], D_b: Optional[Tensor],
+                             delta_bias_b: Optional[Tensor], states: Tensor, states_b: Tensor,
+                             delta_softplus: bool, divide_out: bool) -> list[Tensor]:
+    with _device_guard(u):
+        g = selective_scan_bwd(dout, None, u, delta, _c(A), B, C, _c(D), z, _c(delta_bias), None, states,
+                               delta_softplus, u_b=u_b, delta_b=delta_b, A_b=_c(A_b), B_b=B_b, C_b=C_b, D_b=_c(D_b),
+                               delta_bias_b=_c(delta_bias_b), states_b=states_b, bidirectional=True,
+                               divide_out=divide_out)
+    return [_empty(u) if g[k] is None else g[k] for k in _BI_GRAD_ORDER]
+
+
+@bi_selective_scan_bwd_op.register_fake
+def _(dout, u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b, states, states_b,
+      delta_softplus, divide_out):
+    inputs = (u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b)
+    fp32_names = {"A", "D", "delta_bias", "A_b", "D_b", "delta_bias_b"}
+    return [_empty(u) if x is None else x.new_empty(x.shape, dtype=torch.float32 if k in fp32_names else x.dtype)
+            for k, x in zip(_BI_GRAD_ORDER, inputs)]
+
+
+def _bi_setup_context(ctx, inputs, output):
+    *tensors, delta_softplus, divide_out = inputs
+    _, states, states_b = output
+    # Saved: the inputs and both directions' fp32 chunk-start states; everything inside a chunk is recomputed.
+    ctx.save_for_backward(*tensors, states, states_b)
+    ctx.present = [t is not None for t in tensors]
+    ctx.flags = (delta_softplus, divide_out)
+
+
+def _bi_backward(ctx, dout, dstates, dstates_b):
+    *tensors, states, states_b = ctx.saved_tensors
+    grads = bi_selective_scan_bwd_op(dout, *tensors, states, states_b, *ctx.flags)
+    # a missing *_b (shared with its forward twin) has its gradient inside the twin's: None here
+    return (*[g if p else None for g, p in zip(grads, ctx.present)], None, None)
+
+
+bi_selective_scan_fwd_op.register_autograd(_bi_backward, setup_context=_bi_setup_context)
+
+
+def triton_bi_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *,
+                             u_b=None, delta_b=None, A_b=None, B_b=None, C_b=None, D_b=None, delta_bias_b=None,
+                             divide_out=False):
+    """The Triton backend of :func:`matten_kernels.bi_selective_scan` (inputs already validated)."""
+    out, _, _ = bi_selective_scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b,
+                                         delta_bias_b, bool(delta_softplus), bool(divide_out))
+    return out

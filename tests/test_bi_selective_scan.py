@@ -1,0 +1,139 @@
+"""bi_selective_scan: ref and triton (interpreter) vs a float64 composition of two sequential scans with explicit flips.
+
+    expected = (y_f + flip(scan(flip(inputs_b)))) [/ 2] [* silu(z)]      (scan64 of test_selective_scan, float64)
+
+Modes: v2 (every *_b given), v1 (only A_b), shared (no *_b). Tolerance rule as test_selective_scan.py:
+max |got - ref| <= 1e-4 * max(1, max |ref|) for the output and every gradient (random cotangent), errors logged first.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from matten_kernels import bi_selective_scan
+
+from test_selective_scan import check, make_inputs, scan64
+
+FWD = ("u", "delta", "A", "B", "C", "D", "delta_bias")
+BWD = tuple(k + "_b" for k in FWD)
+
+
+def composition64(x, xb, z, softplus, divide_out):
+    """Vim-style: scan the forward inputs; flip the backward inputs, scan, flip back; add; gate once."""
+    twin = {k: (xb.get(k + "_b") if xb.get(k + "_b") is not None else x[k]) for k in FWD}
+    y_f, _ = scan64(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], None, x["delta_bias"], softplus)
+    flip = lambda t: None if t is None else t.flip(-1)  # noqa: E731
+    y_b, _ = scan64(flip(twin["u"]), flip(twin["delta"]), twin["A"], flip(twin["B"]), flip(twin["C"]), twin["D"],
+                    None, twin["delta_bias"], softplus)
+    y = y_f + y_b.flip(-1)
+    if divide_out:
+        y = y / 2
+    if z is not None:
+        y = y * F.silu(z)
+    return y
+
+
+def make_bi(batch, dim, L, N, G, mode, *, D=True, z=True, bias=True):
+    x = make_inputs(batch, dim, L, N, G, D=D, z=z, bias=bias, seed=0)
+    other = make_inputs(batch, dim, L, N, G, D=D, z=False, bias=bias, seed=1)
+    if mode == "v2":
+        xb = {k + "_b": other[k] for k in FWD}
+    elif mode == "v1":
+        xb = {"A_b": other["A"]}
+    else:
+        xb = {}
+    return x, xb
+
+
+def run_bi(backend, x, xb, softplus, divide_out, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    req = lambda v, dt=None: None if v is None else (v.clone() if dt is None else v.double()).requires_grad_()  # noqa
+    lx = {k: req(v) for k, v in x.items() if k != "initial_state"}
+    lxb = {k: req(v) for k, v in xb.items()}
+    dx = {k: req(v, 1) for k, v in x.items() if k != "initial_state"}
+    dxb = {k: req(v, 1) for k, v in xb.items()}
+    out = bi_selective_scan(*(lx[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")), softplus,
+                            **lxb, divide_out=divide_out, backend=backend)
+    ref = composition64({k: dx[k] for k in FWD}, dxb, dx["z"], softplus, divide_out)
+    check("out", out, ref)
+    dout = torch.randn(out.shape, generator=g)
+    out.backward(dout)
+    ref.backward(dout.double())
+    for k, v in list(lx.items()) + list(lxb.items()):
+        if v is not None:
+            check(f"d{k}", v.grad, (dx.get(k) if k in dx else dxb[k]).grad)
+
+
+@pytest.mark.parametrize("mode", ["v2", "v1", "shared"])
+@pytest.mark.parametrize("shape", [pytest.param((2, 3, 17, 4, None), id="L17"),
+                                   pytest.param((1, 4, 130, 2, 2), id="L130-G2")])
+def test_bi_ref_matches_composition(mode, shape):
+    x, xb = make_bi(*shape, mode)
+    run_bi("ref", x, xb, True, mode == "v1")
+
+
+@pytest.mark.parametrize("mode, shape, opts", [
+    pytest.param("v2", (2, 5, 40, 4, None), (True, True, True, True, True), id="v2-L40-dim5-all-on"),
+    pytest.param("v1", (1, 4, 130, 2, 2), (True, False, True, True, False), id="v1-L130-G2-noz"),
+    pytest.param("shared", (1, 3, 1, 1, None), (False, True, False, False, True), id="shared-L1-N1-z-half"),
+    pytest.param("shared", (1, 3, 66, 3, None), (True, True, True, True, False), id="shared-L66-all-on"),
+])
+def test_bi_triton_matches_composition(mode, shape, opts):
+    D, z, bias, softplus, divide_out = opts
+    x, xb = make_bi(*shape, mode, D=D, z=z, bias=bias)
+    run_bi("triton", x, xb, softplus, divide_out)
+
+
+def test_bi_triton_deterministic_mode_matches():
+    x, xb = make_bi(1, 4, 40, 3, None, "v2")
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        run_bi("triton", x, xb, True, False)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+def test_bi_validation_errors():
+    x, xb = make_bi(2, 4, 8, 3, None, "v2")
+    base = [x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    cases = [("u_b", dict(u_b=torch.randn(2, 4, 9)), ValueError),
+             ("A_b", dict(A_b=torch.randn(4, 3, dtype=torch.float64)), TypeError),
+             ("A_b", dict(A_b=torch.randn(4, 5)), ValueError),
+             ("B_b", dict(B_b=torch.randn(2, 3, 3, 8)), ValueError),
+             ("D_b", dict(D_b=torch.randn(3)), ValueError),
+             ("delta_bias_b", dict(delta_bias_b=torch.randn(4).half()), TypeError),
+             ("divide_out", dict(divide_out=1), TypeError)]
+    for name, over, exc in cases:
+        with pytest.raises(exc, match=name):
+            bi_selective_scan(*base, backend="ref", **over)
+
+
+def test_bi_opcheck_and_compile():
+    from matten_kernels.selective_scan._ops import bi_selective_scan_fwd_op
+
+    x, xb = make_bi(1, 3, 6, 2, None, "v1")
+    args = tuple(v.clone().requires_grad_() if v is not None else None for v in
+                 [x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")] +
+                 [xb.get(k) for k in BWD]) + (True, True)
+    res = torch.library.opcheck(bi_selective_scan_fwd_op, args)
+    assert all(v == "SUCCESS" for v in res.values()), res
+
+    torch._dynamo.reset()
+
+    def f(u, delta, A, B, C, A_b):
+        return bi_selective_scan(u, delta, A, B, C, A_b=A_b, delta_softplus=True, backend="triton").square().sum()
+
+    leaves = [x[k].clone().requires_grad_() for k in ("u", "delta", "A", "B", "C")] + [xb["A_b"].clone()
+                                                                                     .requires_grad_()]
+    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves)
+    loss.backward()
+    grads = [v.grad.clone() for v in leaves]
+    for v in leaves:
+        v.grad = None
+    f(*leaves).backward()
+    check("compiled loss", loss.detach(), f(*leaves).detach())
+    for g1, v in zip(grads, leaves):
+        check("compiled grad", g1, v.grad)

@@ -1,0 +1,273 @@
+"""selective_scan: ref and triton (interpreter on the CPU) vs an independent float64 sequential scan.
+
+Tolerance rule: inputs are drawn in fp32; the float64 reference (written here, a plain loop over time) sees the same
+values upcast. A backend passes when, for the output, last_state and every gradient,
+    max |got - ref| <= TOL * max(1, max |ref|)        TOL = 1e-4 (fp32 arithmetic lands near 1e-6 here)
+and nothing is NaN. Max and mean errors are logged before asserting. Gradients use random cotangents for out and
+last_state. GPU dtype checks (mamba_ssm's table) live in test_selective_scan_gpu.py.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from matten_kernels import selective_scan, selective_scan_ref
+
+log = logging.getLogger(__name__)
+TOL = 1e-4
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def scan64(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=False, initial_state=None, reverse=False):
+    """Independent float64 sequential scan: out (pre-cast, float64) and the last state. Differentiable."""
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    dt = delta + (delta_bias[:, None] if delta_bias is not None else 0)
+    if softplus:
+        dt = torch.where(dt > 20, dt, torch.log1p(torch.exp(dt)))
+
+    def per_channel(X):  # (batch, [G,] N, L) -> (batch, dim, N, L)
+        if X.dim() == 3:
+            return X[:, None].expand(batch, dim, N, L)
+        G = X.shape[1]
+        idx = torch.arange(dim) // (dim // G)
+        return X[:, idx]
+
+    Bc, Cc = per_channel(B), per_channel(C)
+    h = initial_state if initial_state is not None else torch.zeros(batch, dim, N, dtype=u.dtype)
+    ys = {}
+    for t in (reversed(range(L)) if reverse else range(L)):
+        h = torch.exp(dt[..., t, None] * A) * h + (dt[..., t] * u[..., t])[..., None] * Bc[..., t]
+        ys[t] = (h * Cc[..., t]).sum(-1)
+    y = torch.stack([ys[t] for t in range(L)], -1)
+    if D is not None:
+        y = y + D[:, None] * u
+    if z is not None:
+        y = y * F.silu(z)
+    return y, h
+
+
+def make_inputs(batch, dim, L, N, G=None, *, D=True, z=True, bias=True, h0=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    bc = (batch, N, L) if G is None else (batch, G, N, L)
+    x = dict(u=r(batch, dim, L), delta=0.5 * r(batch, dim, L), A=-torch.rand(dim, N, generator=g) * 2 - 0.1,
+             B=r(*bc), C=r(*bc), D=r(dim) if D else None, z=r(batch, dim, L) if z else None,
+             delta_bias=0.1 * r(dim) if bias else None, initial_state=r(batch, dim, N) if h0 else None)
+    return x
+
+
+def check(name, got, ref, tol=TOL):
+    assert got is not None and ref is not None, f"{name}: missing gradient"
+    err = (got.double() - ref.double()).abs()
+    scale = max(1.0, ref.abs().max().item())
+    log.info("%s: max err %.2e, mean err %.2e, max|ref| %.2e", name, err.max().item(), err.mean().item(), scale)
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    assert err.max().item() <= tol * scale, f"{name}: max err {err.max().item():.3e} > {tol * scale:.3e}"
+
+
+def run_case(backend, x, softplus, with_last, seed=1):
+    """Forward + backward of the public op vs scan64, every present input's gradient compared."""
+    g = torch.Generator().manual_seed(seed)
+    leaves = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}
+    leaves64 = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in x.items()}
+    res = selective_scan(*(leaves[k] for k in NAMES[:8]), softplus, with_last,
+                         initial_state=leaves["initial_state"], backend=backend)
+    out, last = res if with_last else (res, None)
+    ref_out, ref_last = scan64(*(leaves64[k] for k in NAMES[:8]), softplus, leaves64["initial_state"])
+    check("out", out, ref_out)
+    assert out.dtype == x["u"].dtype and out.shape == x["u"].shape
+    dout = torch.randn(out.shape, generator=g)
+    if with_last:
+        assert last.dtype == torch.float32
+        check("last_state", last, ref_last)
+        dlast = torch.randn(last.shape, generator=g)
+        torch.autograd.backward([out, last], [dout, dlast])
+        torch.autograd.backward([ref_out, ref_last], [dout.double(), dlast.double()])
+    else:
+        out.backward(dout)
+        ref_out.backward(dout.double())
+    for k in NAMES:
+        if x[k] is not None:
+            check(f"d{k}", leaves[k].grad, leaves64[k].grad)
+
+
+# (batch, dim, L, N, G): L = 1, 17 (one partial chunk), 130 and 257 (several chunks, partial last); dim 5 is not a
+# multiple of any channel tile; N = 1 and 16; G = 1 (3-d B/C) and 2 groups.
+SHAPES = [
+    pytest.param((1, 3, 1, 1, None), id="L1-N1"),
+    pytest.param((2, 5, 17, 16, None), id="L17-N16-dim5"),
+    pytest.param((1, 4, 130, 4, 2), id="L130-G2"),
+    pytest.param((1, 3, 257, 2, None), id="L257"),
+]
+# options: (D, z, delta_bias, softplus, initial_state, return_last_state)
+OPTIONS = [
+    pytest.param((True, True, True, True, True, True), id="all-on"),
+    pytest.param((False, False, False, False, False, False), id="all-off"),
+    pytest.param((True, False, True, True, False, True), id="D-bias-softplus-last"),
+    pytest.param((False, True, False, False, True, False), id="z-h0"),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("opts", OPTIONS)
+def test_ref_matches_float64(shape, opts):
+    Dz, z, bias, sp, h0, last = opts
+    x = make_inputs(*shape, D=Dz, z=z, bias=bias, h0=h0)
+    run_case("ref", x, sp, last)
+
+
+@pytest.mark.parametrize("shape, opts", [
+    pytest.param((1, 3, 1, 1, None), OPTIONS[0].values[0], id="L1-N1-all-on"),
+    pytest.param((2, 5, 17, 16, None), OPTIONS[0].values[0], id="L17-N16-dim5-all-on"),
+    pytest.param((2, 5, 17, 4, None), OPTIONS[1].values[0], id="L17-dim5-all-off"),
+    pytest.param((1, 4, 130, 4, 2), OPTIONS[2].values[0], id="L130-G2-D-bias-softplus-last"),
+    pytest.param((1, 3, 257, 2, None), OPTIONS[3].values[0], id="L257-z-h0"),
+    pytest.param((1, 6, 70, 3, 3), OPTIONS[0].values[0], id="L70-G3-all-on"),
+])
+def test_triton_matches_float64(shape, opts):
+    Dz, z, bias, sp, h0, last = opts
+    x = make_inputs(*shape, D=Dz, z=z, bias=bias, h0=h0)
+    run_case("triton", x, sp, last)
+
+
+def test_triton_noncontiguous_inputs():
+    """Views with stride(-1) != 1 (a (batch, L, dim) buffer transposed) and a sliced A go through unchanged."""
+    batch, dim, L, N = 2, 4, 40, 3
+    x = make_inputs(batch, dim, L, N, h0=True)
+    for k in ("u", "delta", "z"):
+        x[k] = x[k].transpose(1, 2).contiguous().transpose(1, 2)
+    for k in ("B", "C"):
+        x[k] = x[k].transpose(1, 2).contiguous().transpose(1, 2)
+    x["A"] = torch.cat([x["A"], x["A"]], 1)[:, ::2]
+    assert not x["u"].is_contiguous() and not x["B"].is_contiguous() and not x["A"].is_contiguous()
+    run_case("triton", x, True, True)
+
+
+def test_triton_deterministic_mode_matches():
+    """torch.use_deterministic_algorithms(True): per-tile dB/dC partials instead of atomics; same values."""
+    x = make_inputs(2, 5, 40, 4, G=None, h0=True)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        run_case("triton", x, True, True)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+def test_ref_against_scan64_float64_inputs():
+    """The library reference run in float64 (how other tests use it) agrees with the independent loop."""
+    x = make_inputs(2, 3, 33, 5, G=None, h0=True)
+    x64 = {k: v.double() if v is not None and k not in ("A", "D", "delta_bias") else v for k, v in x.items()}
+    out, last = selective_scan_ref(*(x64[k] for k in NAMES[:8]), True, True, initial_state=x["initial_state"])
+    ref_out, ref_last = scan64(*(x[k].double() if x[k] is not None else None for k in NAMES[:8]), True,
+                               x["initial_state"].double())
+    check("out", out, ref_out, 1e-10)
+    check("last", last, ref_last, 1e-10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation
+
+
+def _good(**over):
+    x = make_inputs(2, 4, 8, 3, h0=True)
+    x.update(over)
+    return x
+
+
+BAD = [
+    ("u", dict(u=torch.randn(2, 4)), ValueError),
+    ("delta", dict(delta=torch.randn(2, 4, 9)), ValueError),
+    ("delta", dict(delta=torch.randn(2, 4, 8, dtype=torch.float64)), TypeError),
+    ("A", dict(A=torch.randn(4, 3, dtype=torch.float64)), TypeError),
+    ("A", dict(A=torch.randn(5, 3)), ValueError),
+    ("A", dict(A=torch.randn(4, 257)), ValueError),
+    ("B", dict(B=torch.randn(2, 3, 9)), ValueError),
+    ("B", dict(B=torch.randn(2, 3, 3, 8)), ValueError),  # dim 4 % G 3 != 0
+    ("C", dict(C=torch.randn(2, 8)), ValueError),
+    ("C", dict(C=torch.randn(2, 3, 8).half()), TypeError),
+    ("D", dict(D=torch.randn(4).half()), TypeError),
+    ("D", dict(D=torch.randn(5)), ValueError),
+    ("delta_bias", dict(delta_bias=torch.randn(4, dtype=torch.float64)), TypeError),
+    ("z", dict(z=torch.randn(2, 4, 7)), ValueError),
+    ("initial_state", dict(initial_state=torch.randn(2, 4, 4)), ValueError),
+    ("initial_state", dict(initial_state=torch.randn(2, 4, 3).half()), TypeError),
+    ("u", dict(u=torch.randn(2, 4, 8, dtype=torch.float64), delta=torch.randn(2, 4, 8, dtype=torch.float64)),
+     TypeError),
+]
+
+
+@pytest.mark.parametrize("name, over, exc", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_validation_errors(name, over, exc):
+    x = _good(**over)
+    with pytest.raises(exc, match=name):
+        selective_scan(*(x[k] for k in NAMES[:8]), initial_state=x["initial_state"], backend="ref")
+
+
+def test_validation_L0_and_backend():
+    x = _good()
+    with pytest.raises(ValueError, match="L == 0"):
+        e = torch.empty(2, 4, 0)
+        selective_scan(e, e, x["A"], torch.empty(2, 3, 0), torch.empty(2, 3, 0), backend="ref")
+    with pytest.raises(ValueError, match="backend"):
+        selective_scan(*(x[k] for k in NAMES[:5]), backend="nope")
+    with pytest.raises(TypeError, match="delta_softplus"):
+        selective_scan(*(x[k] for k in NAMES[:5]), delta_softplus="yes", backend="ref")
+
+
+def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
+    x = _good()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        selective_scan(*(x[k] for k in NAMES[:5]), backend="triton")
+
+
+def test_cuda_backend_without_extension_raises_clearly():
+    x = _good()
+    with pytest.raises((NotImplementedError, RuntimeError, ImportError, ValueError), match="(?i)cuda"):
+        selective_scan(*(x[k] for k in NAMES[:5]), backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.library registration
+
+
+def test_opcheck_fwd_op():
+    from matten_kernels.selective_scan._ops import selective_scan_fwd_op
+
+    x = make_inputs(1, 3, 5, 2, h0=True)
+    args = tuple(x[k].requires_grad_() if x[k] is not None else None for k in NAMES) + (True,)
+    # test_aot_dispatch_dynamic is exercised by test_torch_compile_fullgraph below (it costs minutes here)
+    res = torch.library.opcheck(selective_scan_fwd_op, args,
+                                test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    log.info("opcheck: %s", res)
+    assert all(v == "SUCCESS" for v in res.values()), res
+
+
+def test_torch_compile_fullgraph():
+    """A function calling selective_scan traces whole (fake kernels + autograd); aot_eager keeps it fast on CPU."""
+    torch._dynamo.reset()
+    x = make_inputs(1, 3, 20, 2, h0=True)
+    leaves = {k: v.clone().requires_grad_() for k, v in x.items() if v is not None}
+
+    def f(u, delta, A, B, C, D, z, delta_bias, h0):
+        out, last = selective_scan(u * 1.5, delta, A, B, C, D, z, delta_bias, True, True, initial_state=h0,
+                                   backend="triton")
+        return out.square().sum() + last.sum()
+
+    args = [leaves[k] for k in NAMES]
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss = compiled(*args)
+    loss.backward()
+    grads = [a.grad.clone() for a in args]
+    for a in args:
+        a.grad = None
+    f(*args).backward()
+    check("compiled loss", loss.detach(), f(*args).detach())
+    for k, g1, a in zip(NAMES, grads, args):
+        check(f"compiled d{k}", g1, a.grad)
