@@ -94,22 +94,22 @@ def _dwconv_silu_bwd_kernel(
     w2 = _tap(p_w, o_d, m_d, stride_w_d, stride_w_k, 2, K, BLOCK_D)[:, None]
     w3 = _tap(p_w, o_d, m_d, stride_w_d, stride_w_k, 3, K, BLOCK_D)[:, None]
     b_bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None]
-    b_dw0 = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    b_dw1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    b_dw2 = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    b_dw3 = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    b_dbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    b_dw0 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    b_dw1 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    b_dw2 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    b_dw3 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    b_dbias = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
     if BIDIR:
         u0 = _tap(p_w_b, o_d, m_d, stride_wb_d, stride_wb_k, 0, K, BLOCK_D)[:, None]
         u1 = _tap(p_w_b, o_d, m_d, stride_wb_d, stride_wb_k, 1, K, BLOCK_D)[:, None]
         u2 = _tap(p_w_b, o_d, m_d, stride_wb_d, stride_wb_k, 2, K, BLOCK_D)[:, None]
         u3 = _tap(p_w_b, o_d, m_d, stride_wb_d, stride_wb_k, 3, K, BLOCK_D)[:, None]
         b_bias_b = tl.load(p_bias_b + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None]
-        b_du0 = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        b_du1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        b_du2 = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        b_du3 = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        b_dbias_b = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        b_du0 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+        b_du1 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+        b_du2 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+        b_du3 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+        b_dbias_b = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
 
     for i_t in range(0, TILES_PER_PROG):
         o_l = (i_c * TILES_PER_PROG + i_t) * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -124,11 +124,11 @@ def _dwconv_silu_bwd_kernel(
         # causal direction: g_f at t + m (m = 0..3) reaches dx[t] through w[3-m]
         g0 = _gate(b_bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0, p_dy_rows, o_l, stride_dy_l, m_d, L)
         b_dx = w3 * g0
-        b_dbias += tl.sum(g0, axis=1)
-        b_dw0 += tl.sum(g0 * xm3, axis=1)
-        b_dw1 += tl.sum(g0 * xm2, axis=1)
-        b_dw2 += tl.sum(g0 * xm1, axis=1)
-        b_dw3 += tl.sum(g0 * x0, axis=1)
+        b_dbias += g0
+        b_dw0 += g0 * xm3
+        b_dw1 += g0 * xm2
+        b_dw2 += g0 * xm1
+        b_dw3 += g0 * x0
         b_dx += w2 * _gate(b_bias + w0 * xm2 + w1 * xm1 + w2 * x0 + w3 * xp1, p_dy_rows, o_l + 1, stride_dy_l, m_d, L)
         b_dx += w1 * _gate(b_bias + w0 * xm1 + w1 * x0 + w2 * xp1 + w3 * xp2, p_dy_rows, o_l + 2, stride_dy_l, m_d, L)
         b_dx += w0 * _gate(b_bias + w0 * x0 + w1 * xp1 + w2 * xp2 + w3 * xp3, p_dy_rows, o_l + 3, stride_dy_l, m_d, L)
@@ -136,11 +136,11 @@ def _dwconv_silu_bwd_kernel(
             # anti-causal direction: g_b at t - m reaches dx[t] through u[3-m]
             gb0 = _gate(b_bias_b + u3 * x0 + u2 * xp1 + u1 * xp2 + u0 * xp3, p_dyb_rows, o_l, stride_dyb_l, m_d, L)
             b_dx += u3 * gb0
-            b_dbias_b += tl.sum(gb0, axis=1)
-            b_du3 += tl.sum(gb0 * x0, axis=1)
-            b_du2 += tl.sum(gb0 * xp1, axis=1)
-            b_du1 += tl.sum(gb0 * xp2, axis=1)
-            b_du0 += tl.sum(gb0 * xp3, axis=1)
+            b_dbias_b += gb0
+            b_du3 += gb0 * x0
+            b_du2 += gb0 * xp1
+            b_du1 += gb0 * xp2
+            b_du0 += gb0 * xp3
             b_dx += u2 * _gate(b_bias_b + u3 * xm1 + u2 * x0 + u1 * xp1 + u0 * xp2,
                                p_dyb_rows, o_l - 1, stride_dyb_l, m_d, L)
             b_dx += u1 * _gate(b_bias_b + u3 * xm2 + u2 * xm1 + u1 * x0 + u0 * xp1,
@@ -150,28 +150,29 @@ def _dwconv_silu_bwd_kernel(
         m_out = m_d[:, None] & (o_l < L)[None, :]
         tl.store(p_dx_rows + o_l[None, :] * stride_dx_l, b_dx.to(p_dx.dtype.element_ty), mask=m_out)
 
-    # This program's partial sums go to row (i_c * batch + i_b) of the (chunks*batch, D, K) / (chunks*batch, D)
+    # This program's partial sums (kept per position in the loop, reduced over L once here: no per-tile
+    # cross-warp reductions) go to row (i_c * batch + i_b) of the (chunks*batch, D, K) / (chunks*batch, D)
     # buffers; padded tap J is weight column J - (4-K).
     row = (i_c * n_b + i_b).to(tl.int64)
     p_dw_row = p_dw_part + row * D * K + o_d * K - (4 - K)
-    tl.store(p_dbias_part + row * D + o_d, b_dbias, mask=m_d)
+    tl.store(p_dbias_part + row * D + o_d, tl.sum(b_dbias, axis=1), mask=m_d)
     if K >= 4:
-        tl.store(p_dw_row + 0, b_dw0, mask=m_d)
+        tl.store(p_dw_row + 0, tl.sum(b_dw0, axis=1), mask=m_d)
     if K >= 3:
-        tl.store(p_dw_row + 1, b_dw1, mask=m_d)
+        tl.store(p_dw_row + 1, tl.sum(b_dw1, axis=1), mask=m_d)
     if K >= 2:
-        tl.store(p_dw_row + 2, b_dw2, mask=m_d)
-    tl.store(p_dw_row + 3, b_dw3, mask=m_d)
+        tl.store(p_dw_row + 2, tl.sum(b_dw2, axis=1), mask=m_d)
+    tl.store(p_dw_row + 3, tl.sum(b_dw3, axis=1), mask=m_d)
     if BIDIR:
         p_dwb_row = p_dwb_part + row * D * K + o_d * K - (4 - K)
-        tl.store(p_dbiasb_part + row * D + o_d, b_dbias_b, mask=m_d)
+        tl.store(p_dbiasb_part + row * D + o_d, tl.sum(b_dbias_b, axis=1), mask=m_d)
         if K >= 4:
-            tl.store(p_dwb_row + 0, b_du0, mask=m_d)
+            tl.store(p_dwb_row + 0, tl.sum(b_du0, axis=1), mask=m_d)
         if K >= 3:
-            tl.store(p_dwb_row + 1, b_du1, mask=m_d)
+            tl.store(p_dwb_row + 1, tl.sum(b_du1, axis=1), mask=m_d)
         if K >= 2:
-            tl.store(p_dwb_row + 2, b_du2, mask=m_d)
-        tl.store(p_dwb_row + 3, b_du3, mask=m_d)
+            tl.store(p_dwb_row + 2, tl.sum(b_du2, axis=1), mask=m_d)
+        tl.store(p_dwb_row + 3, tl.sum(b_du3, axis=1), mask=m_d)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -181,18 +182,18 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _bwd_config(x: torch.Tensor):
-    """(BLOCK_D, BLOCK_L, num_warps). The body keeps seven x tiles, up to eight dy tiles, eight weight columns and ten
-    per-channel partial sums live, all scaling with the elements a thread owns, so tiles are small: two elements a
-    thread (8 warps) compiles to 127 registers and no spills on sm_90 (four elements a thread already needs ~240,
-    eight spill). Channel-fastest x: 64 channels x 8 positions (128 B rows); L-fastest x: 32 x 32."""
+    """(BLOCK_D, BLOCK_L, num_warps). The body keeps seven x tiles, up to eight dy tiles and ten partial-sum tiles
+    live, all scaling with the elements a thread owns, so tiles are small: two elements a thread at 8 warps.
+    Channel-fastest x: 64 channels x 8 positions (128 B rows), 97 registers a thread on sm_90, no spills;
+    L-fastest x: 8 x 64, 80 registers. (Four elements a thread already needs 160-200 registers.)"""
     _, D, L = x.shape
     if x.stride(1) == 1:
         block_d, block_l = 64, 8
     else:
-        block_d, block_l = 32, 32
+        block_d, block_l = 8, 64
     if triton_interpreting():  # registers do not matter there; bigger tiles mean fewer (slow) Python programs
         block_d, block_l = 32, 32
-    block_d = min(block_d, max(16, triton.next_power_of_2(D)))
+    block_d = min(block_d, max(8, triton.next_power_of_2(D)))
     block_l = min(block_l, max(8, triton.next_power_of_2(L)))
     return block_d, block_l, 8
 
