@@ -484,7 +484,36 @@ def _bi_dwconv_bwd_flop(dy, dy_b, x, weight, bias, weight_b, bias_b, *args, out_
     return 4 * _dwconv_fwd_flop(x, weight, bias)
 
 
+def _scan_fwd_flop(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, *args, out_shape=None,
+                   **kwargs):
+    batch, dim, length = u
+    return scan_flops(batch, dim, length, A[1], bidirectional=False, has_z=z is not None, has_d=D is not None,
+                      has_bias=delta_bias is not None, softplus=bool(delta_softplus))
+
+
+def _scan_bwd_flop(dout, dlast_state, u, delta, A, B, C, *args, out_shape=None, **kwargs):
+    batch, dim, length = u
+    z = args[1] if len(args) > 1 else kwargs.get("z")
+    return scan_bwd_flops(batch, dim, length, A[1], bidirectional=False, has_z=z is not None)
+
+
+def _bi_scan_fwd_flop(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b,
+                      delta_softplus, divide_out, *args, out_shape=None, **kwargs):
+    batch, dim, length = u
+    return scan_flops(batch, dim, length, A[1], bidirectional=True, has_z=z is not None, divide_out=bool(divide_out),
+                      has_d=D is not None, has_bias=delta_bias is not None, softplus=bool(delta_softplus))
+
+
+def _bi_scan_bwd_flop(dout, u, delta, A, B, C, D, z, *args, out_shape=None, **kwargs):
+    batch, dim, length = u
+    return scan_bwd_flops(batch, dim, length, A[1], bidirectional=True, has_z=z is not None)
+
+
 _OP_FORMULAS = {
+    "selective_scan_fwd": _scan_fwd_flop,
+    "selective_scan_bwd": _scan_bwd_flop,
+    "bi_selective_scan_fwd": _bi_scan_fwd_flop,
+    "bi_selective_scan_bwd": _bi_scan_bwd_flop,
     "video_attention_fwd": _video_attention_fwd_flop,
     "video_attention_bwd": _video_attention_bwd_flop,
     "depthwise_conv1d_silu_fwd": _dwconv_fwd_flop,
