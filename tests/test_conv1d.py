@@ -23,6 +23,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS32 = torch.finfo(torch.float32).eps
 
 
+def _randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype, device=DEVICE)
+
+
 def _make_x(batch, channels, L, layout, dtype=torch.float32, device=DEVICE):
     """x (batch, channels, L) with the given memory layout, as the mixer or a user would pass it."""
     if layout == "contiguous":
@@ -108,9 +112,9 @@ def test_anticausal_is_flipped_causal_and_natural_order_formula():
     formula x_b[t] = silu(bias_b + sum_i weight_b[k-1-i] * x[t+i]) that the kernels implement, and that the kernel's
     causal half is nn.Conv1d(padding=k-1) truncated to L."""
     batch, channels, L, k = 2, 6, 11, 4
-    x = torch.randn(batch, channels, L, dtype=torch.float64)
-    w, b, wb, bb = torch.randn(channels, k, dtype=torch.float64), torch.randn(channels, dtype=torch.float64), \
-        torch.randn(channels, k, dtype=torch.float64), torch.randn(channels, dtype=torch.float64)
+    x = _randn(batch, channels, L, dtype=torch.float64)
+    w, b, wb, bb = _randn(channels, k, dtype=torch.float64), _randn(channels, dtype=torch.float64), \
+        _randn(channels, k, dtype=torch.float64), _randn(channels, dtype=torch.float64)
     x_f, x_b = bi_depthwise_conv1d_silu_ref(x, w, b, wb, bb)
     xpad = torch.nn.functional.pad(x, (k - 1, k - 1))  # x = 0 outside [0, L)
     expect_b = torch.stack([bb + sum(wb[:, k - 1 - i] * xpad[..., k - 1 + t + i] for i in range(k))
@@ -118,7 +122,7 @@ def test_anticausal_is_flipped_causal_and_natural_order_formula():
     expect_f = torch.stack([b + sum(w[:, j] * xpad[..., t + j] for j in range(k)) for t in range(L)], dim=-1)
     torch.testing.assert_close(x_b, torch.nn.functional.silu(expect_b), rtol=0, atol=1e-12)
     torch.testing.assert_close(x_f, torch.nn.functional.silu(expect_f), rtol=0, atol=1e-12)
-    conv = torch.nn.Conv1d(channels, channels, k, groups=channels, padding=k - 1).double()
+    conv = torch.nn.Conv1d(channels, channels, k, groups=channels, padding=k - 1).double().to(DEVICE)
     with torch.no_grad():
         conv.weight.copy_(w[:, None, :])
         conv.bias.copy_(b)
@@ -130,7 +134,7 @@ def test_anticausal_is_flipped_causal_and_natural_order_formula():
 def test_one_output_unused_and_layout():
     """Only x_f reaches the loss: x_b's gradient is None and contributes nothing. Output layout follows x."""
     x = _make_x(2, 9, 13, "in_proj")
-    params = [torch.randn(9, 4), torch.randn(9), torch.randn(9, 4), torch.randn(9)]
+    params = [_randn(9, 4), _randn(9), _randn(9, 4), _randn(9)]
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, *params)]
     x_f, x_b = bi_depthwise_conv1d_silu(*leaves, backend="triton")
     assert x_f.stride(1) == 1 and x_b.stride(1) == 1  # (batch, L, channels) memory, ready for x_proj
@@ -148,12 +152,12 @@ def test_opcheck():
     from matten_kernels.conv1d import interface
 
     x = _make_x(1, 3, 5, "in_proj").requires_grad_(False)
-    w, b, wb, bb = torch.randn(3, 4), torch.randn(3), torch.randn(3, 4), torch.randn(3)
+    w, b, wb, bb = _randn(3, 4), _randn(3), _randn(3, 4), _randn(3)
     for t in (w, b, wb, bb):
         t.requires_grad_(True)
     torch.library.opcheck(interface._bi_conv_fwd, (x.detach().requires_grad_(True), w, b, wb, bb))
     torch.library.opcheck(interface._conv_fwd, (x.detach().requires_grad_(True), w, b))
-    dy = torch.randn(1, 3, 5)
+    dy = _randn(1, 3, 5)
     torch.library.opcheck(interface._bi_conv_bwd, (dy, dy.clone(), x, w.detach(), b.detach(), wb.detach(),
                                                    bb.detach()))
     torch.library.opcheck(interface._conv_bwd, (dy, x, w.detach(), b.detach()))
@@ -184,6 +188,8 @@ def test_bad_input(monkeypatch):
         f(x, w, b, w, b, backend="cuda")
     with pytest.raises(ValueError, match="bias must have shape"):
         depthwise_conv1d_silu(x, w, torch.randn(4, 1))
+    with pytest.raises(ValueError, match="weight_b is on meta"):
+        f(x, w, b, w.to("meta"), b)
     if DEVICE == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(ValueError, match="needs CUDA tensors"):
