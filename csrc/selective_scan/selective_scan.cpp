@@ -82,10 +82,13 @@ int resolve_config(int64_t config, int64_t N, int64_t L) {
   return c;
 }
 
-// Splits of the sequence for a launch of `tpc` threads per channel; MATTEN_SCAN_SPLITS overrides (benchmarks,
-// tests). Returns (nsplit, chunks per split).
-std::pair<int, int> splits(int64_t batch, int64_t dim, int tpc, int64_t nchunks, long min_threads) {
-  int n = matten_scan::choose_splits(batch, dim, tpc, (int)nchunks, min_threads);
+// Splits of the sequence for a launch of `tpc` threads per channel and about `threads_per_sm` resident threads
+// per SM; MATTEN_SCAN_SPLITS overrides (benchmarks, tests). Returns (nsplit, chunks per split).
+std::pair<int, int> splits(int64_t batch, int64_t dim, int tpc, int64_t nchunks, long threads_per_sm) {
+  int device = 0, sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  int n = matten_scan::choose_splits(batch, dim, tpc, (int)nchunks, (long)std::max(sms, 1) * threads_per_sm);
   if (const char* env = std::getenv("MATTEN_SCAN_SPLITS")) n = std::max(1, std::atoi(env));
   n = (int)std::min<int64_t>(n, nchunks);
   const int per = (int)((nchunks + n - 1) / n);
@@ -143,7 +146,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> selective_scan_fwd(
   Tensor y_saved = (save_for_backward && z) ? at::empty({batch, dim, L}, u.options()) : at::empty({0}, u.options());
   Tensor ws = bi ? at::empty({batch, dim, L}, u.options().dtype(at::kFloat)) : Tensor();
   const auto info = matten_scan::config_info(cfg);
-  const auto [nsplit, split_chunks] = splits(batch, dim, info.tpc, nchunks, 128L * 1024);
+  const auto [nsplit, split_chunks] = splits(batch, dim, info.tpc, nchunks, 1024);  // 64-register kernels
   Tensor split_state = at::empty({nsplit > 1 ? ndir * nsplit * batch * dim * N : 0}, u.options().dtype(at::kFloat));
   Tensor split_sumd = at::empty({nsplit > 1 ? ndir * nsplit * batch * dim : 0}, u.options().dtype(at::kFloat));
 
@@ -215,7 +218,8 @@ std::vector<Tensor> selective_scan_bwd(
   const int seg = segment((int)dim, G0, G1);
   const int blocks_per_seg = (seg + cpb - 1) / cpb;
   const auto f32 = u.options().dtype(at::kFloat);
-  const auto [nsplit, split_chunks] = splits(batch, dim, matten_scan::config_info(cfg).tpc, nchunks, 96L * 1024);
+  // The directions run in different blocks.
+  const auto [nsplit, split_chunks] = splits(batch * ndir, dim, matten_scan::config_info(cfg).tpc, nchunks, 768);
   Tensor split_state = at::empty({nsplit > 1 ? ndir * nsplit * batch * dim * N : 0}, f32);
   Tensor split_sumd = at::empty({nsplit > 1 ? ndir * nsplit * batch * dim : 0}, f32);
   matten_scan::ScanParams p{};

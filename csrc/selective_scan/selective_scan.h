@@ -66,13 +66,14 @@ inline int choose_config(int N, int L) {
   return 8;
 }
 
-// Splits of the sequence: enough threads for ~`min_threads` in flight, at least 8 chunks per split.
-inline int choose_splits(long batch, long dim, int tpc, int nchunks, long min_threads) {
+// Splits of the sequence: as many as fit in one wave of `capacity` resident threads (more would leave a tail
+// wave of whole splits), at least 8 chunks per split.
+inline int choose_splits(long batch, long dim, int tpc, int nchunks, long capacity) {
   const long threads = batch * dim * tpc;
-  long want = (min_threads + threads - 1) / threads;
+  long n = capacity / threads;
   const long most = nchunks / 8;
-  if (want > most) want = most;
-  return want < 1 ? 1 : static_cast<int>(want);
+  if (n > most) n = most;
+  return n < 1 ? 1 : static_cast<int>(n);
 }
 
 enum Dtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };

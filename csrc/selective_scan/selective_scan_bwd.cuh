@@ -8,8 +8,10 @@
 //     dd_t  = u_t sum_n lambda_t B_t + sum_n A lambda_t a_t h_{t-1};   ddelta_t = dd_t * softplus'(x_t)
 //     dA   += lambda_t a_t h_{t-1} d_t      dD += gy_t u_t     dbias += ddelta_t     dh_{-1} = a_0 lambda_0
 //     dz_t  = dout_t y_t silu'(z_t)         (y_t before the gate, saved by the forward)
-// Chunks are visited last to first. For each, h is recomputed from the chunk's saved start state into
-// registers (CHUNK * NPT floats per thread), then the chunk is walked backwards. The per-channel sums over n
+// The two directions of the bidirectional scan run in different blocks (nothing couples their backward passes;
+// dz comes from the forward direction's blocks). Chunks are visited last to first. For each, h is recomputed
+// from the chunk's saved start state into registers (CHUNK * NPT floats per thread), then the chunk is walked
+// backwards. The per-channel sums over n
 // go through shared memory (one part per lane and step, summed in the output pass); dB/dC are summed over the
 // warp's channels by shuffles, over the block's warps in shared memory (fixed order), and written per block to
 // dB_part/dC_part, which the caller sums (deterministic).
@@ -63,7 +65,9 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
   const int lane = tid & 31, warp = tid / 32;
   const int c_loc = tid / TPC;
   const int k = tid % TPC;
-  const int b = blockIdx.z;
+  const int ndir = p.bidirectional ? 2 : 1;  // the directions run in different blocks: grid.z = batch * ndir
+  const int b = blockIdx.z / ndir;
+  const int dir = blockIdx.z % ndir;
   const int nb = gridDim.x / p.nsplit;   // blocks per segment of channels
   const int si = blockIdx.x / nb;         // this block's split of the sequence
   const int cb = blockIdx.x % nb;
@@ -81,7 +85,7 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
   const T* __restrict__ doutp = static_cast<const T*>(p.dout);
   const T* __restrict__ ysp = static_cast<const T*>(p.y_saved_in);
 
-  for (int di = 0; di <= (p.bidirectional ? 1 : 0); ++di) {
+  for (int di = dir; di <= dir; ++di) {
     const DirParams& dp = p.dir[di];
     const bool reverse = di == 1;
     const int G = dp.groups;
@@ -332,7 +336,9 @@ __global__ void __launch_bounds__(NWARPS * 32) scan_bwd_split_kernel(const ScanP
   __shared__ alignas(16) float2 s_c[CHUNK][NP + 2];  // (0, C): the layout load_bc reads
 
   const int tid = threadIdx.x, c_loc = tid / TPC, k = tid % TPC;
-  const int b = blockIdx.z;
+  const int ndir = p.bidirectional ? 2 : 1;  // the directions run in different blocks: grid.z = batch * ndir
+  const int b = blockIdx.z / ndir;
+  const int dir = blockIdx.z % ndir;
   const int nb = gridDim.x / p.nsplit;
   const int si = blockIdx.x / nb;
   if (si == 0) return;  // nothing composes the first split's summary (uniform per block)
@@ -349,7 +355,7 @@ __global__ void __launch_bounds__(NWARPS * 32) scan_bwd_split_kernel(const ScanP
   const T* __restrict__ zp = static_cast<const T*>(p.z);
   const T* __restrict__ doutp = static_cast<const T*>(p.dout);
 
-  for (int di = 0; di <= (p.bidirectional ? 1 : 0); ++di) {
+  for (int di = dir; di <= dir; ++di) {
     const DirParams& dp = p.dir[di];
     const bool reverse = di == 1;
     const int G = dp.groups;
@@ -448,7 +454,7 @@ cudaError_t launch_bwd_config(const ScanParams& p, cudaStream_t stream) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (err != cudaSuccess) return err;
   }
-  const dim3 grid((p.seg + CPB - 1) / CPB * p.nsplit, p.dim / p.seg, p.batch);
+  const dim3 grid((p.seg + CPB - 1) / CPB * p.nsplit, p.dim / p.seg, p.batch * (p.bidirectional ? 2 : 1));
   if (p.nsplit > 1) scan_bwd_split_kernel<T, TPC, NPT, CHUNK, NWARPS><<<grid, NWARPS * 32, 0, stream>>>(p);
   kernel<<<grid, NWARPS * 32, smem, stream>>>(p);
   return cudaGetLastError();
