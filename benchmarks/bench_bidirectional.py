@@ -1,0 +1,195 @@
+"""Bidirectional scan and BiMamba mixer benchmark (issue 3): fwd and fwd+bwd medians, peak memory.
+
+    PYTHONPATH=. python benchmarks/bench_bidirectional.py [--dtypes bf16] [--shapes ...] [--mamba-build DIR]
+        [--no-mixer] [--commit SHA]
+
+Op rows (Vim v2: every *_b input distinct; bf16; delta_softplus, D, delta_bias, no z as the SPEC anchors):
+  ours           bi_selective_scan, both directions in one launch, no flipped copies
+  ours-compose   Vim-style composition over our selective_scan: scan(x) + flip(scan(flip(x_b)))
+  mamba-compose  the same composition over mamba-ssm (when importable / built by build_mamba_scan.py)
+  sdpa           global softmax attention over the same tokens (B, L tokens, 16 heads x dim/32) from a packed qkv
+Mixer rows (global XL: batch 2, 4096 tokens, d_model = dim / 2): matten_kernels.modules.BiMamba (fast path) vs a
+Vim-style torch composition of the same parameters (F.conv1d with flips, two scans with flips; scans by mamba-ssm
+when available, else by our selective_scan).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _scan_common import (ANCHORS, DTYPES, SHAPES, bench, env_info, floor_ms, mamba_provider,  # noqa: E402
+                          peak_mem_mb, print_table, scan_inputs, write_results)
+
+from matten_kernels import bi_selective_scan, selective_scan  # noqa: E402
+
+FWD = ("u", "delta", "A", "B", "C", "D", "delta_bias")
+
+
+def compose(scan):
+    """Vim-style bidirectional composition with flipped copies over a unidirectional scan."""
+    def f(x, xb):
+        y_f = scan(*(x[k] for k in FWD), True)
+        flip = lambda t: t.flip(-1)  # noqa: E731
+        y_b = scan(flip(xb["u"]), flip(xb["delta"]), xb["A"], flip(xb["B"]), flip(xb["C"]), xb["D"],
+                   xb["delta_bias"], True)
+        return y_f + y_b.flip(-1)
+    return f
+
+
+def op_providers(args):
+    prov = {"ours": lambda x, xb: bi_selective_scan(*(x[k] for k in FWD[:6]), None, x["delta_bias"], True,
+                                                    **{k + "_b": xb[k] for k in FWD}, backend="triton"),
+            "ours-compose": compose(lambda u, dl, A, B, C, D, db, sp: selective_scan(u, dl, A, B, C, D, None, db, sp,
+                                                                                     backend="triton"))}
+    fn, why = mamba_provider(args.mamba_build)
+    if fn is not None:
+        prov["mamba-compose"] = compose(fn)
+        print(f"[mamba-ssm] using {why}")
+    else:
+        print(f"[skip mamba-compose] {why}; compare with the SPEC section 7 anchors (column 'anchor')")
+    return prov
+
+
+def sdpa_global(batch, L, dim, dtype):
+    """Global attention over L tokens, heads of 72 as Matten (16 x 72 = 1152 = dim / 2), from a packed qkv."""
+    heads, hd = 16, (dim // 2) // 16
+    qkv = torch.randn(batch, L, 3, heads, hd, device="cuda", dtype=dtype, requires_grad=True)
+
+    def f():
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, hd) each
+        o = F.scaled_dot_product_attention(q, k, v)
+        return o.transpose(1, 2).reshape(batch, L, heads * hd)
+    return f, [qkv]
+
+
+class VimStyleMixer(torch.nn.Module):
+    """Vim's bimamba v2 forward written with flips over an existing BiMamba's parameters (the baseline)."""
+
+    def __init__(self, m, scan):
+        super().__init__()
+        self.m, self.scan = m, scan
+
+    def forward(self, h):
+        m = self.m
+        L = h.shape[1]
+        xz = m.in_proj(h).transpose(1, 2)  # (B, 2E, L)
+        x, z = xz.chunk(2, dim=1)
+        k = m.conv1d.weight.shape[-1]
+
+        def branch(xx, conv, x_proj, dt_proj, A_log, D):
+            xx = F.silu(F.conv1d(xx, conv.weight, conv.bias, padding=k - 1, groups=xx.shape[1])[..., :L])
+            dbl = F.linear(xx.transpose(1, 2), x_proj.weight)
+            dt, B, C = torch.split(dbl, [dt_proj.weight.shape[1], m.d_state, m.d_state], dim=-1)
+            delta = F.linear(dt, dt_proj.weight).transpose(1, 2)
+            return self.scan(xx.contiguous(), delta.contiguous(), -torch.exp(A_log.float()),
+                             B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), D.float(),
+                             dt_proj.bias.float(), True)
+
+        y_f = branch(x, m.conv1d, m.x_proj, m.dt_proj, m.A_log, m.D)
+        y_b = branch(x.flip(-1), m.conv1d_b, m.x_proj_b, m.dt_proj_b, m.A_b_log, m.D_b).flip(-1)
+        y = (y_f + y_b) * F.silu(z)
+        return m.out_proj(y.transpose(1, 2))
+
+
+def run_ops(args, rows):
+    prov = op_providers(args)
+    for dname in args.dtypes.split(","):
+        dtype = DTYPES[dname]
+        elt = torch.finfo(dtype).bits // 8
+        for sname in args.shapes.split(","):
+            b, d, N, L = SHAPES[sname]
+            x = scan_inputs(b, d, N, L, dtype, seed=0, requires_grad=True)
+            xb = scan_inputs(b, d, N, L, dtype, seed=1, requires_grad=True)
+            leaves = list(x.values()) + list(xb.values())
+            dout = torch.randn(b, d, L, device="cuda", dtype=dtype)
+            items = list(prov.items())
+            if sname.startswith("global"):
+                f_attn, attn_leaves = sdpa_global(b, L, d, dtype)
+                items.append(("sdpa", None))
+            for pname, fn in items:
+                row = dict(dtype=dname, shape=sname, provider=pname)
+                try:
+                    if pname == "sdpa":
+                        call, lv = f_attn, attn_leaves
+                        g = torch.randn_like(f_attn())
+                    else:
+                        call, lv, g = (lambda fn=fn: fn(x, xb)), leaves, dout
+                    with torch.no_grad():
+                        row["fwd_ms"] = round(bench(call), 4)
+
+                    def fb():
+                        call().backward(g)
+
+                    row["fwdbwd_ms"] = round(bench(fb, grad_to_none=lv), 4)
+                    row["peak_MB"] = round(peak_mem_mb(fb), 1)
+                    if pname != "sdpa":
+                        row["fwd_floor_frac"] = round(floor_ms(b, d, N, L, elt, directions=2) / row["fwd_ms"], 3)
+                        row["fwdbwd_floor_frac"] = round(floor_ms(b, d, N, L, elt, True, 2) / row["fwdbwd_ms"], 3)
+                    if dname == "bf16" and pname != "sdpa":
+                        row["anchor_fwd"], row["anchor_fwdbwd"] = ANCHORS[sname][2:]
+                    if dname == "bf16" and pname == "sdpa" and sname == "global XL":
+                        row["anchor_fwd"], row["anchor_fwdbwd"] = 0.44, 1.89
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = f"{type(e).__name__}: {str(e)[:100]}"
+                rows.append(row)
+            del x, xb, leaves
+            torch.cuda.empty_cache()
+
+
+def run_mixer(args, rows):
+    try:
+        from matten_kernels.modules import BiMamba
+    except Exception as e:  # noqa: BLE001
+        print(f"[skip mixer] matten_kernels.modules.BiMamba not importable ({type(e).__name__}: {e})")
+        return
+    b, d, N, L = SHAPES["global XL"]
+    dtype = torch.bfloat16
+    m = BiMamba(d // 2, d_state=N, bimamba="v2").cuda().to(dtype)
+    fn, why = mamba_provider(args.mamba_build)
+    if fn is None:
+        fn = lambda u, dl, A, B, C, D, db, sp: selective_scan(u, dl, A, B, C, D, None, db, sp, backend="triton")  # noqa
+        why = "torch composition with our selective_scan (mamba-ssm unavailable)"
+    vim = VimStyleMixer(m, fn)
+    h = torch.randn(b, L, d // 2, device="cuda", dtype=dtype, requires_grad=True)
+    leaves = [h] + list(m.parameters())
+    g = torch.randn(b, L, d // 2, device="cuda", dtype=dtype)
+    for pname, mod in (("BiMamba (ours)", m), (f"Vim-style ({why})", vim)):
+        row = dict(dtype="bf16", shape="mixer global XL", provider=pname)
+        try:
+            with torch.no_grad():
+                row["fwd_ms"] = round(bench(lambda: mod(h)), 4)
+
+            def fb():
+                mod(h).backward(g)
+
+            row["fwdbwd_ms"] = round(bench(fb, grad_to_none=leaves), 4)
+            row["peak_MB"] = round(peak_mem_mb(fb), 1)
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:100]}"
+        rows.append(row)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtypes", default="bf16")
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--mamba-build", default=None)
+    p.add_argument("--no-mixer", action="store_true")
+    p.add_argument("--commit", default=None)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    info = env_info(args.commit)
+    print(info)
+    rows = []
+    run_ops(args, rows)
+    if not args.no_mixer:
+        run_mixer(args, rows)
+    print(f"results: {write_results('bench_bidirectional', rows, info, args.out)}")
+    print_table(rows, ["dtype", "shape", "provider", "fwd_ms", "fwdbwd_ms", "anchor_fwd", "anchor_fwdbwd",
+                       "fwd_floor_frac", "fwdbwd_floor_frac", "peak_MB", "error"])

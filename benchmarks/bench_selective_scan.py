@@ -1,0 +1,146 @@
+"""Selective scan benchmark: fwd and fwd+bwd medians (triton.testing.do_bench) on the SPEC section 7 shapes.
+
+    PYTHONPATH=. python benchmarks/bench_selective_scan.py [--dtypes bf16,fp32] [--shapes "global XL,long"]
+        [--mamba-build DIR] [--ref] [--sweep] [--commit SHA]
+
+Providers: triton (ours), cuda (matten's extension, when built), mamba-ssm (the mamba_ssm package, or its
+selective_scan_cuda extension built by build_mamba_scan.py into DIR), ref (only with --ref: a Python loop over L).
+Per row: ms, GB/s (bytes model in _scan_common.py), fraction of the memory/exp floor, peak memory of fwd+bwd (MB
+above the inputs). Writes JSON to benchmarks/results/. ``--sweep`` times the Triton kernels under several
+(BLOCK_D, BLOCK_N, CHUNK, num_warps) configs to pick scan_config's rules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _scan_common import (ANCHORS, DTYPES, SHAPES, bench, bytes_model, cuda_provider, env_info,  # noqa: E402
+                          floor_ms, mamba_provider, peak_mem_mb, print_table, scan_inputs, write_results)
+
+from matten_kernels import selective_scan, selective_scan_ref  # noqa: E402
+
+ARGS = ("u", "delta", "A", "B", "C", "D", "delta_bias")
+
+
+def providers(args):
+    prov = {"triton": lambda u, dl, A, B, C, D, db, sp: selective_scan(u, dl, A, B, C, D, None, db, sp,
+                                                                      backend="triton")}
+    ok, why = cuda_provider()
+    if ok:
+        prov["cuda"] = lambda u, dl, A, B, C, D, db, sp: selective_scan(u, dl, A, B, C, D, None, db, sp,
+                                                                        backend="cuda")
+    else:
+        print(f"[skip cuda] {why}")
+    fn, why = mamba_provider(args.mamba_build)
+    if fn is not None:
+        prov["mamba-ssm"] = fn
+        print(f"[mamba-ssm] using {why}")
+    else:
+        print(f"[skip mamba-ssm] {why}; compare with the SPEC section 7 anchors (column 'anchor')")
+    if args.ref:
+        prov["ref"] = lambda u, dl, A, B, C, D, db, sp: selective_scan_ref(u, dl, A, B, C, D, None, db, sp)
+    return prov
+
+
+def run(args):
+    rows = []
+    for dname in args.dtypes.split(","):
+        dtype = DTYPES[dname]
+        elt = torch.finfo(dtype).bits // 8
+        for sname in args.shapes.split(","):
+            b, d, N, L = SHAPES[sname]
+            x = scan_inputs(b, d, N, L, dtype, requires_grad=True)
+            inp = [x[k] for k in ARGS]
+            dout = torch.randn(b, d, L, device="cuda", dtype=dtype)
+            for pname, fn in providers_cache.items():
+                row = dict(dtype=dname, shape=sname, provider=pname)
+                try:
+                    with torch.no_grad():
+                        row["fwd_ms"] = bench(lambda: fn(*inp, True))
+
+                    def fwd_bwd():
+                        fn(*inp, True).backward(dout)
+
+                    row["fwdbwd_ms"] = bench(fwd_bwd, grad_to_none=inp)
+                    row["peak_MB"] = round(peak_mem_mb(fwd_bwd), 1)
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = f"{type(e).__name__}: {str(e)[:100]}"
+                    rows.append(row)
+                    continue
+                fl_f, fl_fb = floor_ms(b, d, N, L, elt), floor_ms(b, d, N, L, elt, bwd=True)
+                row["fwd_GBps"] = round(bytes_model(b, d, N, L, elt) / row["fwd_ms"] / 1e6)
+                row["fwd_floor_frac"] = round(fl_f / row["fwd_ms"], 3)
+                row["fwdbwd_floor_frac"] = round(fl_fb / row["fwdbwd_ms"], 3)
+                if dname == "bf16":
+                    row["anchor_fwd"], row["anchor_fwdbwd"] = ANCHORS[sname][:2]
+                row["fwd_ms"], row["fwdbwd_ms"] = round(row["fwd_ms"], 4), round(row["fwdbwd_ms"], 4)
+                rows.append(row)
+            del x, inp
+            torch.cuda.empty_cache()
+    return rows
+
+
+def sweep(args):
+    """Time the launchers directly under explicit configs (fwd, bwd separately), bf16."""
+    from matten_kernels.selective_scan.triton_bwd import selective_scan_bwd
+    from matten_kernels.selective_scan.triton_fwd import scan_config, selective_scan_fwd
+
+    rows = []
+    for sname in args.shapes.split(","):
+        b, d, N, L = SHAPES[sname]
+        x = scan_inputs(b, d, N, L, torch.bfloat16)
+        dout = torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16)
+        default = scan_config(b, d, N, L)
+        cfgs = {default}
+        for BD in (2, 4, 8, 16):
+            for CH in (16, 32, 64):
+                for nw in (2, 4):
+                    if BD * 16 * CH <= 8192 and CH <= max(16, L):
+                        cfgs.add((BD, 16, CH, nw))
+        for cfg in sorted(cfgs):
+            row = dict(shape=sname, cfg=str(cfg), default="*" if cfg == default else "")
+            try:
+                f = lambda: selective_scan_fwd(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], None,  # noqa
+                                               x["delta_bias"], None, True, config=cfg)
+                row["fwd_ms"] = round(bench(f), 4)
+                _, _, states, _ = f()
+                g = lambda: selective_scan_bwd(dout, None, x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"],  # noqa
+                                               None, x["delta_bias"], None, states, True, config=cfg)
+                row["bwd_ms"] = round(bench(g), 4)
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e)[:80]}"
+            rows.append(row)
+        best_f = min((r for r in rows if r["shape"] == sname and "fwd_ms" in r), key=lambda r: r["fwd_ms"])
+        best_b = min((r for r in rows if r["shape"] == sname and "bwd_ms" in r), key=lambda r: r["bwd_ms"])
+        print(f"sweep {sname}: best fwd {best_f['cfg']} {best_f['fwd_ms']} ms; best bwd {best_b['cfg']} "
+              f"{best_b['bwd_ms']} ms; default {default}")
+    return rows
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtypes", default="bf16,fp32")
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--mamba-build", default=None, help="folder holding selective_scan_cuda (build_mamba_scan.py)")
+    p.add_argument("--ref", action="store_true", help="also time the reference (slow: a Python loop over L)")
+    p.add_argument("--sweep", action="store_true", help="time Triton configs instead of the provider table")
+    p.add_argument("--commit", default=None)
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    args = p.parse_args()
+    info = env_info(args.commit)
+    print(info)
+    if args.sweep:
+        rows = sweep(args)
+        print(f"results: {write_results('scan-sweep', rows, info, args.out)}")
+        print_table(rows, ["shape", "cfg", "default", "fwd_ms", "bwd_ms", "error"])
+    else:
+        providers_cache = providers(args)
+        rows = run(args)
+        print(f"results: {write_results('bench_selective_scan', rows, info, args.out)}")
+        print_table(rows, ["dtype", "shape", "provider", "fwd_ms", "fwdbwd_ms", "anchor_fwd", "anchor_fwdbwd",
+                           "fwd_GBps", "fwd_floor_frac", "fwdbwd_floor_frac", "peak_MB", "error"])
