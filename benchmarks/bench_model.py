@@ -189,6 +189,14 @@ def summarize(section, res):
     lines.append(f"v3 ours vs baselines: train step {fmt(sp.get('train'), '{:.2f}x')} (target >= 1.5x), "
                  f"sample step {fmt(sp.get('sample'), '{:.2f}x')}")
     lines.append(f"v3 triton vs ref backend, sample step: {fmt(res.get('speedup_vs_ref_sample'), '{:.1f}x')}")
+    base = res["cases"].get("Matten-XL/2 v3 baselines", {})
+    if "baseline_rel_err" in base:
+        lines.append(f"baselines vs ours, one forward: relative error {base['baseline_rel_err']:.1e} (same function)")
+    latte = res["cases"].get("Latte-XL/2", {}).get("train", {}).get("median_ms")
+    if latte:
+        ratios = [f"{k.replace('Matten-XL/2 ', '')} {v['train']['median_ms'] / latte:.2f}x"
+                  for k, v in res["cases"].items() if "median_ms" in v.get("train", {}) and "Latte" not in k]
+        lines.append("train step / Latte-XL/2 train step: " + ", ".join(ratios))
     return "\n".join(lines)
 
 

@@ -36,7 +36,7 @@ logger = logging.getLogger("matten.bench")
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ("model", "crossover", "kernels")
 # Share of the time budget each section may use (unused time rolls over to the next one).
-SECTION_SHARE = {"model": 0.55, "crossover": 0.30, "kernels": 0.15}
+SECTION_SHARE = {"model": 0.50, "crossover": 0.30, "kernels": 0.20}
 EXP_RATE = 4.0e12  # exp/s of an H100 (MUFU: 16 per SM per clock, 132 SMs, ~1.9 GHz); SPEC.md section 7
 
 
@@ -203,11 +203,35 @@ def add_arguments(parser) -> None:
     parser.add_argument("--smoke", action="store_true",
                         help="toy sizes on any device (CPU: reference backends): checks the plumbing only")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--render", type=Path, default=None, metavar="DIR",
+                        help="print the markdown tables of the result files in DIR (no benchmark is run)")
+
+
+def render(folder: Path) -> str:
+    """Markdown summary of the JSON result files in ``folder`` (what benchmarks/README.md shows)."""
+    parts = []
+    for section in SECTIONS:
+        path = folder / f"{section}.json"
+        if not path.exists():
+            continue
+        payload = json.loads(path.read_text())
+        env = payload["env"]
+        head = (f"<!-- {section}: {env['gpu']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}"
+                f"{' (dirty tree)' if env.get('dirty') else ''}, {env['date_utc']} UTC -->")
+        if "error" in payload:
+            parts.append(f"{head}\n## {section}: FAILED ({payload['error']})")
+            continue
+        script, _ = SECTION_SCRIPT[section]
+        parts.append(head + "\n" + load_script(script).summarize(section, payload["results"]))
+    return "\n\n".join(parts)
 
 
 def main(args) -> int:
     import torch
 
+    if args.render is not None:
+        print(render(args.render))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]

@@ -96,7 +96,7 @@ def _counter(model, x, t):
 
 def _inputs(cfg, batch=2):
     x = torch.randn(batch, cfg.in_channels, cfg.num_frames, cfg.sample_size, cfg.sample_size)
-    return x, torch.tensor([3, 500][:batch])
+    return x, torch.tensor([3, 500][:batch], device=x.device)
 
 
 @pytest.mark.parametrize("variant,condition", [(3, "adan"), ("latte", "adan"), (1, "adan"), (2, "adan"),
@@ -127,8 +127,10 @@ def test_flop_counter_equals_analytic_on_custom_op_path():
     the registered formulas. The counter must equal the analytic count of the same work exactly, and the full
     analytic "flops" total within 12% at this D=16 (the rest is elementwise work no counter sees; see
     test_elementwise_share_of_presets for real sizes)."""
-    model = create_model("Matten-T/2", kernel_backend="triton", **TINY)
-    x, t = _inputs(model.matten_config)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (tests/conftest.py sets it)
+    with torch.device(device):
+        model = create_model("Matten-T/2", kernel_backend="triton", **TINY)
+        x, t = _inputs(model.matten_config)
     counted, by_op = _counter(model, x, t)
     report = count_flops(model, batch=2)
     log.info("counter %d by op %s; analytic counted_by_torch %d, total %d (elementwise %d)", counted, by_op,
