@@ -131,6 +131,10 @@ def _validate(op: str, x, weight, bias, suffix: str = "") -> None:
     batch, channels, L = x.shape
     if batch == 0 or channels == 0 or L == 0:
         raise ValueError(f"{op}: x must have a non-empty batch, channels and L, got shape {tuple(x.shape)}")
+    if max(channels * L, (channels - 1) * abs(x.stride(1)) + (L - 1) * abs(x.stride(2)) + 1) >= 2 ** 31:
+        # the kernels index within one batch element in int32 (the batch offset is int64)
+        raise ValueError(f"{op}: x spans >= 2^31 elements within one batch element (shape {tuple(x.shape)}, "
+                         f"strides {x.stride()}); split the batch or the channels")
     param_dtypes = tuple(dict.fromkeys((torch.float32, x.dtype)))
     check_tensor("weight" + suffix, weight, ndim=2, dtypes=param_dtypes, device=x.device, op=op)
     check_tensor("weight" + suffix, weight, shape=(channels, None), op=op)
