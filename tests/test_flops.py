@@ -28,7 +28,7 @@ XL = dict(D=1152, L=28, F=16, S=256, T=4096, N=16, E=2)
 # 2 frames of 2x2 patches (8 tokens), D=16, d_inner=32, N=4.
 TINY = dict(depth=2, hidden_size=16, num_heads=2, num_frames=2, sample_size=4, d_state=4)
 # A little bigger for the fast reference-backend comparisons: 4 frames of 4x4 patches (64 tokens).
-SMALL = dict(depth=4, hidden_size=32, num_heads=4, num_frames=4, sample_size=8, d_state=8)
+SMALL = dict(depth=2, hidden_size=32, num_heads=4, num_frames=4, sample_size=8, d_state=8)
 
 
 def test_latte_xl_thop_batch3_reproduces_5572():
