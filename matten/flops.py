@@ -21,7 +21,10 @@ Conventions
              scan are not counted. Latte's code repeats the condition per frame (spatial blocks, final layer) and
              per spatial position (temporal blocks) before each adaLN Linear, which thop counts: that is how the
              paper's "5572 G" for Latte-XL/2 arises (batch 3, 1857.6 G per clip). ``adaln_rows="latte"`` (the
-             default under thop) counts it so; ``"sample"`` counts one adaLN row per clip.
+             default under thop) counts it so; ``"sample"`` counts one adaLN row per clip. The Mamba layers are
+             counted as if each were called as an nn.Module (the depthwise conv with nn.Conv1d's padded output);
+             on Vim's fused path, which applies in_proj / x_proj / dt_proj / conv weights directly, thop would
+             miss them.
 
 What ``torch.utils.flop_counter.FlopCounterMode`` sees: the matmul-class work (``report.by_kind["matmul"]``) plus
 the ops matten registers formulas for here (``register_flop_formulas``: the video attention's matmuls, the scan's
@@ -31,7 +34,6 @@ full count, the depthwise conv), i.e. ``by_kind["matmul"] + by_kind["scan"]``; i
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -54,7 +56,7 @@ COMPONENTS = (
 )
 
 # Elementwise costs in FLOPs per element, "flops" convention. They are conventions (a transcendental counts 1);
-# together they are a few percent of a model's total, so their exact values do not move any conclusion.
+# together they are < 1% of every preset's total, so their exact values do not move any conclusion.
 ELEMENTWISE_COST = {
     "bias": 1,          # add
     "layernorm": 5,     # mean, subtract, square, variance sum, scale by rsqrt (no affine)
