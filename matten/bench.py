@@ -50,13 +50,15 @@ def git_commit() -> dict:
     def git(*a):
         return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=10)
 
+    # A copy of the tree without .git (a benchmark machine) says its commit through MATTEN_COMMIT / MATTEN_DIRTY.
+    fallback = {"commit": os.environ.get("MATTEN_COMMIT"), "dirty": os.environ.get("MATTEN_DIRTY")}
     try:
         head = git("rev-parse", "--short", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
+        return fallback
     if head.returncode != 0:
-        return {"commit": os.environ.get("MATTEN_COMMIT"), "dirty": None}
+        return fallback
     return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
 
 
