@@ -77,6 +77,32 @@ def time_provider(fn, qkv, cot, F, axis, mode):
     return do_bench(step, warmup=25, rep=100, return_mode="median")
 
 
+def kernel_breakdown(fn, qkv, cot, F, axis, iters=5):
+    """Device time per kernel (us per fwd+bwd) from torch.profiler, and the eager wall time per iteration: when the
+    kernels sum to much less than the wall time, the eager timing is bound by host-side launch overhead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = qkv.detach().requires_grad_()
+
+    def step():
+        out = fn(x, F, axis)
+        torch.autograd.grad(out, x, cot)
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    per_kernel = {}
+    for evt in prof.key_averages():
+        # self device time: kernels count once, the CPU-side ops that launched them count zero
+        t = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0.0)
+        if t > 0 and evt.key:
+            per_kernel[evt.key[:48]] = t / iters
+    return dict(sorted(per_kernel.items(), key=lambda kv: -kv[1])[:8])
+
+
 def max_errors(fn, qkv, cot, F, axis, ref_out, ref_grad):
     x = qkv.detach().requires_grad_()
     out = fn(x, F, axis)
@@ -102,8 +128,9 @@ def git_commit():
 
 def sweep_configs(n, args):
     """Run configs 0..n-1 of every kernel (no autotuning) each in its own process (a crash or a wrong result at one
-    tile shape then names the shape and spares the others); return one summary line per config."""
-    lines = []
+    tile shape then names the shape and spares the others); return one summary line per config and the indices
+    that ran and passed every check (autotuning in this process is then limited to those)."""
+    lines, passed = [], set()
     for i in range(n):
         cmd = [sys.executable, __file__, "--providers", "matten", "--check", "--tag", f"cfg{i}", "--out", args.out]
         env = dict(os.environ, MATTEN_ATTN_CONFIG=str(i))
@@ -116,11 +143,13 @@ def sweep_configs(n, args):
         if rc != 0:
             err = (r.stderr if r is not None else "").strip().splitlines()[-3:]
             lines.append(f"cfg{i}: FAILED rc={rc}: {' | '.join(err)}")
+        elif "FAIL" not in out and out.count(" ok") >= len(AXES):
+            passed.add(i)
         for line in out.splitlines():
             if line.startswith(("check", "spatial", "temporal", "global", "configs")):
                 lines.append(f"cfg{i}: {line}")
         print("\n".join(l for l in lines if l.startswith(f"cfg{i}")), flush=True)
-    return lines
+    return lines, passed
 
 
 def main(argv=None):
@@ -136,12 +165,18 @@ def main(argv=None):
     ap.add_argument("--sweep-configs", type=int, default=0, metavar="N",
                     help="first run config indices 0..N-1 without autotuning, each in a subprocess")
     ap.add_argument("--sweep-timeout", type=float, default=90)
+    ap.add_argument("--profile", action="store_true", help="device time per kernel of one fwd+bwd (torch.profiler)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_attention: needs a CUDA GPU")
-    sweep = sweep_configs(args.sweep_configs, args) if args.sweep_configs else []
+    sweep = []
+    if args.sweep_configs:
+        sweep, passed = sweep_configs(args.sweep_configs, args)
+        triton_fwd.CONFIG_SUBSET = passed | set(range(args.sweep_configs, 99))
+        sweep.append(f"autotuning over config indices {sorted(passed)} (of 0..{args.sweep_configs - 1} swept)")
+        print(sweep[-1], flush=True)
 
     B, F, S, H, D = args.batch, args.frames, args.spatial, args.heads, args.head_dim
     dtype = torch.bfloat16
@@ -199,6 +234,15 @@ def main(argv=None):
                     print(f"{axis:8s} {mode:7s} {name:6s} {vname:6s} {ms:8.3f} ms", flush=True)
             triton_fwd.SPLIT_HEAD_DIM = True
 
+    breakdown = {}
+    if args.profile:
+        for axis in AXES:
+            for name, fn in providers.items():
+                try:
+                    breakdown[f"{axis}/{name}"] = kernel_breakdown(fn, qkv, cot, F, axis)
+                except Exception as e:  # profiling is diagnostic only; the timings above stand
+                    breakdown[f"{axis}/{name}"] = {"error": str(e)[:200]}
+
     meta = dict(
         gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, commit=git_commit(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -210,7 +254,7 @@ def main(argv=None):
     gpu_tag = meta["gpu"].replace(" ", "-").replace("/", "-")
     path = os.path.join(args.out, f"attention-{gpu_tag}-{meta['date'][:10]}{'-' + args.tag if args.tag else ''}.json")
     with open(path, "w") as fh:
-        json.dump(dict(meta=meta, results=rows, checks=checks), fh, indent=2)
+        json.dump(dict(meta=meta, results=rows, checks=checks, kernel_us_per_fwd_bwd=breakdown), fh, indent=2)
     if "sdpa" not in providers:
         return
 
@@ -218,6 +262,10 @@ def main(argv=None):
     print(f"# B={B} F={F} S={S} H={H} hd={D} bf16, packed qkv; ms = do_bench median")
     for line in sweep:
         print(line)
+    for key, kernels in breakdown.items():
+        total = sum(v for v in kernels.values() if isinstance(v, float))
+        print(f"kernels {key:17s} sum {total:7.1f} us: " + ", ".join(
+            f"{k.split('(')[0][:28]} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in kernels.items()))
     for c in checks:
         print(f"check {c['axis']:8s} {c['provider']:6s} max|err| out {c['max_err_out']:.2e} grad {c['max_err_grad']:.2e}"
               f" (sdpa {c['sdpa_err_out']:.2e} {c['sdpa_err_grad']:.2e}) {'ok' if c['flash_rule'] else 'FAIL'}")

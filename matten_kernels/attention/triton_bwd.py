@@ -29,11 +29,14 @@ import triton.language as tl
 
 from .triton_fwd import (
     LOG2E,
-    _load_cols,
+    _bh_offset,
     _load_rows,
+    _load_tile,
     _program_ids,
     _rows,
     _store_rows,
+    _tile_ptrs,
+    alignment,
     dot_precision,
     head_dim_blocks,
     launch,
@@ -48,7 +51,7 @@ def _bwd_preprocess_kernel(
     p_o, p_do, p_delta,
     H, N_TOK,
     s_ob, s_on, s_oh, s_dob, s_don, s_doh, s_dod,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """delta[b, h, t] = sum_d O[b, t, h, d] * dO[b, t, h, d] in fp32."""
     i_t = tl.program_id(0)
@@ -57,16 +60,16 @@ def _bwd_preprocess_kernel(
     i_h = (i_bh % H).to(tl.int64)
     offs_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
-    m_td = (offs_t[:, None] < N_TOK) & (offs_d[None, :] < HEAD_DIM)
-    b_o = tl.load(p_o + i_b * s_ob + i_h * s_oh + offs_t[:, None] * s_on + offs_d[None, :], mask=m_td, other=0.0)
-    b_do = tl.load(
-        p_do + i_b * s_dob + i_h * s_doh + offs_t[:, None] * s_don + offs_d[None, :] * s_dod, mask=m_td, other=0.0
-    )
+    m_t = offs_t < N_TOK
+    p_o_blk = _tile_ptrs(p_o + _bh_offset(i_b, i_h, s_ob, s_oh, ALIGN), offs_t, s_on, offs_d, 1, False, ALIGN)
+    p_do_blk = _tile_ptrs(p_do + _bh_offset(i_b, i_h, s_dob, s_doh, ALIGN), offs_t, s_don, offs_d, s_dod, False, ALIGN)
+    b_o = _load_tile(p_o_blk, m_t, offs_d, HEAD_DIM, True, BLOCK_D > HEAD_DIM, False)
+    b_do = _load_tile(p_do_blk, m_t, offs_d, HEAD_DIM, True, BLOCK_D > HEAD_DIM, False)
     b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
-    tl.store(p_delta + i_bh.to(tl.int64) * N_TOK + offs_t, b_delta, mask=offs_t < N_TOK)
+    tl.store(p_delta + i_bh.to(tl.int64) * N_TOK + offs_t, b_delta, mask=m_t)
 
 
-@triton.heuristics({"EVEN_M": lambda a: a["PACK_LEN"] == 0 and a["L"] % a["BLOCK_M"] == 0})
+@triton.heuristics({"MASK_M": lambda a: a["PACK_LEN"] > 0 or a["L"] % a["BLOCK_M"] != 0})
 @triton.jit
 def _bwd_dkdv_kernel(
     # pointers
@@ -81,55 +84,71 @@ def _bwd_dkdv_kernel(
     s_gb, s_gn, s_gh,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, PACK_LEN: tl.constexpr, EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, PACK_LEN: tl.constexpr, MASK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     """One program: dK, dV for BLOCK_N keys (looping mode) or for whole sequences (packed mode).
-    Head-dim chunks as in the forward: main [0, BLOCK_D), tail (suffix 2) when BLOCK_DT > 0."""
+    Head-dim chunks as in the forward: main [0, BLOCK_D), tail (suffix 2) when BLOCK_DT > 0. Query-side pointers
+    are built once and advanced by BLOCK_M tokens per iteration."""
     # Program ids over key blocks (BLOCK_N plays the role the forward's BLOCK_M plays).
     i_n, i_g, i_bh = _program_ids(L, NSEQ, BLOCK_N, PACK_LEN)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
-    p_q_bh = p_q + i_b * s_qb + i_h * s_qh
-    p_do_bh = p_do + i_b * s_dob + i_h * s_doh
-    p_k_bh = p_k + i_b * s_kb + i_h * s_kh
-    p_v_bh = p_v + i_b * s_vb + i_h * s_vh
-    p_lse_bh = p_lse + i_bh.to(tl.int64) * N_TOK
-    p_delta_bh = p_delta + i_bh.to(tl.int64) * N_TOK
-    o_g_bh = i_b * s_gb + i_h * s_gh
+    p_k_bh = p_k + _bh_offset(i_b, i_h, s_kb, s_kh, ALIGN)
+    p_v_bh = p_v + _bh_offset(i_b, i_h, s_vb, s_vh, ALIGN)
+    o_g_bh = _bh_offset(i_b, i_h, s_gb, s_gh, ALIGN)
+    D_MASK: tl.constexpr = BLOCK_D > HEAD_DIM
 
     offs_d = tl.arange(0, BLOCK_D)
+    offs_m = tl.arange(0, BLOCK_M)
     tok_k, slot_k, m_k = _rows(i_g, i_n, tl.arange(0, BLOCK_N), L, NSEQ, SEQ_STRIDE, TOK_STRIDE, BLOCK_N, PACK_LEN)
-    b_k = _load_rows(p_k_bh, tok_k, s_kn, offs_d, s_kd, m_k, HEAD_DIM)  # (BLOCK_N, BLOCK_D)
-    b_v = _load_rows(p_v_bh, tok_k, s_vn, offs_d, s_vd, m_k, HEAD_DIM)
+    tok_q, slot_q, m_q = _rows(i_g, 0, offs_m, L, NSEQ, SEQ_STRIDE, TOK_STRIDE, BLOCK_M, PACK_LEN)
+    b_k = _load_rows(p_k_bh, tok_k, s_kn, offs_d, s_kd, m_k, HEAD_DIM, D_MASK, ALIGN)
+    b_v = _load_rows(p_v_bh, tok_k, s_vn, offs_d, s_vd, m_k, HEAD_DIM, D_MASK, ALIGN)
+    p_q_bh = p_q + _bh_offset(i_b, i_h, s_qb, s_qh, ALIGN)
+    p_do_bh = p_do + _bh_offset(i_b, i_h, s_dob, s_doh, ALIGN)
+    p_qt = _tile_ptrs(p_q_bh, tok_q, s_qn, offs_d, s_qd, True, ALIGN)  # q^T (BLOCK_D, BLOCK_M)
+    p_dom = _tile_ptrs(p_do_bh, tok_q, s_don, offs_d, s_dod, False, ALIGN)  # dO (BLOCK_M, BLOCK_D)
+    p_lse_m = p_lse + i_bh.to(tl.int64) * N_TOK + tok_q
+    p_delta_m = p_delta + i_bh.to(tl.int64) * N_TOK + tok_q
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     if BLOCK_DT > 0:
         offs_d2 = BLOCK_D + tl.arange(0, BLOCK_DT)
-        b_k2 = _load_rows(p_k_bh, tok_k, s_kn, offs_d2, s_kd, m_k, HEAD_DIM)
-        b_v2 = _load_rows(p_v_bh, tok_k, s_vn, offs_d2, s_vd, m_k, HEAD_DIM)
+        b_k2 = _load_rows(p_k_bh, tok_k, s_kn, offs_d2, s_kd, m_k, HEAD_DIM, True, ALIGN)
+        b_v2 = _load_rows(p_v_bh, tok_k, s_vn, offs_d2, s_vd, m_k, HEAD_DIM, True, ALIGN)
+        p_qt2 = _tile_ptrs(p_q_bh, tok_q, s_qn, offs_d2, s_qd, True, ALIGN)
+        p_dom2 = _tile_ptrs(p_do_bh, tok_q, s_don, offs_d2, s_dod, False, ALIGN)
         b_dk2 = tl.zeros([BLOCK_N, BLOCK_DT], dtype=tl.float32)
         b_dv2 = tl.zeros([BLOCK_N, BLOCK_DT], dtype=tl.float32)
+    step_tok = tl.full([], BLOCK_M, tl.int64) * TOK_STRIDE
+    step_q = step_tok * s_qn
+    step_do = step_tok * s_don
 
     m_end = BLOCK_M if PACK_LEN > 0 else L
     for start_m in range(0, m_end, BLOCK_M):
-        tok_q, slot_q, m_q = _rows(
-            i_g, start_m // BLOCK_M, tl.arange(0, BLOCK_M), L, NSEQ, SEQ_STRIDE, TOK_STRIDE, BLOCK_M, PACK_LEN
-        )
-        b_qt = _load_cols(p_q_bh, tok_q, s_qn, offs_d, s_qd, m_q, HEAD_DIM)  # q^T (BLOCK_D, BLOCK_M)
-        b_do = _load_rows(p_do_bh, tok_q, s_don, offs_d, s_dod, m_q, HEAD_DIM)  # (BLOCK_M, BLOCK_D)
-        b_lse = tl.load(p_lse_bh + tok_q, mask=m_q, other=0.0)
-        b_delta = tl.load(p_delta_bh + tok_q, mask=m_q, other=0.0)
+        if PACK_LEN == 0:
+            if MASK_M:
+                m_q = (start_m + offs_m) < L
+        b_qt = _load_tile(p_qt, m_q, offs_d, HEAD_DIM, MASK_M, D_MASK, True)
+        b_do = _load_tile(p_dom, m_q, offs_d, HEAD_DIM, MASK_M, D_MASK, False)
+        if MASK_M:
+            b_lse = tl.load(p_lse_m, mask=m_q, other=0.0)
+            b_delta = tl.load(p_delta_m, mask=m_q, other=0.0)
+        else:
+            b_lse = tl.load(p_lse_m)
+            b_delta = tl.load(p_delta_m)
 
         # Transposed tiles (keys x queries), as the dK/dV accumulators are indexed by key.
         b_st = tl.dot(b_k, b_qt, input_precision=DOT_PRECISION)  # S^T (BLOCK_N, BLOCK_M)
         if BLOCK_DT > 0:
-            b_qt2 = _load_cols(p_q_bh, tok_q, s_qn, offs_d2, s_qd, m_q, HEAD_DIM)
-            b_do2 = _load_rows(p_do_bh, tok_q, s_don, offs_d2, s_dod, m_q, HEAD_DIM)
+            b_qt2 = _load_tile(p_qt2, m_q, offs_d2, HEAD_DIM, MASK_M, True, True)
+            b_do2 = _load_tile(p_dom2, m_q, offs_d2, HEAD_DIM, MASK_M, True, False)
             b_st = tl.dot(b_k2, b_qt2, b_st, input_precision=DOT_PRECISION)
         b_pt = tl.exp2(b_st * qk_scale - b_lse[None, :])
         if PACK_LEN > 0:
             b_pt = tl.where((slot_k[:, None] == slot_q[None, :]) & m_q[None, :], b_pt, 0.0)
-        elif not EVEN_M:
+        elif MASK_M:
             b_pt = tl.where(m_q[None, :], b_pt, 0.0)
         b_ppt = b_pt.to(b_do.dtype)
         b_dv = tl.dot(b_ppt, b_do, b_dv, input_precision=DOT_PRECISION)
@@ -141,15 +160,21 @@ def _bwd_dkdv_kernel(
         b_dk = tl.dot(b_dst, tl.trans(b_qt), b_dk, input_precision=DOT_PRECISION)
         if BLOCK_DT > 0:
             b_dk2 = tl.dot(b_dst, tl.trans(b_qt2), b_dk2, input_precision=DOT_PRECISION)
+            p_qt2 += step_q
+            p_dom2 += step_do
+        p_qt += step_q
+        p_dom += step_do
+        p_lse_m += step_tok
+        p_delta_m += step_tok
 
-    _store_rows(p_dk + o_g_bh, tok_k, s_gn, offs_d, m_k, b_dk * scale, HEAD_DIM)
-    _store_rows(p_dv + o_g_bh, tok_k, s_gn, offs_d, m_k, b_dv, HEAD_DIM)
+    _store_rows(p_dk + o_g_bh, tok_k, s_gn, offs_d, m_k, b_dk * scale, HEAD_DIM, ALIGN)
+    _store_rows(p_dv + o_g_bh, tok_k, s_gn, offs_d, m_k, b_dv, HEAD_DIM, ALIGN)
     if BLOCK_DT > 0:
-        _store_rows(p_dk + o_g_bh, tok_k, s_gn, offs_d2, m_k, b_dk2 * scale, HEAD_DIM)
-        _store_rows(p_dv + o_g_bh, tok_k, s_gn, offs_d2, m_k, b_dv2, HEAD_DIM)
+        _store_rows(p_dk + o_g_bh, tok_k, s_gn, offs_d2, m_k, b_dk2 * scale, HEAD_DIM, ALIGN)
+        _store_rows(p_dv + o_g_bh, tok_k, s_gn, offs_d2, m_k, b_dv2, HEAD_DIM, ALIGN)
 
 
-@triton.heuristics({"EVEN_N": lambda a: a["PACK_LEN"] == 0 and a["L"] % a["BLOCK_N"] == 0})
+@triton.heuristics({"MASK_N": lambda a: a["PACK_LEN"] > 0 or a["L"] % a["BLOCK_N"] != 0})
 @triton.jit
 def _bwd_dq_kernel(
     # pointers
@@ -164,69 +189,83 @@ def _bwd_dq_kernel(
     s_gb, s_gn, s_gh,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, PACK_LEN: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, PACK_LEN: tl.constexpr, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
-    """One program: dQ for BLOCK_M queries over all keys of their sequence(s)."""
+    """One program: dQ for BLOCK_M queries over all keys of their sequence(s); key pointers advance per block."""
     i_m, i_g, i_bh = _program_ids(L, NSEQ, BLOCK_M, PACK_LEN)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
-    p_q_bh = p_q + i_b * s_qb + i_h * s_qh
-    p_do_bh = p_do + i_b * s_dob + i_h * s_doh
-    p_k_bh = p_k + i_b * s_kb + i_h * s_kh
-    p_v_bh = p_v + i_b * s_vb + i_h * s_vh
+    p_q_bh = p_q + _bh_offset(i_b, i_h, s_qb, s_qh, ALIGN)
+    p_do_bh = p_do + _bh_offset(i_b, i_h, s_dob, s_doh, ALIGN)
+    p_k_bh = p_k + _bh_offset(i_b, i_h, s_kb, s_kh, ALIGN)
+    p_v_bh = p_v + _bh_offset(i_b, i_h, s_vb, s_vh, ALIGN)
+    D_MASK: tl.constexpr = BLOCK_D > HEAD_DIM
 
     offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
     tok_q, slot_q, m_q = _rows(i_g, i_m, tl.arange(0, BLOCK_M), L, NSEQ, SEQ_STRIDE, TOK_STRIDE, BLOCK_M, PACK_LEN)
-    b_q = _load_rows(p_q_bh, tok_q, s_qn, offs_d, s_qd, m_q, HEAD_DIM)
-    b_do = _load_rows(p_do_bh, tok_q, s_don, offs_d, s_dod, m_q, HEAD_DIM)
+    tok_k, slot_k, m_k = _rows(i_g, 0, offs_n, L, NSEQ, SEQ_STRIDE, TOK_STRIDE, BLOCK_N, PACK_LEN)
+    b_q = _load_rows(p_q_bh, tok_q, s_qn, offs_d, s_qd, m_q, HEAD_DIM, D_MASK, ALIGN)
+    b_do = _load_rows(p_do_bh, tok_q, s_don, offs_d, s_dod, m_q, HEAD_DIM, D_MASK, ALIGN)
+    p_kt = _tile_ptrs(p_k_bh, tok_k, s_kn, offs_d, s_kd, True, ALIGN)  # (BLOCK_D, BLOCK_N)
+    p_vt = _tile_ptrs(p_v_bh, tok_k, s_vn, offs_d, s_vd, True, ALIGN)
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if BLOCK_DT > 0:
         offs_d2 = BLOCK_D + tl.arange(0, BLOCK_DT)
-        b_q2 = _load_rows(p_q_bh, tok_q, s_qn, offs_d2, s_qd, m_q, HEAD_DIM)
-        b_do2 = _load_rows(p_do_bh, tok_q, s_don, offs_d2, s_dod, m_q, HEAD_DIM)
+        b_q2 = _load_rows(p_q_bh, tok_q, s_qn, offs_d2, s_qd, m_q, HEAD_DIM, True, ALIGN)
+        b_do2 = _load_rows(p_do_bh, tok_q, s_don, offs_d2, s_dod, m_q, HEAD_DIM, True, ALIGN)
+        p_kt2 = _tile_ptrs(p_k_bh, tok_k, s_kn, offs_d2, s_kd, True, ALIGN)
+        p_vt2 = _tile_ptrs(p_v_bh, tok_k, s_vn, offs_d2, s_vd, True, ALIGN)
         b_dq2 = tl.zeros([BLOCK_M, BLOCK_DT], dtype=tl.float32)
     b_lse = tl.load(p_lse + i_bh.to(tl.int64) * N_TOK + tok_q, mask=m_q, other=0.0)
     b_delta = tl.load(p_delta + i_bh.to(tl.int64) * N_TOK + tok_q, mask=m_q, other=0.0)
+    step_k = tl.full([], BLOCK_N, tl.int64) * TOK_STRIDE * s_kn
+    step_v = tl.full([], BLOCK_N, tl.int64) * TOK_STRIDE * s_vn
 
     n_end = BLOCK_N if PACK_LEN > 0 else L
     for start_n in range(0, n_end, BLOCK_N):
-        tok_k, slot_k, m_k = _rows(
-            i_g, start_n // BLOCK_N, tl.arange(0, BLOCK_N), L, NSEQ, SEQ_STRIDE, TOK_STRIDE, BLOCK_N, PACK_LEN
-        )
-        b_kt = _load_cols(p_k_bh, tok_k, s_kn, offs_d, s_kd, m_k, HEAD_DIM)  # (BLOCK_D, BLOCK_N)
-        b_vt = _load_cols(p_v_bh, tok_k, s_vn, offs_d, s_vd, m_k, HEAD_DIM)
+        if PACK_LEN == 0:
+            if MASK_N:
+                m_k = (start_n + offs_n) < L
+        b_kt = _load_tile(p_kt, m_k, offs_d, HEAD_DIM, MASK_N, D_MASK, True)
+        b_vt = _load_tile(p_vt, m_k, offs_d, HEAD_DIM, MASK_N, D_MASK, True)
         b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION)
         b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PRECISION)
         if BLOCK_DT > 0:
-            b_kt2 = _load_cols(p_k_bh, tok_k, s_kn, offs_d2, s_kd, m_k, HEAD_DIM)
-            b_vt2 = _load_cols(p_v_bh, tok_k, s_vn, offs_d2, s_vd, m_k, HEAD_DIM)
+            b_kt2 = _load_tile(p_kt2, m_k, offs_d2, HEAD_DIM, MASK_N, True, True)
+            b_vt2 = _load_tile(p_vt2, m_k, offs_d2, HEAD_DIM, MASK_N, True, True)
             b_s = tl.dot(b_q2, b_kt2, b_s, input_precision=DOT_PRECISION)
             b_dp = tl.dot(b_do2, b_vt2, b_dp, input_precision=DOT_PRECISION)
         b_p = tl.exp2(b_s * qk_scale - b_lse[:, None])
         if PACK_LEN > 0:
             b_p = tl.where((slot_q[:, None] == slot_k[None, :]) & m_k[None, :], b_p, 0.0)
-        elif not EVEN_N:
+        elif MASK_N:
             b_p = tl.where(m_k[None, :], b_p, 0.0)
         b_ds = (b_p * (b_dp - b_delta[:, None])).to(b_q.dtype)
         b_dq = tl.dot(b_ds, tl.trans(b_kt), b_dq, input_precision=DOT_PRECISION)
         if BLOCK_DT > 0:
             b_dq2 = tl.dot(b_ds, tl.trans(b_kt2), b_dq2, input_precision=DOT_PRECISION)
+            p_kt2 += step_k
+            p_vt2 += step_v
+        p_kt += step_k
+        p_vt += step_v
 
-    _store_rows(p_dq + i_b * s_gb + i_h * s_gh, tok_q, s_gn, offs_d, m_q, b_dq * scale, HEAD_DIM)
+    p_dq_bh = p_dq + _bh_offset(i_b, i_h, s_gb, s_gh, ALIGN)
+    _store_rows(p_dq_bh, tok_q, s_gn, offs_d, m_q, b_dq * scale, HEAD_DIM, ALIGN)
     if BLOCK_DT > 0:
-        _store_rows(p_dq + i_b * s_gb + i_h * s_gh, tok_q, s_gn, offs_d2, m_q, b_dq2 * scale, HEAD_DIM)
+        _store_rows(p_dq_bh, tok_q, s_gn, offs_d2, m_q, b_dq2 * scale, HEAD_DIM, ALIGN)
 
 
-# Autotuning, narrowly (key: L, NSEQ, HEAD_DIM, head-dim split). dK/dV programs hold k, v, dk, dv
-# (4 x BLOCK_N x BLOCK_D) and stream query blocks: a wide key block and a narrow query block, as in
-# flash-attention 2 and Triton's tutorial (32 x 128); dQ programs are the mirror image (128 x 32). First entry =
-# the config used without autotuning, the one verified on the H100 in run 1. ptxas (sm_90, hd 72 split): all
-# compile in 255 registers without spills except dkdv 64 x 128 (48 B).
-# Packed mode: rows per program as in the forward (first: 32 rows, verified in run 1; 64 rows at 4 warps spills
-# 120 B in dkdv, so 8 warps).
+# Autotuning, narrowly (key: L, NSEQ, HEAD_DIM, head-dim split): the first two configs per kernel ran correctly on
+# the H100 in run 2 (NOTES_attention.md; a set with 64 x 128 dK/dV and 128 x 64 dQ tiles at 2 stages crashed); the
+# third is new in run 3 (dK/dV 64 x 64 at 8 warps; dQ at 4 warps / 4 stages, the shape of Triton's tutorial).
+# dK/dV programs hold k, v, dk, dv (4 x BLOCK_N x BLOCK_D) and stream query blocks: a wide key block and a narrow
+# query block, as in flash-attention 2 and Triton's tutorial (32 x 128); dQ programs are the mirror image
+# (128 x 32). ptxas (sm_90, hd 72 split): no spills. Packed mode: 2 or more sequences per program, 32 or 64 rows.
 def _packed_configs(plen: int):
     return [triton.Config({"BLOCK_M": r, "BLOCK_N": r}, num_warps=w, num_stages=1)
-            for r, w in ((max(32, plen), 4), (max(64, plen), 8), (max(16, plen), 4))]
+            for r, w in ((max(32, 2 * plen), 4), (max(64, 2 * plen), 8))]
 
 
 def _dkdv_configs(plen: int):
@@ -235,7 +274,7 @@ def _dkdv_configs(plen: int):
     return [
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=3),
     ]
 
 
@@ -245,7 +284,7 @@ def _dq_configs(plen: int):
     return [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=4),
     ]
 
 
@@ -256,19 +295,21 @@ def video_attention_bwd_launch(do, q, k, v, o, lse, num_frames: int, axis: str, 
     plen = pack_len(L)
     bd, bdt = head_dim_blocks(head_dim)
 
+    dq = torch.empty((batch, num_tokens, heads, head_dim), device=q.device, dtype=q.dtype)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(dq)
+    align = alignment(q, k, v, do, o, dq)
+
     delta = torch.empty((batch, heads, num_tokens), device=q.device, dtype=torch.float32)
     block_t = 64
     _bwd_preprocess_kernel[(triton.cdiv(num_tokens, block_t), batch * heads)](
         o, do, delta, heads, num_tokens, *o.stride()[:3], *do.stride(),
-        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_T=block_t,
+        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_T=block_t, ALIGN=align,
     )
-
-    dq = torch.empty((batch, num_tokens, heads, head_dim), device=q.device, dtype=q.dtype)
-    dk = torch.empty_like(dq)
-    dv = torch.empty_like(dq)
     sizes = (heads, num_tokens, L, nseq, seq_stride, tok_stride, softmax_scale, softmax_scale * LOG2E)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride()[:3])
-    meta = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_DT=bdt, PACK_LEN=plen, DOT_PRECISION=dot_precision(q.dtype))
+    meta = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_DT=bdt, PACK_LEN=plen, DOT_PRECISION=dot_precision(q.dtype),
+                ALIGN=align)
     small = {"BLOCK_M": max(16, 2 * plen), "BLOCK_N": max(16, 2 * plen)} if plen else {"BLOCK_M": 16, "BLOCK_N": 16}
 
     launch(

@@ -39,7 +39,9 @@ import triton.language as tl
 from .._backend import triton_interpreting
 
 LOG2E = 1.4426950408889634
-PACK_MAX_LEN = 64  # sequences up to this length are packed several per program
+# Sequences up to this length are packed, at least two per program. (On the H100, Triton 3.6, the backward at one
+# sequence per program, L in 33..64 or 16-row tiles, made illegal memory accesses / wrong dQ: run 2 of NOTES.)
+PACK_MAX_LEN = 32
 
 
 def sequence_geometry(num_tokens: int, num_frames: int, axis: str):
@@ -76,6 +78,18 @@ def head_dim_blocks(head_dim: int, split: bool | None = None):
         if main + tail < padded:
             return main, tail
     return padded, 0
+
+
+def alignment(*tensors) -> int:
+    """Elements per 16 bytes if every tensor's data pointer is 16-byte aligned and its batch, token and head strides
+    are multiples of that, else 1. Triton only learns divisibility by 16 from integer arguments, so a head stride
+    of 72 (Matten-XL) would otherwise turn every tile load into 2-byte scalar loads; the kernels pass this to
+    tl.multiple_of on their row and (batch, head) offsets."""
+    align = 16 // tensors[0].element_size()
+    for t in tensors:
+        if t.data_ptr() % 16 or any(s % align for s in t.stride()[:3]):
+            return 1
+    return align
 
 
 def dot_precision(dtype) -> str:
@@ -127,26 +141,63 @@ def num_programs(batch_heads: int, L: int, NSEQ: int, block_m: int, plen: int) -
 
 
 @triton.jit
-def _load_rows(p_base, tok, s_n, offs_d, s_d, m_row, HEAD_DIM: tl.constexpr):
-    """(rows, d-chunk) tile of a (tokens, head_dim) slice; rows out of range and d >= HEAD_DIM read as 0."""
-    return tl.load(p_base + tok[:, None] * s_n + offs_d[None, :] * s_d,
-                   mask=m_row[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+def _bh_offset(i_b, i_h, s_b, s_h, ALIGN: tl.constexpr):
+    """Element offset of (batch, head); a multiple of ALIGN (the launcher checked the strides)."""
+    return tl.multiple_of(i_b * s_b + i_h * s_h, ALIGN)
 
 
 @triton.jit
-def _load_cols(p_base, tok, s_n, offs_d, s_d, m_col, HEAD_DIM: tl.constexpr):
-    """Transposed tile (d-chunk, cols), for the right operand of q @ k^T."""
-    return tl.load(p_base + tok[None, :] * s_n + offs_d[:, None] * s_d,
-                   mask=m_col[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+def _tile_ptrs(p_base, tok, s_n, offs_d, s_d, TRANSPOSED: tl.constexpr, ALIGN: tl.constexpr):
+    """Pointers to a (tokens, d-chunk) tile of a (tokens, head_dim) slice, or its transpose (d-chunk, tokens).
+    ALIGN: row offsets are multiples of ALIGN elements (16 bytes), so rows load as 16-byte vectors.
+    (One return statement: the Triton compiler, unlike the interpreter, rejects returns of different shapes.)"""
+    o_tok = tl.multiple_of(tok * s_n, ALIGN)
+    if TRANSPOSED:
+        p = p_base + o_tok[None, :] + offs_d[:, None] * s_d
+    else:
+        p = p_base + o_tok[:, None] + offs_d[None, :] * s_d
+    return p
 
 
 @triton.jit
-def _store_rows(p_base, tok, s_n, offs_d, m_row, b_x, HEAD_DIM: tl.constexpr):
-    tl.store(p_base + tok[:, None] * s_n + offs_d[None, :], b_x.to(p_base.dtype.element_ty),
+def _load_tile(p, m_tok, offs_d, HEAD_DIM: tl.constexpr, TOK_MASK: tl.constexpr, D_MASK: tl.constexpr,
+               TRANSPOSED: tl.constexpr):
+    """Load a tile from ``_tile_ptrs``; masked tokens and d >= HEAD_DIM read as 0. Masks only where needed
+    (constexpr flags): a full tile is a plain load."""
+    if TRANSPOSED:
+        m_t = m_tok[None, :]
+        m_dd = (offs_d < HEAD_DIM)[:, None]
+    else:
+        m_t = m_tok[:, None]
+        m_dd = (offs_d < HEAD_DIM)[None, :]
+    if TOK_MASK and D_MASK:
+        b_x = tl.load(p, mask=m_t & m_dd, other=0.0)
+    elif TOK_MASK:
+        b_x = tl.load(p, mask=m_t, other=0.0)
+    elif D_MASK:
+        b_x = tl.load(p, mask=m_dd, other=0.0)
+    else:
+        b_x = tl.load(p)
+    return b_x
+
+
+@triton.jit
+def _load_rows(p_base, tok, s_n, offs_d, s_d, m_tok, HEAD_DIM: tl.constexpr, D_MASK: tl.constexpr,
+               ALIGN: tl.constexpr):
+    """One-off (rows, d-chunk) tile load outside the loops (token-masked)."""
+    p = _tile_ptrs(p_base, tok, s_n, offs_d, s_d, False, ALIGN)
+    return _load_tile(p, m_tok, offs_d, HEAD_DIM, True, D_MASK, False)
+
+
+@triton.jit
+def _store_rows(p_base, tok, s_n, offs_d, m_row, b_x, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr):
+    """Store a (rows, d-chunk) tile into a contiguous (tokens, head_dim) slice (outputs, gradients)."""
+    o_tok = tl.multiple_of(tok * s_n, ALIGN)
+    tl.store(p_base + o_tok[:, None] + offs_d[None, :], b_x.to(p_base.dtype.element_ty),
              mask=m_row[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
-@triton.heuristics({"EVEN_N": lambda a: a["PACK_LEN"] == 0 and a["L"] % a["BLOCK_N"] == 0})
+@triton.heuristics({"MASK_N": lambda a: a["PACK_LEN"] > 0 or a["L"] % a["BLOCK_N"] != 0})
 @triton.jit
 def _video_attn_fwd_kernel(
     # pointers
@@ -160,25 +211,36 @@ def _video_attn_fwd_kernel(
     s_ob, s_on, s_oh,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, PACK_LEN: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, PACK_LEN: tl.constexpr, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     """One program: BLOCK_M query rows against all keys of their sequence(s). The head dim is covered by a main
-    chunk [0, BLOCK_D) and, when BLOCK_DT > 0, a tail chunk [BLOCK_D, BLOCK_D + BLOCK_DT) (see head_dim_blocks)."""
+    chunk [0, BLOCK_D) and, when BLOCK_DT > 0, a tail chunk [BLOCK_D, BLOCK_D + BLOCK_DT) (see head_dim_blocks).
+    Key pointers are built once and advanced by BLOCK_N tokens per iteration (address math stays out of the loop)."""
     i_m, i_g, i_bh = _program_ids(L, NSEQ, BLOCK_M, PACK_LEN)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
-    p_q_bh = p_q + i_b * s_qb + i_h * s_qh
-    p_k_bh = p_k + i_b * s_kb + i_h * s_kh
-    p_v_bh = p_v + i_b * s_vb + i_h * s_vh
+    p_q_bh = p_q + _bh_offset(i_b, i_h, s_qb, s_qh, ALIGN)
+    p_k_bh = p_k + _bh_offset(i_b, i_h, s_kb, s_kh, ALIGN)
+    p_v_bh = p_v + _bh_offset(i_b, i_h, s_vb, s_vh, ALIGN)
+    D_MASK: tl.constexpr = BLOCK_D > HEAD_DIM  # main chunk sticks out of the head dim (unsplit, padded)
 
     offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
     tok_q, slot_q, m_q = _rows(i_g, i_m, tl.arange(0, BLOCK_M), L, NSEQ, SEQ_STRIDE, TOK_STRIDE, BLOCK_M, PACK_LEN)
-    b_q = _load_rows(p_q_bh, tok_q, s_qn, offs_d, s_qd, m_q, HEAD_DIM)
+    tok_k, slot_k, m_k = _rows(i_g, 0, offs_n, L, NSEQ, SEQ_STRIDE, TOK_STRIDE, BLOCK_N, PACK_LEN)
+    b_q = _load_rows(p_q_bh, tok_q, s_qn, offs_d, s_qd, m_q, HEAD_DIM, D_MASK, ALIGN)
+    p_kt = _tile_ptrs(p_k_bh, tok_k, s_kn, offs_d, s_kd, True, ALIGN)  # k^T (BLOCK_D, BLOCK_N)
+    p_vn = _tile_ptrs(p_v_bh, tok_k, s_vn, offs_d, s_vd, False, ALIGN)  # v (BLOCK_N, BLOCK_D)
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if BLOCK_DT > 0:
         offs_d2 = BLOCK_D + tl.arange(0, BLOCK_DT)
-        b_q2 = _load_rows(p_q_bh, tok_q, s_qn, offs_d2, s_qd, m_q, HEAD_DIM)
+        b_q2 = _load_rows(p_q_bh, tok_q, s_qn, offs_d2, s_qd, m_q, HEAD_DIM, True, ALIGN)
+        p_kt2 = _tile_ptrs(p_k_bh, tok_k, s_kn, offs_d2, s_kd, True, ALIGN)
+        p_vn2 = _tile_ptrs(p_v_bh, tok_k, s_vn, offs_d2, s_vd, False, ALIGN)
         b_acc2 = tl.zeros([BLOCK_M, BLOCK_DT], dtype=tl.float32)
+    step_k = tl.full([], BLOCK_N, tl.int64) * TOK_STRIDE * s_kn
+    step_v = tl.full([], BLOCK_N, tl.int64) * TOK_STRIDE * s_vn
 
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (base-2 scaled scores)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of 2^(s - m)
@@ -186,22 +248,22 @@ def _video_attn_fwd_kernel(
     # Packed mode: one key block (the same sequences as the queries). Looping mode: all L keys of the sequence.
     n_end = BLOCK_N if PACK_LEN > 0 else L
     for start_n in range(0, n_end, BLOCK_N):
-        tok_k, slot_k, m_k = _rows(
-            i_g, start_n // BLOCK_N, tl.arange(0, BLOCK_N), L, NSEQ, SEQ_STRIDE, TOK_STRIDE, BLOCK_N, PACK_LEN
-        )
-        b_kt = _load_cols(p_k_bh, tok_k, s_kn, offs_d, s_kd, m_k, HEAD_DIM)  # (BLOCK_D, BLOCK_N)
-        b_v = _load_rows(p_v_bh, tok_k, s_vn, offs_d, s_vd, m_k, HEAD_DIM)
+        if PACK_LEN == 0:
+            if MASK_N:
+                m_k = (start_n + offs_n) < L
+        b_kt = _load_tile(p_kt, m_k, offs_d, HEAD_DIM, MASK_N, D_MASK, True)
+        b_v = _load_tile(p_vn, m_k, offs_d, HEAD_DIM, MASK_N, D_MASK, False)
         b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         if BLOCK_DT > 0:
-            b_kt2 = _load_cols(p_k_bh, tok_k, s_kn, offs_d2, s_kd, m_k, HEAD_DIM)
-            b_v2 = _load_rows(p_v_bh, tok_k, s_vn, offs_d2, s_vd, m_k, HEAD_DIM)
+            b_kt2 = _load_tile(p_kt2, m_k, offs_d2, HEAD_DIM, MASK_N, True, True)
+            b_v2 = _load_tile(p_vn2, m_k, offs_d2, HEAD_DIM, MASK_N, True, False)
             b_s = tl.dot(b_q2, b_kt2, b_s, input_precision=DOT_PRECISION)
         b_s = b_s * qk_scale  # base-2 units
         # Finite fill (not -inf): fully masked padding rows then stay NaN-free; valid rows always see their own
         # sequence's first key in the first block, so the fill never wins a max for them.
         if PACK_LEN > 0:
             b_s = tl.where((slot_q[:, None] == slot_k[None, :]) & m_k[None, :], b_s, -1.0e30)
-        elif not EVEN_N:
+        elif MASK_N:
             b_s = tl.where(m_k[None, :], b_s, -1.0e30)
 
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
@@ -212,28 +274,34 @@ def _video_attn_fwd_kernel(
         b_acc = tl.dot(b_p, b_v, b_acc * b_alpha[:, None], input_precision=DOT_PRECISION)
         if BLOCK_DT > 0:
             b_acc2 = tl.dot(b_p, b_v2, b_acc2 * b_alpha[:, None], input_precision=DOT_PRECISION)
+            p_kt2 += step_k
+            p_vn2 += step_v
         b_m = b_m_new
+        p_kt += step_k
+        p_vn += step_v
 
-    p_o_bh = p_o + i_b * s_ob + i_h * s_oh
-    _store_rows(p_o_bh, tok_q, s_on, offs_d, m_q, b_acc / b_l[:, None], HEAD_DIM)
+    p_o_bh = p_o + _bh_offset(i_b, i_h, s_ob, s_oh, ALIGN)
+    _store_rows(p_o_bh, tok_q, s_on, offs_d, m_q, b_acc / b_l[:, None], HEAD_DIM, ALIGN)
     if BLOCK_DT > 0:
-        _store_rows(p_o_bh, tok_q, s_on, offs_d2, m_q, b_acc2 / b_l[:, None], HEAD_DIM)
+        _store_rows(p_o_bh, tok_q, s_on, offs_d2, m_q, b_acc2 / b_l[:, None], HEAD_DIM, ALIGN)
     tl.store(p_lse + i_bh.to(tl.int64) * N_TOK + tok_q, b_m + tl.log2(b_l), mask=m_q)
 
 
-# Autotuning, narrowly. Looping mode (spatial S=256, global 4096): flash-attention tiles; BLOCK_N 64 keeps the fp32
-# score tile plus the (BLOCK_M, 64 + 16) accumulators in registers at 8 warps (ptxas, sm_90, hd 72: 215 registers, no
-# spills). Packed mode (temporal F=16): rows per program 32/64/128 trade tensor-core fill (wgmma needs 64 rows)
-# against block-diagonal waste and against the program count (B*H*S / sequences per program must fill 132 SMs).
+# Autotuning, narrowly: the first two configs per mode ran correctly on the H100 (run 2; a third set with 128 x 128
+# tiles / 2 stages crashed there, NOTES_attention.md); the third is new in run 3 and kept only if its sweep passes.
+# Looping mode (spatial S=256, global 4096): flash-attention
+# tiles; BLOCK_N 64 keeps the fp32 score tile plus the (BLOCK_M, 64 + 16) accumulators in registers at 8 warps
+# (ptxas, sm_90, hd 72: 215 registers, no spills). Packed mode (temporal F=16): 64 or 32 rows per program trade
+# tensor-core fill (wgmma needs 64 rows) against block-diagonal waste and the program count.
 # Key: L, NSEQ (the sequence-length bucket and count), HEAD_DIM and the head-dim split.
 def _fwd_configs(plen: int):
     if plen > 0:
-        return [triton.Config({"BLOCK_M": r, "BLOCK_N": r}, num_warps=w, num_stages=1)
-                for r, w in ((max(64, plen), 4), (max(32, plen), 4), (max(128, plen), 8))]
+        return [triton.Config({"BLOCK_M": r, "BLOCK_N": r}, num_warps=4, num_stages=1)
+                for r in (max(64, 2 * plen), max(32, 2 * plen))]
     return [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
     ]
 
 
@@ -250,6 +318,7 @@ def _interp_config(plen: int):
 _fixed = os.environ.get("MATTEN_ATTN_CONFIG", "")
 FIXED_CONFIG = int(_fixed) if _fixed.strip() else None
 TUNE_KEY = ["L", "NSEQ", "HEAD_DIM", "BLOCK_DT"]
+CONFIG_SUBSET = None  # config indices autotuning may use (benchmarks/bench_attention.py --sweep-configs sets it)
 _TUNED = {}
 
 
@@ -263,7 +332,9 @@ def launch(name, kernel, configs, interp_config, grid_fn, args, meta, reset_to_z
         kernel[(grid_fn(cfg.kwargs),)](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         if name not in _TUNED:
-            _TUNED[name] = triton.autotune(configs=configs, key=TUNE_KEY, reset_to_zero=reset_to_zero)(kernel)
+            allowed = [c for i, c in enumerate(configs) if CONFIG_SUBSET is None or i in CONFIG_SUBSET]
+            _TUNED[name] = triton.autotune(configs=allowed or configs[:1], key=TUNE_KEY,
+                                           reset_to_zero=reset_to_zero)(kernel)
         _TUNED[name][lambda META: (grid_fn(META),)](*args, **meta)
 
 
@@ -288,7 +359,8 @@ def video_attention_fwd_launch(q, k, v, num_frames: int, axis: str, softmax_scal
         *q.stride(), *k.stride(), *v.stride(), *o.stride()[:3],
     )
     bd, bdt = head_dim_blocks(head_dim)
-    meta = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_DT=bdt, PACK_LEN=plen, DOT_PRECISION=dot_precision(q.dtype))
+    meta = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_DT=bdt, PACK_LEN=plen, DOT_PRECISION=dot_precision(q.dtype),
+                ALIGN=alignment(q, k, v, o))
     launch(
         ("fwd", plen), _video_attn_fwd_kernel, _fwd_configs(plen), _interp_config(plen),
         lambda c: num_programs(batch * heads, L, nseq, c["BLOCK_M"], plen), args, meta,
