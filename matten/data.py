@@ -271,10 +271,15 @@ class SyntheticShapesDataset(Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> dict:
-        g = item_generator(self.seed, self.epoch, index)
-        params = sample_shape_params(1, self.num_classes, g)
-        video = render_shapes(params, self.num_frames, self.size)[0]
-        return {"video": video, "label": params["label"][0]}
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices) -> list[dict]:
+        """A whole batch in one vectorised render (the DataLoader calls this when it exists); parameters are still
+        drawn per item from its own generator, so an item does not depend on the batch it is in."""
+        per_item = [sample_shape_params(1, self.num_classes, item_generator(self.seed, self.epoch, i)) for i in indices]
+        params = {k: torch.cat([p[k] for p in per_item]) for k in per_item[0]}
+        video = render_shapes(params, self.num_frames, self.size)  # (n, 3, F, size, size)
+        return [{"video": v, "label": l} for v, l in zip(video, params["label"])]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -189,7 +189,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
             meta = json.load(fh)
         model = _model_class().from_config(dict(meta["model_config"], **config_overrides))
         model.load_state_dict({k: v.float() for k, v in load_file(path).items()})
-        return model.to(device).eval(), meta.get("sampling", {})
+        return model.to(device).eval(), dict(meta.get("sampling", {}), training=meta.get("training", {}))
     if os.path.isdir(os.path.join(path, "ema")) and not os.path.isfile(os.path.join(path, "config.json")):
         path = os.path.join(path, "ema")
     if not os.path.isfile(os.path.join(path, "config.json")):

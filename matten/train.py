@@ -92,6 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r = parser.add_argument_group("run")
     r.add_argument("--output", required=True, help="output folder (checkpoints, logs, ema/)")
     r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    r.add_argument("--init-from", metavar="PATH", default=None,
+                   help="start from these weights (anything --checkpoint of the sample command takes, e.g. the "
+                        "embedded demo's .safetensors); optimizer and EMA start fresh. The configuration must match")
     r.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
     r.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept on disk (newest)")
     r.add_argument("--log-every", type=int, default=50, help="steps between log lines")
@@ -390,6 +393,19 @@ def _train_loop(args, d: Dist, dataset, data_info, vae, vae_for_sampling, create
     overrides = model_overrides(args, dataset, vae, data_info)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = create_model(args.preset, **overrides).to(device)
+    init_meta = {}
+    if args.init_from:
+        from .pipeline import load_checkpoint
+
+        source, init_meta = load_checkpoint(args.init_from, "cpu")
+        ignore = {"kernel_backend"}
+        mine = {k: v for k, v in dict(model.config).items() if not k.startswith("_") and k not in ignore}
+        theirs = {k: v for k, v in dict(source.config).items() if not k.startswith("_") and k not in ignore}
+        if json.loads(json.dumps(mine)) != json.loads(json.dumps(theirs)):
+            diff = {k: (theirs.get(k), mine.get(k)) for k in set(mine) | set(theirs) if theirs.get(k) != mine.get(k)}
+            raise ValueError(f"--init-from {args.init_from}: configuration differs (theirs, ours): {diff}")
+        model.load_state_dict(source.state_dict())
+        del source
     torch.manual_seed(args.seed * 1000 + d.rank)  # per-rank stream for label dropout
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
@@ -530,6 +546,10 @@ def _train_loop(args, d: Dist, dataset, data_info, vae, vae_for_sampling, create
                         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                         "train_seconds": round(train_seconds, 1), "final_loss": last_loss,
                         "parameters": n_params, "ema_decay": ema.decay_at(max(step - 1, 0))}
+            if args.init_from:
+                training["init_from"] = args.init_from
+                if "training" in init_meta:
+                    training["continued_from"] = init_meta["training"]
             export_demo(ema.model, args.export_demo, sampling, training)
         logger.info("done: %d steps in %.1f s; EMA exported to %s", step, train_seconds, ema_dir)
     return {"rank": d.rank, "step": step, "final_loss": last_loss, "model": model, "ema": ema.model,

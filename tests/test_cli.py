@@ -61,6 +61,14 @@ def test_train_then_sample_cli(tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(tmp_path / "small.safetensors"), "--output", str(tmp_path / "b.gif"),
                  "--steps", "2", "--num-samples", "4", "--scale", "2"]) == 0
     assert _gif_frames(tmp_path / "b.gif").shape == (2, 22, 22, 3)  # 2x2 grid of 4x4 clips, 1 px gaps, x2
+    # continue training from the exported weights
+    assert main(argv[:-2] + ["--output", str(tmp_path / "run2"), "--steps", "1", "--init-from",
+                             str(tmp_path / "small.safetensors"), "--export-demo", str(tmp_path / "small2")]) == 0
+    with open(tmp_path / "small2.json") as fh:
+        assert json.load(fh)["training"]["continued_from"]["steps"] == 2
+    with pytest.raises(ValueError, match="configuration differs"):
+        main(argv[:-2] + ["--output", str(tmp_path / "run3"), "--depth", "4", "--init-from",
+                          str(tmp_path / "small.safetensors")])
     with pytest.raises(SystemExit, match="class-label must be in"):
         main(["sample", "--checkpoint", str(run), "--output", str(tmp_path / "c.gif"), "--class-label", "9"])
     with pytest.raises(FileNotFoundError, match="nowhere"):
