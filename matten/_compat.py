@@ -123,11 +123,13 @@ if not HAS_DIFFUSERS:  # pragma: no cover
             save_file(state, os.path.join(save_directory, _WEIGHTS_NAME))
 
         @classmethod
-        def from_pretrained(cls, pretrained_model_path, torch_dtype=None, **_):
+        def from_pretrained(cls, pretrained_model_path, torch_dtype=None, **overrides):
+            """Config fields in ``overrides`` replace the saved ones (``kernel_backend="ref"``), as in diffusers."""
             from safetensors.torch import load_file
 
             with open(os.path.join(pretrained_model_path, cls.config_name)) as f:
                 config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+            config.update({k: v for k, v in overrides.items() if k in config})
             model = cls(**config)
             model.load_state_dict(load_file(os.path.join(pretrained_model_path, _WEIGHTS_NAME)), strict=True)
             if torch_dtype is not None:

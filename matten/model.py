@@ -419,7 +419,7 @@ class MattenTransformer3DModel(ModelMixin, ConfigMixin):
         if not isinstance(timestep, torch.Tensor):
             if not isinstance(timestep, (int, float)) or isinstance(timestep, bool):
                 raise TypeError(f"timestep must be a number or a tensor, got {type(timestep).__name__}")
-            timestep = torch.tensor([timestep], dtype=torch.float32)
+            return torch.full((batch,), float(timestep), dtype=torch.float32, device=device)  # a fill, no copy
         timestep = timestep.to(device).reshape(-1)  # (1,) or (B,)
         if timestep.shape[0] == 1:
             return timestep.expand(batch)  # (B,)
@@ -446,7 +446,9 @@ class MattenTransformer3DModel(ModelMixin, ConfigMixin):
         S = cfg.tokens_per_frame
 
         x = self.x_embedder(hidden_states)  # (B, F*S, D) frame-major
-        x = x + self.pos_embed_spatial.repeat(F, 1).to(x.dtype)  # (F*S, D): the frame's table for every frame
+        # (F*S, D): the frame's table for every frame. The fp32 table promotes x to fp32 under autocast (the patch
+        # conv gives bf16 there), so the residual stream stays fp32 as in DiT.
+        x = x + self.pos_embed_spatial.repeat(F, 1)
         t = self.t_embedder(self._timesteps(timestep, B, hidden_states.device))  # (B, D)
         y = self.y_embedder(class_labels) if self.y_embedder is not None else None  # (B, D)
         if cfg.condition == "adan":
@@ -456,7 +458,7 @@ class MattenTransformer3DModel(ModelMixin, ConfigMixin):
 
         for i, (kind, block) in enumerate(zip(self.layout, self.blocks)):
             if i == self.temporal_embedding_index:
-                x = x + self.pos_embed_temporal.repeat_interleave(S, dim=0).to(x.dtype)  # (F*S, D): row f per frame
+                x = x + self.pos_embed_temporal.repeat_interleave(S, dim=0)  # (F*S, D): row f for frame f
             if tokens is None:
                 x = self._run_block(block, x, c, F)  # (B, F*S, D)
             else:
