@@ -91,6 +91,8 @@ def run_case(ctx, label, variant, backend, baselines, train):
         with torch.no_grad(), _autocast(ctx):
             return model(x, t).sample
 
+    if variant == 3 and backend == "auto" and not baselines:  # FlopCounterMode vs the analytic count, this torch
+        row["flop_counter"] = flop_counter_check(model, x, t)
     if baselines:  # the baseline must compute the same function: compare one forward before timing it
         with torch.no_grad(), _autocast(ctx):
             ref_out = model(x, t).sample.float()
@@ -123,6 +125,28 @@ def run_case(ctx, label, variant, backend, baselines, train):
     del model, opt
     _free(ctx)
     return row
+
+
+def flop_counter_check(model, x, t):
+    """One forward under torch.utils.flop_counter.FlopCounterMode (matten's op formulas registered) beside the
+    analytic count of the same work (``counted_by_torch``) and the analytic total (elementwise work included)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from matten.flops import count_flops, register_flop_formulas
+
+    register_flop_formulas()
+    with torch.no_grad(), _autocast_for(x), FlopCounterMode(display=False) as fc:
+        model(x, t)
+    report = count_flops(model, batch=x.shape[0])
+    by_op = {str(k): v for k, v in fc.get_flop_counts().get("Global", {}).items()}
+    return {"counter": fc.get_total_flops(), "analytic_counted_by_torch": report.counted_by_torch,
+            "analytic_total": report.total, "by_op": by_op, "torch": torch.__version__}
+
+
+def _autocast_for(x):
+    if x.is_cuda:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
 
 
 class _nullcontext:
@@ -189,6 +213,11 @@ def summarize(section, res):
     lines.append(f"v3 ours vs baselines: train step {fmt(sp.get('train'), '{:.2f}x')} (target >= 1.5x), "
                  f"sample step {fmt(sp.get('sample'), '{:.2f}x')}")
     lines.append(f"v3 triton vs ref backend, sample step: {fmt(res.get('speedup_vs_ref_sample'), '{:.1f}x')}")
+    fc = res["cases"].get("Matten-XL/2 v3", {}).get("flop_counter")
+    if fc:
+        lines.append(f"FlopCounterMode (torch {fc['torch']}) on one forward: {fc['counter'] / 1e9:,.1f} G; analytic, "
+                     f"same work: {fc['analytic_counted_by_torch'] / 1e9:,.1f} G; analytic total incl. elementwise: "
+                     f"{fc['analytic_total'] / 1e9:,.1f} G")
     base = res["cases"].get("Matten-XL/2 v3 baselines", {})
     if "baseline_rel_err" in base:
         lines.append(f"baselines vs ours, one forward: relative error {base['baseline_rel_err']:.1e} (same function)")
