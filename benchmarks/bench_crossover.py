@@ -346,20 +346,27 @@ def summarize(section, res):
     lines = []
     if section == "kernels":
         lines.append(f"## kernels ({res['dtype']}; scan baseline: {res['scan_provider']})")
-        lines.append("| shape | op | ms | GB/s | % of floor |")
-        lines.append("|---|---|---|---|---|")
+        lines.append("| shape | op | ms | rate | % of floor | H100 anchor ms (SPEC §7, not this run) |")
+        lines.append("|---|---|---|---|---|---|")
+        # anchors: mamba-ssm selective_scan_fn (no z) for the uni rows, mamba-ssm with flips for the Vim rows, SDPA
+        scan_anchor = {"uni ours fwd": 0, "uni ours fwdbwd": 1, "bi vim fwd": 2, "bi vim fwdbwd": 3}
         for name, row in res["scan"].items():
             for k, e in row.items():
                 if k != "shape":
                     frac = e.get("fraction_of_floor")
-                    lines.append(f"| {name} | scan {k} | {_fmt(e)} | {_fmt(e, 'GBps', '{:.0f}')} | "
-                                 f"{'-' if frac is None else f'{100 * frac:.0f}%'} |")
+                    a = ANCHOR_MAMBA_SSM_H100.get(name)
+                    anchor = f"{a[scan_anchor[k]]} (mamba-ssm)" if a and k in scan_anchor else "-"
+                    lines.append(f"| {name} | scan {k} | {_fmt(e)} | {_fmt(e, 'GBps', '{:.0f} GB/s')} | "
+                                 f"{'-' if frac is None else f'{100 * frac:.0f}%'} | {anchor} |")
         for name, row in res["attention"].items():
+            axis = ATTENTION_AXES[name]
             for k, e in row.items():
                 if k != "shape":
                     frac = e.get("fraction_of_floor")
+                    a = ANCHOR_SDPA_H100.get(axis)
+                    anchor = f"{a[0 if k.endswith('fwd') else 1]} (SDPA)" if a and k.startswith("sdpa") else "-"
                     lines.append(f"| {name} | attention {k} | {_fmt(e)} | {_fmt(e, 'TFLOPs', '{:.0f} TF/s')} | "
-                                 f"{'-' if frac is None else f'{100 * frac:.0f}%'} |")
+                                 f"{'-' if frac is None else f'{100 * frac:.0f}%'} | {anchor} |")
     else:
         s = res["shape"]
         lines.append(f"## crossover: global attention vs bidirectional scan ({res['dtype']}, batch {s['batch']}, "
