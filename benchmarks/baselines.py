@@ -3,7 +3,8 @@
 * Bidirectional Mamba mixer as Vision Mamba composes it (bimamba v2): the causal path once on the sequence and once
   on its flipped copy (``torch.flip`` of the conv input, of z, and of the output), ``F.conv1d`` with padding and
   slicing for the short convolution, ``x_proj`` / ``dt_proj`` as plain matmuls, and a unidirectional selective scan:
-  ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` when mamba_ssm is importable, else matten's own
+  ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` when mamba_ssm is importable, else mamba-ssm's
+  compiled ``selective_scan_cuda`` extension when that is importable (``MATTEN_MAMBA_BUILD``), else matten's own
   ``selective_scan`` (Triton) called twice. ``SCAN_PROVIDER`` says which one ran; every result file records it.
 * Video attention as users write it with PyTorch: einops ``rearrange`` of q, k, v into (sequences, heads, L, d),
   ``F.scaled_dot_product_attention`` (FlashAttention / cuDNN / efficient backends, whichever PyTorch picks), and the
@@ -16,19 +17,64 @@ so "our kernels vs. the ops users would otherwise use" compares the same paramet
 from __future__ import annotations
 
 import contextlib
+import importlib
+import os
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-try:  # optional peer: mamba-ssm's CUDA selective scan (never vendored)
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_selective_scan_fn
+class _MambaCudaScan(torch.autograd.Function):
+    """mamba-ssm's compiled CUDA scan (``selective_scan_cuda.fwd/bwd``, the kernels behind ``selective_scan_fn``)
+    called directly, for when only the extension is importable (built from the mamba-ssm source distribution with
+    benchmarks/build_mamba_scan.py; nothing of it is in this repository). Same argument handling as selective_scan_fn:
+    last dims made contiguous, (batch, N, L) B/C passed as one group, the gate z fused."""
 
-    SCAN_PROVIDER = "mamba_ssm.selective_scan_fn"
-except ImportError:  # not installed: fall back to our unidirectional Triton scan, called twice with flips
-    _mamba_selective_scan_fn = None
-    SCAN_PROVIDER = "matten_kernels.selective_scan (mamba_ssm not importable)"
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        mod = sys.modules["selective_scan_cuda"]
+        last = lambda x: x if x is None or x.stride(-1) == 1 else x.contiguous()  # noqa: E731
+        u, delta, z = last(u), last(delta), last(z)
+        B, C = last(B).unsqueeze(1), last(C).unsqueeze(1)  # (batch, 1, N, L)
+        out, x, *rest = mod.fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, x, out)
+        ctx.delta_softplus = delta_softplus
+        return rest[0] if z is not None else out
+
+    @staticmethod
+    def backward(ctx, dout):
+        u, delta, A, B, C, D, z, delta_bias, x, out = ctx.saved_tensors
+        mod = sys.modules["selective_scan_cuda"]
+        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+        du, ddelta, dA, dB, dC, dD, ddelta_bias, *rest = mod.bwd(
+            u, delta, A, B, C, D, z, delta_bias, dout, x, out if z is not None else None, None, ctx.delta_softplus,
+            False)
+        return (du, ddelta, dA, dB.squeeze(1), dC.squeeze(1), dD, rest[0] if z is not None else None, ddelta_bias,
+                None)
+
+
+def _scan_provider():
+    """(callable like selective_scan_fn, name): mamba_ssm if importable, else its compiled extension if importable
+    (put its folder on sys.path or in MATTEN_MAMBA_BUILD), else matten's own unidirectional Triton scan."""
+    try:  # optional peer: mamba-ssm's CUDA selective scan (never vendored)
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+        return selective_scan_fn, "mamba_ssm.selective_scan_fn"
+    except ImportError:
+        pass
+    build = os.environ.get("MATTEN_MAMBA_BUILD")
+    if build and build not in sys.path:
+        sys.path.insert(0, build)
+    try:
+        importlib.import_module("selective_scan_cuda")
+        return _MambaCudaScan.apply, "mamba-ssm selective_scan_cuda (its CUDA kernels, built from the 2.3.2.post1 source)"
+    except ImportError:
+        return None, "matten_kernels.selective_scan (mamba_ssm not importable)"
+
+
+_mamba_selective_scan_fn, SCAN_PROVIDER = _scan_provider()
 
 
 def uni_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True):

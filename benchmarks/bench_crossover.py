@@ -222,12 +222,27 @@ def _time(ctx, fn, log_name):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def baseline_check(ctx):
+    """Our bi-scan vs the Vim composition on the baseline provider, fp32, every input gradient (same inputs and
+    cotangent): relative errors. A baseline that computed something else would make every speed comparison moot."""
+    batch, dim, N, L = (2, 64, 16, 300) if not ctx.smoke else (1, 8, 4, 16)
+    fns = scan_callables(ctx, batch, dim, N, L, torch.float32)
+    ours, vim = fns["bi ours"][1](), fns["bi vim"][1]()
+    errs = [float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(vim, ours)]
+    return {"bi": {"shape": [batch, dim, N, L], "grad_rel_err_max": max(errs), "grad_rel_errs": errs}}
+
+
 def run_kernels(ctx, save):
     dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
     itemsize = torch.tensor([], dtype=dtype).element_size()
     res = {"scan_provider": SCAN_PROVIDER, "dtype": str(dtype), "scan": {}, "attention": {},
            "anchors": {"mamba_ssm_h100": ANCHOR_MAMBA_SSM_H100, "sdpa_h100": ANCHOR_SDPA_H100,
                        "note": "SPEC.md section 7: the lead's H100 run of 2026-11-26, not this run"}}
+    try:
+        res["baseline_check"] = baseline_check(ctx)
+    except Exception as e:  # recorded: the timings below still run
+        res["baseline_check"] = {"error": f"{type(e).__name__}: {e}"}
+    save(res)
     for name, (batch, dim, N, L) in SCAN_SHAPES.items():
         if ctx.smoke:
             batch, dim, N, L = 2, 8, 4, min(L, 32)
@@ -346,6 +361,12 @@ def summarize(section, res):
     lines = []
     if section == "kernels":
         lines.append(f"## kernels ({res['dtype']}; scan baseline: {res['scan_provider']})")
+        bc = res.get("baseline_check", {})
+        if "bi" in bc:
+            lines.append(f"baseline check (fp32, shape {bc['bi']['shape']}): Vim composition vs our bi-scan, "
+                         f"max relative error over the 9 input gradients {bc['bi']['grad_rel_err_max']:.1e}")
+        elif "error" in bc:
+            lines.append(f"baseline check FAILED: {bc['error']}")
         lines.append("| shape | op | ms | rate | % of floor | H100 anchor ms (SPEC §7, not this run) |")
         lines.append("|---|---|---|---|---|---|")
         # anchors: mamba-ssm selective_scan_fn (no z) for the uni rows, mamba-ssm with flips for the Vim rows, SDPA
