@@ -39,9 +39,11 @@ import triton.language as tl
 from .._backend import triton_interpreting
 
 LOG2E = 1.4426950408889634
-# Sequences up to this length are packed, at least two per program. (On the H100, Triton 3.6, the backward at one
-# sequence per program, L in 33..64 or 16-row tiles, made illegal memory accesses / wrong dQ: run 2 of NOTES.)
-PACK_MAX_LEN = 32
+# Sequences up to this length are packed, at least two per program. On the H100 (Triton 3.6) every packed case
+# verified correct had PACK_LEN <= 16 (L = 5, 16); PACK_LEN 64 (one sequence per program) gave wrong dQ, then an
+# illegal memory access, and a run with PACK_LEN 32 (and 4) crashed too (NOTES_attention.md, runs 1-3). Longer
+# sequences take the looping kernels, verified at L = 37, 185, 256, 4096.
+PACK_MAX_LEN = 16
 
 
 def sequence_geometry(num_tokens: int, num_frames: int, axis: str):
@@ -340,7 +342,7 @@ def launch(name, kernel, configs, interp_config, grid_fn, args, meta, reset_to_z
 
 def tuned_configs():
     """{kernel name: {autotune key: best config}} of what has been tuned in this process (for benchmark notes)."""
-    return {name: {str(k): str(c) for k, c in t.cache.items()} for name, t in _TUNED.items()}
+    return {str(name): {str(k): str(c) for k, c in t.cache.items()} for name, t in _TUNED.items()}
 
 
 def video_attention_fwd_launch(q, k, v, num_frames: int, axis: str, softmax_scale: float):
