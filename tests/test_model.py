@@ -310,6 +310,21 @@ def test_torch_compile_full_graph():
         assert torch.equal(compiled(x, torch.tensor([5, 6]), y).sample, model(x, torch.tensor([5, 6]), y).sample)
 
 
+@pytest.mark.skipif(not HAS_TRITON_DEVICE, reason="needs CUDA or TRITON_INTERPRET=1")
+def test_torch_compile_full_graph_triton_kernels():
+    """With kernel_backend="triton" the kernels enter the graph as torch.library custom ops (their fake kernels give
+    the shapes): no graph break in the whole model, same output as eager."""
+    small = dict(depth=2, hidden_size=16, num_frames=2, sample_size=4, kernel_backend="triton")
+    model = perturb(tiny(**small)).eval()
+    x, t = latents(model, batch=1), torch.tensor([5])
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        a, b = compiled(x, t).sample, model(x, t).sample
+    err = (a - b).abs().max()
+    logger.info("compiled vs eager (triton kernels): max %.3e", err)
+    assert err <= 1e-6
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # bad input
 # ---------------------------------------------------------------------------------------------------------------------
