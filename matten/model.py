@@ -316,10 +316,11 @@ class MattenTransformer3DModel(ModelMixin, ConfigMixin):
                 blocks.append(MambaBlock(D, axis, cfg, adaln, mamba_backend))
         self.blocks = nn.ModuleList(blocks)
         self.final_layer = FinalLayer(D, cfg.patch_size, cfg.out_channels, adaln)
-        # Fixed sin-cos position embeddings, recomputed from the config (not saved in checkpoints).
+        # Fixed sin-cos position embeddings. Persistent buffers (as DiT's frozen pos_embed): a model built on the meta
+        # device and materialised with to_empty() gets them back from the checkpoint like the weights.
         grid = cfg.sample_size // cfg.patch_size
-        self.register_buffer("pos_embed_spatial", get_2d_sincos_pos_embed(D, grid), persistent=False)  # (S, D)
-        self.register_buffer("pos_embed_temporal", get_1d_sincos_pos_embed(D, F), persistent=False)  # (F, D)
+        self.register_buffer("pos_embed_spatial", get_2d_sincos_pos_embed(D, grid))  # (S, D)
+        self.register_buffer("pos_embed_temporal", get_1d_sincos_pos_embed(D, F))  # (F, D)
         assert self.pos_embed_spatial.shape == (S, D)
         self.initialize_weights()
 

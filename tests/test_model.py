@@ -184,8 +184,13 @@ def test_save_load_roundtrip(tmp_path):
     sd_a, sd_b = model.state_dict(), loaded.state_dict()
     assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
     x, y = latents(model), torch.tensor([1, 3])
+    with torch.device("meta"):  # built without memory, materialised, then filled from the checkpoint
+        empty = tiny(num_classes=3, variant=4)
+    empty = empty.to_empty(device="cpu")
+    empty.load_state_dict(loaded.state_dict(), strict=True)
     with torch.no_grad():
         assert torch.equal(model(x, 7, y).sample, loaded(x, 7, y).sample)
+        assert torch.equal(model(x, 7, y).sample, empty.eval()(x, 7, y).sample)
 
 
 def test_forward_with_cfg():
