@@ -18,7 +18,6 @@ follow the adaLN-Zero convention it cites: ``f + alpha_c * BiMamba(Norm(f) * (1 
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 from dataclasses import fields
