@@ -158,7 +158,7 @@ class AttentionBlock(nn.Module):
         if self.adaLN_modulation is None:
             x = x + self.attn(self.norm1(x), num_frames)
             return x + self.mlp(self.norm2(x))
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x (B, D)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), num_frames)
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
@@ -254,7 +254,7 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         x = self.norm_final(x)
         if self.adaLN_modulation is not None:
-            shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+            shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # 2 x (B, D)
             x = modulate(x, shift, scale)
         return self.linear(x)  # (B, F*S, p*p*C_out)
 
@@ -344,7 +344,7 @@ class MattenTransformer3DModel(ModelMixin, ConfigMixin):
                     nn.init.zeros_(module.bias)
         # 2. patch embedding: xavier uniform on the conv weight seen as a Linear (C*p*p -> D), zero bias.
         w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # (D, C*p*p)
         nn.init.zeros_(self.x_embedder.proj.bias)
         # 3. timestep MLP and class table: normal(0, 0.02).
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
@@ -448,7 +448,7 @@ class MattenTransformer3DModel(ModelMixin, ConfigMixin):
         x = self.x_embedder(hidden_states)  # (B, F*S, D) frame-major
         # (F*S, D): the frame's table for every frame. The fp32 table promotes x to fp32 under autocast (the patch
         # conv gives bf16 there), so the residual stream stays fp32 as in DiT.
-        x = x + self.pos_embed_spatial.repeat(F, 1)
+        x = x + self.pos_embed_spatial.repeat(F, 1)  # + (F*S, D) -> (B, F*S, D)
         t = self.t_embedder(self._timesteps(timestep, B, hidden_states.device))  # (B, D)
         y = self.y_embedder(class_labels) if self.y_embedder is not None else None  # (B, D)
         if cfg.condition == "adan":
@@ -494,7 +494,7 @@ class MattenTransformer3DModel(ModelMixin, ConfigMixin):
         model_out = self.forward(combined, timestep, class_labels).sample  # (B, C_out, F, H, W)
         C = cfg.in_channels
         eps, rest = model_out[:, :C], model_out[:, C:]  # (B, C, ...), (B, C_out - C, ...)
-        cond_eps, uncond_eps = torch.split(eps, eps.shape[0] // 2, dim=0)
+        cond_eps, uncond_eps = torch.split(eps, eps.shape[0] // 2, dim=0)  # 2 x (B/2, C, F, H, W)
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)  # (B/2, C, F, H, W)
         eps = torch.cat([half_eps, half_eps], dim=0)  # (B, C, F, H, W)
         return torch.cat([eps, rest], dim=1)  # (B, C_out, F, H, W)
