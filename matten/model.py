@@ -158,7 +158,8 @@ class AttentionBlock(nn.Module):
         if self.adaLN_modulation is None:
             x = x + self.attn(self.norm1(x), num_frames)
             return x + self.mlp(self.norm2(x))
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x (B, D)
+        # six (B, D) chunks: shift, scale and gate of the attention branch, then of the MLP branch
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), num_frames)
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
