@@ -24,5 +24,5 @@ fi
 if [ -n "${SWEEP:-}" ]; then
   timeout ${SWEEP_TIMEOUT:-120} python3 benchmarks/bench_selective_scan.py --sweep --shapes "$SWEEP" --commit "${MATTEN_COMMIT:-unknown}" --out "$OUT" 2>&1 | tail -32 | tee "$OUT/sweep.log"
 fi
-timeout ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_selective_scan.py --dtypes bf16,fp32 --mamba-build "$MAMBA_BUILD" --commit "${MATTEN_COMMIT:-unknown}" --out "$OUT" 2>&1 | tail -25 | tee "$OUT/bench_scan.log"
+timeout ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_selective_scan.py --dtypes ${BENCH_DTYPES:-bf16,fp32} --mamba-build "$MAMBA_BUILD" --commit "${MATTEN_COMMIT:-unknown}" --out "$OUT" 2>&1 | tail -25 | tee "$OUT/bench_scan.log"
 timeout ${BI_TIMEOUT:-120} python3 benchmarks/bench_bidirectional.py --mamba-build "$MAMBA_BUILD" --commit "${MATTEN_COMMIT:-unknown}" --out "$OUT" 2>&1 | tail -22 | tee "$OUT/bench_bi.log"
