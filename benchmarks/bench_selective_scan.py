@@ -86,7 +86,7 @@ def run(args):
 
 
 def sweep(args):
-    """Time the launchers directly under explicit configs (fwd, bwd separately), bf16, N = 16."""
+    """Time the launchers directly under explicit configs (fwd, bwd separately), bf16."""
     from matten_kernels.selective_scan.triton_bwd import selective_scan_bwd
     from matten_kernels.selective_scan.triton_fwd import scan_config, selective_scan_fwd
 
@@ -96,9 +96,12 @@ def sweep(args):
         x = scan_inputs(b, d, N, L, torch.bfloat16)
         dout = torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16)
         default = scan_config(b, d, N, L)
-        # (BLOCK_D, NH, NL, CHUNK, num_warps): lanes on (BLOCK_D, NL), CHUNK x NH elements per thread and chunk
-        cfgs = {default, (8, 4, 4, 4, 1), (16, 4, 4, 8, 2), (32, 4, 4, 8, 4), (4, 2, 8, 8, 1), (4, 2, 8, 16, 1),
-                (2, 1, 16, 16, 1), (2, 1, 16, 8, 1), (16, 4, 4, 4, 1)}
+        cfgs = {default}
+        for BD in (2, 4, 8, 16):
+            for CH in (16, 32, 64):
+                for nw in (2, 4):
+                    if BD * 16 * CH <= 8192 and CH <= max(16, L):
+                        cfgs.add((BD, 16, CH, nw))
         for cfg in sorted(cfgs):
             row = dict(shape=sname, cfg=str(cfg), default="*" if cfg == default else "")
             try:

@@ -39,7 +39,7 @@ def _c(x):
 def _n_chunks(u, A, B, C, extra_groups=()):
     batch, dim, L = u.shape
     groups = (_bc_strides(B)[0], _bc_strides(C)[0], *extra_groups)
-    CHUNK = scan_config(batch, dim, A.shape[1], L, groups)[3]
+    _, _, CHUNK, _ = scan_config(batch, dim, A.shape[1], L, groups)
     return -(-L // CHUNK)
 
 

@@ -26,214 +26,191 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_fwd import _bt, _lstride, _pick_first, _pick_last, _softplus, _ssm_combine, scan_config
+from .triton_fwd import _bc_strides, _lstride, _softplus, _ssm_combine, scan_config
 
 
 @triton.jit
 def _bwd_direction(
-    p_u, p_delta, p_A, p_Bt, p_Ct, p_D, p_bias, p_z, p_dout, p_states, p_dlast,
+    p_u, p_delta, p_A, p_B, p_C, p_D, p_bias, p_z, p_dout, p_states, p_dlast,
     p_du, p_du_acc, p_ddelta, p_ddelta_acc, p_dz, p_dz_acc, p_dB, p_dC, p_dA, p_dD, p_dbias, p_dh0,
     i_b, i_d, n_dtiles, batch, dim, L, N, n_chunks, G_B, G_C, dpg_B, dpg_C,
-    s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l, s_do_b, s_do_d, s_do_l, s_bt_n,
+    s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l,
+    s_B_b, s_B_g, s_B_n, s_B_l, s_C_b, s_C_g, s_C_n, s_C_l, s_z_b, s_z_d, s_z_l, s_do_b, s_do_d, s_do_l,
     scale,
-    BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_DLAST: tl.constexpr, HAS_DH0: tl.constexpr, REVERSE: tl.constexpr,
     ACC_U: tl.constexpr, ACC_DT: tl.constexpr, DZ_MODE: tl.constexpr, DETERMINISTIC: tl.constexpr,
 ):
     """Gradients of one direction. REVERSE: this direction's state runs from the end (bi's backward direction).
 
-    Blocks [CHUNK, NH, BLOCK_D, NL] as in the forward (time axis and NH in registers). ACC_U / ACC_DT: add the
-    fp32 partial at p_du_acc / p_ddelta_acc (the other direction's, shared input). DZ_MODE 0: no z;
-    1: dz = dout * y * dsilu(z) (uni); 2: store dout * y * s * dsilu(z) to p_dz_acc (bi phase 1);
+    ACC_U / ACC_DT: add the fp32 partial at p_du_acc / p_ddelta_acc (the other direction's, shared input).
+    DZ_MODE 0: no z; 1: dz = dout * y * dsilu(z) (uni); 2: store dout * y * s * dsilu(z) to p_dz_acc (bi phase 1);
     3: add p_dz_acc and store dz (bi phase 2).
     """
-    o_dd = tl.arange(0, BLOCK_D)
-    o_d = i_d * BLOCK_D + o_dd
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    o_n = tl.arange(0, BLOCK_N)
     o_c = tl.arange(0, CHUNK)
-    o_n4 = tl.arange(0, NL)[None, None, None, :] * NH + tl.arange(0, NH)[None, :, None, None]  # [1, NH, 1, NL]
-    o_d4 = o_d[None, None, :, None]
-    m_d4 = o_d4 < dim
-    m_n4 = o_n4 < N
-    m_dn4 = m_d4 & m_n4
-    m_d2 = (o_d < dim)[None, :]
+    m_d = o_d < dim
+    m_n = o_n < N
+    m_dn = m_d[:, None] & m_n[None, :]
     i_b64 = i_b.to(tl.int64)
     g_B = (i_d * BLOCK_D) // dpg_B
     g_C = (i_d * BLOCK_D) // dpg_C
-    zero4 = tl.zeros([CHUNK, NH, BLOCK_D, NL], dtype=tl.int32)
-    first = (o_c == 0)[:, None, None, None]
-    last = (o_c == CHUNK - 1)[:, None, None, None]
 
-    b_Anat = tl.load(p_A + o_d4 * N + o_n4, mask=m_dn4, other=0.0)
+    b_Anat = tl.load(p_A + o_d[:, None] * N + o_n[None, :], mask=m_dn, other=0.0)
     b_A = b_Anat * 1.4426950408889634
     if HAS_D:
-        b_Dv = tl.load(p_D + o_d, mask=o_d < dim, other=0.0)[None, :]
+        b_Dv = tl.load(p_D + o_d, mask=m_d, other=0.0)
     if HAS_BIAS:
-        b_bias = tl.load(p_bias + o_d4, mask=m_d4, other=0.0)
-    o_st4 = (i_b64 * dim + o_d4) * N + o_n4
+        b_bias = tl.load(p_bias + o_d, mask=m_d, other=0.0)
     if HAS_DLAST:
-        b_q = tl.load(p_dlast + o_st4, mask=m_dn4, other=0.0)
+        b_q = tl.load(p_dlast + (i_b64 * dim + o_d[:, None]) * N + o_n[None, :], mask=m_dn, other=0.0)
     else:
-        b_q = tl.zeros([1, NH, BLOCK_D, NL], dtype=tl.float32)
-    b_dA = tl.zeros([1, NH, BLOCK_D, NL], dtype=tl.float32)
-    b_dDv = tl.zeros([1, BLOCK_D], dtype=tl.float32)
-    b_dbias = tl.zeros([1, BLOCK_D], dtype=tl.float32)
+        b_q = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    b_dA = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    b_dDv = tl.zeros([BLOCK_D], dtype=tl.float32)
+    b_dbias = tl.zeros([BLOCK_D], dtype=tl.float32)
 
-    p_u4 = p_u + i_b64 * s_u_b + o_d4.to(tl.int64) * s_u_d
-    p_dt4 = p_delta + i_b64 * s_dt_b + o_d4.to(tl.int64) * s_dt_d
-    p_do2 = p_dout + i_b64 * s_do_b + o_d[None, :].to(tl.int64) * s_do_d
-    p_B4 = p_Bt + ((i_b64 * G_B + g_B) * L) * N + o_n4 * s_bt_n + zero4
-    p_C4 = p_Ct + ((i_b64 * G_C + g_C) * L) * N + o_n4 * s_bt_n + zero4
-    p_st4 = p_states + ((i_b64 * dim + o_d4) * n_chunks) * N + o_n4
-    o_g2 = (i_b64 * dim + o_d[None, :]) * L  # gradient outputs and scratch: contiguous (batch, dim, L)
+    p_u_row = p_u + i_b64 * s_u_b + o_d[:, None].to(tl.int64) * s_u_d
+    p_dt_row = p_delta + i_b64 * s_dt_b + o_d[:, None].to(tl.int64) * s_dt_d
+    p_do_row = p_dout + i_b64 * s_do_b + o_d[:, None].to(tl.int64) * s_do_d
+    p_B_row = p_B + i_b64 * s_B_b + g_B * s_B_g + o_n[:, None] * s_B_n
+    p_C_row = p_C + i_b64 * s_C_b + g_C * s_C_g + o_n[:, None] * s_C_n
+    p_st_row = p_states + ((i_b64 * dim + o_d[:, None]) * n_chunks) * N + o_n[None, :]
+    o_g_row = (i_b64 * dim + o_d[:, None]) * L  # gradient outputs and scratch: contiguous (batch, dim, L)
     if HAS_Z:
-        p_z2 = p_z + i_b64 * s_z_b + o_d[None, :].to(tl.int64) * s_z_d
-    # dB/dC (fp32, (batch, G, L, N) like Bt): atomics, or per-tile partials (n_dtiles, batch, L, N) when deterministic
-    n4 = o_n4 + tl.zeros([1, NH, 1, NL], dtype=tl.int32)
+        p_z_row = p_z + i_b64 * s_z_b + o_d[:, None].to(tl.int64) * s_z_d
+    # dB/dC: atomics into (batch, G, N, L), or per-tile partials (n_dtiles, batch, N, L) when deterministic
     if DETERMINISTIC:
-        o_dB4 = ((i_d * batch + i_b64) * L) * N + n4
-        o_dC4 = o_dB4
+        o_dB_row = ((i_d * batch + i_b64) * N + o_n[:, None]) * L
+        o_dC_row = o_dB_row
     else:
-        o_dB4 = ((i_b64 * G_B + g_B) * L) * N + n4
-        o_dC4 = ((i_b64 * G_C + g_C) * L) * N + n4
+        o_dB_row = ((i_b64 * G_B + g_B) * N + o_n[:, None]) * L
+        o_dC_row = ((i_b64 * G_C + g_C) * N + o_n[:, None]) * L
 
     for i_c in range(0, n_chunks):
         if REVERSE:
             c = i_c
         else:
             c = n_chunks - 1 - i_c
-        b_h0 = tl.load(p_st4 + c * N, mask=m_dn4, other=0.0)
+        b_h0 = tl.load(p_st_row + c * N, mask=m_dn, other=0.0)
         o_t = c * CHUNK + o_c
-        o_t4 = o_t[:, None, None, None]
-        m_t4 = o_t4 < L
-        m_dt4 = m_t4 & m_d4
-        o_t2 = o_t[:, None]
-        m_dt2 = (o_t2 < L) & m_d2
-        b_u = tl.load(p_u4 + o_t4 * s_u_l, mask=m_dt4, other=0.0).to(tl.float32)  # [CHUNK, 1, BLOCK_D, 1]
-        b_dtr = tl.load(p_dt4 + o_t4 * s_dt_l, mask=m_dt4, other=0.0).to(tl.float32)
+        m_t = o_t < L
+        m_dt = m_d[:, None] & m_t[None, :]
+        m_nt = m_n[:, None] & m_t[None, :]
+        b_u = tl.load(p_u_row + o_t[None, :] * s_u_l, mask=m_dt, other=0.0).to(tl.float32)
+        b_dtr = tl.load(p_dt_row + o_t[None, :] * s_dt_l, mask=m_dt, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            b_dtr = b_dtr + b_bias
+            b_dtr = b_dtr + b_bias[:, None]
         if SOFTPLUS:
             b_dt = _softplus(b_dtr)
         else:
             b_dt = b_dtr
-        b_dt = tl.where(m_dt4, b_dt, 0.0)
+        b_dt = tl.where(m_dt, b_dt, 0.0)
         # delta one step later in scan order: the decay that carries q back to this step
         if REVERSE:
-            o_ts4 = o_t4 - 1
-            m_ts4 = m_d4 & (o_ts4 >= 0) & m_t4
+            o_ts = o_t - 1
+            m_ts = m_d[:, None] & (o_ts >= 0)[None, :] & m_t[None, :]
         else:
-            o_ts4 = o_t4 + 1
-            m_ts4 = m_d4 & (o_ts4 < L)
-        b_dts = tl.load(p_dt4 + o_ts4 * s_dt_l, mask=m_ts4, other=0.0).to(tl.float32)
+            o_ts = o_t + 1
+            m_ts = m_d[:, None] & (o_ts < L)[None, :]
+        b_dts = tl.load(p_dt_row + o_ts[None, :] * s_dt_l, mask=m_ts, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            b_dts = b_dts + b_bias
+            b_dts = b_dts + b_bias[:, None]
         if SOFTPLUS:
             b_dts = _softplus(b_dts)
-        b_dts = tl.where(m_ts4, b_dts, 0.0)
-        m_tn4 = m_t4 & m_n4
-        b_B = tl.load(p_B4 + o_t4 * N, mask=m_tn4, other=0.0)
-        b_C = tl.load(p_C4 + o_t4 * N, mask=m_tn4, other=0.0)
-        b_do = tl.load(p_do2 + o_t2 * s_do_l, mask=m_dt2, other=0.0).to(tl.float32)  # [CHUNK, BLOCK_D]
-        b_u2 = tl.sum(tl.sum(b_u, axis=3), axis=1)
+        b_dts = tl.where(m_ts, b_dts, 0.0)
+        b_B = tl.load(p_B_row + o_t[None, :] * s_B_l, mask=m_nt, other=0.0).to(tl.float32)
+        b_C = tl.load(p_C_row + o_t[None, :] * s_C_l, mask=m_nt, other=0.0).to(tl.float32)
+        b_do = tl.load(p_do_row + o_t[None, :] * s_do_l, mask=m_dt, other=0.0).to(tl.float32)
 
-        # recompute the states of this chunk (carry folded into the first step in scan order)
-        b_a = tl.exp2(b_dt * b_A)
+        # recompute the states of this chunk
+        b_a = tl.exp2(b_dt[:, None, :] * b_A[:, :, None])
         b_du = b_dt * b_u
-        b_x = b_du * b_B
-        if REVERSE:
-            b_xf = tl.where(last, b_x + b_a * b_h0, b_x)
-        else:
-            b_xf = tl.where(first, b_x + b_a * b_h0, b_x)
-        _, b_hc = tl.associative_scan((b_a, b_xf), axis=0, combine_fn=_ssm_combine, reverse=REVERSE)
+        b_x = b_du[:, None, :] * b_B[None, :, :]
+        b_ac, b_hc = tl.associative_scan((b_a, b_x), axis=2, combine_fn=_ssm_combine, reverse=REVERSE)
+        b_hc = b_ac * b_h0[:, :, None] + b_hc
 
         # dy = dout * silu(z) * scale, and dz
         if HAS_Z:
-            b_z = tl.load(p_z2 + o_t2 * s_z_l, mask=m_dt2, other=0.0).to(tl.float32)
+            b_z = tl.load(p_z_row + o_t[None, :] * s_z_l, mask=m_dt, other=0.0).to(tl.float32)
             b_sig = tl.sigmoid(b_z)
             b_dy = b_do * b_z * b_sig * scale
-            b_y = tl.sum(tl.sum(b_hc * b_C, axis=3), axis=1)
+            b_y = tl.sum(b_hc * b_C[None, :, :], axis=1)
             if HAS_D:
-                b_y = b_y + b_Dv * b_u2
+                b_y = b_y + b_Dv[:, None] * b_u
             b_dzf = b_do * b_sig * (1.0 + b_z * (1.0 - b_sig))  # d silu(z) / dz, times dout
-            o_g = o_g2 + o_t2
+            o_g = o_g_row + o_t[None, :]
             if DZ_MODE == 1:
-                tl.store(p_dz + o_g, (b_dzf * b_y).to(p_dz.dtype.element_ty), mask=m_dt2)
+                tl.store(p_dz + o_g, (b_dzf * b_y).to(p_dz.dtype.element_ty), mask=m_dt)
             elif DZ_MODE == 2:
-                tl.store(p_dz_acc + o_g, b_dzf * b_y * scale, mask=m_dt2)
+                tl.store(p_dz_acc + o_g, b_dzf * b_y * scale, mask=m_dt)
             elif DZ_MODE == 3:
-                b_dzv = b_dzf * b_y * scale + tl.load(p_dz_acc + o_g, mask=m_dt2, other=0.0)
-                tl.store(p_dz + o_g, b_dzv.to(p_dz.dtype.element_ty), mask=m_dt2)
+                b_dzv = b_dzf * b_y * scale + tl.load(p_dz_acc + o_g, mask=m_dt, other=0.0)
+                tl.store(p_dz + o_g, b_dzv.to(p_dz.dtype.element_ty), mask=m_dt)
         else:
             b_dy = b_do * scale
-        b_dy4 = b_dy[:, None, :, None]
 
-        # adjoint scan in the other direction, the carry q folded into its first step
-        b_al = tl.exp2(b_dts * b_A)
-        b_g = b_C * b_dy4
+        # adjoint scan (other direction), with carry q from the chunk after this one in scan order
+        b_al = tl.exp2(b_dts[:, None, :] * b_A[:, :, None])
+        b_g = b_C[None, :, :] * b_dy[:, None, :]
+        b_aq, b_qc = tl.associative_scan((b_al, b_g), axis=2, combine_fn=_ssm_combine, reverse=not REVERSE)
+        b_qc = b_aq * b_q[:, :, None] + b_qc
         if REVERSE:
-            b_g = tl.where(first, b_g + b_al * b_q, b_g)
+            b_q = tl.sum(tl.where((o_c == CHUNK - 1)[None, None, :], b_qc, 0.0), axis=2)
         else:
-            b_g = tl.where(last, b_g + b_al * b_q, b_g)
-        _, b_qc = tl.associative_scan((b_al, b_g), axis=0, combine_fn=_ssm_combine, reverse=not REVERSE)
-        if REVERSE:
-            b_q = tl.reduce(b_qc, 0, _pick_last, keep_dims=True)
-        else:
-            b_q = tl.reduce(b_qc, 0, _pick_first, keep_dims=True)
+            b_q = tl.sum(tl.where((o_c == 0)[None, None, :], b_qc, 0.0), axis=2)
 
         # gradients
         b_P = b_qc * (b_hc - b_x)  # q_t a_t h_{t-1}
-        b_dA += tl.sum(b_P * b_dt, axis=0, keep_dims=True)
-        b_S1 = tl.sum(tl.sum(b_qc * b_B, axis=3), axis=1)  # [CHUNK, BLOCK_D]
-        b_S2 = tl.sum(tl.sum(b_P * b_Anat, axis=3), axis=1)
-        b_dC_t = tl.sum(b_hc * b_dy4, axis=2, keep_dims=True)  # [CHUNK, NH, 1, NL]
-        b_dB_t = tl.sum(b_qc * b_du, axis=2, keep_dims=True)
-        b_dt2 = tl.sum(tl.sum(b_dt, axis=3), axis=1)
-        b_dtr2 = tl.sum(tl.sum(b_dtr, axis=3), axis=1)
-        b_duv = b_dt2 * b_S1
+        b_dA += tl.sum(b_P * b_dt[:, None, :], axis=2)
+        b_S1 = tl.sum(b_qc * b_B[None, :, :], axis=1)
+        b_S2 = tl.sum(b_P * b_Anat[:, :, None], axis=1)
+        b_dC_t = tl.sum(b_hc * b_dy[:, None, :], axis=0)  # [BLOCK_N, CHUNK]
+        b_dB_t = tl.sum(b_qc * b_du[:, None, :], axis=0)
+        b_duv = b_dt * b_S1
         if HAS_D:
-            b_duv += b_Dv * b_dy
-            b_dDv += tl.sum(tl.where(m_dt2, b_dy * b_u2, 0.0), axis=0, keep_dims=True)
-        b_ddt = b_u2 * b_S1 + b_S2
+            b_duv += b_Dv[:, None] * b_dy
+            b_dDv += tl.sum(tl.where(m_dt, b_dy * b_u, 0.0), axis=1)
+        b_ddt = b_u * b_S1 + b_S2
         if SOFTPLUS:
-            b_ddt = tl.where(b_dtr2 > 20.0, b_ddt, b_ddt * tl.sigmoid(b_dtr2))
-        b_ddt = tl.where(m_dt2, b_ddt, 0.0)
+            b_ddt = tl.where(b_dtr > 20.0, b_ddt, b_ddt * tl.sigmoid(b_dtr))
+        b_ddt = tl.where(m_dt, b_ddt, 0.0)
         if HAS_BIAS:
-            b_dbias += tl.sum(b_ddt, axis=0, keep_dims=True)
-        o_g = o_g2 + o_t2
+            b_dbias += tl.sum(b_ddt, axis=1)
+        o_g = o_g_row + o_t[None, :]
         if ACC_U:
-            b_duv += tl.load(p_du_acc + o_g, mask=m_dt2, other=0.0)
+            b_duv += tl.load(p_du_acc + o_g, mask=m_dt, other=0.0)
         if ACC_DT:
-            b_ddt += tl.load(p_ddelta_acc + o_g, mask=m_dt2, other=0.0)
-        tl.store(p_du + o_g, b_duv.to(p_du.dtype.element_ty), mask=m_dt2)
-        tl.store(p_ddelta + o_g, b_ddt.to(p_ddelta.dtype.element_ty), mask=m_dt2)
-        m_tn1 = (o_t4 < L) & m_n4
-        o_tn = o_t4 * N
+            b_ddt += tl.load(p_ddelta_acc + o_g, mask=m_dt, other=0.0)
+        tl.store(p_du + o_g, b_duv.to(p_du.dtype.element_ty), mask=m_dt)
+        tl.store(p_ddelta + o_g, b_ddt.to(p_ddelta.dtype.element_ty), mask=m_dt)
         if DETERMINISTIC:
-            tl.store(p_dB + o_dB4 + o_tn, b_dB_t, mask=m_tn1)
-            tl.store(p_dC + o_dC4 + o_tn, b_dC_t, mask=m_tn1)
+            tl.store(p_dB + o_dB_row + o_t[None, :], b_dB_t, mask=m_nt)
+            tl.store(p_dC + o_dC_row + o_t[None, :], b_dC_t, mask=m_nt)
         else:
-            tl.atomic_add(p_dB + o_dB4 + o_tn, b_dB_t, mask=m_tn1, sem="relaxed")
-            tl.atomic_add(p_dC + o_dC4 + o_tn, b_dC_t, mask=m_tn1, sem="relaxed")
+            tl.atomic_add(p_dB + o_dB_row + o_t[None, :], b_dB_t, mask=m_nt, sem="relaxed")
+            tl.atomic_add(p_dC + o_dC_row + o_t[None, :], b_dC_t, mask=m_nt, sem="relaxed")
 
-    tl.store(p_dA + o_st4, b_dA, mask=m_dn4)
-    o_b2 = i_b64 * dim + o_d[None, :]
+    o_dn = (i_b64 * dim + o_d[:, None]) * N + o_n[None, :]
+    tl.store(p_dA + o_dn, b_dA, mask=m_dn)
     if HAS_D:
-        tl.store(p_dD + o_b2, b_dDv, mask=m_d2)
+        tl.store(p_dD + i_b64 * dim + o_d, b_dDv, mask=m_d)
     if HAS_BIAS:
-        tl.store(p_dbias + o_b2, b_dbias, mask=m_d2)
+        tl.store(p_dbias + i_b64 * dim + o_d, b_dbias, mask=m_d)
     if HAS_DH0:
         # dL/dh_init = a_0 q_0 (q now holds q_0, the adjoint of the state after step 0)
-        b_dt0 = tl.load(p_delta + i_b64 * s_dt_b + o_d4.to(tl.int64) * s_dt_d, mask=m_d4, other=0.0).to(tl.float32)
+        b_dt0 = tl.load(p_delta + i_b64 * s_dt_b + o_d.to(tl.int64) * s_dt_d, mask=m_d, other=0.0).to(tl.float32)
         if HAS_BIAS:
             b_dt0 = b_dt0 + b_bias
         if SOFTPLUS:
             b_dt0 = _softplus(b_dt0)
-        b_a0 = tl.exp2(b_dt0 * b_A)
-        tl.store(p_dh0 + o_st4, b_a0 * b_q, mask=m_dn4)
+        b_a0 = tl.exp2(b_dt0[:, None] * b_A)
+        tl.store(p_dh0 + o_dn, b_a0 * b_q, mask=m_dn)
 
 
-@triton.jit(do_not_specialize=["s_u_l", "s_dt_l", "s_z_l", "s_do_l", "s_ub_l", "s_dtb_l", "s_bt_n"])
+@triton.jit
 def _selective_scan_bwd_kernel(
     # forward direction inputs and gradients, shared, backward direction (bi only)
     p_u, p_delta, p_A, p_B, p_C, p_D, p_bias, p_states, p_dlast,
@@ -245,11 +222,12 @@ def _selective_scan_bwd_kernel(
     batch, dim, L, N, n_chunks, G_B, G_C, dpg_B, dpg_C, G_Bb, G_Cb, dpg_Bb, dpg_Cb,
     # strides
     s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l,
-    s_z_b, s_z_d, s_z_l, s_do_b, s_do_d, s_do_l,
-    s_ub_b, s_ub_d, s_ub_l, s_dtb_b, s_dtb_d, s_dtb_l, s_bt_n,
+    s_B_b, s_B_g, s_B_n, s_B_l, s_C_b, s_C_g, s_C_n, s_C_l, s_z_b, s_z_d, s_z_l, s_do_b, s_do_d, s_do_l,
+    s_ub_b, s_ub_d, s_ub_l, s_dtb_b, s_dtb_d, s_dtb_l,
+    s_Bb_b, s_Bb_g, s_Bb_n, s_Bb_l, s_Cb_b, s_Cb_g, s_Cb_n, s_Cb_l,
     scale,
     # meta
-    BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_DLAST: tl.constexpr, HAS_DH0: tl.constexpr, BIDIR: tl.constexpr, HAS_D_B: tl.constexpr,
     HAS_BIAS_B: tl.constexpr, SHARE_U: tl.constexpr, SHARE_DT: tl.constexpr, DETERMINISTIC: tl.constexpr,
@@ -263,25 +241,28 @@ def _selective_scan_bwd_kernel(
                        p_dub, p_dub, p_ddeltab, p_ddeltab, p_dz, p_dz_acc, p_dBb, p_dCb, p_dAb, p_dDb, p_dbiasb,
                        p_dh0,
                        i_b, i_d, n_dtiles, batch, dim, L, N, n_chunks, G_Bb, G_Cb, dpg_Bb, dpg_Cb,
-                       s_ub_b, s_ub_d, s_ub_l, s_dtb_b, s_dtb_d, s_dtb_l, s_z_b, s_z_d, s_z_l,
-                       s_do_b, s_do_d, s_do_l, s_bt_n, scale,
-                       BLOCK_D, NH, NL, CHUNK, HAS_D_B, HAS_Z, HAS_BIAS_B, SOFTPLUS, False, False, True,
+                       s_ub_b, s_ub_d, s_ub_l, s_dtb_b, s_dtb_d, s_dtb_l,
+                       s_Bb_b, s_Bb_g, s_Bb_n, s_Bb_l, s_Cb_b, s_Cb_g, s_Cb_n, s_Cb_l, s_z_b, s_z_d, s_z_l,
+                       s_do_b, s_do_d, s_do_l, scale,
+                       BLOCK_D, BLOCK_N, CHUNK, HAS_D_B, HAS_Z, HAS_BIAS_B, SOFTPLUS, False, False, True,
                        False, False, 2 if HAS_Z else 0, DETERMINISTIC)
         tl.debug_barrier()  # phase 2 reads the scratch written above
         _bwd_direction(p_u, p_delta, p_A, p_B, p_C, p_D, p_bias, p_z, p_dout, p_states, p_dlast,
                        p_du, p_dub, p_ddelta, p_ddeltab, p_dz, p_dz_acc, p_dB, p_dC, p_dA, p_dD, p_dbias, p_dh0,
                        i_b, i_d, n_dtiles, batch, dim, L, N, n_chunks, G_B, G_C, dpg_B, dpg_C,
-                       s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l,
-                       s_do_b, s_do_d, s_do_l, s_bt_n, scale,
-                       BLOCK_D, NH, NL, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, False, False, False,
+                       s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l,
+                       s_B_b, s_B_g, s_B_n, s_B_l, s_C_b, s_C_g, s_C_n, s_C_l, s_z_b, s_z_d, s_z_l,
+                       s_do_b, s_do_d, s_do_l, scale,
+                       BLOCK_D, BLOCK_N, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, False, False, False,
                        SHARE_U, SHARE_DT, 3 if HAS_Z else 0, DETERMINISTIC)
     else:
         _bwd_direction(p_u, p_delta, p_A, p_B, p_C, p_D, p_bias, p_z, p_dout, p_states, p_dlast,
                        p_du, p_du, p_ddelta, p_ddelta, p_dz, p_dz_acc, p_dB, p_dC, p_dA, p_dD, p_dbias, p_dh0,
                        i_b, i_d, n_dtiles, batch, dim, L, N, n_chunks, G_B, G_C, dpg_B, dpg_C,
-                       s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l,
-                       s_do_b, s_do_d, s_do_l, s_bt_n, scale,
-                       BLOCK_D, NH, NL, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_DLAST, HAS_DH0, False,
+                       s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l,
+                       s_B_b, s_B_g, s_B_n, s_B_l, s_C_b, s_C_g, s_C_n, s_C_l, s_z_b, s_z_d, s_z_l,
+                       s_do_b, s_do_d, s_do_l, scale,
+                       BLOCK_D, BLOCK_N, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_DLAST, HAS_DH0, False,
                        False, False, 1 if HAS_Z else 0, DETERMINISTIC)
 
 
@@ -290,13 +271,12 @@ def _selective_scan_bwd_kernel(
 
 
 def _finish_bc(buf, X, G, deterministic, batch, n_dtiles):
-    """fp32 (.., L, N) accumulation buffer -> gradient shaped (batch, [G,] N, L) and typed like X."""
+    """fp32 accumulation buffer -> gradient shaped and typed like X."""
     N, L = X.shape[-2], X.shape[-1]
     if deterministic:
-        # (n_dtiles, batch, L, N) per-tile partials; tiles g*tpg ... (g+1)*tpg - 1 belong to group g
+        # (n_dtiles, batch, N, L) per-tile partials; tiles g*tpg ... (g+1)*tpg - 1 belong to group g
         tpg = n_dtiles // G
-        buf = buf.view(G, tpg, batch, L, N).sum(1).transpose(0, 1)  # (batch, G, L, N)
-    buf = buf.transpose(-1, -2)  # (batch, G, N, L)
+        buf = buf.view(G, tpg, batch, N, L).sum(1).transpose(0, 1)  # (batch, G, N, L)
     if X.dim() == 3:
         buf = buf.reshape(batch, N, L)
     return buf.to(X.dtype)
@@ -317,12 +297,12 @@ def selective_scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, i
     share_u, share_dt = u_b is None, delta_b is None
     ub, dtb, Ab, Bb, Cb = twin(u_b, u), twin(delta_b, delta), twin(A_b, A), twin(B_b, B), twin(C_b, C)
     Db, biasb = twin(D_b, D), twin(delta_bias_b, delta_bias)
-    Bt, G_B = _bt(B)
-    Ct, G_C = _bt(C)
-    Btb, G_Bb = _bt(Bb) if Bb is not B else (Bt, G_B)
-    Ctb, G_Cb = _bt(Cb) if Cb is not C else (Ct, G_C)
+    G_B, sB = _bc_strides(B)
+    G_C, sC = _bc_strides(C)
+    G_Bb, sBb = _bc_strides(Bb)
+    G_Cb, sCb = _bc_strides(Cb)
     groups = (G_B, G_C, G_Bb, G_Cb) if bidirectional else (G_B, G_C)
-    BLOCK_D, NH, NL, CHUNK, num_warps = config or scan_config(batch, dim, N, L, groups)
+    BLOCK_D, BLOCK_N, CHUNK, num_warps = config or scan_config(batch, dim, N, L, groups)
     n_chunks = triton.cdiv(L, CHUNK)
     assert states.shape[2] == n_chunks, "forward and backward must use the same chunk size"
     n_dtiles = triton.cdiv(dim, BLOCK_D)
@@ -335,11 +315,11 @@ def selective_scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, i
 
     def bc_buffer():
         if deterministic:
-            return torch.empty((n_dtiles, batch, L, N), device=dev, dtype=f32)
+            return torch.empty((n_dtiles, batch, N, L), device=dev, dtype=f32)
         return None
 
-    dB = bc_buffer() if deterministic else torch.zeros((batch, G_B, L, N), device=dev, dtype=f32)
-    dC = bc_buffer() if deterministic else torch.zeros((batch, G_C, L, N), device=dev, dtype=f32)
+    dB = bc_buffer() if deterministic else torch.zeros((batch, G_B, N, L), device=dev, dtype=f32)
+    dC = bc_buffer() if deterministic else torch.zeros((batch, G_C, N, L), device=dev, dtype=f32)
     dA = torch.empty((batch, dim, N), device=dev, dtype=f32)
     dD = torch.empty((batch, dim), device=dev, dtype=f32) if D is not None else empty
     dbias = torch.empty((batch, dim), device=dev, dtype=f32) if delta_bias is not None else empty
@@ -351,9 +331,9 @@ def selective_scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, i
         ddeltab = torch.empty((batch, dim, L), device=dev, dtype=f32 if share_dt else delta.dtype)
         dz_acc = torch.empty((batch, dim, L), device=dev, dtype=f32) if z is not None else empty
         dBb = bc_buffer() if deterministic else (
-            dB if B_b is None else torch.zeros((batch, G_Bb, L, N), device=dev, dtype=f32))
+            dB if B_b is None else torch.zeros((batch, G_Bb, N, L), device=dev, dtype=f32))
         dCb = bc_buffer() if deterministic else (
-            dC if C_b is None else torch.zeros((batch, G_Cb, L, N), device=dev, dtype=f32))
+            dC if C_b is None else torch.zeros((batch, G_Cb, N, L), device=dev, dtype=f32))
         dAb = torch.empty((batch, dim, N), device=dev, dtype=f32)
         dDb = torch.empty((batch, dim), device=dev, dtype=f32) if Db is not None else empty
         dbiasb = torch.empty((batch, dim), device=dev, dtype=f32) if biasb is not None else empty
@@ -362,17 +342,17 @@ def selective_scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, i
     zs = _lstride(z) if z is not None else (0, 0, 0)
     grid = (n_dtiles, batch)
     _selective_scan_bwd_kernel[grid](
-        u, delta, A, Bt, Ct, D if D is not None else empty, delta_bias if delta_bias is not None else empty, states,
+        u, delta, A, B, C, D if D is not None else empty, delta_bias if delta_bias is not None else empty, states,
         dlast_state if dlast_state is not None else empty,
         du, ddelta, dB, dC, dA, dD, dbias, dh0,
         z if z is not None else empty, dout, dz, dz_acc,
-        ub, dtb, Ab, Btb, Ctb, Db if Db is not None else empty, biasb if biasb is not None else empty,
+        ub, dtb, Ab, Bb, Cb, Db if Db is not None else empty, biasb if biasb is not None else empty,
         states_b if states_b is not None else empty,
         dub, ddeltab, dBb, dCb, dAb, dDb, dbiasb,
         batch, dim, L, N, n_chunks, G_B, G_C, dim // G_B, dim // G_C, G_Bb, G_Cb, dim // G_Bb, dim // G_Cb,
-        *_lstride(u), *_lstride(delta), *zs, *_lstride(dout), *_lstride(ub), *_lstride(dtb), 1,
+        *_lstride(u), *_lstride(delta), *sB, *sC, *zs, *_lstride(dout), *_lstride(ub), *_lstride(dtb), *sBb, *sCb,
         0.5 if divide_out else 1.0,
-        BLOCK_D=BLOCK_D, NH=NH, NL=NL, CHUNK=CHUNK,
+        BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, CHUNK=CHUNK,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         HAS_DLAST=dlast_state is not None, HAS_DH0=initial_state is not None, BIDIR=bidirectional,
         HAS_D_B=Db is not None, HAS_BIAS_B=biasb is not None, SHARE_U=share_u, SHARE_DT=share_dt,
