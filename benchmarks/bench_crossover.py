@@ -305,7 +305,7 @@ def run_crossover(ctx, save):
     dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
     itemsize = torch.tensor([], dtype=dtype).element_size()
     B, H, hd, dim, N, Fr = XL["batch"], XL["heads"], XL["head_dim"], XL["d_inner"], XL["d_state"], XL["frames"]
-    tokens = [1 << i for i in range(10, 17) if (1 << i) <= ctx.max_tokens]
+    tokens = [1 << i for i in range(10, 17) if (1 << i) <= ctx.max_tokens and (not ctx.quick or i % 2 == 0)]
     if ctx.smoke:
         B, H, hd, dim, N, Fr = 1, 2, 8, 16, 4, 4
         tokens = [16, 32, 64]

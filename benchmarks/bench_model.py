@@ -165,6 +165,9 @@ def run(ctx, save):
     res = {"batch": BATCH, "dtype": "bf16 autocast" if ctx.device.type == "cuda" else "fp32 (smoke)",
            "scan_provider": SCAN_PROVIDER, "warmup": WARMUP, "iters": ITERS, "cases": {}}
     for label, variant, backend, baselines, train in CASES:
+        if ctx.quick and (variant not in (3, "latte") or backend == "ref"):
+            res["cases"][label] = {"skipped": "--quick"}
+            continue
         # the reference case needs ~1 minute of headroom (one slow forward); skip it rather than blow the budget
         need = 60 if backend == "ref" and not ctx.smoke else 0
         if ctx.time_left() <= need:

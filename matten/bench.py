@@ -92,6 +92,7 @@ class BenchContext:
     env: dict
     ceilings: dict = field(default_factory=dict)
     max_tokens: int = 65536
+    quick: bool = False  # fewer model cases (v3 ours/baselines, Latte) and crossover points (1024, 4096, 16384, 65536)
 
     def time_left(self) -> float:
         return self.deadline - time.monotonic()
@@ -202,6 +203,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--budget-s", type=float, default=400.0,
                         help="wall-clock budget: no new measurement starts after it (default 400)")
     parser.add_argument("--max-tokens", type=int, default=65536, help="largest token count of the crossover sweep")
+    parser.add_argument("--quick", action="store_true",
+                        help="the essentials in about half the time: model cases v3 / v3 baselines / Latte only, "
+                             "crossover at 1024, 4096, 16384, 65536 tokens")
     parser.add_argument("--smoke", action="store_true",
                         help="toy sizes on any device (CPU: reference backends): checks the plumbing only")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -247,7 +251,7 @@ def main(args) -> int:
     out = args.out or REPO / "benchmarks" / "results" / (gpu_slug(env["gpu"]) + ("-smoke" if args.smoke else ""))
     out.mkdir(parents=True, exist_ok=True)
     ctx = BenchContext(device=device, smoke=args.smoke, deadline=start + args.budget_s, env=env,
-                       max_tokens=args.max_tokens)
+                       max_tokens=args.max_tokens, quick=args.quick)
     ctx.ceilings = measure_ceilings(ctx)
     print(f"# {env['gpu']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}"
           f"{' (dirty)' if env['dirty'] else ''}  {env['date_utc']} UTC  ceilings {ctx.ceilings}", flush=True)

@@ -642,9 +642,10 @@ def main(args) -> int:
             print()
         return 0
     print(f"FLOPs of one forward pass, batch {args.batch}, latent 16x4x32x32 (G = 1e9). Conventions: flops = 2 per "
-          "multiply-add, everything (scan by its real count); macs = multiply-adds; paper = eq. 5-7 terms only; "
+          "multiply-add, everything (scan by its real count); macs = multiply-adds; paper (eq.5-7) = the paper's eq. 5-7 terms only; "
           "thop = Linear/Conv MACs + 2 per norm element (Latte's code: condition repeated per frame/position).")
-    header = ["model", "params M", "paper's M"] + [f"{c} G" for c in conventions] + ["paper's G"]
+    header = (["model", "params M", "paper's M"] + [("eq.5-7 G" if c == "paper" else f"{c} G") for c in conventions]
+              + ["paper's G"])
     rows = flops_table(conventions=conventions, batch=args.batch)
 
     def paper_says(r):
@@ -661,7 +662,7 @@ def main(args) -> int:
         print("| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |")
     print("\nparams: trainable, unconditional (matten.config.parameter_formula). paper's M / G: Table 2 (XL variants), "
           "Table 3 (sizes of variant 3), Table 1 (Latte, quoted from Latte: thop on batch 3); the paper gives no "
-          "FLOPs for the other sizes. The 'paper' column counts only the eq. 5-7 terms.\n")
+          "FLOPs for the other sizes. The eq.5-7 column (convention 'paper') counts only the eq. 5-7 terms.\n")
     print("Claims:")
     for line in claims():
         print(line)
