@@ -155,6 +155,18 @@ def _model_class():
     return MattenTransformer3DModel
 
 
+def load_weights(model, state: dict) -> None:
+    """Load ``state`` (converted to float32) into ``model``. Fixed buffers the file lacks (sin-cos position
+    embeddings, recomputed from the configuration) keep their constructed values; a missing parameter or an
+    unexpected key raises."""
+    buffers = {name for name, _ in model.named_buffers()}
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    bad_missing = [k for k in missing if k not in buffers]
+    if bad_missing or unexpected:
+        raise ValueError(f"weights do not fit the model: missing {bad_missing[:5]} ({len(bad_missing)}), "
+                         f"unexpected {unexpected[:5]} ({len(unexpected)})")
+
+
 def load_demo(device: str | torch.device = "cpu", **config_overrides):
     """The embedded demo model (``matten/assets``) -> (transformer, sampling metadata dict)."""
     from safetensors.torch import load_file
@@ -166,8 +178,7 @@ def load_demo(device: str | torch.device = "cpu", **config_overrides):
         meta = json.load(fh)
     config = dict(meta["model_config"], **config_overrides)
     model = _model_class().from_config(config)
-    state = {k: v.float() for k, v in load_file(DEMO_WEIGHTS).items()}  # stored in half precision to stay small
-    model.load_state_dict(state)
+    load_weights(model, load_file(DEMO_WEIGHTS))  # stored in half precision to stay small
     return model.to(device).eval(), meta.get("sampling", {})
 
 
@@ -188,7 +199,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
         with open(meta_path) as fh:
             meta = json.load(fh)
         model = _model_class().from_config(dict(meta["model_config"], **config_overrides))
-        model.load_state_dict({k: v.float() for k, v in load_file(path).items()})
+        load_weights(model, load_file(path))
         return model.to(device).eval(), dict(meta.get("sampling", {}), training=meta.get("training", {}))
     if os.path.isdir(os.path.join(path, "ema")) and not os.path.isfile(os.path.join(path, "config.json")):
         path = os.path.join(path, "ema")
