@@ -96,6 +96,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     h_{L-1} (batch, dim, N) fp32. Gradients flow to every tensor input, initial_state and last_state included.
 
     ``backend``: None (triton for CUDA tensors, ref for CPU tensors), "triton", "cuda" or "ref".
+    Determinism (triton): dB and dC are summed over channel tiles with fp32 atomics (fast, not bit-reproducible);
+    under ``torch.use_deterministic_algorithms(True)`` per-tile partials are summed instead (bit-identical runs,
+    n_tiles x batch x N x L fp32 of extra memory). All other gradients are deterministic either way.
     """
     op = "selective_scan"
     _validate(op, u, delta, A, B, C, D, z, delta_bias, initial_state)
@@ -127,7 +130,7 @@ def bi_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         out = (y_f + y_b) [/ 2 if divide_out] [* silu(z)]     (batch, dim, L) in u.dtype
 
     Gradients flow to every tensor input of both directions (into the forward twin where a ``*_b`` is missing).
-    ``backend``: None, "triton", "cuda" or "ref" as for :func:`selective_scan`.
+    ``backend``: None, "triton", "cuda" or "ref" as for :func:`selective_scan` (determinism likewise).
     """
     op = "bi_selective_scan"
     _validate(op, u, delta, A, B, C, D, z, delta_bias, None)
