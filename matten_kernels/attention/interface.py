@@ -2,7 +2,8 @@
 
 Layers: ``triton_fwd.py`` / ``triton_bwd.py`` hold the kernels and their launchers (triton is imported only when
 an op first runs); this file registers them as ``torch.library`` custom ops (``matten::video_attention_fwd`` /
-``matten::video_attention_bwd``) with fake kernels and autograd, validates input and dispatches.
+``matten::video_attention_bwd``) with fake kernels and autograd (what torch.compile sees), plus a thin
+autograd.Function over the same launchers for eager calls, validates input and dispatches.
 """
 
 from __future__ import annotations
@@ -95,6 +96,30 @@ def _backward(ctx, grad_o, grad_lse):
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _VideoAttentionFunction(torch.autograd.Function):
+    """Eager path: the same launchers as the custom ops, without the torch.library dispatch layers (custom op
+    __call__, autograd_impl, redispatch, the dynamo-disable wrapper), which on a CPU host cost about as much again as
+    the rest of the Python around the kernels (NOTES_attention.md). torch.compile traces the custom ops instead."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, num_frames, axis, softmax_scale):
+        from .triton_fwd import video_attention_fwd_launch
+
+        o, lse = video_attention_fwd_launch(q, k, v, num_frames, axis, softmax_scale)
+        # Saved: as in _setup_context (inputs, output, fp32 logsumexp); probabilities are recomputed.
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.geometry = (num_frames, axis, softmax_scale)
+        return o
+
+    @staticmethod
+    def backward(ctx, grad_o):
+        from .triton_bwd import video_attention_bwd_launch
+
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = video_attention_bwd_launch(grad_o, q, k, v, o, lse, *ctx.geometry)
+        return dq, dk, dv, None, None, None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # public function
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,4 +177,6 @@ def video_attention(q, k, v, *, num_frames, axis, softmax_scale=None, backend=No
     if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{_OP}: backend='triton' supports {[str(d) for d in FLOAT_DTYPES]}, got {q.dtype}")
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
-    return _attention_fwd(q, k, v, num_frames, axis, scale)[0]
+    if torch.compiler.is_compiling():
+        return _attention_fwd(q, k, v, num_frames, axis, scale)[0]  # opaque custom op with a fake kernel
+    return _VideoAttentionFunction.apply(q, k, v, num_frames, axis, scale)
