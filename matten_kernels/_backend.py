@@ -29,7 +29,8 @@ def choose_backend(backend: str | None, device: torch.device, op: str, available
     """
     if backend is None:
         chosen = "triton" if device.type == "cuda" and "triton" in available else "ref"
-        logger.debug("%s: backend=None -> %r (tensors on %s)", op, chosen, device)
+        if not torch.compiler.is_compiling():  # a log call inside a traced graph breaks fullgraph compilation
+            logger.debug("%s: backend=None -> %r (tensors on %s)", op, chosen, device)
         return chosen
     if not isinstance(backend, str) or backend not in available:
         raise ValueError(f"{op}: unknown backend {backend!r}; expected None or one of {list(available)}")

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._backend import triton_interpreting
+
 LOG2E = 1.4426950408889634
 
 
@@ -205,7 +207,8 @@ def scan_config(batch: int, dim: int, N: int, L: int, groups=(1,), backward: boo
     BLOCK_D = max(1, min(16, budget // (BLOCK_N * CHUNK)))
     if BLOCK_N * CHUNK > budget:
         CHUNK = max(16, budget // BLOCK_N)
-    while BLOCK_D > 1 and batch * triton.cdiv(dim, BLOCK_D) < 4 * 132:
+    # Filling the GPU is moot in the CPU interpreter, where every program costs Python time: keep the tiles large.
+    while BLOCK_D > 1 and batch * triton.cdiv(dim, BLOCK_D) < 4 * 132 and not triton_interpreting():
         BLOCK_D //= 2
     for G in groups:
         while BLOCK_D > 1 and (dim // G) % BLOCK_D != 0 and G > 1:
