@@ -12,6 +12,16 @@ from matten.__main__ import main
 from matten.pipeline import DEMO_CONFIG, DEMO_WEIGHTS
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The sample command sets torch to one CPU thread; leave the process as it was for the other tests."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 def _gif_frames(path):
     with Image.open(path) as im:
         return np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)])
