@@ -133,20 +133,29 @@ def main():
                              bi_fwd_bwd=vals[3], anchor=anchor, floor_fwd=floor_ms(*shape)))
             torch.cuda.empty_cache()
     if args.configs and "cuda" in provs:
+        import os
+
         from matten_kernels.selective_scan import cuda as cuda_mod
 
-        for cfg in (2, 3, 4):
-            for name in ("global_xl", "temporal_xl"):
+        # Variants: configuration 4 (8 threads x 2 states per channel) and the sequence split off/forced.
+        for label, cfg, splits in (("cfg4", 4, None), ("nosplit", None, "1"), ("split4", None, "4")):
+            for name in ("global_xl", "long", "global_s", "spatial_xl"):
                 if time.time() - t0 > args.budget_s:
                     continue
                 cuda_mod.config_override = cfg
+                if splits:
+                    os.environ["MATTEN_SCAN_SPLITS"] = splits
                 try:
                     shape = SHAPES[name][0]
-                    rows.append(dict(shape=name, dims=shape, provider=f"cuda-cfg{cfg}", fwd=bench("cuda", shape, False, False),
-                                     fwd_bwd=bench("cuda", shape, False, True), bi_fwd=float("nan"),
-                                     bi_fwd_bwd=float("nan"), anchor=SHAPES[name][1], floor_fwd=floor_ms(*shape)))
+                    vals = [bench("cuda", shape, bi, bwd) for bi, bwd in ((False, False), (False, True))]
+                    rows.append(dict(shape=name, dims=shape, provider=f"cuda-{label}", fwd=vals[0], fwd_bwd=vals[1],
+                                     bi_fwd=float("nan"), bi_fwd_bwd=float("nan"), anchor=SHAPES[name][1],
+                                     floor_fwd=floor_ms(*shape)))
+                except Exception as e:  # noqa: BLE001
+                    print(f"{name} cuda-{label}: {e!r}"[:400])
                 finally:
                     cuda_mod.config_override = None
+                    os.environ.pop("MATTEN_SCAN_SPLITS", None)
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(dict(gpu=gpu, date=time.strftime("%Y-%m-%d %H:%M"), rows=rows), fh, indent=1)

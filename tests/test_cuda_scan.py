@@ -4,7 +4,8 @@ CPU (CI): every kernel .cu compiles with plain ``nvcc -c`` for sm_80 and sm_90 (
 message where nvcc is missing), and backend="cuda" without a GPU raises a RuntimeError that gives the build command.
 
 GPU (marker ``gpu``): cuda vs the float64 reference (``selective_scan_ref`` on upcast inputs), forward and every
-gradient, uni- and bidirectional, fp32/fp16/bf16, awkward sizes; and cuda vs triton where the Triton backend exists.
+gradient, uni- and bidirectional, fp32/fp16/bf16, awkward sizes; the sequence split across blocks (forced through
+MATTEN_SCAN_SPLITS) and the alternative N=16 configuration; and cuda vs triton where the Triton backend exists.
 
 Tolerance rule (mamba-ssm's table, elementwise ``|x - ref| <= atol * max(1, max|ref|) + rtol * |ref|``):
     forward    fp32 (6e-4, 2e-3)   fp16 (3e-3, 5e-3)   bf16 (3e-2, 5e-2)      as (rtol, atol)
@@ -220,6 +221,55 @@ def test_bi_selective_scan_cuda_vs_ref(batch, dim, N, L, mode, dtype):
     names = [k for k, v in x.items() if v is not None]
     gc = torch.autograd.grad(out, [xc[k] for k in names], g.to(dtype))
     g64 = torch.autograd.grad(out64, [x64[k] for k in names], g)
+    for k, a, r in zip(names, gc, g64):
+        mult = REDUCED_GRAD_MULT if k.removesuffix("_b") in ("A", "D", "delta_bias") else GRAD_MULT
+        _check("d" + k, a, r, dtype, mult)
+
+
+SPLIT_CASES = [  # (splits, config, batch, dim, N, L, kind)
+    pytest.param(2, None, 2, 8, 16, 300, "uni", id="split2-uni-init-last"),
+    pytest.param(5, None, 1, 6, 16, 1000, "uni", id="split5-uni"),
+    pytest.param(3, None, 2, 6, 16, 77, "bi", id="split3-bi"),
+    pytest.param(2, None, 1, 4, 64, 129, "uni", id="split2-N64"),
+    pytest.param(4, 4, 2, 6, 16, 300, "bi", id="split4-cfg4-bi"),
+    pytest.param(1, 4, 2, 8, 16, 257, "uni", id="nosplit-cfg4-uni"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_ID[d])
+@pytest.mark.parametrize("splits, config, batch, dim, N, L, kind", SPLIT_CASES)
+def test_cuda_split_sequence_and_configs(splits, config, batch, dim, N, L, kind, dtype, monkeypatch):
+    """Blocks that each scan one split of the sequence (composing the other splits' summaries) give the same
+    function and gradients; so does configuration 4 (8 threads x 2 states per channel)."""
+    from matten_kernels.selective_scan import cuda as cuda_mod
+
+    monkeypatch.setenv("MATTEN_SCAN_SPLITS", str(splits))
+    monkeypatch.setattr(cuda_mod, "config_override", config)
+    x = _inputs(batch, dim, N, L, dtype, has_init=kind == "uni", groups=2 if kind == "bi" else None)
+    if kind == "bi":
+        x.pop("initial_state")
+        b = _inputs(batch, dim, N, L, dtype, has_z=False)
+        for key in ("u", "delta", "A", "B", "C", "D", "delta_bias"):
+            x[key + "_b"] = b[key]
+    xc, x64 = _leaves(x), _leaves(x, dtype64=True)
+
+    def run(t, backend):
+        kw = {k: v for k, v in t.items() if k.endswith("_b")}
+        args = (t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"], True)
+        if kind == "bi":
+            fn = bi_selective_scan if backend else bi_selective_scan_ref
+            return [fn(*args, **kw, divide_out=True, **({"backend": backend} if backend else {}))]
+        fn = selective_scan if backend else selective_scan_ref
+        return list(fn(*args, True, initial_state=t["initial_state"], **({"backend": backend} if backend else {})))
+
+    outs, outs64 = run(xc, "cuda"), run(x64, None)
+    for name, a, r in zip(("out", "last_state"), outs, outs64):
+        _check(name, a, r, dtype)
+    cot = [torch.randn_like(o) for o in outs64]
+    names = [k for k, v in x.items() if v is not None]
+    gc = torch.autograd.grad(outs, [xc[k] for k in names], [c.to(o.dtype) for c, o in zip(cot, outs)])
+    g64 = torch.autograd.grad(outs64, [x64[k] for k in names], cot)
     for k, a, r in zip(names, gc, g64):
         mult = REDUCED_GRAD_MULT if k.removesuffix("_b") in ("A", "D", "delta_bias") else GRAD_MULT
         _check("d" + k, a, r, dtype, mult)

@@ -10,6 +10,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <numeric>
 #include <optional>
 #include <tuple>
@@ -80,6 +82,19 @@ int resolve_config(int64_t config, int64_t N, int64_t L) {
   return c;
 }
 
+// Splits of the sequence for a launch of `tpc` threads per channel and about `threads_per_sm` resident threads
+// per SM; MATTEN_SCAN_SPLITS overrides (benchmarks, tests). Returns (nsplit, chunks per split).
+std::pair<int, int> splits(int64_t batch, int64_t dim, int tpc, int64_t nchunks, long threads_per_sm) {
+  int device = 0, sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  int n = matten_scan::choose_splits(batch, dim, tpc, (int)nchunks, (long)std::max(sms, 1) * threads_per_sm);
+  if (const char* env = std::getenv("MATTEN_SCAN_SPLITS")) n = std::max(1, std::atoi(env));
+  n = (int)std::min<int64_t>(n, nchunks);
+  const int per = (int)((nchunks + n - 1) / n);
+  return {(int)((nchunks + per - 1) / per), per};
+}
+
 cudaError_t launch(bool fwd, at::ScalarType dt, const matten_scan::ScanParams& p, int config,
                    cudaStream_t stream) {
   using namespace matten_scan;
@@ -130,6 +145,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> selective_scan_fwd(
                                     : at::empty({0}, u.options().dtype(at::kFloat));
   Tensor y_saved = (save_for_backward && z) ? at::empty({batch, dim, L}, u.options()) : at::empty({0}, u.options());
   Tensor ws = bi ? at::empty({batch, dim, L}, u.options().dtype(at::kFloat)) : Tensor();
+  const auto info = matten_scan::config_info(cfg);
+  const auto [nsplit, split_chunks] = splits(batch, dim, info.tpc, nchunks, 1024);  // 64-register kernels
+  Tensor split_state = at::empty({nsplit > 1 ? ndir * nsplit * batch * dim * N : 0}, u.options().dtype(at::kFloat));
+  Tensor split_sumd = at::empty({nsplit > 1 ? ndir * nsplit * batch * dim : 0}, u.options().dtype(at::kFloat));
 
   matten_scan::ScanParams p{};
   p.batch = (int)batch;
@@ -140,6 +159,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> selective_scan_fwd(
   p.bidirectional = bi;
   p.delta_softplus = delta_softplus;
   p.divide_out = divide_out;
+  p.nsplit = nsplit;
+  p.split_chunks = split_chunks;
+  p.split_state = split_state.data_ptr<float>();
+  p.split_sumd = split_sumd.data_ptr<float>();
   fill_dir(p.dir[0], f, G0);
   if (bi) fill_dir(p.dir[1], r, G1);
   const int64_t dir_states = batch * dim * nchunks * N;
@@ -195,6 +218,10 @@ std::vector<Tensor> selective_scan_bwd(
   const int seg = segment((int)dim, G0, G1);
   const int blocks_per_seg = (seg + cpb - 1) / cpb;
   const auto f32 = u.options().dtype(at::kFloat);
+  // The directions run in different blocks.
+  const auto [nsplit, split_chunks] = splits(batch * ndir, dim, matten_scan::config_info(cfg).tpc, nchunks, 768);
+  Tensor split_state = at::empty({nsplit > 1 ? ndir * nsplit * batch * dim * N : 0}, f32);
+  Tensor split_sumd = at::empty({nsplit > 1 ? ndir * nsplit * batch * dim : 0}, f32);
   matten_scan::ScanParams p{};
   p.batch = (int)batch;
   p.dim = (int)dim;
@@ -204,6 +231,10 @@ std::vector<Tensor> selective_scan_bwd(
   p.bidirectional = bi;
   p.delta_softplus = delta_softplus;
   p.divide_out = divide_out;
+  p.nsplit = nsplit;
+  p.split_chunks = split_chunks;
+  p.split_state = split_state.data_ptr<float>();
+  p.split_sumd = split_sumd.data_ptr<float>();
   struct DirGrads {
     Tensor du, ddelta, dA_part, dB_part, dC_part, dD_part, dbias_part;
   } grads[2];
@@ -215,11 +246,11 @@ std::vector<Tensor> selective_scan_bwd(
     DirGrads& g = grads[d];
     g.du = at::empty({batch, dim, L}, u.options());
     g.ddelta = at::empty({batch, dim, L}, u.options());
-    g.dA_part = at::empty({batch, dim, N}, f32);
+    g.dA_part = at::empty({nsplit, batch, dim, N}, f32);
     g.dB_part = at::empty({parts, batch, G, N, L}, f32);
     g.dC_part = at::empty({parts, batch, G, N, L}, f32);
-    g.dD_part = at::empty({batch, dim}, f32);
-    g.dbias_part = at::empty({batch, dim}, f32);
+    g.dD_part = at::empty({nsplit, batch, dim}, f32);
+    g.dbias_part = at::empty({nsplit, batch, dim}, f32);
     matten_scan::DirParams& q = p.dir[d];
     fill_dir(q, *dirs[d], G);
     q.states = states.data_ptr<float>() + d * batch * dim * nchunks * N;
@@ -255,11 +286,11 @@ std::vector<Tensor> selective_scan_bwd(
     DirGrads& g = grads[d];
     res.push_back(g.du);
     res.push_back(g.ddelta);
-    res.push_back(g.dA_part.sum(0));
+    res.push_back(g.dA_part.sum(0).sum(0));
     res.push_back(g.dB_part.sum(0).to(dt));
     res.push_back(g.dC_part.sum(0).to(dt));
-    res.push_back(Ds[d]->has_value() ? g.dD_part.sum(0) : none);
-    res.push_back(biases[d]->has_value() ? g.dbias_part.sum(0) : none);
+    res.push_back(Ds[d]->has_value() ? g.dD_part.sum(0).sum(0) : none);
+    res.push_back(biases[d]->has_value() ? g.dbias_part.sum(0).sum(0) : none);
     if (d == 0) {
       res.push_back(dz);
       res.push_back(dinit);

@@ -3,14 +3,19 @@
 // Semantics: SPEC.md section 2. Plain C++ and the CUDA runtime only, so the kernel .cu files compile with
 // `nvcc -c` without torch headers; the binding (selective_scan.cpp) fills these structs from tensors.
 //
-// Layout of the work. A thread owns NPT states of one channel (TPC threads per channel, TPC*NPT >= N) and
+// Layout of the work. A thread owns NPT adjacent states of one channel (TPC threads per channel, TPC*NPT >= N) and
 // runs the recurrence h_t = exp(d_t A) h_{t-1} + d_t B_t u_t sequentially over the whole sequence, in
 // chunks of CHUNK time steps staged through shared memory (the next chunk's loads are in flight while the
-// current one is computed). y_t = <C_t, h_t> is reduced over the TPC threads of a channel by warp shuffles.
+// current one is computed). y_t = <C_t, h_t> is summed over the TPC threads of a channel in shared memory.
 // The forward saves the state at the start of every chunk (fp32, (batch, dim, nchunks, N)); the backward
 // recomputes h inside a chunk from that checkpoint and runs the adjoint recurrence backwards in time.
 // A block holds CPB = 32*NWARPS/TPC channels of one batch row; its channels lie in one group of B/C for
 // every direction (they come from one "segment" of `seg` channels, seg dividing dim/G of each direction).
+// When batch*dim is too small to fill the GPU, the sequence is cut into `nsplit` splits run by different
+// blocks: a light kernel first summarises each split (forward: the state it produces from zero and the sum
+// of d over it, whose exp2(A*log2e*sum) is the split's total decay; backward: the adjoint it passes to its
+// start from zero), then each block composes the summaries of the splits before it (after it, backward)
+// into its starting state and scans its own split.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -26,7 +31,7 @@ namespace matten_scan {
   X(1, 8, 1, 32, 4, 4)         \
   X(2, 16, 1, 32, 4, 8)        \
   X(3, 16, 1, 16, 4, 8)        \
-  X(4, 8, 2, 32, 4, 8)         \
+  X(4, 8, 2, 16, 4, 8)         \
   X(5, 32, 1, 32, 4, 8)        \
   X(6, 32, 2, 32, 4, 4)        \
   X(7, 32, 4, 16, 4, 4)        \
@@ -61,6 +66,16 @@ inline int choose_config(int N, int L) {
   return 8;
 }
 
+// Splits of the sequence: as many as fit in one wave of `capacity` resident threads (more would leave a tail
+// wave of whole splits), at least 8 chunks per split.
+inline int choose_splits(long batch, long dim, int tpc, int nchunks, long capacity) {
+  const long threads = batch * dim * tpc;
+  long n = capacity / threads;
+  const long most = nchunks / 8;
+  if (n > most) n = most;
+  return n < 1 ? 1 : static_cast<int>(n);
+}
+
 enum Dtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // One scan direction. All tensors contiguous; "dtype" tensors have the input dtype, the rest are fp32.
@@ -78,11 +93,11 @@ struct DirParams {
   // Backward outputs.
   void* du;                   // (batch, dim, L) dtype
   void* ddelta;               // (batch, dim, L) dtype
-  float* dA_part;             // (batch, dim, N): per batch row, summed by the caller
+  float* dA_part;             // (nsplit, batch, dim, N): per split and batch row, summed by the caller
   float* dB_part;             // (P, batch, G, N, L): per block of channels, summed by the caller
   float* dC_part;             // (P, batch, G, N, L)
-  float* dD_part;             // (batch, dim)
-  float* dbias_part;          // (batch, dim)
+  float* dD_part;             // (nsplit, batch, dim)
+  float* dbias_part;          // (nsplit, batch, dim)
 };
 
 struct ScanParams {
@@ -91,6 +106,11 @@ struct ScanParams {
   int bidirectional;          // dir[1] scans t = L-1 .. 0 and its y is added to dir[0]'s
   int delta_softplus;
   int divide_out;             // bidirectional: out = (y_f + y_b) / 2 [* silu(z)]
+  int nsplit;                 // splits of the sequence (grid.x = blocks per segment * nsplit)
+  int split_chunks;           // chunks per split (the last may have fewer)
+  int dir_lo, dir_hi;         // the directions this forward launch runs (set by the launcher)
+  float* split_state;         // (ndir, nsplit, batch, dim, N) split summaries (see above), when nsplit > 1
+  float* split_sumd;          // (ndir, nsplit, batch, dim)
   DirParams dir[2];
   const void* z;              // (batch, dim, L) dtype or nullptr
   const float* initial_state; // (batch, dim, N) or nullptr (unidirectional only)

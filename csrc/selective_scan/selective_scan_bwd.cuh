@@ -8,10 +8,13 @@
 //     dd_t  = u_t sum_n lambda_t B_t + sum_n A lambda_t a_t h_{t-1};   ddelta_t = dd_t * softplus'(x_t)
 //     dA   += lambda_t a_t h_{t-1} d_t      dD += gy_t u_t     dbias += ddelta_t     dh_{-1} = a_0 lambda_0
 //     dz_t  = dout_t y_t silu'(z_t)         (y_t before the gate, saved by the forward)
-// Chunks are visited last to first. For each, h is recomputed from the chunk's saved start state into
-// registers (CHUNK * NPT floats per thread), then the chunk is walked backwards. The per-channel sums over n
-// go through reduce_scatter; dB/dC are summed over the warp's channels by shuffles, over the block's warps in
-// shared memory (fixed order), and written per block to dB_part/dC_part, which the caller sums (deterministic).
+// The two directions of the bidirectional scan run in different blocks (nothing couples their backward passes;
+// dz comes from the forward direction's blocks). Chunks are visited last to first. For each, h is recomputed
+// from the chunk's saved start state into registers (CHUNK * NPT floats per thread), then the chunk is walked
+// backwards. The per-channel sums over n
+// go through shared memory (one part per lane and step, summed in the output pass); dB/dC are summed over the
+// warp's channels by shuffles, over the block's warps in shared memory (fixed order), and written per block to
+// dB_part/dC_part, which the caller sums (deterministic).
 #pragma once
 
 #include "selective_scan_common.cuh"
@@ -20,16 +23,16 @@ namespace matten_scan {
 
 template <int TPC, int NPT, int CHUNK, int NWARPS>
 struct BwdSmem {
-  static constexpr int CPB = NWARPS * 32 / TPC;
+  static constexpr int NT = NWARPS * 32;
+  static constexpr int CPB = NT / TPC;
   static constexpr int NP = TPC * NPT;
-  static constexpr int NQ = NP + 4;   // row of q/w: +4 floats spreads the output pass's float4 reads over the banks
   float2 ddu[CPB][CHUNK];   // (d, d*u)
   float u[CPB][CHUNK];
   float gy[CPB][CHUNK];
   float sig[CPB][CHUNK];    // d(d)/d(delta)
-  float2 bc[CHUNK][NP + 1]; // (B, C); +1: the staging writes go down a column
-  alignas(16) float q[CPB][CHUNK][NQ];  // lambda B per state, summed over n in the output pass
-  alignas(16) float w[CPB][CHUNK][NQ];  // A lambda a h_{t-1} per state
+  alignas(16) float2 bc[CHUNK][NP + 2];  // (B, C); +2: the staging writes go down a column
+  alignas(16) float q[CHUNK][NT + 4];    // per-lane parts of sum_n lambda B; +4 spreads the output pass's reads
+  alignas(16) float w[CHUNK][NT + 4];    // per-lane parts of sum_n A lambda a h_{t-1}
   float dB[CHUNK][NWARPS][NP];
   float dC[CHUNK][NWARPS][NP];
 };
@@ -52,7 +55,7 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
   constexpr int EPT = (TILE + NT - 1) / NT;
   constexpr int BC_TILE = NP * CHUNK;
   constexpr int BPT = (BC_TILE + NT - 1) / NT;
-  static_assert(NT % TPC == 0 && 32 % TPC == 0 && CHUNK <= 32 && NT % CHUNK == 0 && NP % 4 == 0,
+  static_assert(NT % TPC == 0 && 32 % TPC == 0 && CHUNK <= 32 && NT % CHUNK == 0 && TPC % 4 == 0,
                 "bad configuration");
   using Smem = BwdSmem<TPC, NPT, CHUNK, NWARPS>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -62,27 +65,34 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
   const int lane = tid & 31, warp = tid / 32;
   const int c_loc = tid / TPC;
   const int k = tid % TPC;
-  const int b = blockIdx.z;
+  const int ndir = p.bidirectional ? 2 : 1;  // the directions run in different blocks: grid.z = batch * ndir
+  const int b = blockIdx.z / ndir;
+  const int dir = blockIdx.z % ndir;
+  const int nb = gridDim.x / p.nsplit;   // blocks per segment of channels
+  const int si = blockIdx.x / nb;         // this block's split of the sequence
+  const int cb = blockIdx.x % nb;
   const int seg_start = blockIdx.y * p.seg;
-  const int c0 = seg_start + blockIdx.x * CPB;
+  const int c0 = seg_start + cb * CPB;
   const int c_end = seg_start + p.seg;
   const int chan = c0 + c_loc;
   const bool chan_ok = chan < c_end;
   const int L = p.L, N = p.N, dim = p.dim, batch = p.batch;
   const int nchunks = (L + CHUNK - 1) / CHUNK;
+  const int c_lo = si * p.split_chunks;
+  const int c_hi = min(c_lo + p.split_chunks, nchunks);
   const bool has_z = p.z != nullptr;
   const T* __restrict__ zp = static_cast<const T*>(p.z);
   const T* __restrict__ doutp = static_cast<const T*>(p.dout);
   const T* __restrict__ ysp = static_cast<const T*>(p.y_saved_in);
 
-  for (int di = 0; di <= (p.bidirectional ? 1 : 0); ++di) {
+  for (int di = dir; di <= dir; ++di) {
     const DirParams& dp = p.dir[di];
     const bool reverse = di == 1;
     const int G = dp.groups;
     const int dpg = dim / G;
     const int g = c0 / dpg;
     const int segs_per_group = dpg / p.seg;
-    const int part = (blockIdx.y % segs_per_group) * gridDim.x + blockIdx.x;  // index into dB_part
+    const int part = (blockIdx.y % segs_per_group) * nb + cb;  // index into dB_part
     const T* __restrict__ u = static_cast<const T*>(dp.u);
     const T* __restrict__ delta = static_cast<const T*>(dp.delta);
     const T* __restrict__ Bp = static_cast<const T*>(dp.B);
@@ -92,12 +102,17 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
     float A[NPT], A2[NPT], lam[NPT], a_next[NPT], dA_acc[NPT];
 #pragma unroll
     for (int i = 0; i < NPT; ++i) {
-      const int n = k + TPC * i;
+      const int n = k * NPT + i;
       const bool ok = chan_ok && n < N;
       A[i] = ok ? dp.A[(size_t)chan * N + n] : 0.f;
       A2[i] = A[i] * kLog2e;
       lam[i] = (ok && p.dlast_state != nullptr && !p.bidirectional)
                    ? p.dlast_state[((size_t)b * dim + chan) * N + n] : 0.f;
+      // Compose the summaries of the later splits: rho <- exp2(A2 * sum_d) rho + rho_split (rho = a * lambda).
+      for (int s2 = p.nsplit - 1; s2 > si && ok; --s2) {
+        const size_t row = ((size_t)(di * p.nsplit + s2) * p.batch + b) * dim + chan;
+        lam[i] = fmaf(fast_exp2(A2[i] * p.split_sumd[row]), lam[i], p.split_state[row * N + n]);
+      }
       a_next[i] = 1.f;
       dA_acc[i] = 0.f;
     }
@@ -105,8 +120,22 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
 #pragma unroll
     for (int r = 0; r < EPT; ++r) accD[r] = accBias[r] = 0.f;
 
+    float row_bias[EPT], row_D[EPT];  // per-row constants, read once
+#pragma unroll
+    for (int r = 0; r < EPT; ++r) {
+      const int row = (tid + r * NT) / CHUNK;
+      const bool ok = tid + r * NT < TILE && c0 + row < c_end;
+      row_bias[r] = (ok && dp.delta_bias != nullptr) ? dp.delta_bias[c0 + row] : 0.f;
+      row_D[r] = (ok && dp.D != nullptr) ? dp.D[c0 + row] : 0.f;
+    }
     T r_u[EPT], r_dt[EPT], r_do[EPT], r_z[EPT], r_ys[EPT], r_B[BPT], r_C[BPT];
+    float r_h0[NPT];  // the chunk's saved start state
     auto load = [&](int c) {
+#pragma unroll
+      for (int i = 0; i < NPT; ++i) {
+        const int n = k * NPT + i;
+        r_h0[i] = (chan_ok && n < N) ? dp.states[(((size_t)b * dim + chan) * nchunks + c) * N + n] : 0.f;
+      }
 #pragma unroll
       for (int r = 0; r < EPT; ++r) {
         const int e = tid + r * NT, row = e / CHUNK, tau = c * CHUNK + e % CHUNK;
@@ -136,7 +165,7 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
           const bool ok = tau < L && c0 + row < c_end;
           float uu = to_float(r_u[r]);
           float x = to_float(r_dt[r]);
-          if (dp.delta_bias != nullptr && ok) x += dp.delta_bias[c0 + row];
+          x += row_bias[r];
           float d = x, sig = 1.f;
           if (p.delta_softplus) softplus_and_grad(x, d, sig);
           const float go = to_float(r_do[r]);
@@ -166,42 +195,42 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
       }
     };
 
-    load(nchunks - 1);
-    for (int c = nchunks - 1; c >= 0; --c) {
+    load(c_hi - 1);
+    for (int c = c_hi - 1; c >= c_lo; --c) {
       __syncthreads();
       stage(c);
       __syncthreads();
-      if (c > 0) load(c - 1);
-
       // Recompute the chunk's states from its saved start state.
       float h0[NPT], hs[CHUNK][NPT];
 #pragma unroll
-      for (int i = 0; i < NPT; ++i) {
-        const int n = k + TPC * i;
-        h0[i] = (chan_ok && n < N) ? dp.states[(((size_t)b * dim + chan) * nchunks + c) * N + n] : 0.f;
-      }
+      for (int i = 0; i < NPT; ++i) h0[i] = r_h0[i];
+      if (c > c_lo) load(c - 1);
+
 #pragma unroll
       for (int j = 0; j < CHUNK; ++j) {
         const float2 ddu = S.ddu[c_loc][j];
+        float2 bc[NPT];
+        load_bc<NPT>(S.bc, j, k, bc);
 #pragma unroll
         for (int i = 0; i < NPT; ++i) {
-          const float2 bc = S.bc[j][k + TPC * i];
           const float a = fast_exp2(ddu.x * A2[i]);
-          hs[j][i] = fmaf(a, j > 0 ? hs[j - 1][i] : h0[i], ddu.y * bc.x);
+          hs[j][i] = fmaf(a, j > 0 ? hs[j - 1][i] : h0[i], ddu.y * bc[i].x);
         }
       }
 
-      // Walk the chunk backwards. Per-state terms of the sums over n go to shared memory (q, w): no reduction
-      // inside the loop, whose only carried dependency is lambda.
+      // Walk the chunk backwards. The only carried dependency is lambda; the per-lane parts of the sums over n
+      // go to shared memory.
 #pragma unroll
       for (int j = CHUNK - 1; j >= 0; --j) {
         const float2 ddu = S.ddu[c_loc][j];
         const float gy = S.gy[c_loc][j];
+        float2 bc[NPT];
+        load_bc<NPT>(S.bc, j, k, bc);
+        float q_acc = 0.f, w_acc = 0.f;
 #pragma unroll
         for (int i = 0; i < NPT; ++i) {
-          const int n = k + TPC * i;
-          const float2 bc = S.bc[j][n];
-          lam[i] = fmaf(a_next[i], lam[i], gy * bc.y);
+          const int n = k * NPT + i;
+          lam[i] = fmaf(a_next[i], lam[i], gy * bc[i].y);
           const float h_prev = j > 0 ? hs[j - 1][i] : h0[i];
           const float a = fast_exp2(ddu.x * A2[i]);
           float dBp = lam[i] * ddu.y;
@@ -217,10 +246,12 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
           }
           const float w = lam[i] * a * h_prev;
           dA_acc[i] = fmaf(w, ddu.x, dA_acc[i]);
-          S.q[c_loc][j][n] = lam[i] * bc.x;
-          S.w[c_loc][j][n] = w * A[i];
+          q_acc = fmaf(lam[i], bc[i].x, q_acc);
+          w_acc = fmaf(w, A[i], w_acc);
           a_next[i] = a;
         }
+        S.q[j][tid] = q_acc;
+        S.w[j][tid] = w_acc;
       }
       __syncthreads();
 
@@ -231,17 +262,11 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
         const int tau = c * CHUNK + j, ch = c0 + row;
         if (e < TILE && tau < L && ch < c_end) {
           const size_t idx = ((size_t)b * dim + ch) * L + natural_t(tau, L, reverse);
-          float sq = 0.f, saw = 0.f;  // sum over the states (padding states hold zeros)
-#pragma unroll
-          for (int n = 0; n < NP; n += 4) {
-            const float4 q4 = *reinterpret_cast<const float4*>(&S.q[row][j][n]);
-            const float4 w4 = *reinterpret_cast<const float4*>(&S.w[row][j][n]);
-            sq += (q4.x + q4.y) + (q4.z + q4.w);
-            saw += (w4.x + w4.y) + (w4.z + w4.w);
-          }
+          const float sq = sum_parts<TPC>(&S.q[j][row * TPC]);  // padding states contribute zeros
+          const float saw = sum_parts<TPC>(&S.w[j][row * TPC]);
           const float d = S.ddu[row][j].x, uu = S.u[row][j], gy = S.gy[row][j];
           float du = d * sq;
-          if (dp.D != nullptr) du = fmaf(dp.D[ch], gy, du);
+          du = fmaf(row_D[r], gy, du);
           const float ddelta = fmaf(uu, sq, saw) * S.sig[row][j];
           static_cast<T*>(dp.du)[idx] = from_float<T>(du);
           static_cast<T*>(dp.ddelta)[idx] = from_float<T>(ddelta);
@@ -268,14 +293,15 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
       }
     }
 
-    // Per-thread results: dA (per batch row), dinitial_state, dD and dbias (summed over the row's lanes).
+    // Per-thread results: dA (per split and batch row), dinitial_state, dD and dbias (summed over the row's
+    // lanes, per split and batch row).
 #pragma unroll
     for (int i = 0; i < NPT; ++i) {
-      const int n = k + TPC * i;
+      const int n = k * NPT + i;
       if (chan_ok && n < N) {
         const size_t idx = ((size_t)b * dim + chan) * N + n;
-        dp.dA_part[idx] = dA_acc[i];
-        if (!p.bidirectional && p.dinitial_state != nullptr) p.dinitial_state[idx] = a_next[i] * lam[i];
+        dp.dA_part[(size_t)si * batch * dim * N + idx] = dA_acc[i];
+        if (!p.bidirectional && p.dinitial_state != nullptr && si == 0) p.dinitial_state[idx] = a_next[i] * lam[i];
       }
     }
 #pragma unroll
@@ -287,9 +313,134 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
       }
       const int e = tid + r * NT, row = e / CHUNK;
       if (e < TILE && e % CHUNK == 0 && c0 + row < c_end) {
-        dp.dD_part[(size_t)b * dim + c0 + row] = accD[r];
-        dp.dbias_part[(size_t)b * dim + c0 + row] = accBias[r];
+        const size_t idx = ((size_t)si * batch + b) * dim + c0 + row;
+        dp.dD_part[idx] = accD[r];
+        dp.dbias_part[idx] = accBias[r];
       }
+    }
+  }
+}
+
+// Split summaries of the backward: for every split but the first, the adjoint rho = a * lambda it passes to its
+// start when run from zero (rho_t = a_t (rho_{t+1} + gy_t C_t)), and the sum of d over it.
+template <typename T, int TPC, int NPT, int CHUNK, int NWARPS>
+__global__ void __launch_bounds__(NWARPS * 32) scan_bwd_split_kernel(const ScanParams p) {
+  constexpr int NT = NWARPS * 32;
+  constexpr int CPB = NT / TPC;
+  constexpr int NP = TPC * NPT;
+  constexpr int TILE = CPB * CHUNK;
+  constexpr int EPT = (TILE + NT - 1) / NT;
+  constexpr int BC_TILE = NP * CHUNK;
+  constexpr int BPT = (BC_TILE + NT - 1) / NT;
+  __shared__ float2 s_dg[CPB][CHUNK];                 // (d, gy)
+  __shared__ alignas(16) float2 s_c[CHUNK][NP + 2];  // (0, C): the layout load_bc reads
+
+  const int tid = threadIdx.x, c_loc = tid / TPC, k = tid % TPC;
+  const int ndir = p.bidirectional ? 2 : 1;  // the directions run in different blocks: grid.z = batch * ndir
+  const int b = blockIdx.z / ndir;
+  const int dir = blockIdx.z % ndir;
+  const int nb = gridDim.x / p.nsplit;
+  const int si = blockIdx.x / nb;
+  if (si == 0) return;  // nothing composes the first split's summary (uniform per block)
+  const int seg_start = blockIdx.y * p.seg;
+  const int c0 = seg_start + (blockIdx.x % nb) * CPB;
+  const int c_end = seg_start + p.seg;
+  const int chan = c0 + c_loc;
+  const bool chan_ok = chan < c_end;
+  const int L = p.L, N = p.N, dim = p.dim;
+  const int nchunks = (L + CHUNK - 1) / CHUNK;
+  const int c_lo = si * p.split_chunks;
+  const int c_hi = min(c_lo + p.split_chunks, nchunks);
+  const bool has_z = p.z != nullptr;
+  const T* __restrict__ zp = static_cast<const T*>(p.z);
+  const T* __restrict__ doutp = static_cast<const T*>(p.dout);
+
+  for (int di = dir; di <= dir; ++di) {
+    const DirParams& dp = p.dir[di];
+    const bool reverse = di == 1;
+    const int G = dp.groups;
+    const int g = c0 / (dim / G);
+    const T* __restrict__ delta = static_cast<const T*>(dp.delta);
+    const T* __restrict__ Cp = static_cast<const T*>(dp.C);
+    float A2[NPT], rho[NPT];
+#pragma unroll
+    for (int i = 0; i < NPT; ++i) {
+      const int n = k * NPT + i;
+      A2[i] = (chan_ok && n < N) ? dp.A[(size_t)chan * N + n] * kLog2e : 0.f;
+      rho[i] = 0.f;
+    }
+    float row_bias[EPT];
+#pragma unroll
+    for (int r = 0; r < EPT; ++r) {
+      const int row = (tid + r * NT) / CHUNK;
+      row_bias[r] = (tid + r * NT < TILE && c0 + row < c_end && dp.delta_bias != nullptr)
+                        ? dp.delta_bias[c0 + row] : 0.f;
+    }
+    T r_dt[EPT], r_do[EPT], r_z[EPT], r_C[BPT];
+    auto load = [&](int c) {
+#pragma unroll
+      for (int r = 0; r < EPT; ++r) {
+        const int e = tid + r * NT, row = e / CHUNK, tau = c * CHUNK + e % CHUNK;
+        const bool ok = e < TILE && tau < L && c0 + row < c_end;
+        const size_t idx = ((size_t)b * dim + c0 + row) * L + natural_t(tau, L, reverse);
+        r_dt[r] = load_or_zero(delta, idx, ok);
+        r_do[r] = load_or_zero(doutp, idx, ok);
+        r_z[r] = load_or_zero(zp, idx, ok && has_z);
+      }
+#pragma unroll
+      for (int r = 0; r < BPT; ++r) {
+        const int e = tid + r * NT, n = e / CHUNK, tau = c * CHUNK + e % CHUNK;
+        const size_t idx = (((size_t)b * G + g) * N + n) * L + natural_t(tau, L, reverse);
+        r_C[r] = load_or_zero(Cp, idx, e < BC_TILE && n < N && tau < L);
+      }
+    };
+    float sum_d = 0.f;
+    load(c_hi - 1);
+    for (int c = c_hi - 1; c >= c_lo; --c) {
+      __syncthreads();
+#pragma unroll
+      for (int r = 0; r < EPT; ++r) {
+        const int e = tid + r * NT, row = e / CHUNK, j = e % CHUNK;
+        if (e < TILE) {
+          const bool ok = c * CHUNK + j < L && c0 + row < c_end;
+          const float x = to_float(r_dt[r]) + row_bias[r];
+          float d = x, unused;
+          if (p.delta_softplus) softplus_and_grad(x, d, unused);
+          float gy = to_float(r_do[r]);
+          if (has_z) {
+            const float zz = to_float(r_z[r]);
+            gy *= zz * sigmoid(zz);
+          }
+          if (p.divide_out) gy *= 0.5f;
+          if (!ok) d = gy = 0.f;
+          s_dg[row][j] = make_float2(d, gy);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < BPT; ++r) {
+        const int e = tid + r * NT;
+        if (e < BC_TILE) s_c[e % CHUNK][e / CHUNK] = make_float2(0.f, to_float(r_C[r]));
+      }
+      __syncthreads();
+      if (c > c_lo) load(c - 1);
+#pragma unroll
+      for (int j = CHUNK - 1; j >= 0; --j) {
+        const float2 dg = s_dg[c_loc][j];
+        float2 bc[NPT];
+        load_bc<NPT>(s_c, j, k, bc);
+        sum_d += dg.x;
+#pragma unroll
+        for (int i = 0; i < NPT; ++i) rho[i] = fast_exp2(dg.x * A2[i]) * fmaf(dg.y, bc[i].y, rho[i]);
+      }
+    }
+    if (chan_ok) {
+      const size_t row = ((size_t)(di * p.nsplit + si) * p.batch + b) * dim + chan;
+#pragma unroll
+      for (int i = 0; i < NPT; ++i) {
+        const int n = k * NPT + i;
+        if (n < N) p.split_state[row * N + n] = rho[i];
+      }
+      if (k == 0) p.split_sumd[row] = sum_d;
     }
   }
 }
@@ -303,7 +454,8 @@ cudaError_t launch_bwd_config(const ScanParams& p, cudaStream_t stream) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (err != cudaSuccess) return err;
   }
-  const dim3 grid((p.seg + CPB - 1) / CPB, p.dim / p.seg, p.batch);
+  const dim3 grid((p.seg + CPB - 1) / CPB * p.nsplit, p.dim / p.seg, p.batch * (p.bidirectional ? 2 : 1));
+  if (p.nsplit > 1) scan_bwd_split_kernel<T, TPC, NPT, CHUNK, NWARPS><<<grid, NWARPS * 32, 0, stream>>>(p);
   kernel<<<grid, NWARPS * 32, smem, stream>>>(p);
   return cudaGetLastError();
 }

@@ -1,5 +1,5 @@
-// Device helpers shared by the forward and backward scan kernels: dtype conversion, softplus, and the warp
-// reduce-scatter that sums per-state partials over the threads of a channel. CUDA headers only.
+// Device helpers shared by the forward and backward scan kernels: dtype conversion, exp2, softplus, and the
+// shared-memory reads of (B, C) pairs and of per-lane partial sums. CUDA headers only.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -57,40 +57,34 @@ __device__ __forceinline__ void softplus_and_grad(float x, float& d, float& dd_d
   }
 }
 
-// Sum RT values over the TPC lanes of a channel (an aligned group of TPC lanes; RT <= TPC, powers of 2) by
-// recursive halving: each step (lane mask M) a lane keeps half of its values and adds the partner's copy of
-// that half. After log2(RT) steps every lane holds one full sum, of value index `idx`; the remaining
-// log2(TPC/RT) steps are a plain all-reduce. `writer` is true for exactly one lane per index. Templates
-// (not loops) so that every register index is a compile-time constant. All 32 lanes must call this.
-template <int M, int CNT, int RT>
-__device__ __forceinline__ void reduce_scatter_step(float (&v)[RT], int lane, int& off) {
-  if constexpr (M >= 1) {
-    if constexpr (CNT >= 2) {
-      constexpr int HALF = CNT / 2;
-      const bool upper = (lane & M) != 0;
+// (B, C) of this thread's NPT adjacent states n = k*NPT + i at step j of a [CHUNK][NP + 2] float2 tile; pairs
+// are read as one 16-byte load (rows are 16-byte multiples: NP is even or NPT is 1).
+template <int NPT, int ROW>
+__device__ __forceinline__ void load_bc(const float2 (*bc)[ROW], int j, int k, float2 (&out)[NPT]) {
+  if constexpr (NPT % 2 == 0) {
 #pragma unroll
-      for (int i = 0; i < HALF; ++i) {
-        const float send = upper ? v[i] : v[i + HALF];
-        const float keep = upper ? v[i + HALF] : v[i];
-        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, M);
-      }
-      off += upper ? HALF : 0;
-      reduce_scatter_step<M / 2, HALF, RT>(v, lane, off);
-    } else {
-      v[0] += __shfl_xor_sync(0xffffffffu, v[0], M);
-      reduce_scatter_step<M / 2, 1, RT>(v, lane, off);
+    for (int i = 0; i < NPT; i += 2) {
+      const float4 v = *reinterpret_cast<const float4*>(&bc[j][k * NPT + i]);
+      out[i] = make_float2(v.x, v.y);
+      out[i + 1] = make_float2(v.z, v.w);
     }
+  } else {
+#pragma unroll
+    for (int i = 0; i < NPT; ++i) out[i] = bc[j][k * NPT + i];
   }
 }
 
-template <int TPC, int RT>
-__device__ __forceinline__ float reduce_scatter(float (&v)[RT], int lane, int& idx, bool& writer) {
-  static_assert(RT <= TPC && (RT & (RT - 1)) == 0 && (TPC & (TPC - 1)) == 0, "RT <= TPC, powers of two");
-  int off = 0;
-  reduce_scatter_step<TPC / 2, RT, RT>(v, lane, off);
-  idx = off;
-  writer = (lane & (TPC / RT - 1)) == 0;
-  return v[0];
+// Sum of the TPC per-lane parts of one (channel, step) element, stored contiguously (16-byte aligned).
+template <int TPC>
+__device__ __forceinline__ float sum_parts(const float* p) {
+  static_assert(TPC % 4 == 0, "TPC must be a multiple of 4");
+  float s = 0.f;
+#pragma unroll
+  for (int q = 0; q < TPC; q += 4) {
+    const float4 v = *reinterpret_cast<const float4*>(p + q);
+    s += (v.x + v.y) + (v.z + v.w);
+  }
+  return s;
 }
 
 // Scan position tau (0 .. L-1 in the order of the recurrence) -> index along L.

@@ -2,9 +2,9 @@
 //
 // Per chunk of CHUNK steps: (1) the block stages d = softplus(delta + bias), d*u, u, z and (B, C) of its
 // channels in shared memory (loads for the next chunk are issued right after, so they overlap the compute);
-// (2) each thread advances its NPT states over the chunk in fp32 registers and forms its part of <C_t, h_t>;
-// (3) the parts are summed over the channel's TPC lanes (reduce_scatter) into s_y; (4) the block adds D*u,
-// combines directions, gates with silu(z) and writes `out` (and y before the gate, for the backward).
+// (2) each thread advances its NPT states (n = k*NPT + i) over the chunk in fp32 registers and stores its part
+// of <C_t, h_t> in s_yp (one store per step, no shuffles); (3) the block sums the TPC parts of each element,
+// adds D*u, combines directions, gates with silu(z) and writes `out` (and y before the gate, for the backward).
 // Bidirectional: one block runs the backward direction first (its y goes to the fp32 scratch `ws`), then the
 // forward direction, which adds it; both read the same natural-order inputs, the backward one from the end.
 #pragma once
@@ -18,7 +18,6 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_fwd_kernel(const ScanP
   constexpr int NT = NWARPS * 32;        // threads per block
   constexpr int CPB = NT / TPC;          // channels per block
   constexpr int NP = TPC * NPT;          // states per channel, padded
-  constexpr int RT = CHUNK < TPC ? CHUNK : TPC;  // steps per reduce_scatter
   constexpr int TILE = CPB * CHUNK;      // (channel, step) elements of a tile
   constexpr int EPT = (TILE + NT - 1) / NT;
   constexpr int BC_TILE = NP * CHUNK;    // (state, step) elements of the B/C tile
@@ -28,24 +27,27 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_fwd_kernel(const ScanP
   __shared__ float2 s_ddu[CPB][CHUNK];   // (d, d*u)
   __shared__ float s_u[CPB][CHUNK];
   __shared__ float s_z[CPB][CHUNK];
-  __shared__ float s_y[CPB][CHUNK];      // <C_t, h_t>
-  __shared__ float2 s_bc[CHUNK][NP + 1];  // (B, C); +1: the staging writes go down a column
+  __shared__ alignas(16) float s_yp[CHUNK][NT + 4];  // per-lane parts of <C_t, h_t>; +4 spreads the reads
+  __shared__ alignas(16) float2 s_bc[CHUNK][NP + 2];  // (B, C); +2: staging writes go down a column
 
   const int tid = threadIdx.x;
-  const int lane = tid & 31;
   const int c_loc = tid / TPC;           // this thread's channel within the block
-  const int k = tid % TPC;               // ... and its lane within the channel: states k, k + TPC, ...
+  const int k = tid % TPC;               // ... and its lane within the channel: states k*NPT .. k*NPT+NPT-1
   const int b = blockIdx.z;
+  const int nb = gridDim.x / p.nsplit;   // blocks per segment of channels
+  const int si = blockIdx.x / nb;         // this block's split of the sequence
   const int seg_start = blockIdx.y * p.seg;
-  const int c0 = seg_start + blockIdx.x * CPB;
+  const int c0 = seg_start + (blockIdx.x % nb) * CPB;
   const int c_end = seg_start + p.seg;
   const int chan = c0 + c_loc;
   const bool chan_ok = chan < c_end;
   const int L = p.L, N = p.N, dim = p.dim;
   const int nchunks = (L + CHUNK - 1) / CHUNK;
+  const int c_lo = si * p.split_chunks;
+  const int c_hi = min(c_lo + p.split_chunks, nchunks);
   const bool has_z = p.z != nullptr;
 
-  for (int di = p.bidirectional ? 1 : 0; di >= 0; --di) {
+  for (int di = p.dir_hi; di >= p.dir_lo; --di) {
     const DirParams& dp = p.dir[di];
     const bool reverse = di == 1;
     const int G = dp.groups;
@@ -60,14 +62,27 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_fwd_kernel(const ScanP
     float A2[NPT], h[NPT];
 #pragma unroll
     for (int i = 0; i < NPT; ++i) {
-      const int n = k + TPC * i;
+      const int n = k * NPT + i;
       const bool ok = chan_ok && n < N;
       A2[i] = ok ? dp.A[(size_t)chan * N + n] * kLog2e : 0.f;
       h[i] = (ok && p.initial_state != nullptr && !p.bidirectional)
                  ? p.initial_state[((size_t)b * dim + chan) * N + n] : 0.f;
+      // Compose the summaries of the earlier splits: h <- exp2(A2 * sum_d) h + h_split.
+      for (int s2 = 0; s2 < si && ok; ++s2) {
+        const size_t row = ((size_t)(di * p.nsplit + s2) * p.batch + b) * dim + chan;
+        h[i] = fmaf(fast_exp2(A2[i] * p.split_sumd[row]), h[i], p.split_state[row * N + n]);
+      }
     }
 
     // Registers holding the next chunk's raw inputs.
+    float row_bias[EPT], row_D[EPT];  // per-row constants, read once
+#pragma unroll
+    for (int r = 0; r < EPT; ++r) {
+      const int row = (tid + r * NT) / CHUNK;
+      const bool ok = tid + r * NT < TILE && c0 + row < c_end;
+      row_bias[r] = (ok && dp.delta_bias != nullptr) ? dp.delta_bias[c0 + row] : 0.f;
+      row_D[r] = (ok && dp.D != nullptr) ? dp.D[c0 + row] : 0.f;
+    }
     T r_u[EPT], r_dt[EPT], r_z[EPT], r_B[BPT], r_C[BPT];
     auto load = [&](int c) {
 #pragma unroll
@@ -96,7 +111,7 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_fwd_kernel(const ScanP
           const bool ok = c * CHUNK + j < L && c0 + row < c_end;
           const float uu = to_float(r_u[r]);
           float x = to_float(r_dt[r]);
-          if (dp.delta_bias != nullptr && ok) x += dp.delta_bias[c0 + row];
+          x += row_bias[r];
           float d = x, unused;
           if (p.delta_softplus) softplus_and_grad(x, d, unused);
           if (!ok) d = 0.f;  // padding steps: exp(0) = 1 and d*B*u = 0 keep the state
@@ -112,40 +127,33 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_fwd_kernel(const ScanP
       }
     };
 
-    load(0);
-    for (int c = 0; c < nchunks; ++c) {
+    load(c_lo);
+    for (int c = c_lo; c < c_hi; ++c) {
       if (dp.states != nullptr && chan_ok) {
 #pragma unroll
         for (int i = 0; i < NPT; ++i) {
-          const int n = k + TPC * i;
+          const int n = k * NPT + i;
           if (n < N) dp.states[(((size_t)b * dim + chan) * nchunks + c) * N + n] = h[i];
         }
       }
       __syncthreads();  // the previous chunk's output pass is done with shared memory
       stage(c);
       __syncthreads();
-      if (c + 1 < nchunks) load(c + 1);
+      if (c + 1 < c_hi) load(c + 1);
 
 #pragma unroll
-      for (int j0 = 0; j0 < CHUNK; j0 += RT) {
-        float yp[RT];
+      for (int j = 0; j < CHUNK; ++j) {
+        const float2 ddu = s_ddu[c_loc][j];
+        float2 bc[NPT];
+        load_bc<NPT>(s_bc, j, k, bc);
+        float acc = 0.f;
 #pragma unroll
-        for (int jj = 0; jj < RT; ++jj) {
-          const float2 ddu = s_ddu[c_loc][j0 + jj];
-          float acc = 0.f;
-#pragma unroll
-          for (int i = 0; i < NPT; ++i) {
-            const float2 bc = s_bc[j0 + jj][k + TPC * i];
-            const float a = fast_exp2(ddu.x * A2[i]);
-            h[i] = fmaf(a, h[i], ddu.y * bc.x);
-            acc = fmaf(bc.y, h[i], acc);
-          }
-          yp[jj] = acc;
+        for (int i = 0; i < NPT; ++i) {
+          const float a = fast_exp2(ddu.x * A2[i]);
+          h[i] = fmaf(a, h[i], ddu.y * bc[i].x);
+          acc = fmaf(bc[i].y, h[i], acc);
         }
-        int idx;
-        bool writer;
-        const float y = reduce_scatter<TPC, RT>(yp, lane, idx, writer);
-        if (writer) s_y[c_loc][j0 + idx] = y;
+        s_yp[j][tid] = acc;
       }
       __syncthreads();
 
@@ -156,8 +164,8 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_fwd_kernel(const ScanP
         const int tau = c * CHUNK + j, ch = c0 + row;
         if (e < TILE && tau < L && ch < c_end) {
           const size_t idx = ((size_t)b * dim + ch) * L + natural_t(tau, L, reverse);
-          float y = s_y[row][j];
-          if (dp.D != nullptr) y = fmaf(dp.D[ch], s_u[row][j], y);
+          float y = sum_parts<TPC>(&s_yp[j][row * TPC]);
+          y = fmaf(row_D[r], s_u[row][j], y);
           if (reverse) {
             p.ws[idx] = y;
           } else {
@@ -174,20 +182,142 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_fwd_kernel(const ScanP
       }
     }
 
-    if (!p.bidirectional && p.last_state != nullptr && chan_ok) {
+    if (!p.bidirectional && p.last_state != nullptr && chan_ok && si == p.nsplit - 1) {
 #pragma unroll
       for (int i = 0; i < NPT; ++i) {
-        const int n = k + TPC * i;
+        const int n = k * NPT + i;
         if (n < N) p.last_state[((size_t)b * dim + chan) * N + n] = h[i];
       }
     }
   }
 }
 
+// Split summaries of the forward: for every split but the last, the state reached from zero at its end and the
+// sum of d over it (the same grid and thread layout as scan_fwd_kernel; no outputs per step).
 template <typename T, int TPC, int NPT, int CHUNK, int NWARPS>
-cudaError_t launch_fwd_config(const ScanParams& p, cudaStream_t stream) {
+__global__ void __launch_bounds__(NWARPS * 32) scan_fwd_split_kernel(const ScanParams p) {
+  constexpr int NT = NWARPS * 32;
+  constexpr int CPB = NT / TPC;
+  constexpr int NP = TPC * NPT;
+  constexpr int TILE = CPB * CHUNK;
+  constexpr int EPT = (TILE + NT - 1) / NT;
+  constexpr int BC_TILE = NP * CHUNK;
+  constexpr int BPT = (BC_TILE + NT - 1) / NT;
+  __shared__ float2 s_ddu[CPB][CHUNK];
+  __shared__ alignas(16) float2 s_b[CHUNK][NP + 2];  // (B, 0): the layout load_bc reads
+
+  const int tid = threadIdx.x, c_loc = tid / TPC, k = tid % TPC;
+  const int b = blockIdx.z;
+  const int nb = gridDim.x / p.nsplit;
+  const int si = blockIdx.x / nb;
+  if (si == p.nsplit - 1) return;  // nothing composes the last split's summary (uniform per block)
+  const int seg_start = blockIdx.y * p.seg;
+  const int c0 = seg_start + (blockIdx.x % nb) * CPB;
+  const int c_end = seg_start + p.seg;
+  const int chan = c0 + c_loc;
+  const bool chan_ok = chan < c_end;
+  const int L = p.L, N = p.N, dim = p.dim;
+  const int c_lo = si * p.split_chunks, c_hi = c_lo + p.split_chunks;  // not the last split: all chunks full
+
+  for (int di = p.bidirectional ? 1 : 0; di >= 0; --di) {
+    const DirParams& dp = p.dir[di];
+    const bool reverse = di == 1;
+    const int G = dp.groups;
+    const int g = c0 / (dim / G);
+    const T* __restrict__ u = static_cast<const T*>(dp.u);
+    const T* __restrict__ delta = static_cast<const T*>(dp.delta);
+    const T* __restrict__ Bp = static_cast<const T*>(dp.B);
+    float A2[NPT], h[NPT];
+#pragma unroll
+    for (int i = 0; i < NPT; ++i) {
+      const int n = k * NPT + i;
+      A2[i] = (chan_ok && n < N) ? dp.A[(size_t)chan * N + n] * kLog2e : 0.f;
+      h[i] = 0.f;
+    }
+    float row_bias[EPT];
+#pragma unroll
+    for (int r = 0; r < EPT; ++r) {
+      const int row = (tid + r * NT) / CHUNK;
+      row_bias[r] = (tid + r * NT < TILE && c0 + row < c_end && dp.delta_bias != nullptr)
+                        ? dp.delta_bias[c0 + row] : 0.f;
+    }
+    T r_u[EPT], r_dt[EPT], r_B[BPT];
+    auto load = [&](int c) {
+#pragma unroll
+      for (int r = 0; r < EPT; ++r) {
+        const int e = tid + r * NT, row = e / CHUNK, tau = c * CHUNK + e % CHUNK;
+        const bool ok = e < TILE && c0 + row < c_end;
+        const size_t idx = ((size_t)b * dim + c0 + row) * L + natural_t(tau, L, reverse);
+        r_u[r] = load_or_zero(u, idx, ok);
+        r_dt[r] = load_or_zero(delta, idx, ok);
+      }
+#pragma unroll
+      for (int r = 0; r < BPT; ++r) {
+        const int e = tid + r * NT, n = e / CHUNK, tau = c * CHUNK + e % CHUNK;
+        const size_t idx = (((size_t)b * G + g) * N + n) * L + natural_t(tau, L, reverse);
+        r_B[r] = load_or_zero(Bp, idx, e < BC_TILE && n < N);
+      }
+    };
+    float sum_d = 0.f;
+    load(c_lo);
+    for (int c = c_lo; c < c_hi; ++c) {
+      __syncthreads();
+#pragma unroll
+      for (int r = 0; r < EPT; ++r) {
+        const int e = tid + r * NT, row = e / CHUNK, j = e % CHUNK;
+        if (e < TILE) {
+          const bool ok = c0 + row < c_end;
+          const float x = to_float(r_dt[r]) + row_bias[r];
+          float d = x, unused;
+          if (p.delta_softplus) softplus_and_grad(x, d, unused);
+          if (!ok) d = 0.f;
+          s_ddu[row][j] = make_float2(d, d * to_float(r_u[r]));
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < BPT; ++r) {
+        const int e = tid + r * NT;
+        if (e < BC_TILE) s_b[e % CHUNK][e / CHUNK] = make_float2(to_float(r_B[r]), 0.f);
+      }
+      __syncthreads();
+      if (c + 1 < c_hi) load(c + 1);
+#pragma unroll
+      for (int j = 0; j < CHUNK; ++j) {
+        const float2 ddu = s_ddu[c_loc][j];
+        float2 bc[NPT];
+        load_bc<NPT>(s_b, j, k, bc);
+        sum_d += ddu.x;
+#pragma unroll
+        for (int i = 0; i < NPT; ++i) h[i] = fmaf(fast_exp2(ddu.x * A2[i]), h[i], ddu.y * bc[i].x);
+      }
+    }
+    if (chan_ok) {
+      const size_t row = ((size_t)(di * p.nsplit + si) * p.batch + b) * dim + chan;
+#pragma unroll
+      for (int i = 0; i < NPT; ++i) {
+        const int n = k * NPT + i;
+        if (n < N) p.split_state[row * N + n] = h[i];
+      }
+      if (k == 0) p.split_sumd[row] = sum_d;
+    }
+  }
+}
+
+template <typename T, int TPC, int NPT, int CHUNK, int NWARPS>
+cudaError_t launch_fwd_config(const ScanParams& p0, cudaStream_t stream) {
   constexpr int CPB = NWARPS * 32 / TPC;
-  const dim3 grid((p.seg + CPB - 1) / CPB, p.dim / p.seg, p.batch);
+  ScanParams p = p0;
+  const dim3 grid((p.seg + CPB - 1) / CPB * p.nsplit, p.dim / p.seg, p.batch);
+  if (p.nsplit > 1) scan_fwd_split_kernel<T, TPC, NPT, CHUNK, NWARPS><<<grid, NWARPS * 32, 0, stream>>>(p);
+  if (p.bidirectional && p.nsplit > 1) {
+    // Splits of the backward direction write ws for positions that other blocks' forward splits read: two launches.
+    p.dir_lo = p.dir_hi = 1;
+    scan_fwd_kernel<T, TPC, NPT, CHUNK, NWARPS><<<grid, NWARPS * 32, 0, stream>>>(p);
+    p.dir_lo = p.dir_hi = 0;
+  } else {
+    p.dir_lo = 0;
+    p.dir_hi = p.bidirectional ? 1 : 0;
+  }
   scan_fwd_kernel<T, TPC, NPT, CHUNK, NWARPS><<<grid, NWARPS * 32, 0, stream>>>(p);
   return cudaGetLastError();
 }

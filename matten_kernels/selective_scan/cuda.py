@@ -4,6 +4,10 @@ Layers: the kernels (``csrc/selective_scan/*.cu``) -> launchers + ``torch.librar
 / ``_bwd`` (``selective_scan.cpp``) -> fake kernels and ``register_autograd`` (here) -> :func:`cuda_selective_scan`,
 :func:`cuda_bi_selective_scan`, which ``interface.py`` calls after validating the inputs.
 
+Work layout, numerics and the choice of configuration: ``csrc/selective_scan/selective_scan.h``. The forward saves the
+fp32 state at every chunk start (CHUNK = 16 steps for N <= 16) for the backward, which recomputes inside a chunk; the
+sequence is split across blocks when batch * dim is too small to fill the GPU (``MATTEN_SCAN_SPLITS`` overrides).
+
 The extension is either built ahead of time (``MATTEN_BUILD_CUDA=1 pip install -e . --no-build-isolation``, which puts
 ``_C*.so`` next to this file) or on first use through ``torch.utils.cpp_extension.load`` (ninja; cached under
 ``TORCH_EXTENSIONS_DIR``; for the architectures of the visible GPUs, or ``TORCH_CUDA_ARCH_LIST``). Without a GPU, nvcc
