@@ -163,16 +163,19 @@ def test_triton_matches_ref(variant, condition, size):
     depth, sample_size, patch_size = size
     small = dict(depth=depth, hidden_size=16, num_frames=2, sample_size=sample_size, patch_size=patch_size,
                  variant=variant, condition=condition, num_classes=3)
-    ref = perturb(tiny(**small)).eval()
-    fast = tiny(**small, kernel_backend="triton").eval()
+    # On a GPU both models run there (the Triton kernels need CUDA tensors unless interpreted); fp32 attention then
+    # uses tf32 matmuls, so the bound there is relative to the output scale (tf32 lands near 3e-4 relative).
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ref = perturb(tiny(**small, kernel_backend="ref")).eval().to(dev)
+    fast = tiny(**small, kernel_backend="triton").eval().to(dev)
     fast.load_state_dict(ref.state_dict())
-    x, t, y = latents(ref, batch=1), torch.tensor([900]), torch.tensor([2])
+    x, t, y = latents(ref, batch=1).to(dev), torch.tensor([900], device=dev), torch.tensor([2], device=dev)
     with torch.no_grad():
         a, b = ref(x, t, y).sample, fast(x, t, y).sample
     err = (a - b).abs()
     logger.info("triton vs ref (variant %s, %s): max %.3e mean %.3e (|out| max %.3f)", variant, condition,
                 err.max(), err.mean(), a.abs().max())
-    assert err.max() <= 1e-4
+    assert err.max() <= (1e-4 if dev.type == "cpu" else 2e-3 * a.abs().max().item())
 
 
 def test_save_load_roundtrip(tmp_path):
