@@ -10,6 +10,7 @@ _LAZY = {
     "MattenTransformer3DModel": "matten.model",
     "create_model": "matten.model",
     "count_parameters": "matten.model",
+    "MattenPipeline": "matten.pipeline",
 }
 
 __all__ = ["MATTEN_CONFIGS", "MattenConfig", "get_config", "parameter_formula", *_LAZY]
