@@ -179,7 +179,9 @@ def test_bad_input():
     with pytest.raises(ValueError, match="bimamba"):
         BiMamba(16, bimamba="v3")
     with pytest.raises(ValueError, match="backend"):
-        BiMamba(16, backend="cuda")
+        BiMamba(16, backend="cuda-graphs")
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+        BiMamba(16, backend="cuda")(torch.randn(1, 5, 16))
     with pytest.raises(ValueError, match="d_model"):
         BiMamba(0)
 
@@ -264,3 +266,14 @@ def test_fast_vs_slow_matten_shape_bf16_gpu():
         logger.info("bf16 %s: fast %.3e, bf16 slow path %.3e", name, rel, base)
         assert torch.isfinite(got).all(), name
         assert rel <= 2 * base + 1e-3, f"{name}: relative error {rel:.3e} > 2 x {base:.3e} + 1e-3"
+
+
+@pytest.mark.gpu
+def test_cuda_scan_backend_matches_slow_path_gpu():
+    """backend="cuda": Triton conv + the CUDA C++ scan, fp32, against the fp32 slow path (output and every gradient)."""
+    m = BiMamba(64, bimamba="v2", backend="cuda").cuda()
+    pairs = _fast_vs_slow(m, torch.randn(2, 257, 64, device="cuda"), ref_dtype=torch.float32)
+    for name, (got, ref) in pairs.items():
+        rel = _rel(got, ref)
+        logger.info("cuda backend %s: relative error %.3e", name, rel)
+        assert rel <= 1e-3, f"{name}: relative error {rel:.3e} > 1e-3"

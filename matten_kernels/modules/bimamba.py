@@ -60,7 +60,8 @@ class BiMamba(nn.Module):
         d_state, d_conv, expand, dt_rank: SSM state size N, conv width k, expansion E, rank of the dt projection.
         bimamba: "v2" (full backward parameter set), "v1" (only A_b separate) or "none" (unidirectional).
         divide_out: halve the sum of both directions before the gate (Vim's ``if_devide_out``).
-        backend: None (auto: "triton" for CUDA tensors, "ref" otherwise), "triton" or "ref". "ref" runs the slow path.
+        backend: None (auto: "triton" for CUDA tensors, "ref" otherwise), "triton", "cuda" or "ref". "cuda" runs the
+            scan through the CUDA C++ extension (the conv kernel stays Triton); "ref" runs the slow path.
         use_fast_path: False runs the slow path: plain PyTorch (F.conv1d with flips, the reference scan).
         dt_min, dt_max, dt_init, dt_scale, dt_init_floor: the Mamba dt initialisation (see ``reset_parameters``).
         bias: bias of in_proj and out_proj (Vim: False). The conv biases always exist (Vim's conv_bias=True).
@@ -75,8 +76,8 @@ class BiMamba(nn.Module):
             raise ValueError(f"BiMamba: bimamba must be one of {BIMAMBA_TYPES}, got {bimamba!r}")
         if dt_init not in ("random", "constant"):
             raise ValueError(f"BiMamba: dt_init must be 'random' or 'constant', got {dt_init!r}")
-        if backend not in (None, "triton", "ref"):
-            raise ValueError(f"BiMamba: backend must be None, 'triton' or 'ref', got {backend!r}")
+        if backend not in (None, "triton", "cuda", "ref"):
+            raise ValueError(f"BiMamba: backend must be None, 'triton', 'cuda' or 'ref', got {backend!r}")
         for name, v in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"BiMamba: {name} must be a positive int, got {v!r}")
@@ -165,13 +166,16 @@ class BiMamba(nn.Module):
         if hidden_states.device != self.in_proj.weight.device:
             raise ValueError(f"{op}: hidden_states is on {hidden_states.device}, the module on "
                              f"{self.in_proj.weight.device}")
-        backend = choose_backend(self.backend, hidden_states.device, op)
-        if self.use_fast_path and backend == "triton":
-            return self._forward(hidden_states, fast=True)
+        backend = choose_backend(self.backend, hidden_states.device, op, available=("triton", "cuda", "ref"))
+        if backend == "cuda" and hidden_states.device.type != "cuda":
+            raise ValueError(f"{op}: backend='cuda' needs CUDA tensors, got hidden_states on {hidden_states.device}")
+        if self.use_fast_path and backend in ("triton", "cuda"):
+            return self._forward(hidden_states, fast=True, scan_backend=backend)
         return self._forward(hidden_states, fast=False)
 
-    def _forward(self, hidden_states: torch.Tensor, fast: bool) -> torch.Tensor:
-        """One composition for both paths; ``fast`` picks the fused ops (Triton) or the plain PyTorch references."""
+    def _forward(self, hidden_states: torch.Tensor, fast: bool, scan_backend: str = "triton") -> torch.Tensor:
+        """One composition for both paths; ``fast`` picks the fused ops (Triton conv, ``scan_backend`` scan) or the
+        plain PyTorch references."""
         batch, L, _ = hidden_states.shape
         E, N, R = self.d_inner, self.d_state, self.dt_rank
         xz = self.in_proj(hidden_states)  # (batch, L, 2E)
@@ -207,7 +211,7 @@ class BiMamba(nn.Module):
         if self.bimamba == "none":
             if fast:
                 y = selective_scan(x_f, delta, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True,
-                                   backend="triton")
+                                   backend=scan_backend)
             else:
                 y = selective_scan_ref(x_f, delta, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True)
         else:
@@ -218,7 +222,7 @@ class BiMamba(nn.Module):
                           delta_bias_b=_fp32(self.dt_proj_b.bias))
             if fast:
                 y = bi_selective_scan(x_f, delta, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True,
-                                      backend="triton", **kw)
+                                      backend=scan_backend, **kw)
             else:
                 y = bi_selective_scan_ref(x_f, delta, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True, **kw)
         return self.out_proj(y.transpose(1, 2))  # (batch, L, d_model)
