@@ -39,6 +39,7 @@ CASES = [
     ("Matten-XL/2 v2", 2, "auto", False, True),
     ("Matten-XL/2 v4", 4, "auto", False, True),
     ("Matten-XL/2 v3 ref", 3, "ref", False, False),
+    ("Matten-XL/2 v3 cuda", 3, "cuda", False, True),  # the scan through the CUDA C++ backend
 ]
 
 
@@ -165,6 +166,8 @@ def run(ctx, save):
     res = {"batch": BATCH, "dtype": "bf16 autocast" if ctx.device.type == "cuda" else "fp32 (smoke)",
            "scan_provider": SCAN_PROVIDER, "warmup": WARMUP, "iters": ITERS, "cases": {}}
     for label, variant, backend, baselines, train in CASES:
+        if ctx.cases and label not in ctx.cases:
+            continue
         if ctx.quick and (variant not in (3, "latte") or backend == "ref"):
             res["cases"][label] = {"skipped": "--quick"}
             continue

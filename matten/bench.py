@@ -93,6 +93,7 @@ class BenchContext:
     ceilings: dict = field(default_factory=dict)
     max_tokens: int = 65536
     quick: bool = False  # fewer model cases (v3 ours/baselines, Latte) and crossover points (1024, 4096, 16384, 65536)
+    cases: tuple = ()  # model cases to run, by label (empty: all)
 
     def time_left(self) -> float:
         return self.deadline - time.monotonic()
@@ -206,6 +207,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="the essentials in about half the time: model cases v3 / v3 baselines / Latte only, "
                              "crossover at 1024, 4096, 16384, 65536 tokens")
+    parser.add_argument("--cases", default="",
+                        help="comma-separated model case labels to run (default: all), e.g. 'Matten-XL/2 v3 cuda'")
     parser.add_argument("--smoke", action="store_true",
                         help="toy sizes on any device (CPU: reference backends): checks the plumbing only")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -251,7 +254,8 @@ def main(args) -> int:
     out = args.out or REPO / "benchmarks" / "results" / (gpu_slug(env["gpu"]) + ("-smoke" if args.smoke else ""))
     out.mkdir(parents=True, exist_ok=True)
     ctx = BenchContext(device=device, smoke=args.smoke, deadline=start + args.budget_s, env=env,
-                       max_tokens=args.max_tokens, quick=args.quick)
+                       max_tokens=args.max_tokens, quick=args.quick,
+                       cases=tuple(c.strip() for c in args.cases.split(",") if c.strip()))
     ctx.ceilings = measure_ceilings(ctx)
     print(f"# {env['gpu']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}"
           f"{' (dirty)' if env['dirty'] else ''}  {env['date_utc']} UTC  ceilings {ctx.ceilings}", flush=True)
