@@ -9,19 +9,10 @@ autograd.Function over the same launchers for eager calls, validates input and d
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .._backend import FLOAT_DTYPES, check_tensor, choose_backend, logger
+from .._backend import FLOAT_DTYPES, check_tensor, choose_backend
 from .reference import video_attention_ref
-
-# choose_backend logs at debug level; Dynamo graph-breaks on Logger methods unless they are listed here, which would
-# break torch.compile(fullgraph=True) of any model that calls video_attention. Only this package's logger.debug.
-_dynamo_config = torch._dynamo.config
-_ignored_logging = (
-    _dynamo_config.ignore_logging_functions
-    if hasattr(_dynamo_config, "ignore_logging_functions")
-    else _dynamo_config.ignore_logger_methods
-)
-_ignored_logging.add(logger.debug)
 
 AXES = ("spatial", "temporal", "global")
 MAX_HEAD_DIM = 128
@@ -177,6 +168,8 @@ def video_attention(q, k, v, *, num_frames, axis, softmax_scale=None, backend=No
     if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{_OP}: backend='triton' supports {[str(d) for d in FLOAT_DTYPES]}, got {q.dtype}")
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
-    if torch.compiler.is_compiling():
-        return _attention_fwd(q, k, v, num_frames, axis, scale)[0]  # opaque custom op with a fake kernel
+    # torch.compile traces the opaque custom op (it has a fake kernel); so does eager code under a dispatch mode
+    # (FlopCounterMode, FakeTensorMode...), which sees ops only through the dispatcher.
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return _attention_fwd(q, k, v, num_frames, axis, scale)[0]
     return _VideoAttentionFunction.apply(q, k, v, num_frames, axis, scale)
