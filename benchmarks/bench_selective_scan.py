@@ -7,7 +7,7 @@ Providers: triton (ours), cuda (matten's extension, when built), mamba-ssm (the 
 selective_scan_cuda extension built by build_mamba_scan.py into DIR), ref (only with --ref: a Python loop over L).
 Per row: ms, GB/s (bytes model in _scan_common.py), fraction of the memory/exp floor, peak memory of fwd+bwd (MB
 above the inputs). Writes JSON to benchmarks/results/. ``--sweep`` times the Triton kernels under several
-(BLOCK_D, BLOCK_N, CHUNK, num_warps) configs to pick scan_config's rules.
+scan_config configs (state split, warps, segments) to pick scan_config's rules.
 """
 
 from __future__ import annotations
@@ -86,39 +86,55 @@ def run(args):
 
 
 def sweep(args):
-    """Time the launchers directly under explicit configs (fwd, bwd separately), bf16."""
+    """Time the launchers directly under explicit configs (fwd, bwd separately), bf16.
+
+    Configs are scan_config's (BLOCK_D, NH, NL, CHUNK, num_warps, n_seg): the state split (NH in registers, NL lanes),
+    warps per program and the number of sequence segments around the default.
+    """
     from matten_kernels.selective_scan.triton_bwd import selective_scan_bwd
     from matten_kernels.selective_scan.triton_fwd import scan_config, selective_scan_fwd
+
+    def variants(default):
+        _, NH, NL, CH, nw, n_seg = default
+        out = {default}
+        BN = NH * NL
+        for nl in {max(1, NL // 2), NL, NL * 2}:
+            if nl > BN or nl > 32:
+                continue
+            for w in (1, 2):
+                for seg in {n_seg, n_seg * 2}:
+                    out.add(((32 // nl) * w, BN // nl, nl, CH, w, seg))
+        return sorted(out)
 
     rows = []
     for sname in args.shapes.split(","):
         b, d, N, L = SHAPES[sname]
         x = scan_inputs(b, d, N, L, torch.bfloat16)
         dout = torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16)
-        default = scan_config(b, d, N, L)
-        cfgs = {default}
-        for BD in (2, 4, 8, 16):
-            for CH in (16, 32, 64):
-                for nw in (2, 4):
-                    if BD * 16 * CH <= 8192 and CH <= max(16, L):
-                        cfgs.add((BD, 16, CH, nw))
-        for cfg in sorted(cfgs):
-            row = dict(shape=sname, cfg=str(cfg), default="*" if cfg == default else "")
-            try:
-                f = lambda: selective_scan_fwd(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], None,  # noqa
-                                               x["delta_bias"], None, True, config=cfg)
-                row["fwd_ms"] = round(bench(f), 4)
-                _, _, states, _ = f()
-                g = lambda: selective_scan_bwd(dout, None, x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"],  # noqa
-                                               None, x["delta_bias"], None, states, True, config=cfg)
-                row["bwd_ms"] = round(bench(g), 4)
-            except Exception as e:  # noqa: BLE001
-                row["error"] = f"{type(e).__name__}: {str(e)[:80]}"
-            rows.append(row)
-        best_f = min((r for r in rows if r["shape"] == sname and "fwd_ms" in r), key=lambda r: r["fwd_ms"])
-        best_b = min((r for r in rows if r["shape"] == sname and "bwd_ms" in r), key=lambda r: r["bwd_ms"])
-        print(f"sweep {sname}: best fwd {best_f['cfg']} {best_f['fwd_ms']} ms; best bwd {best_b['cfg']} "
-              f"{best_b['bwd_ms']} ms; default {default}")
+        fwd_default = scan_config(b, d, N, L, torch.bfloat16, device=0)
+        bwd_default = scan_config(b, d, N, L, torch.bfloat16, device=0, backward=True)
+        _, _, states, _ = selective_scan_fwd(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], None,
+                                             x["delta_bias"], None, True)
+        for phase, default in (("fwd", fwd_default), ("bwd", bwd_default)):
+            for cfg in variants(default):
+                row = dict(shape=sname, phase=phase, cfg=str(cfg), default="*" if cfg == default else "")
+                try:
+                    if phase == "fwd":
+                        f = lambda: selective_scan_fwd(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"],  # noqa
+                                                       None, x["delta_bias"], None, True, config=cfg)
+                    else:
+                        f = lambda: selective_scan_bwd(dout, None, x["u"], x["delta"], x["A"], x["B"], x["C"],  # noqa
+                                                       x["D"], None, x["delta_bias"], None, states, True, config=cfg)
+                    row["ms"] = round(bench(f), 4)
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = f"{type(e).__name__}: {str(e)[:80]}"
+                rows.append(row)
+            mine = [r for r in rows if r["shape"] == sname and r["phase"] == phase and "ms" in r]
+            if mine:
+                best = min(mine, key=lambda r: r["ms"])
+                dflt = [r for r in mine if r["default"]]
+                print(f"sweep {sname} {phase}: best {best['cfg']} {best['ms']} ms; default {default} "
+                      f"{dflt[0]['ms'] if dflt else 'failed'} ms", flush=True)
     return rows
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .triton_bwd import selective_scan_bwd
-from .triton_fwd import _bc_strides, scan_config, selective_scan_fwd
+from .triton_fwd import n_saved_states, selective_scan_fwd
 
 _BI_NAMES = ("u_b", "delta_b", "A_b", "B_b", "C_b", "D_b", "delta_bias_b")
 
@@ -34,13 +34,6 @@ def _device_guard(t: Tensor):
 def _c(x):
     """Small per-channel tensors (A, D, delta_bias, states) are indexed as contiguous by the kernels."""
     return None if x is None else x.contiguous()
-
-
-def _n_chunks(u, A, B, C, extra_groups=()):
-    batch, dim, L = u.shape
-    groups = (_bc_strides(B)[0], _bc_strides(C)[0], *extra_groups)
-    _, _, CHUNK, _ = scan_config(batch, dim, A.shape[1], L, groups)
-    return -(-L // CHUNK)
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -69,7 +62,7 @@ def selective_scan_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
 def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
     batch, dim, L = u.shape
     N = A.shape[1]
-    n_chunks = _n_chunks(u, A, B, C)
+    n_chunks = n_saved_states(L)
     return (u.new_empty(u.shape), u.new_empty((batch, dim, N), dtype=torch.float32),
             u.new_empty((batch, dim, n_chunks, N), dtype=torch.float32))
 
@@ -97,7 +90,7 @@ def _(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, sta
 def _scan_setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus = inputs
     _, _, states = output
-    # Saved: the inputs and the fp32 state at every chunk start (batch, dim, L / CHUNK, N). Recomputed in the
+    # Saved: the inputs and the fp32 state every SAVE steps (batch, dim, L / SAVE, N). Recomputed in the
     # backward: the states inside each chunk, y (for dz) and softplus(delta). Never a (batch, dim, L, N) tensor.
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, states)
     ctx.delta_softplus = delta_softplus
@@ -143,16 +136,12 @@ def bi_selective_scan_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
     return out, states, states_b
 
 
-def _bi_groups(B, C, B_b, C_b):
-    return (_bc_strides(B if B_b is None else B_b)[0], _bc_strides(C if C_b is None else C_b)[0])
-
-
 @bi_selective_scan_fwd_op.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b, delta_softplus,
       divide_out):
     batch, dim, L = u.shape
     N = A.shape[1]
-    n_chunks = _n_chunks(u, A, B, C, _bi_groups(B, C, B_b, C_b))
+    n_chunks = n_saved_states(L)
     states = u.new_empty((batch, dim, n_chunks, N), dtype=torch.float32)
     return u.new_empty(u.shape), states, states.new_empty(states.shape)
 

@@ -1,23 +1,30 @@
-"""Triton forward kernel of the selective scan (uni- and bidirectional) and its launcher.
+"""Triton forward kernels of the selective scan (uni- and bidirectional), shared helpers, and the launcher.
 
-One program per (channel tile of BLOCK_D, batch). The state h [BLOCK_D, N] is carried in fp32 registers while the
-program walks the sequence in chunks of CHUNK steps. Inside a chunk the recurrence h_t = a_t h_{t-1} + b_t is an
-associative scan over the time axis of [BLOCK_D, N, CHUNK] blocks, combine (a1, b1), (a2, b2) -> (a1 a2, a2 b1 + b2);
-then h = cumprod(a) * h_carry + scanned b. Loads of u/delta/z are [BLOCK_D, CHUNK] tiles (contiguous along L),
-B/C are [N, CHUNK] tiles loaded once per channel tile. Softplus, D, the z gate and the output cast are fused.
+Blocks are 4-d ``[CHUNK, NH, BLOCK_D, NL]``: a state index is n = nl * NH + nh, the NL lanes of a channel share its
+states (NH each in registers), 32 / NL channels per warp. Triton's default layout then keeps the time axis and NH in
+each thread, so the recurrence h_t = a_t h_{t-1} + x_t over a chunk runs sequentially in registers
+(:func:`_chunk_scan`: one FMA per element, the step picked by masks that fold to register moves) and the sum over n
+is NH in-thread adds plus log2(NL) shuffles. Loads are shaped so that Triton's coalescing gives them that same
+thread mapping (no layout conversion): u, delta, z ``[CHUNK, 1, BLOCK_D, NL]`` (CHUNK = one 16-byte vector of time
+steps), B and C as fp32 ``(batch, G, L, N)`` copies (tiny next to u) ``[CHUNK, NH, 1, NL]`` (NH states = one vector).
 
-Bidirectional: the same program first scans the backward-direction inputs from the end (reversed indexing, no
-flipped copies) into an fp32 scratch y_b, then scans the forward direction and writes out = (y_f + y_b) * s * silu(z)
-once. The state at the start of every chunk (in scan order) is saved, fp32 (batch, dim, n_chunks, N), so the
-backward can recompute any chunk without a (batch, dim, L, N) tensor.
+Parallelism: one program per (channel tile, batch, segment of the sequence). When batch * dim channels cannot fill
+the GPU (global and long shapes), the sequence is split into segments: a summary pass computes, per segment, the
+state it ends in when started from zero and the sum of its softplus(delta) (its total decay is exp(A * that sum));
+the main pass combines the summaries of the segments before it into its starting state, then scans the segment.
+The state is saved (fp32) every ``SAVE`` steps for the backward, never a (batch, dim, L, N) tensor.
 
-Cost model (global XL, 2 x 2304 x 16 x 4096, bf16): 302M exp2 (one per (b, d, n, t)); bytes u, delta, out 2 B and
-B, C 2 B/(b, n, t): ~0.11 GB, ~0.04 ms at 3 TB/s. The exp count at ~4 T/s (16 ex2/clk/SM) is the floor, ~0.07 ms.
+Bidirectional: the main program first scans its segment of the backward-direction inputs in reverse (reversed
+indexing, no flipped copies) into an fp32 scratch, then the forward direction, and writes
+out = (y_f + y_b) * s * silu(z) once.
+
+Cost (global XL, 2 x 2304 x 16 x 4096, bf16): one exp2 per (b, d, n, t) element (302M; 16/clk/SM: ~0.08 ms on an
+H100) and ~8.6 SASS instructions per element in the chunk loop (sm_90, `benchmarks/sass_count.py`).
 """
 
 from __future__ import annotations
 
-import math
+import functools
 
 import torch
 import triton
@@ -26,195 +33,347 @@ import triton.language as tl
 from .._backend import triton_interpreting
 
 LOG2E = 1.4426950408889634
+SAVE_STEPS = 64  # the forward saves the state every SAVE_STEPS steps; a multiple of every CHUNK
+SAVE = tl.constexpr(SAVE_STEPS)  # the same, for the kernels
 
 
 @triton.jit
-def _ssm_combine(a1, b1, a2, b2):
-    # (a1, b1) then (a2, b2): x -> a2 (a1 x + b1) + b2
-    return a1 * a2, a2 * b1 + b2
+def _exp2_asm(x):
+    # MUFU.EX2 alone: ftz, so no denormal fix-up around it (tl.exp2 adds three instructions); decays below 2^-126
+    # flush to zero, which the recurrence cannot tell from their true value.
+    return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _log2_asm(x):
+    # MUFU.LG2 alone (tl.log2 is a ~20-instruction polynomial); used on 1 + e^x >= 1 only
+    return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _exp2_portable(x):
+    return tl.exp2(x)
+
+
+@triton.jit
+def _log2_portable(x):
+    return tl.log2(x)
+
+
+# The CPU interpreter cannot run PTX: it takes the portable forms (the environment is read once, at import).
+_exp2 = _exp2_portable if triton_interpreting() else _exp2_asm
+_log2 = _log2_portable if triton_interpreting() else _log2_asm
 
 
 @triton.jit
 def _softplus(x):
-    # softplus(x) = x for x > 20 (as the reference and mamba); log(1 + e^x) ~ e^x for very negative x.
-    return tl.where(x > 20.0, x, tl.where(x < -15.0, tl.exp(x), tl.log(1.0 + tl.exp(x))))
+    # softplus(x) = x for x > 20 (as the reference and mamba); log(1 + e^x) ~ e^x for very negative x. In base 2,
+    # so both transcendentals are single MUFU instructions (tl.log, tl.log2 are ~20-instruction polynomials).
+    sp = 0.6931471805599453 * _log2(1.0 + _exp2(x * 1.4426950408889634))
+    return tl.where(x > 20.0, x, tl.where(x < -15.0, _exp2(x * 1.4426950408889634), sp))
+
+
+@triton.jit
+def _pick(x, m):
+    """x[j] along axis 0 where the mask m is true at j only (a register move when axis 0 is in-thread)."""
+    return tl.sum(tl.where(m, x, -0.0), axis=0, keep_dims=True)
+
+
+@triton.jit
+def _chunk_scan(a, x, h, o_c, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
+    """h_t = a_t h_{t-1} + x_t along axis 0 in scan order (descending t if REVERSE), from the carry h [1, ...].
+
+    Returns (the states of every step, the state after the last step in scan order).
+    """
+    hs = tl.zeros_like(x)
+    for j in tl.static_range(CHUNK):
+        if REVERSE:
+            m = o_c == CHUNK - 1 - j
+        else:
+            m = o_c == j
+        h = _pick(a, m) * h + _pick(x, m)
+        hs = tl.where(m, h, hs)
+    return hs, h
+
+
+@triton.jit
+def _chunk_adjoint(a, g, r, o_c, CHUNK: tl.constexpr, REVERSE: tl.constexpr):
+    """The adjoint of :func:`_chunk_scan`, against scan order: q_t = g_t + r, then r = a_t q_t.
+
+    r comes in as a_{t+1} q_{t+1} from the next chunk in scan order (0 after the end) and leaves as a_t q_t of the
+    chunk's first step. Returns (q of every step, r).
+    """
+    qs = tl.zeros_like(g)
+    for j in tl.static_range(CHUNK):
+        if REVERSE:
+            m = o_c == j
+        else:
+            m = o_c == CHUNK - 1 - j
+        q = _pick(g, m) + r
+        qs = tl.where(m, q, qs)
+        r = _pick(a, m) * q
+    return qs, r
+
+
+@triton.jit
+def _chunk_of(i, c_lo, c_hi, REVERSE: tl.constexpr):
+    """The i-th chunk of [c_lo, c_hi) in scan order."""
+    if REVERSE:
+        return c_hi - 1 - i
+    return c_lo + i
+
+
+@triton.jit
+def _load_dt(p_dt4, o_t4, s_dt_l, m_t4, b_bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """(raw delta + bias, softplus of it) of a chunk, fp32; padded steps give decay 1 and input 0."""
+    b_raw = tl.load(p_dt4 + o_t4 * s_dt_l, mask=m_t4, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b_raw = b_raw + b_bias
+    if SOFTPLUS:
+        b_dt = _softplus(b_raw)
+    else:
+        b_dt = b_raw
+    return b_raw, tl.where(m_t4, b_dt, 0.0)
 
 
 @triton.jit
 def _fwd_direction(
-    p_u, p_delta, p_A, p_B, p_C, p_D, p_bias, p_z, p_h0, p_states, p_hlast, p_ybuf, p_out,
-    i_b, i_d, dim, L, N, n_chunks, dpg_B, dpg_C,
-    s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l,
-    s_B_b, s_B_g, s_B_n, s_B_l, s_C_b, s_C_g, s_C_n, s_C_l, s_z_b, s_z_d, s_z_l,
+    p_u, p_delta, p_A, p_Bt, p_Ct, p_D, p_bias, p_z, p_h0, p_seg_h, p_seg_dt, p_states, p_hlast, p_ybuf, p_out,
+    i_b, i_d, i_s, dim, L, N, n_chunks, seg_chunks, n_seg, G_B, G_C, dpg_B, dpg_C, o_seg,
+    s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l,
     scale,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_LAST: tl.constexpr, REVERSE: tl.constexpr, MODE: tl.constexpr,
 ):
-    """Scan one direction over the whole sequence for one (batch, channel tile).
+    """Scan one direction over segment i_s for one (batch, channel tile).
 
-    MODE 0: write out (uni). MODE 1: write y to the fp32 scratch (bi, first direction).
-    MODE 2: add the scratch, scale, gate, write out (bi, second direction).
+    MODE 0: write out (uni). MODE 1: write y to the fp32 scratch (bi, first direction). MODE 2: add the scratch,
+    scale, gate, write out (bi, second direction). MODE 3: summary: start from zero, store the end state and the sum
+    of delta of the segment (at o_seg in the segment buffers), nothing else.
     """
-    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    o_n = tl.arange(0, BLOCK_N)
-    o_c = tl.arange(0, CHUNK)
-    m_d = o_d < dim
-    m_n = o_n < N
-    m_dn = m_d[:, None] & m_n[None, :]
+    BLOCK_N: tl.constexpr = NH * NL
+    SAVE_EVERY: tl.constexpr = SAVE // CHUNK
+    o_c = tl.arange(0, CHUNK)[:, None, None, None]
+    o_n4 = tl.arange(0, NL)[None, None, None, :] * NH + tl.arange(0, NH)[None, :, None, None]  # [1, NH, 1, NL]
+    o_d4 = i_d * BLOCK_D + tl.arange(0, BLOCK_D)[None, None, :, None]  # [1, 1, BLOCK_D, 1]
+    zl = tl.zeros([1, 1, 1, NL], dtype=tl.int32)
+    zd = tl.zeros([1, 1, BLOCK_D, 1], dtype=tl.int32)
+    o_dl = o_d4 + zl  # [1, 1, BLOCK_D, NL]: the NL lanes of a channel load its u, delta, z (a warp broadcast)
+    m_d4 = o_dl < dim
+    m_dn4 = (o_d4 < dim) & (o_n4 < N)
+    m_lead = (tl.arange(0, NL) == 0)[None, None, None, :]  # one lane per channel stores y
     i_b64 = i_b.to(tl.int64)
-    # The tile lies in one group of B and of C (the launcher picks BLOCK_D to divide dim / G when G > 1).
-    g_B = (i_d * BLOCK_D) // dpg_B
+    g_B = (i_d * BLOCK_D) // dpg_B  # the tile lies in one group (BLOCK_D divides dim / G when G > 1)
     g_C = (i_d * BLOCK_D) // dpg_C
 
-    # A is pre-scaled by log2(e) so the decay is one exp2; masked states get A = 0 (decay 1, input 0: stay 0).
-    b_A = tl.load(p_A + o_d[:, None] * N + o_n[None, :], mask=m_dn, other=0.0) * 1.4426950408889634
-    if HAS_D:
-        b_Dv = tl.load(p_D + o_d, mask=m_d, other=0.0)
+    # A pre-scaled by log2(e): the decay is one exp2; padded states get A = 0 (decay 1, input 0: they stay 0)
+    b_A = tl.load(p_A + o_d4 * N + o_n4, mask=m_dn4, other=0.0) * 1.4426950408889634
+    b_bias = 0.0
     if HAS_BIAS:
-        b_bias = tl.load(p_bias + o_d, mask=m_d, other=0.0)
-    if HAS_H0:
-        b_h = tl.load(p_h0 + (i_b64 * dim + o_d[:, None]) * N + o_n[None, :], mask=m_dn, other=0.0)
-    else:
-        b_h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+        b_bias = tl.load(p_bias + o_dl, mask=m_d4, other=0.0)
+    if HAS_D:
+        b_Dv = tl.load(p_D + o_dl, mask=m_d4, other=0.0)
+    o_st4 = (i_b64 * dim + o_d4) * N + o_n4  # (batch, dim, N)
 
-    p_u_row = p_u + i_b64 * s_u_b + o_d[:, None].to(tl.int64) * s_u_d
-    p_dt_row = p_delta + i_b64 * s_dt_b + o_d[:, None].to(tl.int64) * s_dt_d
-    p_B_row = p_B + i_b64 * s_B_b + g_B * s_B_g + o_n[:, None] * s_B_n
-    p_C_row = p_C + i_b64 * s_C_b + g_C * s_C_g + o_n[:, None] * s_C_n
-    p_st_row = p_states + ((i_b64 * dim + o_d[:, None]) * n_chunks) * N + o_n[None, :]
-    o_y_row = (i_b64 * dim + o_d[:, None]) * L  # out and the scratch are contiguous (batch, dim, L)
+    # the state entering the segment (scan order): the initial state, then the summaries of the segments before it
+    b_h = tl.zeros([1, NH, BLOCK_D, NL], dtype=tl.float32)
+    if MODE != 3:
+        if HAS_H0:
+            b_h = tl.load(p_h0 + o_st4, mask=m_dn4, other=0.0)
+        if REVERSE:
+            n_prev = n_seg - 1 - i_s
+        else:
+            n_prev = i_s
+        for kk in range(0, n_prev):
+            if REVERSE:
+                k = n_seg - 1 - kk
+            else:
+                k = kk
+            o_k = (o_seg + i_b64 * dim + o_d4) * n_seg + k
+            b_sdt = tl.load(p_seg_dt + o_k + zl, mask=m_d4, other=0.0)
+            b_he = tl.load(p_seg_h + o_k * N + o_n4, mask=m_dn4, other=0.0)
+            b_h = _exp2(b_A * b_sdt) * b_h + b_he
+    b_sdt_acc = tl.zeros([1, 1, BLOCK_D, NL], dtype=tl.float32)
+
+    p_u4 = p_u + i_b64 * s_u_b + o_dl.to(tl.int64) * s_u_d
+    p_dt4 = p_delta + i_b64 * s_dt_b + o_dl.to(tl.int64) * s_dt_d
+    p_B4 = p_Bt + ((i_b64 * G_B + g_B) * L) * BLOCK_N + o_n4 + zd
+    p_C4 = p_Ct + ((i_b64 * G_C + g_C) * L) * BLOCK_N + o_n4 + zd
+    o_y4 = (i_b64 * dim + o_dl) * L  # out and the scratch are contiguous (batch, dim, L)
     if HAS_Z:
-        p_z_row = p_z + i_b64 * s_z_b + o_d[:, None].to(tl.int64) * s_z_d
+        p_z4 = p_z + i_b64 * s_z_b + o_dl.to(tl.int64) * s_z_d
+    n_saves = tl.cdiv(L, SAVE)
+    p_st4 = p_states + ((i_b64 * dim + o_d4) * n_saves) * N + o_n4
 
-    for i_c in range(0, n_chunks):
-        if REVERSE:
-            c = n_chunks - 1 - i_c
+    c_lo = i_s * seg_chunks
+    c_hi = tl.minimum(c_lo + seg_chunks, n_chunks)
+    for i in range(0, c_hi - c_lo):
+        c = _chunk_of(i, c_lo, c_hi, REVERSE)
+        if MODE != 3:
+            # the state entering every SAVE-step block (in scan order) is kept for the backward
+            if REVERSE:
+                save = ((c + 1) % SAVE_EVERY == 0) | (c == n_chunks - 1)
+                i_save = c // SAVE_EVERY
+            else:
+                save = c % SAVE_EVERY == 0
+                i_save = c // SAVE_EVERY
+            if save:
+                tl.store(p_st4 + i_save * N, b_h, mask=m_dn4)
+        o_t4 = c * CHUNK + o_c
+        m_t4 = (o_t4 < L) & m_d4
+        b_u = tl.load(p_u4 + o_t4 * s_u_l, mask=m_t4, other=0.0).to(tl.float32)  # [CHUNK, 1, BLOCK_D, NL]
+        _, b_dt = _load_dt(p_dt4, o_t4, s_dt_l, m_t4, b_bias, HAS_BIAS, SOFTPLUS)
+        m_tn4 = o_t4 < L
+        b_B = tl.load(p_B4 + o_t4 * BLOCK_N, mask=m_tn4, other=0.0)  # [CHUNK, NH, 1, NL]
+        b_a = _exp2(b_dt * b_A)
+        b_x = (b_dt * b_u) * b_B
+        b_hs, b_h = _chunk_scan(b_a, b_x, b_h, o_c, CHUNK, REVERSE)
+        if MODE == 3:
+            b_sdt_acc += tl.sum(b_dt, axis=0, keep_dims=True)
         else:
-            c = i_c
-        # state entering this chunk (in scan order), kept for the backward
-        tl.store(p_st_row + c * N, b_h, mask=m_dn)
+            b_C = tl.load(p_C4 + o_t4 * BLOCK_N, mask=m_tn4, other=0.0)
+            b_y = tl.sum(tl.sum(b_hs * b_C, axis=1, keep_dims=True), axis=3, keep_dims=True)  # [CHUNK, 1, BLOCK_D, 1]
+            b_y = b_y + tl.zeros([1, 1, 1, NL], dtype=tl.float32)
+            if HAS_D:
+                b_y = b_y + b_Dv * b_u
+            o_y = o_y4 + o_t4
+            m_y = m_t4 & m_lead
+            if MODE == 1:
+                tl.store(p_ybuf + o_y, b_y, mask=m_y)
+            else:
+                if MODE == 2:
+                    b_y = (b_y + tl.load(p_ybuf + o_y, mask=m_y, other=0.0)) * scale
+                if HAS_Z:
+                    b_z = tl.load(p_z4 + o_t4 * s_z_l, mask=m_t4, other=0.0).to(tl.float32)
+                    b_y = b_y * b_z * tl.sigmoid(b_z)
+                tl.store(p_out + o_y, b_y.to(p_out.dtype.element_ty), mask=m_y)
 
-        o_t = c * CHUNK + o_c
-        m_t = o_t < L
-        m_dt = m_d[:, None] & m_t[None, :]
-        b_u = tl.load(p_u_row + o_t[None, :] * s_u_l, mask=m_dt, other=0.0).to(tl.float32)
-        b_dt = tl.load(p_dt_row + o_t[None, :] * s_dt_l, mask=m_dt, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            b_dt = b_dt + b_bias[:, None]
-        if SOFTPLUS:
-            b_dt = _softplus(b_dt)
-        b_dt = tl.where(m_dt, b_dt, 0.0)  # padded steps: decay 1, input 0 (identity of the scan)
-        m_nt = m_n[:, None] & m_t[None, :]
-        b_B = tl.load(p_B_row + o_t[None, :] * s_B_l, mask=m_nt, other=0.0).to(tl.float32)
-        b_C = tl.load(p_C_row + o_t[None, :] * s_C_l, mask=m_nt, other=0.0).to(tl.float32)
-
-        b_a = tl.exp2(b_dt[:, None, :] * b_A[:, :, None])  # [BLOCK_D, BLOCK_N, CHUNK]
-        b_x = (b_dt * b_u)[:, None, :] * b_B[None, :, :]
-        b_ac, b_hc = tl.associative_scan((b_a, b_x), axis=2, combine_fn=_ssm_combine, reverse=REVERSE)
-        b_hc = b_ac * b_h[:, :, None] + b_hc
-        b_y = tl.sum(b_hc * b_C[None, :, :], axis=1)  # [BLOCK_D, CHUNK]
-        # carry: the state after the last step of this chunk in scan order
-        if REVERSE:
-            b_h = tl.sum(tl.where((o_c == 0)[None, None, :], b_hc, 0.0), axis=2)
-        else:
-            b_h = tl.sum(tl.where((o_c == CHUNK - 1)[None, None, :], b_hc, 0.0), axis=2)
-
-        if HAS_D:
-            b_y = b_y + b_Dv[:, None] * b_u
-        o_y = o_y_row + o_t[None, :]
-        if MODE == 1:
-            tl.store(p_ybuf + o_y, b_y, mask=m_dt)
-        else:
-            if MODE == 2:
-                b_y = (b_y + tl.load(p_ybuf + o_y, mask=m_dt, other=0.0)) * scale
-            if HAS_Z:
-                b_z = tl.load(p_z_row + o_t[None, :] * s_z_l, mask=m_dt, other=0.0).to(tl.float32)
-                b_y = b_y * b_z * tl.sigmoid(b_z)
-            tl.store(p_out + o_y, b_y.to(p_out.dtype.element_ty), mask=m_dt)
-
+    if MODE == 3:
+        o_k = (o_seg + i_b64 * dim + o_d4) * n_seg + i_s
+        tl.store(p_seg_dt + o_k + zl, b_sdt_acc, mask=m_d4 & m_lead)
+        tl.store(p_seg_h + o_k * N + o_n4, b_h, mask=m_dn4)
     if STORE_LAST:
-        tl.store(p_hlast + (i_b64 * dim + o_d[:, None]) * N + o_n[None, :], b_h, mask=m_dn)
+        if i_s == n_seg - 1:
+            tl.store(p_hlast + o_st4, b_h, mask=m_dn4)
 
 
 @triton.jit
 def _selective_scan_fwd_kernel(
     # pointers: forward direction, shared, backward direction (bi only; the launcher passes twins), outputs
-    p_u, p_delta, p_A, p_B, p_C, p_D, p_bias,
-    p_z, p_h0, p_out, p_hlast, p_states, p_ybuf,
-    p_ub, p_deltab, p_Ab, p_Bb, p_Cb, p_Db, p_biasb, p_states_b,
+    p_u, p_delta, p_A, p_Bt, p_Ct, p_D, p_bias,
+    p_z, p_h0, p_out, p_hlast, p_states, p_ybuf, p_seg_h, p_seg_dt,
+    p_ub, p_deltab, p_Ab, p_Btb, p_Ctb, p_Db, p_biasb, p_states_b,
     # sizes
-    dim, L, N, n_chunks, dpg_B, dpg_C, dpg_Bb, dpg_Cb,
+    batch, dim, L, N, n_chunks, seg_chunks, n_seg, G_B, G_C, dpg_B, dpg_C, G_Bb, G_Cb, dpg_Bb, dpg_Cb,
     # strides (elements)
-    s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l,
-    s_B_b, s_B_g, s_B_n, s_B_l, s_C_b, s_C_g, s_C_n, s_C_l, s_z_b, s_z_d, s_z_l,
+    s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l,
     s_ub_b, s_ub_d, s_ub_l, s_dtb_b, s_dtb_d, s_dtb_l,
-    s_Bb_b, s_Bb_g, s_Bb_n, s_Bb_l, s_Cb_b, s_Cb_g, s_Cb_n, s_Cb_l,
     scale,
     # meta
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, BIDIR: tl.constexpr, HAS_D_B: tl.constexpr, HAS_BIAS_B: tl.constexpr,
+    SUMMARY: tl.constexpr,
 ):
     i_d = tl.program_id(0)
     i_b = tl.program_id(1)
-    if BIDIR:
+    i_s = tl.program_id(2)
+    if SUMMARY:
+        # grid axis 2: segment + n_seg * direction (1: the backward direction of bi)
+        if i_s < n_seg:
+            _fwd_direction(p_u, p_delta, p_A, p_Bt, p_Ct, p_D, p_bias, p_z, p_h0, p_seg_h, p_seg_dt, p_states,
+                           p_hlast, p_ybuf, p_out, i_b, i_d, i_s, dim, L, N, n_chunks, seg_chunks, n_seg,
+                           G_B, G_C, dpg_B, dpg_C, 0,
+                           s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l, scale,
+                           BLOCK_D, NH, NL, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, False, False, False, 3)
+        else:
+            _fwd_direction(p_ub, p_deltab, p_Ab, p_Btb, p_Ctb, p_Db, p_biasb, p_z, p_h0, p_seg_h, p_seg_dt,
+                           p_states_b, p_hlast, p_ybuf, p_out, i_b, i_d, i_s - n_seg, dim, L, N, n_chunks,
+                           seg_chunks, n_seg, G_Bb, G_Cb, dpg_Bb, dpg_Cb, batch * dim,
+                           s_ub_b, s_ub_d, s_ub_l, s_dtb_b, s_dtb_d, s_dtb_l, s_z_b, s_z_d, s_z_l, scale,
+                           BLOCK_D, NH, NL, CHUNK, HAS_D_B, HAS_Z, HAS_BIAS_B, SOFTPLUS, False, False, True, 3)
+    elif BIDIR:
         # backward direction first (state runs from the end), into the fp32 scratch
-        _fwd_direction(p_ub, p_deltab, p_Ab, p_Bb, p_Cb, p_Db, p_biasb, p_z, p_h0, p_states_b, p_hlast, p_ybuf, p_out,
-                       i_b, i_d, dim, L, N, n_chunks, dpg_Bb, dpg_Cb,
-                       s_ub_b, s_ub_d, s_ub_l, s_dtb_b, s_dtb_d, s_dtb_l,
-                       s_Bb_b, s_Bb_g, s_Bb_n, s_Bb_l, s_Cb_b, s_Cb_g, s_Cb_n, s_Cb_l, s_z_b, s_z_d, s_z_l,
-                       scale, BLOCK_D, BLOCK_N, CHUNK, HAS_D_B, HAS_Z, HAS_BIAS_B, SOFTPLUS,
-                       False, False, True, 1)
+        _fwd_direction(p_ub, p_deltab, p_Ab, p_Btb, p_Ctb, p_Db, p_biasb, p_z, p_h0, p_seg_h, p_seg_dt, p_states_b,
+                       p_hlast, p_ybuf, p_out, i_b, i_d, i_s, dim, L, N, n_chunks, seg_chunks, n_seg,
+                       G_Bb, G_Cb, dpg_Bb, dpg_Cb, batch * dim,
+                       s_ub_b, s_ub_d, s_ub_l, s_dtb_b, s_dtb_d, s_dtb_l, s_z_b, s_z_d, s_z_l, scale,
+                       BLOCK_D, NH, NL, CHUNK, HAS_D_B, HAS_Z, HAS_BIAS_B, SOFTPLUS, False, False, True, 1)
         tl.debug_barrier()  # the scratch written above is read back below by other threads of this program
-        _fwd_direction(p_u, p_delta, p_A, p_B, p_C, p_D, p_bias, p_z, p_h0, p_states, p_hlast, p_ybuf, p_out,
-                       i_b, i_d, dim, L, N, n_chunks, dpg_B, dpg_C,
-                       s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l,
-                       s_B_b, s_B_g, s_B_n, s_B_l, s_C_b, s_C_g, s_C_n, s_C_l, s_z_b, s_z_d, s_z_l,
-                       scale, BLOCK_D, BLOCK_N, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
-                       False, False, False, 2)
+        _fwd_direction(p_u, p_delta, p_A, p_Bt, p_Ct, p_D, p_bias, p_z, p_h0, p_seg_h, p_seg_dt, p_states,
+                       p_hlast, p_ybuf, p_out, i_b, i_d, i_s, dim, L, N, n_chunks, seg_chunks, n_seg,
+                       G_B, G_C, dpg_B, dpg_C, 0,
+                       s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l, scale,
+                       BLOCK_D, NH, NL, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, False, False, False, 2)
     else:
-        _fwd_direction(p_u, p_delta, p_A, p_B, p_C, p_D, p_bias, p_z, p_h0, p_states, p_hlast, p_ybuf, p_out,
-                       i_b, i_d, dim, L, N, n_chunks, dpg_B, dpg_C,
-                       s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l,
-                       s_B_b, s_B_g, s_B_n, s_B_l, s_C_b, s_C_g, s_C_n, s_C_l, s_z_b, s_z_d, s_z_l,
-                       scale, BLOCK_D, BLOCK_N, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
-                       HAS_H0, True, False, 0)
+        _fwd_direction(p_u, p_delta, p_A, p_Bt, p_Ct, p_D, p_bias, p_z, p_h0, p_seg_h, p_seg_dt, p_states,
+                       p_hlast, p_ybuf, p_out, i_b, i_d, i_s, dim, L, N, n_chunks, seg_chunks, n_seg,
+                       G_B, G_C, dpg_B, dpg_C, 0,
+                       s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l, scale,
+                       BLOCK_D, NH, NL, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_H0, True, False, 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # launcher
 
 
-def _bc_strides(X):
-    """(batch, N, L) or (batch, G, N, L) -> (G, strides b, g, n, l); G = 1 for the ungrouped layout."""
-    if X.dim() == 3:
-        return 1, (X.stride(0), 0, X.stride(1), X.stride(2))
-    return X.shape[1], (X.stride(0), X.stride(1), X.stride(2), X.stride(3))
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index) -> int:
+    if triton_interpreting() or not torch.cuda.is_available():
+        return 132
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def scan_config(batch: int, dim: int, N: int, L: int, groups=(1,), backward: bool = False):
-    """(BLOCK_D, BLOCK_N, CHUNK, num_warps) for a problem.
+def scan_config(batch: int, dim: int, N: int, L: int, dtype=torch.bfloat16, groups=(1,), device=None,
+                backward: bool = False, bidirectional: bool = False):
+    """(BLOCK_D, NH, NL, CHUNK, num_warps, n_seg) for a problem.
 
-    The chunk block [BLOCK_D, BLOCK_N, CHUNK] is kept near 2048 fp32 elements (4096 in the backward halves it) so the
-    scan operands fit in registers of 4 warps. BLOCK_D shrinks when batch * dim / BLOCK_D would leave the 132 SMs of
-    an H100 with fewer than ~4 programs each: the sequence is not split across programs, so small channel tiles are
-    the parallelism for long L with small batch. With G > 1, BLOCK_D divides dim / G so a tile lies in one group.
+    CHUNK: one 16-byte vector of time steps (8 for 16-bit inputs, 4 for fp32). NL lanes share a channel's states,
+    NH each; BLOCK_D = 32 / NL channels per warp. n_seg: sequence segments per (batch, channel tile), enough that
+    the grid holds ~2 waves of the SMs at the occupancy the registers allow; segments are whole SAVE_STEPS blocks.
+    With G > 1, BLOCK_D divides dim / G so that a tile lies in one group.
     """
     BLOCK_N = triton.next_power_of_2(N)
-    CHUNK = 32 if L > 16 else 16
-    budget = 2048 if not backward else 1024
-    BLOCK_D = max(1, min(16, budget // (BLOCK_N * CHUNK)))
-    if BLOCK_N * CHUNK > budget:
-        CHUNK = max(16, budget // BLOCK_N)
-    # Filling the GPU is moot in the CPU interpreter, where every program costs Python time: keep the tiles large.
-    while BLOCK_D > 1 and batch * triton.cdiv(dim, BLOCK_D) < 4 * 132 and not triton_interpreting():
-        BLOCK_D //= 2
+    CHUNK = 4 if dtype == torch.float32 else 8
+    NL = min(BLOCK_N, 32, max(4, BLOCK_N // 4))
+    NH = BLOCK_N // NL
+    if backward and NH > 2:
+        NH, NL = NH // 2, min(NL * 2, 32)  # the backward keeps more arrays live: fewer states per thread
+        NH = max(1, BLOCK_N // NL)
+    num_warps = 2
+    BLOCK_D = (32 // NL) * num_warps
     for G in groups:
-        while BLOCK_D > 1 and (dim // G) % BLOCK_D != 0 and G > 1:
+        while BLOCK_D > 1 and G > 1 and (dim // G) % BLOCK_D != 0:
             BLOCK_D //= 2
-    num_warps = 4
-    return BLOCK_D, BLOCK_N, CHUNK, num_warps
+    num_warps = max(1, BLOCK_D * NL // 32)
+    n_saves = triton.cdiv(L, SAVE_STEPS)
+    warps = batch * triton.cdiv(dim, BLOCK_D) * num_warps
+    target = 2 * _sm_count(device) * (16 if backward else 24)
+    n_seg = 1
+    if not triton_interpreting():
+        n_seg = max(1, min(n_saves, target // max(warps, 1)))
+    seg_saves = triton.cdiv(n_saves, n_seg)
+    n_seg = triton.cdiv(n_saves, seg_saves)
+    return BLOCK_D, NH, NL, CHUNK, num_warps, n_seg
+
+
+def n_saved_states(L: int) -> int:
+    """The number of states the forward saves per (batch, channel): one every SAVE steps."""
+    return triton.cdiv(L, SAVE_STEPS)
+
+
+def _bt(X):
+    """B or C -> fp32 (batch, G, L, BLOCK_N) contiguous along n, padded to a power of 2 (tiny next to u), and G."""
+    G = 1 if X.dim() == 3 else X.shape[1]
+    N = X.shape[-2]
+    Xt = X.transpose(-1, -2).to(torch.float32)
+    BLOCK_N = triton.next_power_of_2(N)
+    if BLOCK_N != N:
+        Xt = torch.nn.functional.pad(Xt, (0, BLOCK_N - N))
+    return Xt.reshape(X.shape[0], G, X.shape[-1], BLOCK_N).contiguous(), G
 
 
 def _lstride(x):
@@ -224,52 +383,68 @@ def _lstride(x):
 def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus: bool,
                        u_b=None, delta_b=None, A_b=None, B_b=None, C_b=None, D_b=None, delta_bias_b=None,
                        bidirectional: bool = False, divide_out: bool = False, config=None):
-    """Launch the forward kernel. Inputs validated by the caller, on one CUDA device (or the interpreter).
+    """Launch the forward kernels. Inputs validated by the caller, on one CUDA device (or the interpreter).
 
     Returns (out, last_state, states, states_b): out (batch, dim, L) in u.dtype; last_state (batch, dim, N) fp32
-    (uni only, else an empty tensor); states / states_b (batch, dim, n_chunks, N) fp32, the state entering every
-    chunk in scan order (states_b: the backward direction's; empty for uni).
+    (uni only, else an empty tensor); states / states_b (batch, dim, ceil(L / SAVE), N) fp32, the state entering
+    every SAVE-step block in scan order (states_b: the backward direction's; empty for uni).
     """
     batch, dim, L = u.shape
     N = A.shape[1]
     dev = u.device
     twin = lambda b, f: f if b is None else b  # noqa: E731
     u_b, delta_b, A_b, B_b, C_b = twin(u_b, u), twin(delta_b, delta), twin(A_b, A), twin(B_b, B), twin(C_b, C)
-    G_B, sB = _bc_strides(B)
-    G_C, sC = _bc_strides(C)
-    G_Bb, sBb = _bc_strides(B_b)
-    G_Cb, sCb = _bc_strides(C_b)
+    Bt, G_B = _bt(B)
+    Ct, G_C = _bt(C)
+    Btb, G_Bb = _bt(B_b) if B_b is not B else (Bt, G_B)
+    Ctb, G_Cb = _bt(C_b) if C_b is not C else (Ct, G_C)
     groups = (G_B, G_C, G_Bb, G_Cb) if bidirectional else (G_B, G_C)
-    BLOCK_D, BLOCK_N, CHUNK, num_warps = config or scan_config(batch, dim, N, L, groups)
+    BLOCK_D, NH, NL, CHUNK, num_warps, n_seg = config or scan_config(
+        batch, dim, N, L, u.dtype, groups, dev.index if dev.type == "cuda" else None, bidirectional=bidirectional)
     n_chunks = triton.cdiv(L, CHUNK)
+    seg_chunks = triton.cdiv(n_saved_states(L), n_seg) * (SAVE_STEPS // CHUNK)
+    n_seg = triton.cdiv(n_chunks, seg_chunks)
     A, A_b = A.contiguous(), A_b.contiguous()
+    f32 = torch.float32
 
     out = torch.empty((batch, dim, L), device=dev, dtype=u.dtype)
-    states = torch.empty((batch, dim, n_chunks, N), device=dev, dtype=torch.float32)
-    empty = torch.empty(0, device=dev, dtype=torch.float32)
+    states = torch.empty((batch, dim, n_saved_states(L), N), device=dev, dtype=f32)
+    empty = torch.empty(0, device=dev, dtype=f32)
     if bidirectional:
         states_b = torch.empty_like(states)
-        ybuf = torch.empty((batch, dim, L), device=dev, dtype=torch.float32)
+        ybuf = torch.empty((batch, dim, L), device=dev, dtype=f32)
         last_state = empty
     else:
         states_b, ybuf = empty, empty
-        last_state = torch.empty((batch, dim, N), device=dev, dtype=torch.float32)
+        last_state = torch.empty((batch, dim, N), device=dev, dtype=f32)
+    n_dir = 2 if bidirectional else 1
+    if n_seg > 1:
+        seg_h = torch.empty((n_dir, batch, dim, n_seg, N), device=dev, dtype=f32)
+        seg_dt = torch.empty((n_dir, batch, dim, n_seg), device=dev, dtype=f32)
+    else:
+        seg_h = seg_dt = empty
     zs = _lstride(z) if z is not None else (0, 0, 0)
-    grid = (triton.cdiv(dim, BLOCK_D), batch)
-    _selective_scan_fwd_kernel[grid](
-        u, delta, A, B, C, D if D is not None else empty, delta_bias if delta_bias is not None else empty,
+    D_b = D_b if D_b is not None else D
+    delta_bias_b = delta_bias_b if delta_bias_b is not None else delta_bias
+    args = (
+        u, delta, A, Bt, Ct, D if D is not None else empty, delta_bias if delta_bias is not None else empty,
         z if z is not None else empty, initial_state if initial_state is not None else empty,
-        out, last_state, states, ybuf,
-        u_b, delta_b, A_b, B_b, C_b, D_b if D_b is not None else (D if D is not None else empty),
-        delta_bias_b if delta_bias_b is not None else (delta_bias if delta_bias is not None else empty), states_b,
-        dim, L, N, n_chunks, dim // G_B, dim // G_C, dim // G_Bb, dim // G_Cb,
-        *_lstride(u), *_lstride(delta), *sB, *sC, *zs, *_lstride(u_b), *_lstride(delta_b), *sBb, *sCb,
+        out, last_state, states, ybuf, seg_h, seg_dt,
+        u_b, delta_b, A_b, Btb, Ctb, D_b if D_b is not None else empty,
+        delta_bias_b if delta_bias_b is not None else empty, states_b,
+        batch, dim, L, N, n_chunks, seg_chunks, n_seg,
+        G_B, G_C, dim // G_B, dim // G_C, G_Bb, G_Cb, dim // G_Bb, dim // G_Cb,
+        *_lstride(u), *_lstride(delta), *zs, *_lstride(u_b), *_lstride(delta_b),
         0.5 if divide_out else 1.0,
-        BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, CHUNK=CHUNK,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        HAS_H0=initial_state is not None, BIDIR=bidirectional,
-        HAS_D_B=(D_b if D_b is not None else D) is not None,
-        HAS_BIAS_B=(delta_bias_b if delta_bias_b is not None else delta_bias) is not None,
-        num_warps=num_warps,
     )
+    meta = dict(
+        BLOCK_D=BLOCK_D, NH=NH, NL=NL, CHUNK=CHUNK,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+        HAS_H0=initial_state is not None, BIDIR=bidirectional, HAS_D_B=D_b is not None,
+        HAS_BIAS_B=delta_bias_b is not None, num_warps=num_warps,
+    )
+    n_dtiles = triton.cdiv(dim, BLOCK_D)
+    if n_seg > 1:
+        _selective_scan_fwd_kernel[(n_dtiles, batch, n_dir * n_seg)](*args, SUMMARY=True, **meta)
+    _selective_scan_fwd_kernel[(n_dtiles, batch, n_seg)](*args, SUMMARY=False, **meta)
     return out, last_state, states, states_b
