@@ -59,14 +59,14 @@ def _bwd_direction(
     SAVE_EVERY: tl.constexpr = SAVE // CHUNK
     o_c = tl.arange(0, CHUNK)[:, None, None, None]
     o_k = tl.arange(0, SAVE_EVERY)[:, None, None, None]
-    o_n4 = tl.arange(0, NL)[None, None, None, :] * NH + tl.arange(0, NH)[None, :, None, None]  # [1, NH, 1, NL]
+    o_n4 = tl.arange(0, NL)[None, :, None, None] * NH + tl.arange(0, NH)[None, None, None, :]  # [1, NL, 1, NH]
     o_d4 = i_d * BLOCK_D + tl.arange(0, BLOCK_D)[None, None, :, None]
-    zl = tl.zeros([1, 1, 1, NL], dtype=tl.int32)
+    zl = tl.zeros([1, NL, 1, 1], dtype=tl.int32)
     zd = tl.zeros([1, 1, BLOCK_D, 1], dtype=tl.int32)
     o_dl = o_d4 + zl
     m_d4 = o_dl < dim
     m_dn4 = (o_d4 < dim) & (o_n4 < N)
-    m_lead = (tl.arange(0, NL) == 0)[None, None, None, :]
+    m_lead = (tl.arange(0, NL) == 0)[None, :, None, None]
     i_b64 = i_b.to(tl.int64)
     g_B = (i_d * BLOCK_D) // dpg_B
     g_C = (i_d * BLOCK_D) // dpg_C
@@ -83,26 +83,26 @@ def _bwd_direction(
     p_u4 = p_u + i_b64 * s_u_b + o_dl.to(tl.int64) * s_u_d
     p_dt4 = p_delta + i_b64 * s_dt_b + o_dl.to(tl.int64) * s_dt_d
     p_do4 = p_dout + i_b64 * s_do_b + o_dl.to(tl.int64) * s_do_d
-    p_B4 = p_Bt + ((i_b64 * G_B + g_B) * L) * BLOCK_N + o_n4 + zd
-    p_C4 = p_Ct + ((i_b64 * G_C + g_C) * L) * BLOCK_N + o_n4 + zd
+    p_B4 = p_Bt + ((i_b64 * G_B + g_B) * BLOCK_N + o_n4) * L + zd  # [1, NL, BLOCK_D, NH], time contiguous
+    p_C4 = p_Ct + ((i_b64 * G_C + g_C) * BLOCK_N + o_n4) * L + zd  # [1, NL, BLOCK_D, NH], time contiguous
     o_g4 = (i_b64 * dim + o_dl) * L  # gradient outputs and scratch: contiguous (batch, dim, L)
     if HAS_Z:
         p_z4 = p_z + i_b64 * s_z_b + o_dl.to(tl.int64) * s_z_d
     n_saves = tl.cdiv(L, SAVE)
     p_st4 = p_states + ((i_b64 * dim + o_d4) * n_saves) * N + o_n4
-    # dB/dC (fp32 (batch, G, L, BLOCK_N) like Bt): atomics, or per-tile partials (n_dtiles, batch, L, BLOCK_N)
+    # dB/dC (fp32 (batch, G, BLOCK_N, L) like Bt): atomics, or per-tile partials (n_dtiles, batch, BLOCK_N, L)
     if DETERMINISTIC:
-        o_dB4 = ((i_d * batch + i_b64) * L) * BLOCK_N + o_n4
+        o_dB4 = ((i_d * batch + i_b64) * BLOCK_N + o_n4) * L
         o_dC4 = o_dB4
     else:
-        o_dB4 = ((i_b64 * G_B + g_B) * L) * BLOCK_N + o_n4
-        o_dC4 = ((i_b64 * G_C + g_C) * L) * BLOCK_N + o_n4
+        o_dB4 = ((i_b64 * G_B + g_B) * BLOCK_N + o_n4) * L
+        o_dC4 = ((i_b64 * G_C + g_C) * BLOCK_N + o_n4) * L
 
     c_lo = i_s * seg_chunks
     c_hi = tl.minimum(c_lo + seg_chunks, n_chunks)
-    b_r = tl.zeros([1, NH, BLOCK_D, NL], dtype=tl.float32)
+    b_r = tl.zeros([1, NL, BLOCK_D, NH], dtype=tl.float32)
     if SUMMARY:
-        b_sdt_acc = tl.zeros([1, 1, BLOCK_D, NL], dtype=tl.float32)
+        b_sdt_acc = tl.zeros([1, NL, BLOCK_D, 1], dtype=tl.float32)
         n_c = c_hi - c_lo
         for i in range(0, n_c):
             c = _chunk_of(n_c - 1 - i, c_lo, c_hi, REVERSE)  # against scan order
@@ -113,7 +113,7 @@ def _bwd_direction(
             if HAS_Z:
                 b_z = tl.load(p_z4 + o_t4 * s_z_l, mask=m_t4, other=0.0).to(tl.float32)
                 b_dy = b_dy * b_z * tl.sigmoid(b_z)
-            b_C = tl.load(p_C4 + o_t4 * BLOCK_N, mask=o_t4 < L, other=0.0)
+            b_C = tl.load(p_C4 + o_t4, mask=o_t4 < L, other=0.0)
             b_a = _exp2(b_dt * b_A)
             _, b_r = _chunk_adjoint(b_a, b_C * b_dy, b_r, o_c, CHUNK, REVERSE)
             b_sdt_acc += tl.sum(b_dt, axis=0, keep_dims=True)
@@ -137,9 +137,9 @@ def _bwd_direction(
             b_sdt = tl.load(p_seg_dt + o_sk + zl, mask=m_d4, other=0.0)
             b_r = tl.load(p_seg_r + o_sk * N + o_n4, mask=m_dn4, other=0.0) + _exp2(b_A * b_sdt) * b_r
 
-        b_dA = tl.zeros([1, NH, BLOCK_D, NL], dtype=tl.float32)
-        b_dDv = tl.zeros([1, 1, BLOCK_D, NL], dtype=tl.float32)
-        b_dbias = tl.zeros([1, 1, BLOCK_D, NL], dtype=tl.float32)
+        b_dA = tl.zeros([1, NL, BLOCK_D, NH], dtype=tl.float32)
+        b_dDv = tl.zeros([1, NL, BLOCK_D, 1], dtype=tl.float32)
+        b_dbias = tl.zeros([1, NL, BLOCK_D, 1], dtype=tl.float32)
         blk_lo = c_lo // SAVE_EVERY
         n_blk = tl.cdiv(c_hi, SAVE_EVERY) - blk_lo
         for ib in range(0, n_blk):
@@ -152,7 +152,7 @@ def _bwd_direction(
             n_k = k_hi - k_lo
             # states entering each chunk of the block, recomputed from the saved one, kept in registers
             b_h = tl.load(p_st4 + blk * N, mask=m_dn4, other=0.0)
-            b_hk = tl.zeros([SAVE_EVERY, NH, BLOCK_D, NL], dtype=tl.float32)
+            b_hk = tl.zeros([SAVE_EVERY, NL, BLOCK_D, NH], dtype=tl.float32)
             for j in range(0, n_k - 1):
                 b_hk = tl.where(o_k == j, b_h, b_hk)
                 c = _chunk_of(j, k_lo, k_hi, REVERSE)
@@ -160,7 +160,7 @@ def _bwd_direction(
                 m_t4 = (o_t4 < L) & m_d4
                 b_u = tl.load(p_u4 + o_t4 * s_u_l, mask=m_t4, other=0.0).to(tl.float32)
                 _, b_dt = _load_dt(p_dt4, o_t4, s_dt_l, m_t4, b_bias, HAS_BIAS, SOFTPLUS)
-                b_B = tl.load(p_B4 + o_t4 * BLOCK_N, mask=o_t4 < L, other=0.0)
+                b_B = tl.load(p_B4 + o_t4, mask=o_t4 < L, other=0.0)
                 _, b_h = _chunk_scan(_exp2(b_dt * b_A), (b_dt * b_u) * b_B, b_h, o_c, CHUNK, REVERSE)
             b_hk = tl.where(o_k == n_k - 1, b_h, b_hk)
 
@@ -173,8 +173,8 @@ def _bwd_direction(
                 m_tn4 = o_t4 < L
                 b_u = tl.load(p_u4 + o_t4 * s_u_l, mask=m_t4, other=0.0).to(tl.float32)
                 b_raw, b_dt = _load_dt(p_dt4, o_t4, s_dt_l, m_t4, b_bias, HAS_BIAS, SOFTPLUS)
-                b_B = tl.load(p_B4 + o_t4 * BLOCK_N, mask=m_tn4, other=0.0)
-                b_C = tl.load(p_C4 + o_t4 * BLOCK_N, mask=m_tn4, other=0.0)
+                b_B = tl.load(p_B4 + o_t4, mask=m_tn4, other=0.0)
+                b_C = tl.load(p_C4 + o_t4, mask=m_tn4, other=0.0)
                 b_do = tl.load(p_do4 + o_t4 * s_do_l, mask=m_t4, other=0.0).to(tl.float32)
                 b_a = _exp2(b_dt * b_A)
                 b_du = b_dt * b_u
@@ -188,7 +188,7 @@ def _bwd_direction(
                     b_z = tl.load(p_z4 + o_t4 * s_z_l, mask=m_t4, other=0.0).to(tl.float32)
                     b_sig = tl.sigmoid(b_z)
                     b_dy = b_do * b_z * b_sig * scale
-                    b_y = tl.sum(tl.sum(b_hs * b_C, axis=1, keep_dims=True), axis=3, keep_dims=True)
+                    b_y = tl.sum(tl.sum(b_hs * b_C, axis=3, keep_dims=True), axis=1, keep_dims=True)
                     if HAS_D:
                         b_y = b_y + b_Dv * b_u
                     b_dzf = b_do * b_sig * (1.0 + b_z * (1.0 - b_sig))  # d silu(z) / dz, times dout
@@ -207,9 +207,9 @@ def _bwd_direction(
                 # gradients
                 b_P = b_qs * (b_hs - b_x)  # q_t a_t h_{t-1}
                 b_dA += tl.sum(b_P * b_dt, axis=0, keep_dims=True)
-                b_S1 = tl.sum(tl.sum(b_qs * b_B, axis=1, keep_dims=True), axis=3, keep_dims=True)
-                b_S2 = tl.sum(tl.sum(b_P * b_Anat, axis=1, keep_dims=True), axis=3, keep_dims=True)
-                b_dC_t = tl.sum(b_hs * b_dy, axis=2, keep_dims=True)  # [CHUNK, NH, 1, NL]
+                b_S1 = tl.sum(tl.sum(b_qs * b_B, axis=3, keep_dims=True), axis=1, keep_dims=True)
+                b_S2 = tl.sum(tl.sum(b_P * b_Anat, axis=3, keep_dims=True), axis=1, keep_dims=True)
+                b_dC_t = tl.sum(b_hs * b_dy, axis=2, keep_dims=True)  # [CHUNK, NL, 1, NH]
                 b_dB_t = tl.sum(b_qs * b_du, axis=2, keep_dims=True)
                 b_duv = b_dt * b_S1
                 if HAS_D:
@@ -227,7 +227,7 @@ def _bwd_direction(
                     b_ddt += tl.load(p_ddelta_acc + o_g, mask=m_g, other=0.0)
                 tl.store(p_du + o_g, b_duv.to(p_du.dtype.element_ty), mask=m_g)
                 tl.store(p_ddelta + o_g, b_ddt.to(p_ddelta.dtype.element_ty), mask=m_g)
-                o_tn = o_t4 * BLOCK_N
+                o_tn = o_t4
                 if DETERMINISTIC:
                     tl.store(p_dB + o_dB4 + o_tn, b_dB_t, mask=m_tn4)
                     tl.store(p_dC + o_dC4 + o_tn, b_dC_t, mask=m_tn4)
@@ -333,13 +333,13 @@ def _selective_scan_bwd_kernel(
 
 
 def _finish_bc(buf, X, G, deterministic, batch, n_dtiles):
-    """fp32 (.., L, BLOCK_N) accumulation buffer -> gradient shaped (batch, [G,] N, L) and typed like X."""
+    """fp32 (.., BLOCK_N, L) accumulation buffer -> gradient shaped (batch, [G,] N, L) and typed like X."""
     N, L = X.shape[-2], X.shape[-1]
     if deterministic:
-        # (n_dtiles, batch, L, BLOCK_N) per-tile partials; tiles g*tpg ... (g+1)*tpg - 1 belong to group g
+        # (n_dtiles, batch, BLOCK_N, L) per-tile partials; tiles g*tpg ... (g+1)*tpg - 1 belong to group g
         tpg = n_dtiles // G
-        buf = buf.view(G, tpg, batch, L, buf.shape[-1]).sum(1).transpose(0, 1)  # (batch, G, L, BLOCK_N)
-    buf = buf[..., :N].transpose(-1, -2)  # (batch, G, N, L)
+        buf = buf.view(G, tpg, batch, buf.shape[-2], L).sum(1).transpose(0, 1)  # (batch, G, BLOCK_N, L)
+    buf = buf[..., :N, :]  # (batch, G, N, L)
     if X.dim() == 3:
         buf = buf.reshape(batch, N, L)
     return buf.to(X.dtype)
@@ -384,8 +384,8 @@ def selective_scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, i
 
     def bc_buffer(G):
         if deterministic:
-            return torch.empty((n_dtiles, batch, L, BLOCK_N), device=dev, dtype=f32)
-        return torch.zeros((batch, G, L, BLOCK_N), device=dev, dtype=f32)
+            return torch.empty((n_dtiles, batch, BLOCK_N, L), device=dev, dtype=f32)
+        return torch.zeros((batch, G, BLOCK_N, L), device=dev, dtype=f32)
 
     def partials(*shape):
         return torch.empty((n_seg, batch, dim, *shape), device=dev, dtype=f32)

@@ -157,14 +157,14 @@ def _fwd_direction(
     BLOCK_N: tl.constexpr = NH * NL
     SAVE_EVERY: tl.constexpr = SAVE // CHUNK
     o_c = tl.arange(0, CHUNK)[:, None, None, None]
-    o_n4 = tl.arange(0, NL)[None, None, None, :] * NH + tl.arange(0, NH)[None, :, None, None]  # [1, NH, 1, NL]
+    o_n4 = tl.arange(0, NL)[None, :, None, None] * NH + tl.arange(0, NH)[None, None, None, :]  # [1, NL, 1, NH]
     o_d4 = i_d * BLOCK_D + tl.arange(0, BLOCK_D)[None, None, :, None]  # [1, 1, BLOCK_D, 1]
-    zl = tl.zeros([1, 1, 1, NL], dtype=tl.int32)
+    zl = tl.zeros([1, NL, 1, 1], dtype=tl.int32)
     zd = tl.zeros([1, 1, BLOCK_D, 1], dtype=tl.int32)
-    o_dl = o_d4 + zl  # [1, 1, BLOCK_D, NL]: the NL lanes of a channel load its u, delta, z (a warp broadcast)
+    o_dl = o_d4 + zl  # [1, NL, BLOCK_D, 1]: the NL lanes of a channel load its u, delta, z (a warp broadcast)
     m_d4 = o_dl < dim
     m_dn4 = (o_d4 < dim) & (o_n4 < N)
-    m_lead = (tl.arange(0, NL) == 0)[None, None, None, :]  # one lane per channel stores y
+    m_lead = (tl.arange(0, NL) == 0)[None, :, None, None]  # one lane per channel stores y
     i_b64 = i_b.to(tl.int64)
     g_B = (i_d * BLOCK_D) // dpg_B  # the tile lies in one group (BLOCK_D divides dim / G when G > 1)
     g_C = (i_d * BLOCK_D) // dpg_C
@@ -179,7 +179,7 @@ def _fwd_direction(
     o_st4 = (i_b64 * dim + o_d4) * N + o_n4  # (batch, dim, N)
 
     # the state entering the segment (scan order): the initial state, then the summaries of the segments before it
-    b_h = tl.zeros([1, NH, BLOCK_D, NL], dtype=tl.float32)
+    b_h = tl.zeros([1, NL, BLOCK_D, NH], dtype=tl.float32)
     if MODE != 3:
         if HAS_H0:
             b_h = tl.load(p_h0 + o_st4, mask=m_dn4, other=0.0)
@@ -196,12 +196,12 @@ def _fwd_direction(
             b_sdt = tl.load(p_seg_dt + o_k + zl, mask=m_d4, other=0.0)
             b_he = tl.load(p_seg_h + o_k * N + o_n4, mask=m_dn4, other=0.0)
             b_h = _exp2(b_A * b_sdt) * b_h + b_he
-    b_sdt_acc = tl.zeros([1, 1, BLOCK_D, NL], dtype=tl.float32)
+    b_sdt_acc = tl.zeros([1, NL, BLOCK_D, 1], dtype=tl.float32)
 
     p_u4 = p_u + i_b64 * s_u_b + o_dl.to(tl.int64) * s_u_d
     p_dt4 = p_delta + i_b64 * s_dt_b + o_dl.to(tl.int64) * s_dt_d
-    p_B4 = p_Bt + ((i_b64 * G_B + g_B) * L) * BLOCK_N + o_n4 + zd
-    p_C4 = p_Ct + ((i_b64 * G_C + g_C) * L) * BLOCK_N + o_n4 + zd
+    p_B4 = p_Bt + ((i_b64 * G_B + g_B) * BLOCK_N + o_n4) * L + zd  # [1, NL, BLOCK_D, NH], time contiguous
+    p_C4 = p_Ct + ((i_b64 * G_C + g_C) * BLOCK_N + o_n4) * L + zd  # [1, NL, BLOCK_D, NH], time contiguous
     o_y4 = (i_b64 * dim + o_dl) * L  # out and the scratch are contiguous (batch, dim, L)
     if HAS_Z:
         p_z4 = p_z + i_b64 * s_z_b + o_dl.to(tl.int64) * s_z_d
@@ -224,19 +224,19 @@ def _fwd_direction(
                 tl.store(p_st4 + i_save * N, b_h, mask=m_dn4)
         o_t4 = c * CHUNK + o_c
         m_t4 = (o_t4 < L) & m_d4
-        b_u = tl.load(p_u4 + o_t4 * s_u_l, mask=m_t4, other=0.0).to(tl.float32)  # [CHUNK, 1, BLOCK_D, NL]
+        b_u = tl.load(p_u4 + o_t4 * s_u_l, mask=m_t4, other=0.0).to(tl.float32)  # [CHUNK, NL, BLOCK_D, 1]
         _, b_dt = _load_dt(p_dt4, o_t4, s_dt_l, m_t4, b_bias, HAS_BIAS, SOFTPLUS)
         m_tn4 = o_t4 < L
-        b_B = tl.load(p_B4 + o_t4 * BLOCK_N, mask=m_tn4, other=0.0)  # [CHUNK, NH, 1, NL]
+        b_B = tl.load(p_B4 + o_t4, mask=m_tn4, other=0.0)  # [CHUNK, NL, BLOCK_D, NH]
         b_a = _exp2(b_dt * b_A)
         b_x = (b_dt * b_u) * b_B
         b_hs, b_h = _chunk_scan(b_a, b_x, b_h, o_c, CHUNK, REVERSE)
         if MODE == 3:
             b_sdt_acc += tl.sum(b_dt, axis=0, keep_dims=True)
         else:
-            b_C = tl.load(p_C4 + o_t4 * BLOCK_N, mask=m_tn4, other=0.0)
-            b_y = tl.sum(tl.sum(b_hs * b_C, axis=1, keep_dims=True), axis=3, keep_dims=True)  # [CHUNK, 1, BLOCK_D, 1]
-            b_y = b_y + tl.zeros([1, 1, 1, NL], dtype=tl.float32)
+            b_C = tl.load(p_C4 + o_t4, mask=m_tn4, other=0.0)
+            b_y = tl.sum(tl.sum(b_hs * b_C, axis=3, keep_dims=True), axis=1, keep_dims=True)  # [CHUNK, 1, BLOCK_D, 1]
+            b_y = b_y + tl.zeros([1, NL, 1, 1], dtype=tl.float32)
             if HAS_D:
                 b_y = b_y + b_Dv * b_u
             o_y = o_y4 + o_t4
@@ -337,7 +337,7 @@ def scan_config(batch: int, dim: int, N: int, L: int, dtype=torch.bfloat16, grou
     With G > 1, BLOCK_D divides dim / G so that a tile lies in one group.
     """
     BLOCK_N = triton.next_power_of_2(N)
-    CHUNK = 4 if dtype == torch.float32 else 8
+    CHUNK = 4
     NL = min(BLOCK_N, 32, max(4, BLOCK_N // 4))
     NH = BLOCK_N // NL
     if backward and NH > 2:
@@ -366,14 +366,14 @@ def n_saved_states(L: int) -> int:
 
 
 def _bt(X):
-    """B or C -> fp32 (batch, G, L, BLOCK_N) contiguous along n, padded to a power of 2 (tiny next to u), and G."""
+    """B or C -> fp32 (batch, G, BLOCK_N, L), time contiguous, states padded to a power of 2 (tiny next to u), and G."""
     G = 1 if X.dim() == 3 else X.shape[1]
     N = X.shape[-2]
-    Xt = X.transpose(-1, -2).to(torch.float32)
+    Xt = X.reshape(X.shape[0], G, N, X.shape[-1]).to(torch.float32)
     BLOCK_N = triton.next_power_of_2(N)
     if BLOCK_N != N:
-        Xt = torch.nn.functional.pad(Xt, (0, BLOCK_N - N))
-    return Xt.reshape(X.shape[0], G, X.shape[-1], BLOCK_N).contiguous(), G
+        Xt = torch.nn.functional.pad(Xt, (0, 0, 0, BLOCK_N - N))
+    return Xt.contiguous(), G
 
 
 def _lstride(x):
