@@ -331,19 +331,18 @@ def scan_config(batch: int, dim: int, N: int, L: int, dtype=torch.bfloat16, grou
                 backward: bool = False, bidirectional: bool = False):
     """(BLOCK_D, NH, NL, CHUNK, num_warps, n_seg) for a problem.
 
-    CHUNK: one 16-byte vector of time steps (8 for 16-bit inputs, 4 for fp32). NL lanes share a channel's states,
+    CHUNK: 4 time steps (one 16-byte vector of the fp32 B/C copies). NL lanes share a channel's states,
     NH each; BLOCK_D = 32 / NL channels per warp. n_seg: sequence segments per (batch, channel tile), enough that
     the grid holds ~2 waves of the SMs at the occupancy the registers allow; segments are whole SAVE_STEPS blocks.
     With G > 1, BLOCK_D divides dim / G so that a tile lies in one group.
     """
     BLOCK_N = triton.next_power_of_2(N)
     CHUNK = 4
-    NL = min(BLOCK_N, 32, max(4, BLOCK_N // 4))
+    # H100 sweep (a6324a5, bf16, global/spatial XL): the forward is fastest with 8 states per thread (N = 16: 2
+    # lanes), the backward, which keeps ~4x more arrays live, with 4; one warp per program in both.
+    NL = min(BLOCK_N, 32, max(4 if backward else 2, BLOCK_N // (4 if backward else 8)))
     NH = BLOCK_N // NL
-    if backward and NH > 2:
-        NH, NL = NH // 2, min(NL * 2, 32)  # the backward keeps more arrays live: fewer states per thread
-        NH = max(1, BLOCK_N // NL)
-    num_warps = 2
+    num_warps = 1
     BLOCK_D = (32 // NL) * num_warps
     for G in groups:
         while BLOCK_D > 1 and G > 1 and (dim // G) % BLOCK_D != 0:
