@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_fwd import SAVE, SAVE_STEPS, _bt, _exp2, _chunk_adjoint, _chunk_of, _chunk_scan, _load_dt, _lstride, _pick, scan_config
+from .triton_fwd import (SAVE, SAVE_STEPS, _bt, _chunk_adjoint, _chunk_of, _chunk_scan, _exp2, _load_dt, _lstride,
+                         _pick, scan_config, time_contiguous)
 
 
 @triton.jit
@@ -356,6 +357,7 @@ def selective_scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, i
     dev = u.device
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
+    dout, u, delta, z, u_b, delta_b = map(time_contiguous, (dout, u, delta, z, u_b, delta_b))
     twin = lambda b, f: f if b is None else b  # noqa: E731
     share_u, share_dt = u_b is None, delta_b is None
     ub, dtb, Ab, Bb, Cb = twin(u_b, u), twin(delta_b, delta), twin(A_b, A), twin(B_b, B), twin(C_b, C)

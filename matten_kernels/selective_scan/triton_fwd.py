@@ -379,6 +379,12 @@ def _lstride(x):
     return (x.stride(0), x.stride(1), x.stride(2))
 
 
+def time_contiguous(x):
+    """x with unit stride along L (copied only if not): the kernels vectorise loads along time, and Triton lays the
+    blocks out from that contiguity (a channel-last view would put the time axis across lanes)."""
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()
+
+
 def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus: bool,
                        u_b=None, delta_b=None, A_b=None, B_b=None, C_b=None, D_b=None, delta_bias_b=None,
                        bidirectional: bool = False, divide_out: bool = False, config=None):
@@ -391,6 +397,7 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta
     batch, dim, L = u.shape
     N = A.shape[1]
     dev = u.device
+    u, delta, z, u_b, delta_b = map(time_contiguous, (u, delta, z, u_b, delta_b))
     twin = lambda b, f: f if b is None else b  # noqa: E731
     u_b, delta_b, A_b, B_b, C_b = twin(u_b, u), twin(delta_b, delta), twin(A_b, A), twin(B_b, B), twin(C_b, C)
     Bt, G_B = _bt(B)
