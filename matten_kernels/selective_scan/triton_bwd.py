@@ -1,6 +1,6 @@
 """Triton backward kernels of the selective scan (uni- and bidirectional) and their launcher.
 
-Same blocks and grid as the forward (``triton_fwd.py``): ``[CHUNK, NH, BLOCK_D, NL]`` with the time axis in
+Same blocks and grid as the forward (``triton_fwd.py``): ``[CHUNK, NL, BLOCK_D, NH]`` with the time axis in
 registers, one program per (channel tile, batch, segment). The adjoint runs against scan order,
 
     q_t = C_t dy_t + r_t,   r_t = a_{t+1} q_{t+1}          (q_t = dL/dh_t)
@@ -17,7 +17,7 @@ recompute the states of the chunk, run the adjoint, and form every gradient (hb_
     dA   = sum_t d_t q_t hb_t     dD = sum_t dy_t u_t     ddelta_bias = sum_t dd_t     dh_init = a_0 q_0
 
 dA, dD, ddelta_bias leave the program as per-(segment, batch) partials summed by the launcher (deterministic).
-dB, dC go into fp32 (batch, G, L, N) buffers with atomic adds across channel tiles, or, when
+dB, dC go into fp32 (batch, G, N, L) buffers with atomic adds across channel tiles, or, when
 torch.are_deterministic_algorithms_enabled(), into per-tile partial buffers summed by the launcher (bit-identical
 runs, more memory).
 

@@ -1,12 +1,12 @@
 """Triton forward kernels of the selective scan (uni- and bidirectional), shared helpers, and the launcher.
 
-Blocks are 4-d ``[CHUNK, NH, BLOCK_D, NL]``: a state index is n = nl * NH + nh, the NL lanes of a channel share its
-states (NH each in registers), 32 / NL channels per warp. Triton's default layout then keeps the time axis and NH in
-each thread, so the recurrence h_t = a_t h_{t-1} + x_t over a chunk runs sequentially in registers
-(:func:`_chunk_scan`: one FMA per element, the step picked by masks that fold to register moves) and the sum over n
-is NH in-thread adds plus log2(NL) shuffles. Loads are shaped so that Triton's coalescing gives them that same
-thread mapping (no layout conversion): u, delta, z ``[CHUNK, 1, BLOCK_D, NL]`` (CHUNK = one 16-byte vector of time
-steps), B and C as fp32 ``(batch, G, L, N)`` copies (tiny next to u) ``[CHUNK, NH, 1, NL]`` (NH states = one vector).
+Blocks are 4-d ``[CHUNK, NL, BLOCK_D, NH]``: a state index is n = nl * NH + nh, the NL lanes of a channel share its
+states (NH each in registers), 32 / NL channels per warp. The time axis stays in each thread, so the recurrence
+h_t = a_t h_{t-1} + x_t over a chunk runs sequentially in registers (:func:`_chunk_scan`: one FMA per element, the
+step picked by masks that fold to register moves) and the sum over n is NH in-thread adds plus log2(NL) shuffles.
+Loads are shaped so that Triton's coalescer gives them that same thread mapping (no layout conversion in the loop
+with Triton 3.6, which orders tied dimensions ascending): u, delta, z ``[CHUNK, NL, BLOCK_D, 1]`` (time contiguous,
+CHUNK = 4 steps), B and C as fp32 ``(batch, G, N, L)`` copies (tiny next to u) ``[CHUNK, NL, BLOCK_D, NH]``.
 
 Parallelism: one program per (channel tile, batch, segment of the sequence). When batch * dim channels cannot fill
 the GPU (global and long shapes), the sequence is split into segments: a summary pass computes, per segment, the
@@ -19,7 +19,7 @@ indexing, no flipped copies) into an fp32 scratch, then the forward direction, a
 out = (y_f + y_b) * s * silu(z) once.
 
 Cost (global XL, 2 x 2304 x 16 x 4096, bf16): one exp2 per (b, d, n, t) element (302M; 16/clk/SM: ~0.08 ms on an
-H100) and ~8.6 SASS instructions per element in the chunk loop (sm_90, `benchmarks/sass_count.py`).
+H100); the chunk loop is ~15.7 SASS instructions and 1.5 MUFU per element (sm_90, Triton 3.6; NOTES_scan.md).
 """
 
 from __future__ import annotations
