@@ -103,6 +103,46 @@ def kernel_breakdown(fn, qkv, cot, F, axis, iters=5):
     return dict(sorted(per_kernel.items(), key=lambda kv: -kv[1])[:8])
 
 
+def host_cost(fn, qkv, cot, F, axis, iters=100, profile_calls=0):
+    """Host (CPU) microseconds per call of fwd and of fwd+bwd: wall time of ``iters`` calls issued back to back with
+    no synchronisation inside (the GPU runs behind), so the number is the Python + launch cost, not the kernels'.
+    With ``profile_calls``, also cProfile's top functions (by own time) over that many fwd+bwd calls."""
+    import cProfile
+    import io
+    import pstats
+    import time
+
+    x = qkv.detach().requires_grad_()
+
+    def fwd():
+        return fn(x, F, axis)
+
+    def fwd_bwd():
+        torch.autograd.grad(fn(x, F, axis), x, cot)
+
+    out = {}
+    for name, call in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+        for _ in range(5):
+            call()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            call()
+        out[f"host_us_{name}"] = (time.perf_counter() - t0) / iters * 1e6
+        torch.cuda.synchronize()
+    if profile_calls:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(profile_calls):
+            fwd_bwd()
+        prof.disable()
+        torch.cuda.synchronize()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+        out["cprofile"] = buf.getvalue()
+    return out
+
+
 def max_errors(fn, qkv, cot, F, axis, ref_out, ref_grad):
     x = qkv.detach().requires_grad_()
     out = fn(x, F, axis)
@@ -166,6 +206,8 @@ def main(argv=None):
                     help="first run config indices 0..N-1 without autotuning, each in a subprocess")
     ap.add_argument("--sweep-timeout", type=float, default=90)
     ap.add_argument("--profile", action="store_true", help="device time per kernel of one fwd+bwd (torch.profiler)")
+    ap.add_argument("--host", action="store_true",
+                    help="host (CPU) us per call of each provider, and a cProfile of ours (launch overhead)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
@@ -243,6 +285,17 @@ def main(argv=None):
                 except Exception as e:  # profiling is diagnostic only; the timings above stand
                     breakdown[f"{axis}/{name}"] = {"error": str(e)[:200]}
 
+    host = {}
+    if args.host:
+        for axis in AXES:
+            for name, fn in providers.items():
+                host[f"{axis}/{name}"] = host_cost(fn, qkv, cot, F, axis,
+                                                   profile_calls=30 if name == "matten" and axis == "spatial" else 0)
+                print(f"host {axis:8s} {name:6s} fwd {host[f'{axis}/{name}']['host_us_fwd']:7.1f} us  fwd+bwd "
+                      f"{host[f'{axis}/{name}']['host_us_fwd+bwd']:7.1f} us", flush=True)
+                if "cprofile" in host[f"{axis}/{name}"]:
+                    print(host[f"{axis}/{name}"]["cprofile"], flush=True)
+
     meta = dict(
         gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, commit=git_commit(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -254,7 +307,7 @@ def main(argv=None):
     gpu_tag = meta["gpu"].replace(" ", "-").replace("/", "-")
     path = os.path.join(args.out, f"attention-{gpu_tag}-{meta['date'][:10]}{'-' + args.tag if args.tag else ''}.json")
     with open(path, "w") as fh:
-        json.dump(dict(meta=meta, results=rows, checks=checks, kernel_us_per_fwd_bwd=breakdown), fh, indent=2)
+        json.dump(dict(meta=meta, results=rows, checks=checks, kernel_us_per_fwd_bwd=breakdown, host=host), fh, indent=2)
     if "sdpa" not in providers:
         return
 

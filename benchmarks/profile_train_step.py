@@ -24,6 +24,7 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--num-workers", type=int, default=12)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--compile", action="store_true", help="also time the step with torch.compile(model)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -57,8 +58,8 @@ def main(argv=None):
     labels = batch["label"].to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
 
-    def step():
-        losses = training_step(model, diffusion, x0, labels, gen, autocast=autocast)
+    def step(net=model):
+        losses = training_step(net, diffusion, x0, labels, gen, autocast=autocast)
         loss = losses["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -100,10 +101,24 @@ def main(argv=None):
     print("host (CPU total incl. children, ms/step):")
     for name, ms, count in cpu:
         print(f"  {ms:7.3f} ms  x{count:5.0f}  {name[:110]}")
+    compiled_ms = None
+    if args.compile:
+        net = torch.compile(model)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            step(net)
+        torch.cuda.synchronize()
+        print(f"compile + 3 steps: {time.perf_counter() - t0:.1f} s", flush=True)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step(net)
+        torch.cuda.synchronize()
+        compiled_ms = (time.perf_counter() - t0) / args.steps * 1e3
+        print(f"step with torch.compile(model): {compiled_ms:.2f} ms ({1e3 / compiled_ms:.1f} it/s)", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "profile_train_step.json"), "w") as fh:
         json.dump(dict(gpu=torch.cuda.get_device_name(), batch=args.batch_size, data_clips_per_s=data_rate,
-                       step_ms=step_ms, profiled_wall_ms=wall_ms, device_kernel_ms=total,
+                       step_ms=step_ms, compiled_step_ms=compiled_ms, profiled_wall_ms=wall_ms, device_kernel_ms=total,
                        top_kernels=[(k, ms, c) for k, (ms, c) in top], top_host=cpu), fh, indent=1)
 
 
