@@ -137,6 +137,25 @@ def test_deterministic_bit_identical():
         torch.use_deterministic_algorithms(prev)
 
 
+def test_cached_launch_respects_specialisation():
+    """matten_kernels._launch reuses a compiled kernel only for arguments Triton would specialise the same way: the
+    same values given through 16-byte-misaligned copies (other pointer alignment) and at a length whose strides are
+    not multiples of 16 must still match the reference, before and after the aligned call populated the cache."""
+    rtol, atol = TOLS[torch.float32]
+    for L in (4096, 4097):
+        x = inputs(2, 96, L, 16, torch.float32)
+        ref = selective_scan_ref(*(x[k] for k in NAMES), True)
+        aligned = selective_scan(*(x[k] for k in NAMES), True, backend="triton")
+        shifted = {}
+        for k, v in x.items():
+            buf = torch.empty(v.numel() + 1, device="cuda", dtype=v.dtype)
+            shifted[k] = buf[1:].view(v.shape).copy_(v)  # data pointer 4 bytes past a 16-byte boundary
+            assert shifted[k].data_ptr() % 16 != 0
+        misaligned = selective_scan(*(shifted[k] for k in NAMES), True, backend="triton")
+        close(f"aligned L={L}", aligned, ref, rtol, atol)
+        close(f"misaligned L={L}", misaligned, ref, rtol, atol)
+
+
 @pytest.mark.parametrize("shape", [(2, 2304, 4096, 16), (512, 2304, 16, 16), (1, 2304, 16384, 16)],
                          ids=["global-XL", "temporal-XL", "long"])
 def test_benchmark_shapes_forward(shape):

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreting
+from .._launch import launch
 
 from .interface import new_output
 
@@ -225,7 +226,7 @@ def dwconv_silu_bwd_launch(dy: torch.Tensor, dy_b: torch.Tensor | None, x: torch
         dwb_part, dbiasb_part = dw_part, dbias_part  # never written
         w_b, b_b, g_b = weight, bias, dy
     grid = (n_d, n_chunks, batch)
-    _dwconv_silu_bwd_kernel[grid](
+    launch(_dwconv_silu_bwd_kernel, grid, (
         x, weight, bias.contiguous(), w_b, b_b, dy, g_b,
         dx, dw_part, dbias_part, dwb_part, dbiasb_part,
         D, L, tiles_per_prog,
@@ -235,9 +236,7 @@ def dwconv_silu_bwd_launch(dy: torch.Tensor, dy_b: torch.Tensor | None, x: torch
         dy.stride(0), dy.stride(1), dy.stride(2),
         g_b.stride(0), g_b.stride(1), g_b.stride(2),
         dx.stride(0), dx.stride(1), dx.stride(2),
-        K=K, BIDIR=bidir, BLOCK_D=block_d, BLOCK_L=block_l,
-        num_warps=num_warps,
-    )
+    ), dict(K=K, BIDIR=bidir, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=num_warps))
     dweight = dw_part.sum(0).to(weight.dtype)
     dbias = dbias_part.sum(0).to(bias.dtype)
     if not bidir:

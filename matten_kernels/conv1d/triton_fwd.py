@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreting
+from .._launch import launch
 
 from .interface import new_output
 
@@ -110,7 +111,7 @@ def dwconv_silu_fwd_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     bias, b_b = bias.contiguous(), b_b.contiguous()
     block_d, block_l, num_warps = _fwd_config(x)
     grid = (triton.cdiv(D, block_d), triton.cdiv(L, block_l), batch)
-    _dwconv_silu_fwd_kernel[grid](
+    launch(_dwconv_silu_fwd_kernel, grid, (
         x, weight, bias, w_b, b_b, y, y_b,
         D, L,
         x.stride(0), x.stride(1), x.stride(2),
@@ -118,6 +119,5 @@ def dwconv_silu_fwd_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         w_b.stride(0), w_b.stride(1),
         y.stride(0), y.stride(1), y.stride(2),
         y_b.stride(0), y_b.stride(1), y_b.stride(2),
-        K=K, BIDIR=bidir, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=num_warps,
-    )
+    ), dict(K=K, BIDIR=bidir, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=num_warps))
     return (y, y_b) if bidir else y

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launch import launch
 from .triton_fwd import (SAVE, SAVE_STEPS, _bt, _chunk_adjoint, _chunk_of, _chunk_scan, _exp2, _load_dt, _lstride,
                          _pick, scan_config, time_contiguous)
 
@@ -438,8 +439,8 @@ def selective_scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, i
         DETERMINISTIC=deterministic, num_warps=num_warps,
     )
     if n_seg > 1:
-        _selective_scan_bwd_kernel[(n_dtiles, batch, n_dir * n_seg)](*args, SUMMARY=True, **meta)
-    _selective_scan_bwd_kernel[(n_dtiles, batch, n_seg)](*args, SUMMARY=False, **meta)
+        launch(_selective_scan_bwd_kernel, (n_dtiles, batch, n_dir * n_seg), args, dict(meta, SUMMARY=True))
+    launch(_selective_scan_bwd_kernel, (n_dtiles, batch, n_seg), args, dict(meta, SUMMARY=False))
 
     grads = dict(u=du, delta=ddelta, A=dA.sum((0, 1)))
     grads["B"] = _finish_bc(dB, B, G_B, deterministic, batch, n_dtiles)

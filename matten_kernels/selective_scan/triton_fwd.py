@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreting
+from .._launch import launch
 
 LOG2E = 1.4426950408889634
 SAVE_STEPS = 64  # the forward saves the state every SAVE_STEPS steps; a multiple of every CHUNK
@@ -451,6 +452,6 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta
     )
     n_dtiles = triton.cdiv(dim, BLOCK_D)
     if n_seg > 1:
-        _selective_scan_fwd_kernel[(n_dtiles, batch, n_dir * n_seg)](*args, SUMMARY=True, **meta)
-    _selective_scan_fwd_kernel[(n_dtiles, batch, n_seg)](*args, SUMMARY=False, **meta)
+        launch(_selective_scan_fwd_kernel, (n_dtiles, batch, n_dir * n_seg), args, dict(meta, SUMMARY=True))
+    launch(_selective_scan_fwd_kernel, (n_dtiles, batch, n_seg), args, dict(meta, SUMMARY=False))
     return out, last_state, states, states_b
