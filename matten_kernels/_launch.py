@@ -10,7 +10,8 @@ Correctness rests on the cache key: it holds every property Triton specialises a
 kernel is only reused for arguments Triton would have compiled the same way:
   * tensors: dtype and whether the data pointer is 16-byte aligned;
   * ints: whether the value is 1, whether it is divisible by 16, and whether it fits in int32;
-  * floats, None, bools: their type (bools also their value);
+  * floats, None: their type; bools: their value. Any other type (a numpy int, a torch scalar...) is refused, since
+    Triton might specialise it in ways this key does not see.
   * the meta-parameters (constexprs, num_warps, num_stages) by value.
 Under ``TRITON_INTERPRET=1`` (CPU) every call takes Triton's normal path.
 """
@@ -32,7 +33,9 @@ def _spec(a):
         return ("b", a)
     if isinstance(a, int):
         return (a == 1, a % 16 == 0, _I32_MIN <= a <= _I32_MAX)
-    return type(a)
+    if a is None or isinstance(a, float):
+        return type(a)
+    raise TypeError(f"matten_kernels._launch: unsupported kernel argument type {type(a).__name__}")
 
 
 def launch(kernel, grid: tuple, args: tuple, meta: dict) -> None:
