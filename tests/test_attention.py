@@ -76,7 +76,8 @@ def _check_fwd_bwd(backend, B, F, S, H, D, axis, scale=None):
         assert _errors(f"{tag} d{gname}", grad[:, :, i], grad64[:, :, i]) <= CPU_ATOL
 
 
-# (F, S, D): awkward sizes. L <= 64 runs the packed kernel, L > 64 the looping (flash) kernel.
+# (F, S, D): awkward sizes. L <= 16 (PACK_MAX_LEN) runs the packed kernels, longer L the looping (flash) kernels; L = 1
+# on the spatial (S = 1) and temporal (F = 1) axes.
 SHAPES = [
     pytest.param(3, 5, 8, id="F3-S5-D8"),
     pytest.param(1, 7, 24, id="F1-S7-D24"),
@@ -103,11 +104,111 @@ def test_triton_matches_fp64(F, S, D, axis):
         pytest.param(2, 67, 8, "spatial", id="spatial-S67-masked"),
         pytest.param(66, 2, 8, "temporal", id="temporal-F66-masked"),
         pytest.param(3, 32, 8, "global", id="global-96-even"),
+        pytest.param(5, 37, 40, "spatial", id="spatial-S37-D40"),
+        pytest.param(5, 37, 40, "global", id="global-185-D40"),
     ],
 )
 def test_triton_looping_mode(F, S, D, axis):
-    """Sequences longer than the packing limit: several query and key blocks, with and without ragged tails."""
+    """Sequences longer than the packing limit: several query and key blocks, with and without ragged tails (single
+    fused backward launch, L <= FUSED_BWD_MAX_LEN)."""
     _check_fwd_bwd("triton", 1, F, S, 1, D, axis)
+
+
+@pytest.mark.parametrize(
+    "F,S,D",
+    [pytest.param(3, 100, 40, id="global-300-D40-masked"), pytest.param(5, 64, 8, id="global-320-even")],
+)
+def test_triton_two_launch_backward(F, S, D):
+    """L > FUSED_BWD_MAX_LEN: the dQ launch writes delta, the dK/dV launch reads it."""
+    from matten_kernels.attention import triton_bwd
+
+    assert F * S > triton_bwd.FUSED_BWD_MAX_LEN
+    _check_fwd_bwd("triton", 1, F, S, 2, D, "global")
+
+
+@pytest.mark.parametrize("axis", AXES)
+@pytest.mark.parametrize("F,S,D", SHAPES)
+def test_triton_two_launch_backward_short(F, S, D, axis, monkeypatch):
+    """The two-launch backward at short L, packed mode included (FUSED_BWD_MAX_LEN lowered): the same passes with
+    delta through the buffer instead of recomputed."""
+    from matten_kernels.attention import triton_bwd
+
+    monkeypatch.setattr(triton_bwd, "FUSED_BWD_MAX_LEN", 0)
+    _check_fwd_bwd("triton", 2, F, S, 2, D, axis)
+
+
+class _CountingLaunch:
+    """Wraps matten_kernels._launch.launch in a launcher module, recording the launched kernels' names."""
+
+    def __init__(self, module, monkeypatch):
+        self.inner, self.names = module.launch, []
+        monkeypatch.setattr(module, "launch", self)
+
+    def __call__(self, kernel, grid, args, meta):
+        self.names.append((kernel.__name__, meta.get("DKDV"), meta.get("DQ")))
+        self.inner(kernel, grid, args, meta)
+
+
+@pytest.mark.parametrize(
+    "F,S,axis,expected",
+    [
+        pytest.param(4, 8, "temporal", [(True, True)], id="temporal-packed-fused"),
+        pytest.param(4, 24, "spatial", [(True, True)], id="spatial-looping-fused"),
+        pytest.param(3, 100, "global", [(False, True), (True, False)], id="global-dq-then-dkdv"),
+    ],
+)
+def test_launch_structure(F, S, axis, expected, monkeypatch):
+    """One forward launch; one backward launch up to FUSED_BWD_MAX_LEN, else dQ (writes delta) then dK/dV."""
+    from matten_kernels.attention import triton_bwd, triton_fwd
+
+    fwd, bwd = _CountingLaunch(triton_fwd, monkeypatch), _CountingLaunch(triton_bwd, monkeypatch)
+    _, (q, k, v) = packed_qkv(1, F * S, 1, 8)
+    q.requires_grad_()
+    out = video_attention(q, k, v, num_frames=F, axis=axis, backend="triton")
+    out.sum().backward()
+    assert [n for n, _, _ in fwd.names] == ["_video_attn_fwd_kernel"]
+    assert [(dkdv, dq) for _, dkdv, dq in bwd.names] == expected
+
+
+def test_launch_plans_cached_and_xl_structure():
+    """Plans are computed once per shape class; at Matten-XL (B=2 F=16 S=256 H=16 hd=72) the backward is one launch
+    for spatial and temporal, two for global."""
+    from matten_kernels.attention import triton_bwd, triton_fwd
+
+    qkv, (q, k, v) = packed_qkv(1, 12, 2, 8)
+    video_attention(q, k, v, num_frames=3, axis="spatial", backend="triton")
+    hits = triton_fwd._fwd_plan.cache_info().hits
+    video_attention(q, k, v, num_frames=3, axis="spatial", backend="triton")
+    assert triton_fwd._fwd_plan.cache_info().hits == hits + 1
+    for axis, n in (("spatial", 1), ("temporal", 1), ("global", 2)):
+        _, launches, needs_delta = triton_bwd._bwd_plan(2, 16, 4096, 72, 16, axis, 8, True, 256)
+        assert len(launches) == n and needs_delta == (n == 2), axis
+
+
+def test_config_choice(monkeypatch):
+    """Index 0 of each config list is the H100 autotuner's pick (NOTES_attention.md); MATTEN_ATTN_CONFIG (FIXED_CONFIG)
+    picks another index, clamped; CONFIG_SUBSET restricts to the lowest allowed index."""
+    from matten_kernels.attention import triton_bwd, triton_fwd
+
+    def first(configs):
+        c = configs[0]
+        return c.kwargs, c.num_warps, c.num_stages
+
+    assert first(triton_fwd._fwd_configs(0)) == ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 3)
+    assert first(triton_fwd._fwd_configs(16)) == ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 1)
+    assert first(triton_bwd._dkdv_configs(0)) == ({"BLOCK_HELD": 64, "BLOCK_STREAM": 32}, 4, 3)
+    assert first(triton_bwd._dq_configs(0)) == ({"BLOCK_HELD": 128, "BLOCK_STREAM": 32}, 8, 3)
+    monkeypatch.setattr(triton_fwd, "triton_interpreting", lambda: False)
+    configs = triton_bwd._dq_configs(0)
+    pick = lambda: triton_fwd.pick_config("test", configs, None, "key")  # noqa: E731
+    assert pick() is configs[0]
+    monkeypatch.setattr(triton_fwd, "CONFIG_SUBSET", {2, 5})
+    assert pick() is configs[2]
+    monkeypatch.setattr(triton_fwd, "FIXED_CONFIG", 1)
+    assert pick() is configs[1]
+    monkeypatch.setattr(triton_fwd, "FIXED_CONFIG", 9)
+    assert pick() is configs[-1]
+    assert triton_fwd.tuned_configs()["test"]["key"] == str(configs[-1])
 
 
 @pytest.mark.parametrize("axis", ["temporal", "global"])
@@ -132,6 +233,17 @@ def test_head_dim_blocks():
 
 def test_triton_custom_scale():
     _check_fwd_bwd("triton", 1, 3, 4, 2, 16, "temporal", scale=0.3)
+
+
+@pytest.mark.parametrize("axis", AXES)
+def test_triton_expanded_cotangent(axis):
+    """out.sum() gives a cotangent with all strides 0; dO is read through its strides."""
+    qkv, _ = packed_qkv(1, 3 * 20, 2, 8)
+    qkv.requires_grad_()
+    video_attention(*qkv.unbind(2), num_frames=3, axis=axis, backend="triton").sum().backward()
+    qkv64 = qkv.detach().double().requires_grad_()
+    masked_attention_fp64(*qkv64.unbind(2), 3, axis).sum().backward()
+    assert _errors(f"expanded {axis}", qkv.grad, qkv64.grad) <= CPU_ATOL
 
 
 def test_triton_separate_tensors_and_noncontiguous_cotangent():
@@ -251,14 +363,24 @@ def _fwd_bwd(fn, qkv, cot, F, axis):
     return out, grad
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("axis", AXES)
-@pytest.mark.parametrize("B,F,S,H,D", [pytest.param(2, 16, 256, 16, 72, id="XL"), pytest.param(1, 5, 37, 3, 40, id="odd")])
-def test_gpu_flash_rule(B, F, S, H, D, axis, dtype):
+def _matten(q, k, v, f, a):
+    return video_attention(q, k, v, num_frames=f, axis=a)
+
+
+# XL: Matten-XL (spatial: fused looping backward; temporal: packed fused; global: dQ + dK/dV launches). odd: ragged
+# blocks, hd 40 (global L = 185: fused). odd-long: global L = 301, the two-launch backward with ragged blocks.
+GPU_SHAPES = [
+    pytest.param(2, 16, 256, 16, 72, id="XL"),
+    pytest.param(1, 5, 37, 3, 40, id="odd"),
+    pytest.param(1, 7, 43, 2, 40, id="odd-long"),
+]
+
+
+def _flash_rule(B, F, S, H, D, axis, dtype):
+    """Max error vs float64 of out and dqkv at most 2x SDPA's + 1e-3 (the module docstring's GPU rule)."""
     qkv, _ = packed_qkv(B, F * S, H, D, dtype=dtype, device="cuda")
     cot = torch.randn(B, F * S, H, D, dtype=dtype, device="cuda")
-    ours = _fwd_bwd(lambda q, k, v, f, a: video_attention(q, k, v, num_frames=f, axis=a), qkv, cot, F, axis)
+    ours = _fwd_bwd(_matten, qkv, cot, F, axis)
     base = _fwd_bwd(sdpa_video_attention, qkv, cot, F, axis)
     ref = _fwd_bwd(lambda q, k, v, f, a: video_attention_ref(q, k, v, num_frames=f, axis=a), qkv.double(),
                    cot.double(), F, axis)
@@ -269,12 +391,44 @@ def test_gpu_flash_rule(B, F, S, H, D, axis, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("axis", AXES)
+@pytest.mark.parametrize("B,F,S,H,D", GPU_SHAPES)
+def test_gpu_flash_rule(B, F, S, H, D, axis, dtype):
+    _flash_rule(B, F, S, H, D, axis, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("axis", AXES)
+@pytest.mark.parametrize("B,F,S,H,D", [GPU_SHAPES[0], GPU_SHAPES[1]])
+def test_gpu_two_launch_backward_short(B, F, S, H, D, axis, monkeypatch):
+    """The two-launch backward (dQ writing delta, then dK/dV) where the single fused launch is the default: the
+    variant a benchmark compares against by lowering FUSED_BWD_MAX_LEN."""
+    from matten_kernels.attention import triton_bwd
+
+    monkeypatch.setattr(triton_bwd, "FUSED_BWD_MAX_LEN", 0)
+    _flash_rule(B, F, S, H, D, axis, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("axis", AXES)
+def test_gpu_deterministic(axis):
+    """No atomics: two backward passes give bitwise-identical gradients."""
+    B, F, S, H, D = 2, 16, 256, 16, 72
+    qkv, _ = packed_qkv(B, F * S, H, D, dtype=torch.bfloat16, device="cuda")
+    cot = torch.randn(B, F * S, H, D, dtype=torch.bfloat16, device="cuda")
+    _, g1 = _fwd_bwd(_matten, qkv, cot, F, axis)
+    _, g2 = _fwd_bwd(_matten, qkv, cot, F, axis)
+    assert torch.equal(g1, g2)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("axis", AXES)
 def test_gpu_fp32_tf32(axis):
     B, F, S, H, D = 1, 6, 50, 2, 72
     qkv, _ = packed_qkv(B, F * S, H, D, device="cuda")
     cot = torch.randn(B, F * S, H, D, device="cuda")
-    out, grad = _fwd_bwd(lambda q, k, v, f, a: video_attention(q, k, v, num_frames=f, axis=a), qkv, cot, F, axis)
+    out, grad = _fwd_bwd(_matten, qkv, cot, F, axis)
     ref, grad64 = _fwd_bwd(masked_attention_fp64, qkv.double(), cot.double(), F, axis)
     for name, got, want in (("out", out, ref), ("dqkv", grad, grad64)):
         _errors(f"fp32 {axis} {name}", got, want)

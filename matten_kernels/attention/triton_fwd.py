@@ -27,16 +27,26 @@ fp32 accumulators. The saved logsumexp ``lse`` is in base 2: lse = log2(sum_j 2^
 
 Cost model (per batch and head): FLOPs 4 * NSEQ * L^2 * head_dim (two matmuls), bytes 4 * F*S * head_dim * itemsize
 (q, k, v read once, o written once) plus 4 * F*S for lse.
+
+Launch path: no autotuner. Each kernel has a short list of tile configs per mode whose index 0 is what
+``triton.autotune`` picked on the H100 (NOTES_attention.md); ``pick_config`` takes index 0 (or MATTEN_ATTN_CONFIG), and
+everything a launch needs apart from the tensors (sequence geometry, config, grid, constexprs) is computed once per
+shape class (``functools.lru_cache``). Launches go through ``matten_kernels._launch.launch``, which calls the compiled
+kernel's launcher directly: about 100 us of Python per launch through the autotuner on the H100 host dominated the
+short-sequence timings.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
+import torch
 import triton
 import triton.language as tl
 
 from .._backend import triton_interpreting
+from .._launch import launch
 
 LOG2E = 1.4426950408889634
 # Sequences up to this length are packed, at least two per program. On the H100 (Triton 3.6) every packed case
@@ -83,18 +93,19 @@ def head_dim_blocks(head_dim: int, split: bool | None = None):
 
 
 def alignment(*tensors) -> int:
-    """Elements per 16 bytes if every tensor's data pointer is 16-byte aligned and its batch, token and head strides
-    are multiples of that, else 1. Triton only learns divisibility by 16 from integer arguments, so a head stride
-    of 72 (Matten-XL) would otherwise turn every tile load into 2-byte scalar loads; the kernels pass this to
+    """Elements per 16 bytes if every (4-D) tensor's data pointer is 16-byte aligned and its batch, token and head
+    strides are multiples of that, else 1. Triton only learns divisibility by 16 from integer arguments, so a head
+    stride of 72 (Matten-XL) would otherwise turn every tile load into 2-byte scalar loads; the kernels pass this to
     tl.multiple_of on their row and (batch, head) offsets."""
     align = 16 // tensors[0].element_size()
     for t in tensors:
-        if t.data_ptr() % 16 or any(s % align for s in t.stride()[:3]):
+        s_b, s_n, s_h, _ = t.stride()
+        if t.data_ptr() % 16 or s_b % align or s_n % align or s_h % align:
             return 1
     return align
 
 
-def dot_precision(dtype) -> str:
+def dot_precision() -> str:
     """fp32 inputs use tf32 on the GPU (relative error ~3e-4) and exact ieee fp32 in the interpreter."""
     return "ieee" if triton_interpreting() else "tf32"
 
@@ -149,6 +160,13 @@ def _bh_offset(i_b, i_h, s_b, s_h, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _out_offset(i_b, i_h, N_TOK, H, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr):
+    """Element offset of (batch, head) in a contiguous (batch, N_TOK, H, HEAD_DIM) tensor (o, dq, dk, dv: the
+    launchers allocate them, so their strides are not passed); its token stride is H * HEAD_DIM. i_b is int64."""
+    return tl.multiple_of((i_b * N_TOK) * (H * HEAD_DIM) + i_h * HEAD_DIM, ALIGN)
+
+
+@triton.jit
 def _tile_ptrs(p_base, tok, s_n, offs_d, s_d, TRANSPOSED: tl.constexpr, ALIGN: tl.constexpr):
     """Pointers to a (tokens, d-chunk) tile of a (tokens, head_dim) slice, or its transpose (d-chunk, tokens).
     ALIGN: row offsets are multiples of ALIGN elements (16 bytes), so rows load as 16-byte vectors.
@@ -199,10 +217,9 @@ def _store_rows(p_base, tok, s_n, offs_d, m_row, b_x, HEAD_DIM: tl.constexpr, AL
              mask=m_row[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
-@triton.heuristics({"MASK_N": lambda a: a["PACK_LEN"] > 0 or a["L"] % a["BLOCK_N"] != 0})
 @triton.jit
 def _video_attn_fwd_kernel(
-    # pointers
+    # pointers (o contiguous)
     p_q, p_k, p_v, p_o, p_lse,
     # sizes
     H, N_TOK, L, NSEQ, SEQ_STRIDE, TOK_STRIDE, qk_scale,
@@ -210,15 +227,15 @@ def _video_attn_fwd_kernel(
     s_qb, s_qn, s_qh, s_qd,
     s_kb, s_kn, s_kh, s_kd,
     s_vb, s_vn, s_vh, s_vd,
-    s_ob, s_on, s_oh,
-    # meta-parameters
+    # meta-parameters, all passed by the launcher (matten_kernels._launch wants every constexpr)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, PACK_LEN: tl.constexpr, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ALIGN: tl.constexpr,
 ):
     """One program: BLOCK_M query rows against all keys of their sequence(s). The head dim is covered by a main
     chunk [0, BLOCK_D) and, when BLOCK_DT > 0, a tail chunk [BLOCK_D, BLOCK_D + BLOCK_DT) (see head_dim_blocks).
-    Key pointers are built once and advanced by BLOCK_N tokens per iteration (address math stays out of the loop)."""
+    Key pointers are built once and advanced by BLOCK_N tokens per iteration (address math stays out of the loop).
+    MASK_N: key blocks need a token mask (packed mode, or L not a multiple of BLOCK_N)."""
     i_m, i_g, i_bh = _program_ids(L, NSEQ, BLOCK_M, PACK_LEN)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
@@ -282,89 +299,105 @@ def _video_attn_fwd_kernel(
         p_kt += step_k
         p_vn += step_v
 
-    p_o_bh = p_o + _bh_offset(i_b, i_h, s_ob, s_oh, ALIGN)
-    _store_rows(p_o_bh, tok_q, s_on, offs_d, m_q, b_acc / b_l[:, None], HEAD_DIM, ALIGN)
+    p_o_bh = p_o + _out_offset(i_b, i_h, N_TOK, H, HEAD_DIM, ALIGN)
+    _store_rows(p_o_bh, tok_q, H * HEAD_DIM, offs_d, m_q, b_acc / b_l[:, None], HEAD_DIM, ALIGN)
     if BLOCK_DT > 0:
-        _store_rows(p_o_bh, tok_q, s_on, offs_d2, m_q, b_acc2 / b_l[:, None], HEAD_DIM, ALIGN)
+        _store_rows(p_o_bh, tok_q, H * HEAD_DIM, offs_d2, m_q, b_acc2 / b_l[:, None], HEAD_DIM, ALIGN)
     tl.store(p_lse + i_bh.to(tl.int64) * N_TOK + tok_q, b_m + tl.log2(b_l), mask=m_q)
 
 
-# Autotuning, narrowly: the first two configs per mode ran correctly on the H100 (run 2; a third set with 128 x 128
-# tiles / 2 stages crashed there, NOTES_attention.md); the third is new in run 3 and kept only if its sweep passes.
-# Looping mode (spatial S=256, global 4096): flash-attention
-# tiles; BLOCK_N 64 keeps the fp32 score tile plus the (BLOCK_M, 64 + 16) accumulators in registers at 8 warps
-# (ptxas, sm_90, hd 72: 215 registers, no spills). Packed mode (temporal F=16): 64 or 32 rows per program trade
-# tensor-core fill (wgmma needs 64 rows) against block-diagonal waste and the program count.
-# Key: L, NSEQ (the sequence-length bucket and count), HEAD_DIM and the head-dim split.
+# ---------------------------------------------------------------------------------------------------------------
+# Configs and launch plans (no autotuner: see the module docstring)
+# ---------------------------------------------------------------------------------------------------------------
+
+# Tile configs per mode. Index 0 is what triton.autotune picked on the H100 (Triton 3.6, bf16, hd 72: spatial S=256,
+# temporal F=16, global 4096); the others are the alternatives it chose among, all correct there (bench
+# --sweep-configs; tile sets with 128 x 128 / 2-stage backward tiles crashed, NOTES_attention.md run 2).
+# Looping mode: flash-attention tiles; BLOCK_N 64 keeps the fp32 score tile plus the (BLOCK_M, 64 + 16) accumulators
+# in registers. Packed mode (temporal F=16): 64 or 32 rows per program trade tensor-core fill (wgmma needs 64 rows)
+# against block-diagonal waste and the program count.
 def _fwd_configs(plen: int):
     if plen > 0:
         return [triton.Config({"BLOCK_M": r, "BLOCK_N": r}, num_warps=4, num_stages=1)
                 for r in (max(64, 2 * plen), max(32, 2 * plen))]
     return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
     ]
 
 
-def _interp_config(plen: int):
+def _interp_fwd_config(plen: int):
     """Small fixed tiles for the CPU interpreter: several key blocks so the loop and its masks are exercised."""
-    if plen > 0:
-        r = max(16, 2 * plen)
-        return {"BLOCK_M": r, "BLOCK_N": r}
-    return {"BLOCK_M": 16, "BLOCK_N": 16}
+    r = max(16, 2 * plen) if plen > 0 else 16
+    return triton.Config({"BLOCK_M": r, "BLOCK_N": r}, num_warps=4, num_stages=1)
 
 
-# MATTEN_ATTN_CONFIG=i: no autotuning, run config i of each list (clamped to its length). GPU tests use 0 (fewer
-# compilations, same code paths); the benchmark's --sweep-configs runs each index in its own process.
+# MATTEN_ATTN_CONFIG=i: run config i of each list (clamped to its length) instead of index 0; the benchmark's
+# --sweep-configs runs each index in its own process. CONFIG_SUBSET: config indices allowed in this process (the
+# sweep sets it to those that passed); the lowest allowed index runs. Both are read when a shape class is first
+# planned, so set them before the first launch.
 _fixed = os.environ.get("MATTEN_ATTN_CONFIG", "")
 FIXED_CONFIG = int(_fixed) if _fixed.strip() else None
-TUNE_KEY = ["L", "NSEQ", "HEAD_DIM", "BLOCK_DT"]
-CONFIG_SUBSET = None  # config indices autotuning may use (benchmarks/bench_attention.py --sweep-configs sets it)
-_TUNED = {}
+CONFIG_SUBSET = None
+_CHOSEN = {}  # {kernel name: {shape class: config}} for tuned_configs()
 
 
-def launch(name, kernel, configs, interp_config, grid_fn, args, meta, reset_to_zero=None):
-    """Launch ``kernel``: fixed small tiles in the interpreter; on the GPU autotuned over ``configs`` (or
-    ``configs[FIXED_CONFIG]``). ``grid_fn(block_sizes) -> number of programs`` (the grid is 1-D)."""
+def pick_config(name: str, configs, interp_config, key):
+    """The config kernel ``name`` runs for shape class ``key``: ``interp_config`` under the interpreter, else
+    ``configs[i]``, i = MATTEN_ATTN_CONFIG if set, else the lowest index in CONFIG_SUBSET, else 0."""
     if triton_interpreting():
-        kernel[(grid_fn(interp_config),)](*args, **meta, **interp_config)
-    elif FIXED_CONFIG is not None:
-        cfg = configs[min(FIXED_CONFIG, len(configs) - 1)]
-        kernel[(grid_fn(cfg.kwargs),)](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        cfg = interp_config
     else:
-        if name not in _TUNED:
-            allowed = [c for i, c in enumerate(configs) if CONFIG_SUBSET is None or i in CONFIG_SUBSET]
-            _TUNED[name] = triton.autotune(configs=allowed or configs[:1], key=TUNE_KEY,
-                                           reset_to_zero=reset_to_zero)(kernel)
-        _TUNED[name][lambda META: (grid_fn(META),)](*args, **meta)
+        i = FIXED_CONFIG if FIXED_CONFIG is not None else min(CONFIG_SUBSET) if CONFIG_SUBSET else 0
+        cfg = configs[min(i, len(configs) - 1)]
+    _CHOSEN.setdefault(name, {})[str(key)] = str(cfg)
+    return cfg
 
 
 def tuned_configs():
-    """{kernel name: {autotune key: best config}} of what has been tuned in this process (for benchmark notes)."""
-    return {str(name): {str(k): str(c) for k, c in t.cache.items()} for name, t in _TUNED.items()}
+    """{kernel name: {shape class: config}} of the configs this process has launched (for benchmark notes)."""
+    return {name: dict(chosen) for name, chosen in _CHOSEN.items()}
+
+
+def config_meta(cfg) -> dict:
+    """A config's launch keywords: its block sizes, num_warps, num_stages."""
+    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def shape_class(num_tokens: int, head_dim: int, num_frames: int, axis: str, align: int, split: bool):
+    """What the forward and backward plans share: (L, NSEQ, PACK_LEN, runtime sizes, constexprs).
+
+    sizes: (H is prepended by the caller) N_TOK, L, NSEQ, SEQ_STRIDE, TOK_STRIDE. ALIGN covers the inputs (``align``,
+    from ``alignment``) and the contiguous outputs the launchers allocate (token stride heads * head_dim)."""
+    L, nseq, seq_stride, tok_stride = sequence_geometry(num_tokens, num_frames, axis)
+    plen = pack_len(L)
+    block_d, block_dt = head_dim_blocks(head_dim, split)
+    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_DT=block_dt, PACK_LEN=plen, DOT_PRECISION=dot_precision(),
+                ALIGN=align if head_dim % align == 0 else 1)
+    return L, nseq, plen, (num_tokens, L, nseq, seq_stride, tok_stride), meta
+
+
+@functools.lru_cache(maxsize=None)
+def _fwd_plan(batch: int, heads: int, num_tokens: int, head_dim: int, num_frames: int, axis: str, align: int,
+              split: bool):
+    """(grid, runtime sizes, meta) of the forward launch of one shape class, computed once."""
+    L, nseq, plen, sizes, meta = shape_class(num_tokens, head_dim, num_frames, axis, align, split)
+    cfg = pick_config("fwd_packed" if plen else "fwd", _fwd_configs(plen), _interp_fwd_config(plen),
+                      (L, nseq, head_dim, split))
+    meta = dict(meta, **config_meta(cfg), MASK_N=plen > 0 or L % cfg.kwargs["BLOCK_N"] != 0)
+    grid = (num_programs(batch * heads, L, nseq, cfg.kwargs["BLOCK_M"], plen),)
+    return grid, (heads, *sizes), meta
 
 
 def video_attention_fwd_launch(q, k, v, num_frames: int, axis: str, softmax_scale: float):
     """Launcher: returns (o, lse). o: (batch, F*S, heads, head_dim) contiguous, dtype of q; lse: (batch, heads, F*S)
     fp32, base-2 logsumexp of the scaled scores."""
-    import torch
-
     batch, num_tokens, heads, head_dim = q.shape
-    L, nseq, seq_stride, tok_stride = sequence_geometry(num_tokens, num_frames, axis)
-    plen = pack_len(L)
-    o = torch.empty((batch, num_tokens, heads, head_dim), device=q.device, dtype=q.dtype)
-    lse = torch.empty((batch, heads, num_tokens), device=q.device, dtype=torch.float32)
-    args = (
-        q, k, v, o, lse,
-        heads, num_tokens, L, nseq, seq_stride, tok_stride, softmax_scale * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride()[:3],
-    )
-    bd, bdt = head_dim_blocks(head_dim)
-    meta = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_DT=bdt, PACK_LEN=plen, DOT_PRECISION=dot_precision(q.dtype),
-                ALIGN=alignment(q, k, v, o))
-    launch(
-        ("fwd", plen), _video_attn_fwd_kernel, _fwd_configs(plen), _interp_config(plen),
-        lambda c: num_programs(batch * heads, L, nseq, c["BLOCK_M"], plen), args, meta,
-    )
+    grid, sizes, meta = _fwd_plan(batch, heads, num_tokens, head_dim, num_frames, axis, alignment(q, k, v),
+                                  SPLIT_HEAD_DIM)
+    o = q.new_empty((batch, num_tokens, heads, head_dim))
+    lse = q.new_empty((batch, heads, num_tokens), dtype=torch.float32)
+    launch(_video_attn_fwd_kernel, grid,
+           (q, k, v, o, lse, *sizes, softmax_scale * LOG2E, *q.stride(), *k.stride(), *v.stride()), meta)
     return o, lse
