@@ -169,7 +169,7 @@ def git_commit():
 def sweep_configs(n, args):
     """Run configs 0..n-1 of every kernel (no autotuning) each in its own process (a crash or a wrong result at one
     tile shape then names the shape and spares the others); return one summary line per config and the indices
-    that ran and passed every check (autotuning in this process is then limited to those)."""
+    that ran and passed every check (this process then runs the lowest passing index of each list)."""
     lines, passed = [], set()
     for i in range(n):
         cmd = [sys.executable, __file__, "--providers", "matten", "--check", "--tag", f"cfg{i}", "--out", args.out]
@@ -203,7 +203,7 @@ def main(argv=None):
     ap.add_argument("--check", action="store_true", help="max error of the providers vs the fp32 reference")
     ap.add_argument("--providers", default="matten,sdpa")
     ap.add_argument("--sweep-configs", type=int, default=0, metavar="N",
-                    help="first run config indices 0..N-1 without autotuning, each in a subprocess")
+                    help="first run config indices 0..N-1, each in a subprocess, then time the lowest that passed")
     ap.add_argument("--sweep-timeout", type=float, default=90)
     ap.add_argument("--profile", action="store_true", help="device time per kernel of one fwd+bwd (torch.profiler)")
     ap.add_argument("--host", action="store_true",
@@ -217,7 +217,8 @@ def main(argv=None):
     if args.sweep_configs:
         sweep, passed = sweep_configs(args.sweep_configs, args)
         triton_fwd.CONFIG_SUBSET = passed | set(range(args.sweep_configs, 99))
-        sweep.append(f"autotuning over config indices {sorted(passed)} (of 0..{args.sweep_configs - 1} swept)")
+        sweep.append(f"config indices that passed: {sorted(passed)} (of 0..{args.sweep_configs - 1} swept); timing the "
+                     "lowest")
         print(sweep[-1], flush=True)
 
     B, F, S, H, D = args.batch, args.frames, args.spatial, args.heads, args.head_dim
@@ -236,7 +237,8 @@ def main(argv=None):
 
         print(f"configs {i}: fwd {pick(triton_fwd._fwd_configs(0))}; fwd packed {pick(triton_fwd._fwd_configs(16))}; "
               f"dkdv {pick(triton_bwd._dkdv_configs(0))}; dq {pick(triton_bwd._dq_configs(0))}; "
-              f"bwd packed {pick(triton_bwd._packed_configs(16))}", flush=True)
+              f"bwd fused {pick(triton_bwd._fused_configs(0))}; bwd packed {pick(triton_bwd._packed_configs(16))}",
+              flush=True)
 
     checks = []
     if args.check:

@@ -438,7 +438,7 @@ def _demo_step_grads(model, x0, labels, t, noise, autocast):
         out = model(x_t, t, class_labels=labels).sample
     loss = diffusion_loss(diffusion, out.to(dtype), x0.to(dtype), x_t, t, noise.to(dtype), learn_sigma=True)["loss"]
     loss.mean().backward()
-    grads = {n: p.grad.double().clone() for n, p in model.named_parameters()}
+    grads = {n.removeprefix("_orig_mod."): p.grad.double().clone() for n, p in model.named_parameters()}
     grads["x_t"] = x_t.grad.double()
     return loss.mean().item(), grads
 
@@ -458,19 +458,23 @@ def _grad_errors(got, ref):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_demo_training_step_triton_matches_ref_gpu():
     """The embedded demo model's training step at its real training shapes (batch 128, 8 frames of 32x32, 512
-    tokens: temporal attention over 8 frames in packed mode, spatial over 64, the bidirectional scan at L = 512),
-    against the reference kernels in float64: loss, d loss / d x_t and all parameter gradients as one vector.
-    fp32 Triton (attention matmuls in tf32) within 3e-2 relative, bf16 autocast and torch.compile (bf16) within
-    0.15; the fp32 reference path is logged beside them as the floor. Single parameters with small, cancelling
-    gradients (the timestep embedder) show larger relative errors: logged, not asserted."""
+    tokens: temporal attention over 8 frames in packed mode, spatial over 64, the bidirectional scan at L = 512):
+    loss, d loss / d x_t and all parameter gradients (as one vector) against the reference kernels in float64.
+
+    Rule (the flash-attention rule, applied to the whole step): the Triton path's error is at most 2x the error of
+    the reference path at the same precision, + 1e-3: fp32 Triton (attention matmuls in tf32) against the reference
+    with tf32 matmuls; bf16 autocast, eager and torch.compile, against the reference under the same autocast. At a
+    trained model the parameter gradients are sums of per-sample terms that largely cancel, so their relative
+    error is ~20x the per-op error (H100: 5.6e-2 for fp32 Triton with tf32 attention, vs 3.4e-3 on d loss / d x_t):
+    comparing against a plain fp32 reference would be comparing precisions, not kernels."""
     from matten.data import SyntheticShapesDataset
     from matten.pipeline import load_demo
 
     dev = torch.device("cuda")
     ref64, _ = load_demo(dev, kernel_backend="ref")
-    ref32, _ = load_demo(dev, kernel_backend="ref")
+    ref, _ = load_demo(dev, kernel_backend="ref")
     fast, _ = load_demo(dev, kernel_backend="triton")
-    ref64.double().eval(), ref32.float().eval(), fast.float().eval()
+    ref64.double().eval(), ref.float().eval(), fast.float().eval()
     batch = SyntheticShapesDataset(num_frames=8, size=32).__getitems__(list(range(128)))
     x0 = torch.stack([b["video"] for b in batch]).to(dev).float()
     labels = torch.stack([b["label"] for b in batch]).to(dev)
@@ -478,15 +482,26 @@ def test_demo_training_step_triton_matches_ref_gpu():
     t = torch.randint(0, 1000, (128,), device=dev, generator=g)
     noise = torch.randn(x0.shape, device=dev, generator=g)
     loss64, g64 = _demo_step_grads(ref64, x0, labels, t, noise, None)
-    bf16 = torch.autocast("cuda", dtype=torch.bfloat16)
-    runs = {"ref fp32": (ref32, None, 3e-2), "triton fp32": (fast, None, 3e-2), "triton bf16": (fast, bf16, 0.15),
-            "compiled bf16": (torch.compile(fast), bf16, 0.15)}
-    failures = []
-    for name, (model, autocast, bound) in runs.items():
-        loss, grads = _demo_step_grads(model, x0, labels, t, noise, autocast)
+
+    def errors(name, model, autocast, tf32=False):
+        prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            loss, grads = _demo_step_grads(model, x0, labels, t, noise, autocast)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev
         total, dx, worst = _grad_errors(grads, g64)
         logger.info("%s: loss %.6f (fp64 %.6f); grad rel err all params %.2e, x_t %.2e, worst %s %.2e", name, loss,
                     loss64, total, dx, worst[0], worst[1])
-        if not (abs(loss - loss64) <= bound * abs(loss64) and total <= bound and dx <= bound):
-            failures.append(name)
+        return torch.tensor([abs(loss - loss64) / abs(loss64), total, dx])
+
+    bf16 = torch.autocast("cuda", dtype=torch.bfloat16)
+    errors("ref fp32", ref, None)  # the floor, logged
+    checks = {
+        "triton fp32 vs ref tf32": (errors("triton fp32", fast, None), errors("ref tf32", ref, None, tf32=True)),
+        "triton bf16 vs ref bf16": (errors("triton bf16", fast, bf16), errors("ref bf16", ref, bf16)),
+    }
+    checks["compiled bf16 vs ref bf16"] = (errors("compiled bf16", torch.compile(fast), bf16),
+                                           checks["triton bf16 vs ref bf16"][1])
+    failures = {k: (got.tolist(), base.tolist()) for k, (got, base) in checks.items() if (got > 2 * base + 1e-3).any()}
     assert not failures, failures
