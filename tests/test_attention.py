@@ -4,8 +4,8 @@ Tolerance rules:
 * CPU (reference backend and the Triton interpreter, fp32 with ieee dots): max |out - fp64| <= 2e-5 and the same for
   each gradient (random cotangent), i.e. fp32 rounding only.
 * GPU fp16/bf16 (flash-attention's rule): max error vs float64 at most 2x the max error of torch SDPA (with the
-  rearranges) at the same precision, plus an absolute slack of 1e-3. fp32 on GPU runs tf32 dots: relative (norm)
-  error <= 5e-3 (measured 2.0e-3 for global dqkv at 300 tokens on the H100).
+  rearranges) at the same precision, plus an absolute slack of 1e-3. fp32 on GPU runs 3xTF32 dots (fp32-level
+  accuracy; plain tf32 biased the gradients, triton_fwd.dot_precision): relative (norm) error <= 1e-4.
 
 The float64 oracle here is written independently of ``reference.py``: dense attention over all F*S tokens with a
 block mask (same frame / same spatial position / everything), no rearranges.
@@ -424,7 +424,7 @@ def test_gpu_deterministic(axis):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("axis", AXES)
-def test_gpu_fp32_tf32(axis):
+def test_gpu_fp32(axis):
     B, F, S, H, D = 1, 6, 50, 2, 72
     qkv, _ = packed_qkv(B, F * S, H, D, device="cuda")
     cot = torch.randn(B, F * S, H, D, device="cuda")
@@ -433,7 +433,7 @@ def test_gpu_fp32_tf32(axis):
     for name, got, want in (("out", out, ref), ("dqkv", grad, grad64)):
         _errors(f"fp32 {axis} {name}", got, want)
         rel = ((got.double() - want).norm() / want.norm()).item()
-        assert rel <= 5e-3, f"{axis} {name}: relative error {rel:.2e}"
+        assert rel <= 1e-4, f"{axis} {name}: relative error {rel:.2e}"
 
 
 @pytest.mark.gpu

@@ -181,8 +181,8 @@ def video_attention(q, k, v, *, num_frames, axis, softmax_scale=None, backend=No
         ``(batch, F*S, heads, head_dim)`` contiguous, dtype of q. Differentiable in q, k and v.
 
     Numerics (Triton): fp32 accumulation and online softmax; the logsumexp is saved and the backward recomputes the
-    probabilities. For fp32 inputs on a GPU the matmuls run in tf32 (relative error ~3e-4); the interpreter uses
-    ieee fp32.
+    probabilities. For fp32 inputs on a GPU the matmuls run in 3xTF32 (fp32-level accuracy; plain tf32 biases the
+    gradients, see ``triton_fwd.dot_precision``); the interpreter uses ieee fp32.
     """
     _validate(q, k, v, num_frames, axis, softmax_scale)
     chosen = choose_backend(backend, q.device, _OP)
