@@ -11,29 +11,14 @@ import torch
 
 from matten.data import SyntheticShapesDataset
 from matten.pipeline import load_demo
-
-
-def step_grads(model, x0, labels, t, noise):
-    from matten.diffusion import GaussianDiffusion, diffusion_loss
-
-    diffusion = GaussianDiffusion()
-    dtype = next(model.parameters()).dtype
-    x_t = diffusion.q_sample(x0.double(), t, noise.double()).to(dtype)
-    out = model(x_t, t, class_labels=labels).sample
-    diffusion_loss(diffusion, out.to(dtype), x0.to(dtype), x_t, t, noise.to(dtype))["loss"].mean().backward()
-    return {n: p.grad.double() for n, p in model.named_parameters()}
+from matten.train import fixed_step_inputs, step_gradients
 
 
 def main():
     dev = torch.device("cuda")
-    batch = SyntheticShapesDataset(num_frames=8, size=32).__getitems__(list(range(128)))
-    x0 = torch.stack([b["video"] for b in batch]).to(dev).float()
-    labels = torch.stack([b["label"] for b in batch]).to(dev)
-    g = torch.Generator(device=dev).manual_seed(0)
-    t = torch.randint(0, 1000, (128,), device=dev, generator=g)
-    noise = torch.randn(x0.shape, device=dev, generator=g)
+    x0, labels, t, noise = fixed_step_inputs(SyntheticShapesDataset(num_frames=8, size=32), 128, dev)
     ref, _ = load_demo(dev, kernel_backend="ref")
-    g64 = step_grads(ref.double(), x0, labels, t, noise)
+    _, g64 = step_gradients(ref.double(), x0, labels, t, noise)
     for name, attn, mamba in (("triton everywhere", "triton", "triton"), ("triton attention only", "triton", "ref"),
                               ("triton mamba only", "ref", "triton")):
         model, _ = load_demo(dev, kernel_backend="triton")
@@ -43,10 +28,11 @@ def main():
                 m.backend = attn
             if m.__class__.__name__ == "BiMamba":
                 m.backend = mamba
-        grads = step_grads(model, x0, labels, t, noise)
-        flat = lambda gr: torch.cat([gr[n].flatten() for n in g64])  # noqa: E731
+        _, grads = step_gradients(model, x0, labels, t, noise)
+        flat = lambda gr: torch.cat([gr[n].flatten() for n in g64 if n != "x_t"])  # noqa: E731
         total = ((flat(grads) - flat(g64)).norm() / flat(g64).norm()).item()
-        per = sorted(((((grads[n] - g64[n]).norm() / g64[n].norm()).item(), n) for n in g64), reverse=True)[:6]
+        per = sorted(((((grads[n] - g64[n]).norm() / g64[n].norm()).item(), n) for n in g64 if n != "x_t"),
+                     reverse=True)[:6]
         print(f"{name:22s} all params {total:.2e}; worst: " + ", ".join(f"{n} {e:.1e}" for e, n in per), flush=True)
 
 

@@ -233,6 +233,36 @@ def training_step(model, diffusion: GaussianDiffusion, x0: torch.Tensor, labels:
     return diffusion_loss(diffusion, out, x0, x_t, t, noise, learn_sigma=True)
 
 
+def fixed_step_inputs(dataset, batch_size: int, device, seed: int = 0):
+    """(x0, labels, t, noise): the first ``batch_size`` items of ``dataset`` with timesteps and noise drawn from
+    ``seed``: a reproducible step for :func:`step_gradients`."""
+    items = [dataset[i] for i in range(batch_size)]
+    x0 = torch.stack([b["video"] for b in items]).to(device).float()
+    labels = torch.stack([torch.as_tensor(b["label"]) for b in items]).to(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    t = torch.randint(0, GaussianDiffusion().num_timesteps, (batch_size,), device=device, generator=g)
+    noise = torch.randn(x0.shape, device=device, generator=g)
+    return x0, labels, t, noise
+
+
+def step_gradients(model, x0: torch.Tensor, labels: torch.Tensor | None, t: torch.Tensor, noise: torch.Tensor,
+                   autocast=None) -> tuple[float, dict[str, torch.Tensor]]:
+    """Mean loss and float64 gradients of one training step with fixed ``t`` and ``noise``, for comparing kernel
+    backends and precisions: every parameter by name (a torch.compile wrapper's prefix removed) and ``"x_t"``, the
+    noisy input. The model's dtype sets the input's (x_t is formed in float64, then cast)."""
+    diffusion = GaussianDiffusion()
+    model.zero_grad(set_to_none=True)
+    dtype = next(model.parameters()).dtype
+    x_t = diffusion.q_sample(x0.double(), t, noise.double()).to(dtype).requires_grad_()
+    with autocast or contextlib.nullcontext():
+        out = model(x_t, t, class_labels=labels).sample
+    loss = diffusion_loss(diffusion, out.to(dtype), x0.to(dtype), x_t, t, noise.to(dtype), learn_sigma=True)["loss"]
+    loss.mean().backward()
+    grads = {n.removeprefix("_orig_mod."): p.grad.double().clone() for n, p in model.named_parameters()}
+    grads["x_t"] = x_t.grad.double()
+    return loss.mean().item(), grads
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoints: safetensors + JSON only
 # ----------------------------------------------------------------------------------------------------------------------

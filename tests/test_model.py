@@ -18,7 +18,6 @@ the reference scan is a Python loop over the sequence.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -426,23 +425,6 @@ print("ok")
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
-def _demo_step_grads(model, x0, labels, t, noise, autocast):
-    """Loss and gradients (every parameter, and the noisy input x_t) of one training step with fixed t and noise."""
-    from matten.diffusion import GaussianDiffusion, diffusion_loss
-
-    diffusion = GaussianDiffusion()
-    model.zero_grad(set_to_none=True)
-    dtype = next(model.parameters()).dtype
-    x_t = diffusion.q_sample(x0.double(), t, noise.double()).to(dtype).requires_grad_()
-    with autocast or contextlib.nullcontext():
-        out = model(x_t, t, class_labels=labels).sample
-    loss = diffusion_loss(diffusion, out.to(dtype), x0.to(dtype), x_t, t, noise.to(dtype), learn_sigma=True)["loss"]
-    loss.mean().backward()
-    grads = {n.removeprefix("_orig_mod."): p.grad.double().clone() for n, p in model.named_parameters()}
-    grads["x_t"] = x_t.grad.double()
-    return loss.mean().item(), grads
-
-
 def _grad_errors(got, ref):
     """(relative error of all parameter gradients as one vector, of d loss / d x_t, worst single parameter)."""
     names = [n for n in ref if n != "x_t"]
@@ -469,25 +451,21 @@ def test_demo_training_step_triton_matches_ref_gpu():
     comparing against a plain fp32 reference would be comparing precisions, not kernels."""
     from matten.data import SyntheticShapesDataset
     from matten.pipeline import load_demo
+    from matten.train import fixed_step_inputs, step_gradients
 
     dev = torch.device("cuda")
     ref64, _ = load_demo(dev, kernel_backend="ref")
     ref, _ = load_demo(dev, kernel_backend="ref")
     fast, _ = load_demo(dev, kernel_backend="triton")
     ref64.double().eval(), ref.float().eval(), fast.float().eval()
-    batch = SyntheticShapesDataset(num_frames=8, size=32).__getitems__(list(range(128)))
-    x0 = torch.stack([b["video"] for b in batch]).to(dev).float()
-    labels = torch.stack([b["label"] for b in batch]).to(dev)
-    g = torch.Generator(device=dev).manual_seed(0)
-    t = torch.randint(0, 1000, (128,), device=dev, generator=g)
-    noise = torch.randn(x0.shape, device=dev, generator=g)
-    loss64, g64 = _demo_step_grads(ref64, x0, labels, t, noise, None)
+    x0, labels, t, noise = fixed_step_inputs(SyntheticShapesDataset(num_frames=8, size=32), 128, dev)
+    loss64, g64 = step_gradients(ref64, x0, labels, t, noise, None)
 
     def errors(name, model, autocast, tf32=False):
         prev = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = tf32
         try:
-            loss, grads = _demo_step_grads(model, x0, labels, t, noise, autocast)
+            loss, grads = step_gradients(model, x0, labels, t, noise, autocast)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = prev
         total, dx, worst = _grad_errors(grads, g64)

@@ -217,3 +217,20 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path):
         assert [float(x) for x in a.split(",")] == pytest.approx([float(x) for x in b.split(",")], rel=1e-5)
     ckpt = load_file(os.path.join(tmp_path, "compiled", "checkpoints", "step_0000002", "model.safetensors"))
     assert not any("_orig_mod" in k for k in ckpt)
+
+
+def test_step_gradients_float32_matches_float64():
+    # the helper the GPU backend checks are built on: same step in float32 and float64, gradients of every parameter
+    # and of x_t by name, agreeing to float32 rounding
+    from matten.train import fixed_step_inputs, step_gradients
+
+    torch.manual_seed(0)
+    model = create_model("Matten-T/2", **TINY_MODEL, num_classes=4, learn_sigma=True).eval()
+    x0, labels, t, noise = fixed_step_inputs(SyntheticShapesDataset(num_frames=2, size=4), 2, "cpu")
+    loss32, g32 = step_gradients(model, x0, labels, t, noise)
+    loss64, g64 = step_gradients(model.double(), x0, labels, t, noise)
+    assert set(g32) == set(g64) == {n for n, _ in model.named_parameters()} | {"x_t"}
+    assert loss32 == pytest.approx(loss64, rel=1e-5)
+    for name in g64:
+        err = ((g32[name] - g64[name]).norm() / g64[name].norm().clamp_min(1e-30)).item()
+        assert err <= 1e-4, (name, err)
