@@ -12,7 +12,8 @@ kernel is only reused for arguments Triton would have compiled the same way:
   * ints: whether the value is 1, whether it is divisible by 16, and whether it fits in int32;
   * floats, None: their type; bools: their value. Any other type (a numpy int, a torch scalar...) is refused, since
     Triton might specialise it in ways this key does not see.
-  * the meta-parameters (constexprs, num_warps, num_stages) by value.
+  * the meta-parameters (constexprs, num_warps, num_stages) by value;
+  * the current CUDA device (a compiled kernel is loaded into one device's context).
 Under ``TRITON_INTERPRET=1`` (CPU) every call takes Triton's normal path.
 """
 
@@ -44,13 +45,17 @@ def launch(kernel, grid: tuple, args: tuple, meta: dict) -> None:
     if triton_interpreting():
         kernel[grid](*args, **meta)
         return
-    key = (kernel, tuple(map(_spec, args)), tuple(meta.items()))
+    # the current device too: a compiled kernel's module is loaded into one device's context (Triton keeps one cache
+    # per device for the same reason)
+    key = (kernel, torch.cuda.current_device(), tuple(map(_spec, args)), tuple(meta.items()))
     hit = _CACHE.get(key)
     if hit is None:
         compiled = kernel[grid](*args, **meta)
         names = [p.name for p in kernel.params[len(args):]]
         missing = [n for n in names if n not in meta]
-        if missing:  # a parameter with a default value: keep Triton's path for this kernel
+        if missing or not hasattr(compiled, "__getitem__"):
+            # a parameter left to its default value, or a Triton whose run() returns no compiled kernel: keep
+            # Triton's own path for this kernel
             _CACHE[key] = False
             return
         _CACHE[key] = (compiled, tuple(meta[n] for n in names))
