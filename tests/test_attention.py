@@ -455,3 +455,15 @@ def test_gpu_torch_compile_fullgraph():
     (g_c,) = torch.autograd.grad(out_c, qkv_c, cot)
     assert _errors("compile out", out_c, out_e) <= 1e-2
     assert _errors("compile grad", g_c, g_e) <= 1e-2
+
+
+def test_alignment_hint_covers_the_allocated_outputs():
+    # inputs with 16-byte-aligned strides (views of a padded head dim) but head_dim 37: the contiguous outputs the
+    # launchers allocate have head stride 37, so no alignment may be promised to the kernels
+    from matten_kernels.attention.triton_fwd import alignment
+
+    padded = torch.zeros(2, 6, 3, 40, dtype=torch.bfloat16)
+    view = padded[..., :37]
+    assert view.stride()[:3] == (720, 120, 40)
+    assert alignment(view, view, view) == 1
+    assert alignment(padded, padded, padded) == 8

@@ -93,11 +93,15 @@ def head_dim_blocks(head_dim: int, split: bool | None = None):
 
 
 def alignment(*tensors) -> int:
-    """Elements per 16 bytes if every (4-D) tensor's data pointer is 16-byte aligned and its batch, token and head
-    strides are multiples of that, else 1. Triton only learns divisibility by 16 from integer arguments, so a head
+    """Elements per 16 bytes if head_dim and every (4-D) tensor's batch, token and head strides are multiples of
+    that and its data pointer is 16-byte aligned, else 1. Triton only learns divisibility by 16 from integer arguments, so a head
     stride of 72 (Matten-XL) would otherwise turn every tile load into 2-byte scalar loads; the kernels pass this to
     tl.multiple_of on their row and (batch, head) offsets."""
     align = 16 // tensors[0].element_size()
+    if tensors[0].shape[-1] % align:
+        # the outputs (o, dq, dk, dv) are allocated contiguous, head stride = head_dim: their rows are aligned only
+        # when head_dim is a multiple of `align`, whatever the inputs' strides
+        return 1
     for t in tensors:
         s_b, s_n, s_h, _ = t.stride()
         if t.data_ptr() % 16 or s_b % align or s_n % align or s_h % align:
