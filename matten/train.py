@@ -83,6 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--steps", type=int, required=True, help="total optimizer steps (a resumed run counts from 0)")
     o.add_argument("--batch-size", type=int, required=True, help="clips per process per step")
     o.add_argument("--lr", type=float, default=1e-4)
+    o.add_argument("--warmup-steps", type=int, default=0,
+                   help="linear learning-rate warm-up over the first N steps (0: constant lr, the paper's recipe)")
     o.add_argument("--weight-decay", type=float, default=0.0)
     o.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
     o.add_argument("--ema-decay", type=float, default=0.9999)
@@ -204,6 +206,11 @@ def model_overrides(args, dataset, vae, data_info) -> dict:
     if args.variant is not None:
         o["variant"] = args.variant if args.variant == "latte" else int(args.variant)
     return o
+
+
+def learning_rate(base: float, step: int, warmup_steps: int) -> float:
+    """The lr of optimizer step ``step`` (0-based): linear warm-up to ``base`` over ``warmup_steps``, then constant."""
+    return base * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else base
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -390,6 +397,8 @@ def train(args: argparse.Namespace) -> dict:
     from .config import get_config
     from .vae import load_vae
 
+    if args.warmup_steps < 0:
+        raise ValueError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     if args.steps < 0 or args.batch_size < 1:
         raise ValueError(f"--steps must be >= 0 and --batch-size >= 1, got {args.steps}, {args.batch_size}")
     d = Dist(args.device)
@@ -548,6 +557,8 @@ def _train_loop(args, d: Dist, dataset, data_info, vae, vae_for_sampling, create
             loss.backward()
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            for group in opt.param_groups:  # a function of the step alone, so --resume reproduces it
+                group["lr"] = learning_rate(args.lr, step, args.warmup_steps)
             opt.step()
             ema.update(model, step)
             step += 1
