@@ -27,6 +27,16 @@ _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 _CACHE: dict = {}
 
 
+def cdiv(a: int, b: int) -> int:
+    """Host-side ceil(a / b). ``triton.cdiv`` is a constexpr function now, ~3 us of Python per host call."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Host-side smallest power of two >= n (1 for n <= 1); see :func:`cdiv`."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def _spec(a):
     if isinstance(a, torch.Tensor):
         return (a.dtype, a.data_ptr() % 16 == 0)

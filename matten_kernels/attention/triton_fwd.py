@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreting
-from .._launch import launch
+from .._launch import cdiv, launch, next_power_of_2
 
 LOG2E = 1.4426950408889634
 # Sequences up to this length are packed, at least two per program. On the H100 (Triton 3.6) every packed case
@@ -70,7 +70,7 @@ def sequence_geometry(num_tokens: int, num_frames: int, axis: str):
 
 def pack_len(L: int) -> int:
     """Rows each sequence gets in packed mode, or 0 for the looping (flash) mode."""
-    return triton.next_power_of_2(L) if L <= PACK_MAX_LEN else 0
+    return next_power_of_2(L) if L <= PACK_MAX_LEN else 0
 
 
 SPLIT_HEAD_DIM = True  # cover a non-power-of-two head dim by two chunks (72 -> 64 + 16) instead of padding
@@ -82,11 +82,11 @@ def head_dim_blocks(head_dim: int, split: bool | None = None):
     Padding 72 to 128 spends 1.78x the tensor-core work of the real head dim; 64 + 16 = 80 spends 1.11x (two
     dots per product instead of one). BLOCK_DT = 0: one chunk, next power of two, masked.
     """
-    padded = max(16, triton.next_power_of_2(head_dim))
+    padded = max(16, next_power_of_2(head_dim))
     split = SPLIT_HEAD_DIM if split is None else split
     if split and head_dim > 16:
-        main = triton.next_power_of_2(head_dim) // 2
-        tail = max(16, triton.next_power_of_2(head_dim - main))
+        main = next_power_of_2(head_dim) // 2
+        tail = max(16, next_power_of_2(head_dim - main))
         if main + tail < padded:
             return main, tail
     return padded, 0
@@ -160,8 +160,8 @@ def _program_ids(L, NSEQ, BLOCK_M: tl.constexpr, PACK_LEN: tl.constexpr):
 
 def num_programs(batch_heads: int, L: int, NSEQ: int, block_m: int, plen: int) -> int:
     if plen > 0:
-        return batch_heads * triton.cdiv(NSEQ, block_m // plen)
-    return batch_heads * NSEQ * triton.cdiv(L, block_m)
+        return batch_heads * cdiv(NSEQ, block_m // plen)
+    return batch_heads * NSEQ * cdiv(L, block_m)
 
 
 @triton.jit

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreting
-from .._launch import launch
+from .._launch import cdiv, launch, next_power_of_2
 
 from .interface import new_output
 
@@ -194,8 +194,8 @@ def _bwd_config(x: torch.Tensor):
         block_d, block_l = 8, 64
     if triton_interpreting():  # registers do not matter there; bigger tiles mean fewer (slow) Python programs
         block_d, block_l = 32, 32
-    block_d = min(block_d, max(8, triton.next_power_of_2(D)))
-    block_l = min(block_l, max(8, triton.next_power_of_2(L)))
+    block_d = min(block_d, max(8, next_power_of_2(D)))
+    block_l = min(block_l, max(8, next_power_of_2(L)))
     return block_d, block_l, 8
 
 
@@ -208,11 +208,11 @@ def dwconv_silu_bwd_launch(dy: torch.Tensor, dy_b: torch.Tensor | None, x: torch
     K = weight.shape[1]
     bidir = weight_b is not None
     block_d, block_l, num_warps = _bwd_config(x)
-    n_d, n_tiles = triton.cdiv(D, block_d), triton.cdiv(L, block_l)
+    n_d, n_tiles = cdiv(D, block_d), cdiv(L, block_l)
     # Chunks of L per program: about 8 programs an SM (4 waves at 2 resident CTAs), few enough partial-sum rows.
-    n_chunks = max(1, min(n_tiles, triton.cdiv(8 * _num_sms(x.device), n_d * batch)))
-    tiles_per_prog = triton.cdiv(n_tiles, n_chunks)
-    n_chunks = triton.cdiv(n_tiles, tiles_per_prog)
+    n_chunks = max(1, min(n_tiles, cdiv(8 * _num_sms(x.device), n_d * batch)))
+    tiles_per_prog = cdiv(n_tiles, n_chunks)
+    n_chunks = cdiv(n_tiles, tiles_per_prog)
 
     dx = new_output(x)
     f32 = dict(device=x.device, dtype=torch.float32)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreting
-from .._launch import launch
+from .._launch import cdiv, launch, next_power_of_2
 
 from .interface import new_output
 
@@ -90,8 +90,8 @@ def _fwd_config(x: torch.Tensor):
         block_d, block_l = 32, 64
     if triton_interpreting():  # registers do not matter there; bigger tiles mean fewer (slow) Python programs
         block_d, block_l = 32, 32
-    block_d = min(block_d, max(16, triton.next_power_of_2(D)))
-    block_l = min(block_l, max(16, triton.next_power_of_2(L)))
+    block_d = min(block_d, max(16, next_power_of_2(D)))
+    block_l = min(block_l, max(16, next_power_of_2(L)))
     return block_d, block_l, 8
 
 
@@ -110,7 +110,7 @@ def dwconv_silu_fwd_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     w_b, b_b = (weight_b, bias_b) if bidir else (weight, bias)  # dummies when not BIDIR (never read)
     bias, b_b = bias.contiguous(), b_b.contiguous()
     block_d, block_l, num_warps = _fwd_config(x)
-    grid = (triton.cdiv(D, block_d), triton.cdiv(L, block_l), batch)
+    grid = (cdiv(D, block_d), cdiv(L, block_l), batch)
     launch(_dwconv_silu_fwd_kernel, grid, (
         x, weight, bias, w_b, b_b, y, y_b,
         D, L,

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .triton_bwd import selective_scan_bwd
 from .triton_fwd import n_saved_states, selective_scan_fwd
@@ -48,14 +49,26 @@ def _or_none(t: Tensor, present: bool):
 # unidirectional
 
 
-@torch.library.custom_op("matten::selective_scan_fwd", mutates_args=())
-def selective_scan_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                          z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
-                          delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
     with _device_guard(u):
         out, last_state, states, _ = selective_scan_fwd(u, delta, _c(A), B, C, _c(D), z, _c(delta_bias),
                                                         _c(initial_state), delta_softplus)
     return out, last_state, states
+
+
+def _scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, states, delta_softplus):
+    with _device_guard(u):
+        g = selective_scan_bwd(dout, _c(dlast_state), u, delta, _c(A), B, C, _c(D), z, _c(delta_bias),
+                               initial_state, states, delta_softplus)
+    return tuple(_empty(u) if g[k] is None else g[k] for k in
+                 ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"))
+
+
+@torch.library.custom_op("matten::selective_scan_fwd", mutates_args=())
+def selective_scan_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                          z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
+                          delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
 
 
 @selective_scan_fwd_op.register_fake
@@ -73,11 +86,7 @@ def selective_scan_bwd_op(dout: Tensor, dlast_state: Optional[Tensor], u: Tensor
                           delta_bias: Optional[Tensor], initial_state: Optional[Tensor], states: Tensor,
                           delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                                          Tensor, Tensor]:
-    with _device_guard(u):
-        g = selective_scan_bwd(dout, _c(dlast_state), u, delta, _c(A), B, C, _c(D), z, _c(delta_bias),
-                               initial_state, states, delta_softplus)
-    return tuple(_empty(u) if g[k] is None else g[k] for k in
-                 ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"))
+    return _scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, states, delta_softplus)
 
 
 @selective_scan_bwd_op.register_fake
@@ -96,30 +105,68 @@ def _scan_setup_context(ctx, inputs, output):
     ctx.delta_softplus = delta_softplus
 
 
-def _scan_backward(ctx, dout, dlast_state, dstates):
+def _scan_grads(ctx, dout, dlast_state, bwd):
     u, delta, A, B, C, D, z, delta_bias, initial_state, states = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(u)
-    g = selective_scan_bwd_op(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, states,
-                              ctx.delta_softplus)
-    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = g
+    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
+                                                     initial_state, states, ctx.delta_softplus)
     return (du, ddelta, dA, dB, dC, _or_none(dD, D is not None), _or_none(dz, z is not None),
             _or_none(dbias, delta_bias is not None), _or_none(dh0, initial_state is not None), None)
 
 
-selective_scan_fwd_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+selective_scan_fwd_op.register_autograd(
+    lambda ctx, dout, dlast_state, dstates: _scan_grads(ctx, dout, dlast_state, selective_scan_bwd_op),
+    setup_context=_scan_setup_context)
+
+
+class _ScanFunction(torch.autograd.Function):
+    """Eager path: the same launchers as the custom ops without the torch.library dispatch layers, which cost
+    about as much host time again as the Python around the kernels (measured for attention: NOTES_attention.md;
+    the scan is launched the same way). torch.compile and dispatch modes (FlopCounterMode...) use the custom ops."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+        out, last_state, states = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+        _scan_setup_context(ctx, (u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus),
+                            (out, last_state, states))
+        ctx.set_materialize_grads(False)  # an unused last_state gets None, not a zero tensor to read
+        return out, last_state
+
+    @staticmethod
+    def backward(ctx, dout, dlast_state):
+        return _scan_grads(ctx, dout, dlast_state, _scan_bwd)
+
+
+def _use_custom_op() -> bool:
+    """torch.compile traces the opaque custom ops (they have fake kernels); so does eager code under a dispatch
+    mode, which sees ops only through the dispatcher. Plain eager calls take the leaner autograd.Function."""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
 
 
 def triton_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False, *, initial_state=None):
     """The Triton backend of :func:`matten_kernels.selective_scan` (inputs already validated)."""
-    out, last_state, _ = selective_scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, initial_state,
-                                               bool(delta_softplus))
+    args = (u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus))
+    if _use_custom_op():
+        out, last_state, _ = selective_scan_fwd_op(*args)
+    else:
+        out, last_state = _ScanFunction.apply(*args)
     return (out, last_state) if return_last_state else out
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # bidirectional
+
+
+def _bi_fwd(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b, delta_softplus,
+            divide_out):
+    with _device_guard(u):
+        out, _, states, states_b = selective_scan_fwd(
+            u, delta, _c(A), B, C, _c(D), z, _c(delta_bias), None, delta_softplus, u_b=u_b, delta_b=delta_b,
+            A_b=_c(A_b), B_b=B_b, C_b=C_b, D_b=_c(D_b), delta_bias_b=_c(delta_bias_b), bidirectional=True,
+            divide_out=divide_out)
+    return out, states, states_b
 
 
 @torch.library.custom_op("matten::bi_selective_scan_fwd", mutates_args=())
@@ -128,12 +175,8 @@ def bi_selective_scan_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
                              delta_b: Optional[Tensor], A_b: Optional[Tensor], B_b: Optional[Tensor],
                              C_b: Optional[Tensor], D_b: Optional[Tensor], delta_bias_b: Optional[Tensor],
                              delta_softplus: bool, divide_out: bool) -> tuple[Tensor, Tensor, Tensor]:
-    with _device_guard(u):
-        out, _, states, states_b = selective_scan_fwd(
-            u, delta, _c(A), B, C, _c(D), z, _c(delta_bias), None, delta_softplus, u_b=u_b, delta_b=delta_b,
-            A_b=_c(A_b), B_b=B_b, C_b=C_b, D_b=_c(D_b), delta_bias_b=_c(delta_bias_b), bidirectional=True,
-            divide_out=divide_out)
-    return out, states, states_b
+    return _bi_fwd(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b,
+                   delta_softplus, divide_out)
 
 
 @bi_selective_scan_fwd_op.register_fake
@@ -149,6 +192,16 @@ def _(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, del
 _BI_GRAD_ORDER = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias") + _BI_NAMES
 
 
+def _bi_bwd(dout, u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b, states,
+            states_b, delta_softplus, divide_out):
+    with _device_guard(u):
+        g = selective_scan_bwd(dout, None, u, delta, _c(A), B, C, _c(D), z, _c(delta_bias), None, states,
+                               delta_softplus, u_b=u_b, delta_b=delta_b, A_b=_c(A_b), B_b=B_b, C_b=C_b, D_b=_c(D_b),
+                               delta_bias_b=_c(delta_bias_b), states_b=states_b, bidirectional=True,
+                               divide_out=divide_out)
+    return [_empty(u) if g[k] is None else g[k] for k in _BI_GRAD_ORDER]
+
+
 @torch.library.custom_op("matten::bi_selective_scan_bwd", mutates_args=())
 def bi_selective_scan_bwd_op(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                              D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
@@ -156,12 +209,8 @@ def bi_selective_scan_bwd_op(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, 
                              B_b: Optional[Tensor], C_b: Optional[Tensor], D_b: Optional[Tensor],
                              delta_bias_b: Optional[Tensor], states: Tensor, states_b: Tensor,
                              delta_softplus: bool, divide_out: bool) -> list[Tensor]:
-    with _device_guard(u):
-        g = selective_scan_bwd(dout, None, u, delta, _c(A), B, C, _c(D), z, _c(delta_bias), None, states,
-                               delta_softplus, u_b=u_b, delta_b=delta_b, A_b=_c(A_b), B_b=B_b, C_b=C_b, D_b=_c(D_b),
-                               delta_bias_b=_c(delta_bias_b), states_b=states_b, bidirectional=True,
-                               divide_out=divide_out)
-    return [_empty(u) if g[k] is None else g[k] for k in _BI_GRAD_ORDER]
+    return _bi_bwd(dout, u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b, states,
+                   states_b, delta_softplus, divide_out)
 
 
 @bi_selective_scan_bwd_op.register_fake
@@ -182,20 +231,38 @@ def _bi_setup_context(ctx, inputs, output):
     ctx.flags = (delta_softplus, divide_out)
 
 
-def _bi_backward(ctx, dout, dstates, dstates_b):
+def _bi_grads(ctx, dout, bwd):
     *tensors, states, states_b = ctx.saved_tensors
-    grads = bi_selective_scan_bwd_op(dout, *tensors, states, states_b, *ctx.flags)
+    grads = bwd(dout, *tensors, states, states_b, *ctx.flags)
     # a missing *_b (shared with its forward twin) has its gradient inside the twin's: None here
     return (*[g if p else None for g, p in zip(grads, ctx.present)], None, None)
 
 
-bi_selective_scan_fwd_op.register_autograd(_bi_backward, setup_context=_bi_setup_context)
+bi_selective_scan_fwd_op.register_autograd(
+    lambda ctx, dout, dstates, dstates_b: _bi_grads(ctx, dout, bi_selective_scan_bwd_op),
+    setup_context=_bi_setup_context)
+
+
+class _BiScanFunction(torch.autograd.Function):
+    """Eager path of the bidirectional op (see _ScanFunction)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out, states, states_b = _bi_fwd(*inputs)
+        _bi_setup_context(ctx, inputs, (out, states, states_b))
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        return _bi_grads(ctx, dout, _bi_bwd)
 
 
 def triton_bi_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *,
                              u_b=None, delta_b=None, A_b=None, B_b=None, C_b=None, D_b=None, delta_bias_b=None,
                              divide_out=False):
     """The Triton backend of :func:`matten_kernels.bi_selective_scan` (inputs already validated)."""
-    out, _, _ = bi_selective_scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b,
-                                         delta_bias_b, bool(delta_softplus), bool(divide_out))
-    return out
+    args = (u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b, bool(delta_softplus),
+            bool(divide_out))
+    if _use_custom_op():
+        return bi_selective_scan_fwd_op(*args)[0]
+    return _BiScanFunction.apply(*args)

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._launch import launch
+from .._launch import cdiv, launch
 from .triton_fwd import (SAVE, SAVE_STEPS, _bt, _chunk_adjoint, _chunk_of, _chunk_scan, _exp2, _load_dt, _lstride,
                          _pick, scan_config, time_contiguous)
 
@@ -372,12 +372,12 @@ def selective_scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, i
         batch, dim, N, L, u.dtype, groups, dev.index if dev.type == "cuda" else None, backward=True,
         bidirectional=bidirectional)
     BLOCK_N = NH * NL
-    n_chunks = triton.cdiv(L, CHUNK)
-    n_saves = triton.cdiv(L, SAVE_STEPS)
+    n_chunks = cdiv(L, CHUNK)
+    n_saves = cdiv(L, SAVE_STEPS)
     assert states.shape[2] == n_saves, "forward and backward must save states every SAVE steps"
-    seg_chunks = triton.cdiv(n_saves, n_seg) * (SAVE_STEPS // CHUNK)
-    n_seg = triton.cdiv(n_chunks, seg_chunks)
-    n_dtiles = triton.cdiv(dim, BLOCK_D)
+    seg_chunks = cdiv(n_saves, n_seg) * (SAVE_STEPS // CHUNK)
+    n_seg = cdiv(n_chunks, seg_chunks)
+    n_dtiles = cdiv(dim, BLOCK_D)
     A, Ab = A.contiguous(), Ab.contiguous()
     f32 = torch.float32
     empty = torch.empty(0, device=dev, dtype=f32)

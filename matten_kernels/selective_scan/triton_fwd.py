@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreting
-from .._launch import launch
+from .._launch import cdiv, launch, next_power_of_2
 
 LOG2E = 1.4426950408889634
 SAVE_STEPS = 64  # the forward saves the state every SAVE_STEPS steps; a multiple of every CHUNK
@@ -328,6 +328,7 @@ def _sm_count(device_index) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of its arguments; called on every launch (host time)
 def scan_config(batch: int, dim: int, N: int, L: int, dtype=torch.bfloat16, groups=(1,), device=None,
                 backward: bool = False, bidirectional: bool = False):
     """(BLOCK_D, NH, NL, CHUNK, num_warps, n_seg) for a problem.
@@ -337,7 +338,7 @@ def scan_config(batch: int, dim: int, N: int, L: int, dtype=torch.bfloat16, grou
     the grid holds ~2 waves of the SMs at the occupancy the registers allow; segments are whole SAVE_STEPS blocks.
     With G > 1, BLOCK_D divides dim / G so that a tile lies in one group.
     """
-    BLOCK_N = triton.next_power_of_2(N)
+    BLOCK_N = next_power_of_2(N)
     CHUNK = 4
     # H100 sweep (a6324a5, bf16, global/spatial XL): the forward is fastest with 8 states per thread (N = 16: 2
     # lanes), the backward, which keeps ~4x more arrays live, with 4; one warp per program in both.
@@ -349,20 +350,20 @@ def scan_config(batch: int, dim: int, N: int, L: int, dtype=torch.bfloat16, grou
         while BLOCK_D > 1 and G > 1 and (dim // G) % BLOCK_D != 0:
             BLOCK_D //= 2
     num_warps = max(1, BLOCK_D * NL // 32)
-    n_saves = triton.cdiv(L, SAVE_STEPS)
-    warps = batch * triton.cdiv(dim, BLOCK_D) * num_warps
+    n_saves = cdiv(L, SAVE_STEPS)
+    warps = batch * cdiv(dim, BLOCK_D) * num_warps
     target = 2 * _sm_count(device) * (16 if backward else 24)
     n_seg = 1
     if not triton_interpreting():
         n_seg = max(1, min(n_saves, target // max(warps, 1)))
-    seg_saves = triton.cdiv(n_saves, n_seg)
-    n_seg = triton.cdiv(n_saves, seg_saves)
+    seg_saves = cdiv(n_saves, n_seg)
+    n_seg = cdiv(n_saves, seg_saves)
     return BLOCK_D, NH, NL, CHUNK, num_warps, n_seg
 
 
 def n_saved_states(L: int) -> int:
     """The number of states the forward saves per (batch, channel): one every SAVE steps."""
-    return triton.cdiv(L, SAVE_STEPS)
+    return cdiv(L, SAVE_STEPS)
 
 
 def _bt(X):
@@ -370,7 +371,7 @@ def _bt(X):
     G = 1 if X.dim() == 3 else X.shape[1]
     N = X.shape[-2]
     Xt = X.reshape(X.shape[0], G, N, X.shape[-1]).to(torch.float32)
-    BLOCK_N = triton.next_power_of_2(N)
+    BLOCK_N = next_power_of_2(N)
     if BLOCK_N != N:
         Xt = torch.nn.functional.pad(Xt, (0, 0, 0, BLOCK_N - N))
     return Xt.contiguous(), G
@@ -408,9 +409,9 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta
     groups = (G_B, G_C, G_Bb, G_Cb) if bidirectional else (G_B, G_C)
     BLOCK_D, NH, NL, CHUNK, num_warps, n_seg = config or scan_config(
         batch, dim, N, L, u.dtype, groups, dev.index if dev.type == "cuda" else None, bidirectional=bidirectional)
-    n_chunks = triton.cdiv(L, CHUNK)
-    seg_chunks = triton.cdiv(n_saved_states(L), n_seg) * (SAVE_STEPS // CHUNK)
-    n_seg = triton.cdiv(n_chunks, seg_chunks)
+    n_chunks = cdiv(L, CHUNK)
+    seg_chunks = cdiv(n_saved_states(L), n_seg) * (SAVE_STEPS // CHUNK)
+    n_seg = cdiv(n_chunks, seg_chunks)
     A, A_b = A.contiguous(), A_b.contiguous()
     f32 = torch.float32
 
@@ -450,7 +451,7 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta
         HAS_H0=initial_state is not None, BIDIR=bidirectional, HAS_D_B=D_b is not None,
         HAS_BIAS_B=delta_bias_b is not None, num_warps=num_warps,
     )
-    n_dtiles = triton.cdiv(dim, BLOCK_D)
+    n_dtiles = cdiv(dim, BLOCK_D)
     if n_seg > 1:
         launch(_selective_scan_fwd_kernel, (n_dtiles, batch, n_dir * n_seg), args, dict(meta, SUMMARY=True))
     launch(_selective_scan_fwd_kernel, (n_dtiles, batch, n_seg), args, dict(meta, SUMMARY=False))
