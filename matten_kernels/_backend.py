@@ -21,6 +21,17 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def use_custom_op() -> bool:
+    """Whether a Triton op should go through its ``torch.library`` custom op rather than its eager
+    autograd.Function: torch.compile traces the opaque custom ops (they have fake kernels), and eager code under a
+    dispatch mode (FlopCounterMode, FakeTensorMode...) sees ops only through the dispatcher. Plain eager calls take
+    the autograd.Function over the same launchers, which skips the custom-op dispatch layers (about as much host time
+    again as the Python around the kernels: NOTES_attention.md)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+
+
 def choose_backend(backend: str | None, device: torch.device, op: str, available=("triton", "ref")) -> str:
     """Resolve ``backend`` for tensors on ``device``.
 

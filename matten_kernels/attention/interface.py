@@ -11,9 +11,8 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .._backend import FLOAT_DTYPES, check_tensor, choose_backend
+from .._backend import FLOAT_DTYPES, check_tensor, choose_backend, use_custom_op
 from .reference import video_attention_ref
 
 AXES = ("spatial", "temporal", "global")
@@ -191,8 +190,6 @@ def video_attention(q, k, v, *, num_frames, axis, softmax_scale=None, backend=No
     if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{_OP}: backend='triton' supports {[str(d) for d in FLOAT_DTYPES]}, got {q.dtype}")
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
-    # torch.compile traces the opaque custom op (it has a fake kernel); so does eager code under a dispatch mode
-    # (FlopCounterMode, FakeTensorMode...), which sees ops only through the dispatcher.
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+    if use_custom_op():
         return _attention_fwd(q, k, v, num_frames, axis, scale)[0]
     return _VideoAttentionFunction.apply(q, k, v, num_frames, axis, scale)

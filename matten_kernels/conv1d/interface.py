@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import FLOAT_DTYPES, check_tensor, choose_backend
+from .._backend import FLOAT_DTYPES, check_tensor, choose_backend, use_custom_op
 from .reference import bi_depthwise_conv1d_silu_ref, depthwise_conv1d_silu_ref
 
 BACKENDS = ("triton", "ref")
@@ -69,12 +69,12 @@ def _conv_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _conv_backward(ctx, dy):
+def _conv_grads(ctx, dy, bwd):
     x, weight, bias = ctx.saved_tensors
-    return _conv_bwd(dy, x, weight, bias)
+    return bwd(dy, x, weight, bias)
 
 
-_conv_fwd.register_autograd(_conv_backward, setup_context=_conv_setup)
+_conv_fwd.register_autograd(lambda ctx, dy: _conv_grads(ctx, dy, _conv_bwd), setup_context=_conv_setup)
 
 
 @torch.library.custom_op("matten::bi_depthwise_conv1d_silu_fwd", mutates_args=())
@@ -107,17 +107,50 @@ def _(dy, dy_b, x, weight, bias, weight_b, bias_b):
             weight_b.new_empty(weight_b.shape), bias_b.new_empty(bias_b.shape))
 
 
-def _bi_conv_backward(ctx, dy, dy_b):
+def _bi_conv_grads(ctx, dy, dy_b, bwd):
     x, weight, bias, weight_b, bias_b = ctx.saved_tensors
     # An output that does not reach the loss has no gradient; its direction then contributes nothing.
     if dy is None:
         dy = torch.zeros_like(x)
     if dy_b is None:
         dy_b = torch.zeros_like(x)
-    return _bi_conv_bwd(dy, dy_b, x, weight, bias, weight_b, bias_b)
+    return bwd(dy, dy_b, x, weight, bias, weight_b, bias_b)
 
 
-_bi_conv_fwd.register_autograd(_bi_conv_backward, setup_context=_conv_setup)
+_bi_conv_fwd.register_autograd(lambda ctx, dy, dy_b: _bi_conv_grads(ctx, dy, dy_b, _bi_conv_bwd),
+                               setup_context=_conv_setup)
+
+
+def _launch_bwd(dy, x, weight, bias):
+    from .triton_bwd import dwconv_silu_bwd_launch
+
+    return dwconv_silu_bwd_launch(dy, None, x, weight, bias)
+
+
+def _launch_bi_bwd(dy, dy_b, x, weight, bias, weight_b, bias_b):
+    from .triton_bwd import dwconv_silu_bwd_launch
+
+    return dwconv_silu_bwd_launch(dy, dy_b, x, weight, bias, weight_b, bias_b)
+
+
+class _ConvFunction(torch.autograd.Function):
+    """Eager path of both ops (one or two directions): the same launchers as the custom ops, without the
+    torch.library dispatch layers (``matten_kernels._backend.use_custom_op``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, weight_b=None, bias_b=None):
+        from .triton_fwd import dwconv_silu_fwd_launch
+
+        inputs = (x, weight, bias) if weight_b is None else (x, weight, bias, weight_b, bias_b)
+        _conv_setup(ctx, inputs, None)
+        ctx.set_materialize_grads(False)
+        return dwconv_silu_fwd_launch(*inputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if len(ctx.saved_tensors) == 3:
+            return (*_conv_grads(ctx, grads[0], _launch_bwd), None, None)
+        return _bi_conv_grads(ctx, *grads, _launch_bi_bwd)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,7 +195,7 @@ def depthwise_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     backend = choose_backend(backend, x.device, op, available=BACKENDS)
     if backend == "ref":
         return depthwise_conv1d_silu_ref(x, weight, bias)
-    return _conv_fwd(x, weight, bias)
+    return _conv_fwd(x, weight, bias) if use_custom_op() else _ConvFunction.apply(x, weight, bias)
 
 
 def bi_depthwise_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, weight_b: torch.Tensor,
@@ -189,4 +222,6 @@ def bi_depthwise_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     backend = choose_backend(backend, x.device, op, available=BACKENDS)
     if backend == "ref":
         return bi_depthwise_conv1d_silu_ref(x, weight, bias, weight_b, bias_b)
-    return _bi_conv_fwd(x, weight, bias, weight_b, bias_b)
+    if use_custom_op():
+        return _bi_conv_fwd(x, weight, bias, weight_b, bias_b)
+    return _ConvFunction.apply(x, weight, bias, weight_b, bias_b)

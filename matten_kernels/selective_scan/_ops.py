@@ -20,8 +20,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from .._backend import use_custom_op
 from .triton_bwd import selective_scan_bwd
 from .triton_fwd import n_saved_states, selective_scan_fwd
 
@@ -138,17 +138,11 @@ class _ScanFunction(torch.autograd.Function):
         return _scan_grads(ctx, dout, dlast_state, _scan_bwd)
 
 
-def _use_custom_op() -> bool:
-    """torch.compile traces the opaque custom ops (they have fake kernels); so does eager code under a dispatch
-    mode, which sees ops only through the dispatcher. Plain eager calls take the leaner autograd.Function."""
-    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
-
-
 def triton_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False, *, initial_state=None):
     """The Triton backend of :func:`matten_kernels.selective_scan` (inputs already validated)."""
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus))
-    if _use_custom_op():
+    if use_custom_op():
         out, last_state, _ = selective_scan_fwd_op(*args)
     else:
         out, last_state = _ScanFunction.apply(*args)
@@ -263,6 +257,6 @@ def triton_bi_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     """The Triton backend of :func:`matten_kernels.bi_selective_scan` (inputs already validated)."""
     args = (u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b, bool(delta_softplus),
             bool(divide_out))
-    if _use_custom_op():
+    if use_custom_op():
         return bi_selective_scan_fwd_op(*args)[0]
     return _BiScanFunction.apply(*args)
