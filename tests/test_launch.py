@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from matten_kernels._backend import triton_interpreting
 from matten_kernels._launch import _spec
 
 
@@ -27,3 +28,25 @@ def test_key_refuses_types_it_cannot_describe():
         _spec(np.int64(16))
     with pytest.raises(TypeError, match="str"):
         _spec("x")
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or triton_interpreting()), reason="needs CUDA or TRITON_INTERPRET=1")
+def test_eager_calls_take_the_autograd_function_path():
+    # plain eager calls skip the torch.library dispatch layers (host time); torch.compile and dispatch modes use the
+    # custom ops (covered by the opcheck / compile / FlopCounterMode tests)
+    from matten_kernels import bi_selective_scan, selective_scan, video_attention
+    from matten_kernels.conv1d import bi_depthwise_conv1d_silu
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    r = lambda *s: torch.randn(*s, device=dev, requires_grad=True)  # noqa: E731
+    u, delta, B, C = r(1, 4, 8), r(1, 4, 8), r(1, 2, 8), r(1, 2, 8)
+    A = (-torch.rand(4, 2, device=dev)).requires_grad_()
+    q = r(1, 4, 1, 16)
+    outs = {
+        "_ScanFunction": selective_scan(u, delta, A, B, C, backend="triton"),
+        "_BiScanFunction": bi_selective_scan(u, delta, A, B, C, backend="triton"),
+        "_ConvFunction": bi_depthwise_conv1d_silu(u, r(4, 4), r(4), r(4, 4), r(4), backend="triton")[0],
+        "_VideoAttentionFunction": video_attention(q, q, q, num_frames=2, axis="temporal", backend="triton"),
+    }
+    for name, out in outs.items():
+        assert type(out.grad_fn).__name__ == name + "Backward", (name, out.grad_fn)
