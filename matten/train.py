@@ -505,10 +505,11 @@ def _train_loop(args, d: Dist, dataset, data_info, vae, vae_for_sampling, create
     log_path = os.path.join(args.output, "loss.csv")
     if d.main and not (args.resume and os.path.isfile(log_path)):
         with open(log_path, "w") as fh:
-            fh.write("step,loss,mse,vb\n")
+            fh.write("step,loss,mse,vb,grad_norm\n")
     pbar = tqdm(total=args.steps, initial=start_step, disable=not (d.main and args.progress), mininterval=5.0,
                 desc="train", dynamic_ncols=True)
-    pending: list[torch.Tensor] = []  # per-step (loss, mse, vb) on the device; flushed at log time (no sync per step)
+    # per-step (loss, mse, vb, gradient norm before clipping) on the device; flushed at log time (no sync per step)
+    pending: list[torch.Tensor] = []
     step, t_start, t_log, step_log, last_loss = start_step, time.time(), time.time(), start_step, None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -517,18 +518,19 @@ def _train_loop(args, d: Dist, dataset, data_info, vae, vae_for_sampling, create
         nonlocal pending, t_log, step_log, last_loss
         if not pending:
             return
-        values = d.mean(torch.stack(pending)).cpu()  # (n, 3), averaged over ranks
+        values = d.mean(torch.stack(pending)).cpu()  # (n, 4), averaged over ranks
         first = step - len(pending) + 1
         if d.main:
             with open(log_path, "a") as fh:
-                for i, (l, m, v) in enumerate(values.tolist()):
-                    fh.write(f"{first + i},{l:.6f},{m:.6f},{v:.6f}\n")
+                for i, (l, m, v, g) in enumerate(values.tolist()):
+                    fh.write(f"{first + i},{l:.6f},{m:.6f},{v:.6f},{g:.6f}\n")
         elapsed = time.time() - t_log
         mean = values.mean(0).tolist()
         last_loss = values[-1, 0].item()
         mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
         if d.main:
-            msg = (f"step {step}/{args.steps} loss {mean[0]:.4f} (mse {mean[1]:.4f} vb {mean[2]:.4f}) "
+            msg = (f"step {step}/{args.steps} loss {mean[0]:.4f} (mse {mean[1]:.4f} vb {mean[2]:.4f}) grad norm "
+                   f"{mean[3]:.3f} max {values[:, 3].max().item():.3f}; "
                    f"{(step - step_log) / max(elapsed, 1e-9):.2f} it/s peak mem {mem:.2f} GiB")
             logger.info(msg)
         pending, t_log, step_log = [], time.time(), step
@@ -555,14 +557,16 @@ def _train_loop(args, d: Dist, dataset, data_info, vae, vae_for_sampling, create
             loss = losses["loss"].mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            # the norm is logged (divergence diagnostics); with no clipping the factor is exactly 1
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                       args.grad_clip if args.grad_clip > 0 else float("inf"))
             for group in opt.param_groups:  # a function of the step alone, so --resume reproduces it
                 group["lr"] = learning_rate(args.lr, step, args.warmup_steps)
             opt.step()
             ema.update(model, step)
             step += 1
-            pending.append(torch.stack([loss.detach(), losses["mse"].mean().detach(), losses["vb"].mean().detach()]))
+            pending.append(torch.stack([loss.detach(), losses["mse"].mean().detach(), losses["vb"].mean().detach(),
+                                        grad_norm.detach().to(loss.dtype)]))
             pbar.update(1)
             timed_out = args.max_time is not None and time.time() - t_start > args.max_time
             stop = step >= args.steps or d.any(timed_out)
