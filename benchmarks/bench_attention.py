@@ -1,16 +1,24 @@
 """Video attention benchmark: matten's Triton kernels vs torch SDPA with the rearranges, fwd and fwd+bwd.
 
 Shape (SPEC.md section 7 anchor): B=2, F=16, S=256, H=16, head_dim=72, bf16, q/k/v as views of a packed
-(B, F*S, 3, H, hd) projection. Both providers start from that packed tensor and end with (B, F*S, H, hd):
-SDPA needs einops rearranges to (sequences, H, L, hd) and back (their copies are part of its cost, as in the model);
-ours reads the packed layout through strides. flash-attn is not a provider: it is not a dependency of this project.
+(B, F*S, 3, H, hd) projection. Every provider starts from that packed tensor and ends with (B, F*S, H, hd), its
+gradient the gradient of the packed tensor: SDPA needs einops rearranges to (sequences, H, L, hd) and back (their
+copies are part of its cost, as in the model); ours (`matten`, what the model calls) is `video_attention_qkvpacked`,
+which reads the packed layout through strides and writes the packed gradient; `matten-views` is
+`video_attention(*qkv.unbind(2))`, whose backward autograd finishes with a stack of the three gradients.
+flash-attn is not a provider: it is not a dependency of this project.
+
+Timing: `triton.testing.do_bench` medians of eager calls (host time included whenever it exceeds the GPU's), and with
+`--cudagraph` also `do_bench_cudagraph` (the same calls replayed from a CUDA graph: device time only, the regime of a
+captured training step or torch.compile's "reduce-overhead"); every row says which.
 
 Cost model (attention FLOPs counted explicitly, SPEC.md): forward 4 * L^2 * hd per head per sequence, backward 2.5x
 that. Bytes floor: forward reads q, k, v and writes o (4 x B*N*H*hd*2 bytes); fwd+bwd adds reading q, k, v, o, dO
 and writing dq, dk, dv (12 x in all). Floor = max(bytes / 3.0 TB/s, FLOPs / 693 TFLOP/s) (device copy rate and bf16
 matmul rate measured on an H100, SPEC.md section 7).
 
-Usage: PYTHONPATH=. python benchmarks/bench_attention.py [--check] [--variants] [--sweep-configs 3] [--out DIR]
+Usage: PYTHONPATH=. python benchmarks/bench_attention.py [--check] [--cudagraph] [--variants] [--sweep-configs 3]
+       [--providers matten,matten-views,sdpa] [--out DIR]
 """
 
 from __future__ import annotations
@@ -26,9 +34,9 @@ import torch
 import torch.nn.functional as Fn
 import triton
 from einops import rearrange
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
-from matten_kernels import video_attention, video_attention_ref
+from matten_kernels import video_attention, video_attention_qkvpacked, video_attention_ref
 from matten_kernels.attention import triton_bwd, triton_fwd
 
 COPY_BW = 3.0e12  # bytes/s, H100 device-to-device copy (SPEC.md section 7)
@@ -55,6 +63,10 @@ def sdpa_provider(qkv, F, axis):
 
 
 def matten_provider(qkv, F, axis):
+    return video_attention_qkvpacked(qkv, num_frames=F, axis=axis)
+
+
+def matten_views_provider(qkv, F, axis):
     q, k, v = qkv.unbind(2)
     return video_attention(q, k, v, num_frames=F, axis=axis)
 
@@ -64,16 +76,24 @@ def attention_flops(B, F, S, H, D, axis):
     return 4 * L * L * D * nseq * B * H
 
 
-def time_provider(fn, qkv, cot, F, axis, mode):
+def time_provider(fn, qkv, cot, F, axis, mode, timing="eager"):
+    """Median ms of one fwd or fwd+bwd call; ``timing`` "eager" (do_bench) or "cudagraph" (do_bench_cudagraph)."""
     if mode == "fwd":
         x = qkv.detach()
-        return do_bench(lambda: fn(x, F, axis), warmup=25, rep=100, return_mode="median")
-    x = qkv.detach().requires_grad_()
 
-    def step():
-        out = fn(x, F, axis)
-        torch.autograd.grad(out, x, cot)
+        def step():
+            fn(x, F, axis)
+    else:
+        x = qkv.detach().requires_grad_()
 
+        def step():
+            out = fn(x, F, axis)
+            torch.autograd.grad(out, x, cot)
+
+    if timing == "cudagraph":
+        step()  # compile and cache outside the capture
+        torch.cuda.synchronize()
+        return do_bench_cudagraph(step, rep=100, return_mode="median")
     return do_bench(step, warmup=25, rep=100, return_mode="median")
 
 
@@ -201,7 +221,9 @@ def main(argv=None):
     ap.add_argument("--head-dim", type=int, default=72)
     ap.add_argument("--variants", action="store_true", help="also time the padded (unsplit) head dim")
     ap.add_argument("--check", action="store_true", help="max error of the providers vs the fp32 reference")
-    ap.add_argument("--providers", default="matten,sdpa")
+    ap.add_argument("--providers", default="matten,matten-views,sdpa")
+    ap.add_argument("--cudagraph", action="store_true",
+                    help="also time every provider replayed from a CUDA graph (device time, no host overhead)")
     ap.add_argument("--sweep-configs", type=int, default=0, metavar="N",
                     help="first run config indices 0..N-1, each in a subprocess, then time the lowest that passed")
     ap.add_argument("--sweep-timeout", type=float, default=90)
@@ -227,7 +249,7 @@ def main(argv=None):
     qkv = torch.randn(B, F * S, 3, H, D, device="cuda", dtype=dtype)
     cot = torch.randn(B, F * S, H, D, device="cuda", dtype=dtype)
     elem = B * F * S * H * D * qkv.element_size()
-    all_providers = {"matten": matten_provider, "sdpa": sdpa_provider}
+    all_providers = {"matten": matten_provider, "matten-views": matten_views_provider, "sdpa": sdpa_provider}
     providers = {name: all_providers[name] for name in args.providers.split(",")}
     if triton_fwd.FIXED_CONFIG is not None:
         i = triton_fwd.FIXED_CONFIG
@@ -260,6 +282,7 @@ def main(argv=None):
 
     # (name, SPLIT_HEAD_DIM); the first is the library default
     variants = [("split", True)] + ([("padded", False)] if args.variants else [])
+    timings = ["eager"] + (["cudagraph"] if args.cudagraph else [])
     rows = []
     for axis in AXES:
         flops_fwd = attention_flops(B, F, S, H, D, axis)
@@ -267,16 +290,18 @@ def main(argv=None):
             flops = flops_fwd * (1 if mode == "fwd" else 3.5)
             nbytes = elem * (4 if mode == "fwd" else 12)
             floor_ms = max(nbytes / COPY_BW, flops / MATMUL_RATE) * 1e3
-            for name, fn in providers.items():
-                for vname, split in variants if name == "matten" else [("-", None)]:
-                    if split is not None:
-                        triton_fwd.SPLIT_HEAD_DIM = split
-                    ms = time_provider(fn, qkv, cot, F, axis, mode)
-                    rows.append(dict(axis=axis, mode=mode, provider=name, variant=vname, ms=ms,
-                                     tflops=flops / ms * 1e-9, floor_ms=floor_ms, floor_frac=floor_ms / ms,
-                                     flops=flops, bytes=nbytes, anchor_sdpa_ms=ANCHOR_SDPA_MS[axis][mode != "fwd"]))
-                    print(f"{axis:8s} {mode:7s} {name:6s} {vname:6s} {ms:8.3f} ms", flush=True)
-            triton_fwd.SPLIT_HEAD_DIM = True
+            for timing in timings:
+                for name, fn in providers.items():
+                    for vname, split in variants if name == "matten" else [("-", None)]:
+                        if split is not None:
+                            triton_fwd.SPLIT_HEAD_DIM = split
+                        ms = time_provider(fn, qkv, cot, F, axis, mode, timing)
+                        rows.append(dict(axis=axis, mode=mode, provider=name, variant=vname, timing=timing, ms=ms,
+                                         tflops=flops / ms * 1e-9, floor_ms=floor_ms, floor_frac=floor_ms / ms,
+                                         flops=flops, bytes=nbytes,
+                                         anchor_sdpa_ms=ANCHOR_SDPA_MS[axis][mode != "fwd"]))
+                        print(f"{axis:8s} {mode:7s} {timing:9s} {name:12s} {vname:6s} {ms:8.3f} ms", flush=True)
+                triton_fwd.SPLIT_HEAD_DIM = True
 
     breakdown = {}
     if args.profile:
@@ -302,7 +327,8 @@ def main(argv=None):
         gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, commit=git_commit(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         shape=dict(batch=B, frames=F, spatial=S, heads=H, head_dim=D, dtype=str(dtype)),
-        timing="triton.testing.do_bench median, warmup 25 ms, rep 100 ms",
+        timing="eager: triton.testing.do_bench median, warmup 25 ms, rep 100 ms; cudagraph: do_bench_cudagraph median, "
+               "rep 100 ms",
         fixed_config=triton_fwd.FIXED_CONFIG, tuned_configs=triton_fwd.tuned_configs(), sweep=sweep,
     )
     os.makedirs(args.out, exist_ok=True)
@@ -314,7 +340,8 @@ def main(argv=None):
         return
 
     print(f"# {meta['gpu']} torch {meta['torch']} triton {meta['triton']} commit {meta['commit']} -> {path}")
-    print(f"# B={B} F={F} S={S} H={H} hd={D} bf16, packed qkv; ms = do_bench median")
+    print(f"# B={B} F={F} S={S} H={H} hd={D} bf16, packed qkv; ms = median (eager: do_bench; cudagraph: "
+          "do_bench_cudagraph)")
     for line in sweep:
         print(line)
     for key, kernels in breakdown.items():
@@ -324,16 +351,20 @@ def main(argv=None):
     for c in checks:
         print(f"check {c['axis']:8s} {c['provider']:6s} max|err| out {c['max_err_out']:.2e} grad {c['max_err_grad']:.2e}"
               f" (sdpa {c['sdpa_err_out']:.2e} {c['sdpa_err_grad']:.2e}) {'ok' if c['flash_rule'] else 'FAIL'}")
-    print(f"{'axis':8s} {'mode':7s} {'variant':7s} {'ours ms':>8s} {'sdpa ms':>8s} {'speedup':>7s} {'TFLOP/s':>7s} "
-          f"{'floor%':>6s} {'anchor':>6s}  target")
+    print(f"{'axis':8s} {'mode':7s} {'timing':9s} {'provider':12s} {'variant':7s} {'ms':>8s} {'sdpa ms':>8s} "
+          f"{'speedup':>7s} {'TFLOP/s':>7s} {'floor%':>6s} {'anchor':>6s}  target")
     for axis in AXES:
         for mode in ("fwd", "fwd+bwd"):
-            sdpa = next(r for r in rows if r["axis"] == axis and r["mode"] == mode and r["provider"] == "sdpa")
-            for r in rows:
-                if r["axis"] == axis and r["mode"] == mode and r["provider"] == "matten":
-                    print(f"{axis:8s} {mode:7s} {r['variant']:7s} {r['ms']:8.3f} {sdpa['ms']:8.3f} "
-                          f"{sdpa['ms'] / r['ms']:6.2f}x {r['tflops']:7.1f} {100 * r['floor_frac']:5.1f}% "
-                          f"{r['anchor_sdpa_ms']:6.2f}  {TARGET[axis] if mode != 'fwd' else ''}")
+            for timing in timings:
+                sdpa = next(r for r in rows if r["axis"] == axis and r["mode"] == mode and r["provider"] == "sdpa"
+                            and r["timing"] == timing)
+                for r in rows:
+                    if (r["axis"] == axis and r["mode"] == mode and r["provider"] != "sdpa"
+                            and r["timing"] == timing):
+                        print(f"{axis:8s} {mode:7s} {timing:9s} {r['provider']:12s} {r['variant']:7s} {r['ms']:8.3f} "
+                              f"{sdpa['ms']:8.3f} {sdpa['ms'] / r['ms']:6.2f}x {r['tflops']:7.1f} "
+                              f"{100 * r['floor_frac']:5.1f}% {r['anchor_sdpa_ms']:6.2f}  "
+                              f"{TARGET[axis] if mode != 'fwd' and r['provider'] == 'matten' else ''}")
 
 
 if __name__ == "__main__":

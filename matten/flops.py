@@ -469,6 +469,16 @@ def _video_attention_bwd_flop(do, q, k, v, o, lse, num_frames, axis, softmax_sca
     return 5 * _video_attention_fwd_flop(q, k, v, num_frames, axis) // 2  # QK^T recomputed, dV, dP, dQ, dK
 
 
+def _video_attention_qkvpacked_fwd_flop(qkv, num_frames, axis, softmax_scale=None, *args, out_shape=None, **kwargs):
+    batch, tokens, _, heads, head_dim = qkv
+    return attention_matmul_flops(batch, tokens, heads, head_dim, _attention_seq_len(tokens, num_frames, axis))
+
+
+def _video_attention_qkvpacked_bwd_flop(do, qkv, o, lse, num_frames, axis, softmax_scale=None, *args,
+                                        out_shape=None, **kwargs):
+    return 5 * _video_attention_qkvpacked_fwd_flop(qkv, num_frames, axis) // 2  # as _video_attention_bwd_flop
+
+
 def _dwconv_fwd_flop(x, weight, bias, *args, out_shape=None, **kwargs):
     batch, channels, length = x
     return 2 * batch * channels * length * weight[-1]
@@ -518,6 +528,8 @@ _OP_FORMULAS = {
     "bi_selective_scan_bwd": _bi_scan_bwd_flop,
     "video_attention_fwd": _video_attention_fwd_flop,
     "video_attention_bwd": _video_attention_bwd_flop,
+    "video_attention_qkvpacked_fwd": _video_attention_qkvpacked_fwd_flop,
+    "video_attention_qkvpacked_bwd": _video_attention_qkvpacked_bwd_flop,
     "depthwise_conv1d_silu_fwd": _dwconv_fwd_flop,
     "depthwise_conv1d_silu_bwd": _dwconv_bwd_flop,
     "bi_depthwise_conv1d_silu_fwd": _bi_dwconv_fwd_flop,

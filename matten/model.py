@@ -6,7 +6,7 @@ model, position embeddings, presets. Architecture and presets: SPEC.md section 4
 
 Token layout everywhere: a clip of F frames with S = (H/p)(W/p) patches per frame is ``(B, F*S, D)`` frame-major
 (token ``f*S + s``, s row-major), the layout ``video_attention`` takes. Attention blocks never rearrange: they hand
-strided q/k/v views of the packed qkv projection to ``video_attention`` with ``axis="spatial"`` or ``"temporal"``.
+the packed qkv projection to ``video_attention_qkvpacked`` with ``axis="spatial"`` or ``"temporal"``.
 Mamba blocks scan the F*S tokens in that order ("spatial-first", global), or rearrange to one sequence per frame
 (spatial) or per position (temporal) in the batch dim.
 
@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from einops import rearrange, repeat
 
-from matten_kernels import video_attention
+from matten_kernels import video_attention_qkvpacked
 from matten_kernels.modules import BiMamba
 
 from ._compat import ConfigMixin, ModelMixin, Transformer2DModelOutput, register_to_config
@@ -123,9 +123,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         B, N, D = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)  # (B, F*S, 3, heads, head_dim)
-        q, k, v = qkv.unbind(dim=2)  # each (B, F*S, heads, head_dim): strided views, no copy
-        o = video_attention(q, k, v, num_frames=num_frames, axis=self.axis, backend=self.backend)  # (B, F*S, h, hd)
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)  # (B, F*S, 3, heads, head_dim), no copy
+        # read in place by the kernels; the backward writes the packed gradient of qkv directly
+        o = video_attention_qkvpacked(qkv, num_frames=num_frames, axis=self.axis, backend=self.backend)  # (B, F*S, h, hd)
         return self.proj(o.reshape(B, N, D))  # (B, F*S, D)
 
 

@@ -4,7 +4,7 @@ Every op has a plain PyTorch reference with the same signature (``*_ref``); the 
 """
 
 from .selective_scan import bi_selective_scan, bi_selective_scan_ref, selective_scan, selective_scan_ref
-from .attention import video_attention, video_attention_ref
+from .attention import video_attention, video_attention_qkvpacked, video_attention_qkvpacked_ref, video_attention_ref
 
 __all__ = [
     "selective_scan",
@@ -13,4 +13,6 @@ __all__ = [
     "bi_selective_scan_ref",
     "video_attention",
     "video_attention_ref",
+    "video_attention_qkvpacked",
+    "video_attention_qkvpacked_ref",
 ]

@@ -20,7 +20,12 @@ import torch
 import torch.nn.functional as Fn
 from einops import rearrange
 
-from matten_kernels import video_attention, video_attention_ref
+from matten_kernels import (
+    video_attention,
+    video_attention_qkvpacked,
+    video_attention_qkvpacked_ref,
+    video_attention_ref,
+)
 
 log = logging.getLogger(__name__)
 AXES = ("spatial", "temporal", "global")
@@ -59,18 +64,23 @@ def _errors(name, got, want):
     return err.max().item()
 
 
-def _check_fwd_bwd(backend, B, F, S, H, D, axis, scale=None):
+def _check_fwd_bwd(backend, B, F, S, H, D, axis, scale=None, packed=False):
+    """``packed``: through ``video_attention_qkvpacked(qkv)`` instead of ``video_attention(*qkv.unbind(2))``."""
     qkv, _ = packed_qkv(B, F * S, H, D)
-    q, k, v = qkv.requires_grad_().unbind(2)
-    out = video_attention(q, k, v, num_frames=F, axis=axis, softmax_scale=scale, backend=backend)
-    assert out.shape == (B, F * S, H, D) and out.is_contiguous() and out.dtype == q.dtype
+    qkv.requires_grad_()
+    if packed:
+        out = video_attention_qkvpacked(qkv, num_frames=F, axis=axis, softmax_scale=scale, backend=backend)
+    else:
+        out = video_attention(*qkv.unbind(2), num_frames=F, axis=axis, softmax_scale=scale, backend=backend)
+    assert out.shape == (B, F * S, H, D) and out.is_contiguous() and out.dtype == qkv.dtype
     cot = torch.randn_like(out)
     (grad,) = torch.autograd.grad(out, qkv, cot)
+    assert grad.shape == qkv.shape
 
     qkv64 = qkv.detach().double().requires_grad_()
     ref = masked_attention_fp64(*qkv64.unbind(2), F, axis, scale)
     (grad64,) = torch.autograd.grad(ref, qkv64, cot.double())
-    tag = f"{backend}/{axis}/F{F}S{S}D{D}"
+    tag = f"{backend}{'/packed' if packed else ''}/{axis}/F{F}S{S}D{D}"
     assert _errors(f"{tag} out", out, ref) <= CPU_ATOL
     for i, gname in enumerate("qkv"):
         assert _errors(f"{tag} d{gname}", grad[:, :, i], grad64[:, :, i]) <= CPU_ATOL
@@ -96,6 +106,32 @@ def test_ref_matches_fp64(F, S, D, axis):
 @pytest.mark.parametrize("F,S,D", SHAPES)
 def test_triton_matches_fp64(F, S, D, axis):
     _check_fwd_bwd("triton", 2, F, S, 2, D, axis)
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+@pytest.mark.parametrize("axis", AXES)
+@pytest.mark.parametrize("F,S,D", [SHAPES[0], SHAPES[3]])
+def test_qkvpacked_matches_fp64(F, S, D, axis, backend):
+    _check_fwd_bwd(backend, 2, F, S, 2, D, axis, packed=True)
+
+
+@pytest.mark.parametrize("axis", AXES)
+def test_qkvpacked_equals_views_route(axis):
+    """The packed entry runs the same kernels as the unbind route; only where the gradients are stored differs, so
+    outputs and gradients are identical bit for bit. qkv here is a non-contiguous view (strides read as given)."""
+    B, F, S, H, D = 2, 3, 6, 2, 24
+    base = torch.randn(B, 3, F * S, H, D)
+    qkv = base.transpose(1, 2)  # (B, N, 3, H, D), not contiguous
+    cot = torch.randn(B, F * S, H, D)
+    x1 = qkv.detach().requires_grad_()
+    x2 = qkv.detach().requires_grad_()
+    out1 = video_attention_qkvpacked(x1, num_frames=F, axis=axis, backend="triton")
+    out2 = video_attention(*x2.unbind(2), num_frames=F, axis=axis, backend="triton")
+    (g1,) = torch.autograd.grad(out1, x1, cot)
+    (g2,) = torch.autograd.grad(out2, x2, cot)
+    assert torch.equal(out1, out2) and torch.equal(g1, g2)
+    ref = video_attention_qkvpacked_ref(qkv, num_frames=F, axis=axis)
+    assert _errors("packed ref vs triton", out1, ref) <= CPU_ATOL
 
 
 @pytest.mark.parametrize(
@@ -181,7 +217,7 @@ def test_launch_plans_cached_and_xl_structure():
     video_attention(q, k, v, num_frames=3, axis="spatial", backend="triton")
     assert triton_fwd._fwd_plan.cache_info().hits == hits + 1
     for axis, n in (("spatial", 1), ("temporal", 1), ("global", 2)):
-        _, launches, needs_delta = triton_bwd._bwd_plan(2, 16, 4096, 72, 16, axis, 8, True, 256)
+        _, launches, needs_delta = triton_bwd._bwd_plan(2, 16, 4096, 72, 16, axis, 8, True, 256, 1)
         assert len(launches) == n and needs_delta == (n == 2), axis
 
 
@@ -287,6 +323,20 @@ def test_opcheck():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+def test_opcheck_qkvpacked():
+    from matten_kernels.attention import interface  # noqa: F401  (registers the ops)
+
+    qkv, _ = packed_qkv(1, 6, 1, 8)
+    torch.library.opcheck(torch.ops.matten.video_attention_qkvpacked_fwd.default, (qkv, 2, "temporal", 0.35))
+    o, lse = torch.ops.matten.video_attention_qkvpacked_fwd(qkv, 2, "temporal", 0.35)
+    do = torch.randn_like(o)
+    torch.library.opcheck(torch.ops.matten.video_attention_qkvpacked_bwd.default,
+                          (do, qkv, o, lse, 2, "temporal", 0.35))
+    torch.library.opcheck(torch.ops.matten.video_attention_qkvpacked_fwd.default,
+                          (qkv.clone().requires_grad_(), 3, "spatial", 0.35),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
 def test_torch_compile_fullgraph_cpu():
     """Dynamo traces the public function and the custom ops without graph breaks (aot_eager: no C++ toolchain)."""
     B, F, S, H, D = 1, 3, 4, 2, 8
@@ -295,7 +345,8 @@ def test_torch_compile_fullgraph_cpu():
     def f(qkv):
         q, k, v = qkv.unbind(2)
         x = video_attention(q, k, v, num_frames=F, axis="temporal", backend="triton")
-        return video_attention(x, k, v, num_frames=F, axis="spatial", backend="triton")
+        x = video_attention(x, k, v, num_frames=F, axis="spatial", backend="triton")
+        return x + video_attention_qkvpacked(qkv * 0.5, num_frames=F, axis="global", backend="triton")
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     qkv_e = qkv.clone().requires_grad_()
@@ -332,6 +383,24 @@ def test_validation_errors():
         video_attention(qd, qd, qd, num_frames=2, axis="spatial", backend="triton")
     with pytest.raises(TypeError, match="q must be a torch.Tensor"):
         video_attention(q.numpy(), q, q, num_frames=2, axis="spatial")
+
+
+def test_validation_errors_qkvpacked():
+    qkv = torch.randn(1, 6, 3, 2, 8)
+    with pytest.raises(ValueError, match="qkv must have 5 dimensions"):
+        video_attention_qkvpacked(qkv[:, :, 0], num_frames=2, axis="spatial")
+    with pytest.raises(ValueError, match=r"qkv must be \(batch, F\*S, 3, heads, head_dim\)"):
+        video_attention_qkvpacked(qkv[:, :, :2], num_frames=2, axis="spatial")
+    with pytest.raises(ValueError, match="video_attention_qkvpacked: the token count F\\*S = qkv.shape\\[1\\] = 6"):
+        video_attention_qkvpacked(qkv, num_frames=4, axis="spatial")
+    with pytest.raises(ValueError, match="unknown axis"):
+        video_attention_qkvpacked(qkv, num_frames=2, axis="time")
+    with pytest.raises(ValueError, match="head_dim"):
+        video_attention_qkvpacked(torch.randn(1, 2, 3, 1, 136), num_frames=1, axis="global")
+    with pytest.raises(TypeError, match="qkv must have dtype"):
+        video_attention_qkvpacked(qkv.int(), num_frames=2, axis="spatial")
+    with pytest.raises(TypeError, match="backend='triton' supports"):
+        video_attention_qkvpacked(qkv.double(), num_frames=2, axis="spatial", backend="triton")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -423,6 +492,23 @@ def test_gpu_deterministic(axis):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("axis", AXES)
+@pytest.mark.parametrize("B,F,S,H,D", GPU_SHAPES)
+def test_gpu_qkvpacked_equals_views_route(B, F, S, H, D, axis, dtype):
+    """Same kernels, gradients stored into one packed tensor: bitwise equal to the unbind route (whose accuracy the
+    flash-rule tests check)."""
+    qkv, _ = packed_qkv(B, F * S, H, D, dtype=dtype, device="cuda")
+    cot = torch.randn(B, F * S, H, D, dtype=dtype, device="cuda")
+    out1, g1 = _fwd_bwd(_matten, qkv, cot, F, axis)
+    x = qkv.detach().requires_grad_()
+    out2 = video_attention_qkvpacked(x, num_frames=F, axis=axis)
+    (g2,) = torch.autograd.grad(out2, x, cot)
+    assert g2.is_contiguous() and g2.shape == qkv.shape
+    assert torch.equal(out1, out2) and torch.equal(g1, g2)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("axis", AXES)
 def test_gpu_fp32(axis):
     B, F, S, H, D = 1, 6, 50, 2, 72
@@ -445,7 +531,8 @@ def test_gpu_torch_compile_fullgraph():
     def f(qkv):
         q, k, v = qkv.unbind(2)
         x = video_attention(q, k, v, num_frames=F, axis="temporal")
-        return video_attention(x, k, v, num_frames=F, axis="spatial")
+        x = video_attention(x, k, v, num_frames=F, axis="spatial")
+        return x + video_attention_qkvpacked(qkv * 0.5, num_frames=F, axis="global")
 
     compiled = torch.compile(f, fullgraph=True)
     qkv_e = qkv.clone().requires_grad_()

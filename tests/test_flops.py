@@ -135,7 +135,7 @@ def test_flop_counter_equals_analytic_on_custom_op_path():
     report = count_flops(model, batch=2)
     log.info("counter %d by op %s; analytic counted_by_torch %d, total %d (elementwise %d)", counted, by_op,
              report.counted_by_torch, report.total, report.by_kind["elementwise"])
-    for op in ("matten.video_attention_fwd", "matten.bi_selective_scan_fwd", "matten.bi_depthwise_conv1d_silu_fwd"):
+    for op in ("matten.video_attention_qkvpacked_fwd", "matten.bi_selective_scan_fwd", "matten.bi_depthwise_conv1d_silu_fwd"):
         assert by_op.get(op, 0) > 0, f"{op} was not counted: {by_op}"
     assert by_op["matten.bi_selective_scan_fwd"] == report.by_kind["scan"]
     assert counted == report.counted_by_torch

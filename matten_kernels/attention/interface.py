@@ -1,9 +1,14 @@
-"""Public entry point for video attention: validation, backend choice, then the reference or the Triton op.
+"""Public entry points for video attention: validation, backend choice, then the reference or the Triton op.
+
+Two entries, one set of kernels: ``video_attention(q, k, v)`` and ``video_attention_qkvpacked(qkv)``. The second
+takes the packed ``(batch, F*S, 3, heads, head_dim)`` projection output (what the model has) and returns its
+gradient as one packed tensor written by the backward kernel; through ``video_attention(*qkv.unbind(2))`` autograd
+would stack three separate gradients into it instead (one more kernel and a copy of 3 x the activations).
 
 Layers: ``triton_fwd.py`` / ``triton_bwd.py`` hold the kernels and their launchers (triton is imported only when
 an op first runs); this file registers them as ``torch.library`` custom ops (``matten::video_attention_fwd`` /
-``matten::video_attention_bwd``) with fake kernels and autograd (what torch.compile sees), plus a thin
-autograd.Function over the same launchers for eager calls, validates input and dispatches.
+``_bwd`` and their ``_qkvpacked`` twins) with fake kernels and autograd (what torch.compile sees), plus thin
+autograd.Functions over the same launchers for eager calls, validates input and dispatches.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import functools
 import torch
 
 from .._backend import FLOAT_DTYPES, check_tensor, choose_backend, use_custom_op
-from .reference import video_attention_ref
+from .reference import video_attention_qkvpacked_ref, video_attention_ref
 
 AXES = ("spatial", "temporal", "global")
 MAX_HEAD_DIM = 128
@@ -114,6 +119,69 @@ class _VideoAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+@torch.library.custom_op("matten::video_attention_qkvpacked_fwd", mutates_args=())
+def _attention_packed_fwd(
+    qkv: torch.Tensor, num_frames: int, axis: str, softmax_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As ``matten::video_attention_fwd`` on the slots of qkv (batch, F*S, 3, heads, head_dim), read in place."""
+    return _launchers()[0](*qkv.unbind(2), num_frames, axis, softmax_scale)
+
+
+@_attention_packed_fwd.register_fake
+def _(qkv, num_frames, axis, softmax_scale):
+    batch, tokens, _, heads, head_dim = qkv.shape
+    return (
+        qkv.new_empty((batch, tokens, heads, head_dim)),
+        qkv.new_empty((batch, heads, tokens), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("matten::video_attention_qkvpacked_bwd", mutates_args=())
+def _attention_packed_bwd(
+    do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, num_frames: int, axis: str,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """Returns dqkv (batch, F*S, 3, heads, head_dim) contiguous."""
+    return _launchers()[1](do, *qkv.unbind(2), o, lse, num_frames, axis, softmax_scale, packed=True)
+
+
+@_attention_packed_bwd.register_fake
+def _(do, qkv, o, lse, num_frames, axis, softmax_scale):
+    return qkv.new_empty(tuple(qkv.shape))
+
+
+def _setup_context_packed(ctx, inputs, output):
+    qkv, num_frames, axis, softmax_scale = inputs
+    ctx.save_for_backward(qkv, *output)  # the packed input (no copy), o, lse: as _setup_context
+    ctx.geometry = (num_frames, axis, softmax_scale)
+
+
+def _backward_packed(ctx, grad_o, grad_lse):
+    qkv, o, lse = ctx.saved_tensors
+    return _attention_packed_bwd(grad_o, qkv, o, lse, *ctx.geometry), None, None, None
+
+
+_attention_packed_fwd.register_autograd(_backward_packed, setup_context=_setup_context_packed)
+
+
+class _VideoAttentionQKVPackedFunction(torch.autograd.Function):
+    """Eager path of ``video_attention_qkvpacked`` (see _VideoAttentionFunction)."""
+
+    @staticmethod
+    def forward(ctx, qkv, num_frames, axis, softmax_scale):
+        o, lse = _launchers()[0](*qkv.unbind(2), num_frames, axis, softmax_scale)
+        ctx.save_for_backward(qkv, o, lse)
+        ctx.geometry = (num_frames, axis, softmax_scale)
+        return o
+
+    @staticmethod
+    def backward(ctx, grad_o):
+        qkv, o, lse = ctx.saved_tensors
+        num_frames, axis, softmax_scale = ctx.geometry
+        dqkv = _launchers()[1](grad_o, *qkv.unbind(2), o, lse, num_frames, axis, softmax_scale, packed=True)
+        return dqkv, None, None, None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # public function
 # ---------------------------------------------------------------------------------------------------------------
@@ -142,23 +210,38 @@ def _validate(q, k, v, num_frames, axis, softmax_scale):
     if _looks_valid(q, k, v, num_frames, axis, softmax_scale):
         return
     check_tensor("q", q, ndim=4, dtypes=_VALID_DTYPES, op=_OP)
-    batch, tokens, heads, head_dim = q.shape
     for name, t in (("k", k), ("v", v)):
         check_tensor(name, t, ndim=4, dtypes=(q.dtype,), device=q.device, shape=tuple(q.shape), op=_OP)
+    _validate_geometry(q.shape, num_frames, axis, softmax_scale, "q", _OP)
+
+
+def _validate_packed(qkv, num_frames, axis, softmax_scale):
+    """As ``_validate``, for a packed qkv (batch, F*S, 3, heads, head_dim)."""
+    op = "video_attention_qkvpacked"
+    check_tensor("qkv", qkv, ndim=5, dtypes=_VALID_DTYPES, op=op)
+    if qkv.shape[2] != 3:
+        raise ValueError(f"{op}: qkv must be (batch, F*S, 3, heads, head_dim), got shape {tuple(qkv.shape)}")
+    shape = qkv.shape
+    _validate_geometry((shape[0], shape[1], shape[3], shape[4]), num_frames, axis, softmax_scale, "qkv", op)
+
+
+def _validate_geometry(shape, num_frames, axis, softmax_scale, name, op):
+    """Checks shared by both entries; ``shape`` is (batch, F*S, heads, head_dim) of one of q, k, v."""
+    batch, tokens, heads, head_dim = shape
     if axis not in AXES:
-        raise ValueError(f"{_OP}: unknown axis {axis!r}; expected one of {list(AXES)}")
+        raise ValueError(f"{op}: unknown axis {axis!r}; expected one of {list(AXES)}")
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
-        raise ValueError(f"{_OP}: num_frames must be a positive int, got {num_frames!r}")
+        raise ValueError(f"{op}: num_frames must be a positive int, got {num_frames!r}")
     if tokens % num_frames != 0:
         raise ValueError(
-            f"{_OP}: the token count F*S = q.shape[1] = {tokens} is not divisible by num_frames={num_frames}"
+            f"{op}: the token count F*S = {name}.shape[1] = {tokens} is not divisible by num_frames={num_frames}"
         )
     if head_dim < 1 or head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"{_OP}: head_dim = q.shape[3] must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
+        raise ValueError(f"{op}: head_dim = {name}.shape[-1] must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
     if batch < 1 or tokens < 1 or heads < 1:
-        raise ValueError(f"{_OP}: q must have non-empty batch, token and head dims, got shape {tuple(q.shape)}")
+        raise ValueError(f"{op}: {name} must have non-empty batch, token and head dims, got shape {tuple(shape)}")
     if softmax_scale is not None and not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"{_OP}: softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+        raise TypeError(f"{op}: softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
 
 
 def video_attention(q, k, v, *, num_frames, axis, softmax_scale=None, backend=None):
@@ -193,3 +276,29 @@ def video_attention(q, k, v, *, num_frames, axis, softmax_scale=None, backend=No
     if use_custom_op():
         return _attention_fwd(q, k, v, num_frames, axis, scale)[0]
     return _VideoAttentionFunction.apply(q, k, v, num_frames, axis, scale)
+
+
+def video_attention_qkvpacked(qkv, *, num_frames, axis, softmax_scale=None, backend=None):
+    """:func:`video_attention` on a packed projection: ``qkv`` is ``(batch, F*S, 3, heads, head_dim)`` (any strides;
+    slots 0, 1, 2 are q, k, v), as the model's qkv Linear produces it after a view.
+
+    Same numerics, backends and output as ``video_attention(*qkv.unbind(2), ...)``; the difference is the backward:
+    the gradient of qkv is one contiguous ``(batch, F*S, 3, heads, head_dim)`` tensor whose three slots the Triton
+    backward writes directly, where the unbind route makes autograd stack three separate gradients (an extra kernel
+    and 3 x the activations copied, plus host time per call).
+    """
+    if not (isinstance(qkv, torch.Tensor) and qkv.dim() == 5 and qkv.shape[2] == 3 and qkv.dtype in _VALID_DTYPES
+            and axis in AXES and type(num_frames) is int and num_frames > 0 and qkv.shape[1] % num_frames == 0
+            and 0 < qkv.shape[4] <= MAX_HEAD_DIM and qkv.numel() > 0
+            and (softmax_scale is None or isinstance(softmax_scale, (int, float)))):
+        _validate_packed(qkv, num_frames, axis, softmax_scale)
+    chosen = choose_backend(backend, qkv.device, "video_attention_qkvpacked")
+    if chosen == "ref":
+        return video_attention_qkvpacked_ref(qkv, num_frames=num_frames, axis=axis, softmax_scale=softmax_scale)
+    if qkv.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"video_attention_qkvpacked: backend='triton' supports {[str(d) for d in FLOAT_DTYPES]}, "
+                        f"got {qkv.dtype}")
+    scale = float(qkv.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
+    if use_custom_op():
+        return _attention_packed_fwd(qkv, num_frames, axis, scale)[0]
+    return _VideoAttentionQKVPackedFunction.apply(qkv, num_frames, axis, scale)

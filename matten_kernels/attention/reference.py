@@ -26,3 +26,10 @@ def video_attention_ref(q, k, v, *, num_frames, axis, softmax_scale=None):
     o = p @ vs
     inverse = " -> ".join(reversed(pattern.split(" -> ")))
     return rearrange(o, inverse, b=batch, f=F, s=S).to(q.dtype).contiguous()
+
+
+def video_attention_qkvpacked_ref(qkv, *, num_frames, axis, softmax_scale=None):
+    """qkv: (batch, F*S, 3, heads, head_dim), slots q, k, v -> (batch, F*S, heads, head_dim); as
+    :func:`video_attention_ref` on the three slots."""
+    q, k, v = qkv.unbind(2)
+    return video_attention_ref(q, k, v, num_frames=num_frames, axis=axis, softmax_scale=softmax_scale)

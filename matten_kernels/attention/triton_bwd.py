@@ -86,7 +86,7 @@ def _load_vec(p, m, MASK: tl.constexpr):
 def _dkdv_pass(
     p_q_bh, p_k_bh, p_v_bh, p_o_bh, p_do_bh, p_lse_bh, p_delta_bh, p_dk_bh, p_dv_bh,
     i_blk, i_g, L, NSEQ, SEQ_STRIDE, TOK_STRIDE, scale, qk_scale,
-    s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_don, s_dod, s_gn,
+    s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_don, s_dod, s_on, s_gn,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_HELD: tl.constexpr,
     BLOCK_STREAM: tl.constexpr, PACK_LEN: tl.constexpr, MASK_STREAM: tl.constexpr, DELTA_IN_BUFFER: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
@@ -94,8 +94,8 @@ def _dkdv_pass(
     """dK, dV of key block i_blk of sequence i_g (packed: of group i_g's whole sequences), streaming the queries of
     their sequence(s); stores them. Head-dim chunks as in the forward: main [0, BLOCK_D), tail (suffix 2) when
     BLOCK_DT > 0. delta: read from p_delta (DELTA_IN_BUFFER) or recomputed from the streamed O and dO tiles.
-    Query-side pointers are built once and advanced by BLOCK_STREAM tokens per iteration. s_gn: token stride of
-    the contiguous o, dk, dv."""
+    Query-side pointers are built once and advanced by BLOCK_STREAM tokens per iteration. s_on / s_gn: token
+    strides of o and of dk, dv (head-dim stride 1 for all three)."""
     D_MASK: tl.constexpr = BLOCK_D > HEAD_DIM
     offs_d = tl.arange(0, BLOCK_D)
     offs_m = tl.arange(0, BLOCK_STREAM)
@@ -110,7 +110,7 @@ def _dkdv_pass(
     if DELTA_IN_BUFFER:
         p_delta_m = p_delta_bh + tok_q
     else:
-        p_om = _tile_ptrs(p_o_bh, tok_q, s_gn, offs_d, 1, False, ALIGN)  # O (BLOCK_STREAM, BLOCK_D)
+        p_om = _tile_ptrs(p_o_bh, tok_q, s_on, offs_d, 1, False, ALIGN)  # O (BLOCK_STREAM, BLOCK_D)
     b_dk = tl.zeros([BLOCK_HELD, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_HELD, BLOCK_D], dtype=tl.float32)
     if BLOCK_DT > 0:
@@ -120,13 +120,13 @@ def _dkdv_pass(
         p_qt2 = _tile_ptrs(p_q_bh, tok_q, s_qn, offs_d2, s_qd, True, ALIGN)
         p_dom2 = _tile_ptrs(p_do_bh, tok_q, s_don, offs_d2, s_dod, False, ALIGN)
         if not DELTA_IN_BUFFER:
-            p_om2 = _tile_ptrs(p_o_bh, tok_q, s_gn, offs_d2, 1, False, ALIGN)
+            p_om2 = _tile_ptrs(p_o_bh, tok_q, s_on, offs_d2, 1, False, ALIGN)
         b_dk2 = tl.zeros([BLOCK_HELD, BLOCK_DT], dtype=tl.float32)
         b_dv2 = tl.zeros([BLOCK_HELD, BLOCK_DT], dtype=tl.float32)
     step_tok = tl.full([], BLOCK_STREAM, tl.int64) * TOK_STRIDE
     step_q = step_tok * s_qn
     step_do = step_tok * s_don
-    step_o = step_tok * s_gn
+    step_o = step_tok * s_on
 
     # Packed mode: one query block (the same sequences as the keys). Looping mode: all L queries of the sequence.
     m_end = BLOCK_STREAM if PACK_LEN > 0 else L
@@ -188,7 +188,7 @@ def _dkdv_pass(
 def _dq_pass(
     p_q_bh, p_k_bh, p_v_bh, p_o_bh, p_do_bh, p_lse_bh, p_delta_bh, p_dq_bh,
     i_blk, i_g, L, NSEQ, SEQ_STRIDE, TOK_STRIDE, scale, qk_scale,
-    s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_don, s_dod, s_gn,
+    s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_don, s_dod, s_on, s_gn,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_HELD: tl.constexpr,
     BLOCK_STREAM: tl.constexpr, PACK_LEN: tl.constexpr, MASK_STREAM: tl.constexpr, DELTA_IN_BUFFER: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
@@ -204,7 +204,7 @@ def _dq_pass(
     tok_k, slot_k, m_k = _rows(i_g, 0, offs_n, L, NSEQ, SEQ_STRIDE, TOK_STRIDE, BLOCK_STREAM, PACK_LEN)
     b_q = _load_rows(p_q_bh, tok_q, s_qn, offs_d, s_qd, m_q, HEAD_DIM, D_MASK, ALIGN)
     b_do = _load_rows(p_do_bh, tok_q, s_don, offs_d, s_dod, m_q, HEAD_DIM, D_MASK, ALIGN)
-    b_delta = _rowdot(_load_rows(p_o_bh, tok_q, s_gn, offs_d, 1, m_q, HEAD_DIM, D_MASK, ALIGN), b_do)
+    b_delta = _rowdot(_load_rows(p_o_bh, tok_q, s_on, offs_d, 1, m_q, HEAD_DIM, D_MASK, ALIGN), b_do)
     p_kt = _tile_ptrs(p_k_bh, tok_k, s_kn, offs_d, s_kd, True, ALIGN)  # k^T (BLOCK_D, BLOCK_STREAM)
     p_vt = _tile_ptrs(p_v_bh, tok_k, s_vn, offs_d, s_vd, True, ALIGN)
     b_dq = tl.zeros([BLOCK_HELD, BLOCK_D], dtype=tl.float32)
@@ -212,7 +212,7 @@ def _dq_pass(
         offs_d2 = BLOCK_D + tl.arange(0, BLOCK_DT)
         b_q2 = _load_rows(p_q_bh, tok_q, s_qn, offs_d2, s_qd, m_q, HEAD_DIM, True, ALIGN)
         b_do2 = _load_rows(p_do_bh, tok_q, s_don, offs_d2, s_dod, m_q, HEAD_DIM, True, ALIGN)
-        b_delta += _rowdot(_load_rows(p_o_bh, tok_q, s_gn, offs_d2, 1, m_q, HEAD_DIM, True, ALIGN), b_do2)
+        b_delta += _rowdot(_load_rows(p_o_bh, tok_q, s_on, offs_d2, 1, m_q, HEAD_DIM, True, ALIGN), b_do2)
         p_kt2 = _tile_ptrs(p_k_bh, tok_k, s_kn, offs_d2, s_kd, True, ALIGN)
         p_vt2 = _tile_ptrs(p_v_bh, tok_k, s_vn, offs_d2, s_vd, True, ALIGN)
         b_dq2 = tl.zeros([BLOCK_HELD, BLOCK_DT], dtype=tl.float32)
@@ -257,7 +257,8 @@ def _dq_pass(
 
 @triton.jit
 def _video_attn_bwd_kernel(
-    # pointers (o, dq, dk, dv contiguous; p_delta: fp32 (batch, heads, F*S), used only with DELTA_IN_BUFFER)
+    # pointers (o contiguous; dq, dk, dv: the GRAD_GROUP slots of a contiguous (batch, F*S, GRAD_GROUP, heads,
+    # head_dim) buffer, see the launcher; p_delta: fp32 (batch, heads, F*S), used only with DELTA_IN_BUFFER)
     p_q, p_k, p_v, p_o, p_do, p_lse, p_delta, p_dq, p_dk, p_dv,
     # sizes
     H, N_TOK, L, NSEQ, SEQ_STRIDE, TOK_STRIDE, scale, qk_scale,
@@ -270,10 +271,12 @@ def _video_attn_bwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_HELD: tl.constexpr,
     BLOCK_STREAM: tl.constexpr, PACK_LEN: tl.constexpr, MASK_STREAM: tl.constexpr, DKDV: tl.constexpr,
     DQ: tl.constexpr, DELTA_IN_BUFFER: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    GRAD_GROUP: tl.constexpr,
 ):
     """One program: the dK/dV pass (DKDV) of key block i and/or the dQ pass (DQ) of query block i of one sequence
     (packed mode: both passes over one group of whole sequences). MASK_STREAM: streamed blocks need a token mask
-    (packed mode, or L not a multiple of BLOCK_STREAM)."""
+    (packed mode, or L not a multiple of BLOCK_STREAM). GRAD_GROUP: 1 for three separate contiguous gradients, 3
+    when dq, dk, dv are the slots of one packed dqkv (token stride 3 * H * HEAD_DIM)."""
     i_blk, i_g, i_bh = _program_ids(L, NSEQ, BLOCK_HELD, PACK_LEN)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
@@ -281,21 +284,22 @@ def _video_attn_bwd_kernel(
     p_k_bh = p_k + _bh_offset(i_b, i_h, s_kb, s_kh, ALIGN)
     p_v_bh = p_v + _bh_offset(i_b, i_h, s_vb, s_vh, ALIGN)
     p_do_bh = p_do + _bh_offset(i_b, i_h, s_dob, s_doh, ALIGN)
-    o_g_bh = _out_offset(i_b, i_h, N_TOK, H, HEAD_DIM, ALIGN)  # o, dq, dk, dv
+    o_o_bh = _out_offset(i_b, i_h, N_TOK, H, HEAD_DIM, ALIGN)  # o
+    o_g_bh = _out_offset(i_b, i_h, N_TOK, GRAD_GROUP * H, HEAD_DIM, ALIGN)  # dq, dk, dv
     o_row_bh = i_bh.to(tl.int64) * N_TOK  # lse, delta
     if DKDV:
         _dkdv_pass(
-            p_q_bh, p_k_bh, p_v_bh, p_o + o_g_bh, p_do_bh, p_lse + o_row_bh, p_delta + o_row_bh, p_dk + o_g_bh,
+            p_q_bh, p_k_bh, p_v_bh, p_o + o_o_bh, p_do_bh, p_lse + o_row_bh, p_delta + o_row_bh, p_dk + o_g_bh,
             p_dv + o_g_bh, i_blk, i_g, L, NSEQ, SEQ_STRIDE, TOK_STRIDE, scale, qk_scale,
-            s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_don, s_dod, H * HEAD_DIM,
+            s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_don, s_dod, H * HEAD_DIM, GRAD_GROUP * H * HEAD_DIM,
             HEAD_DIM, BLOCK_D, BLOCK_DT, BLOCK_HELD, BLOCK_STREAM, PACK_LEN, MASK_STREAM, DELTA_IN_BUFFER,
             DOT_PRECISION, ALIGN,
         )
     if DQ:
         _dq_pass(
-            p_q_bh, p_k_bh, p_v_bh, p_o + o_g_bh, p_do_bh, p_lse + o_row_bh, p_delta + o_row_bh, p_dq + o_g_bh,
+            p_q_bh, p_k_bh, p_v_bh, p_o + o_o_bh, p_do_bh, p_lse + o_row_bh, p_delta + o_row_bh, p_dq + o_g_bh,
             i_blk, i_g, L, NSEQ, SEQ_STRIDE, TOK_STRIDE, scale, qk_scale,
-            s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_don, s_dod, H * HEAD_DIM,
+            s_qn, s_qd, s_kn, s_kd, s_vn, s_vd, s_don, s_dod, H * HEAD_DIM, GRAD_GROUP * H * HEAD_DIM,
             HEAD_DIM, BLOCK_D, BLOCK_DT, BLOCK_HELD, BLOCK_STREAM, PACK_LEN, MASK_STREAM, DELTA_IN_BUFFER,
             DOT_PRECISION, ALIGN,
         )
@@ -352,10 +356,11 @@ def _interp_bwd_config(plen: int):
 
 @functools.lru_cache(maxsize=None)
 def _bwd_plan(batch: int, heads: int, num_tokens: int, head_dim: int, num_frames: int, axis: str, align: int,
-              split: bool, fused_max_len: int):
+              split: bool, fused_max_len: int, grad_group: int):
     """(runtime sizes, launches ((grid, meta), ...) in order, whether a delta buffer is needed) of the backward of one
     shape class, computed once."""
     L, nseq, plen, sizes, meta = shape_class(num_tokens, head_dim, num_frames, axis, align, split)
+    meta["GRAD_GROUP"] = grad_group
     interp = _interp_bwd_config(plen)
 
     def plan(name, configs, **passes):
@@ -373,19 +378,28 @@ def _bwd_plan(batch: int, heads: int, num_tokens: int, head_dim: int, num_frames
     return (heads, *sizes), launches, len(launches) > 1
 
 
-def video_attention_bwd_launch(do, q, k, v, o, lse, num_frames: int, axis: str, softmax_scale: float):
-    """Launcher: returns (dq, dk, dv), each (batch, F*S, heads, head_dim) contiguous in the dtype of q. ``o`` is the
-    forward's output (contiguous; made so otherwise), ``lse`` its logsumexp; ``do`` may have any strides."""
+def video_attention_bwd_launch(do, q, k, v, o, lse, num_frames: int, axis: str, softmax_scale: float,
+                               packed: bool = False):
+    """Launcher: returns (dq, dk, dv), each (batch, F*S, heads, head_dim) contiguous in the dtype of q, or with
+    ``packed`` one dqkv (batch, F*S, 3, heads, head_dim) contiguous, the gradient of a packed qkv whose slots q, k, v
+    are (the kernel writes the three slots directly: no stacking copy). ``o`` is the forward's output (contiguous;
+    made so otherwise), ``lse`` its logsumexp; ``do`` may have any strides."""
     batch, num_tokens, heads, head_dim = q.shape
     if not o.is_contiguous():
         o = o.contiguous()
+    group = 3 if packed else 1
     sizes, launches, needs_delta = _bwd_plan(batch, heads, num_tokens, head_dim, num_frames, axis,
-                                             alignment(q, k, v, o, do), triton_fwd.SPLIT_HEAD_DIM, FUSED_BWD_MAX_LEN)
-    shape = (batch, num_tokens, heads, head_dim)
-    dq, dk, dv = q.new_empty(shape), q.new_empty(shape), q.new_empty(shape)
+                                             alignment(q, k, v, o, do), triton_fwd.SPLIT_HEAD_DIM, FUSED_BWD_MAX_LEN,
+                                             group)
+    if packed:
+        dqkv = q.new_empty((batch, num_tokens, 3, heads, head_dim))
+        dq, dk, dv = dqkv.unbind(2)
+    else:
+        shape = (batch, num_tokens, heads, head_dim)
+        dq, dk, dv = q.new_empty(shape), q.new_empty(shape), q.new_empty(shape)
     delta = q.new_empty((batch, heads, num_tokens), dtype=torch.float32) if needs_delta else lse
     args = (q, k, v, o, do, lse, delta, dq, dk, dv, *sizes, softmax_scale, softmax_scale * LOG2E,
             *q.stride(), *k.stride(), *v.stride(), *do.stride())
     for grid, meta in launches:
         launch(_video_attn_bwd_kernel, grid, args, meta)
-    return dq, dk, dv
+    return dqkv if packed else (dq, dk, dv)
