@@ -157,10 +157,17 @@ def sdpa_video_attention(q, k, v, *, num_frames, axis, softmax_scale=None, backe
     return rearrange(o, inverse, b=batch, f=Fr, s=S)
 
 
+def sdpa_video_attention_qkvpacked(qkv, *, num_frames, axis, softmax_scale=None, backend=None):
+    """:func:`sdpa_video_attention` on the slots of a packed (batch, F*S, 3, heads, head_dim) qkv (signature of
+    ``matten_kernels.video_attention_qkvpacked``)."""
+    q, k, v = qkv.unbind(2)
+    return sdpa_video_attention(q, k, v, num_frames=num_frames, axis=axis, softmax_scale=softmax_scale)
+
+
 @contextlib.contextmanager
 def swap_in_baselines(model: nn.Module):
     """Run ``model`` on the baseline ops inside the ``with`` block: every BiMamba mixer is replaced by a
-    :class:`VimBiMamba` over its own parameters, and the model's attention calls ``sdpa_video_attention``.
+    :class:`VimBiMamba` over its own parameters, and the model's attention calls ``sdpa_video_attention_qkvpacked``.
     Everything is restored on exit."""
     from matten_kernels.modules import BiMamba
 
@@ -172,11 +179,11 @@ def swap_in_baselines(model: nn.Module):
             if isinstance(child, BiMamba):
                 setattr(parent, name, VimBiMamba(child))
                 replaced.append((parent, name, child))
-    saved_attention = getattr(model_module, "video_attention")
-    model_module.video_attention = sdpa_video_attention
+    saved_attention = model_module.video_attention_qkvpacked
+    model_module.video_attention_qkvpacked = sdpa_video_attention_qkvpacked
     try:
         yield model
     finally:
-        model_module.video_attention = saved_attention
+        model_module.video_attention_qkvpacked = saved_attention
         for parent, name, child in replaced:
             setattr(parent, name, child)

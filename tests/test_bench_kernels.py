@@ -107,6 +107,10 @@ def test_baselines_compute_the_same_function():
         x, t = torch.randn(2, 4, 4, 8, 8), torch.tensor([5, 700])
         ours = model(x, t).sample
         with swap_in_baselines(model):
+            import matten.model as model_module
+
+            # the swap reaches the name the attention blocks call
+            assert model_module.video_attention_qkvpacked.__name__ == "sdpa_video_attention_qkvpacked"
             base = model(x, t).sample
         again = model(x, t).sample  # restored on exit
     err = ((base - ours).norm() / ours.norm()).item()
