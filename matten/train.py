@@ -86,6 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--warmup-steps", type=int, default=0,
                    help="linear learning-rate warm-up over the first N steps (0: constant lr, the paper's recipe)")
     o.add_argument("--weight-decay", type=float, default=0.0)
+    o.add_argument("--adam-beta2", type=float, default=0.999,
+                   help="AdamW's second-moment decay (default 0.999, the paper's; lower values such as 0.99 bound the "
+                        "step a sudden gradient spike can cause, since the second moment catches up faster)")
     o.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
     o.add_argument("--ema-decay", type=float, default=0.9999)
     o.add_argument("--ema-warmup-steps", type=int, default=0, help="use --ema-warmup-decay for the first N steps")
@@ -399,6 +402,8 @@ def train(args: argparse.Namespace) -> dict:
 
     if args.warmup_steps < 0:
         raise ValueError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    if not 0.0 <= args.adam_beta2 < 1.0:
+        raise ValueError(f"--adam-beta2 must be in [0, 1), got {args.adam_beta2}")
     if args.steps < 0 or args.batch_size < 1:
         raise ValueError(f"--steps must be >= 0 and --batch-size >= 1, got {args.steps}, {args.batch_size}")
     d = Dist(args.device)
@@ -458,7 +463,7 @@ def _train_loop(args, d: Dist, dataset, data_info, vae, vae_for_sampling, create
         ema = EMA.paper(model)
     else:
         ema = EMA(model, decay=args.ema_decay, warmup_steps=args.ema_warmup_steps, warmup_decay=args.ema_warmup_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999),
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, args.adam_beta2),
                             fused=device.type == "cuda")
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed * 1000 + d.rank)  # timesteps and noise, per rank

@@ -259,3 +259,14 @@ def test_learning_rate_warmup_and_resume(tmp_path):
     assert not all(torch.equal(a[k], c[k]) for k in a)
     with pytest.raises(ValueError, match="warmup-steps"):
         _run(tmp_path, "bad", 1, "--warmup-steps", "-1")
+
+
+def test_adam_beta2_reaches_the_optimizer(tmp_path):
+    _run(tmp_path, "beta", 2, "--adam-beta2", "0.95")
+    step_dir = os.path.join(tmp_path, "beta", "checkpoints", "step_0000002")
+    metas = [f for f in os.listdir(step_dir) if f.endswith(".json")]
+    groups = [g for f in metas for g in json.load(open(os.path.join(step_dir, f))).get("optimizer", {})
+              .get("param_groups", [])]
+    assert groups and all(tuple(g["betas"]) == (0.9, 0.95) for g in groups), metas
+    with pytest.raises(ValueError, match="adam-beta2"):
+        _run(tmp_path, "bad", 1, "--adam-beta2", "1.0")
