@@ -255,6 +255,18 @@ def fixed_step_inputs(dataset, batch_size: int, device, seed: int = 0):
     return x0, labels, t, noise
 
 
+def largest_gradients(model: torch.nn.Module, k: int = 3) -> str:
+    """The ``k`` parameters with the largest gradient norms, as "name |grad| (weight rms)" (one host sync); logged
+    with the loss so that a diverging run names the parameters that blow up first."""
+    named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+    if not named:
+        return "-"
+    norms = torch.stack([p.grad.detach().float().norm() for _, p in named])
+    top = torch.topk(norms, min(k, len(named))).indices.tolist()
+    rms = torch.stack([named[i][1].detach().float().pow(2).mean().sqrt() for i in top]).tolist()
+    return ", ".join(f"{named[i][0]} {norms[i].item():.3g} (rms {r:.3g})" for i, r in zip(top, rms))
+
+
 def step_gradients(model, x0: torch.Tensor, labels: torch.Tensor | None, t: torch.Tensor, noise: torch.Tensor,
                    autocast=None) -> tuple[float, dict[str, torch.Tensor]]:
     """Mean loss and float64 gradients of one training step with fixed ``t`` and ``noise``, for comparing kernel
@@ -519,6 +531,8 @@ def _train_loop(args, d: Dist, dataset, data_info, vae, vae_for_sampling, create
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    largest = ""  # the parameters with the largest gradients at the last log step (divergence diagnostics)
+
     def flush_log():
         nonlocal pending, t_log, step_log, last_loss
         if not pending:
@@ -536,7 +550,8 @@ def _train_loop(args, d: Dist, dataset, data_info, vae, vae_for_sampling, create
         if d.main:
             msg = (f"step {step}/{args.steps} loss {mean[0]:.4f} (mse {mean[1]:.4f} vb {mean[2]:.4f}) grad norm "
                    f"{mean[3]:.3f} max {values[:, 3].max().item():.3f}; "
-                   f"{(step - step_log) / max(elapsed, 1e-9):.2f} it/s peak mem {mem:.2f} GiB")
+                   f"{(step - step_log) / max(elapsed, 1e-9):.2f} it/s peak mem {mem:.2f} GiB; largest gradients "
+                   f"{largest}")
             logger.info(msg)
         pending, t_log, step_log = [], time.time(), step
 
@@ -562,6 +577,8 @@ def _train_loop(args, d: Dist, dataset, data_info, vae, vae_for_sampling, create
             loss = losses["loss"].mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if d.main and ((step + 1) % args.log_every == 0):
+                largest = largest_gradients(model)
             # the norm is logged (divergence diagnostics); with no clipping the factor is exactly 1
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                        args.grad_clip if args.grad_clip > 0 else float("inf"))

@@ -270,3 +270,15 @@ def test_adam_beta2_reaches_the_optimizer(tmp_path):
     assert groups and all(tuple(g["betas"]) == (0.9, 0.95) for g in groups), metas
     with pytest.raises(ValueError, match="adam-beta2"):
         _run(tmp_path, "bad", 1, "--adam-beta2", "1.0")
+
+
+def test_largest_gradients_names_the_parameters():
+    from matten.train import largest_gradients
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    assert largest_gradients(model) == "-"  # no gradients yet
+    model(torch.randn(5, 3)).sum().backward()
+    with torch.no_grad():
+        model[1].bias.grad.fill_(1e6)
+    text = largest_gradients(model, k=2)
+    assert text.startswith("1.bias 1e+06 (rms") and text.count("(rms") == 2
