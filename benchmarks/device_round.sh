@@ -19,15 +19,21 @@ fi
   nvidia-smi -L
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   echo "commit ${MATTEN_COMMIT:-unknown}"
-  # GPU tests in groups, each under its own timeout (the whole suite runs longer than one 600 s device call: pass
-  # TEST_GROUPS, groups separated by '|', to run a subset per call)
-  GROUPS_DEFAULT="tests/test_selective_scan_gpu.py|tests/test_bi_selective_scan.py tests/test_bimamba.py tests/test_conv1d.py tests/test_demo_shapes_gpu.py|tests/test_attention.py tests/test_model.py|tests/test_cuda_scan.py tests/test_bench_kernels.py"
+  # GPU tests in groups, run side by side (a fresh machine spends most of the suite compiling Triton kernels, one CPU
+  # core per pytest process; three groups in parallel took 168 s where one process ran out of 300 s), each under its
+  # own timeout. TEST_GROUPS: groups separated by '|'.
+  GROUPS_DEFAULT="tests/test_selective_scan_gpu.py tests/test_launch.py|tests/test_bi_selective_scan.py tests/test_bimamba.py tests/test_conv1d.py tests/test_demo_shapes_gpu.py|tests/test_attention.py tests/test_model.py|tests/test_cuda_scan.py tests/test_bench_kernels.py"
   IFS='|' read -ra TEST_GROUP_LIST <<< "${TEST_GROUPS:-$GROUPS_DEFAULT}"
+  i=0
   for group in "${TEST_GROUP_LIST[@]}"; do
-    echo "== gpu tests: $group"
-    timeout ${TEST_TIMEOUT:-280} python3 -m pytest -q -m gpu $group -p no:cacheprovider --benchmark-disable \
-      --durations=5 ${TEST_ARGS:-} 2>&1 | tail -25
-    echo "rc ${PIPESTATUS[0]}"
+    timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -m gpu $group -p no:cacheprovider --benchmark-disable \
+      --durations=5 ${TEST_ARGS:-} > "$OUT/gpu_tests_$i.log" 2>&1 &
+    i=$((i + 1))
+  done
+  wait
+  for j in $(seq 0 $((i - 1))); do
+    echo "== gpu tests: ${TEST_GROUP_LIST[$j]}"
+    tail -12 "$OUT/gpu_tests_$j.log"
   done
   echo "== selfcheck bf16"
   timeout 90 python3 -m matten selfcheck --dtype bfloat16 2>&1 | tail -12
