@@ -45,6 +45,7 @@ class MattenConfig:
     # ---- architecture ------------------------------------------------------------------------------------------------
     variant: int | str = 3  # 1, 2, 3, 4 or "latte" (module docstring; SPEC.md section 4)
     condition: str = "adan"  # "adan": adaLN / M-AdaN modulation; "tokens": DiS-style condition tokens
+    qk_norm: bool = False  # RMS-normalise q and k per head (learned scale): not in the paper; bounds attention logits
     # ---- conditioning ------------------------------------------------------------------------------------------------
     num_classes: int = 0  # 0 = unconditional; > 0 adds a class embedding table
     class_dropout_prob: float = 0.1  # label dropout in training; > 0 also adds the null class used by CFG
@@ -93,6 +94,8 @@ class MattenConfig:
         if self.sample_size % self.patch_size:
             raise ValueError(f"MattenConfig.sample_size={self.sample_size} is not divisible by "
                              f"patch_size={self.patch_size}")
+        if not isinstance(self.qk_norm, bool):
+            raise ValueError(f"MattenConfig.qk_norm must be a bool, got {self.qk_norm!r}")
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
             raise ValueError(f"MattenConfig.num_classes must be an int >= 0, got {self.num_classes!r}")
         if not 0.0 <= float(self.class_dropout_prob) < 1.0:
@@ -202,7 +205,7 @@ def parameter_formula(config: MattenConfig) -> int:
     D, p, C, N, K = c.hidden_size, c.patch_size, c.in_channels, c.d_state, c.d_conv
     E, R, H = c.expand * D, c.resolved_dt_rank, int(c.mlp_ratio * D)
     adan = c.condition == "adan"
-    attention = (3 * D * D + 3 * D) + (D * D + D)  # qkv, proj
+    attention = (3 * D * D + 3 * D) + (D * D + D) + (2 * c.head_dim if c.qk_norm else 0)  # qkv, proj, q/k norms
     mlp = (D * H + H) + (H * D + D)  # fc1, fc2
     attn_block = attention + mlp + (6 * D * D + 6 * D if adan else 0)  # + adaLN (6 chunks)
     direction = (E * K + E) + E * (R + 2 * N) + (R * E + E) + E * N + E  # conv1d, x_proj, dt_proj, A_log, D

@@ -66,6 +66,7 @@ ELEMENTWISE_COST = {
     "softmax": 5,       # scale, max, subtract+exp, sum, divide  (per score)
     "gate_residual": 2,  # x + g * y
     "add": 1,
+    "scale": 1,          # x * w (the learned scale of an RMS norm)
 }
 
 # Selective scan per direction (SPEC.md section 2), FLOPs:
@@ -127,6 +128,7 @@ class Arch:
     divide_out: bool = False
     mamba_mlp: bool = False
     condition: str = "adan"
+    qk_norm: bool = False  # RMS norm of q and k per head (MattenConfig.qk_norm)
     cond_tokens: int = 0  # tokens prepended per sequence under condition "tokens"
     num_classes: int = 0
     freq_dim: int = 256
@@ -303,6 +305,9 @@ def _count(arch: Arch, batch: int, convention: str, adaln_rows: str) -> FlopsRep
             t.modulate(rows, D, cr)
         if kind == "attention":
             t.linear("attention_proj", rows, D, 3 * D)
+            if arch.qk_norm:  # q and k rows of head_dim: an RMS norm each (counted as a layer norm) + the scale
+                t.layernorm(2 * rows * H, hd)
+                t.elementwise("norms", "scale", 2 * rows * D)
             t.attention(B, seq_len * n_seq, H, hd, seq_len)
             t.linear("attention_proj", rows, D, D)
             t.paper_term("attention_proj", 4 * rows * D * D)  # eq. 6's FFN term = 4 J D^2 per attention block
@@ -391,7 +396,7 @@ def arch_from_config(config) -> Arch:
         patch=config.patch_size, in_channels=config.in_channels, out_channels=config.out_channels,
         frames=config.num_frames, height=config.sample_size, width=config.sample_size, mlp_ratio=config.mlp_ratio,
         d_state=config.d_state, expand=config.expand, d_conv=config.d_conv, dt_rank=config.resolved_dt_rank,
-        bimamba="v2", divide_out=False, mamba_mlp=False, condition=config.condition,
+        bimamba="v2", divide_out=False, mamba_mlp=False, condition=config.condition, qk_norm=config.qk_norm,
         cond_tokens=config.num_condition_tokens if config.condition == "tokens" else 0,
         num_classes=config.num_classes, params=parameter_formula(config),
     )

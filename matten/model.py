@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from einops import rearrange, repeat
 
-from matten_kernels import video_attention_qkvpacked
+from matten_kernels import video_attention, video_attention_qkvpacked
 from matten_kernels.modules import BiMamba
 
 from ._compat import ConfigMixin, ModelMixin, Transformer2DModelOutput, register_to_config
@@ -113,19 +113,29 @@ class LabelEmbedder(nn.Module):
 # blocks
 # ======================================================================================================================
 class Attention(nn.Module):
-    """Multi-head softmax attention within frames (``axis="spatial"``) or across frames (``"temporal"``)."""
+    """Multi-head softmax attention within frames (``axis="spatial"``) or across frames (``"temporal"``).
 
-    def __init__(self, dim: int, num_heads: int, axis: str, backend: str | None):
+    ``qk_norm``: q and k are RMS-normalised per head with a learned scale (as in SD3 and ViT-22B) before the dot
+    products, which bounds the logits; not part of the paper's model (MattenConfig.qk_norm, default off)."""
+
+    def __init__(self, dim: int, num_heads: int, axis: str, backend: str | None, qk_norm: bool = False):
         super().__init__()
         self.num_heads, self.head_dim, self.axis, self.backend = num_heads, dim // num_heads, axis, backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         B, N, D = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)  # (B, F*S, 3, heads, head_dim), no copy
-        # read in place by the kernels; the backward writes the packed gradient of qkv directly
-        o = video_attention_qkvpacked(qkv, num_frames=num_frames, axis=self.axis, backend=self.backend)  # (B, F*S, h, hd)
+        if self.q_norm is None:
+            # read in place by the kernels; the backward writes the packed gradient of qkv directly
+            o = video_attention_qkvpacked(qkv, num_frames=num_frames, axis=self.axis, backend=self.backend)
+        else:
+            q, k, v = qkv.unbind(dim=2)  # strided views; the norms make new q and k (v stays a view)
+            q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)  # (autocast may run the norm in fp32)
+            o = video_attention(q, k, v, num_frames=num_frames, axis=self.axis, backend=self.backend)
         return self.proj(o.reshape(B, N, D))  # (B, F*S, D)
 
 
@@ -146,10 +156,11 @@ class AttentionBlock(nn.Module):
     With ``condition="tokens"`` there is no modulation (``c`` is None): x += Attn(LN(x)); x += MLP(LN(x)).
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, axis: str, adaln: bool, backend: str | None):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, axis: str, adaln: bool, backend: str | None,
+                 qk_norm: bool = False):
         super().__init__()
         self.norm1 = _layer_norm(dim)
-        self.attn = Attention(dim, num_heads, axis, backend)
+        self.attn = Attention(dim, num_heads, axis, backend, qk_norm)
         self.norm2 = _layer_norm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim, bias=True)) if adaln else None
@@ -311,7 +322,8 @@ class MattenTransformer3DModel(ModelMixin, ConfigMixin):
         for kind in self.layout:
             family, axis = kind.split("_")
             if family == "attn":
-                blocks.append(AttentionBlock(D, cfg.num_heads, cfg.mlp_ratio, axis, adaln, attention_backend))
+                blocks.append(AttentionBlock(D, cfg.num_heads, cfg.mlp_ratio, axis, adaln, attention_backend,
+                                             cfg.qk_norm))
             else:
                 blocks.append(MambaBlock(D, axis, cfg, adaln, mamba_backend))
         self.blocks = nn.ModuleList(blocks)
@@ -364,6 +376,10 @@ class MattenTransformer3DModel(ModelMixin, ConfigMixin):
             nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        # 6. q/k norms (qk_norm only): unit scale.
+        for module in self.modules():
+            if isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
 
     # ---- input checks ------------------------------------------------------------------------------------------------
     def _check_inputs(self, hidden_states, class_labels) -> None:

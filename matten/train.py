@@ -73,6 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         m.add_argument(f"--{name}", type=typ, default=None, help="override the preset's value")
     m.add_argument("--variant", default=None, help="override: 1, 2, 3, 4 or latte")
     m.add_argument("--condition", default=None, choices=["adan", "tokens"], help="override the conditioning")
+    m.add_argument("--qk-norm", action="store_true", default=None,
+                   help="RMS-normalise q and k per head in the attention blocks (not in the paper; bounds the logits)")
     m.add_argument("--kernel-backend", default=None, choices=["auto", "triton", "cuda", "ref"],
                    help="override the kernel backend")
     m.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
@@ -203,7 +205,8 @@ def model_overrides(args, dataset, vae, data_info) -> dict:
         size = data_info["image_size"] // (vae.downsample_factor if vae is not None else 1)
     o = {"in_channels": channels, "num_frames": frames, "sample_size": size,
          "num_classes": dataset.num_classes if args.class_conditional else 0, "learn_sigma": True}
-    for name in ("depth", "hidden_size", "num_heads", "patch_size", "class_dropout_prob", "condition", "kernel_backend"):
+    for name in ("depth", "hidden_size", "num_heads", "patch_size", "class_dropout_prob", "condition", "kernel_backend",
+                 "qk_norm"):
         if getattr(args, name) is not None:
             o[name] = getattr(args, name)
     if args.variant is not None:

@@ -172,3 +172,12 @@ def test_cli_table_renders():
     assert "5,572.7 G" in out and "REPRODUCES" in out
     assert out.count("does NOT reproduce") == 4  # the XL variants' 1590 / 1660 / 4008 / 3660 G
     assert "fewer FLOPs than Latte' (4008 vs 5572 G): does NOT hold" in out
+
+
+def test_qk_norm_adds_its_norms():
+    from matten.flops import count_flops
+
+    plain = count_flops("Matten-S/2")
+    normed = count_flops("Matten-S/2", qk_norm=True)
+    extra = normed.by_component["norms"] - plain.by_component["norms"]
+    assert extra > 0 and normed.total - plain.total == extra  # only the norms change

@@ -72,7 +72,7 @@ def spec_closed_form(L, D):
 def test_parameter_formula_equals_model(variant, condition):
     """Hand formula == parameters of the model built on the meta device, for every preset (no memory used)."""
     for name in MATTEN_CONFIGS:
-        for extra in ({}, {"num_classes": 101}) if name == "Matten-S/2" else ({},):
+        for extra in ({}, {"num_classes": 101}, {"qk_norm": True}) if name == "Matten-S/2" else ({},):
             with torch.device("meta"):
                 model = create_model(name, variant=variant, condition=condition, **extra)
             assert all(p.is_meta for p in model.parameters())
@@ -176,6 +176,38 @@ def test_triton_matches_ref(variant, condition, size):
     logger.info("triton vs ref (variant %s, %s): max %.3e mean %.3e (|out| max %.3f)", variant, condition,
                 err.max(), err.mean(), a.abs().max())
     assert err.max() <= (1e-4 if dev.type == "cpu" else 2e-3 * a.abs().max().item())
+
+
+def test_qk_norm():
+    """MattenConfig.qk_norm: q and k of every attention block are RMS-normalised per head (their scale learned, 1 at
+    init), the Triton path matches the reference path, and the norm scales receive gradients."""
+    from matten.model import Attention
+
+    small = dict(depth=2, hidden_size=16, num_frames=2, sample_size=4, patch_size=2, variant=3, num_classes=3,
+                 qk_norm=True)
+    ref = perturb(tiny(**small)).eval()
+    attn = [m for m in ref.modules() if isinstance(m, Attention)]
+    assert attn and all(m.q_norm is not None and m.k_norm is not None for m in attn)
+    assert all(torch.equal(m.q_norm.weight, torch.ones(m.head_dim)) for m in tiny(**small).modules()
+               if isinstance(m, Attention))  # unit scale at init
+    seen = []
+    handle = attn[0].q_norm.register_forward_hook(lambda mod, args, out: seen.append((args[0], out)))
+    x, t, y = latents(ref, batch=1), torch.tensor([900]), torch.tensor([2])
+    out = ref(x, t, y).sample
+    handle.remove()
+    (q_in, q_out), = seen
+    rms = q_out.pow(2).mean(-1).sqrt() / attn[0].q_norm.weight.pow(2).mean().sqrt()
+    assert q_in.pow(2).mean(-1).sqrt().std() > 0.01 and torch.allclose(rms, torch.ones_like(rms), atol=0.2)
+    out.square().mean().backward()
+    assert all(m.q_norm.weight.grad.abs().sum() > 0 and m.k_norm.weight.grad.abs().sum() > 0 for m in attn)
+    if HAS_TRITON_DEVICE and not torch.cuda.is_available():  # interpreter: the same weights through the kernels
+        fast = tiny(**small, kernel_backend="triton").eval()
+        fast.load_state_dict(ref.state_dict())
+        with torch.no_grad():
+            err = (fast(x, t, y).sample - out.detach()).abs().max().item()
+        assert err <= 1e-4, err
+    with pytest.raises(ValueError, match="qk_norm"):
+        get_config("Matten-T/2", qk_norm=1)
 
 
 def test_save_load_roundtrip(tmp_path):

@@ -282,3 +282,10 @@ def test_largest_gradients_names_the_parameters():
         model[1].bias.grad.fill_(1e6)
     text = largest_gradients(model, k=2)
     assert text.startswith("1.bias 1e+06 (rms") and text.count("(rms") == 2
+
+
+def test_qk_norm_flag_builds_the_model_with_it(tmp_path):
+    out = _run(tmp_path, "qk", 1, "--qk-norm")
+    assert out["model"].matten_config.qk_norm is True
+    assert any(name.endswith("attn.q_norm.weight") for name, _ in out["model"].named_parameters())
+    assert _run(tmp_path, "plain", 1)["model"].matten_config.qk_norm is False
