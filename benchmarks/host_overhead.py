@@ -32,7 +32,7 @@ if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
 
 import torch  # noqa: E402
 
-from matten_kernels import bi_selective_scan, selective_scan, video_attention  # noqa: E402
+from matten_kernels import bi_selective_scan, selective_scan, video_attention, video_attention_qkvpacked  # noqa: E402
 from matten_kernels.conv1d import bi_depthwise_conv1d_silu  # noqa: E402
 
 
@@ -61,6 +61,8 @@ def cases():
         "bi_depthwise_conv1d_silu": lambda: sum(bi_depthwise_conv1d_silu(*conv.values(), backend="triton")),
         "video_attention temporal": lambda: video_attention(*qkv.unbind(2), num_frames=4, axis="temporal",
                                                             backend="triton"),
+        "video_attention_qkvpacked temporal": lambda: video_attention_qkvpacked(qkv, num_frames=4, axis="temporal",
+                                                                                backend="triton"),
     }
 
 
