@@ -210,6 +210,35 @@ def test_qk_norm():
         get_config("Matten-T/2", qk_norm=1)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_qk_norm_triton_matches_float64_gpu():
+    """QK-norm feeds the attention kernel normalised q and k views beside the packed v: output and every parameter
+    gradient of a small qk_norm model through the Triton kernels (fp32, 3xTF32 attention dots) against the reference
+    path in float64, at an odd size (3 frames, 36 tokens per frame, head_dim 24)."""
+    dev = torch.device("cuda")
+    small = dict(depth=2, hidden_size=48, num_heads=2, num_frames=3, sample_size=12, patch_size=2, variant=3,
+                 num_classes=3, qk_norm=True)
+    ref = perturb(tiny(**small, kernel_backend="ref")).to(dev).double().eval()  # eval: no label dropout
+    fast = tiny(**small, kernel_backend="triton").to(dev).eval()
+    fast.load_state_dict(ref.state_dict())
+    x, t, y = latents(ref, batch=2).to(dev), torch.tensor([900, 10], device=dev), torch.tensor([2, 0], device=dev)
+    weight = torch.randn_like(ref(x.double(), t, y).sample)
+    for model, dtype in ((ref, torch.float64), (fast, torch.float32)):
+        model.zero_grad(set_to_none=True)
+        (model(x.to(dtype), t, y).sample * weight.to(dtype)).sum().backward()
+    with torch.no_grad():
+        out_err = ((fast(x, t, y).sample.double() - ref(x.double(), t, y).sample).norm()
+                   / ref(x.double(), t, y).sample.norm()).item()
+    grads = {n: p.grad for n, p in fast.named_parameters()}
+    per = {n: ((grads[n].double() - p.grad).norm() / p.grad.norm().clamp_min(1e-30)).item()
+           for n, p in ref.named_parameters() if p.grad is not None and p.grad.norm() > 0}
+    worst = max(per.items(), key=lambda kv: kv[1])
+    logger.info("qk_norm triton fp32 vs float64: out %.2e, worst grad %s %.2e", out_err, *worst)
+    assert any("q_norm" in n for n in per) and any("k_norm" in n for n in per)
+    assert out_err < 1e-4 and worst[1] < 1e-3, (out_err, worst)
+
+
 def test_save_load_roundtrip(tmp_path):
     model = perturb(tiny(num_classes=3, variant=4)).eval()
     model.save_pretrained(tmp_path)
