@@ -79,6 +79,7 @@ def test_bi_ref_matches_composition(mode, shape):
     pytest.param("v1", (1, 4, 130, 2, 2), (True, False, True, True, False), id="v1-L130-G2-noz"),
     pytest.param("shared", (1, 3, 1, 1, None), (False, True, False, False, True), id="shared-L1-N1-z-half"),
     pytest.param("shared", (1, 3, 66, 3, None), (True, True, True, True, False), id="shared-L66-all-on"),
+    pytest.param("v2", (1, 16, 72, 4, None), (True, True, True, True, False), id="v2-L72-dim16-even"),
 ])
 def test_bi_triton_matches_composition(mode, shape, opts):
     D, z, bias, softplus, divide_out = opts
