@@ -103,7 +103,7 @@ SHAPES = [
     pytest.param((2, 5, 17, 16, None), id="L17-N16-dim5"),
     pytest.param((1, 4, 130, 4, 2), id="L130-G2"),
     pytest.param((1, 3, 257, 2, None), id="L257"),
-    # L a multiple of the 4-step chunk and dim of the channel tile: the kernels' unmasked (EVEN) chunk loops
+    # L a multiple of the 4-step chunk and dim of the channel tile (no partial chunk or tile)
     pytest.param((1, 16, 136, 16, None), id="L136-dim16-even"),
 ]
 # options: (D, z, delta_bias, softplus, initial_state, return_last_state)

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .._launch import cdiv, launch
 from .triton_fwd import (SAVE, SAVE_STEPS, _bt, _chunk_adjoint, _chunk_of, _chunk_scan, _exp2, _load_dt, _lstride,
-                         _pick, _time_masks, scan_config, time_contiguous)
+                         _pick, scan_config, time_contiguous)
 
 
 @triton.jit
@@ -44,7 +44,7 @@ def _bwd_direction(
     i_b, i_d, i_s, n_dtiles, batch, dim, L, N, n_chunks, seg_chunks, n_seg, G_B, G_C, dpg_B, dpg_C, o_seg,
     s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l, s_do_b, s_do_d, s_do_l,
     scale,
-    BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr, CHUNK: tl.constexpr, EVEN: tl.constexpr,
+    BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_DLAST: tl.constexpr, HAS_DH0: tl.constexpr, REVERSE: tl.constexpr,
     ACC_U: tl.constexpr, ACC_DT: tl.constexpr, DZ_MODE: tl.constexpr, DETERMINISTIC: tl.constexpr,
@@ -109,13 +109,13 @@ def _bwd_direction(
         for i in range(0, n_c):
             c = _chunk_of(n_c - 1 - i, c_lo, c_hi, REVERSE)  # against scan order
             o_t4 = c * CHUNK + o_c
-            m_t4, m_tn4 = _time_masks(o_t4, L, m_d4, EVEN)
+            m_t4 = (o_t4 < L) & m_d4
             _, b_dt = _load_dt(p_dt4, o_t4, s_dt_l, m_t4, b_bias, HAS_BIAS, SOFTPLUS)
             b_dy = tl.load(p_do4 + o_t4 * s_do_l, mask=m_t4, other=0.0).to(tl.float32) * scale
             if HAS_Z:
                 b_z = tl.load(p_z4 + o_t4 * s_z_l, mask=m_t4, other=0.0).to(tl.float32)
                 b_dy = b_dy * b_z * tl.sigmoid(b_z)
-            b_C = tl.load(p_C4 + o_t4, mask=m_tn4, other=0.0)
+            b_C = tl.load(p_C4 + o_t4, mask=o_t4 < L, other=0.0)
             b_a = _exp2(b_dt * b_A)
             _, b_r = _chunk_adjoint(b_a, b_C * b_dy, b_r, o_c, CHUNK, REVERSE)
             b_sdt_acc += tl.sum(b_dt, axis=0, keep_dims=True)
@@ -159,10 +159,10 @@ def _bwd_direction(
                 b_hk = tl.where(o_k == j, b_h, b_hk)
                 c = _chunk_of(j, k_lo, k_hi, REVERSE)
                 o_t4 = c * CHUNK + o_c
-                m_t4, m_tn4 = _time_masks(o_t4, L, m_d4, EVEN)
+                m_t4 = (o_t4 < L) & m_d4
                 b_u = tl.load(p_u4 + o_t4 * s_u_l, mask=m_t4, other=0.0).to(tl.float32)
                 _, b_dt = _load_dt(p_dt4, o_t4, s_dt_l, m_t4, b_bias, HAS_BIAS, SOFTPLUS)
-                b_B = tl.load(p_B4 + o_t4, mask=m_tn4, other=0.0)
+                b_B = tl.load(p_B4 + o_t4, mask=o_t4 < L, other=0.0)
                 _, b_h = _chunk_scan(_exp2(b_dt * b_A), (b_dt * b_u) * b_B, b_h, o_c, CHUNK, REVERSE)
             b_hk = tl.where(o_k == n_k - 1, b_h, b_hk)
 
@@ -171,7 +171,8 @@ def _bwd_direction(
                 c = _chunk_of(j, k_lo, k_hi, REVERSE)
                 b_h0 = _pick(b_hk, o_k == j)
                 o_t4 = c * CHUNK + o_c
-                m_t4, m_tn4 = _time_masks(o_t4, L, m_d4, EVEN)
+                m_t4 = (o_t4 < L) & m_d4
+                m_tn4 = o_t4 < L
                 b_u = tl.load(p_u4 + o_t4 * s_u_l, mask=m_t4, other=0.0).to(tl.float32)
                 b_raw, b_dt = _load_dt(p_dt4, o_t4, s_dt_l, m_t4, b_bias, HAS_BIAS, SOFTPLUS)
                 b_B = tl.load(p_B4 + o_t4, mask=m_tn4, other=0.0)
@@ -264,7 +265,7 @@ def _selective_scan_bwd_kernel(
     s_ub_b, s_ub_d, s_ub_l, s_dtb_b, s_dtb_d, s_dtb_l,
     scale,
     # meta
-    BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr, CHUNK: tl.constexpr, EVEN: tl.constexpr,
+    BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_DLAST: tl.constexpr, HAS_DH0: tl.constexpr, BIDIR: tl.constexpr, HAS_D_B: tl.constexpr,
     HAS_BIAS_B: tl.constexpr, SHARE_U: tl.constexpr, SHARE_DT: tl.constexpr, DETERMINISTIC: tl.constexpr,
@@ -284,7 +285,7 @@ def _selective_scan_bwd_kernel(
                            G_B, G_C, dpg_B, dpg_C, 0,
                            s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l,
                            s_do_b, s_do_d, s_do_l, scale,
-                           BLOCK_D, NH, NL, CHUNK, EVEN, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, False, False, False,
+                           BLOCK_D, NH, NL, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, False, False, False,
                            False, False, 0, DETERMINISTIC, True)
         else:
             _bwd_direction(p_ub, p_deltab, p_Ab, p_Bb, p_Cb, p_Db, p_biasb, p_z, p_dout, p_states_b, p_dlast,
@@ -294,7 +295,7 @@ def _selective_scan_bwd_kernel(
                            G_Bb, G_Cb, dpg_Bb, dpg_Cb, batch * dim,
                            s_ub_b, s_ub_d, s_ub_l, s_dtb_b, s_dtb_d, s_dtb_l, s_z_b, s_z_d, s_z_l,
                            s_do_b, s_do_d, s_do_l, scale,
-                           BLOCK_D, NH, NL, CHUNK, EVEN, HAS_D_B, HAS_Z, HAS_BIAS_B, SOFTPLUS, False, False, True,
+                           BLOCK_D, NH, NL, CHUNK, HAS_D_B, HAS_Z, HAS_BIAS_B, SOFTPLUS, False, False, True,
                            False, False, 0, DETERMINISTIC, True)
     elif BIDIR:
         # phase 1: backward direction; shared gradients go to fp32 scratch (p_dub / p_ddeltab point there)
@@ -305,7 +306,7 @@ def _selective_scan_bwd_kernel(
                        G_Bb, G_Cb, dpg_Bb, dpg_Cb, batch * dim,
                        s_ub_b, s_ub_d, s_ub_l, s_dtb_b, s_dtb_d, s_dtb_l, s_z_b, s_z_d, s_z_l,
                        s_do_b, s_do_d, s_do_l, scale,
-                       BLOCK_D, NH, NL, CHUNK, EVEN, HAS_D_B, HAS_Z, HAS_BIAS_B, SOFTPLUS, False, False, True,
+                       BLOCK_D, NH, NL, CHUNK, HAS_D_B, HAS_Z, HAS_BIAS_B, SOFTPLUS, False, False, True,
                        False, False, 2 if HAS_Z else 0, DETERMINISTIC, False)
         tl.debug_barrier()  # phase 2 reads the scratch written above
         _bwd_direction(p_u, p_delta, p_A, p_B, p_C, p_D, p_bias, p_z, p_dout, p_states, p_dlast, p_seg_r,
@@ -315,7 +316,7 @@ def _selective_scan_bwd_kernel(
                        G_B, G_C, dpg_B, dpg_C, 0,
                        s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l,
                        s_do_b, s_do_d, s_do_l, scale,
-                       BLOCK_D, NH, NL, CHUNK, EVEN, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, False, False, False,
+                       BLOCK_D, NH, NL, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, False, False, False,
                        SHARE_U, SHARE_DT, 3 if HAS_Z else 0, DETERMINISTIC, False)
     else:
         _bwd_direction(p_u, p_delta, p_A, p_B, p_C, p_D, p_bias, p_z, p_dout, p_states, p_dlast, p_seg_r,
@@ -325,7 +326,7 @@ def _selective_scan_bwd_kernel(
                        G_B, G_C, dpg_B, dpg_C, 0,
                        s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l,
                        s_do_b, s_do_d, s_do_l, scale,
-                       BLOCK_D, NH, NL, CHUNK, EVEN, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_DLAST, HAS_DH0, False,
+                       BLOCK_D, NH, NL, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_DLAST, HAS_DH0, False,
                        False, False, 1 if HAS_Z else 0, DETERMINISTIC, False)
 
 
@@ -431,7 +432,7 @@ def selective_scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, i
         0.5 if divide_out else 1.0,
     )
     meta = dict(
-        BLOCK_D=BLOCK_D, NH=NH, NL=NL, CHUNK=CHUNK, EVEN=L % CHUNK == 0 and dim % BLOCK_D == 0,
+        BLOCK_D=BLOCK_D, NH=NH, NL=NL, CHUNK=CHUNK,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         HAS_DLAST=dlast_state is not None, HAS_DH0=initial_state is not None, BIDIR=bidirectional,
         HAS_D_B=Db is not None, HAS_BIAS_B=biasb is not None, SHARE_U=share_u, SHARE_DT=share_dt,

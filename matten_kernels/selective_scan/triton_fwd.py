@@ -83,7 +83,9 @@ def _maximum(a, b):
 
 @triton.jit
 def _pick(x, m):
-    """x[j] along axis 0 where the mask m is true at j only (a register move when axis 0 is in-thread)."""
+    """x[j] along axis 0 where the mask m is true at j only (a register move when axis 0 is in-thread and m is
+    known at compile time). A NaN-propagating max against -inf, which LLVM folds to x: the masked sum this replaced
+    left one FADD per element (Triton's reduction starts from +0.0, and 0 + x is not x for x = -0)."""
     return tl.reduce(tl.where(m, x, float("-inf")), 0, _maximum, keep_dims=True)
 
 
@@ -132,19 +134,6 @@ def _chunk_of(i, c_lo, c_hi, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _time_masks(o_t4, L, m_d4, EVEN: tl.constexpr):
-    """(steps in range & channels in range, steps in range) of a chunk; constant true when EVEN (L a multiple of
-    CHUNK and dim of BLOCK_D), which drops the predicates and the zero fills of every load in the chunk loops."""
-    if EVEN:
-        m_t = tl.full(o_t4.shape, 1, tl.int1)
-        m_td = tl.full([o_t4.shape[0], m_d4.shape[1], m_d4.shape[2], m_d4.shape[3]], 1, tl.int1)
-    else:
-        m_t = o_t4 < L
-        m_td = m_t & m_d4
-    return m_td, m_t
-
-
-@triton.jit
 def _load_dt(p_dt4, o_t4, s_dt_l, m_t4, b_bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """(raw delta + bias, softplus of it) of a chunk, fp32; padded steps give decay 1 and input 0."""
     b_raw = tl.load(p_dt4 + o_t4 * s_dt_l, mask=m_t4, other=0.0).to(tl.float32)
@@ -163,7 +152,7 @@ def _fwd_direction(
     i_b, i_d, i_s, dim, L, N, n_chunks, seg_chunks, n_seg, G_B, G_C, dpg_B, dpg_C, o_seg,
     s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l,
     scale,
-    BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr, CHUNK: tl.constexpr, EVEN: tl.constexpr,
+    BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_LAST: tl.constexpr, REVERSE: tl.constexpr, MODE: tl.constexpr,
 ):
@@ -242,9 +231,10 @@ def _fwd_direction(
             if save:
                 tl.store(p_st4 + i_save * N, b_h, mask=m_dn4)
         o_t4 = c * CHUNK + o_c
-        m_t4, m_tn4 = _time_masks(o_t4, L, m_d4, EVEN)
+        m_t4 = (o_t4 < L) & m_d4
         b_u = tl.load(p_u4 + o_t4 * s_u_l, mask=m_t4, other=0.0).to(tl.float32)  # [CHUNK, NL, BLOCK_D, 1]
         _, b_dt = _load_dt(p_dt4, o_t4, s_dt_l, m_t4, b_bias, HAS_BIAS, SOFTPLUS)
+        m_tn4 = o_t4 < L
         b_B = tl.load(p_B4 + o_t4, mask=m_tn4, other=0.0)  # [CHUNK, NL, BLOCK_D, NH]
         b_a = _exp2(b_dt * b_A)
         b_x = (b_dt * b_u) * b_B
@@ -291,7 +281,7 @@ def _selective_scan_fwd_kernel(
     s_ub_b, s_ub_d, s_ub_l, s_dtb_b, s_dtb_d, s_dtb_l,
     scale,
     # meta
-    BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr, CHUNK: tl.constexpr, EVEN: tl.constexpr,
+    BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, BIDIR: tl.constexpr, HAS_D_B: tl.constexpr, HAS_BIAS_B: tl.constexpr,
     SUMMARY: tl.constexpr,
@@ -306,32 +296,32 @@ def _selective_scan_fwd_kernel(
                            p_hlast, p_ybuf, p_out, i_b, i_d, i_s, dim, L, N, n_chunks, seg_chunks, n_seg,
                            G_B, G_C, dpg_B, dpg_C, 0,
                            s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l, scale,
-                           BLOCK_D, NH, NL, CHUNK, EVEN, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, False, False, False, 3)
+                           BLOCK_D, NH, NL, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, False, False, False, 3)
         else:
             _fwd_direction(p_ub, p_deltab, p_Ab, p_Btb, p_Ctb, p_Db, p_biasb, p_z, p_h0, p_seg_h, p_seg_dt,
                            p_states_b, p_hlast, p_ybuf, p_out, i_b, i_d, i_s - n_seg, dim, L, N, n_chunks,
                            seg_chunks, n_seg, G_Bb, G_Cb, dpg_Bb, dpg_Cb, batch * dim,
                            s_ub_b, s_ub_d, s_ub_l, s_dtb_b, s_dtb_d, s_dtb_l, s_z_b, s_z_d, s_z_l, scale,
-                           BLOCK_D, NH, NL, CHUNK, EVEN, HAS_D_B, HAS_Z, HAS_BIAS_B, SOFTPLUS, False, False, True, 3)
+                           BLOCK_D, NH, NL, CHUNK, HAS_D_B, HAS_Z, HAS_BIAS_B, SOFTPLUS, False, False, True, 3)
     elif BIDIR:
         # backward direction first (state runs from the end), into the fp32 scratch
         _fwd_direction(p_ub, p_deltab, p_Ab, p_Btb, p_Ctb, p_Db, p_biasb, p_z, p_h0, p_seg_h, p_seg_dt, p_states_b,
                        p_hlast, p_ybuf, p_out, i_b, i_d, i_s, dim, L, N, n_chunks, seg_chunks, n_seg,
                        G_Bb, G_Cb, dpg_Bb, dpg_Cb, batch * dim,
                        s_ub_b, s_ub_d, s_ub_l, s_dtb_b, s_dtb_d, s_dtb_l, s_z_b, s_z_d, s_z_l, scale,
-                       BLOCK_D, NH, NL, CHUNK, EVEN, HAS_D_B, HAS_Z, HAS_BIAS_B, SOFTPLUS, False, False, True, 1)
+                       BLOCK_D, NH, NL, CHUNK, HAS_D_B, HAS_Z, HAS_BIAS_B, SOFTPLUS, False, False, True, 1)
         tl.debug_barrier()  # the scratch written above is read back below by other threads of this program
         _fwd_direction(p_u, p_delta, p_A, p_Bt, p_Ct, p_D, p_bias, p_z, p_h0, p_seg_h, p_seg_dt, p_states,
                        p_hlast, p_ybuf, p_out, i_b, i_d, i_s, dim, L, N, n_chunks, seg_chunks, n_seg,
                        G_B, G_C, dpg_B, dpg_C, 0,
                        s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l, scale,
-                       BLOCK_D, NH, NL, CHUNK, EVEN, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, False, False, False, 2)
+                       BLOCK_D, NH, NL, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, False, False, False, 2)
     else:
         _fwd_direction(p_u, p_delta, p_A, p_Bt, p_Ct, p_D, p_bias, p_z, p_h0, p_seg_h, p_seg_dt, p_states,
                        p_hlast, p_ybuf, p_out, i_b, i_d, i_s, dim, L, N, n_chunks, seg_chunks, n_seg,
                        G_B, G_C, dpg_B, dpg_C, 0,
                        s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l, scale,
-                       BLOCK_D, NH, NL, CHUNK, EVEN, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_H0, True, False, 0)
+                       BLOCK_D, NH, NL, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_H0, True, False, 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -463,7 +453,7 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta
         0.5 if divide_out else 1.0,
     )
     meta = dict(
-        BLOCK_D=BLOCK_D, NH=NH, NL=NL, CHUNK=CHUNK, EVEN=L % CHUNK == 0 and dim % BLOCK_D == 0,
+        BLOCK_D=BLOCK_D, NH=NH, NL=NL, CHUNK=CHUNK,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         HAS_H0=initial_state is not None, BIDIR=bidirectional, HAS_D_B=D_b is not None,
         HAS_BIAS_B=delta_bias_b is not None, num_warps=num_warps,
