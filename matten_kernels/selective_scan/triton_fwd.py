@@ -347,9 +347,15 @@ def scan_config(batch: int, dim: int, N: int, L: int, dtype=torch.bfloat16, grou
     """
     BLOCK_N = next_power_of_2(N)
     CHUNK = 4
-    # H100 sweep (a6324a5, bf16, global/spatial XL): the forward is fastest with 8 states per thread (N = 16: 2
-    # lanes), the backward, which keeps ~4x more arrays live, with 4; one warp per program in both.
-    NL = min(BLOCK_N, 32, max(4 if backward else 2, BLOCK_N // (4 if backward else 8)))
+    # H100 sweeps, bf16: the backward, which keeps ~4x more arrays live, is fastest with 4 states per thread
+    # (a6324a5); the forward with all of N <= 16 states in one thread (session 5, 7be530f: global XL / global S /
+    # long 0.386 / 0.502 / 0.741 -> 0.374 / 0.482 / 0.715 ms against 8 per thread; the sum over n needs no shuffle
+    # and the softplus is computed once per channel and step), 8 per thread for larger N (a6324a5, not re-swept).
+    # One warp per program in both.
+    if backward:
+        NL = min(BLOCK_N, 32, max(4, BLOCK_N // 4))
+    else:
+        NL = 1 if BLOCK_N <= 16 else min(32, BLOCK_N // 8)
     NH = BLOCK_N // NL
     num_warps = 1
     BLOCK_D = (32 // NL) * num_warps
@@ -359,7 +365,10 @@ def scan_config(batch: int, dim: int, N: int, L: int, dtype=torch.bfloat16, grou
     num_warps = max(1, BLOCK_D * NL // 32)
     n_saves = cdiv(L, SAVE_STEPS)
     warps = batch * cdiv(dim, BLOCK_D) * num_warps
-    target = 2 * _sm_count(device) * (16 if backward else 24)
+    # warps to aim for, from the session-5 sweep: the backward's segments doubled (global XL / global S / long backward
+    # 1.436 / 1.917 / 2.812 -> 1.412 / 1.863 / 2.712 ms); the forward keeps the segment count it had at 8 states per
+    # thread (twice as many segments were 10-15% slower at 16 per thread)
+    target = 2 * _sm_count(device) * (32 if backward else 12)
     n_seg = 1
     if not triton_interpreting():
         n_seg = max(1, min(n_saves, target // max(warps, 1)))
