@@ -30,7 +30,7 @@ ARGS = ("u", "delta", "A", "B", "C", "D", "delta_bias")
 def providers(args):
     prov = {"triton": lambda u, dl, A, B, C, D, db, sp: selective_scan(u, dl, A, B, C, D, None, db, sp,
                                                                       backend="triton")}
-    ok, why = cuda_provider()
+    ok, why = cuda_provider() if not args.no_cuda else (None, "--no-cuda")
     if ok:
         prov["cuda"] = lambda u, dl, A, B, C, D, db, sp: selective_scan(u, dl, A, B, C, D, None, db, sp,
                                                                         backend="cuda")
@@ -144,6 +144,7 @@ if __name__ == "__main__":
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--mamba-build", default=None, help="folder holding selective_scan_cuda (build_mamba_scan.py)")
     p.add_argument("--ref", action="store_true", help="also time the reference (slow: a Python loop over L)")
+    p.add_argument("--no-cuda", action="store_true", help="leave out our CUDA backend (its first use builds it: minutes)")
     p.add_argument("--sweep", action="store_true", help="time Triton configs instead of the provider table")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
