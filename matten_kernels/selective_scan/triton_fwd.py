@@ -348,14 +348,17 @@ def scan_config(batch: int, dim: int, N: int, L: int, dtype=torch.bfloat16, grou
     BLOCK_N = next_power_of_2(N)
     CHUNK = 4
     # H100 sweeps, bf16: the backward, which keeps ~4x more arrays live, is fastest with 4 states per thread
-    # (a6324a5); the forward with all of N <= 16 states in one thread (session 5, 7be530f: global XL / global S /
-    # long 0.386 / 0.502 / 0.741 -> 0.374 / 0.482 / 0.715 ms against 8 per thread; the sum over n needs no shuffle
-    # and the softplus is computed once per channel and step), 8 per thread for larger N (a6324a5, not re-swept).
-    # One warp per program in both.
+    # (a6324a5). The forward of long sequences with all of N <= 16 states in one thread (session 5, 7be530f: global
+    # XL / global S / long 0.386 / 0.502 / 0.741 -> 0.374 / 0.482 / 0.715 ms against 8 per thread: the sum over n
+    # needs no shuffle, the softplus is computed once per channel and step); short ones with 8 per thread (at 16,
+    # a5a1191 measured spatial XL 0.248 -> 0.274 and temporal XL 0.241 -> 0.292 ms: half the programs); larger N
+    # with 8 per thread (a6324a5, not re-swept). One warp per program in both.
     if backward:
         NL = min(BLOCK_N, 32, max(4, BLOCK_N // 4))
+    elif BLOCK_N <= 16 and L >= 1024:
+        NL = 1
     else:
-        NL = 1 if BLOCK_N <= 16 else min(32, BLOCK_N // 8)
+        NL = min(BLOCK_N, 32, max(2, BLOCK_N // 8))
     NH = BLOCK_N // NL
     num_warps = 1
     BLOCK_D = (32 // NL) * num_warps
@@ -368,7 +371,7 @@ def scan_config(batch: int, dim: int, N: int, L: int, dtype=torch.bfloat16, grou
     # warps to aim for, from the session-5 sweep: the backward's segments doubled (global XL / global S / long backward
     # 1.436 / 1.917 / 2.812 -> 1.412 / 1.863 / 2.712 ms); the forward keeps the segment count it had at 8 states per
     # thread (twice as many segments were 10-15% slower at 16 per thread)
-    target = 2 * _sm_count(device) * (32 if backward else 12)
+    target = 2 * _sm_count(device) * (32 if backward else 12 if NL == 1 else 24)
     n_seg = 1
     if not triton_interpreting():
         n_seg = max(1, min(n_saves, target // max(warps, 1)))
