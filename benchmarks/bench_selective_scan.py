@@ -154,7 +154,7 @@ if __name__ == "__main__":
     if args.sweep:
         rows = sweep(args)
         print(f"results: {write_results('scan-sweep', rows, info, args.out)}")
-        print_table(rows, ["shape", "cfg", "default", "fwd_ms", "bwd_ms", "error"])
+        print_table(rows, ["shape", "phase", "cfg", "default", "ms", "error"])
     else:
         providers_cache = providers(args)
         rows = run(args)
