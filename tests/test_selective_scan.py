@@ -272,3 +272,46 @@ def test_torch_compile_fullgraph():
     check("compiled loss", loss.detach(), f(*args).detach())
     for k, g1, a in zip(NAMES, grads, args):
         check(f"compiled d{k}", g1, a.grad)
+
+
+# The lanes forward (triton_fwd_lanes.py) is chosen by shape (long 16-bit sequences over many channels, never in
+# these CPU tests); forced here on the same float64 checks, forward and every gradient (the backward runs from the
+# states it saved). Few states and channels: the interpreter runs its scans element by element. fp32 in the
+# interpreter: windows of 128 steps, so L = 1 and 17 are only a partial (TAIL) window,
+# 130 and 257 whole windows and a partial one, 256 two whole ones.
+@pytest.mark.parametrize("shape, opts", [
+    pytest.param((1, 3, 1, 1, None), OPTIONS[0].values[0], id="L1-N1-all-on"),
+    pytest.param((2, 3, 17, 4, None), OPTIONS[1].values[0], id="L17-dim3-all-off"),
+    pytest.param((1, 2, 130, 5, 2), OPTIONS[2].values[0], id="L130-N5-G2-D-bias-softplus-last"),
+    pytest.param((1, 2, 257, 3, None), OPTIONS[3].values[0], id="L257-z-h0"),
+    pytest.param((1, 1, 256, 2, None), OPTIONS[0].values[0], id="L256-whole-windows-all-on"),
+])
+def test_triton_lanes_forward_matches_float64(shape, opts, monkeypatch):
+    from matten_kernels.selective_scan import _ops
+
+    chosen = []
+    monkeypatch.setattr(_ops, "use_lanes", lambda *a, **k: chosen.append(True) or True)
+    Dz, z, bias, sp, h0, last = opts
+    x = make_inputs(*shape, D=Dz, z=z, bias=bias, h0=h0)
+    run_case("triton", x, sp, last)
+    assert chosen, "the lanes forward was not reached"
+
+
+def test_lanes_forward_choice():
+    """use_lanes takes the shapes it was measured faster on (SPEC section 7, bf16, H100: global XL and global S) and
+    leaves the others, other dtypes, N > 16 and misaligned rows to the segment kernel."""
+    from matten_kernels.selective_scan.triton_fwd_lanes import use_lanes
+
+    def u(batch, dim, L, dtype=torch.bfloat16):
+        return torch.empty(batch, dim, L, dtype=dtype, device="meta")
+
+    assert use_lanes(u(2, 2304, 4096), u(2, 2304, 4096), None, 16)  # global XL
+    assert use_lanes(u(8, 768, 4096), u(8, 768, 4096), u(8, 768, 4096), 16)  # global S, with z
+    assert not use_lanes(u(1, 2304, 16384), u(1, 2304, 16384), None, 16)  # long: too few channels
+    assert not use_lanes(u(32, 2304, 256), u(32, 2304, 256), None, 16)  # spatial XL: short
+    assert not use_lanes(u(512, 2304, 16), u(512, 2304, 16), None, 16)  # temporal XL
+    assert not use_lanes(u(2, 2304, 4096, torch.float32), u(2, 2304, 4096, torch.float32), None, 16)
+    assert not use_lanes(u(2, 2304, 4096), u(2, 2304, 4096), None, 64)
+    assert not use_lanes(u(2, 2304, 4104), u(2, 2304, 4104), None, 16)  # rows not 16-element aligned
+    t = torch.empty(2, 4096, 2304, dtype=torch.bfloat16, device="meta").transpose(1, 2)
+    assert not use_lanes(t, t, None, 16)  # time not contiguous (the op copies such inputs first)

@@ -54,6 +54,24 @@ def close(name, got, ref, rtol, atol, scale_by_max=False):
                                    (4, 33, 16, 8, None), (1, 8, 1000, 256, None)],
                          ids=["L4096", "L16384", "L257-N64-G2", "L16-dim33", "N256"])
 def test_uni_dtypes(dtype, shape):
+    _uni_case(dtype, shape)
+
+
+# The lanes forward (chosen by shape: long 16-bit sequences over many channels) forced on fewer channels: whole windows
+# only (L 4096), whole windows and a masked last one (4100, with G = 2 and N = 5), and a partial window alone (200).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shape", [(2, 96, 4096, 16, None), (2, 64, 4100, 5, 2), (3, 16, 200, 16, None)],
+                         ids=["L4096", "L4100-N5-G2", "L200"])
+def test_uni_lanes_forward(dtype, shape, monkeypatch):
+    from matten_kernels.selective_scan import _ops
+
+    chosen = []
+    monkeypatch.setattr(_ops, "use_lanes", lambda *a, **k: chosen.append(True) or True)
+    _uni_case(dtype, shape)
+    assert chosen
+
+
+def _uni_case(dtype, shape):
     batch, dim, L, N, G = shape
     x = inputs(batch, dim, L, N, dtype, G)
     h0 = torch.randn(batch, dim, N, device="cuda")

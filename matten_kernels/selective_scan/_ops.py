@@ -23,7 +23,8 @@ from torch import Tensor
 
 from .._backend import use_custom_op
 from .triton_bwd import selective_scan_bwd
-from .triton_fwd import n_saved_states, selective_scan_fwd
+from .triton_fwd import n_saved_states, selective_scan_fwd, time_contiguous
+from .triton_fwd_lanes import selective_scan_fwd_lanes, use_lanes
 
 _BI_NAMES = ("u_b", "delta_b", "A_b", "B_b", "C_b", "D_b", "delta_bias_b")
 
@@ -50,7 +51,13 @@ def _or_none(t: Tensor, present: bool):
 
 
 def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+    """Either forward kernel (same outputs and saved states, so the same backward): the lanes kernel where
+    :func:`use_lanes` says it is the faster one (long 16-bit sequences over many channels), else the segments."""
     with _device_guard(u):
+        u, delta, z = map(time_contiguous, (u, delta, z))
+        if use_lanes(u, delta, z, A.shape[1], u.device.index if u.is_cuda else None):
+            return selective_scan_fwd_lanes(u, delta, _c(A), B, C, _c(D), z, _c(delta_bias), _c(initial_state),
+                                            delta_softplus)
         out, last_state, states, _ = selective_scan_fwd(u, delta, _c(A), B, C, _c(D), z, _c(delta_bias),
                                                         _c(initial_state), delta_softplus)
     return out, last_state, states

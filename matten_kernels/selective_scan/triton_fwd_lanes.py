@@ -1,0 +1,236 @@
+"""Triton forward of the (unidirectional) selective scan with the time axis across lanes: one pass, one exp.
+
+The segment kernel (:mod:`.triton_fwd`) keeps time in registers and splits long sequences into segments, which
+costs a summary pass that evaluates every decay a second time. This kernel parallelises time inside a warp instead,
+so each decay exp(delta * A) is evaluated once (the floor's count) and no summary pass exists:
+
+* one program (one warp) per (batch, channel); the sequence is walked in windows of ``W`` = 32 lanes x ``VEC``
+  steps (``VEC`` = one 16-byte vector of u: 8 steps in 16-bit dtypes);
+* for each state n (a static loop over the ``BLOCK_N`` <= 16 states): a = exp2(delta * A_n log2 e) and
+  x = delta * u * B_n over the window, then ``tl.associative_scan`` of (a, x) pairs along the window (in-thread
+  over a lane's VEC steps, shuffles across lanes), and y += C_n * h;
+* the state carried between windows enters as x_0 += a_0 * carry, so the scan yields the states directly; each
+  lane's last state (a register move) is saved every ``SAVE`` steps for the backward, the state after the last step
+  is ``last_state``, and lane 31's is broadcast (``tl.gather``: one shuffle) as the next window's carry, kept with
+  the A values in every lane's registers (``[32, BLOCK_N]``, picked by register moves);
+* B_n, C_n of the next state are loaded while state n is scanned, u and delta of the next window while this one is.
+
+B and C are read in u's dtype, not as fp32 copies: every channel's program reads them, so they are the kernel's
+largest traffic (L2 to SM), and halving it was measured 13% faster at global XL (H100, session 6: 0.361 -> 0.324
+ms) despite the conversions. Windows are whole (no masks, vector loads) except an optional last partial window,
+which a second launch (``TAIL``) runs with masks after loading its carry from the saved states, so the masked
+code's registers do not lower the main loop's occupancy.
+
+When it is used: :func:`use_lanes` (16-bit dtypes, long sequences, enough channels to fill the GPU, vector-aligned
+rows). Everything else takes the segment kernel; both give the same outputs and saved states (same backward).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._launch import launch, next_power_of_2
+from .triton_fwd import LOG2E, SAVE, _exp2, _maximum, _sm_count, _softplus, n_saved_states
+
+
+@triton.jit
+def _ld(p, m, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(p)
+    else:
+        return tl.load(p, mask=m, other=0.0)
+
+
+@triton.jit
+def _pick_last_axis(x, m):
+    """x[:, j] where the mask m is true at j only (a register move: axis 1 is in-thread)."""
+    return tl.reduce(tl.where(m, x, float("-inf")), 1, _maximum, keep_dims=True)
+
+
+@triton.jit
+def _combine(a1, x1, a2, x2):
+    # (a1, x1) then (a2, x2): h -> a2 (a1 h + x1) + x2
+    return a1 * a2, a2 * x1 + x2
+
+
+@triton.jit
+def _window(w, u_raw, dt_raw, carry, A2, bias, Dv, p_z1, p_B1, p_C1, p_out1, p_st, p_hl, L, N, n_saves,
+            o_t, o_l, o_v, o_n2, W: tl.constexpr, BLOCK_N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+            SOFTPLUS: tl.constexpr, EVEN: tl.constexpr):
+    """Scan window w (steps w * W ..) of one channel from the carried states; returns the states after it."""
+    VEC: tl.constexpr = W // 32
+    o_last = o_v == VEC - 1
+    o_first = (o_l == 0) & (o_v == 0)
+    t = w * W + o_t
+    m = t < L
+    u = u_raw.to(tl.float32)
+    dt = dt_raw.to(tl.float32) + bias
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    if not EVEN:
+        dt = tl.where(m, dt, 0.0)  # padded steps: decay 1, input 0, so the state passes through them unchanged
+    du2 = tl.reshape(dt * u, [32, VEC])  # [lane, step of the lane]
+    dt2 = tl.reshape(dt, [32, VEC])
+    y = tl.zeros([W], dtype=tl.float32)
+    # each lane's last step ends a SAVE block every SAVE / VEC lanes: the state entering block i_save is kept (the
+    # slot after the last one is the last state)
+    i_save = (w * W + (o_l + 1) * VEC) // SAVE  # [32, 1]
+    m_save = (((o_l + 1) * VEC) % SAVE == 0) & (i_save <= n_saves)
+    p_save = tl.where(i_save < n_saves, p_st + i_save * N, p_hl)
+    b_next = _ld(p_B1 + t, m, EVEN)
+    c_next = _ld(p_C1 + t, m, EVEN)
+    for n in tl.static_range(BLOCK_N):
+        b_n = b_next.to(tl.float32)
+        c_n = c_next.to(tl.float32)
+        if n + 1 < BLOCK_N:
+            b_next = _ld(p_B1 + (n + 1) * L + t, m, EVEN)
+            c_next = _ld(p_C1 + (n + 1) * L + t, m, EVEN)
+        a2 = _exp2(dt2 * _pick_last_axis(A2, o_n2 == n))
+        x2 = du2 * tl.reshape(b_n, [32, VEC])
+        x2 = tl.where(o_first, x2 + a2 * _pick_last_axis(carry, o_n2 == n), x2)  # the carry enters at step 0
+        _, h = tl.associative_scan((tl.reshape(a2, [W]), tl.reshape(x2, [W])), 0, _combine)
+        y += h * c_n
+        h_end = _pick_last_axis(tl.reshape(h, [32, VEC]), o_last)  # [32, 1]: the state after each lane's steps
+        if n < N:
+            tl.store(p_save + n, h_end, mask=m_save)
+        carry = tl.where(o_n2 == n, tl.gather(h_end, o_l * 0 + 31, 0), carry)
+    if HAS_D:
+        y += Dv * u
+    if HAS_Z:
+        z = _ld(p_z1 + t, m, EVEN).to(tl.float32)
+        y = y * z * tl.sigmoid(z)
+    if EVEN:
+        tl.store(p_out1 + t, y.to(p_out1.dtype.element_ty))
+    else:
+        tl.store(p_out1 + t, y.to(p_out1.dtype.element_ty), mask=m)
+    return carry
+
+
+@triton.jit
+def _selective_scan_fwd_lanes_kernel(
+    p_u, p_delta, p_A, p_B, p_C, p_D, p_bias, p_z, p_h0, p_out, p_hlast, p_states,
+    dim, L, N, G_B, G_C, dpg_B, dpg_C, s_u_b, s_u_d, s_dt_b, s_dt_d, s_z_b, s_z_d,
+    BLOCK_N: tl.constexpr, W: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, TAIL: tl.constexpr,
+):
+    """TAIL False: the whole windows of channel (program_id 1, program_id 0); TAIL True: its last partial window."""
+    VEC: tl.constexpr = W // 32
+    i_d = tl.program_id(0)
+    i_b = tl.program_id(1).to(tl.int64)
+    row = i_b * dim + i_d
+    o_t = tl.arange(0, W)
+    o_l = tl.arange(0, 32)[:, None]
+    o_v = tl.arange(0, VEC)[None, :]
+    o_n2 = tl.arange(0, BLOCK_N)[None, :] + o_l * 0  # [32, BLOCK_N]: every lane holds all the states
+    m_n2 = o_n2 < N
+    n_saves = tl.cdiv(L, SAVE)
+    p_st = p_states + row * n_saves * N
+    A2 = tl.load(p_A + i_d * N + o_n2, mask=m_n2, other=0.0) * 1.4426950408889634  # padded states: decay 1
+    n_full = L // W
+    carry = tl.zeros([32, BLOCK_N], dtype=tl.float32)
+    if TAIL and n_full > 0:
+        carry = tl.load(p_st + ((n_full * W) // SAVE) * N + o_n2, mask=m_n2, other=0.0)  # saved by the main launch
+    else:
+        if HAS_H0:
+            carry = tl.load(p_h0 + row * N + o_n2, mask=m_n2, other=0.0)
+        tl.store(p_st + o_n2, carry, mask=m_n2 & (o_l == 0))  # the state entering the first SAVE block
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(p_bias + i_d)
+    Dv = 0.0
+    if HAS_D:
+        Dv = tl.load(p_D + i_d)
+    p_u1 = p_u + i_b * s_u_b + i_d * s_u_d
+    p_dt1 = p_delta + i_b * s_dt_b + i_d * s_dt_d
+    p_z1 = p_z + i_b * s_z_b + i_d * s_z_d
+    p_out1 = p_out + row * L
+    p_hl = p_hlast + row * N
+    p_B1 = p_B + (i_b * G_B + i_d // dpg_B) * BLOCK_N * L
+    p_C1 = p_C + (i_b * G_C + i_d // dpg_C) * BLOCK_N * L
+    if TAIL:
+        t = n_full * W + o_t
+        u_raw = tl.load(p_u1 + t, mask=t < L, other=0.0)
+        dt_raw = tl.load(p_dt1 + t, mask=t < L, other=0.0)
+        _window(n_full, u_raw, dt_raw, carry, A2, bias, Dv, p_z1, p_B1, p_C1, p_out1, p_st, p_hl, L, N, n_saves,
+                o_t, o_l, o_v, o_n2, W, BLOCK_N, HAS_D, HAS_Z, SOFTPLUS, False)
+    else:
+        u_raw = tl.load(p_u1 + o_t)
+        dt_raw = tl.load(p_dt1 + o_t)
+        for w in range(0, n_full):
+            t_next = tl.minimum(w + 1, n_full - 1) * W + o_t  # the next window (the last one loads itself again)
+            u_next = tl.load(p_u1 + t_next)
+            dt_next = tl.load(p_dt1 + t_next)
+            carry = _window(w, u_raw, dt_raw, carry, A2, bias, Dv, p_z1, p_B1, p_C1, p_out1, p_st, p_hl, L, N,
+                            n_saves, o_t, o_l, o_v, o_n2, W, BLOCK_N, HAS_D, HAS_Z, SOFTPLUS, True)
+            u_raw = u_next
+            dt_raw = dt_next
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launcher
+
+LANES_MIN_L = 1024
+LANES_PROGRAMS_PER_SM = 24  # one-warp programs per SM needed (2 waves at the ~12 its 168 registers allow)
+
+
+def use_lanes(u, delta, z, N: int, device_index=None) -> bool:
+    """Whether the uni forward takes this kernel: where session 6 measured it faster than the segment kernel (H100,
+    bf16: global XL 0.314 vs 0.373 ms, global S 0.432 vs 0.482) and not where it was slower (long (1, 2304, 16,
+    16384): 0.850 vs 0.715, only 2304 channels; spatial XL, L = 256: 0.322 vs 0.246). Needs 16-bit inputs (its
+    window is one 16-byte vector per lane), N <= 16 (all states in every lane's registers), L >= 1024, batch * dim
+    channels filling ~2 waves, and rows of u, delta, z, out and B/C starting 16-element aligned (vector loads)."""
+    batch, dim, L = u.shape
+    if u.dtype not in (torch.bfloat16, torch.float16) or next_power_of_2(N) > 16 or L < LANES_MIN_L:
+        return False
+    if batch * dim < LANES_PROGRAMS_PER_SM * _sm_count(device_index):
+        return False
+    rows = [u, delta] + ([z] if z is not None else [])
+    return all(x.stride(2) == 1 and x.stride(0) % 16 == 0 and x.stride(1) % 16 == 0 and x.data_ptr() % 16 == 0
+               for x in rows) and L % 16 == 0
+
+
+def _bc(X, dtype):
+    """B or C -> (batch, G, BLOCK_N, L) in ``dtype``, time contiguous, states padded to a power of 2 (a view when
+    it already is), and G."""
+    G = 1 if X.dim() == 3 else X.shape[1]
+    N = X.shape[-2]
+    Xt = X.reshape(X.shape[0], G, N, X.shape[-1]).to(dtype)
+    BLOCK_N = next_power_of_2(N)
+    if BLOCK_N != N:
+        Xt = torch.nn.functional.pad(Xt, (0, 0, 0, BLOCK_N - N))
+    return Xt.contiguous(), G
+
+
+def selective_scan_fwd_lanes(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus: bool):
+    """Launch the lanes forward. Inputs validated by the caller; u, delta, z time contiguous.
+
+    Returns (out, last_state, states) as :func:`.triton_fwd.selective_scan_fwd` does for the uni scan.
+    """
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    dev = u.device
+    Bt, G_B = _bc(B, u.dtype)
+    Ct, G_C = _bc(C, u.dtype)
+    BLOCK_N = Bt.shape[2]
+    W = 32 * (16 // u.element_size())
+    f32 = torch.float32
+    out = torch.empty((batch, dim, L), device=dev, dtype=u.dtype)
+    states = torch.empty((batch, dim, n_saved_states(L), N), device=dev, dtype=f32)
+    last_state = torch.empty((batch, dim, N), device=dev, dtype=f32)
+    empty = torch.empty(0, device=dev, dtype=f32)
+    zs = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
+    args = (
+        u, delta, A.contiguous(), Bt, Ct, D if D is not None else empty,
+        delta_bias if delta_bias is not None else empty, z if z is not None else empty,
+        initial_state if initial_state is not None else empty, out, last_state, states,
+        dim, L, N, G_B, G_C, dim // G_B, dim // G_C, u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), *zs,
+    )
+    meta = dict(BLOCK_N=BLOCK_N, W=W, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                SOFTPLUS=delta_softplus, HAS_H0=initial_state is not None, num_warps=1)
+    if L >= W:
+        launch(_selective_scan_fwd_lanes_kernel, (dim, batch), args, dict(meta, TAIL=False))
+    if L % W:
+        launch(_selective_scan_fwd_lanes_kernel, (dim, batch), args, dict(meta, TAIL=True))
+    return out, last_state, states
