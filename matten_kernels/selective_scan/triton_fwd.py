@@ -14,6 +14,10 @@ state it ends in when started from zero and the sum of its softplus(delta) (its 
 the main pass combines the summaries of the segments before it into its starting state, then scans the segment.
 The state is saved (fp32) every ``SAVE`` steps for the backward, never a (batch, dim, L, N) tensor.
 
+Long 16-bit sequences over many channels take the one-pass forward of :mod:`.triton_fwd_lanes` instead (uni only;
+same outputs and saved states), which evaluates each decay once; this kernel serves every other shape and the
+bidirectional scan.
+
 Bidirectional: the main program first scans its segment of the backward-direction inputs in reverse (reversed
 indexing, no flipped copies) into an fp32 scratch, then the forward direction, and writes
 out = (y_f + y_b) * s * silu(z) once.
