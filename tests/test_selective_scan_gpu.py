@@ -116,8 +116,14 @@ def test_bi_dtypes(dtype, mode):
         close(f"d{k}", lx[k].grad, rx[k].grad, rtol * GRAD_MULT, atol * GRAD_MULT, scale_by_max=k in REDUCED)
 
 
-def test_large_delta_bf16_finite():
-    """delta + delta_bias = 30 (softplus passes it through; decays exp(30 A) underflow to 0): no NaN/Inf."""
+@pytest.mark.parametrize("forward", ["auto", "lanes"])
+def test_large_delta_bf16_finite(forward, monkeypatch):
+    """delta + delta_bias = 30 (softplus passes it through; decays exp(30 A) underflow to 0): no NaN/Inf, with the
+    forward the shape picks and with the lanes forward forced."""
+    if forward == "lanes":
+        from matten_kernels.selective_scan import _ops
+
+        monkeypatch.setattr(_ops, "use_lanes", lambda *a, **k: True)
     x = inputs(2, 64, 2048, 16, torch.bfloat16, big_delta=True)
     leaves = {k: v.clone().requires_grad_() for k, v in x.items() if v is not None}
     for bi in (False, True):
