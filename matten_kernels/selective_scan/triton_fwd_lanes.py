@@ -13,7 +13,8 @@ so each decay exp(delta * A) is evaluated once (the floor's count) and no summar
   lane's last state (a register move) is saved every ``SAVE`` steps for the backward, the state after the last step
   is ``last_state``, and lane 31's is broadcast (``tl.gather``: one shuffle) as the next window's carry, kept with
   the A values in every lane's registers (``[32, BLOCK_N]``, picked by register moves);
-* B_n, C_n of the next state are loaded while state n is scanned, u and delta of the next window while this one is.
+* B, C of the states three ahead are loaded while state n is scanned, u and delta of the next window while this
+  one is (the kernel is latency-bound: session 6 measured each state of prefetch distance).
 
 B and C are read in u's dtype, not as fp32 copies: every channel's program reads them, so they are the kernel's
 largest traffic (L2 to SM), and halving it was measured 13% faster at global XL (H100, session 6: 0.361 -> 0.324
@@ -79,14 +80,24 @@ def _window(w, u_raw, dt_raw, carry, A2, bias, Dv, p_z1, p_B1, p_C1, p_out1, p_s
     i_save = (w * W + (o_l + 1) * VEC) // SAVE  # [32, 1]
     m_save = (((o_l + 1) * VEC) % SAVE == 0) & (i_save <= n_saves)
     p_save = tl.where(i_save < n_saves, p_st + i_save * N, p_hl)
-    b_next = _ld(p_B1 + t, m, EVEN)
-    c_next = _ld(p_C1 + t, m, EVEN)
+    # B, C of states n+1, n+2, n+3 are in flight while state n is scanned (each state's chain of exp, scan and
+    # shuffles is short next to an L2 round trip: 1 state ahead 0.337, 2 ahead 0.319, 3 ahead 0.315 ms at global XL)
+    b1 = _ld(p_B1 + t, m, EVEN)
+    c1 = _ld(p_C1 + t, m, EVEN)
+    b2, c2, b3, c3 = b1, c1, b1, c1
+    if BLOCK_N > 1:
+        b2 = _ld(p_B1 + L + t, m, EVEN)
+        c2 = _ld(p_C1 + L + t, m, EVEN)
+    if BLOCK_N > 2:
+        b3 = _ld(p_B1 + 2 * L + t, m, EVEN)
+        c3 = _ld(p_C1 + 2 * L + t, m, EVEN)
     for n in tl.static_range(BLOCK_N):
-        b_n = b_next.to(tl.float32)
-        c_n = c_next.to(tl.float32)
-        if n + 1 < BLOCK_N:
-            b_next = _ld(p_B1 + (n + 1) * L + t, m, EVEN)
-            c_next = _ld(p_C1 + (n + 1) * L + t, m, EVEN)
+        b_n = b1.to(tl.float32)
+        c_n = c1.to(tl.float32)
+        b1, c1, b2, c2 = b2, c2, b3, c3
+        if n + 3 < BLOCK_N:
+            b3 = _ld(p_B1 + (n + 3) * L + t, m, EVEN)
+            c3 = _ld(p_C1 + (n + 3) * L + t, m, EVEN)
         a2 = _exp2(dt2 * _pick_last_axis(A2, o_n2 == n))
         x2 = du2 * tl.reshape(b_n, [32, VEC])
         x2 = tl.where(o_first, x2 + a2 * _pick_last_axis(carry, o_n2 == n), x2)  # the carry enters at step 0
@@ -177,8 +188,8 @@ LANES_PROGRAMS_PER_SM = 24  # one-warp programs per SM needed (2 waves at the ~1
 
 def use_lanes(u, delta, z, N: int, device_index=None) -> bool:
     """Whether the uni forward takes this kernel: where session 6 measured it faster than the segment kernel (H100,
-    bf16: global XL 0.314 vs 0.373 ms, global S 0.432 vs 0.482) and not where it was slower (long (1, 2304, 16,
-    16384): 0.850 vs 0.715, only 2304 channels; spatial XL, L = 256: 0.322 vs 0.246). Needs 16-bit inputs (its
+    bf16, one call: global XL 0.315 vs 0.373 ms, global S 0.413 vs 0.482) and not where it was slower (long (1, 2304,
+    16, 16384): 0.790 vs 0.714, only 2304 channels; spatial XL, L = 256: 0.309 vs 0.246). Needs 16-bit inputs (its
     window is one 16-byte vector per lane), N <= 16 (all states in every lane's registers), L >= 1024, batch * dim
     channels filling ~2 waves, and rows of u, delta, z, out and B/C starting 16-element aligned (vector loads)."""
     batch, dim, L = u.shape
