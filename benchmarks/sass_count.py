@@ -5,7 +5,7 @@ arguments, meta-parameters and specialisations (16-byte alignment, ints divisibl
 would give it on a GPU. Then every loop of the SASS (a backward branch to a label) is listed with its instruction
 count and its opcode histogram, and the per-element cost of the main loop is printed.
 
-Usage: PYTHONPATH=.:/tmp/t36 python benchmarks/sass_count.py [--shape global_xl] [--kernel fwd|bwd] [--dump FILE]
+Usage: PYTHONPATH=.:/tmp/t36 python benchmarks/sass_count.py [--shape global_xl] [--kernel fwd|lanes|bwd] [--dump FILE]
 (Triton 3.6 is the device's version: `pip install --target /tmp/t36 triton==3.6.0`; its layouts differ from 3.9's.)
 Needs ptxas and nvdisasm (Triton ships both).
 """
@@ -24,7 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from matten_kernels.selective_scan import triton_bwd, triton_fwd
+from matten_kernels.selective_scan import triton_bwd, triton_fwd, triton_fwd_lanes
 
 SHAPES = {"global_xl": (2, 2304, 16, 4096), "global_s": (8, 768, 16, 4096), "spatial_xl": (32, 2304, 16, 256),
           "temporal_xl": (512, 2304, 16, 16), "long": (1, 2304, 16, 16384)}
@@ -34,12 +34,15 @@ _TY = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", 
 def record(fn, *args, **kwargs):
     """Run a launcher with ``launch`` replaced; returns [(kernel, grid, args, meta)]."""
     calls = []
-    saved = triton_fwd.launch, triton_bwd.launch
-    triton_fwd.launch = triton_bwd.launch = lambda k, g, a, m: calls.append((k, g, a, m))
+    mods = (triton_fwd, triton_bwd, triton_fwd_lanes)
+    saved = [m.launch for m in mods]
+    for m in mods:
+        m.launch = lambda k, g, a, mm: calls.append((k, g, a, mm))
     try:
         fn(*args, **kwargs)
     finally:
-        triton_fwd.launch, triton_bwd.launch = saved
+        for m, f in zip(mods, saved):
+            m.launch = f
     return calls
 
 
@@ -114,7 +117,8 @@ def loops(sass: str):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="global_xl", choices=sorted(SHAPES))
-    p.add_argument("--kernel", default="fwd", choices=["fwd", "bwd"])
+    p.add_argument("--kernel", default="fwd", choices=["fwd", "lanes", "bwd"],
+                   help="fwd: the segment forward; lanes: the one-pass forward (triton_fwd_lanes.py); bwd: the backward")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--dump", default=None, help="write the SASS of each kernel to FILE.<i>.sass")
     args = p.parse_args()
@@ -129,6 +133,8 @@ def main():
     bias = torch.zeros(dim)
     if args.kernel == "fwd":
         calls = record(triton_fwd.selective_scan_fwd, u, delta, A, B, C, D, None, bias, None, True)
+    elif args.kernel == "lanes":
+        calls = record(triton_fwd_lanes.selective_scan_fwd_lanes, u, delta, A, B, C, D, None, bias, None, True)
     else:
         states = torch.zeros(batch, dim, triton_fwd.n_saved_states(L), N)
         calls = record(triton_bwd.selective_scan_bwd, torch.zeros_like(u), None, u, delta, A, B, C, D, None, bias,
@@ -139,7 +145,8 @@ def main():
             with open(f"{args.dump}.{i}.sass", "w") as fh:
                 fh.write(sass)
         found, total = loops(sass)
-        elems = meta["CHUNK"] * meta["NH"]  # (t, n) elements a thread handles per iteration of the chunk loop
+        # (t, n) elements a thread handles per iteration of the chunk (segment kernels) or window (lanes) loop
+        elems = meta["W"] // 32 * meta["BLOCK_N"] if "W" in meta else meta["CHUNK"] * meta["NH"]
         print(f"== launch {i}: grid {grid}, meta { {k: v for k, v in meta.items() if k.isupper() or k == 'num_warps'} }")
         print(f"   registers {n_regs}, SASS instructions {total}")
         for label, ops in found:
