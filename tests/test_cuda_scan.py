@@ -227,8 +227,8 @@ def test_bi_selective_scan_cuda_vs_ref(batch, dim, N, L, mode, dtype):
 
 
 SPLIT_CASES = [  # (splits, config, batch, dim, N, L, kind)
-    pytest.param(2, None, 2, 8, 16, 300, "uni", id="split2-uni-init-last"),
-    pytest.param(5, None, 1, 6, 16, 1000, "uni", id="split5-uni"),
+    pytest.param(2, 3, 2, 8, 16, 300, "uni", id="split2-uni-init-last"),
+    pytest.param(5, 3, 1, 6, 16, 1000, "uni", id="split5-uni"),
     pytest.param(3, None, 2, 6, 16, 77, "bi", id="split3-bi"),
     pytest.param(2, None, 1, 4, 64, 129, "uni", id="split2-N64"),
     pytest.param(4, 4, 2, 6, 16, 300, "bi", id="split4-cfg4-bi"),
@@ -275,6 +275,52 @@ def test_cuda_split_sequence_and_configs(splits, config, batch, dim, N, L, kind,
         _check("d" + k, a, r, dtype, mult)
 
 
+LANES_CASES = [  # (batch, dim, N, L, options): the lanes kernels forced (config 9), partial windows included
+    pytest.param(2, 5, 16, 1, dict(), id="L1"),
+    pytest.param(1, 3, 1, 17, dict(has_z=False, has_D=False), id="N1-L17"),
+    pytest.param(2, 6, 5, 130, dict(has_init=True, last=True), id="N5-L130-init-last"),
+    pytest.param(2, 6, 16, 300, dict(groups=2, softplus=False, has_bias=False), id="G2-L300-nosoftplus"),
+    pytest.param(1, 5, 8, 512, dict(has_init=True, last=True), id="N8-L512"),
+    pytest.param(2, 9, 16, 4096, dict(last=True), id="L4096"),
+    pytest.param(1, 4, 16, 4100, dict(groups=2, noncontig=True), id="L4100-G2-noncontig"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: DTYPE_ID[d])
+@pytest.mark.parametrize("batch, dim, N, L, opts", LANES_CASES)
+def test_cuda_lanes_vs_ref(batch, dim, N, L, opts, dtype, monkeypatch):
+    """The lanes kernels (one warp per channel, time across the lanes) against the float64 reference."""
+    from matten_kernels.selective_scan import cuda as cuda_mod
+
+    monkeypatch.setattr(cuda_mod, "config_override", cuda_mod.LANES_CONFIG)
+    test_selective_scan_cuda_vs_ref(batch, dim, N, L, opts, dtype)
+
+
+@pytest.mark.gpu
+def test_cuda_lanes_is_default_and_deterministic_mode_avoids_it(monkeypatch):
+    from matten_kernels.selective_scan import cuda as cuda_mod
+
+    cuda_mod._load()
+    assert cuda_mod._choose_config(16, 4096) == cuda_mod.LANES_CONFIG
+    assert cuda_mod._choose_config(16, 4096, bidirectional=True) != cuda_mod.LANES_CONFIG
+    assert cuda_mod._choose_config(16, 16) != cuda_mod.LANES_CONFIG
+    assert cuda_mod._choose_config(64, 4096) != cuda_mod.LANES_CONFIG
+    with torch.no_grad():
+        u = torch.randn(1, 2, 300, device="cuda")
+        monkeypatch.setattr(cuda_mod, "config_override", cuda_mod.LANES_CONFIG)
+        with pytest.raises(ValueError, match="N <= 16"):
+            selective_scan(u, u, -torch.rand(2, 17, device="cuda"), torch.randn(1, 17, 300, device="cuda"),
+                           torch.randn(1, 17, 300, device="cuda"), backend="cuda")
+    monkeypatch.setattr(cuda_mod, "config_override", None)
+    prev = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert cuda_mod._choose_config(16, 4096) != cuda_mod.LANES_CONFIG
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_ID[d])
 def test_cuda_matches_triton(dtype):
@@ -301,8 +347,20 @@ def test_cuda_matches_triton(dtype):
 
 
 @pytest.mark.gpu
-def test_cuda_deterministic_and_no_grad_path():
-    x = _inputs(2, 32, 16, 500, torch.bfloat16)
+@pytest.mark.parametrize("L", [200, 500])
+def test_cuda_deterministic_and_no_grad_path(L):
+    """Bit-identical gradients: always below L = 256, and under torch.use_deterministic_algorithms above (where the
+    default lanes kernels add dB/dC with atomics)."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(L > 256)
+        _deterministic_and_no_grad(L)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+def _deterministic_and_no_grad(L):
+    x = _inputs(2, 32, 16, L, torch.bfloat16)
     args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True)
     with torch.no_grad():
         o1 = selective_scan(*args, backend="cuda")

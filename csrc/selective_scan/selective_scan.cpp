@@ -11,7 +11,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
+#include <initializer_list>
 #include <numeric>
 #include <optional>
 #include <tuple>
@@ -73,9 +75,14 @@ void fill_dir(matten_scan::DirParams& p, const Dir& d, int G) {
 // Segment size: the largest channel count that divides dim / G of every direction.
 int segment(int dim, int G0, int G1) { return std::gcd(dim / G0, dim / G1); }
 
-int resolve_config(int64_t config, int64_t N, int64_t L) {
-  const int c = config >= 0 ? static_cast<int>(config) : matten_scan::choose_config((int)N, (int)L);
+int resolve_config(int64_t config, int64_t N, int64_t L, bool bi) {
+  const int c = config >= 0 ? static_cast<int>(config) : matten_scan::choose_config((int)N, (int)L, bi);
   TORCH_CHECK(c < matten_scan::kNumConfigs, "selective_scan (cuda): unknown config ", config);
+  if (c == matten_scan::kLanesConfig) {
+    TORCH_CHECK(!bi, "selective_scan (cuda): the lanes config (", c, ") is unidirectional only");
+    TORCH_CHECK(N <= matten_scan::kLanesMaxN, "selective_scan (cuda): the lanes config (", c, ") holds at most ",
+                matten_scan::kLanesMaxN, " states, N = ", N);
+  }
   const matten_scan::ConfigInfo info = matten_scan::config_info(c);
   TORCH_CHECK(info.tpc * info.npt >= N, "selective_scan (cuda): config ", c, " holds at most ",
               info.tpc * info.npt, " states, N = ", N);
@@ -93,6 +100,15 @@ std::pair<int, int> splits(int64_t batch, int64_t dim, int tpc, int64_t nchunks,
   n = (int)std::min<int64_t>(n, nchunks);
   const int per = (int)((nchunks + n - 1) / n);
   return {(int)((nchunks + per - 1) / per), per};
+}
+
+// Lanes kernels: 16-byte vector access needs every row start 16-byte aligned (L a multiple of 16 bytes / element).
+bool rows_aligned(int64_t L, at::ScalarType dt, std::initializer_list<Tensor> ts, const OptTensor& z) {
+  if ((L * (int64_t)c10::elementSize(dt)) % 16 != 0) return false;
+  auto ok = [](const Tensor& t) { return t.numel() == 0 || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
+  for (const Tensor& t : ts)
+    if (!ok(t)) return false;
+  return !z || ok(*z);
 }
 
 cudaError_t launch(bool fwd, at::ScalarType dt, const matten_scan::ScanParams& p, int config,
@@ -133,7 +149,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> selective_scan_fwd(
   }
   if (z) check_input(*z, "z", dt, {batch, dim, L}, dev);
   if (initial_state) check_input(*initial_state, "initial_state", at::kFloat, {batch, dim, N}, dev);
-  const int cfg = resolve_config(config, N, L);
+  const int cfg = resolve_config(config, N, L, bi);
+  const bool lanes = cfg == matten_scan::kLanesConfig;
   const int chunk = matten_scan::config_info(cfg).chunk;
   const int64_t nchunks = (L + chunk - 1) / chunk;
   const int ndir = bi ? 2 : 1;
@@ -143,10 +160,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> selective_scan_fwd(
                          : at::empty({batch, dim, N}, u.options().dtype(at::kFloat));
   Tensor states = save_for_backward ? at::empty({ndir, batch, dim, nchunks, N}, u.options().dtype(at::kFloat))
                                     : at::empty({0}, u.options().dtype(at::kFloat));
-  Tensor y_saved = (save_for_backward && z) ? at::empty({batch, dim, L}, u.options()) : at::empty({0}, u.options());
+  // The lanes backward recomputes y for dz; the other configs read it.
+  Tensor y_saved = (save_for_backward && z && !lanes) ? at::empty({batch, dim, L}, u.options())
+                                                      : at::empty({0}, u.options());
   Tensor ws = bi ? at::empty({batch, dim, L}, u.options().dtype(at::kFloat)) : Tensor();
   const auto info = matten_scan::config_info(cfg);
-  const auto [nsplit, split_chunks] = splits(batch, dim, info.tpc, nchunks, 1024);  // 64-register kernels
+  const auto [nsplit, split_chunks] =
+      lanes ? std::pair<int, int>{1, (int)nchunks} : splits(batch, dim, info.tpc, nchunks, 1024);  // 64-register kernels
   Tensor split_state = at::empty({nsplit > 1 ? ndir * nsplit * batch * dim * N : 0}, u.options().dtype(at::kFloat));
   Tensor split_sumd = at::empty({nsplit > 1 ? ndir * nsplit * batch * dim : 0}, u.options().dtype(at::kFloat));
 
@@ -174,6 +194,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> selective_scan_fwd(
   p.last_state = bi ? nullptr : last_state.data_ptr<float>();
   p.y_saved = y_saved.numel() ? y_saved.data_ptr() : nullptr;
   p.ws = bi ? ws.data_ptr<float>() : nullptr;
+  p.lanes_vec = lanes && rows_aligned(L, dt, {u, delta, B, C, out}, z);
   const cudaError_t err = launch(true, dt, p, cfg, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "selective_scan (cuda): forward launch failed: ", cudaGetErrorString(err));
   return {out, last_state, states, y_saved};
@@ -204,13 +225,12 @@ std::vector<Tensor> selective_scan_bwd(
   }
   check_input(dout, "dout", dt, {batch, dim, L}, dev);
   if (dlast_state) check_input(*dlast_state, "dlast_state", at::kFloat, {batch, dim, N}, dev);
-  if (z) {
-    check_input(*z, "z", dt, {batch, dim, L}, dev);
-    check_input(y_saved, "y_saved", dt, {batch, dim, L}, dev);
-  }
-  const int cfg = resolve_config(config, N, L);
+  if (z) check_input(*z, "z", dt, {batch, dim, L}, dev);
+  const int cfg = resolve_config(config, N, L, bi);
+  const bool lanes = cfg == matten_scan::kLanesConfig;
   const int chunk = matten_scan::config_info(cfg).chunk;
-  const int cpb = matten_scan::bwd_channels_per_block(cfg);
+  if (z && !lanes) check_input(y_saved, "y_saved", dt, {batch, dim, L}, dev);
+  const int cpb = lanes ? matten_scan::kLanesWarps : matten_scan::bwd_channels_per_block(cfg);
   const int64_t nchunks = (L + chunk - 1) / chunk;
   const int ndir = bi ? 2 : 1;
   check_input(states, "states", at::kFloat, {ndir, batch, dim, nchunks, N}, dev);
@@ -219,7 +239,9 @@ std::vector<Tensor> selective_scan_bwd(
   const int blocks_per_seg = (seg + cpb - 1) / cpb;
   const auto f32 = u.options().dtype(at::kFloat);
   // The directions run in different blocks.
-  const auto [nsplit, split_chunks] = splits(batch * ndir, dim, matten_scan::config_info(cfg).tpc, nchunks, 768);
+  const auto [nsplit, split_chunks] =
+      lanes ? std::pair<int, int>{1, (int)nchunks}
+            : splits(batch * ndir, dim, matten_scan::config_info(cfg).tpc, nchunks, 768);
   Tensor split_state = at::empty({nsplit > 1 ? ndir * nsplit * batch * dim * N : 0}, f32);
   Tensor split_sumd = at::empty({nsplit > 1 ? ndir * nsplit * batch * dim : 0}, f32);
   matten_scan::ScanParams p{};
@@ -242,13 +264,13 @@ std::vector<Tensor> selective_scan_bwd(
   const int Gs[2] = {G0, G1};
   for (int d = 0; d < ndir; ++d) {
     const int G = Gs[d];
-    const int64_t parts = (int64_t)(dim / G / seg) * blocks_per_seg;
+    const int64_t parts = lanes ? 1 : (int64_t)(dim / G / seg) * blocks_per_seg;  // lanes: atomics into one
     DirGrads& g = grads[d];
     g.du = at::empty({batch, dim, L}, u.options());
     g.ddelta = at::empty({batch, dim, L}, u.options());
     g.dA_part = at::empty({nsplit, batch, dim, N}, f32);
-    g.dB_part = at::empty({parts, batch, G, N, L}, f32);
-    g.dC_part = at::empty({parts, batch, G, N, L}, f32);
+    g.dB_part = lanes ? at::zeros({parts, batch, G, N, L}, f32) : at::empty({parts, batch, G, N, L}, f32);
+    g.dC_part = lanes ? at::zeros({parts, batch, G, N, L}, f32) : at::empty({parts, batch, G, N, L}, f32);
     g.dD_part = at::empty({nsplit, batch, dim}, f32);
     g.dbias_part = at::empty({nsplit, batch, dim}, f32);
     matten_scan::DirParams& q = p.dir[d];
@@ -267,9 +289,10 @@ std::vector<Tensor> selective_scan_bwd(
   p.z = ptr_or_null(z);
   p.dout = dout.data_ptr();
   p.dlast_state = fptr_or_null(dlast_state);
-  p.y_saved_in = z ? y_saved.data_ptr() : nullptr;
+  p.y_saved_in = (z && !lanes) ? y_saved.data_ptr() : nullptr;
   p.dz = z ? dz.data_ptr() : nullptr;
   p.dinitial_state = initial_state ? dinit.data_ptr<float>() : nullptr;
+  p.lanes_vec = lanes && rows_aligned(L, dt, {u, delta, B, C, dout, grads[0].du, grads[0].ddelta, dz}, z);
   const cudaError_t err = launch(false, dt, p, cfg, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "selective_scan (cuda): backward launch failed: ", cudaGetErrorString(err));
 

@@ -37,7 +37,13 @@ namespace matten_scan {
   X(7, 32, 4, 16, 4, 4)        \
   X(8, 32, 8, 8, 4, 4)
 
-constexpr int kNumConfigs = 9;
+constexpr int kNumConfigs = 10;
+
+// Config 9 is the "lanes" kernel pair (selective_scan_lanes.cuh): unidirectional, N <= 16, one warp per channel with
+// time across the lanes, states saved every 256-step window, dB/dC by atomics (not bit-reproducible).
+constexpr int kLanesConfig = 9;
+constexpr int kLanesMaxN = 16;
+constexpr int kLanesWarps = 4;  // channels (one warp each) per block of the lanes kernels
 
 struct ConfigInfo {
   int tpc, npt, chunk, nwarps_fwd, nwarps_bwd;
@@ -50,13 +56,16 @@ inline ConfigInfo config_info(int config) {
     return ConfigInfo{TPC, NPT, CHUNK, NWF, NWB};
     MATTEN_SCAN_CONFIGS(MATTEN_SCAN_INFO_CASE)
 #undef MATTEN_SCAN_INFO_CASE
+    case kLanesConfig:
+      return ConfigInfo{32, 1, 256, 4, 4};  // 32 lanes per channel, windows of 256 steps, 4 channels per block
     default:
       return ConfigInfo{0, 0, 0, 0, 0};
   }
 }
 
-// Default configuration for state size N and sequence length L.
-inline int choose_config(int N, int L) {
+// Default configuration for state size N and sequence length L (deterministic: no atomics).
+inline int choose_config(int N, int L, bool bidirectional = false, bool deterministic = true) {
+  if (!bidirectional && !deterministic && N <= kLanesMaxN && L >= 256) return kLanesConfig;
   if (N <= 4) return 0;
   if (N <= 8) return 1;
   if (N <= 16) return 3;
@@ -94,7 +103,8 @@ struct DirParams {
   void* du;                   // (batch, dim, L) dtype
   void* ddelta;               // (batch, dim, L) dtype
   float* dA_part;             // (nsplit, batch, dim, N): per split and batch row, summed by the caller
-  float* dB_part;             // (P, batch, G, N, L): per block of channels, summed by the caller
+  float* dB_part;             // (P, batch, G, N, L): per block of channels, summed by the caller (lanes: P = 1,
+                              //   zero-filled, atomics)
   float* dC_part;             // (P, batch, G, N, L)
   float* dD_part;             // (nsplit, batch, dim)
   float* dbias_part;          // (nsplit, batch, dim)
@@ -109,6 +119,7 @@ struct ScanParams {
   int nsplit;                 // splits of the sequence (grid.x = blocks per segment * nsplit)
   int split_chunks;           // chunks per split (the last may have fewer)
   int dir_lo, dir_hi;         // the directions this forward launch runs (set by the launcher)
+  int lanes_vec;              // lanes kernels: every (batch, dim, L) and B/C row starts 16-byte aligned
   float* split_state;         // (ndir, nsplit, batch, dim, N) split summaries (see above), when nsplit > 1
   float* split_sumd;          // (ndir, nsplit, batch, dim)
   DirParams dir[2];

@@ -18,6 +18,7 @@
 #pragma once
 
 #include "selective_scan_common.cuh"
+#include "selective_scan_lanes.cuh"
 
 namespace matten_scan {
 
@@ -462,6 +463,7 @@ cudaError_t launch_bwd_config(const ScanParams& p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_bwd(const ScanParams& p, int config, cudaStream_t stream) {
+  if (config == kLanesConfig) return launch_lanes<T, false>(p, stream);
   switch (config) {
 #define MATTEN_SCAN_BWD_CASE(ID, TPC, NPT, CHUNK, NWF, NWB) \
   case ID:                                                  \

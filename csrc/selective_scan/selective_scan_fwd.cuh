@@ -10,6 +10,7 @@
 #pragma once
 
 #include "selective_scan_common.cuh"
+#include "selective_scan_lanes.cuh"
 
 namespace matten_scan {
 
@@ -324,6 +325,7 @@ cudaError_t launch_fwd_config(const ScanParams& p0, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_fwd(const ScanParams& p, int config, cudaStream_t stream) {
+  if (config == kLanesConfig) return launch_lanes<T, true>(p, stream);
   switch (config) {
 #define MATTEN_SCAN_FWD_CASE(ID, TPC, NPT, CHUNK, NWF, NWB) \
   case ID:                                                  \

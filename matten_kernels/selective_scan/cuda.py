@@ -113,10 +113,21 @@ def _load() -> None:
     _unavailable_reason.cache_clear()
 
 
-def _choose_config(N: int, L: int) -> int:
-    """Mirror of ``choose_config`` in selective_scan.h (checked against the table read from the extension)."""
+LANES_CONFIG = 9  # kLanesConfig: time across the lanes of a warp, uni only, N <= 16, dB/dC by atomics
+
+
+def _choose_config(N: int, L: int, bidirectional: bool = False) -> int:
+    """Mirror of ``choose_config`` in selective_scan.h (checked against the table read from the extension).
+
+    The lanes kernels (``selective_scan_lanes.cuh``) take unidirectional scans with N <= 16 and L >= 256; their
+    dB/dC atomics are not bit-reproducible, so under ``torch.use_deterministic_algorithms(True)`` the per-block
+    partial sums of the other configs are used instead (logged once)."""
     if config_override is not None:
         return int(config_override)
+    if not bidirectional and N <= 16 and L >= 256:
+        if not torch.are_deterministic_algorithms_enabled():
+            return LANES_CONFIG
+        _log_deterministic_choice()
     if N <= 4:
         return 0
     if N <= 8:
@@ -127,6 +138,12 @@ def _choose_config(N: int, L: int) -> int:
         if N <= top:
             return cfg
     return 8
+
+
+@functools.lru_cache(maxsize=None)
+def _log_deterministic_choice() -> None:
+    logger.info("selective_scan cuda: deterministic algorithms requested: the per-block partial-sum kernels, not the "
+                "(faster, atomic) lanes kernels")
 
 
 def _register() -> None:
@@ -143,7 +160,8 @@ def _register() -> None:
         last = u.new_empty((0,), dtype=torch.float32) if ndir == 2 else u.new_empty((batch, dim, N), **f32)
         states = (u.new_empty((ndir, batch, dim, -(-L // chunk), N), **f32) if save_for_backward
                   else u.new_empty((0,), **f32))
-        y_saved = u.new_empty(u.shape) if (save_for_backward and z is not None) else u.new_empty((0,))
+        keep_y = save_for_backward and z is not None and config != LANES_CONFIG
+        y_saved = u.new_empty(u.shape) if keep_y else u.new_empty((0,))
         return u.new_empty(u.shape), last, states, y_saved
 
     @torch.library.register_fake(bwd)
@@ -169,7 +187,7 @@ def _register() -> None:
          delta_softplus, divide_out, save_for_backward, config) = inputs
         _, _, states, y_saved = output
         # Saved: the inputs, the fp32 state at every chunk start (ndir, batch, dim, L/chunk, N) and, with z, y before
-        # the gate. The backward recomputes h inside each chunk from its start state: no (batch, dim, L, N) tensor.
+        # the gate (not for the lanes config, whose backward recomputes y). The backward recomputes h inside each chunk from its start state: no (batch, dim, L, N) tensor.
         ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, z, initial_state, u_b, delta_b, A_b, B_b, C_b, D_b,
                               delta_bias_b, states, y_saved)
         ctx.flags = (delta_softplus, divide_out, config)
@@ -214,9 +232,11 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _config(A, L) -> int:
-    cfg = _choose_config(A.shape[1], L)
+def _config(A, L, bidirectional=False) -> int:
+    cfg = _choose_config(A.shape[1], L, bidirectional)
     tpc, npt = _config_table[cfg][:2]
+    if cfg == LANES_CONFIG and (bidirectional or A.shape[1] > 16):
+        raise ValueError(f"selective_scan (cuda): config {cfg} (lanes) is unidirectional with N <= 16")
     if tpc * npt < A.shape[1]:
         raise ValueError(f"selective_scan (cuda): config {cfg} holds {tpc * npt} states < N = {A.shape[1]}")
     return cfg
@@ -256,5 +276,6 @@ def cuda_bi_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     out, _, _, _ = torch.ops.matten_cuda.selective_scan_fwd(
         u.contiguous(), delta.contiguous(), A.contiguous(), _grouped(B), _grouped(C), _contig(D), _contig(delta_bias),
         _contig(z), None, u_b.contiguous(), delta_b.contiguous(), A_b.contiguous(), _grouped(B_b), _grouped(C_b),
-        _contig(D_b), _contig(delta_bias_b), bool(delta_softplus), bool(divide_out), save, _config(A, u.shape[-1]))
+        _contig(D_b), _contig(delta_bias_b), bool(delta_softplus), bool(divide_out), save,
+        _config(A, u.shape[-1], bidirectional=True))
     return out
