@@ -27,48 +27,74 @@ namespace matten_scan {
 
 constexpr int kLanesSteps = 8;     // steps per lane
 constexpr int kLanesWindow = 256;  // steps per window
+#ifndef LANES_AHEAD
+#define LANES_AHEAD 3
+#endif
+constexpr int kLanesAhead = LANES_AHEAD;  // states whose B/C loads are in flight while one is computed
 constexpr unsigned kFull = 0xffffffffu;
+// Blocks of kLanesWarps warps per SM the register allocation must allow (4: <= 128 registers, 3: <= 168).
+#ifndef LANES_FWD_MINB
+#define LANES_FWD_MINB 4
+#endif
+#ifndef LANES_BWD_MINB
+#define LANES_BWD_MINB 3
+#endif
 
-// Elements t0 .. t0+7 of a row as floats (zero beyond L); one or two 16-byte loads when `vec` (16-byte aligned
-// rows) and the 8 elements are inside the row.
+// 8 consecutive elements as loaded (one 16-byte vector for 16-bit types, two for fp32).
 template <typename T>
-__device__ __forceinline__ void load8(const T* __restrict__ row, int t0, int L, bool vec, bool ok,
-                                      float (&v)[kLanesSteps]) {
-  if (vec && t0 + kLanesSteps <= L) {
-    if constexpr (sizeof(T) == 2) {
-      uint4 raw = make_uint4(0, 0, 0, 0);
-      if (ok) raw = *reinterpret_cast<const uint4*>(row + t0);
-      const T* e = reinterpret_cast<const T*>(&raw);
+struct Raw8 {
+  uint4 v[sizeof(T) == 4 ? 2 : 1];
+};
+
+// Elements t0 .. t0+7 of a row. FULL: the window lies inside L and rows are 16-byte aligned: plain vector loads
+// (no branch, so the compiler can issue them early). Otherwise element by element, zero beyond L or when !ok.
+template <bool FULL, typename T>
+__device__ __forceinline__ Raw8<T> ld8(const T* __restrict__ row, int t0, int L, bool ok = true) {
+  Raw8<T> r;
+  if constexpr (FULL) {
 #pragma unroll
-      for (int j = 0; j < kLanesSteps; ++j) v[j] = to_float(e[j]);
-    } else {
-      float4 lo = make_float4(0.f, 0.f, 0.f, 0.f), hi = lo;
-      if (ok) {
-        lo = *reinterpret_cast<const float4*>(row + t0);
-        hi = *reinterpret_cast<const float4*>(row + t0 + 4);
-      }
-      v[0] = to_float(lo.x), v[1] = to_float(lo.y), v[2] = to_float(lo.z), v[3] = to_float(lo.w);
-      v[4] = to_float(hi.x), v[5] = to_float(hi.y), v[6] = to_float(hi.z), v[7] = to_float(hi.w);
-    }
+    for (int i = 0; i < (int)(sizeof(r.v) / 16); ++i) r.v[i] = reinterpret_cast<const uint4*>(row + t0)[i];
   } else {
+    T* e = reinterpret_cast<T*>(&r);
 #pragma unroll
-    for (int j = 0; j < kLanesSteps; ++j) v[j] = (ok && t0 + j < L) ? to_float(row[t0 + j]) : 0.f;
+    for (int j = 0; j < kLanesSteps; ++j) e[j] = (ok && t0 + j < L) ? row[t0 + j] : from_float<T>(0.f);
   }
+  return r;
 }
 
 template <typename T>
-__device__ __forceinline__ void store8(T* __restrict__ row, int t0, int L, bool vec, const float (&v)[kLanesSteps]) {
-  if (vec && t0 + kLanesSteps <= L) {
-    if constexpr (sizeof(T) == 2) {
-      uint4 raw;
-      T* e = reinterpret_cast<T*>(&raw);
+__device__ __forceinline__ void unpack8(const Raw8<T>& r, float (&v)[kLanesSteps]) {
+  const T* e = reinterpret_cast<const T*>(&r);
 #pragma unroll
-      for (int j = 0; j < kLanesSteps; ++j) e[j] = from_float<T>(v[j]);
-      *reinterpret_cast<uint4*>(row + t0) = raw;
-    } else {
-      *reinterpret_cast<float4*>(row + t0) = make_float4(v[0], v[1], v[2], v[3]);
-      *reinterpret_cast<float4*>(row + t0 + 4) = make_float4(v[4], v[5], v[6], v[7]);
-    }
+  for (int j = 0; j < kLanesSteps; ++j) v[j] = to_float(e[j]);
+}
+
+template <bool FULL, typename T>
+__device__ __forceinline__ void load8(const T* __restrict__ row, int t0, int L, float (&v)[kLanesSteps]) {
+  unpack8(ld8<FULL>(row, t0, L), v);
+}
+
+// Row n of B or C (batch, G, N, L) at t0; rows n >= N read as zero (by a select, not a branch).
+template <bool FULL, typename T>
+__device__ __forceinline__ Raw8<T> ld8_state(const T* __restrict__ base, int n, int N, int t0, int L) {
+  const bool ok = n < N;
+  Raw8<T> r = ld8<FULL>(base + (size_t)(ok ? n : 0) * L, t0, L, ok);
+  if constexpr (FULL) {
+#pragma unroll
+    for (int i = 0; i < (int)(sizeof(r.v) / 16); ++i) r.v[i] = ok ? r.v[i] : make_uint4(0u, 0u, 0u, 0u);
+  }
+  return r;
+}
+
+template <bool FULL, typename T>
+__device__ __forceinline__ void store8(T* __restrict__ row, int t0, int L, const float (&v)[kLanesSteps]) {
+  if constexpr (FULL) {
+    Raw8<T> r;
+    T* e = reinterpret_cast<T*>(&r);
+#pragma unroll
+    for (int j = 0; j < kLanesSteps; ++j) e[j] = from_float<T>(v[j]);
+#pragma unroll
+    for (int i = 0; i < (int)(sizeof(r.v) / 16); ++i) reinterpret_cast<uint4*>(row + t0)[i] = r.v[i];
   } else {
 #pragma unroll
     for (int j = 0; j < kLanesSteps; ++j)
@@ -76,10 +102,12 @@ __device__ __forceinline__ void store8(T* __restrict__ row, int t0, int L, bool 
   }
 }
 
-// row[t0 + j] += v[j] for the steps inside L (fp32, atomic; 16-byte vector atomics on sm_90).
-__device__ __forceinline__ void atomic_add8(float* row, int t0, int L, bool vec, const float (&v)[kLanesSteps]) {
+// row[t0 + j] += v[j] for the steps inside L (fp32 atomics; 16-byte vector atomics on sm_90 when FULL and the
+// fp32 rows are 16-byte aligned).
+template <bool FULL>
+__device__ __forceinline__ void atomic_add8(float* row, int t0, int L, const float (&v)[kLanesSteps]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (vec && t0 + kLanesSteps <= L) {
+  if (FULL && L % 4 == 0) {
     atomicAdd(reinterpret_cast<float4*>(row + t0), make_float4(v[0], v[1], v[2], v[3]));
     atomicAdd(reinterpret_cast<float4*>(row + t0 + 4), make_float4(v[4], v[5], v[6], v[7]));
     return;
@@ -87,19 +115,18 @@ __device__ __forceinline__ void atomic_add8(float* row, int t0, int L, bool vec,
 #endif
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j)
-    if (t0 + j < L) atomicAdd(row + t0 + j, v[j]);
+    if (FULL || t0 + j < L) atomicAdd(row + t0 + j, v[j]);
 }
 
-// d = softplus(delta + bias) (optional) and d(d)/d(delta); d = 0 beyond L (the state then holds).
-__device__ __forceinline__ void lanes_delta(float (&dt)[kLanesSteps], float (&sig)[kLanesSteps], float bias,
-                                            bool softplus, int t0, int L) {
+// d = softplus(delta + bias) (optional); d = 0 beyond L (the state then holds).
+template <bool FULL>
+__device__ __forceinline__ void lanes_delta(float (&dt)[kLanesSteps], float bias, bool softplus, int t0, int L) {
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) {
     const float x = dt[j] + bias;
-    float d = x, g = 1.f;
-    if (softplus) softplus_and_grad(x, d, g);
-    dt[j] = t0 + j < L ? d : 0.f;
-    sig[j] = g;
+    float d = x, unused;
+    if (softplus) softplus_and_grad(x, d, unused);
+    dt[j] = (FULL || t0 + j < L) ? d : 0.f;
   }
 }
 
@@ -135,216 +162,260 @@ __device__ __forceinline__ float lanes_adjoint_in(float q, float s, float r, int
   return fmaf(qe, r, se);
 }
 
+// Per-channel pointers of one warp.
+template <typename T>
+struct LanesRows {
+  const T *u, *delta, *B, *C, *z, *dout;
+  T *out, *du, *ddelta, *dz;
+  float *dB, *dC;
+};
+
+template <typename T>
+__device__ __forceinline__ LanesRows<T> lanes_rows(const ScanParams& p, int b, int chan) {
+  const DirParams& dp = p.dir[0];
+  const int g = chan / (p.dim / dp.groups);
+  const size_t row = ((size_t)b * p.dim + chan) * p.L;
+  const size_t bc = ((size_t)b * dp.groups + g) * p.N * p.L;
+  LanesRows<T> r;
+  r.u = static_cast<const T*>(dp.u) + row;
+  r.delta = static_cast<const T*>(dp.delta) + row;
+  r.B = static_cast<const T*>(dp.B) + bc;
+  r.C = static_cast<const T*>(dp.C) + bc;
+  r.z = p.z ? static_cast<const T*>(p.z) + row : nullptr;
+  r.dout = p.dout ? static_cast<const T*>(p.dout) + row : nullptr;
+  r.out = p.out ? static_cast<T*>(p.out) + row : nullptr;
+  r.du = dp.du ? static_cast<T*>(dp.du) + row : nullptr;
+  r.ddelta = dp.ddelta ? static_cast<T*>(dp.ddelta) + row : nullptr;
+  r.dz = p.dz ? static_cast<T*>(p.dz) + row : nullptr;
+  r.dB = dp.dB_part ? dp.dB_part + bc : nullptr;
+  r.dC = dp.dC_part ? dp.dC_part + bc : nullptr;
+  return r;
+}
+
+// One forward window. A2_l / h_l: lane n holds state n's A*log2(e) and carry.
+template <bool FULL, typename T, int NMAX>
+__device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L, int N, int lane, float bias,
+                                           float Dv, bool softplus, float A2_l, float& h_l) {
+  float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], y[kLanesSteps];
+  Raw8<T> rb[NMAX], rc[NMAX];
+#pragma unroll
+  for (int k = 0; k < kLanesAhead && k < NMAX; ++k)
+    rb[k] = ld8_state<FULL>(r.B, k, N, t0, L), rc[k] = ld8_state<FULL>(r.C, k, N, t0, L);
+  load8<FULL>(r.u, t0, L, uu);
+  load8<FULL>(r.delta, t0, L, dt);
+  lanes_delta<FULL>(dt, bias, softplus, t0, L);
+#pragma unroll
+  for (int j = 0; j < kLanesSteps; ++j) du[j] = dt[j] * uu[j], y[j] = Dv * uu[j];
+#pragma unroll
+  for (int n = 0; n < NMAX; ++n) {
+    if (n + kLanesAhead < NMAX)
+      rb[n + kLanesAhead] = ld8_state<FULL>(r.B, n + kLanesAhead, N, t0, L),
+      rc[n + kLanesAhead] = ld8_state<FULL>(r.C, n + kLanesAhead, N, t0, L);
+    const float A2 = __shfl_sync(kFull, A2_l, n);
+    float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], x[kLanesSteps];
+    unpack8(rb[n], Bv);
+    unpack8(rc[n], Cv);
+    float pa = 1.f, xa = 0.f;
+#pragma unroll
+    for (int j = 0; j < kLanesSteps; ++j) {
+      a[j] = fast_exp2(dt[j] * A2);
+      x[j] = du[j] * Bv[j];
+      xa = fmaf(a[j], xa, x[j]);
+      pa *= a[j];
+    }
+    float hh = lanes_state_in(pa, xa, __shfl_sync(kFull, h_l, n), lane);
+#pragma unroll
+    for (int j = 0; j < kLanesSteps; ++j) {
+      hh = fmaf(a[j], hh, x[j]);
+      y[j] = fmaf(Cv[j], hh, y[j]);
+    }
+    hh = __shfl_sync(kFull, hh, 31);
+    h_l = lane == n ? hh : h_l;
+  }
+  if (r.z) {
+    float zz[kLanesSteps];
+    load8<FULL>(r.z, t0, L, zz);
+#pragma unroll
+    for (int j = 0; j < kLanesSteps; ++j) y[j] *= zz[j] * sigmoid(zz[j]);
+  }
+  store8<FULL>(r.out, t0, L, y);
+}
+
+// The partial-window / unaligned path, kept out of line so that its registers do not count against the fast path.
 template <typename T, int NMAX>
-__global__ void __launch_bounds__(kLanesWarps * 32) scan_fwd_lanes_kernel(const ScanParams p) {
+__device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, int L, int N, int lane, float bias,
+                                                float Dv, bool softplus, float A2_l, float& h_l) {
+  fwd_window<false, T, NMAX>(r, t0, L, N, lane, bias, Dv, softplus, A2_l, h_l);
+}
+
+template <typename T, int NMAX>
+__global__ void __launch_bounds__(kLanesWarps * 32, LANES_FWD_MINB) scan_fwd_lanes_kernel(const ScanParams p) {
   const int lane = threadIdx.x & 31;
   const int chan = blockIdx.x * kLanesWarps + (threadIdx.x >> 5);
   const int b = blockIdx.y;
   if (chan >= p.dim) return;  // a whole warp; no block-level synchronisation below
   const DirParams& dp = p.dir[0];
-  const int L = p.L, N = p.N, dim = p.dim;
-  const int g = chan / (dim / dp.groups);
-  const size_t row = (size_t)b * dim + chan;
-  const T* __restrict__ u = static_cast<const T*>(dp.u) + row * L;
-  const T* __restrict__ delta = static_cast<const T*>(dp.delta) + row * L;
-  const T* __restrict__ Bp = static_cast<const T*>(dp.B) + ((size_t)b * dp.groups + g) * N * L;
-  const T* __restrict__ Cp = static_cast<const T*>(dp.C) + ((size_t)b * dp.groups + g) * N * L;
-  const T* __restrict__ z = p.z ? static_cast<const T*>(p.z) + row * L : nullptr;
-  T* __restrict__ out = static_cast<T*>(p.out) + row * L;
-  const bool vec = p.lanes_vec;
+  const int L = p.L, N = p.N;
+  const size_t row = (size_t)b * p.dim + chan;
+  const LanesRows<T> rows = lanes_rows<T>(p, b, chan);
   const int nwin = (L + kLanesWindow - 1) / kLanesWindow;
   float* __restrict__ states = dp.states ? dp.states + row * nwin * N : nullptr;
-
-  float A2[NMAX], h[NMAX];
-#pragma unroll
-  for (int n = 0; n < NMAX; ++n) {
-    A2[n] = n < N ? dp.A[(size_t)chan * N + n] * kLog2e : 0.f;
-    h[n] = (n < N && p.initial_state) ? p.initial_state[row * N + n] : 0.f;
-  }
+  const float A2_l = lane < N ? dp.A[(size_t)chan * N + lane] * kLog2e : 0.f;
+  float h_l = (lane < N && p.initial_state) ? p.initial_state[row * N + lane] : 0.f;
   const float bias = dp.delta_bias ? dp.delta_bias[chan] : 0.f;
   const float Dv = dp.D ? dp.D[chan] : 0.f;
 
   for (int w = 0; w < nwin; ++w) {
     const int t0 = w * kLanesWindow + lane * kLanesSteps;
-    float uu[kLanesSteps], dt[kLanesSteps], sig[kLanesSteps], du[kLanesSteps], y[kLanesSteps];
-    load8(u, t0, L, vec, true, uu);
-    load8(delta, t0, L, vec, true, dt);
-    lanes_delta(dt, sig, bias, p.delta_softplus, t0, L);
-#pragma unroll
-    for (int j = 0; j < kLanesSteps; ++j) du[j] = dt[j] * uu[j], y[j] = Dv * uu[j];
-    if (states) {
-      float mine = 0.f;
-#pragma unroll
-      for (int n = 0; n < NMAX; ++n) mine = lane == n ? h[n] : mine;
-      if (lane < N) states[(size_t)w * N + lane] = mine;
-    }
-#pragma unroll
-    for (int n = 0; n < NMAX; ++n) {
-      const bool ok = n < N;
-      float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps];
-      load8(Bp + (size_t)(ok ? n : 0) * L, t0, L, vec, ok, Bv);
-      load8(Cp + (size_t)(ok ? n : 0) * L, t0, L, vec, ok, Cv);
-      float pa = 1.f, xa = 0.f;
-#pragma unroll
-      for (int j = 0; j < kLanesSteps; ++j) {
-        a[j] = fast_exp2(dt[j] * A2[n]);
-        xa = fmaf(a[j], xa, du[j] * Bv[j]);
-        pa *= a[j];
-      }
-      float hh = lanes_state_in(pa, xa, h[n], lane);
-#pragma unroll
-      for (int j = 0; j < kLanesSteps; ++j) {
-        hh = fmaf(a[j], hh, du[j] * Bv[j]);
-        y[j] = fmaf(Cv[j], hh, y[j]);
-      }
-      h[n] = __shfl_sync(kFull, hh, 31);
-    }
-    if (z) {
-      float zz[kLanesSteps];
-      load8(z, t0, L, vec, true, zz);
-#pragma unroll
-      for (int j = 0; j < kLanesSteps; ++j) y[j] *= zz[j] * sigmoid(zz[j]);
-    }
-    store8(out, t0, L, vec, y);
+    if (states && lane < N) states[(size_t)w * N + lane] = h_l;
+    if (p.lanes_vec && (w + 1) * kLanesWindow <= L)
+      fwd_window<true, T, NMAX>(rows, t0, L, N, lane, bias, Dv, p.delta_softplus, A2_l, h_l);
+    else
+      fwd_window_generic<T, NMAX>(rows, t0, L, N, lane, bias, Dv, p.delta_softplus, A2_l, h_l);
   }
-  if (p.last_state) {
-    float mine = 0.f;
+  if (p.last_state && lane < N) p.last_state[row * N + lane] = h_l;
+}
+
+// One backward window. A_l / h0_l / r_l: lane n holds state n's A, the saved state at the window start and the
+// adjoint carry r entering from the next window (left as the one for the window before); dA: per-lane partials.
+template <bool FULL, typename T, int NMAX>
+__device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L, int N, int lane, float bias,
+                                           float Dv, bool softplus, float A_l, float h0_l, float& r_l,
+                                           float (&dA)[NMAX], float& dD, float& dbias) {
+  float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], dy[kLanesSteps];
+  float y[kLanesSteps], sgB[kLanesSteps], ddt[kLanesSteps];
+  Raw8<T> rb[NMAX], rc[NMAX];
 #pragma unroll
-    for (int n = 0; n < NMAX; ++n) mine = lane == n ? h[n] : mine;
-    if (lane < N) p.last_state[row * N + lane] = mine;
+  for (int k = 0; k < kLanesAhead && k < NMAX; ++k)
+    rb[k] = ld8_state<FULL>(r.B, k, N, t0, L), rc[k] = ld8_state<FULL>(r.C, k, N, t0, L);
+  load8<FULL>(r.u, t0, L, uu);
+  load8<FULL>(r.delta, t0, L, dt);
+  load8<FULL>(r.dout, t0, L, dy);
+  lanes_delta<FULL>(dt, bias, softplus, t0, L);
+  if (r.z) {
+    float zz[kLanesSteps];
+    load8<FULL>(r.z, t0, L, zz);
+#pragma unroll
+    for (int j = 0; j < kLanesSteps; ++j) dy[j] *= zz[j] * sigmoid(zz[j]);
+  }
+#pragma unroll
+  for (int j = 0; j < kLanesSteps; ++j) du[j] = dt[j] * uu[j], y[j] = Dv * uu[j], sgB[j] = 0.f, ddt[j] = 0.f;
+#pragma unroll
+  for (int n = 0; n < NMAX; ++n) {
+    if (n + kLanesAhead < NMAX)
+      rb[n + kLanesAhead] = ld8_state<FULL>(r.B, n + kLanesAhead, N, t0, L),
+      rc[n + kLanesAhead] = ld8_state<FULL>(r.C, n + kLanesAhead, N, t0, L);
+    const float An = __shfl_sync(kFull, A_l, n);
+    const float A2 = An * kLog2e;
+    float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], h[kLanesSteps];
+    unpack8(rb[n], Bv);
+    unpack8(rc[n], Cv);
+    // forward: the states of the window
+    float pa = 1.f, xa = 0.f;
+#pragma unroll
+    for (int j = 0; j < kLanesSteps; ++j) {
+      a[j] = fast_exp2(dt[j] * A2);
+      xa = fmaf(a[j], xa, du[j] * Bv[j]);
+      pa *= a[j];
+    }
+    float hh = lanes_state_in(pa, xa, __shfl_sync(kFull, h0_l, n), lane);
+#pragma unroll
+    for (int j = 0; j < kLanesSteps; ++j) {
+      hh = fmaf(a[j], hh, du[j] * Bv[j]);
+      h[j] = hh;
+      y[j] = fmaf(Cv[j], hh, y[j]);
+    }
+    // adjoint: g_j = C_j dy_j + a_{j+1} g_{j+1}; a_8 is the next lane's a_0 (lane 31: r holds it already)
+    float a_next = __shfl_down_sync(kFull, a[0], 1);
+    if (lane == 31) a_next = 1.f;
+    float s = Cv[kLanesSteps - 1] * dy[kLanesSteps - 1], q = a_next;
+#pragma unroll
+    for (int j = kLanesSteps - 2; j >= 0; --j) {
+      s = fmaf(a[j + 1], s, Cv[j] * dy[j]);
+      q *= a[j + 1];
+    }
+    float gg = lanes_adjoint_in(q, s, __shfl_sync(kFull, r_l, n), lane) * a_next;
+    float dBv[kLanesSteps], dCv[kLanesSteps], dAl = 0.f;
+#pragma unroll
+    for (int j = kLanesSteps - 1; j >= 0; --j) {
+      gg = fmaf(Cv[j], dy[j], gg);  // g_j
+      dCv[j] = dy[j] * h[j];
+      dBv[j] = gg * du[j];
+      sgB[j] = fmaf(gg, Bv[j], sgB[j]);
+      const float ghx = gg * (h[j] - du[j] * Bv[j]);  // g_j a_j h_{j-1}
+      ddt[j] = fmaf(An, ghx, ddt[j]);
+      dAl = fmaf(dt[j], ghx, dAl);
+      gg *= a[j];  // a_j g_j: what step j-1 receives
+    }
+    dA[n] += dAl;
+    gg = __shfl_sync(kFull, gg, 0);
+    r_l = lane == n ? gg : r_l;
+    if (n < N) {
+      atomic_add8<FULL>(r.dB + (size_t)n * L, t0, L, dBv);
+      atomic_add8<FULL>(r.dC + (size_t)n * L, t0, L, dCv);
+    }
+  }
+  float du_o[kLanesSteps], dd_o[kLanesSteps];
+  float raw[kLanesSteps];
+  load8<FULL>(r.delta, t0, L, raw);
+#pragma unroll
+  for (int j = 0; j < kLanesSteps; ++j) {
+    float d, sig = 1.f;
+    if (softplus) softplus_and_grad(raw[j] + bias, d, sig);
+    du_o[j] = fmaf(dt[j], sgB[j], Dv * dy[j]);
+    dd_o[j] = (FULL || t0 + j < L) ? fmaf(uu[j], sgB[j], ddt[j]) * sig : 0.f;
+    dD = fmaf(dy[j], uu[j], dD);
+    dbias += dd_o[j];
+  }
+  store8<FULL>(r.du, t0, L, du_o);
+  store8<FULL>(r.ddelta, t0, L, dd_o);
+  if (r.z) {
+    float zz[kLanesSteps], go[kLanesSteps], dzv[kLanesSteps];
+    load8<FULL>(r.z, t0, L, zz);
+    load8<FULL>(r.dout, t0, L, go);
+#pragma unroll
+    for (int j = 0; j < kLanesSteps; ++j) {
+      const float sg = sigmoid(zz[j]);
+      dzv[j] = go[j] * y[j] * sg * (1.f + zz[j] * (1.f - sg));
+    }
+    store8<FULL>(r.dz, t0, L, dzv);
   }
 }
 
 template <typename T, int NMAX>
-__global__ void __launch_bounds__(kLanesWarps * 32) scan_bwd_lanes_kernel(const ScanParams p) {
+__device__ __noinline__ void bwd_window_generic(const LanesRows<T> r, int t0, int L, int N, int lane, float bias,
+                                                float Dv, bool softplus, float A_l, float h0_l, float& r_l,
+                                                float (&dA)[NMAX], float& dD, float& dbias) {
+  bwd_window<false, T, NMAX>(r, t0, L, N, lane, bias, Dv, softplus, A_l, h0_l, r_l, dA, dD, dbias);
+}
+
+template <typename T, int NMAX>
+__global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lanes_kernel(const ScanParams p) {
   const int lane = threadIdx.x & 31;
   const int chan = blockIdx.x * kLanesWarps + (threadIdx.x >> 5);
   const int b = blockIdx.y;
   if (chan >= p.dim) return;
   const DirParams& dp = p.dir[0];
-  const int L = p.L, N = p.N, dim = p.dim;
-  const int g = chan / (dim / dp.groups);
-  const size_t row = (size_t)b * dim + chan;
-  const size_t bc_row = ((size_t)b * dp.groups + g) * N * L;
-  const T* __restrict__ u = static_cast<const T*>(dp.u) + row * L;
-  const T* __restrict__ delta = static_cast<const T*>(dp.delta) + row * L;
-  const T* __restrict__ Bp = static_cast<const T*>(dp.B) + bc_row;
-  const T* __restrict__ Cp = static_cast<const T*>(dp.C) + bc_row;
-  const T* __restrict__ z = p.z ? static_cast<const T*>(p.z) + row * L : nullptr;
-  const T* __restrict__ dout = static_cast<const T*>(p.dout) + row * L;
-  T* __restrict__ du_out = static_cast<T*>(dp.du) + row * L;
-  T* __restrict__ dd_out = static_cast<T*>(dp.ddelta) + row * L;
-  T* __restrict__ dz_out = p.dz ? static_cast<T*>(p.dz) + row * L : nullptr;
-  float* __restrict__ dB = dp.dB_part + bc_row;
-  float* __restrict__ dC = dp.dC_part + bc_row;
-  const bool vec = p.lanes_vec, vec32 = L % 4 == 0;
+  const int L = p.L, N = p.N;
+  const size_t row = (size_t)b * p.dim + chan;
+  const LanesRows<T> rows = lanes_rows<T>(p, b, chan);
   const int nwin = (L + kLanesWindow - 1) / kLanesWindow;
   const float* __restrict__ states = dp.states + row * nwin * N;
-
-  float r[NMAX], dA[NMAX];
-#pragma unroll
-  for (int n = 0; n < NMAX; ++n) {
-    r[n] = (n < N && p.dlast_state) ? p.dlast_state[row * N + n] : 0.f;
-    dA[n] = 0.f;
-  }
+  const float A_l = lane < N ? dp.A[(size_t)chan * N + lane] : 0.f;
+  float r_l = (lane < N && p.dlast_state) ? p.dlast_state[row * N + lane] : 0.f;
   const float bias = dp.delta_bias ? dp.delta_bias[chan] : 0.f;
   const float Dv = dp.D ? dp.D[chan] : 0.f;
-  float dD = 0.f, dbias = 0.f;
+  float dA[NMAX], dD = 0.f, dbias = 0.f;
+#pragma unroll
+  for (int n = 0; n < NMAX; ++n) dA[n] = 0.f;
 
   for (int w = nwin - 1; w >= 0; --w) {
     const int t0 = w * kLanesWindow + lane * kLanesSteps;
-    float uu[kLanesSteps], dt[kLanesSteps], sig[kLanesSteps], du[kLanesSteps], dy[kLanesSteps];
-    float zz[kLanesSteps], y[kLanesSteps], sgB[kLanesSteps], ddt[kLanesSteps];
-    load8(u, t0, L, vec, true, uu);
-    load8(delta, t0, L, vec, true, dt);
-    load8(dout, t0, L, vec, true, dy);
-    lanes_delta(dt, sig, bias, p.delta_softplus, t0, L);
-    if (z) {
-      load8(z, t0, L, vec, true, zz);
-#pragma unroll
-      for (int j = 0; j < kLanesSteps; ++j) dy[j] *= zz[j] * sigmoid(zz[j]);
-    }
-#pragma unroll
-    for (int j = 0; j < kLanesSteps; ++j) {
-      du[j] = dt[j] * uu[j];
-      y[j] = Dv * uu[j];
-      sgB[j] = 0.f;
-      ddt[j] = 0.f;
-    }
-    const float h_start = lane < N ? states[(size_t)w * N + lane] : 0.f;
-#pragma unroll
-    for (int n = 0; n < NMAX; ++n) {
-      const bool ok = n < N;
-      const float An = ok ? dp.A[(size_t)chan * N + n] : 0.f;
-      const float A2 = An * kLog2e;
-      float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], h[kLanesSteps];
-      load8(Bp + (size_t)(ok ? n : 0) * L, t0, L, vec, ok, Bv);
-      load8(Cp + (size_t)(ok ? n : 0) * L, t0, L, vec, ok, Cv);
-      // forward: the states of the window
-      float pa = 1.f, xa = 0.f;
-#pragma unroll
-      for (int j = 0; j < kLanesSteps; ++j) {
-        a[j] = fast_exp2(dt[j] * A2);
-        xa = fmaf(a[j], xa, du[j] * Bv[j]);
-        pa *= a[j];
-      }
-      float hh = lanes_state_in(pa, xa, __shfl_sync(kFull, h_start, n), lane);
-#pragma unroll
-      for (int j = 0; j < kLanesSteps; ++j) {
-        hh = fmaf(a[j], hh, du[j] * Bv[j]);
-        h[j] = hh;
-        y[j] = fmaf(Cv[j], hh, y[j]);
-      }
-      // adjoint: g_j = C_j dy_j + a_{j+1} g_{j+1}; a_8 is the next lane's a_0 (lane 31: r holds it already)
-      float a_next = __shfl_down_sync(kFull, a[0], 1);
-      if (lane == 31) a_next = 1.f;
-      float s = Cv[kLanesSteps - 1] * dy[kLanesSteps - 1], q = a_next;
-#pragma unroll
-      for (int j = kLanesSteps - 2; j >= 0; --j) {
-        s = fmaf(a[j + 1], s, Cv[j] * dy[j]);
-        q *= a[j + 1];
-      }
-      float gg = lanes_adjoint_in(q, s, r[n], lane) * a_next;
-      float dBv[kLanesSteps], dCv[kLanesSteps], dAl = 0.f;
-#pragma unroll
-      for (int j = kLanesSteps - 1; j >= 0; --j) {
-        gg = fmaf(Cv[j], dy[j], gg);  // g_j
-        dCv[j] = dy[j] * h[j];
-        dBv[j] = gg * du[j];
-        sgB[j] = fmaf(gg, Bv[j], sgB[j]);
-        const float ghx = gg * (h[j] - du[j] * Bv[j]);
-        ddt[j] = fmaf(An, ghx, ddt[j]);
-        dAl = fmaf(dt[j], ghx, dAl);
-        gg *= a[j];  // a_j g_j: what step j-1 receives
-      }
-      dA[n] += dAl;
-      r[n] = __shfl_sync(kFull, gg, 0);
-      if (ok) {
-        atomic_add8(dB + (size_t)n * L, t0, L, vec32, dBv);
-        atomic_add8(dC + (size_t)n * L, t0, L, vec32, dCv);
-      }
-    }
-    float du_o[kLanesSteps], dd_o[kLanesSteps];
-#pragma unroll
-    for (int j = 0; j < kLanesSteps; ++j) {
-      du_o[j] = fmaf(dt[j], sgB[j], Dv * dy[j]);
-      dd_o[j] = t0 + j < L ? fmaf(uu[j], sgB[j], ddt[j]) * sig[j] : 0.f;
-      dD = fmaf(dy[j], uu[j], dD);
-      dbias += dd_o[j];
-    }
-    store8(du_out, t0, L, vec, du_o);
-    store8(dd_out, t0, L, vec, dd_o);
-    if (z) {
-      float dzv[kLanesSteps];
-      float go[kLanesSteps];
-      load8(dout, t0, L, vec, true, go);
-#pragma unroll
-      for (int j = 0; j < kLanesSteps; ++j) {
-        const float sg = sigmoid(zz[j]);
-        dzv[j] = go[j] * y[j] * sg * (1.f + zz[j] * (1.f - sg));
-      }
-      store8(dz_out, t0, L, vec, dzv);
-    }
+    const float h0_l = lane < N ? states[(size_t)w * N + lane] : 0.f;
+    if (p.lanes_vec && (w + 1) * kLanesWindow <= L)
+      bwd_window<true, T, NMAX>(rows, t0, L, N, lane, bias, Dv, p.delta_softplus, A_l, h0_l, r_l, dA, dD, dbias);
+    else
+      bwd_window_generic<T, NMAX>(rows, t0, L, N, lane, bias, Dv, p.delta_softplus, A_l, h0_l, r_l, dA, dD, dbias);
   }
   // per-channel sums over the warp; partials per batch row (summed by the caller)
 #pragma unroll
@@ -352,18 +423,17 @@ __global__ void __launch_bounds__(kLanesWarps * 32) scan_bwd_lanes_kernel(const 
     dD += __shfl_xor_sync(kFull, dD, off);
     dbias += __shfl_xor_sync(kFull, dbias, off);
   }
-  float dA_mine = 0.f, r_mine = 0.f;
+  float dA_l = 0.f;
 #pragma unroll
   for (int n = 0; n < NMAX; ++n) {
     float v = dA[n];
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
-    dA_mine = lane == n ? v : dA_mine;
-    r_mine = lane == n ? r[n] : r_mine;
+    dA_l = lane == n ? v : dA_l;
   }
   if (lane < N) {
-    dp.dA_part[row * N + lane] = dA_mine;
-    if (p.dinitial_state) p.dinitial_state[row * N + lane] = r_mine;
+    dp.dA_part[row * N + lane] = dA_l;
+    if (p.dinitial_state) p.dinitial_state[row * N + lane] = r_l;
   }
   if (lane == 0) {
     dp.dD_part[row] = dD;

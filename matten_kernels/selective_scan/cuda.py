@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import logging
 import os
 import shutil
@@ -102,9 +103,12 @@ def _load() -> None:
     else:
         from torch.utils.cpp_extension import load
 
+        # MATTEN_SCAN_NVCC_FLAGS: extra nvcc flags (e.g. -DLANES_AHEAD=2) for kernel A/B runs; a separate build each.
+        extra = os.environ.get("MATTEN_SCAN_NVCC_FLAGS", "").split()
+        name = "matten_selective_scan_cuda" + ("_" + hashlib.sha1(" ".join(extra).encode()).hexdigest()[:8] if extra else "")
         logger.info("selective_scan cuda: building the extension with ninja (first use; cached afterwards)")
-        load(name="matten_selective_scan_cuda", sources=[os.path.join(_CSRC, s) for s in SOURCES],
-             extra_cflags=["-O3"], extra_cuda_cflags=NVCC_FLAGS, extra_include_paths=[_CSRC],
+        load(name=name, sources=[os.path.join(_CSRC, s) for s in SOURCES],
+             extra_cflags=["-O3"], extra_cuda_cflags=NVCC_FLAGS + extra, extra_include_paths=[_CSRC],
              is_python_module=False, verbose=False)
     flat = list(torch.ops.matten_cuda.selective_scan_configs())
     _config_table = {i // 5: tuple(flat[i:i + 5]) for i in range(0, len(flat), 5)}
