@@ -74,9 +74,10 @@ __device__ __forceinline__ void load8(const T* __restrict__ row, int t0, int L, 
   unpack8(ld8<FULL>(row, t0, L), v);
 }
 
-// Row n of B or C (batch, G, N, L) at t0; rows n >= N read as zero (by a select, not a branch).
-template <bool FULL, typename T>
+// Row n of B or C (batch, G, N, L) at t0; rows n >= N read as zero (by a select, not a branch). EXACT: N == NMAX.
+template <bool FULL, bool EXACT, typename T>
 __device__ __forceinline__ Raw8<T> ld8_state(const T* __restrict__ base, int n, int N, int t0, int L) {
+  if constexpr (EXACT) return ld8<FULL>(base + (size_t)n * L, t0, L);
   const bool ok = n < N;
   Raw8<T> r = ld8<FULL>(base + (size_t)(ok ? n : 0) * L, t0, L, ok);
   if constexpr (FULL) {
@@ -102,20 +103,36 @@ __device__ __forceinline__ void store8(T* __restrict__ row, int t0, int L, const
   }
 }
 
-// row[t0 + j] += v[j] for the steps inside L (fp32 atomics; 16-byte vector atomics on sm_90 when FULL and the
-// fp32 rows are 16-byte aligned).
+// row[t0 + j] += v[j] for the steps inside L (fp32 atomics). FULL windows (fp32 rows 16-byte aligned) go through
+// the warp's shared buffer `xch` (256 floats): lane l then adds elements 4l..4l+3 and 128+4l..128+4l+3 of the
+// window, so each 16-byte vector reduction of the warp covers 512 contiguous bytes (on sm_90; scalar, coalesced
+// the same way, before).
 template <bool FULL>
-__device__ __forceinline__ void atomic_add8(float* row, int t0, int L, const float (&v)[kLanesSteps]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (FULL && L % 4 == 0) {
-    atomicAdd(reinterpret_cast<float4*>(row + t0), make_float4(v[0], v[1], v[2], v[3]));
-    atomicAdd(reinterpret_cast<float4*>(row + t0 + 4), make_float4(v[4], v[5], v[6], v[7]));
-    return;
-  }
-#endif
+__device__ __forceinline__ void atomic_add8(float* row, int t0, int lane, int L, const float (&v)[kLanesSteps],
+                                            float* xch) {
+  if constexpr (FULL) {
+    reinterpret_cast<float4*>(xch)[lane * 2] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(xch)[lane * 2 + 1] = make_float4(v[4], v[5], v[6], v[7]);
+    __syncwarp();
+    float* win = row + (t0 - lane * kLanesSteps);
 #pragma unroll
-  for (int j = 0; j < kLanesSteps; ++j)
-    if (FULL || t0 + j < L) atomicAdd(row + t0 + j, v[j]);
+    for (int k = 0; k < 2; ++k) {
+      const float4 s = reinterpret_cast<const float4*>(xch)[k * 32 + lane];
+      float* dst = win + k * 128 + lane * 4;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(__cvta_generic_to_global(dst)), "f"(s.x),
+                   "f"(s.y), "f"(s.z), "f"(s.w)
+                   : "memory");
+#else
+      atomicAdd(dst, s.x), atomicAdd(dst + 1, s.y), atomicAdd(dst + 2, s.z), atomicAdd(dst + 3, s.w);
+#endif
+    }
+    __syncwarp();
+  } else {
+#pragma unroll
+    for (int j = 0; j < kLanesSteps; ++j)
+      if (t0 + j < L) atomicAdd(row + t0 + j, v[j]);
+  }
 }
 
 // d = softplus(delta + bias) (optional); d = 0 beyond L (the state then holds).
@@ -193,14 +210,14 @@ __device__ __forceinline__ LanesRows<T> lanes_rows(const ScanParams& p, int b, i
 }
 
 // One forward window. A2_l / h_l: lane n holds state n's A*log2(e) and carry.
-template <bool FULL, typename T, int NMAX>
+template <bool FULL, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L, int N, int lane, float bias,
                                            float Dv, bool softplus, float A2_l, float& h_l) {
   float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], y[kLanesSteps];
   Raw8<T> rb[NMAX], rc[NMAX];
 #pragma unroll
   for (int k = 0; k < kLanesAhead && k < NMAX; ++k)
-    rb[k] = ld8_state<FULL>(r.B, k, N, t0, L), rc[k] = ld8_state<FULL>(r.C, k, N, t0, L);
+    rb[k] = ld8_state<FULL, EXACT>(r.B, k, N, t0, L), rc[k] = ld8_state<FULL, EXACT>(r.C, k, N, t0, L);
   load8<FULL>(r.u, t0, L, uu);
   load8<FULL>(r.delta, t0, L, dt);
   lanes_delta<FULL>(dt, bias, softplus, t0, L);
@@ -209,8 +226,8 @@ __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L,
 #pragma unroll
   for (int n = 0; n < NMAX; ++n) {
     if (n + kLanesAhead < NMAX)
-      rb[n + kLanesAhead] = ld8_state<FULL>(r.B, n + kLanesAhead, N, t0, L),
-      rc[n + kLanesAhead] = ld8_state<FULL>(r.C, n + kLanesAhead, N, t0, L);
+      rb[n + kLanesAhead] = ld8_state<FULL, EXACT>(r.B, n + kLanesAhead, N, t0, L),
+      rc[n + kLanesAhead] = ld8_state<FULL, EXACT>(r.C, n + kLanesAhead, N, t0, L);
     const float A2 = __shfl_sync(kFull, A2_l, n);
     float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], x[kLanesSteps];
     unpack8(rb[n], Bv);
@@ -245,10 +262,10 @@ __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L,
 template <typename T, int NMAX>
 __device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, int L, int N, int lane, float bias,
                                                 float Dv, bool softplus, float A2_l, float& h_l) {
-  fwd_window<false, T, NMAX>(r, t0, L, N, lane, bias, Dv, softplus, A2_l, h_l);
+  fwd_window<false, false, T, NMAX>(r, t0, L, N, lane, bias, Dv, softplus, A2_l, h_l);
 }
 
-template <typename T, int NMAX>
+template <typename T, int NMAX, bool EXACT>
 __global__ void __launch_bounds__(kLanesWarps * 32, LANES_FWD_MINB) scan_fwd_lanes_kernel(const ScanParams p) {
   const int lane = threadIdx.x & 31;
   const int chan = blockIdx.x * kLanesWarps + (threadIdx.x >> 5);
@@ -269,7 +286,7 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_FWD_MINB) scan_fwd_lan
     const int t0 = w * kLanesWindow + lane * kLanesSteps;
     if (states && lane < N) states[(size_t)w * N + lane] = h_l;
     if (p.lanes_vec && (w + 1) * kLanesWindow <= L)
-      fwd_window<true, T, NMAX>(rows, t0, L, N, lane, bias, Dv, p.delta_softplus, A2_l, h_l);
+      fwd_window<true, EXACT, T, NMAX>(rows, t0, L, N, lane, bias, Dv, p.delta_softplus, A2_l, h_l);
     else
       fwd_window_generic<T, NMAX>(rows, t0, L, N, lane, bias, Dv, p.delta_softplus, A2_l, h_l);
   }
@@ -278,16 +295,16 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_FWD_MINB) scan_fwd_lan
 
 // One backward window. A_l / h0_l / r_l: lane n holds state n's A, the saved state at the window start and the
 // adjoint carry r entering from the next window (left as the one for the window before); dA: per-lane partials.
-template <bool FULL, typename T, int NMAX>
+template <bool FULL, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L, int N, int lane, float bias,
                                            float Dv, bool softplus, float A_l, float h0_l, float& r_l,
-                                           float (&dA)[NMAX], float& dD, float& dbias) {
+                                           float (&dA)[NMAX], float& dD, float& dbias, float* xch) {
   float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], dy[kLanesSteps];
   float y[kLanesSteps], sgB[kLanesSteps], ddt[kLanesSteps];
   Raw8<T> rb[NMAX], rc[NMAX];
 #pragma unroll
   for (int k = 0; k < kLanesAhead && k < NMAX; ++k)
-    rb[k] = ld8_state<FULL>(r.B, k, N, t0, L), rc[k] = ld8_state<FULL>(r.C, k, N, t0, L);
+    rb[k] = ld8_state<FULL, EXACT>(r.B, k, N, t0, L), rc[k] = ld8_state<FULL, EXACT>(r.C, k, N, t0, L);
   load8<FULL>(r.u, t0, L, uu);
   load8<FULL>(r.delta, t0, L, dt);
   load8<FULL>(r.dout, t0, L, dy);
@@ -303,8 +320,8 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
 #pragma unroll
   for (int n = 0; n < NMAX; ++n) {
     if (n + kLanesAhead < NMAX)
-      rb[n + kLanesAhead] = ld8_state<FULL>(r.B, n + kLanesAhead, N, t0, L),
-      rc[n + kLanesAhead] = ld8_state<FULL>(r.C, n + kLanesAhead, N, t0, L);
+      rb[n + kLanesAhead] = ld8_state<FULL, EXACT>(r.B, n + kLanesAhead, N, t0, L),
+      rc[n + kLanesAhead] = ld8_state<FULL, EXACT>(r.C, n + kLanesAhead, N, t0, L);
     const float An = __shfl_sync(kFull, A_l, n);
     const float A2 = An * kLog2e;
     float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], h[kLanesSteps];
@@ -351,8 +368,8 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
     gg = __shfl_sync(kFull, gg, 0);
     r_l = lane == n ? gg : r_l;
     if (n < N) {
-      atomic_add8<FULL>(r.dB + (size_t)n * L, t0, L, dBv);
-      atomic_add8<FULL>(r.dC + (size_t)n * L, t0, L, dCv);
+      atomic_add8<FULL>(r.dB + (size_t)n * L, t0, lane, L, dBv, xch);
+      atomic_add8<FULL>(r.dC + (size_t)n * L, t0, lane, L, dCv, xch + kLanesWindow);
     }
   }
   float du_o[kLanesSteps], dd_o[kLanesSteps];
@@ -386,14 +403,16 @@ template <typename T, int NMAX>
 __device__ __noinline__ void bwd_window_generic(const LanesRows<T> r, int t0, int L, int N, int lane, float bias,
                                                 float Dv, bool softplus, float A_l, float h0_l, float& r_l,
                                                 float (&dA)[NMAX], float& dD, float& dbias) {
-  bwd_window<false, T, NMAX>(r, t0, L, N, lane, bias, Dv, softplus, A_l, h0_l, r_l, dA, dD, dbias);
+  bwd_window<false, false, T, NMAX>(r, t0, L, N, lane, bias, Dv, softplus, A_l, h0_l, r_l, dA, dD, dbias, nullptr);
 }
 
-template <typename T, int NMAX>
+template <typename T, int NMAX, bool EXACT>
 __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lanes_kernel(const ScanParams p) {
   const int lane = threadIdx.x & 31;
   const int chan = blockIdx.x * kLanesWarps + (threadIdx.x >> 5);
   const int b = blockIdx.y;
+  __shared__ alignas(16) float s_xch[kLanesWarps][2 * kLanesWindow];  // per warp: dB, dC of one state and window
+  float* xch = s_xch[threadIdx.x >> 5];
   if (chan >= p.dim) return;
   const DirParams& dp = p.dir[0];
   const int L = p.L, N = p.N;
@@ -413,7 +432,8 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lan
     const int t0 = w * kLanesWindow + lane * kLanesSteps;
     const float h0_l = lane < N ? states[(size_t)w * N + lane] : 0.f;
     if (p.lanes_vec && (w + 1) * kLanesWindow <= L)
-      bwd_window<true, T, NMAX>(rows, t0, L, N, lane, bias, Dv, p.delta_softplus, A_l, h0_l, r_l, dA, dD, dbias);
+      bwd_window<true, EXACT, T, NMAX>(rows, t0, L, N, lane, bias, Dv, p.delta_softplus, A_l, h0_l, r_l, dA, dD, dbias,
+                                       xch);
     else
       bwd_window_generic<T, NMAX>(rows, t0, L, N, lane, bias, Dv, p.delta_softplus, A_l, h0_l, r_l, dA, dD, dbias);
   }
@@ -441,13 +461,13 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lan
   }
 }
 
-template <typename T, bool FWD, int NMAX>
+template <typename T, bool FWD, int NMAX, bool EXACT>
 cudaError_t launch_lanes_n(const ScanParams& p, cudaStream_t stream) {
   const dim3 grid((p.dim + kLanesWarps - 1) / kLanesWarps, p.batch);
   if constexpr (FWD)
-    scan_fwd_lanes_kernel<T, NMAX><<<grid, kLanesWarps * 32, 0, stream>>>(p);
+    scan_fwd_lanes_kernel<T, NMAX, EXACT><<<grid, kLanesWarps * 32, 0, stream>>>(p);
   else
-    scan_bwd_lanes_kernel<T, NMAX><<<grid, kLanesWarps * 32, 0, stream>>>(p);
+    scan_bwd_lanes_kernel<T, NMAX, EXACT><<<grid, kLanesWarps * 32, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -455,7 +475,8 @@ cudaError_t launch_lanes_n(const ScanParams& p, cudaStream_t stream) {
 template <typename T, bool FWD>
 cudaError_t launch_lanes(const ScanParams& p, cudaStream_t stream) {
   if (p.bidirectional || p.N > kLanesMaxN) return cudaErrorInvalidValue;
-  return p.N <= 8 ? launch_lanes_n<T, FWD, 8>(p, stream) : launch_lanes_n<T, FWD, 16>(p, stream);
+  if (p.N == 16) return launch_lanes_n<T, FWD, 16, true>(p, stream);
+  return p.N <= 8 ? launch_lanes_n<T, FWD, 8, false>(p, stream) : launch_lanes_n<T, FWD, 16, false>(p, stream);
 }
 
 }  // namespace matten_scan
