@@ -32,9 +32,10 @@ constexpr int kLanesWindow = 256;  // steps per window
 #endif
 constexpr int kLanesAhead = LANES_AHEAD;  // states whose B/C loads are in flight while one is computed
 constexpr unsigned kFull = 0xffffffffu;
-// Blocks of kLanesWarps warps per SM the register allocation must allow (4: <= 128 registers, 3: <= 168).
+// Blocks of kLanesWarps warps per SM the register allocation must allow (3: <= 168 registers; H100 A/B in
+// benchmarks/NOTES_scan.md: 4 (128 registers) spills and is 25% slower in the forward, 2 (255) no faster).
 #ifndef LANES_FWD_MINB
-#define LANES_FWD_MINB 4
+#define LANES_FWD_MINB 3
 #endif
 #ifndef LANES_BWD_MINB
 #define LANES_BWD_MINB 3
@@ -148,8 +149,8 @@ __device__ __forceinline__ void lanes_delta(float (&dt)[kLanesSteps], float bias
 }
 
 // The state entering this lane: the lanes' affine maps (pa, xa) (h -> pa h + xa over the lane's steps) scanned
-// across the warp and applied to the carry entering lane 0.
-__device__ __forceinline__ float lanes_state_in(float pa, float xa, float carry, int lane) {
+// across the warp and applied to `carry`, the state entering lane 0; `carry` becomes the state leaving lane 31.
+__device__ __forceinline__ float lanes_state_in(float pa, float xa, float& carry, int lane) {
 #pragma unroll
   for (int off = 1; off < 32; off <<= 1) {
     const float pp = __shfl_up_sync(kFull, pa, off), xp = __shfl_up_sync(kFull, xa, off);
@@ -158,14 +159,17 @@ __device__ __forceinline__ float lanes_state_in(float pa, float xa, float carry,
       pa *= pp;
     }
   }
-  float pe = __shfl_up_sync(kFull, pa, 1), xe = __shfl_up_sync(kFull, xa, 1);
-  if (lane == 0) pe = 1.f, xe = 0.f;
-  return fmaf(pe, carry, xe);
+  const float h_out = fmaf(pa, carry, xa);  // the state after this lane's last step
+  float h_in = __shfl_up_sync(kFull, h_out, 1);
+  if (lane == 0) h_in = carry;
+  carry = __shfl_sync(kFull, h_out, 31);
+  return h_in;
 }
 
 // The adjoint entering this lane from the next one (g at the next lane's first step, or r for lane 31): the
-// lanes' maps (q, s) (G -> q G + s, G = the adjoint entering the lane) scanned down the warp, applied to r.
-__device__ __forceinline__ float lanes_adjoint_in(float q, float s, float r, int lane) {
+// lanes' maps (q, s) (G -> q G + s, G = the adjoint entering the lane) scanned down the warp and applied to r.
+// g0 becomes the adjoint at this lane's first step.
+__device__ __forceinline__ float lanes_adjoint_in(float q, float s, float r, int lane, float& g0) {
 #pragma unroll
   for (int off = 1; off < 32; off <<= 1) {
     const float qn = __shfl_down_sync(kFull, q, off), sn = __shfl_down_sync(kFull, s, off);
@@ -174,9 +178,10 @@ __device__ __forceinline__ float lanes_adjoint_in(float q, float s, float r, int
       q *= qn;
     }
   }
-  float qe = __shfl_down_sync(kFull, q, 1), se = __shfl_down_sync(kFull, s, 1);
-  if (lane == 31) qe = 1.f, se = 0.f;
-  return fmaf(qe, r, se);
+  g0 = fmaf(q, r, s);
+  float g_in = __shfl_down_sync(kFull, g0, 1);
+  if (lane == 31) g_in = r;
+  return g_in;
 }
 
 // Per-channel pointers of one warp.
@@ -240,14 +245,14 @@ __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L,
       xa = fmaf(a[j], xa, x[j]);
       pa *= a[j];
     }
-    float hh = lanes_state_in(pa, xa, __shfl_sync(kFull, h_l, n), lane);
+    float carry = __shfl_sync(kFull, h_l, n);
+    float hh = lanes_state_in(pa, xa, carry, lane);
+    h_l = lane == n ? carry : h_l;
 #pragma unroll
     for (int j = 0; j < kLanesSteps; ++j) {
       hh = fmaf(a[j], hh, x[j]);
       y[j] = fmaf(Cv[j], hh, y[j]);
     }
-    hh = __shfl_sync(kFull, hh, 31);
-    h_l = lane == n ? hh : h_l;
   }
   if (r.z) {
     float zz[kLanesSteps];
@@ -268,8 +273,8 @@ __device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, in
 template <typename T, int NMAX, bool EXACT>
 __global__ void __launch_bounds__(kLanesWarps * 32, LANES_FWD_MINB) scan_fwd_lanes_kernel(const ScanParams p) {
   const int lane = threadIdx.x & 31;
-  const int chan = blockIdx.x * kLanesWarps + (threadIdx.x >> 5);
-  const int b = blockIdx.y;
+  const int chan = blockIdx.y * kLanesWarps + (threadIdx.x >> 5);
+  const int b = blockIdx.x;  // batch rows first: warps running together add dB/dC into different rows
   if (chan >= p.dim) return;  // a whole warp; no block-level synchronisation below
   const DirParams& dp = p.dir[0];
   const int L = p.L, N = p.N;
@@ -335,7 +340,8 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
       xa = fmaf(a[j], xa, du[j] * Bv[j]);
       pa *= a[j];
     }
-    float hh = lanes_state_in(pa, xa, __shfl_sync(kFull, h0_l, n), lane);
+    float h0 = __shfl_sync(kFull, h0_l, n);
+    float hh = lanes_state_in(pa, xa, h0, lane);
 #pragma unroll
     for (int j = 0; j < kLanesSteps; ++j) {
       hh = fmaf(a[j], hh, du[j] * Bv[j]);
@@ -351,7 +357,10 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
       s = fmaf(a[j + 1], s, Cv[j] * dy[j]);
       q *= a[j + 1];
     }
-    float gg = lanes_adjoint_in(q, s, __shfl_sync(kFull, r_l, n), lane) * a_next;
+    float g0;
+    float gg = lanes_adjoint_in(q, s, __shfl_sync(kFull, r_l, n), lane, g0) * a_next;
+    g0 = __shfl_sync(kFull, a[0] * g0, 0);  // a_{t0} g_{t0}: the r of the window before
+    r_l = lane == n ? g0 : r_l;
     float dBv[kLanesSteps], dCv[kLanesSteps], dAl = 0.f;
 #pragma unroll
     for (int j = kLanesSteps - 1; j >= 0; --j) {
@@ -362,11 +371,9 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
       const float ghx = gg * (h[j] - du[j] * Bv[j]);  // g_j a_j h_{j-1}
       ddt[j] = fmaf(An, ghx, ddt[j]);
       dAl = fmaf(dt[j], ghx, dAl);
-      gg *= a[j];  // a_j g_j: what step j-1 receives
+      if (j > 0) gg *= a[j];  // a_j g_j: what step j-1 receives
     }
     dA[n] += dAl;
-    gg = __shfl_sync(kFull, gg, 0);
-    r_l = lane == n ? gg : r_l;
     if (n < N) {
       atomic_add8<FULL>(r.dB + (size_t)n * L, t0, lane, L, dBv, xch);
       atomic_add8<FULL>(r.dC + (size_t)n * L, t0, lane, L, dCv, xch + kLanesWindow);
@@ -409,8 +416,8 @@ __device__ __noinline__ void bwd_window_generic(const LanesRows<T> r, int t0, in
 template <typename T, int NMAX, bool EXACT>
 __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lanes_kernel(const ScanParams p) {
   const int lane = threadIdx.x & 31;
-  const int chan = blockIdx.x * kLanesWarps + (threadIdx.x >> 5);
-  const int b = blockIdx.y;
+  const int chan = blockIdx.y * kLanesWarps + (threadIdx.x >> 5);
+  const int b = blockIdx.x;  // batch rows first: warps running together add dB/dC into different rows
   __shared__ alignas(16) float s_xch[kLanesWarps][2 * kLanesWindow];  // per warp: dB, dC of one state and window
   float* xch = s_xch[threadIdx.x >> 5];
   if (chan >= p.dim) return;
@@ -463,7 +470,7 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lan
 
 template <typename T, bool FWD, int NMAX, bool EXACT>
 cudaError_t launch_lanes_n(const ScanParams& p, cudaStream_t stream) {
-  const dim3 grid((p.dim + kLanesWarps - 1) / kLanesWarps, p.batch);
+  const dim3 grid(p.batch, (p.dim + kLanesWarps - 1) / kLanesWarps);
   if constexpr (FWD)
     scan_fwd_lanes_kernel<T, NMAX, EXACT><<<grid, kLanesWarps * 32, 0, stream>>>(p);
   else
@@ -475,6 +482,7 @@ cudaError_t launch_lanes_n(const ScanParams& p, cudaStream_t stream) {
 template <typename T, bool FWD>
 cudaError_t launch_lanes(const ScanParams& p, cudaStream_t stream) {
   if (p.bidirectional || p.N > kLanesMaxN) return cudaErrorInvalidValue;
+  if ((p.dim + kLanesWarps - 1) / kLanesWarps > 65535) return cudaErrorInvalidConfiguration;  // grid.y
   if (p.N == 16) return launch_lanes_n<T, FWD, 16, true>(p, stream);
   return p.N <= 8 ? launch_lanes_n<T, FWD, 8, false>(p, stream) : launch_lanes_n<T, FWD, 16, false>(p, stream);
 }
