@@ -16,6 +16,9 @@
 // of d over it, whose exp2(A*log2e*sum) is the split's total decay; backward: the adjoint it passes to its
 // start from zero), then each block composes the summaries of the splits before it (after it, backward)
 // into its starting state and scans its own split.
+//
+// Config kLanesConfig (the default for unidirectional scans with N <= 16 and L >= 256, outside deterministic mode)
+// is a second layout: one warp per channel with the time axis across the lanes (selective_scan_lanes.cuh).
 #pragma once
 
 #include <cuda_runtime.h>

@@ -4,9 +4,14 @@ Layers: the kernels (``csrc/selective_scan/*.cu``) -> launchers + ``torch.librar
 / ``_bwd`` (``selective_scan.cpp``) -> fake kernels and ``register_autograd`` (here) -> :func:`cuda_selective_scan`,
 :func:`cuda_bi_selective_scan`, which ``interface.py`` calls after validating the inputs.
 
-Work layout, numerics and the choice of configuration: ``csrc/selective_scan/selective_scan.h``. The forward saves the
-fp32 state at every chunk start (CHUNK = 16 steps for N <= 16) for the backward, which recomputes inside a chunk; the
-sequence is split across blocks when batch * dim is too small to fill the GPU (``MATTEN_SCAN_SPLITS`` overrides).
+Work layout, numerics and the choice of configuration: ``csrc/selective_scan/selective_scan.h``. Two layouts:
+- the lanes kernels (``selective_scan_lanes.cuh``, config ``LANES_CONFIG``): one warp per channel, the time axis across
+  the lanes in windows of 256 steps, the state saved at every window start, dB/dC added with atomics. The default for
+  unidirectional scans with N <= 16 and L >= 256 (the fastest here: H100 numbers in ``csrc/selective_scan/NOTES.md``).
+- the others: threads over states, time sequential in chunks; the forward saves the fp32 state at every chunk start
+  (CHUNK = 16 steps for N <= 16) for the backward, which recomputes inside a chunk; the sequence is split across blocks
+  when batch * dim is too small to fill the GPU (``MATTEN_SCAN_SPLITS`` overrides); dB/dC as per-block partial sums
+  (deterministic). Bidirectional scans, N > 16, short sequences and deterministic mode use them.
 
 The extension is either built ahead of time (``MATTEN_BUILD_CUDA=1 pip install -e . --no-build-isolation``, which puts
 ``_C*.so`` next to this file) or on first use through ``torch.utils.cpp_extension.load`` (ninja; cached under
