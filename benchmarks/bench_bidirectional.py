@@ -47,6 +47,13 @@ def op_providers(args):
                                                     **{k + "_b": xb[k] for k in FWD}, backend="triton"),
             "ours-compose": compose(lambda u, dl, A, B, C, D, db, sp: selective_scan(u, dl, A, B, C, D, None, db, sp,
                                                                                      backend="triton"))}
+    from matten_kernels.selective_scan import cuda as cuda_mod
+
+    if args.no_cuda or not cuda_mod.is_available():
+        print("[skip cuda] " + ("--no-cuda" if args.no_cuda else "the CUDA extension cannot be built here"))
+    else:
+        prov["ours-cuda"] = lambda x, xb: bi_selective_scan(*(x[k] for k in FWD[:6]), None, x["delta_bias"], True,
+                                                            **{k + "_b": xb[k] for k in FWD}, backend="cuda")
     fn, why = mamba_provider(args.mamba_build)
     if fn is not None:
         prov["mamba-compose"] = compose(fn)
@@ -181,6 +188,7 @@ if __name__ == "__main__":
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--mamba-build", default=None)
     p.add_argument("--no-mixer", action="store_true")
+    p.add_argument("--no-cuda", action="store_true", help="leave out our CUDA backend (its first use builds it)")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args()

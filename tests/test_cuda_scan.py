@@ -297,13 +297,33 @@ def test_cuda_lanes_vs_ref(batch, dim, N, L, opts, dtype, monkeypatch):
     test_selective_scan_cuda_vs_ref(batch, dim, N, L, opts, dtype)
 
 
+LANES_BI_CASES = [  # (batch, dim, N, L, mode): the bidirectional lanes kernels, partial windows included
+    pytest.param(2, 6, 16, 77, "v2", id="v2-L77"),
+    pytest.param(1, 8, 16, 1, "v2", id="v2-L1"),
+    pytest.param(2, 4, 16, 300, "v1", id="v1-onlyA_b-L300"),
+    pytest.param(1, 6, 8, 512, "v2-grouped", id="v2-G3-vs-G1-L512"),
+    pytest.param(2, 5, 16, 4096, "none", id="no-b-inputs-divide-L4096"),
+    pytest.param(1, 3, 5, 600, "v2", id="v2-N5-L600"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: DTYPE_ID[d])
+@pytest.mark.parametrize("batch, dim, N, L, mode", LANES_BI_CASES)
+def test_cuda_lanes_bi_vs_ref(batch, dim, N, L, mode, dtype, monkeypatch):
+    from matten_kernels.selective_scan import cuda as cuda_mod
+
+    monkeypatch.setattr(cuda_mod, "config_override", cuda_mod.LANES_CONFIG)
+    test_bi_selective_scan_cuda_vs_ref(batch, dim, N, L, mode, dtype)
+
+
 @pytest.mark.gpu
 def test_cuda_lanes_is_default_and_deterministic_mode_avoids_it(monkeypatch):
     from matten_kernels.selective_scan import cuda as cuda_mod
 
     cuda_mod._load()
     assert cuda_mod._choose_config(16, 4096) == cuda_mod.LANES_CONFIG
-    assert cuda_mod._choose_config(16, 4096, bidirectional=True) != cuda_mod.LANES_CONFIG
+    assert cuda_mod._choose_config(16, 4096, bidirectional=True) == cuda_mod.LANES_CONFIG
     assert cuda_mod._choose_config(16, 16) != cuda_mod.LANES_CONFIG
     assert cuda_mod._choose_config(64, 4096) != cuda_mod.LANES_CONFIG
     with torch.no_grad():

@@ -79,7 +79,6 @@ int resolve_config(int64_t config, int64_t N, int64_t L, bool bi) {
   const int c = config >= 0 ? static_cast<int>(config) : matten_scan::choose_config((int)N, (int)L, bi);
   TORCH_CHECK(c < matten_scan::kNumConfigs, "selective_scan (cuda): unknown config ", config);
   if (c == matten_scan::kLanesConfig) {
-    TORCH_CHECK(!bi, "selective_scan (cuda): the lanes config (", c, ") is unidirectional only");
     TORCH_CHECK(N <= matten_scan::kLanesMaxN, "selective_scan (cuda): the lanes config (", c, ") holds at most ",
                 matten_scan::kLanesMaxN, " states, N = ", N);
   }
@@ -194,7 +193,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> selective_scan_fwd(
   p.last_state = bi ? nullptr : last_state.data_ptr<float>();
   p.y_saved = y_saved.numel() ? y_saved.data_ptr() : nullptr;
   p.ws = bi ? ws.data_ptr<float>() : nullptr;
-  p.lanes_vec = lanes && rows_aligned(L, dt, {u, delta, B, C, out}, z);
+  p.lanes_vec = lanes && rows_aligned(L, dt, {u, delta, B, C, out}, z) &&
+                (!bi || rows_aligned(L, dt, {r.u, r.delta, r.B, r.C}, z));
   const cudaError_t err = launch(true, dt, p, cfg, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "selective_scan (cuda): forward launch failed: ", cudaGetErrorString(err));
   return {out, last_state, states, y_saved};
@@ -292,7 +292,11 @@ std::vector<Tensor> selective_scan_bwd(
   p.y_saved_in = (z && !lanes) ? y_saved.data_ptr() : nullptr;
   p.dz = z ? dz.data_ptr() : nullptr;
   p.dinitial_state = initial_state ? dinit.data_ptr<float>() : nullptr;
-  p.lanes_vec = lanes && rows_aligned(L, dt, {u, delta, B, C, dout, grads[0].du, grads[0].ddelta, dz}, z);
+  // lanes, bidirectional: fp32 scratch for the backward direction's y (dz needs both directions' y)
+  Tensor ws = (lanes && bi && z) ? at::empty({batch, dim, L}, f32) : Tensor();
+  p.ws = ws.defined() ? ws.data_ptr<float>() : nullptr;
+  p.lanes_vec = lanes && rows_aligned(L, dt, {u, delta, B, C, dout, grads[0].du, grads[0].ddelta, dz}, z) &&
+                (!bi || rows_aligned(L, dt, {r.u, r.delta, r.B, r.C, grads[1].du, grads[1].ddelta}, z));
   const cudaError_t err = launch(false, dt, p, cfg, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "selective_scan (cuda): backward launch failed: ", cudaGetErrorString(err));
 

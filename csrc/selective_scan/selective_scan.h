@@ -17,7 +17,7 @@
 // start from zero), then each block composes the summaries of the splits before it (after it, backward)
 // into its starting state and scans its own split.
 //
-// Config kLanesConfig (the default for unidirectional scans with N <= 16 and L >= 256, outside deterministic mode)
+// Config kLanesConfig (the default for N <= 16 and L >= 256, uni- and bidirectional, outside deterministic mode)
 // is a second layout: one warp per channel with the time axis across the lanes (selective_scan_lanes.cuh).
 #pragma once
 
@@ -42,8 +42,8 @@ namespace matten_scan {
 
 constexpr int kNumConfigs = 10;
 
-// Config 9 is the "lanes" kernel pair (selective_scan_lanes.cuh): unidirectional, N <= 16, one warp per channel with
-// time across the lanes, states saved every 256-step window, dB/dC by atomics (not bit-reproducible).
+// Config 9 is the "lanes" kernel pair (selective_scan_lanes.cuh): N <= 16, one warp per channel with time across the
+// lanes, states saved every 256-step window, dB/dC by atomics (not bit-reproducible).
 constexpr int kLanesConfig = 9;
 constexpr int kLanesMaxN = 16;
 constexpr int kLanesWarps = 4;  // channels (one warp each) per block of the lanes kernels
@@ -68,7 +68,7 @@ inline ConfigInfo config_info(int config) {
 
 // Default configuration for state size N and sequence length L (deterministic: no atomics).
 inline int choose_config(int N, int L, bool bidirectional = false, bool deterministic = true) {
-  if (!bidirectional && !deterministic && N <= kLanesMaxN && L >= 256) return kLanesConfig;
+  if (!deterministic && N <= kLanesMaxN && L >= 256) return kLanesConfig;
   if (N <= 4) return 0;
   if (N <= 8) return 1;
   if (N <= 16) return 3;

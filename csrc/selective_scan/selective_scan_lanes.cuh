@@ -1,5 +1,5 @@
-// Unidirectional selective scan with the time axis across the lanes of a warp ("lanes" kernels, config
-// kLanesConfig); instantiated per dtype by the fwd/bwd launchers.
+// Selective scan with the time axis across the lanes of a warp ("lanes" kernels, config kLanesConfig), uni- and
+// bidirectional; instantiated per dtype by the fwd/bwd launchers.
 //
 // One warp per (batch row, channel); windows of 256 steps, lane l holding steps 8l .. 8l+7 of the window (one
 // 16-byte vector of a 16-bit dtype). Per state n the window's recurrence h_t = a_t h_{t-1} + x_t (a_t =
@@ -15,6 +15,9 @@
 //     du_t = d_t sum_n g_t B_t + D dy_t            dd_t = u_t sum_n g_t B_t + sum_n A_n g_t hx_t
 //     dA_n += sum_t d_t g_t hx_t                   dh_init = r after the first window
 // Beyond L the inputs read as zero and d as 0 (a = 1, x = 0): the state holds, the adjoint passes through.
+// Bidirectional: the backward direction runs the same code in reversed scan order (Order<true>: shuffles down for the
+// state, up for the adjoint, each lane's steps from its last, windows from the end) over the natural-order inputs; its
+// y goes to an fp32 scratch that the forward direction, run next by the same warp, adds before the gate.
 // dB/dC use atomics, so the result is not bit-reproducible; the launcher takes another config when the caller
 // asks for determinism.
 #pragma once
@@ -148,53 +151,77 @@ __device__ __forceinline__ void lanes_delta(float (&dt)[kLanesSteps], float bias
   }
 }
 
+// Scan order. REV: t = L-1 .. 0 (the backward direction of the bidirectional scan), so within a window lane 31
+// scans first and each lane takes its steps from the last; the data layout does not change.
+template <bool REV>
+struct Order {
+  static constexpr int first = REV ? 31 : 0;  // the lane that scans first
+  static constexpr int last = REV ? 0 : 31;
+  // index of a lane's k-th step in scan order
+  static __device__ __forceinline__ constexpr int step(int k) { return REV ? kLanesSteps - 1 - k : k; }
+  // v of the lane `off` places earlier (prev) / later (next) in scan order; own v where there is none
+  static __device__ __forceinline__ float prev(float v, int off) {
+    return REV ? __shfl_down_sync(kFull, v, off) : __shfl_up_sync(kFull, v, off);
+  }
+  static __device__ __forceinline__ float next(float v, int off) {
+    return REV ? __shfl_up_sync(kFull, v, off) : __shfl_down_sync(kFull, v, off);
+  }
+  static __device__ __forceinline__ bool has_prev(int lane, int off) { return REV ? lane + off < 32 : lane >= off; }
+  static __device__ __forceinline__ bool has_next(int lane, int off) { return REV ? lane >= off : lane + off < 32; }
+};
+
 // The state entering this lane: the lanes' affine maps (pa, xa) (h -> pa h + xa over the lane's steps) scanned
-// across the warp and applied to `carry`, the state entering lane 0; `carry` becomes the state leaving lane 31.
+// across the warp and applied to `carry`, the state entering the first lane; `carry` becomes the state leaving the
+// last lane (the next window's carry).
+template <bool REV>
 __device__ __forceinline__ float lanes_state_in(float pa, float xa, float& carry, int lane) {
+  using O = Order<REV>;
 #pragma unroll
   for (int off = 1; off < 32; off <<= 1) {
-    const float pp = __shfl_up_sync(kFull, pa, off), xp = __shfl_up_sync(kFull, xa, off);
-    if (lane >= off) {
+    const float pp = O::prev(pa, off), xp = O::prev(xa, off);
+    if (O::has_prev(lane, off)) {
       xa = fmaf(pa, xp, xa);
       pa *= pp;
     }
   }
-  const float h_out = fmaf(pa, carry, xa);  // the state after this lane's last step
-  float h_in = __shfl_up_sync(kFull, h_out, 1);
-  if (lane == 0) h_in = carry;
-  carry = __shfl_sync(kFull, h_out, 31);
+  const float h_out = fmaf(pa, carry, xa);  // the state after this lane's steps
+  float h_in = O::prev(h_out, 1);
+  if (lane == O::first) h_in = carry;
+  carry = __shfl_sync(kFull, h_out, O::last);
   return h_in;
 }
 
-// The adjoint entering this lane from the next one (g at the next lane's first step, or r for lane 31): the
-// lanes' maps (q, s) (G -> q G + s, G = the adjoint entering the lane) scanned down the warp and applied to r.
-// g0 becomes the adjoint at this lane's first step.
+// The adjoint entering this lane from the lane after it in scan order (or r for the last lane): the lanes' maps
+// (q, s) (G -> q G + s, G = the adjoint entering the lane) scanned against scan order and applied to r. g0 becomes
+// the adjoint at this lane's first step.
+template <bool REV>
 __device__ __forceinline__ float lanes_adjoint_in(float q, float s, float r, int lane, float& g0) {
+  using O = Order<REV>;
 #pragma unroll
   for (int off = 1; off < 32; off <<= 1) {
-    const float qn = __shfl_down_sync(kFull, q, off), sn = __shfl_down_sync(kFull, s, off);
-    if (lane + off < 32) {
+    const float qn = O::next(q, off), sn = O::next(s, off);
+    if (O::has_next(lane, off)) {
       s = fmaf(q, sn, s);
       q *= qn;
     }
   }
   g0 = fmaf(q, r, s);
-  float g_in = __shfl_down_sync(kFull, g0, 1);
-  if (lane == 31) g_in = r;
+  float g_in = O::next(g0, 1);
+  if (lane == O::last) g_in = r;
   return g_in;
 }
 
-// Per-channel pointers of one warp.
+// Per-channel pointers of one warp and one direction.
 template <typename T>
 struct LanesRows {
   const T *u, *delta, *B, *C, *z, *dout;
   T *out, *du, *ddelta, *dz;
-  float *dB, *dC;
+  float *dB, *dC, *ws;
 };
 
 template <typename T>
-__device__ __forceinline__ LanesRows<T> lanes_rows(const ScanParams& p, int b, int chan) {
-  const DirParams& dp = p.dir[0];
+__device__ __forceinline__ LanesRows<T> lanes_rows(const ScanParams& p, int d, int b, int chan) {
+  const DirParams& dp = p.dir[d];
   const int g = chan / (p.dim / dp.groups);
   const size_t row = ((size_t)b * p.dim + chan) * p.L;
   const size_t bc = ((size_t)b * dp.groups + g) * p.N * p.L;
@@ -211,13 +238,53 @@ __device__ __forceinline__ LanesRows<T> lanes_rows(const ScanParams& p, int b, i
   r.dz = p.dz ? static_cast<T*>(p.dz) + row : nullptr;
   r.dB = dp.dB_part ? dp.dB_part + bc : nullptr;
   r.dC = dp.dC_part ? dp.dC_part + bc : nullptr;
+  r.ws = p.ws ? p.ws + row : nullptr;
   return r;
 }
 
+// What a window does with its y (the scan's output before the gate, D u included):
+enum LanesMode : int {
+  kUni = 0,     // unidirectional: gate, store out (backward: dz from y)
+  kToWs = 1,    // bidirectional, backward direction (runs first): y to the fp32 scratch ws
+  kAddWs = 2,   // bidirectional, forward direction: y + ws, halved with divide_out, gate, store out (backward: dz)
+};
+
+// The pre-gate y of the other direction, added (kAddWs), or this one's stored (kToWs).
+template <bool FULL>
+__device__ __forceinline__ void ws_add8(const float* ws, int t0, int L, float (&y)[kLanesSteps]) {
+  if constexpr (FULL) {
+    const float4 lo = reinterpret_cast<const float4*>(ws + t0)[0], hi = reinterpret_cast<const float4*>(ws + t0)[1];
+    y[0] += lo.x, y[1] += lo.y, y[2] += lo.z, y[3] += lo.w, y[4] += hi.x, y[5] += hi.y, y[6] += hi.z, y[7] += hi.w;
+  } else {
+#pragma unroll
+    for (int j = 0; j < kLanesSteps; ++j)
+      if (t0 + j < L) y[j] += ws[t0 + j];
+  }
+}
+
+template <bool FULL>
+__device__ __forceinline__ void ws_store8(float* ws, int t0, int L, const float (&y)[kLanesSteps]) {
+  if constexpr (FULL) {
+    reinterpret_cast<float4*>(ws + t0)[0] = make_float4(y[0], y[1], y[2], y[3]);
+    reinterpret_cast<float4*>(ws + t0)[1] = make_float4(y[4], y[5], y[6], y[7]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kLanesSteps; ++j)
+      if (t0 + j < L) ws[t0 + j] = y[j];
+  }
+}
+
+struct LanesScalars {
+  float bias, Dv, scale;  // delta_bias, D of the channel; 0.5 for divide_out (bidirectional), else 1
+  bool softplus;
+  int mode;
+};
+
 // One forward window. A2_l / h_l: lane n holds state n's A*log2(e) and carry.
-template <bool FULL, bool EXACT, typename T, int NMAX>
-__device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L, int N, int lane, float bias,
-                                           float Dv, bool softplus, float A2_l, float& h_l) {
+template <bool REV, bool FULL, bool EXACT, typename T, int NMAX>
+__device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L, int N, int lane,
+                                           const LanesScalars& c, float A2_l, float& h_l) {
+  using O = Order<REV>;
   float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], y[kLanesSteps];
   Raw8<T> rb[NMAX], rc[NMAX];
 #pragma unroll
@@ -225,9 +292,9 @@ __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L,
     rb[k] = ld8_state<FULL, EXACT>(r.B, k, N, t0, L), rc[k] = ld8_state<FULL, EXACT>(r.C, k, N, t0, L);
   load8<FULL>(r.u, t0, L, uu);
   load8<FULL>(r.delta, t0, L, dt);
-  lanes_delta<FULL>(dt, bias, softplus, t0, L);
+  lanes_delta<FULL>(dt, c.bias, c.softplus, t0, L);
 #pragma unroll
-  for (int j = 0; j < kLanesSteps; ++j) du[j] = dt[j] * uu[j], y[j] = Dv * uu[j];
+  for (int j = 0; j < kLanesSteps; ++j) du[j] = dt[j] * uu[j], y[j] = c.Dv * uu[j];
 #pragma unroll
   for (int n = 0; n < NMAX; ++n) {
     if (n + kLanesAhead < NMAX)
@@ -239,20 +306,31 @@ __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L,
     unpack8(rc[n], Cv);
     float pa = 1.f, xa = 0.f;
 #pragma unroll
-    for (int j = 0; j < kLanesSteps; ++j) {
+    for (int k = 0; k < kLanesSteps; ++k) {
+      const int j = O::step(k);
       a[j] = fast_exp2(dt[j] * A2);
       x[j] = du[j] * Bv[j];
       xa = fmaf(a[j], xa, x[j]);
       pa *= a[j];
     }
     float carry = __shfl_sync(kFull, h_l, n);
-    float hh = lanes_state_in(pa, xa, carry, lane);
+    float hh = lanes_state_in<REV>(pa, xa, carry, lane);
     h_l = lane == n ? carry : h_l;
 #pragma unroll
-    for (int j = 0; j < kLanesSteps; ++j) {
+    for (int k = 0; k < kLanesSteps; ++k) {
+      const int j = O::step(k);
       hh = fmaf(a[j], hh, x[j]);
       y[j] = fmaf(Cv[j], hh, y[j]);
     }
+  }
+  if (c.mode == kToWs) {
+    ws_store8<FULL>(r.ws, t0, L, y);
+    return;
+  }
+  if (c.mode == kAddWs) {
+    ws_add8<FULL>(r.ws, t0, L, y);
+#pragma unroll
+    for (int j = 0; j < kLanesSteps; ++j) y[j] *= c.scale;
   }
   if (r.z) {
     float zz[kLanesSteps];
@@ -264,46 +342,61 @@ __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L,
 }
 
 // The partial-window / unaligned path, kept out of line so that its registers do not count against the fast path.
-template <typename T, int NMAX>
-__device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, int L, int N, int lane, float bias,
-                                                float Dv, bool softplus, float A2_l, float& h_l) {
-  fwd_window<false, false, T, NMAX>(r, t0, L, N, lane, bias, Dv, softplus, A2_l, h_l);
+template <bool REV, typename T, int NMAX>
+__device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, int L, int N, int lane,
+                                                const LanesScalars c, float A2_l, float& h_l) {
+  fwd_window<REV, false, false, T, NMAX>(r, t0, L, N, lane, c, A2_l, h_l);
 }
 
-template <typename T, int NMAX, bool EXACT>
+// One direction of the forward over the whole row: windows in scan order, the state entering each saved.
+template <bool REV, bool EXACT, typename T, int NMAX>
+__device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b, int chan, int lane, int mode) {
+  const DirParams& dp = p.dir[d];
+  const int L = p.L, N = p.N;
+  const size_t row = (size_t)b * p.dim + chan;
+  const LanesRows<T> rows = lanes_rows<T>(p, d, b, chan);
+  const int nwin = (L + kLanesWindow - 1) / kLanesWindow;
+  float* __restrict__ states = dp.states ? dp.states + row * nwin * N : nullptr;
+  const float A2_l = lane < N ? dp.A[(size_t)chan * N + lane] * kLog2e : 0.f;
+  float h_l = (lane < N && p.initial_state && !p.bidirectional) ? p.initial_state[row * N + lane] : 0.f;
+  const LanesScalars c{dp.delta_bias ? dp.delta_bias[chan] : 0.f, dp.D ? dp.D[chan] : 0.f,
+                       p.divide_out ? 0.5f : 1.f, (bool)p.delta_softplus, mode};
+  for (int i = 0; i < nwin; ++i) {
+    const int w = REV ? nwin - 1 - i : i;
+    const int t0 = w * kLanesWindow + lane * kLanesSteps;
+    if (states && lane < N) states[(size_t)w * N + lane] = h_l;
+    if (p.lanes_vec && (w + 1) * kLanesWindow <= L)
+      fwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l);
+    else
+      fwd_window_generic<REV, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l);
+  }
+  if (p.last_state && lane < N) p.last_state[row * N + lane] = h_l;
+}
+
+// Bidirectional: the backward direction first (its y into ws), then the forward one, by the same warp (each lane
+// reads back only the ws elements it wrote).
+template <typename T, int NMAX, bool EXACT, bool BI>
 __global__ void __launch_bounds__(kLanesWarps * 32, LANES_FWD_MINB) scan_fwd_lanes_kernel(const ScanParams p) {
   const int lane = threadIdx.x & 31;
   const int chan = blockIdx.y * kLanesWarps + (threadIdx.x >> 5);
   const int b = blockIdx.x;  // batch rows first: warps running together add dB/dC into different rows
   if (chan >= p.dim) return;  // a whole warp; no block-level synchronisation below
-  const DirParams& dp = p.dir[0];
-  const int L = p.L, N = p.N;
-  const size_t row = (size_t)b * p.dim + chan;
-  const LanesRows<T> rows = lanes_rows<T>(p, b, chan);
-  const int nwin = (L + kLanesWindow - 1) / kLanesWindow;
-  float* __restrict__ states = dp.states ? dp.states + row * nwin * N : nullptr;
-  const float A2_l = lane < N ? dp.A[(size_t)chan * N + lane] * kLog2e : 0.f;
-  float h_l = (lane < N && p.initial_state) ? p.initial_state[row * N + lane] : 0.f;
-  const float bias = dp.delta_bias ? dp.delta_bias[chan] : 0.f;
-  const float Dv = dp.D ? dp.D[chan] : 0.f;
-
-  for (int w = 0; w < nwin; ++w) {
-    const int t0 = w * kLanesWindow + lane * kLanesSteps;
-    if (states && lane < N) states[(size_t)w * N + lane] = h_l;
-    if (p.lanes_vec && (w + 1) * kLanesWindow <= L)
-      fwd_window<true, EXACT, T, NMAX>(rows, t0, L, N, lane, bias, Dv, p.delta_softplus, A2_l, h_l);
-    else
-      fwd_window_generic<T, NMAX>(rows, t0, L, N, lane, bias, Dv, p.delta_softplus, A2_l, h_l);
+  if constexpr (BI) {
+    fwd_direction<true, EXACT, T, NMAX>(p, 1, b, chan, lane, kToWs);
+    fwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kAddWs);
+  } else {
+    fwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kUni);
   }
-  if (p.last_state && lane < N) p.last_state[row * N + lane] = h_l;
 }
 
-// One backward window. A_l / h0_l / r_l: lane n holds state n's A, the saved state at the window start and the
-// adjoint carry r entering from the next window (left as the one for the window before); dA: per-lane partials.
-template <bool FULL, bool EXACT, typename T, int NMAX>
-__device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L, int N, int lane, float bias,
-                                           float Dv, bool softplus, float A_l, float h0_l, float& r_l,
+// One backward window. A_l / h0_l / r_l: lane n holds state n's A, the saved state entering the window and the
+// adjoint carry r entering from the window after it in scan order (left as the one for the window before);
+// dA: per-lane partials.
+template <bool REV, bool FULL, bool EXACT, typename T, int NMAX>
+__device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L, int N, int lane,
+                                           const LanesScalars& c, float A_l, float h0_l, float& r_l,
                                            float (&dA)[NMAX], float& dD, float& dbias, float* xch) {
+  using O = Order<REV>;
   float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], dy[kLanesSteps];
   float y[kLanesSteps], sgB[kLanesSteps], ddt[kLanesSteps];
   Raw8<T> rb[NMAX], rc[NMAX];
@@ -313,7 +406,7 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
   load8<FULL>(r.u, t0, L, uu);
   load8<FULL>(r.delta, t0, L, dt);
   load8<FULL>(r.dout, t0, L, dy);
-  lanes_delta<FULL>(dt, bias, softplus, t0, L);
+  lanes_delta<FULL>(dt, c.bias, c.softplus, t0, L);
   if (r.z) {
     float zz[kLanesSteps];
     load8<FULL>(r.z, t0, L, zz);
@@ -321,7 +414,10 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
     for (int j = 0; j < kLanesSteps; ++j) dy[j] *= zz[j] * sigmoid(zz[j]);
   }
 #pragma unroll
-  for (int j = 0; j < kLanesSteps; ++j) du[j] = dt[j] * uu[j], y[j] = Dv * uu[j], sgB[j] = 0.f, ddt[j] = 0.f;
+  for (int j = 0; j < kLanesSteps; ++j) {
+    dy[j] *= c.scale;
+    du[j] = dt[j] * uu[j], y[j] = c.Dv * uu[j], sgB[j] = 0.f, ddt[j] = 0.f;
+  }
 #pragma unroll
   for (int n = 0; n < NMAX; ++n) {
     if (n + kLanesAhead < NMAX)
@@ -335,43 +431,49 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
     // forward: the states of the window
     float pa = 1.f, xa = 0.f;
 #pragma unroll
-    for (int j = 0; j < kLanesSteps; ++j) {
+    for (int k = 0; k < kLanesSteps; ++k) {
+      const int j = O::step(k);
       a[j] = fast_exp2(dt[j] * A2);
       xa = fmaf(a[j], xa, du[j] * Bv[j]);
       pa *= a[j];
     }
     float h0 = __shfl_sync(kFull, h0_l, n);
-    float hh = lanes_state_in(pa, xa, h0, lane);
+    float hh = lanes_state_in<REV>(pa, xa, h0, lane);
 #pragma unroll
-    for (int j = 0; j < kLanesSteps; ++j) {
+    for (int k = 0; k < kLanesSteps; ++k) {
+      const int j = O::step(k);
       hh = fmaf(a[j], hh, du[j] * Bv[j]);
       h[j] = hh;
       y[j] = fmaf(Cv[j], hh, y[j]);
     }
-    // adjoint: g_j = C_j dy_j + a_{j+1} g_{j+1}; a_8 is the next lane's a_0 (lane 31: r holds it already)
-    float a_next = __shfl_down_sync(kFull, a[0], 1);
-    if (lane == 31) a_next = 1.f;
-    float s = Cv[kLanesSteps - 1] * dy[kLanesSteps - 1], q = a_next;
+    // adjoint, against scan order: g_j = C_j dy_j + a_{j'} g_{j'} (j' the next step in scan order); after the lane's
+    // last step that is the next lane's first one (for the last lane r holds a g already)
+    constexpr int j_first = O::step(0), j_last = O::step(kLanesSteps - 1);
+    float a_next = O::next(a[j_first], 1);
+    if (lane == O::last) a_next = 1.f;
+    float s = Cv[j_last] * dy[j_last], q = a_next;
 #pragma unroll
-    for (int j = kLanesSteps - 2; j >= 0; --j) {
-      s = fmaf(a[j + 1], s, Cv[j] * dy[j]);
-      q *= a[j + 1];
+    for (int k = kLanesSteps - 2; k >= 0; --k) {
+      const int j = O::step(k), jn = O::step(k + 1);
+      s = fmaf(a[jn], s, Cv[j] * dy[j]);
+      q *= a[jn];
     }
     float g0;
-    float gg = lanes_adjoint_in(q, s, __shfl_sync(kFull, r_l, n), lane, g0) * a_next;
-    g0 = __shfl_sync(kFull, a[0] * g0, 0);  // a_{t0} g_{t0}: the r of the window before
+    float gg = lanes_adjoint_in<REV>(q, s, __shfl_sync(kFull, r_l, n), lane, g0) * a_next;
+    g0 = __shfl_sync(kFull, a[j_first] * g0, O::first);  // a g at the window's first step: the next window's r
     r_l = lane == n ? g0 : r_l;
     float dBv[kLanesSteps], dCv[kLanesSteps], dAl = 0.f;
 #pragma unroll
-    for (int j = kLanesSteps - 1; j >= 0; --j) {
+    for (int k = kLanesSteps - 1; k >= 0; --k) {
+      const int j = O::step(k);
       gg = fmaf(Cv[j], dy[j], gg);  // g_j
       dCv[j] = dy[j] * h[j];
       dBv[j] = gg * du[j];
       sgB[j] = fmaf(gg, Bv[j], sgB[j]);
-      const float ghx = gg * (h[j] - du[j] * Bv[j]);  // g_j a_j h_{j-1}
+      const float ghx = gg * (h[j] - du[j] * Bv[j]);  // g_j a_j h_(previous step)
       ddt[j] = fmaf(An, ghx, ddt[j]);
       dAl = fmaf(dt[j], ghx, dAl);
-      if (j > 0) gg *= a[j];  // a_j g_j: what step j-1 receives
+      if (k > 0) gg *= a[j];  // a_j g_j: what the previous step receives
     }
     dA[n] += dAl;
     if (n < N) {
@@ -385,64 +487,66 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) {
     float d, sig = 1.f;
-    if (softplus) softplus_and_grad(raw[j] + bias, d, sig);
-    du_o[j] = fmaf(dt[j], sgB[j], Dv * dy[j]);
+    if (c.softplus) softplus_and_grad(raw[j] + c.bias, d, sig);
+    du_o[j] = fmaf(dt[j], sgB[j], c.Dv * dy[j]);
     dd_o[j] = (FULL || t0 + j < L) ? fmaf(uu[j], sgB[j], ddt[j]) * sig : 0.f;
     dD = fmaf(dy[j], uu[j], dD);
     dbias += dd_o[j];
   }
   store8<FULL>(r.du, t0, L, du_o);
   store8<FULL>(r.ddelta, t0, L, dd_o);
+  if (c.mode == kToWs) {
+    if (r.z) ws_store8<FULL>(r.ws, t0, L, y);
+    return;
+  }
   if (r.z) {
+    if (c.mode == kAddWs) ws_add8<FULL>(r.ws, t0, L, y);
     float zz[kLanesSteps], go[kLanesSteps], dzv[kLanesSteps];
     load8<FULL>(r.z, t0, L, zz);
     load8<FULL>(r.dout, t0, L, go);
 #pragma unroll
     for (int j = 0; j < kLanesSteps; ++j) {
       const float sg = sigmoid(zz[j]);
-      dzv[j] = go[j] * y[j] * sg * (1.f + zz[j] * (1.f - sg));
+      dzv[j] = go[j] * y[j] * c.scale * sg * (1.f + zz[j] * (1.f - sg));
     }
     store8<FULL>(r.dz, t0, L, dzv);
   }
 }
 
-template <typename T, int NMAX>
-__device__ __noinline__ void bwd_window_generic(const LanesRows<T> r, int t0, int L, int N, int lane, float bias,
-                                                float Dv, bool softplus, float A_l, float h0_l, float& r_l,
+template <bool REV, typename T, int NMAX>
+__device__ __noinline__ void bwd_window_generic(const LanesRows<T> r, int t0, int L, int N, int lane,
+                                                const LanesScalars c, float A_l, float h0_l, float& r_l,
                                                 float (&dA)[NMAX], float& dD, float& dbias) {
-  bwd_window<false, false, T, NMAX>(r, t0, L, N, lane, bias, Dv, softplus, A_l, h0_l, r_l, dA, dD, dbias, nullptr);
+  bwd_window<REV, false, false, T, NMAX>(r, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, nullptr);
 }
 
-template <typename T, int NMAX, bool EXACT>
-__global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lanes_kernel(const ScanParams p) {
-  const int lane = threadIdx.x & 31;
-  const int chan = blockIdx.y * kLanesWarps + (threadIdx.x >> 5);
-  const int b = blockIdx.x;  // batch rows first: warps running together add dB/dC into different rows
-  __shared__ alignas(16) float s_xch[kLanesWarps][2 * kLanesWindow];  // per warp: dB, dC of one state and window
-  float* xch = s_xch[threadIdx.x >> 5];
-  if (chan >= p.dim) return;
-  const DirParams& dp = p.dir[0];
+// One direction of the backward over the whole row: windows against scan order; per-channel sums at the end.
+template <bool REV, bool EXACT, typename T, int NMAX>
+__device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b, int chan, int lane, int mode,
+                                              float* xch) {
+  const DirParams& dp = p.dir[d];
   const int L = p.L, N = p.N;
   const size_t row = (size_t)b * p.dim + chan;
-  const LanesRows<T> rows = lanes_rows<T>(p, b, chan);
+  const LanesRows<T> rows = lanes_rows<T>(p, d, b, chan);
   const int nwin = (L + kLanesWindow - 1) / kLanesWindow;
   const float* __restrict__ states = dp.states + row * nwin * N;
   const float A_l = lane < N ? dp.A[(size_t)chan * N + lane] : 0.f;
-  float r_l = (lane < N && p.dlast_state) ? p.dlast_state[row * N + lane] : 0.f;
-  const float bias = dp.delta_bias ? dp.delta_bias[chan] : 0.f;
-  const float Dv = dp.D ? dp.D[chan] : 0.f;
+  const bool uni = !p.bidirectional;
+  float r_l = (uni && lane < N && p.dlast_state) ? p.dlast_state[row * N + lane] : 0.f;
+  const LanesScalars c{dp.delta_bias ? dp.delta_bias[chan] : 0.f, dp.D ? dp.D[chan] : 0.f,
+                       p.divide_out ? 0.5f : 1.f, (bool)p.delta_softplus, mode};
   float dA[NMAX], dD = 0.f, dbias = 0.f;
 #pragma unroll
   for (int n = 0; n < NMAX; ++n) dA[n] = 0.f;
 
-  for (int w = nwin - 1; w >= 0; --w) {
+  for (int i = 0; i < nwin; ++i) {
+    const int w = REV ? i : nwin - 1 - i;
     const int t0 = w * kLanesWindow + lane * kLanesSteps;
     const float h0_l = lane < N ? states[(size_t)w * N + lane] : 0.f;
     if (p.lanes_vec && (w + 1) * kLanesWindow <= L)
-      bwd_window<true, EXACT, T, NMAX>(rows, t0, L, N, lane, bias, Dv, p.delta_softplus, A_l, h0_l, r_l, dA, dD, dbias,
-                                       xch);
+      bwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch);
     else
-      bwd_window_generic<T, NMAX>(rows, t0, L, N, lane, bias, Dv, p.delta_softplus, A_l, h0_l, r_l, dA, dD, dbias);
+      bwd_window_generic<REV, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias);
   }
   // per-channel sums over the warp; partials per batch row (summed by the caller)
 #pragma unroll
@@ -460,7 +564,7 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lan
   }
   if (lane < N) {
     dp.dA_part[row * N + lane] = dA_l;
-    if (p.dinitial_state) p.dinitial_state[row * N + lane] = r_l;
+    if (uni && p.dinitial_state) p.dinitial_state[row * N + lane] = r_l;
   }
   if (lane == 0) {
     dp.dD_part[row] = dD;
@@ -468,23 +572,45 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lan
   }
 }
 
-template <typename T, bool FWD, int NMAX, bool EXACT>
+// Bidirectional: the backward direction first (with z, its y into ws for dz), then the forward one.
+template <typename T, int NMAX, bool EXACT, bool BI>
+__global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lanes_kernel(const ScanParams p) {
+  __shared__ alignas(16) float s_xch[kLanesWarps][2 * kLanesWindow];  // per warp: dB, dC of one state and window
+  const int lane = threadIdx.x & 31;
+  const int chan = blockIdx.y * kLanesWarps + (threadIdx.x >> 5);
+  const int b = blockIdx.x;
+  float* xch = s_xch[threadIdx.x >> 5];
+  if (chan >= p.dim) return;
+  if constexpr (BI) {
+    bwd_direction<true, EXACT, T, NMAX>(p, 1, b, chan, lane, kToWs, xch);
+    bwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kAddWs, xch);
+  } else {
+    bwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kUni, xch);
+  }
+}
+
+template <typename T, bool FWD, int NMAX, bool EXACT, bool BI>
 cudaError_t launch_lanes_n(const ScanParams& p, cudaStream_t stream) {
   const dim3 grid(p.batch, (p.dim + kLanesWarps - 1) / kLanesWarps);
   if constexpr (FWD)
-    scan_fwd_lanes_kernel<T, NMAX, EXACT><<<grid, kLanesWarps * 32, 0, stream>>>(p);
+    scan_fwd_lanes_kernel<T, NMAX, EXACT, BI><<<grid, kLanesWarps * 32, 0, stream>>>(p);
   else
-    scan_bwd_lanes_kernel<T, NMAX, EXACT><<<grid, kLanesWarps * 32, 0, stream>>>(p);
+    scan_bwd_lanes_kernel<T, NMAX, EXACT, BI><<<grid, kLanesWarps * 32, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
-// Unidirectional, N <= kLanesMaxN (checked by the binding).
+template <typename T, bool FWD, bool BI>
+cudaError_t launch_lanes_bi(const ScanParams& p, cudaStream_t stream) {
+  if (p.N == 16) return launch_lanes_n<T, FWD, 16, true, BI>(p, stream);
+  return p.N <= 8 ? launch_lanes_n<T, FWD, 8, false, BI>(p, stream) : launch_lanes_n<T, FWD, 16, false, BI>(p, stream);
+}
+
+// N <= kLanesMaxN (checked by the binding).
 template <typename T, bool FWD>
 cudaError_t launch_lanes(const ScanParams& p, cudaStream_t stream) {
-  if (p.bidirectional || p.N > kLanesMaxN) return cudaErrorInvalidValue;
+  if (p.N > kLanesMaxN) return cudaErrorInvalidValue;
   if ((p.dim + kLanesWarps - 1) / kLanesWarps > 65535) return cudaErrorInvalidConfiguration;  // grid.y
-  if (p.N == 16) return launch_lanes_n<T, FWD, 16, true>(p, stream);
-  return p.N <= 8 ? launch_lanes_n<T, FWD, 8, false>(p, stream) : launch_lanes_n<T, FWD, 16, false>(p, stream);
+  return p.bidirectional ? launch_lanes_bi<T, FWD, true>(p, stream) : launch_lanes_bi<T, FWD, false>(p, stream);
 }
 
 }  // namespace matten_scan

@@ -6,12 +6,13 @@ Layers: the kernels (``csrc/selective_scan/*.cu``) -> launchers + ``torch.librar
 
 Work layout, numerics and the choice of configuration: ``csrc/selective_scan/selective_scan.h``. Two layouts:
 - the lanes kernels (``selective_scan_lanes.cuh``, config ``LANES_CONFIG``): one warp per channel, the time axis across
-  the lanes in windows of 256 steps, the state saved at every window start, dB/dC added with atomics. The default for
-  unidirectional scans with N <= 16 and L >= 256 (the fastest here: H100 numbers in ``csrc/selective_scan/NOTES.md``).
+  the lanes in windows of 256 steps, the state saved at every window start, dB/dC added with atomics; bidirectional:
+  the backward direction (reversed scan order inside the warp, no flipped copies) then the forward one, per warp. The
+  default for N <= 16 and L >= 256 (the fastest here: H100 numbers in ``csrc/selective_scan/NOTES.md``).
 - the others: threads over states, time sequential in chunks; the forward saves the fp32 state at every chunk start
   (CHUNK = 16 steps for N <= 16) for the backward, which recomputes inside a chunk; the sequence is split across blocks
   when batch * dim is too small to fill the GPU (``MATTEN_SCAN_SPLITS`` overrides); dB/dC as per-block partial sums
-  (deterministic). Bidirectional scans, N > 16, short sequences and deterministic mode use them.
+  (deterministic). N > 16, short sequences and deterministic mode use them.
 
 The extension is either built ahead of time (``MATTEN_BUILD_CUDA=1 pip install -e . --no-build-isolation``, which puts
 ``_C*.so`` next to this file) or on first use through ``torch.utils.cpp_extension.load`` (ninja; cached under
@@ -122,18 +123,18 @@ def _load() -> None:
     _unavailable_reason.cache_clear()
 
 
-LANES_CONFIG = 9  # kLanesConfig: time across the lanes of a warp, uni only, N <= 16, dB/dC by atomics
+LANES_CONFIG = 9  # kLanesConfig: time across the lanes of a warp, N <= 16, dB/dC by atomics
 
 
 def _choose_config(N: int, L: int, bidirectional: bool = False) -> int:
     """Mirror of ``choose_config`` in selective_scan.h (checked against the table read from the extension).
 
-    The lanes kernels (``selective_scan_lanes.cuh``) take unidirectional scans with N <= 16 and L >= 256; their
+    The lanes kernels (``selective_scan_lanes.cuh``) take scans (uni- and bidirectional) with N <= 16 and L >= 256; their
     dB/dC atomics are not bit-reproducible, so under ``torch.use_deterministic_algorithms(True)`` the per-block
     partial sums of the other configs are used instead (logged once)."""
     if config_override is not None:
         return int(config_override)
-    if not bidirectional and N <= 16 and L >= 256:
+    if N <= 16 and L >= 256:
         if not torch.are_deterministic_algorithms_enabled():
             return LANES_CONFIG
         _log_deterministic_choice()
@@ -244,8 +245,8 @@ def _needs_grad(*tensors) -> bool:
 def _config(A, L, bidirectional=False) -> int:
     cfg = _choose_config(A.shape[1], L, bidirectional)
     tpc, npt = _config_table[cfg][:2]
-    if cfg == LANES_CONFIG and (bidirectional or A.shape[1] > 16):
-        raise ValueError(f"selective_scan (cuda): config {cfg} (lanes) is unidirectional with N <= 16")
+    if cfg == LANES_CONFIG and A.shape[1] > 16:
+        raise ValueError(f"selective_scan (cuda): config {cfg} (lanes) holds N <= 16 states, got N = {A.shape[1]}")
     if tpc * npt < A.shape[1]:
         raise ValueError(f"selective_scan (cuda): config {cfg} holds {tpc * npt} states < N = {A.shape[1]}")
     return cfg
