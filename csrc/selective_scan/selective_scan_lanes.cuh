@@ -601,8 +601,9 @@ cudaError_t launch_lanes_n(const ScanParams& p, cudaStream_t stream) {
 
 template <typename T, bool FWD, bool BI>
 cudaError_t launch_lanes_bi(const ScanParams& p, cudaStream_t stream) {
-  if (p.N == 16) return launch_lanes_n<T, FWD, 16, true, BI>(p, stream);
-  return p.N <= 8 ? launch_lanes_n<T, FWD, 8, false, BI>(p, stream) : launch_lanes_n<T, FWD, 16, false, BI>(p, stream);
+  // N = 16 exactly (Mamba's default) without row masks; other N <= 16 with masked rows (one instantiation: builds
+  // stay short)
+  return p.N == 16 ? launch_lanes_n<T, FWD, 16, true, BI>(p, stream) : launch_lanes_n<T, FWD, 16, false, BI>(p, stream);
 }
 
 // N <= kLanesMaxN (checked by the binding).
