@@ -139,6 +139,38 @@ __device__ __forceinline__ void atomic_add8(float* row, int t0, int lane, int L,
   }
 }
 
+#ifndef LANES_BLOCK_REDUCE
+#define LANES_BLOCK_REDUCE 1
+#endif
+// LANES_BLOCK_REDUCE (default on; 0 for A/B runs): on full windows with N = 16, the 4 warps (channels) of a block sum
+// their dB/dC of a state and window in shared memory (double-buffered, one barrier per state) and add the block's
+// sum with one 16-byte reduction per thread: a quarter of the global reductions (H100, global XL fwd+bwd 1.44 ->
+// 1.21 ms, csrc/selective_scan/NOTES.md). `buf`: 2 x kLanesWarps x 512 floats.
+__device__ __forceinline__ void block_add(float* dB_row, float* dC_row, int wbase, const float (&dBv)[kLanesSteps],
+                                          const float (&dCv)[kLanesSteps], float* buf) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tid = threadIdx.x;
+  float4* mine = reinterpret_cast<float4*>(buf + warp * 2 * kLanesWindow);
+  mine[lane * 2] = make_float4(dBv[0], dBv[1], dBv[2], dBv[3]);
+  mine[lane * 2 + 1] = make_float4(dBv[4], dBv[5], dBv[6], dBv[7]);
+  mine[64 + lane * 2] = make_float4(dCv[0], dCv[1], dCv[2], dCv[3]);
+  mine[64 + lane * 2 + 1] = make_float4(dCv[4], dCv[5], dCv[6], dCv[7]);
+  __syncthreads();
+  float4 acc = reinterpret_cast<const float4*>(buf)[tid];
+#pragma unroll
+  for (int w = 1; w < kLanesWarps; ++w) {
+    const float4 v = reinterpret_cast<const float4*>(buf + w * 2 * kLanesWindow)[tid];
+    acc.x += v.x, acc.y += v.y, acc.z += v.z, acc.w += v.w;
+  }
+  float* dst = tid < 64 ? dB_row + wbase + tid * 4 : dC_row + wbase + (tid - 64) * 4;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(__cvta_generic_to_global(dst)), "f"(acc.x),
+               "f"(acc.y), "f"(acc.z), "f"(acc.w)
+               : "memory");
+#else
+  atomicAdd(dst, acc.x), atomicAdd(dst + 1, acc.y), atomicAdd(dst + 2, acc.z), atomicAdd(dst + 3, acc.w);
+#endif
+}
+
 // d = softplus(delta + bias) (optional); d = 0 beyond L (the state then holds).
 template <bool FULL>
 __device__ __forceinline__ void lanes_delta(float (&dt)[kLanesSteps], float bias, bool softplus, int t0, int L) {
@@ -395,7 +427,7 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_FWD_MINB) scan_fwd_lan
 template <bool REV, bool FULL, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L, int N, int lane,
                                            const LanesScalars& c, float A_l, float h0_l, float& r_l,
-                                           float (&dA)[NMAX], float& dD, float& dbias, float* xch) {
+                                           float (&dA)[NMAX], float& dD, float& dbias, float* xch, float* bxch) {
   using O = Order<REV>;
   float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], dy[kLanesSteps];
   float y[kLanesSteps], sgB[kLanesSteps], ddt[kLanesSteps];
@@ -476,7 +508,10 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
       if (k > 0) gg *= a[j];  // a_j g_j: what the previous step receives
     }
     dA[n] += dAl;
-    if (n < N) {
+    if (LANES_BLOCK_REDUCE && FULL && EXACT && bxch) {
+      block_add(r.dB + (size_t)n * L, r.dC + (size_t)n * L, t0 - lane * kLanesSteps, dBv, dCv,
+                bxch + (n & 1) * (kLanesWarps * 2 * kLanesWindow));
+    } else if (n < N) {
       atomic_add8<FULL>(r.dB + (size_t)n * L, t0, lane, L, dBv, xch);
       atomic_add8<FULL>(r.dC + (size_t)n * L, t0, lane, L, dCv, xch + kLanesWindow);
     }
@@ -517,13 +552,13 @@ template <bool REV, typename T, int NMAX>
 __device__ __noinline__ void bwd_window_generic(const LanesRows<T> r, int t0, int L, int N, int lane,
                                                 const LanesScalars c, float A_l, float h0_l, float& r_l,
                                                 float (&dA)[NMAX], float& dD, float& dbias) {
-  bwd_window<REV, false, false, T, NMAX>(r, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, nullptr);
+  bwd_window<REV, false, false, T, NMAX>(r, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, nullptr, nullptr);
 }
 
 // One direction of the backward over the whole row: windows against scan order; per-channel sums at the end.
 template <bool REV, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b, int chan, int lane, int mode,
-                                              float* xch) {
+                                              float* xch, float* bxch) {
   const DirParams& dp = p.dir[d];
   const int L = p.L, N = p.N;
   const size_t row = (size_t)b * p.dim + chan;
@@ -544,7 +579,7 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
     const int t0 = w * kLanesWindow + lane * kLanesSteps;
     const float h0_l = lane < N ? states[(size_t)w * N + lane] : 0.f;
     if (p.lanes_vec && (w + 1) * kLanesWindow <= L)
-      bwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch);
+      bwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch, bxch);
     else
       bwd_window_generic<REV, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias);
   }
@@ -580,12 +615,20 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lan
   const int chan = blockIdx.y * kLanesWarps + (threadIdx.x >> 5);
   const int b = blockIdx.x;
   float* xch = s_xch[threadIdx.x >> 5];
+  float* bxch = nullptr;
+#if LANES_BLOCK_REDUCE
+  __shared__ alignas(16) float s_bxch[2 * kLanesWarps * 2 * kLanesWindow];
+  // every warp of the block alive and in one B/C group (block-uniform)
+  if (p.dim % kLanesWarps == 0 && (p.dim / p.dir[0].groups) % kLanesWarps == 0 &&
+      (!BI || (p.dim / p.dir[1].groups) % kLanesWarps == 0))
+    bxch = s_bxch;
+#endif
   if (chan >= p.dim) return;
   if constexpr (BI) {
-    bwd_direction<true, EXACT, T, NMAX>(p, 1, b, chan, lane, kToWs, xch);
-    bwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kAddWs, xch);
+    bwd_direction<true, EXACT, T, NMAX>(p, 1, b, chan, lane, kToWs, xch, bxch);
+    bwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kAddWs, xch, bxch);
   } else {
-    bwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kUni, xch);
+    bwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kUni, xch, bxch);
   }
 }
 
