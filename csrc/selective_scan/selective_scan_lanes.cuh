@@ -11,7 +11,8 @@
 // Backward: windows last to first. Per state: recompute h over the window from its saved start state (the same
 // forward scan), then the adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} by the mirrored scan (shuffles down), with
 // r = a_{t0} g_{t0} carried to the window before. With hx_t = h_t - x_t (= a_t h_{t-1}):
-//     dC_t += dy_t h_t     dB_t += g_t d_t u_t     (fp32 atomics over the channels of a group)
+//     dC_t += dy_t h_t     dB_t += g_t d_t u_t     (fp32 vector reductions over the channels of a group, summed
+//                                                   over the block's 4 channels in shared memory first)
 //     du_t = d_t sum_n g_t B_t + D dy_t            dd_t = u_t sum_n g_t B_t + sum_n A_n g_t hx_t
 //     dA_n += sum_t d_t g_t hx_t                   dh_init = r after the first window
 // Beyond L the inputs read as zero and d as 0 (a = 1, x = 0): the state holds, the adjoint passes through.
@@ -107,6 +108,18 @@ __device__ __forceinline__ void store8(T* __restrict__ row, int t0, int L, const
   }
 }
 
+// dst[0..3] += v (global fp32, 16-byte aligned): one vector reduction on sm_90 (red.global.add.v4.f32; CUDA 13's
+// atomicAdd(float4*) compiles to four scalar atomics with returns and address-space checks), four scalar ones before.
+__device__ __forceinline__ void red_add4(float* dst, float4 v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(__cvta_generic_to_global(dst)), "f"(v.x),
+               "f"(v.y), "f"(v.z), "f"(v.w)
+               : "memory");
+#else
+  atomicAdd(dst, v.x), atomicAdd(dst + 1, v.y), atomicAdd(dst + 2, v.z), atomicAdd(dst + 3, v.w);
+#endif
+}
+
 // row[t0 + j] += v[j] for the steps inside L (fp32 atomics). FULL windows (fp32 rows 16-byte aligned) go through
 // the warp's shared buffer `xch` (256 floats): lane l then adds elements 4l..4l+3 and 128+4l..128+4l+3 of the
 // window, so each 16-byte vector reduction of the warp covers 512 contiguous bytes (on sm_90; scalar, coalesced
@@ -123,13 +136,7 @@ __device__ __forceinline__ void atomic_add8(float* row, int t0, int lane, int L,
     for (int k = 0; k < 2; ++k) {
       const float4 s = reinterpret_cast<const float4*>(xch)[k * 32 + lane];
       float* dst = win + k * 128 + lane * 4;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-      asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(__cvta_generic_to_global(dst)), "f"(s.x),
-                   "f"(s.y), "f"(s.z), "f"(s.w)
-                   : "memory");
-#else
-      atomicAdd(dst, s.x), atomicAdd(dst + 1, s.y), atomicAdd(dst + 2, s.z), atomicAdd(dst + 3, s.w);
-#endif
+      red_add4(dst, s);
     }
     __syncwarp();
   } else {
@@ -162,13 +169,7 @@ __device__ __forceinline__ void block_add(float* dB_row, float* dC_row, int wbas
     acc.x += v.x, acc.y += v.y, acc.z += v.z, acc.w += v.w;
   }
   float* dst = tid < 64 ? dB_row + wbase + tid * 4 : dC_row + wbase + (tid - 64) * 4;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(__cvta_generic_to_global(dst)), "f"(acc.x),
-               "f"(acc.y), "f"(acc.z), "f"(acc.w)
-               : "memory");
-#else
-  atomicAdd(dst, acc.x), atomicAdd(dst + 1, acc.y), atomicAdd(dst + 2, acc.z), atomicAdd(dst + 3, acc.w);
-#endif
+  red_add4(dst, acc);
 }
 
 // d = softplus(delta + bias) (optional); d = 0 beyond L (the state then holds).
@@ -312,13 +313,11 @@ struct LanesScalars {
   int mode;
 };
 
-// One forward window. A2_l / h_l: lane n holds state n's A*log2(e) and carry.
-template <bool REV, bool FULL, bool EXACT, typename T, int NMAX>
-__device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L, int N, int lane,
-                                           const LanesScalars& c, float A2_l, float& h_l) {
-  using O = Order<REV>;
-  float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], y[kLanesSteps];
-  Raw8<T> rb[NMAX], rc[NMAX];
+// A window's per-step inputs: u, d (softplus, zero beyond L), d*u; the B/C loads of the first kLanesAhead states.
+template <bool FULL, bool EXACT, typename T, int NMAX>
+__device__ __forceinline__ void window_begin(const LanesRows<T>& r, int t0, int L, int N, const LanesScalars& c,
+                                             float (&uu)[kLanesSteps], float (&dt)[kLanesSteps],
+                                             float (&du)[kLanesSteps], Raw8<T> (&rb)[NMAX], Raw8<T> (&rc)[NMAX]) {
 #pragma unroll
   for (int k = 0; k < kLanesAhead && k < NMAX; ++k)
     rb[k] = ld8_state<FULL, EXACT>(r.B, k, N, t0, L), rc[k] = ld8_state<FULL, EXACT>(r.C, k, N, t0, L);
@@ -326,32 +325,52 @@ __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L,
   load8<FULL>(r.delta, t0, L, dt);
   lanes_delta<FULL>(dt, c.bias, c.softplus, t0, L);
 #pragma unroll
-  for (int j = 0; j < kLanesSteps; ++j) du[j] = dt[j] * uu[j], y[j] = c.Dv * uu[j];
+  for (int j = 0; j < kLanesSteps; ++j) du[j] = dt[j] * uu[j];
+}
+
+// State n of a window: the B/C loads of state n + kLanesAhead issued, n's B/C unpacked, a = exp2(d A2) and the
+// lane's affine map (pa, xa) of its steps in scan order.
+template <bool REV, bool FULL, bool EXACT, typename T, int NMAX>
+__device__ __forceinline__ void state_begin(const LanesRows<T>& r, int n, int t0, int L, int N, float A2,
+                                            Raw8<T> (&rb)[NMAX], Raw8<T> (&rc)[NMAX], const float (&dt)[kLanesSteps],
+                                            const float (&du)[kLanesSteps], float (&Bv)[kLanesSteps],
+                                            float (&Cv)[kLanesSteps], float (&a)[kLanesSteps], float& pa, float& xa) {
+  if (n + kLanesAhead < NMAX)
+    rb[n + kLanesAhead] = ld8_state<FULL, EXACT>(r.B, n + kLanesAhead, N, t0, L),
+    rc[n + kLanesAhead] = ld8_state<FULL, EXACT>(r.C, n + kLanesAhead, N, t0, L);
+  unpack8(rb[n], Bv);
+  unpack8(rc[n], Cv);
+  pa = 1.f, xa = 0.f;
+#pragma unroll
+  for (int k = 0; k < kLanesSteps; ++k) {
+    const int j = Order<REV>::step(k);
+    a[j] = fast_exp2(dt[j] * A2);
+    xa = fmaf(a[j], xa, du[j] * Bv[j]);
+    pa *= a[j];
+  }
+}
+
+// One forward window. A2_l / h_l: lane n holds state n's A*log2(e) and carry.
+template <bool REV, bool FULL, bool EXACT, typename T, int NMAX>
+__device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L, int N, int lane,
+                                           const LanesScalars& c, float A2_l, float& h_l) {
+  using O = Order<REV>;
+  float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], y[kLanesSteps];
+  Raw8<T> rb[NMAX], rc[NMAX];
+  window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, rb, rc);
+#pragma unroll
+  for (int j = 0; j < kLanesSteps; ++j) y[j] = c.Dv * uu[j];
 #pragma unroll
   for (int n = 0; n < NMAX; ++n) {
-    if (n + kLanesAhead < NMAX)
-      rb[n + kLanesAhead] = ld8_state<FULL, EXACT>(r.B, n + kLanesAhead, N, t0, L),
-      rc[n + kLanesAhead] = ld8_state<FULL, EXACT>(r.C, n + kLanesAhead, N, t0, L);
-    const float A2 = __shfl_sync(kFull, A2_l, n);
-    float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], x[kLanesSteps];
-    unpack8(rb[n], Bv);
-    unpack8(rc[n], Cv);
-    float pa = 1.f, xa = 0.f;
-#pragma unroll
-    for (int k = 0; k < kLanesSteps; ++k) {
-      const int j = O::step(k);
-      a[j] = fast_exp2(dt[j] * A2);
-      x[j] = du[j] * Bv[j];
-      xa = fmaf(a[j], xa, x[j]);
-      pa *= a[j];
-    }
+    float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], pa, xa;
+    state_begin<REV, FULL, EXACT>(r, n, t0, L, N, __shfl_sync(kFull, A2_l, n), rb, rc, dt, du, Bv, Cv, a, pa, xa);
     float carry = __shfl_sync(kFull, h_l, n);
     float hh = lanes_state_in<REV>(pa, xa, carry, lane);
     h_l = lane == n ? carry : h_l;
 #pragma unroll
     for (int k = 0; k < kLanesSteps; ++k) {
       const int j = O::step(k);
-      hh = fmaf(a[j], hh, x[j]);
+      hh = fmaf(a[j], hh, du[j] * Bv[j]);
       y[j] = fmaf(Cv[j], hh, y[j]);
     }
   }
@@ -432,13 +451,8 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
   float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], dy[kLanesSteps];
   float y[kLanesSteps], sgB[kLanesSteps], ddt[kLanesSteps];
   Raw8<T> rb[NMAX], rc[NMAX];
-#pragma unroll
-  for (int k = 0; k < kLanesAhead && k < NMAX; ++k)
-    rb[k] = ld8_state<FULL, EXACT>(r.B, k, N, t0, L), rc[k] = ld8_state<FULL, EXACT>(r.C, k, N, t0, L);
-  load8<FULL>(r.u, t0, L, uu);
-  load8<FULL>(r.delta, t0, L, dt);
+  window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, rb, rc);
   load8<FULL>(r.dout, t0, L, dy);
-  lanes_delta<FULL>(dt, c.bias, c.softplus, t0, L);
   if (r.z) {
     float zz[kLanesSteps];
     load8<FULL>(r.z, t0, L, zz);
@@ -448,27 +462,14 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) {
     dy[j] *= c.scale;
-    du[j] = dt[j] * uu[j], y[j] = c.Dv * uu[j], sgB[j] = 0.f, ddt[j] = 0.f;
+    y[j] = c.Dv * uu[j], sgB[j] = 0.f, ddt[j] = 0.f;
   }
 #pragma unroll
   for (int n = 0; n < NMAX; ++n) {
-    if (n + kLanesAhead < NMAX)
-      rb[n + kLanesAhead] = ld8_state<FULL, EXACT>(r.B, n + kLanesAhead, N, t0, L),
-      rc[n + kLanesAhead] = ld8_state<FULL, EXACT>(r.C, n + kLanesAhead, N, t0, L);
     const float An = __shfl_sync(kFull, A_l, n);
-    const float A2 = An * kLog2e;
-    float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], h[kLanesSteps];
-    unpack8(rb[n], Bv);
-    unpack8(rc[n], Cv);
+    float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], h[kLanesSteps], pa, xa;
     // forward: the states of the window
-    float pa = 1.f, xa = 0.f;
-#pragma unroll
-    for (int k = 0; k < kLanesSteps; ++k) {
-      const int j = O::step(k);
-      a[j] = fast_exp2(dt[j] * A2);
-      xa = fmaf(a[j], xa, du[j] * Bv[j]);
-      pa *= a[j];
-    }
+    state_begin<REV, FULL, EXACT>(r, n, t0, L, N, An * kLog2e, rb, rc, dt, du, Bv, Cv, a, pa, xa);
     float h0 = __shfl_sync(kFull, h0_l, n);
     float hh = lanes_state_in<REV>(pa, xa, h0, lane);
 #pragma unroll
