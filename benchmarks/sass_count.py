@@ -24,7 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from matten_kernels.selective_scan import triton_bwd, triton_fwd, triton_fwd_lanes
+from matten_kernels.selective_scan import triton_bwd, triton_bwd_lanes, triton_fwd, triton_fwd_lanes
 
 SHAPES = {"global_xl": (2, 2304, 16, 4096), "global_s": (8, 768, 16, 4096), "spatial_xl": (32, 2304, 16, 256),
           "temporal_xl": (512, 2304, 16, 16), "long": (1, 2304, 16, 16384)}
@@ -34,7 +34,7 @@ _TY = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", 
 def record(fn, *args, **kwargs):
     """Run a launcher with ``launch`` replaced; returns [(kernel, grid, args, meta)]."""
     calls = []
-    mods = (triton_fwd, triton_bwd, triton_fwd_lanes)
+    mods = (triton_fwd, triton_bwd, triton_fwd_lanes, triton_bwd_lanes)
     saved = [m.launch for m in mods]
     for m in mods:
         m.launch = lambda k, g, a, mm: calls.append((k, g, a, mm))
@@ -117,8 +117,9 @@ def loops(sass: str):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="global_xl", choices=sorted(SHAPES))
-    p.add_argument("--kernel", default="fwd", choices=["fwd", "lanes", "bwd"],
-                   help="fwd: the segment forward; lanes: the one-pass forward (triton_fwd_lanes.py); bwd: the backward")
+    p.add_argument("--kernel", default="fwd", choices=["fwd", "lanes", "bwd", "lanes_bwd"],
+                   help="fwd: the segment forward; lanes: the one-pass forward (triton_fwd_lanes.py); bwd: the "
+                        "segment backward; lanes_bwd: the lanes backward (triton_bwd_lanes.py)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--dump", default=None, help="write the SASS of each kernel to FILE.<i>.sass")
     args = p.parse_args()
@@ -135,6 +136,10 @@ def main():
         calls = record(triton_fwd.selective_scan_fwd, u, delta, A, B, C, D, None, bias, None, True)
     elif args.kernel == "lanes":
         calls = record(triton_fwd_lanes.selective_scan_fwd_lanes, u, delta, A, B, C, D, None, bias, None, True)
+    elif args.kernel == "lanes_bwd":
+        states = torch.zeros(batch, dim, triton_fwd.n_saved_states(L), N)
+        calls = record(triton_bwd_lanes.selective_scan_bwd_lanes, torch.zeros_like(u), None, u, delta, A, B, C, D,
+                       None, bias, None, states, True)
     else:
         states = torch.zeros(batch, dim, triton_fwd.n_saved_states(L), N)
         calls = record(triton_bwd.selective_scan_bwd, torch.zeros_like(u), None, u, delta, A, B, C, D, None, bias,

@@ -1,0 +1,370 @@
+"""Triton backward of the (unidirectional) selective scan with the time axis across lanes.
+
+The segment backward (:mod:`.triton_bwd`) keeps time in registers and needs a summary pass over segments for long
+sequences; the CUDA backend's lanes backward (``csrc/selective_scan/selective_scan_lanes.cuh``) showed the layout
+that wins at global shapes: time across the lanes of a warp. This is that design in Triton:
+
+* one warp per (batch, channel), ``NW`` warps (channels of one batch row and one B/C group) per program, so the
+  program can sum dB and dC over its channels before they leave it (one vector atomic per element for NW channels);
+* windows of ``W`` = 32 lanes x ``VEC`` steps (one 16-byte vector of u per lane), walked from the last to the first;
+  a window's tensors are ``[32, NW, VEC]`` (lane, warp, step of the lane), split into ``VEC`` ``[32, NW]`` columns
+  (register moves: :func:`_cols`) where a step depends on its neighbour;
+* per state n: the states over the window are recomputed from the state the forward saved at its start (windows
+  start on the forward's SAVE-step boundaries): a = exp2(delta A_n log2 e), x = delta u B_n, each lane composes its
+  VEC steps into one affine map, a 5-level shuffle scan over the lanes (``tl.gather`` along the lanes: one
+  ``shfl.idx`` each) gives each lane its entering state, and the steps follow in-thread. The adjoint runs the same
+  way against time: with q_t = dL/dh_t and r_t = a_t q_t (what flows to step t - 1),
+
+      q_t = C_t dy_t + r_{t+1},
+
+  each lane composes its steps into the map r_{lane end} -> r_{lane start}, a suffix scan over the lanes (shuffles
+  from the lanes above) gives each lane its entering r, and q follows in-thread. The r leaving lane 0 is the next
+  (earlier) window's carry; after the first window it is dL/d initial_state;
+* every gradient in the same pass (hb_t = h_t - x_t stands for a_t h_{t-1}):
+
+      dC_t = sum_d dy_t h_t        dB_t = sum_d q_t delta_t u_t        (summed over the program's NW channels)
+      du_t = delta_t sum_n q_t B_t + D dy_t
+      ddelta_t = u_t sum_n q_t B_t + sum_n A q_t hb_t   (times sigmoid for softplus)
+      dA = sum_t delta_t q_t hb_t    dD = sum_t dy_t u_t    ddelta_bias = sum_t ddelta_t
+
+  dB, dC go into fp32 (batch, G, BLOCK_N, L) buffers with atomic adds (so not bit-reproducible: deterministic mode
+  keeps the segment backward), dA / dD / ddelta_bias as per-(batch, channel) partials summed by the launcher.
+
+No segments and no summary pass (every channel's windows are walked by one warp), and y is recomputed for dz from
+the recomputed states, so the forward saves nothing but its SAVE-step states. When it is used:
+:func:`use_lanes_bwd` (16-bit dtypes, long sequences in whole windows, N <= 16, enough channels to fill the GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._launch import launch, next_power_of_2
+from .triton_fwd import SAVE, SAVE_STEPS, _exp2, _sm_count, _softplus
+from .triton_fwd_lanes import _bc
+
+
+@triton.jit
+def _cols(x, NW: tl.constexpr, VEC: tl.constexpr):
+    """[32, NW, VEC] -> the VEC columns x[:, :, j] as a tuple of [32, NW] (register moves: the axis is in-thread)."""
+    e, o = tl.split(tl.reshape(x, [32, NW, VEC // 2, 2]))  # steps 0, 2, .. and 1, 3, ..
+    if VEC == 4:
+        c0, c2 = tl.split(e)
+        c1, c3 = tl.split(o)
+        return (c0, c1, c2, c3)
+    else:
+        ee, eo = tl.split(tl.reshape(e, [32, NW, 2, 2]))  # steps 0, 4 and 2, 6
+        oe, oo = tl.split(tl.reshape(o, [32, NW, 2, 2]))  # steps 1, 5 and 3, 7
+        c0, c4 = tl.split(ee)
+        c2, c6 = tl.split(eo)
+        c1, c5 = tl.split(oe)
+        c3, c7 = tl.split(oo)
+        return (c0, c1, c2, c3, c4, c5, c6, c7)
+
+
+@triton.jit
+def _uncols(c, NW: tl.constexpr, VEC: tl.constexpr):
+    """The inverse of :func:`_cols`: a tuple of VEC [32, NW] columns -> [32, NW, VEC]."""
+    if VEC == 4:
+        e = tl.join(c[0], c[2])
+        o = tl.join(c[1], c[3])
+    else:
+        e = tl.reshape(tl.join(tl.join(c[0], c[4]), tl.join(c[2], c[6])), [32, NW, 4])
+        o = tl.reshape(tl.join(tl.join(c[1], c[5]), tl.join(c[3], c[7])), [32, NW, 4])
+    return tl.reshape(tl.join(e, o), [32, NW, VEC])
+
+
+@triton.jit
+def _red_add(p, x, NW: tl.constexpr, VEC: tl.constexpr):
+    """Atomic add of x [32, NW, VEC] fp32 at p + lane * VEC + step (time contiguous), in 16-byte pieces: Triton gives an atomic at most 4
+    fp32 per thread and lays out a wider one differently from x (a shared-memory conversion); halves of 4 keep x's
+    layout (one vector reduction each)."""
+    if VEC == 4:
+        tl.atomic_add(p + (tl.arange(0, 32)[:, None] * VEC + tl.arange(0, VEC)[None, :])[:, None, :], x, sem="relaxed")
+    else:
+        x0, x1 = tl.split(tl.permute(tl.reshape(x, [32, NW, 2, 4]), [0, 1, 3, 2]))  # steps 0-3 and 4-7
+        o = (tl.arange(0, 32)[:, None] * VEC + tl.arange(0, 4)[None, :])[:, None, :]  # [32, 1, 4]
+        tl.atomic_add(p + o, x0, sem="relaxed")
+        tl.atomic_add(p + o + 4, x1, sem="relaxed")
+
+
+@triton.jit
+def _scan_up(a, x, o_l):
+    """Inclusive scan over the lanes (axis 0) of the maps h -> a h + x in lane order: the map of lanes 0 .. l."""
+    for k in tl.static_range(5):
+        src = tl.maximum(o_l - (1 << k), 0)
+        a_p = tl.gather(a, src, 0)
+        x_p = tl.gather(x, src, 0)
+        has = o_l >= (1 << k)
+        x = tl.where(has, a * x_p + x, x)
+        a = tl.where(has, a * a_p, a)
+    return a, x
+
+
+@triton.jit
+def _scan_down(m, v, o_l):
+    """Inclusive suffix scan over the lanes of the maps r -> v + m r: the map of lanes 31 .. l (r enters lane 31)."""
+    for k in tl.static_range(5):
+        src = tl.minimum(o_l + (1 << k), 31)
+        m_n = tl.gather(m, src, 0)
+        v_n = tl.gather(v, src, 0)
+        has = o_l + (1 << k) < 32
+        v = tl.where(has, v + m * v_n, v)
+        m = tl.where(has, m * m_n, m)
+    return m, v
+
+
+@triton.jit
+def _selective_scan_bwd_lanes_kernel(
+    p_u, p_delta, p_A, p_B, p_C, p_D, p_bias, p_z, p_dout, p_states, p_dlast,
+    p_du, p_ddelta, p_dz, p_dB, p_dC, p_dA, p_dD, p_dbias, p_dh0,
+    dim, L, N, G_B, G_C, dpg_B, dpg_C, s_u_b, s_u_d, s_dt_b, s_dt_d, s_z_b, s_z_d, s_do_b, s_do_d,
+    BLOCK_N: tl.constexpr, W: tl.constexpr, NW: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr, HAS_DH0: tl.constexpr,
+    BLOCK_REDUCE: tl.constexpr,
+):
+    """Channels program_id(0) * NW .. + NW - 1 of batch row program_id(1), every window, every gradient."""
+    VEC: tl.constexpr = W // 32
+    i_b = tl.program_id(1).to(tl.int64)
+    # Shapes are [lane, warp(, step)]: Triton 3.6's coalescer orders dimensions of equal contiguity ascending, so
+    # the lanes must come before the warps for a load to map dim 0 to lanes and dim 1 to warps (the layout every
+    # tensor here shares: any other would be a shared-memory conversion per use)
+    o_w = tl.arange(0, NW)[None, :]  # [1, NW]
+    o_l = tl.arange(0, 32)[:, None] + o_w * 0  # [32, NW]: the lane
+    i_d = tl.program_id(0) * NW + o_w  # [1, NW]: the warp's channel
+    o_d3 = i_d[:, :, None]  # [1, NW, 1]
+    o_t3 = (tl.arange(0, 32)[:, None] * VEC + tl.arange(0, VEC)[None, :])[:, None, :]  # [32, 1, VEC]
+    o_t2 = tl.arange(0, 32)[:, None] * VEC + tl.arange(0, VEC)[None, :]  # [32, VEC]: dB/dC after the channel sum
+    row = i_b * dim + i_d  # [1, NW]
+    n_saves = tl.cdiv(L, SAVE)
+    p_st = p_states + row * n_saves * N  # [1, NW]
+    p_u3 = p_u + i_b * s_u_b + o_d3 * s_u_d + o_t3
+    p_dt3 = p_delta + i_b * s_dt_b + o_d3 * s_dt_d + o_t3
+    p_do3 = p_dout + i_b * s_do_b + o_d3 * s_do_d + o_t3
+    p_z3 = p_z + i_b * s_z_b + o_d3 * s_z_d + o_t3
+    p_g3 = (i_b * dim + o_d3) * L + o_t3  # du, ddelta, dz: contiguous (batch, dim, L)
+    g_B = (tl.program_id(0) * NW) // dpg_B  # the program's channels share one B group and one C group
+    g_C = (tl.program_id(0) * NW) // dpg_C
+    o_B3 = (i_b * G_B + g_B) * BLOCK_N * L + o_t3 + o_d3 * 0  # [32, NW, VEC]: every warp reads the same B
+    o_C3 = (i_b * G_C + g_C) * BLOCK_N * L + o_t3 + o_d3 * 0
+    o_dB2 = (i_b * G_B + g_B) * BLOCK_N * L + o_t2
+    o_dC2 = (i_b * G_C + g_C) * BLOCK_N * L + o_t2
+
+    # per state: A (in base 2), the carried r, the dA partial: tuples of [32, NW] (every lane holds every state)
+    A2 = ()
+    r = ()
+    dA = ()
+    for n in tl.static_range(BLOCK_N):
+        a_n = tl.load(p_A + i_d * N + n + o_l * 0, mask=(o_l * 0 + n) < N, other=0.0)
+        A2 = A2 + (a_n * 1.4426950408889634,)
+        r_n = tl.zeros([32, NW], dtype=tl.float32)
+        if HAS_DLAST:
+            r_n = tl.load(p_dlast + row * N + n + o_l * 0, mask=(o_l * 0 + n) < N, other=0.0)
+        r = r + (r_n,)
+        dA = dA + (tl.zeros([32, NW], dtype=tl.float32),)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(p_bias + o_d3)
+    Dv = 0.0
+    if HAS_D:
+        Dv = tl.load(p_D + o_d3)
+    dD = tl.zeros([32, NW, VEC], dtype=tl.float32)
+    dbias = tl.zeros([32, NW, VEC], dtype=tl.float32)
+
+    n_win = L // W
+    for i_w in range(0, n_win):
+        w = n_win - 1 - i_w
+        t0 = w * W
+        u = tl.load(p_u3 + t0).to(tl.float32)
+        dt_raw = tl.load(p_dt3 + t0).to(tl.float32) + bias
+        dout = tl.load(p_do3 + t0).to(tl.float32)
+        if SOFTPLUS:
+            dt = _softplus(dt_raw)
+        else:
+            dt = dt_raw
+        du = dt * u
+        if HAS_Z:
+            zv = tl.load(p_z3 + t0).to(tl.float32)
+            sig = tl.sigmoid(zv)
+            dy = dout * zv * sig
+            y = tl.zeros([32, NW, VEC], dtype=tl.float32)
+        else:
+            dy = dout
+        dt_c = _cols(dt, NW, VEC)
+        du_c = _cols(du, NW, VEC)
+        dy_c = _cols(dy, NW, VEC)
+        p_h = p_st + (t0 // SAVE) * N + o_l * 0  # [32, NW]: the states the forward saved at the window's start
+        S1 = tl.zeros([32, NW, VEC], dtype=tl.float32)  # sum_n q B
+        S2 = tl.zeros([32, NW, VEC], dtype=tl.float32)  # sum_n A q hb
+        r_next = ()
+        dA_next = ()
+        for n in tl.static_range(BLOCK_N):
+            h_in = tl.load(p_h + n, mask=(o_l * 0 + n) < N, other=0.0)
+            b3 = tl.load(p_B + o_B3 + n * L + t0).to(tl.float32)
+            c3 = tl.load(p_C + o_C3 + n * L + t0).to(tl.float32)
+            b_c = _cols(b3, NW, VEC)
+            c_c = _cols(c3, NW, VEC)
+            # states: each lane's steps as one map, the lanes scanned, the steps again from the lane's entering state
+            a = ()
+            x = ()
+            for j in tl.static_range(VEC):
+                a = a + (_exp2(dt_c[j] * A2[n]),)
+                x = x + (du_c[j] * b_c[j],)
+            ag = a[0]
+            xg = x[0]
+            for j in tl.static_range(1, VEC):
+                xg = a[j] * xg + x[j]
+                ag = a[j] * ag
+            ag, xg = _scan_up(ag, xg, o_l)
+            h_end = xg + ag * h_in  # the state after each lane's last step
+            hl = tl.where(o_l == 0, h_in, tl.gather(h_end, tl.maximum(o_l - 1, 0), 0))
+            h = ()
+            for j in tl.static_range(VEC):
+                hl = a[j] * hl + x[j]
+                h = h + (hl,)
+            # adjoint: g_t = C_t dy_t, q_t = g_t + r_{t+1}, r_t = a_t q_t; per lane the map r_end -> r_start
+            g = ()
+            for j in tl.static_range(VEC):
+                g = g + (c_c[j] * dy_c[j],)
+            al = g[VEC - 1]
+            be = tl.full([32, NW], 1.0, tl.float32)
+            for jj in tl.static_range(1, VEC):  # steps VEC - 2 .. 0
+                al = g[VEC - 1 - jj] + a[VEC - jj] * al
+                be = a[VEC - jj] * be
+            m_s, v_s = _scan_down(a[0] * be, a[0] * al, o_l)
+            r_start = v_s + m_s * r[n]  # r leaving each lane (towards the earlier lanes)
+            ql = tl.where(o_l == 31, r[n], tl.gather(r_start, tl.minimum(o_l + 1, 31), 0))  # r entering each lane
+            r_next = r_next + (tl.gather(r_start, o_l * 0, 0),)  # lane 0's: the earlier window's carry
+            q = ()
+            ql = g[VEC - 1] + ql
+            q = (ql,)
+            for jj in tl.static_range(1, VEC):  # steps VEC - 2 .. 0
+                ql = g[VEC - 1 - jj] + a[VEC - jj] * ql
+                q = (ql,) + q
+            # gradients of this state
+            h3 = _uncols(h, NW, VEC)
+            q3 = _uncols(q, NW, VEC)
+            x3 = _uncols(x, NW, VEC)
+            P3 = q3 * (h3 - x3)  # q_t a_t h_{t-1}
+            dA_next = dA_next + (dA[n] + tl.sum(P3 * dt, axis=2),)
+            S1 += q3 * b3
+            S2 += P3 * (A2[n] * 0.6931471805599453)[:, :, None]
+            if HAS_Z:
+                y += h3 * c3
+            if BLOCK_REDUCE:
+                dBC = tl.sum(tl.join(q3 * du, h3 * dy), axis=1)  # [32, VEC, 2]: summed over the program's channels
+                dB2, dC2 = tl.split(dBC)
+                tl.atomic_add(p_dB + o_dB2 + n * L + t0, dB2, sem="relaxed")
+                tl.atomic_add(p_dC + o_dC2 + n * L + t0, dC2, sem="relaxed")
+            else:
+                _red_add(p_dB + (i_b * G_B + g_B) * BLOCK_N * L + n * L + t0 + o_d3 * 0, q3 * du, NW, VEC)
+                _red_add(p_dC + (i_b * G_C + g_C) * BLOCK_N * L + n * L + t0 + o_d3 * 0, h3 * dy, NW, VEC)
+        r = r_next
+        dA = dA_next
+        du_out = dt * S1
+        if HAS_D:
+            du_out += Dv * dy
+            dD += dy * u
+        ddt = u * S1 + S2
+        if SOFTPLUS:
+            ddt = tl.where(dt_raw > 20.0, ddt, ddt * tl.sigmoid(dt_raw))
+        if HAS_BIAS:
+            dbias += ddt
+        if HAS_Z:
+            if HAS_D:
+                y += Dv * u
+            dz = dout * sig * (1.0 + zv * (1.0 - sig)) * y
+            tl.store(p_dz + p_g3 + t0, dz.to(p_dz.dtype.element_ty))
+        tl.store(p_du + p_g3 + t0, du_out.to(p_du.dtype.element_ty))
+        tl.store(p_ddelta + p_g3 + t0, ddt.to(p_ddelta.dtype.element_ty))
+
+    # per-(batch, channel) partials; lane 0 stores the warp's sums
+    lane0 = o_l == 0
+    for n in tl.static_range(BLOCK_N):
+        m_n = lane0 & ((o_l * 0 + n) < N)
+        tl.store(p_dA + row * N + n + o_l * 0, tl.sum(dA[n], axis=0, keep_dims=True) + o_l * 0, mask=m_n)
+        if HAS_DH0:
+            tl.store(p_dh0 + row * N + n + o_l * 0, r[n], mask=m_n)
+    if HAS_D:
+        tl.store(p_dD + row + o_l * 0, tl.sum(tl.sum(dD, axis=2), axis=0, keep_dims=True) + o_l * 0, mask=lane0)
+    if HAS_BIAS:
+        tl.store(p_dbias + row + o_l * 0, tl.sum(tl.sum(dbias, axis=2), axis=0, keep_dims=True) + o_l * 0,
+                 mask=lane0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launcher
+
+LANES_BWD_MIN_L = 1024
+_META_OVERRIDES: dict = {}  # benchmarks/triton_lanes_bwd_ab.py sets variants here
+
+
+def _warps_per_program(dim: int, G_B: int, G_C: int) -> int:
+    """Channels (one warp each) per program: 4 where every program's channels share one B and one C group."""
+    for nw in (4, 2):
+        if (dim // G_B) % nw == 0 and (dim // G_C) % nw == 0:
+            return nw
+    return 1
+
+
+def use_lanes_bwd(u, N: int, device_index=None) -> bool:
+    """Whether the uni backward takes this kernel: 16-bit inputs (one 16-byte vector of u per lane and window), N <= 16
+    (every state of the window in registers), whole windows (L a multiple of 256), L >= 1024 and batch * dim
+    channels filling the GPU, outside torch's deterministic mode (dB/dC are added with atomics)."""
+    batch, dim, L = u.shape
+    if u.dtype not in (torch.bfloat16, torch.float16) or next_power_of_2(N) > 16 or L < LANES_BWD_MIN_L:
+        return False
+    if L % (32 * (16 // u.element_size())) or torch.are_deterministic_algorithms_enabled():
+        return False
+    return batch * dim >= 24 * _sm_count(device_index)
+
+
+def selective_scan_bwd_lanes(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, states,
+                             delta_softplus: bool):
+    """Launch the lanes backward. Inputs validated by the caller; dout, u, delta, z time contiguous; L a multiple of
+    the window (32 x one 16-byte vector). Returns a dict of gradients as :func:`.triton_bwd.selective_scan_bwd`."""
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    dev = u.device
+    W = 32 * (16 // u.element_size())
+    assert L % W == 0 and W % SAVE_STEPS == 0, "windows must be whole and start on saved states"
+    Bt, G_B = _bc(B, u.dtype)
+    Ct, G_C = _bc(C, u.dtype)
+    BLOCK_N = Bt.shape[2]
+    NW = _warps_per_program(dim, G_B, G_C)
+    f32 = torch.float32
+    empty = torch.empty(0, device=dev, dtype=f32)
+    du = torch.empty((batch, dim, L), device=dev, dtype=u.dtype)
+    ddelta = torch.empty((batch, dim, L), device=dev, dtype=delta.dtype)
+    dz = torch.empty((batch, dim, L), device=dev, dtype=z.dtype) if z is not None else empty
+    dB = torch.zeros((batch, G_B, BLOCK_N, L), device=dev, dtype=f32)
+    dC = torch.zeros((batch, G_C, BLOCK_N, L), device=dev, dtype=f32)
+    dA = torch.empty((batch, dim, N), device=dev, dtype=f32)
+    dD = torch.empty((batch, dim), device=dev, dtype=f32) if D is not None else empty
+    dbias = torch.empty((batch, dim), device=dev, dtype=f32) if delta_bias is not None else empty
+    dh0 = torch.empty((batch, dim, N), device=dev, dtype=f32) if initial_state is not None else empty
+    zs = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
+    args = (
+        u, delta, A.contiguous(), Bt, Ct, D if D is not None else empty,
+        delta_bias if delta_bias is not None else empty, z if z is not None else empty, dout, states,
+        dlast_state if dlast_state is not None else empty,
+        du, ddelta, dz, dB, dC, dA, dD, dbias, dh0,
+        dim, L, N, G_B, G_C, dim // G_B, dim // G_C, u.stride(0), u.stride(1), delta.stride(0), delta.stride(1),
+        *zs, dout.stride(0), dout.stride(1),
+    )
+    meta = dict(BLOCK_N=BLOCK_N, W=W, NW=NW, HAS_D=D is not None, HAS_Z=z is not None,
+                HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_DLAST=dlast_state is not None,
+                HAS_DH0=initial_state is not None, BLOCK_REDUCE=True)
+    meta.update(_META_OVERRIDES)
+    meta["num_warps"] = meta["NW"]
+    launch(_selective_scan_bwd_lanes_kernel, (dim // meta["NW"], batch), args, meta)
+
+    def bc(buf, X):
+        buf = buf[:, :, :N]
+        return (buf.reshape(batch, N, L) if X.dim() == 3 else buf).to(X.dtype)
+
+    return dict(u=du, delta=ddelta, A=dA.sum(0), B=bc(dB, B), C=bc(dC, C),
+                D=dD.sum(0) if D is not None else None, delta_bias=dbias.sum(0) if delta_bias is not None else None,
+                z=dz if z is not None else None, initial_state=dh0 if initial_state is not None else None)
