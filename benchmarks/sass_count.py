@@ -73,7 +73,7 @@ def compile_sass(kernel, args, meta) -> str:
             raise TypeError(f"{name}: {type(a)}")
     options = {}
     for k, v in meta.items():
-        if k in ("num_warps", "num_stages"):
+        if k in ("num_warps", "num_stages", "maxnreg"):
             options[k] = v
         else:
             sig[k] = "constexpr"

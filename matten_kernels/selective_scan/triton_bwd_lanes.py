@@ -91,6 +91,14 @@ def _red_add(p, x, NW: tl.constexpr, VEC: tl.constexpr):
 
 
 @triton.jit
+def _ld_state(p_A, p_h, p_b, p_c, n, L, N, o_l):
+    """State n's A and saved window-start state [32, NW], and its B, C over the window [32, NW, VEC] (u's dtype)."""
+    m = (o_l * 0 + n) < N
+    return (tl.load(p_A + n, mask=m, other=0.0), tl.load(p_h + n, mask=m, other=0.0), tl.load(p_b + n * L),
+            tl.load(p_c + n * L))
+
+
+@triton.jit
 def _scan_up(a, x, o_l):
     """Inclusive scan over the lanes (axis 0) of the maps h -> a h + x in lane order: the map of lanes 0 .. l."""
     for k in tl.static_range(5):
@@ -123,7 +131,7 @@ def _selective_scan_bwd_lanes_kernel(
     dim, L, N, G_B, G_C, dpg_B, dpg_C, s_u_b, s_u_d, s_dt_b, s_dt_d, s_z_b, s_z_d, s_do_b, s_do_d,
     BLOCK_N: tl.constexpr, W: tl.constexpr, NW: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr, HAS_DH0: tl.constexpr,
-    BLOCK_REDUCE: tl.constexpr,
+    PREFETCH: tl.constexpr, DEBUG_NO_BC: tl.constexpr,
 ):
     """Channels program_id(0) * NW .. + NW - 1 of batch row program_id(1), every window, every gradient."""
     VEC: tl.constexpr = W // 32
@@ -136,7 +144,6 @@ def _selective_scan_bwd_lanes_kernel(
     i_d = tl.program_id(0) * NW + o_w  # [1, NW]: the warp's channel
     o_d3 = i_d[:, :, None]  # [1, NW, 1]
     o_t3 = (tl.arange(0, 32)[:, None] * VEC + tl.arange(0, VEC)[None, :])[:, None, :]  # [32, 1, VEC]
-    o_t2 = tl.arange(0, 32)[:, None] * VEC + tl.arange(0, VEC)[None, :]  # [32, VEC]: dB/dC after the channel sum
     row = i_b * dim + i_d  # [1, NW]
     n_saves = tl.cdiv(L, SAVE)
     p_st = p_states + row * n_saves * N  # [1, NW]
@@ -149,68 +156,75 @@ def _selective_scan_bwd_lanes_kernel(
     g_C = (tl.program_id(0) * NW) // dpg_C
     o_B3 = (i_b * G_B + g_B) * BLOCK_N * L + o_t3 + o_d3 * 0  # [32, NW, VEC]: every warp reads the same B
     o_C3 = (i_b * G_C + g_C) * BLOCK_N * L + o_t3 + o_d3 * 0
-    o_dB2 = (i_b * G_B + g_B) * BLOCK_N * L + o_t2
-    o_dC2 = (i_b * G_C + g_C) * BLOCK_N * L + o_t2
 
-    # per state: A (in base 2), the carried r, the dA partial: tuples of [32, NW] (every lane holds every state)
-    A2 = ()
+    # the r each state carries from window to window: a tuple of [32, NW] (every lane holds every state's)
     r = ()
-    dA = ()
     for n in tl.static_range(BLOCK_N):
-        a_n = tl.load(p_A + i_d * N + n + o_l * 0, mask=(o_l * 0 + n) < N, other=0.0)
-        A2 = A2 + (a_n * 1.4426950408889634,)
         r_n = tl.zeros([32, NW], dtype=tl.float32)
         if HAS_DLAST:
             r_n = tl.load(p_dlast + row * N + n + o_l * 0, mask=(o_l * 0 + n) < N, other=0.0)
         r = r + (r_n,)
-        dA = dA + (tl.zeros([32, NW], dtype=tl.float32),)
     bias = 0.0
     if HAS_BIAS:
         bias = tl.load(p_bias + o_d3)
     Dv = 0.0
     if HAS_D:
         Dv = tl.load(p_D + o_d3)
-    dD = tl.zeros([32, NW, VEC], dtype=tl.float32)
-    dbias = tl.zeros([32, NW, VEC], dtype=tl.float32)
+    dD = tl.zeros([32, NW], dtype=tl.float32)
+    dbias = tl.zeros([32, NW], dtype=tl.float32)
+    lane0 = o_l == 0
+    p_A1 = p_A + i_d * N + o_l * 0  # [32, NW]
+    p_dA1 = p_dA + row * N + o_l * 0
 
     n_win = L // W
     for i_w in range(0, n_win):
         w = n_win - 1 - i_w
         t0 = w * W
-        u = tl.load(p_u3 + t0).to(tl.float32)
-        dt_raw = tl.load(p_dt3 + t0).to(tl.float32) + bias
-        dout = tl.load(p_do3 + t0).to(tl.float32)
+        dt = tl.load(p_dt3 + t0).to(tl.float32) + bias
         if SOFTPLUS:
-            dt = _softplus(dt_raw)
-        else:
-            dt = dt_raw
-        du = dt * u
+            dt = _softplus(dt)
+        du = dt * tl.load(p_u3 + t0).to(tl.float32)
+        dy = tl.load(p_do3 + t0).to(tl.float32)
         if HAS_Z:
             zv = tl.load(p_z3 + t0).to(tl.float32)
-            sig = tl.sigmoid(zv)
-            dy = dout * zv * sig
+            dy = dy * zv * tl.sigmoid(zv)
             y = tl.zeros([32, NW, VEC], dtype=tl.float32)
-        else:
-            dy = dout
         dt_c = _cols(dt, NW, VEC)
         du_c = _cols(du, NW, VEC)
         dy_c = _cols(dy, NW, VEC)
         p_h = p_st + (t0 // SAVE) * N + o_l * 0  # [32, NW]: the states the forward saved at the window's start
+        p_b = p_B + o_B3 + t0
+        p_c = p_C + o_C3 + t0
         S1 = tl.zeros([32, NW, VEC], dtype=tl.float32)  # sum_n q B
         S2 = tl.zeros([32, NW, VEC], dtype=tl.float32)  # sum_n A q hb
         r_next = ()
-        dA_next = ()
+        # A, the saved state, B and C of state n + PREFETCH are loaded while state n is worked on
+        A_1, h_1, b_1, c_1 = _ld_state(p_A1, p_h, p_b, p_c, 0, L, N, o_l)
+        if PREFETCH >= 2 and BLOCK_N > 1:
+            A_2, h_2, b_2, c_2 = _ld_state(p_A1, p_h, p_b, p_c, 1, L, N, o_l)
         for n in tl.static_range(BLOCK_N):
-            h_in = tl.load(p_h + n, mask=(o_l * 0 + n) < N, other=0.0)
-            b3 = tl.load(p_B + o_B3 + n * L + t0).to(tl.float32)
-            c3 = tl.load(p_C + o_C3 + n * L + t0).to(tl.float32)
+            if PREFETCH == 0:
+                A_n, h_in, b3, c3 = _ld_state(p_A1, p_h, p_b, p_c, n, L, N, o_l)
+            else:
+                A_n, h_in, b3, c3 = A_1, h_1, b_1, c_1
+                if PREFETCH == 1:
+                    if n + 1 < BLOCK_N:
+                        A_1, h_1, b_1, c_1 = _ld_state(p_A1, p_h, p_b, p_c, n + 1, L, N, o_l)
+                else:
+                    if n + 1 < BLOCK_N:
+                        A_1, h_1, b_1, c_1 = A_2, h_2, b_2, c_2
+                    if n + 2 < BLOCK_N:
+                        A_2, h_2, b_2, c_2 = _ld_state(p_A1, p_h, p_b, p_c, n + 2, L, N, o_l)
+            b3 = b3.to(tl.float32)
+            c3 = c3.to(tl.float32)
             b_c = _cols(b3, NW, VEC)
             c_c = _cols(c3, NW, VEC)
+            A2_n = A_n * 1.4426950408889634
             # states: each lane's steps as one map, the lanes scanned, the steps again from the lane's entering state
             a = ()
             x = ()
             for j in tl.static_range(VEC):
-                a = a + (_exp2(dt_c[j] * A2[n]),)
+                a = a + (_exp2(dt_c[j] * A2_n),)
                 x = x + (du_c[j] * b_c[j],)
             ag = a[0]
             xg = x[0]
@@ -219,7 +233,7 @@ def _selective_scan_bwd_lanes_kernel(
                 ag = a[j] * ag
             ag, xg = _scan_up(ag, xg, o_l)
             h_end = xg + ag * h_in  # the state after each lane's last step
-            hl = tl.where(o_l == 0, h_in, tl.gather(h_end, tl.maximum(o_l - 1, 0), 0))
+            hl = tl.where(lane0, h_in, tl.gather(h_end, tl.maximum(o_l - 1, 0), 0))
             h = ()
             for j in tl.static_range(VEC):
                 hl = a[j] * hl + x[j]
@@ -237,7 +251,6 @@ def _selective_scan_bwd_lanes_kernel(
             r_start = v_s + m_s * r[n]  # r leaving each lane (towards the earlier lanes)
             ql = tl.where(o_l == 31, r[n], tl.gather(r_start, tl.minimum(o_l + 1, 31), 0))  # r entering each lane
             r_next = r_next + (tl.gather(r_start, o_l * 0, 0),)  # lane 0's: the earlier window's carry
-            q = ()
             ql = g[VEC - 1] + ql
             q = (ql,)
             for jj in tl.static_range(1, VEC):  # steps VEC - 2 .. 0
@@ -246,52 +259,48 @@ def _selective_scan_bwd_lanes_kernel(
             # gradients of this state
             h3 = _uncols(h, NW, VEC)
             q3 = _uncols(q, NW, VEC)
-            x3 = _uncols(x, NW, VEC)
-            P3 = q3 * (h3 - x3)  # q_t a_t h_{t-1}
-            dA_next = dA_next + (dA[n] + tl.sum(P3 * dt, axis=2),)
+            P3 = q3 * (h3 - _uncols(x, NW, VEC))  # q_t a_t h_{t-1}
             S1 += q3 * b3
-            S2 += P3 * (A2[n] * 0.6931471805599453)[:, :, None]
+            S2 += P3 * A_n[:, :, None]
             if HAS_Z:
                 y += h3 * c3
-            if BLOCK_REDUCE:
-                dBC = tl.sum(tl.join(q3 * du, h3 * dy), axis=1)  # [32, VEC, 2]: summed over the program's channels
-                dB2, dC2 = tl.split(dBC)
-                tl.atomic_add(p_dB + o_dB2 + n * L + t0, dB2, sem="relaxed")
-                tl.atomic_add(p_dC + o_dC2 + n * L + t0, dC2, sem="relaxed")
-            else:
+            # dA: the window's sum over the warp, added by lane 0 (registers per state would not fit)
+            tl.atomic_add(p_dA1 + n, tl.sum(tl.sum(P3 * dt, axis=2), axis=0, keep_dims=True) + o_l * 0.0,
+                          mask=lane0 & ((o_l * 0 + n) < N), sem="relaxed")
+            if not DEBUG_NO_BC:
                 _red_add(p_dB + (i_b * G_B + g_B) * BLOCK_N * L + n * L + t0 + o_d3 * 0, q3 * du, NW, VEC)
                 _red_add(p_dC + (i_b * G_C + g_C) * BLOCK_N * L + n * L + t0 + o_d3 * 0, h3 * dy, NW, VEC)
         r = r_next
-        dA = dA_next
+        # u, delta (and dout, z) again rather than kept through the states (registers); L1 or L2 hits
+        u = tl.load(p_u3 + t0).to(tl.float32)
+        dt_raw = tl.load(p_dt3 + t0).to(tl.float32) + bias
         du_out = dt * S1
         if HAS_D:
             du_out += Dv * dy
-            dD += dy * u
+            dD += tl.sum(dy * u, axis=2)
         ddt = u * S1 + S2
         if SOFTPLUS:
             ddt = tl.where(dt_raw > 20.0, ddt, ddt * tl.sigmoid(dt_raw))
         if HAS_BIAS:
-            dbias += ddt
+            dbias += tl.sum(ddt, axis=2)
         if HAS_Z:
             if HAS_D:
                 y += Dv * u
+            dout = tl.load(p_do3 + t0).to(tl.float32)
+            sig = tl.sigmoid(zv)
             dz = dout * sig * (1.0 + zv * (1.0 - sig)) * y
             tl.store(p_dz + p_g3 + t0, dz.to(p_dz.dtype.element_ty))
         tl.store(p_du + p_g3 + t0, du_out.to(p_du.dtype.element_ty))
         tl.store(p_ddelta + p_g3 + t0, ddt.to(p_ddelta.dtype.element_ty))
 
-    # per-(batch, channel) partials; lane 0 stores the warp's sums
-    lane0 = o_l == 0
-    for n in tl.static_range(BLOCK_N):
-        m_n = lane0 & ((o_l * 0 + n) < N)
-        tl.store(p_dA + row * N + n + o_l * 0, tl.sum(dA[n], axis=0, keep_dims=True) + o_l * 0, mask=m_n)
-        if HAS_DH0:
-            tl.store(p_dh0 + row * N + n + o_l * 0, r[n], mask=m_n)
+    # per-(batch, channel) sums; lane 0 stores the warp's
+    if HAS_DH0:
+        for n in tl.static_range(BLOCK_N):
+            tl.store(p_dh0 + row * N + n + o_l * 0, r[n], mask=lane0 & ((o_l * 0 + n) < N))
     if HAS_D:
-        tl.store(p_dD + row + o_l * 0, tl.sum(tl.sum(dD, axis=2), axis=0, keep_dims=True) + o_l * 0, mask=lane0)
+        tl.store(p_dD + row + o_l * 0, tl.sum(dD, axis=0, keep_dims=True) + o_l * 0, mask=lane0)
     if HAS_BIAS:
-        tl.store(p_dbias + row + o_l * 0, tl.sum(tl.sum(dbias, axis=2), axis=0, keep_dims=True) + o_l * 0,
-                 mask=lane0)
+        tl.store(p_dbias + row + o_l * 0, tl.sum(dbias, axis=0, keep_dims=True) + o_l * 0, mask=lane0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -341,7 +350,7 @@ def selective_scan_bwd_lanes(dout, dlast_state, u, delta, A, B, C, D, z, delta_b
     dz = torch.empty((batch, dim, L), device=dev, dtype=z.dtype) if z is not None else empty
     dB = torch.zeros((batch, G_B, BLOCK_N, L), device=dev, dtype=f32)
     dC = torch.zeros((batch, G_C, BLOCK_N, L), device=dev, dtype=f32)
-    dA = torch.empty((batch, dim, N), device=dev, dtype=f32)
+    dA = torch.zeros((batch, dim, N), device=dev, dtype=f32)
     dD = torch.empty((batch, dim), device=dev, dtype=f32) if D is not None else empty
     dbias = torch.empty((batch, dim), device=dev, dtype=f32) if delta_bias is not None else empty
     dh0 = torch.empty((batch, dim, N), device=dev, dtype=f32) if initial_state is not None else empty
@@ -356,7 +365,8 @@ def selective_scan_bwd_lanes(dout, dlast_state, u, delta, A, B, C, D, z, delta_b
     )
     meta = dict(BLOCK_N=BLOCK_N, W=W, NW=NW, HAS_D=D is not None, HAS_Z=z is not None,
                 HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_DLAST=dlast_state is not None,
-                HAS_DH0=initial_state is not None, BLOCK_REDUCE=True)
+                HAS_DH0=initial_state is not None, PREFETCH=1,
+                DEBUG_NO_BC=False)
     meta.update(_META_OVERRIDES)
     meta["num_warps"] = meta["NW"]
     launch(_selective_scan_bwd_lanes_kernel, (dim // meta["NW"], batch), args, meta)
