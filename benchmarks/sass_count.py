@@ -151,7 +151,10 @@ def main():
                 fh.write(sass)
         found, total = loops(sass)
         # (t, n) elements a thread handles per iteration of the chunk (segment kernels) or window (lanes) loop
-        elems = meta["W"] // 32 * meta["BLOCK_N"] if "W" in meta else meta["CHUNK"] * meta["NH"]
+        if "VEC" in meta:  # the lanes backward
+            elems = meta["VEC"] * meta["BLOCK_N"]
+        else:
+            elems = meta["W"] // 32 * meta["BLOCK_N"] if "W" in meta else meta["CHUNK"] * meta["NH"]
         print(f"== launch {i}: grid {grid}, meta { {k: v for k, v in meta.items() if k.isupper() or k == 'num_warps'} }")
         print(f"   registers {n_regs}, SASS instructions {total}")
         for label, ops in found:

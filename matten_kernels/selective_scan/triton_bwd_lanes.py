@@ -47,16 +47,16 @@ from .triton_fwd_lanes import _bc
 
 
 @triton.jit
-def _cols(x, NW: tl.constexpr, VEC: tl.constexpr):
-    """[32, NW, VEC] -> the VEC columns x[:, :, j] as a tuple of [32, NW] (register moves: the axis is in-thread)."""
-    e, o = tl.split(tl.reshape(x, [32, NW, VEC // 2, 2]))  # steps 0, 2, .. and 1, 3, ..
+def _cols(x, TL: tl.constexpr, C: tl.constexpr, VEC: tl.constexpr):
+    """[TL, C, VEC] -> the VEC columns x[:, :, j] as a tuple of [TL, C] (register moves: the axis is in-thread)."""
+    e, o = tl.split(tl.reshape(x, [TL, C, VEC // 2, 2]))  # steps 0, 2, .. and 1, 3, ..
     if VEC == 4:
         c0, c2 = tl.split(e)
         c1, c3 = tl.split(o)
         return (c0, c1, c2, c3)
     else:
-        ee, eo = tl.split(tl.reshape(e, [32, NW, 2, 2]))  # steps 0, 4 and 2, 6
-        oe, oo = tl.split(tl.reshape(o, [32, NW, 2, 2]))  # steps 1, 5 and 3, 7
+        ee, eo = tl.split(tl.reshape(e, [TL, C, 2, 2]))  # steps 0, 4 and 2, 6
+        oe, oo = tl.split(tl.reshape(o, [TL, C, 2, 2]))  # steps 1, 5 and 3, 7
         c0, c4 = tl.split(ee)
         c2, c6 = tl.split(eo)
         c1, c5 = tl.split(oe)
@@ -65,62 +65,68 @@ def _cols(x, NW: tl.constexpr, VEC: tl.constexpr):
 
 
 @triton.jit
-def _uncols(c, NW: tl.constexpr, VEC: tl.constexpr):
-    """The inverse of :func:`_cols`: a tuple of VEC [32, NW] columns -> [32, NW, VEC]."""
+def _uncols(c, TL: tl.constexpr, C: tl.constexpr, VEC: tl.constexpr):
+    """The inverse of :func:`_cols`: a tuple of VEC [TL, C] columns -> [TL, C, VEC]."""
     if VEC == 4:
         e = tl.join(c[0], c[2])
         o = tl.join(c[1], c[3])
     else:
-        e = tl.reshape(tl.join(tl.join(c[0], c[4]), tl.join(c[2], c[6])), [32, NW, 4])
-        o = tl.reshape(tl.join(tl.join(c[1], c[5]), tl.join(c[3], c[7])), [32, NW, 4])
-    return tl.reshape(tl.join(e, o), [32, NW, VEC])
+        e = tl.reshape(tl.join(tl.join(c[0], c[4]), tl.join(c[2], c[6])), [TL, C, 4])
+        o = tl.reshape(tl.join(tl.join(c[1], c[5]), tl.join(c[3], c[7])), [TL, C, 4])
+    return tl.reshape(tl.join(e, o), [TL, C, VEC])
 
 
 @triton.jit
-def _red_add(p, x, NW: tl.constexpr, VEC: tl.constexpr):
-    """Atomic add of x [32, NW, VEC] fp32 at p + lane * VEC + step (time contiguous), in 16-byte pieces: Triton gives an atomic at most 4
-    fp32 per thread and lays out a wider one differently from x (a shared-memory conversion); halves of 4 keep x's
-    layout (one vector reduction each)."""
-    if VEC == 4:
-        tl.atomic_add(p + (tl.arange(0, 32)[:, None] * VEC + tl.arange(0, VEC)[None, :])[:, None, :], x, sem="relaxed")
+def _red_add(p, x, TL: tl.constexpr, CPW: tl.constexpr, NW: tl.constexpr, VEC: tl.constexpr):
+    """Add x [TL, NW * CPW, VEC] (fp32), summed over each warp's CPW channels, at p + lane * VEC + step (time
+    contiguous) with atomics. The channel sum is a butterfly over lanes; the atomics go in 16-byte pieces, since
+    Triton gives an atomic at most 4 fp32 per thread and lays out a wider one differently from x (a shared-memory
+    conversion), while halves of 4 keep x's layout (one vector reduction each)."""
+    xs = tl.sum(tl.reshape(x, [TL, NW, CPW, VEC]), axis=2)  # [TL, NW, VEC]
+    if VEC == 4 or CPW > 1:  # the CPW lanes holding the sum share its VEC values: VEC / CPW <= 4 each
+        o = (tl.arange(0, TL)[:, None] * VEC + tl.arange(0, VEC)[None, :])[:, None, :] + tl.zeros([1, NW, 1], tl.int32)
+        tl.atomic_add(p + o, xs, sem="relaxed")
     else:
-        x0, x1 = tl.split(tl.permute(tl.reshape(x, [32, NW, 2, 4]), [0, 1, 3, 2]))  # steps 0-3 and 4-7
-        o = (tl.arange(0, 32)[:, None] * VEC + tl.arange(0, 4)[None, :])[:, None, :]  # [32, 1, 4]
+        o = (tl.arange(0, TL)[:, None] * VEC + tl.arange(0, 4)[None, :])[:, None, :] + tl.zeros([1, NW, 1], tl.int32)
+        x0, x1 = tl.split(tl.permute(tl.reshape(xs, [TL, NW, 2, 4]), [0, 1, 3, 2]))  # steps 0-3 and 4-7
         tl.atomic_add(p + o, x0, sem="relaxed")
         tl.atomic_add(p + o + 4, x1, sem="relaxed")
 
 
 @triton.jit
 def _ld_state(p_A, p_h, p_b, p_c, n, L, N, o_l):
-    """State n's A and saved window-start state [32, NW], and its B, C over the window [32, NW, VEC] (u's dtype)."""
+    """State n's A and saved window-start state [TL, C], and its B, C over the window [TL, C, VEC] (u's dtype)."""
     m = (o_l * 0 + n) < N
     return (tl.load(p_A + n, mask=m, other=0.0), tl.load(p_h + n, mask=m, other=0.0), tl.load(p_b + n * L),
             tl.load(p_c + n * L))
 
 
 @triton.jit
-def _scan_up(a, x, o_l):
-    """Inclusive scan over the lanes (axis 0) of the maps h -> a h + x in lane order: the map of lanes 0 .. l."""
+def _scan_up(a, x, o_l, TL: tl.constexpr):
+    """Inclusive scan over the TL lanes (axis 0) of the maps h -> a h + x in lane order: the map of lanes 0 .. l."""
     for k in tl.static_range(5):
-        src = tl.maximum(o_l - (1 << k), 0)
-        a_p = tl.gather(a, src, 0)
-        x_p = tl.gather(x, src, 0)
-        has = o_l >= (1 << k)
-        x = tl.where(has, a * x_p + x, x)
-        a = tl.where(has, a * a_p, a)
+        if (1 << k) < TL:
+            src = tl.maximum(o_l - (1 << k), 0)
+            a_p = tl.gather(a, src, 0)
+            x_p = tl.gather(x, src, 0)
+            has = o_l >= (1 << k)
+            x = tl.where(has, a * x_p + x, x)
+            a = tl.where(has, a * a_p, a)
     return a, x
 
 
 @triton.jit
-def _scan_down(m, v, o_l):
-    """Inclusive suffix scan over the lanes of the maps r -> v + m r: the map of lanes 31 .. l (r enters lane 31)."""
+def _scan_down(m, v, o_l, TL: tl.constexpr):
+    """Inclusive suffix scan over the TL lanes of the maps r -> v + m r: the map of lanes TL - 1 .. l (r enters the
+    last lane)."""
     for k in tl.static_range(5):
-        src = tl.minimum(o_l + (1 << k), 31)
-        m_n = tl.gather(m, src, 0)
-        v_n = tl.gather(v, src, 0)
-        has = o_l + (1 << k) < 32
-        v = tl.where(has, v + m * v_n, v)
-        m = tl.where(has, m * m_n, m)
+        if (1 << k) < TL:
+            src = tl.minimum(o_l + (1 << k), TL - 1)
+            m_n = tl.gather(m, src, 0)
+            v_n = tl.gather(v, src, 0)
+            has = o_l + (1 << k) < TL
+            v = tl.where(has, v + m * v_n, v)
+            m = tl.where(has, m * m_n, m)
     return m, v
 
 
@@ -129,40 +135,51 @@ def _selective_scan_bwd_lanes_kernel(
     p_u, p_delta, p_A, p_B, p_C, p_D, p_bias, p_z, p_dout, p_states, p_dlast,
     p_du, p_ddelta, p_dz, p_dB, p_dC, p_dA, p_dD, p_dbias, p_dh0,
     dim, L, N, G_B, G_C, dpg_B, dpg_C, s_u_b, s_u_d, s_dt_b, s_dt_d, s_z_b, s_z_d, s_do_b, s_do_d,
-    BLOCK_N: tl.constexpr, W: tl.constexpr, NW: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr, HAS_DH0: tl.constexpr,
-    PREFETCH: tl.constexpr, DEBUG_NO_BC: tl.constexpr,
+    BLOCK_N: tl.constexpr, VEC: tl.constexpr, CPW: tl.constexpr, NW: tl.constexpr, HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr,
+    HAS_DH0: tl.constexpr, PREFETCH: tl.constexpr, DEBUG_NO_BC: tl.constexpr, ROTATE: tl.constexpr,
 ):
-    """Channels program_id(0) * NW .. + NW - 1 of batch row program_id(1), every window, every gradient."""
-    VEC: tl.constexpr = W // 32
-    i_b = tl.program_id(1).to(tl.int64)
-    # Shapes are [lane, warp(, step)]: Triton 3.6's coalescer orders dimensions of equal contiguity ascending, so
-    # the lanes must come before the warps for a load to map dim 0 to lanes and dim 1 to warps (the layout every
-    # tensor here shares: any other would be a shared-memory conversion per use)
-    o_w = tl.arange(0, NW)[None, :]  # [1, NW]
-    o_l = tl.arange(0, 32)[:, None] + o_w * 0  # [32, NW]: the lane
-    i_d = tl.program_id(0) * NW + o_w  # [1, NW]: the warp's channel
-    o_d3 = i_d[:, :, None]  # [1, NW, 1]
-    o_t3 = (tl.arange(0, 32)[:, None] * VEC + tl.arange(0, VEC)[None, :])[:, None, :]  # [32, 1, VEC]
-    row = i_b * dim + i_d  # [1, NW]
+    """Channels program_id(1) * C .. + C - 1 (C = CPW * NW) of batch row program_id(0), every window, every
+    gradient. A warp holds CPW channels over TL = 32 / CPW lanes each; windows are TL * VEC steps."""
+    TL: tl.constexpr = 32 // CPW
+    C: tl.constexpr = CPW * NW
+    W: tl.constexpr = TL * VEC
+    i_b = tl.program_id(0).to(tl.int64)
+    i_c = tl.program_id(1)
+    # Shapes are [lane, channel(, step)]: Triton 3.6's coalescer orders dimensions of equal contiguity ascending, so
+    # with the time lanes first a load maps dim 0 to TL lanes and dim 1 to the other lanes, then the warps (the
+    # layout every tensor here shares: any other would be a shared-memory conversion per use)
+    o_w = tl.arange(0, C)[None, :]  # [1, C]
+    o_l = tl.arange(0, TL)[:, None] + o_w * 0  # [TL, C]: the time lane
+    i_d = i_c * C + o_w  # [1, C]: the channel
+    o_d3 = i_d[:, :, None]  # [1, C, 1]
+    o_t3 = (tl.arange(0, TL)[:, None] * VEC + tl.arange(0, VEC)[None, :])[:, None, :]  # [TL, 1, VEC]
+    row = i_b * dim + i_d  # [1, C]
     n_saves = tl.cdiv(L, SAVE)
-    p_st = p_states + row * n_saves * N  # [1, NW]
+    p_st = p_states + row * n_saves * N  # [1, C]
     p_u3 = p_u + i_b * s_u_b + o_d3 * s_u_d + o_t3
     p_dt3 = p_delta + i_b * s_dt_b + o_d3 * s_dt_d + o_t3
     p_do3 = p_dout + i_b * s_do_b + o_d3 * s_do_d + o_t3
     p_z3 = p_z + i_b * s_z_b + o_d3 * s_z_d + o_t3
     p_g3 = (i_b * dim + o_d3) * L + o_t3  # du, ddelta, dz: contiguous (batch, dim, L)
-    g_B = (tl.program_id(0) * NW) // dpg_B  # the program's channels share one B group and one C group
-    g_C = (tl.program_id(0) * NW) // dpg_C
-    o_B3 = (i_b * G_B + g_B) * BLOCK_N * L + o_t3 + o_d3 * 0  # [32, NW, VEC]: every warp reads the same B
+    g_B = (i_c * C) // dpg_B  # the program's channels share one B group and one C group
+    g_C = (i_c * C) // dpg_C
+    o_B3 = (i_b * G_B + g_B) * BLOCK_N * L + o_t3 + o_d3 * 0  # [TL, C, VEC]: every channel reads the same B
     o_C3 = (i_b * G_C + g_C) * BLOCK_N * L + o_t3 + o_d3 * 0
 
-    # the r each state carries from window to window: a tuple of [32, NW] (every lane holds every state's)
+    # ROTATE: slot k of the state loop holds state (k + rot) % BLOCK_N, rot differing between neighbouring programs,
+    # so that they do not add into the same dB/dC rows at the same time
+    if ROTATE:
+        rot = i_c % BLOCK_N
+    else:
+        rot = 0
+    # the r each state carries from window to window: a tuple of [TL, C] (every lane holds every state's)
     r = ()
     for n in tl.static_range(BLOCK_N):
-        r_n = tl.zeros([32, NW], dtype=tl.float32)
+        r_n = tl.zeros([TL, C], dtype=tl.float32)
         if HAS_DLAST:
-            r_n = tl.load(p_dlast + row * N + n + o_l * 0, mask=(o_l * 0 + n) < N, other=0.0)
+            nn = (n + rot) % BLOCK_N
+            r_n = tl.load(p_dlast + row * N + nn + o_l * 0, mask=(o_l * 0 + nn) < N, other=0.0)
         r = r + (r_n,)
     bias = 0.0
     if HAS_BIAS:
@@ -170,10 +187,10 @@ def _selective_scan_bwd_lanes_kernel(
     Dv = 0.0
     if HAS_D:
         Dv = tl.load(p_D + o_d3)
-    dD = tl.zeros([32, NW], dtype=tl.float32)
-    dbias = tl.zeros([32, NW], dtype=tl.float32)
+    dD = tl.zeros([TL, C], dtype=tl.float32)
+    dbias = tl.zeros([TL, C], dtype=tl.float32)
     lane0 = o_l == 0
-    p_A1 = p_A + i_d * N + o_l * 0  # [32, NW]
+    p_A1 = p_A + i_d * N + o_l * 0  # [TL, C]
     p_dA1 = p_dA + row * N + o_l * 0
 
     n_win = L // W
@@ -188,37 +205,37 @@ def _selective_scan_bwd_lanes_kernel(
         if HAS_Z:
             zv = tl.load(p_z3 + t0).to(tl.float32)
             dy = dy * zv * tl.sigmoid(zv)
-            y = tl.zeros([32, NW, VEC], dtype=tl.float32)
-        dt_c = _cols(dt, NW, VEC)
-        du_c = _cols(du, NW, VEC)
-        dy_c = _cols(dy, NW, VEC)
-        p_h = p_st + (t0 // SAVE) * N + o_l * 0  # [32, NW]: the states the forward saved at the window's start
+            y = tl.zeros([TL, C, VEC], dtype=tl.float32)
+        dt_c = _cols(dt, TL, C, VEC)
+        du_c = _cols(du, TL, C, VEC)
+        dy_c = _cols(dy, TL, C, VEC)
+        p_h = p_st + (t0 // SAVE) * N + o_l * 0  # [TL, C]: the states the forward saved at the window's start
         p_b = p_B + o_B3 + t0
         p_c = p_C + o_C3 + t0
-        S1 = tl.zeros([32, NW, VEC], dtype=tl.float32)  # sum_n q B
-        S2 = tl.zeros([32, NW, VEC], dtype=tl.float32)  # sum_n A q hb
+        S1 = tl.zeros([TL, C, VEC], dtype=tl.float32)  # sum_n q B
+        S2 = tl.zeros([TL, C, VEC], dtype=tl.float32)  # sum_n A q hb
         r_next = ()
         # A, the saved state, B and C of state n + PREFETCH are loaded while state n is worked on
-        A_1, h_1, b_1, c_1 = _ld_state(p_A1, p_h, p_b, p_c, 0, L, N, o_l)
+        A_1, h_1, b_1, c_1 = _ld_state(p_A1, p_h, p_b, p_c, rot % BLOCK_N, L, N, o_l)
         if PREFETCH >= 2 and BLOCK_N > 1:
-            A_2, h_2, b_2, c_2 = _ld_state(p_A1, p_h, p_b, p_c, 1, L, N, o_l)
+            A_2, h_2, b_2, c_2 = _ld_state(p_A1, p_h, p_b, p_c, (1 + rot) % BLOCK_N, L, N, o_l)
         for n in tl.static_range(BLOCK_N):
             if PREFETCH == 0:
-                A_n, h_in, b3, c3 = _ld_state(p_A1, p_h, p_b, p_c, n, L, N, o_l)
+                A_n, h_in, b3, c3 = _ld_state(p_A1, p_h, p_b, p_c, (n + rot) % BLOCK_N, L, N, o_l)
             else:
                 A_n, h_in, b3, c3 = A_1, h_1, b_1, c_1
                 if PREFETCH == 1:
                     if n + 1 < BLOCK_N:
-                        A_1, h_1, b_1, c_1 = _ld_state(p_A1, p_h, p_b, p_c, n + 1, L, N, o_l)
+                        A_1, h_1, b_1, c_1 = _ld_state(p_A1, p_h, p_b, p_c, (n + 1 + rot) % BLOCK_N, L, N, o_l)
                 else:
                     if n + 1 < BLOCK_N:
                         A_1, h_1, b_1, c_1 = A_2, h_2, b_2, c_2
                     if n + 2 < BLOCK_N:
-                        A_2, h_2, b_2, c_2 = _ld_state(p_A1, p_h, p_b, p_c, n + 2, L, N, o_l)
+                        A_2, h_2, b_2, c_2 = _ld_state(p_A1, p_h, p_b, p_c, (n + 2 + rot) % BLOCK_N, L, N, o_l)
             b3 = b3.to(tl.float32)
             c3 = c3.to(tl.float32)
-            b_c = _cols(b3, NW, VEC)
-            c_c = _cols(c3, NW, VEC)
+            b_c = _cols(b3, TL, C, VEC)
+            c_c = _cols(c3, TL, C, VEC)
             A2_n = A_n * 1.4426950408889634
             # states: each lane's steps as one map, the lanes scanned, the steps again from the lane's entering state
             a = ()
@@ -231,7 +248,7 @@ def _selective_scan_bwd_lanes_kernel(
             for j in tl.static_range(1, VEC):
                 xg = a[j] * xg + x[j]
                 ag = a[j] * ag
-            ag, xg = _scan_up(ag, xg, o_l)
+            ag, xg = _scan_up(ag, xg, o_l, TL)
             h_end = xg + ag * h_in  # the state after each lane's last step
             hl = tl.where(lane0, h_in, tl.gather(h_end, tl.maximum(o_l - 1, 0), 0))
             h = ()
@@ -243,13 +260,13 @@ def _selective_scan_bwd_lanes_kernel(
             for j in tl.static_range(VEC):
                 g = g + (c_c[j] * dy_c[j],)
             al = g[VEC - 1]
-            be = tl.full([32, NW], 1.0, tl.float32)
+            be = tl.full([TL, C], 1.0, tl.float32)
             for jj in tl.static_range(1, VEC):  # steps VEC - 2 .. 0
                 al = g[VEC - 1 - jj] + a[VEC - jj] * al
                 be = a[VEC - jj] * be
-            m_s, v_s = _scan_down(a[0] * be, a[0] * al, o_l)
+            m_s, v_s = _scan_down(a[0] * be, a[0] * al, o_l, TL)
             r_start = v_s + m_s * r[n]  # r leaving each lane (towards the earlier lanes)
-            ql = tl.where(o_l == 31, r[n], tl.gather(r_start, tl.minimum(o_l + 1, 31), 0))  # r entering each lane
+            ql = tl.where(o_l == TL - 1, r[n], tl.gather(r_start, tl.minimum(o_l + 1, TL - 1), 0))  # r entering each lane
             r_next = r_next + (tl.gather(r_start, o_l * 0, 0),)  # lane 0's: the earlier window's carry
             ql = g[VEC - 1] + ql
             q = (ql,)
@@ -257,19 +274,20 @@ def _selective_scan_bwd_lanes_kernel(
                 ql = g[VEC - 1 - jj] + a[VEC - jj] * ql
                 q = (ql,) + q
             # gradients of this state
-            h3 = _uncols(h, NW, VEC)
-            q3 = _uncols(q, NW, VEC)
-            P3 = q3 * (h3 - _uncols(x, NW, VEC))  # q_t a_t h_{t-1}
+            h3 = _uncols(h, TL, C, VEC)
+            q3 = _uncols(q, TL, C, VEC)
+            P3 = q3 * (h3 - _uncols(x, TL, C, VEC))  # q_t a_t h_{t-1}
             S1 += q3 * b3
             S2 += P3 * A_n[:, :, None]
             if HAS_Z:
                 y += h3 * c3
             # dA: the window's sum over the warp, added by lane 0 (registers per state would not fit)
-            tl.atomic_add(p_dA1 + n, tl.sum(tl.sum(P3 * dt, axis=2), axis=0, keep_dims=True) + o_l * 0.0,
-                          mask=lane0 & ((o_l * 0 + n) < N), sem="relaxed")
+            nn = (n + rot) % BLOCK_N  # the state this slot holds
+            tl.atomic_add(p_dA1 + nn, tl.sum(tl.sum(P3 * dt, axis=2), axis=0, keep_dims=True) + o_l * 0.0,
+                          mask=lane0 & ((o_l * 0 + nn) < N), sem="relaxed")
             if not DEBUG_NO_BC:
-                _red_add(p_dB + (i_b * G_B + g_B) * BLOCK_N * L + n * L + t0 + o_d3 * 0, q3 * du, NW, VEC)
-                _red_add(p_dC + (i_b * G_C + g_C) * BLOCK_N * L + n * L + t0 + o_d3 * 0, h3 * dy, NW, VEC)
+                _red_add(p_dB + (i_b * G_B + g_B) * BLOCK_N * L + nn * L + t0, q3 * du, TL, CPW, NW, VEC)
+                _red_add(p_dC + (i_b * G_C + g_C) * BLOCK_N * L + nn * L + t0, h3 * dy, TL, CPW, NW, VEC)
         r = r_next
         # u, delta (and dout, z) again rather than kept through the states (registers); L1 or L2 hits
         u = tl.load(p_u3 + t0).to(tl.float32)
@@ -296,7 +314,8 @@ def _selective_scan_bwd_lanes_kernel(
     # per-(batch, channel) sums; lane 0 stores the warp's
     if HAS_DH0:
         for n in tl.static_range(BLOCK_N):
-            tl.store(p_dh0 + row * N + n + o_l * 0, r[n], mask=lane0 & ((o_l * 0 + n) < N))
+            nn = (n + rot) % BLOCK_N
+            tl.store(p_dh0 + row * N + nn + o_l * 0, r[n], mask=lane0 & ((o_l * 0 + nn) < N))
     if HAS_D:
         tl.store(p_dD + row + o_l * 0, tl.sum(dD, axis=0, keep_dims=True) + o_l * 0, mask=lane0)
     if HAS_BIAS:
@@ -307,15 +326,25 @@ def _selective_scan_bwd_lanes_kernel(
 # launcher
 
 LANES_BWD_MIN_L = 1024
-_META_OVERRIDES: dict = {}  # benchmarks/triton_lanes_bwd_ab.py sets variants here
+_CONFIG = (1, 4)  # (CPW, NW) before lanes_bwd_config fits it to the shape
+_META_OVERRIDES: dict = {}  # benchmarks/triton_lanes_bwd_ab.py sets variants here (CPW, NW and meta-parameters)
 
 
-def _warps_per_program(dim: int, G_B: int, G_C: int) -> int:
-    """Channels (one warp each) per program: 4 where every program's channels share one B and one C group."""
-    for nw in (4, 2):
-        if (dim // G_B) % nw == 0 and (dim // G_C) % nw == 0:
-            return nw
-    return 1
+def lanes_bwd_config(dim: int, G_B: int, G_C: int, elt: int):
+    """(CPW, NW): channels per warp and warps per program. CPW channels share a warp (32 / CPW time lanes each) so
+    that dB/dC are summed over them by shuffles before the atomics; a program's CPW * NW channels must share one B
+    group and one C group, and a window (32 / CPW lanes x one 16-byte vector) must start on the forward's saved
+    states."""
+    cpw, nw = _CONFIG
+    vec = 16 // elt
+    while cpw > 1 and ((32 // cpw) * vec) % SAVE_STEPS:
+        cpw //= 2
+    while cpw * nw > 1 and ((dim // G_B) % (cpw * nw) or (dim // G_C) % (cpw * nw)):
+        if nw > 1:
+            nw //= 2
+        else:
+            cpw //= 2
+    return cpw, nw
 
 
 def use_lanes_bwd(u, N: int, device_index=None) -> bool:
@@ -337,12 +366,15 @@ def selective_scan_bwd_lanes(dout, dlast_state, u, delta, A, B, C, D, z, delta_b
     batch, dim, L = u.shape
     N = A.shape[1]
     dev = u.device
-    W = 32 * (16 // u.element_size())
-    assert L % W == 0 and W % SAVE_STEPS == 0, "windows must be whole and start on saved states"
     Bt, G_B = _bc(B, u.dtype)
     Ct, G_C = _bc(C, u.dtype)
     BLOCK_N = Bt.shape[2]
-    NW = _warps_per_program(dim, G_B, G_C)
+    over = dict(_META_OVERRIDES)
+    CPW, NW = lanes_bwd_config(dim, G_B, G_C, u.element_size()) if "CPW" not in over else (over.pop("CPW"),
+                                                                                            over.pop("NW"))
+    VEC = 16 // u.element_size()
+    W = 32 // CPW * VEC
+    assert L % W == 0 and W % SAVE_STEPS == 0, "windows must be whole and start on saved states"
     f32 = torch.float32
     empty = torch.empty(0, device=dev, dtype=f32)
     du = torch.empty((batch, dim, L), device=dev, dtype=u.dtype)
@@ -363,13 +395,12 @@ def selective_scan_bwd_lanes(dout, dlast_state, u, delta, A, B, C, D, z, delta_b
         dim, L, N, G_B, G_C, dim // G_B, dim // G_C, u.stride(0), u.stride(1), delta.stride(0), delta.stride(1),
         *zs, dout.stride(0), dout.stride(1),
     )
-    meta = dict(BLOCK_N=BLOCK_N, W=W, NW=NW, HAS_D=D is not None, HAS_Z=z is not None,
+    meta = dict(BLOCK_N=BLOCK_N, VEC=VEC, CPW=CPW, NW=NW, HAS_D=D is not None, HAS_Z=z is not None,
                 HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_DLAST=dlast_state is not None,
-                HAS_DH0=initial_state is not None, PREFETCH=1,
+                HAS_DH0=initial_state is not None, PREFETCH=1, ROTATE=False,
                 DEBUG_NO_BC=False)
-    meta.update(_META_OVERRIDES)
-    meta["num_warps"] = meta["NW"]
-    launch(_selective_scan_bwd_lanes_kernel, (dim // meta["NW"], batch), args, meta)
+    meta.update(over)
+    launch(_selective_scan_bwd_lanes_kernel, (batch, dim // (CPW * NW)), args, dict(meta, num_warps=NW))
 
     def bc(buf, X):
         buf = buf[:, :, :N]
