@@ -138,6 +138,7 @@ def _selective_scan_bwd_lanes_kernel(
     BLOCK_N: tl.constexpr, VEC: tl.constexpr, CPW: tl.constexpr, NW: tl.constexpr, HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr,
     HAS_DH0: tl.constexpr, PREFETCH: tl.constexpr, DEBUG_NO_BC: tl.constexpr, ROTATE: tl.constexpr,
+    DA_REG: tl.constexpr,
 ):
     """Channels program_id(1) * C .. + C - 1 (C = CPW * NW) of batch row program_id(0), every window, every
     gradient. A warp holds CPW channels over TL = 32 / CPW lanes each; windows are TL * VEC steps."""
@@ -175,7 +176,9 @@ def _selective_scan_bwd_lanes_kernel(
         rot = 0
     # the r each state carries from window to window: a tuple of [TL, C] (every lane holds every state's)
     r = ()
+    dA = ()  # DA_REG: per state, each lane's dA partial over the windows, summed over the lanes at the end
     for n in tl.static_range(BLOCK_N):
+        dA = dA + (tl.zeros([TL, C], dtype=tl.float32),)
         r_n = tl.zeros([TL, C], dtype=tl.float32)
         if HAS_DLAST:
             nn = (n + rot) % BLOCK_N
@@ -215,6 +218,7 @@ def _selective_scan_bwd_lanes_kernel(
         S1 = tl.zeros([TL, C, VEC], dtype=tl.float32)  # sum_n q B
         S2 = tl.zeros([TL, C, VEC], dtype=tl.float32)  # sum_n A q hb
         r_next = ()
+        dA_next = ()
         # A, the saved state, B and C of state n + PREFETCH are loaded while state n is worked on
         A_1, h_1, b_1, c_1 = _ld_state(p_A1, p_h, p_b, p_c, rot % BLOCK_N, L, N, o_l)
         if PREFETCH >= 2 and BLOCK_N > 1:
@@ -283,12 +287,17 @@ def _selective_scan_bwd_lanes_kernel(
                 y += h3 * c3
             # dA: the window's sum over the warp, added by lane 0 (registers per state would not fit)
             nn = (n + rot) % BLOCK_N  # the state this slot holds
-            tl.atomic_add(p_dA1 + nn, tl.sum(tl.sum(P3 * dt, axis=2), axis=0, keep_dims=True) + o_l * 0.0,
-                          mask=lane0 & ((o_l * 0 + nn) < N), sem="relaxed")
+            if DA_REG:
+                dA_next = dA_next + (dA[n] + tl.sum(P3 * dt, axis=2),)
+            else:
+                tl.atomic_add(p_dA1 + nn, tl.sum(tl.sum(P3 * dt, axis=2), axis=0, keep_dims=True) + o_l * 0.0,
+                              mask=lane0 & ((o_l * 0 + nn) < N), sem="relaxed")
             if not DEBUG_NO_BC:
                 _red_add(p_dB + (i_b * G_B + g_B) * BLOCK_N * L + nn * L + t0, q3 * du, TL, CPW, NW, VEC)
                 _red_add(p_dC + (i_b * G_C + g_C) * BLOCK_N * L + nn * L + t0, h3 * dy, TL, CPW, NW, VEC)
         r = r_next
+        if DA_REG:
+            dA = dA_next
         # u, delta (and dout, z) again rather than kept through the states (registers); L1 or L2 hits
         u = tl.load(p_u3 + t0).to(tl.float32)
         dt_raw = tl.load(p_dt3 + t0).to(tl.float32) + bias
@@ -316,6 +325,10 @@ def _selective_scan_bwd_lanes_kernel(
         for n in tl.static_range(BLOCK_N):
             nn = (n + rot) % BLOCK_N
             tl.store(p_dh0 + row * N + nn + o_l * 0, r[n], mask=lane0 & ((o_l * 0 + nn) < N))
+    if DA_REG:
+        for n in tl.static_range(BLOCK_N):
+            nn = (n + rot) % BLOCK_N
+            tl.store(p_dA1 + nn, tl.sum(dA[n], axis=0, keep_dims=True) + o_l * 0.0, mask=lane0 & ((o_l * 0 + nn) < N))
     if HAS_D:
         tl.store(p_dD + row + o_l * 0, tl.sum(dD, axis=0, keep_dims=True) + o_l * 0, mask=lane0)
     if HAS_BIAS:
@@ -397,7 +410,7 @@ def selective_scan_bwd_lanes(dout, dlast_state, u, delta, A, B, C, D, z, delta_b
     )
     meta = dict(BLOCK_N=BLOCK_N, VEC=VEC, CPW=CPW, NW=NW, HAS_D=D is not None, HAS_Z=z is not None,
                 HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_DLAST=dlast_state is not None,
-                HAS_DH0=initial_state is not None, PREFETCH=1, ROTATE=False,
+                HAS_DH0=initial_state is not None, PREFETCH=1, ROTATE=False, DA_REG=False,
                 DEBUG_NO_BC=False)
     meta.update(over)
     launch(_selective_scan_bwd_lanes_kernel, (batch, dim // (CPW * NW)), args, dict(meta, num_warps=NW))
