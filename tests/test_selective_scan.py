@@ -297,6 +297,51 @@ def test_triton_lanes_forward_matches_float64(shape, opts, monkeypatch):
     assert chosen, "the lanes forward was not reached"
 
 
+# The lanes backward (triton_bwd_lanes.py), chosen by shape like the lanes forward, forced here on the float64
+# checks: every gradient, from the states either forward saved. fp32 in the interpreter: 4 steps per lane, so windows
+# of 64 steps with two channels per warp (dim 8: 4 warps; dim 4 in 2 groups: 1 warp) and of 128 with one (dim 3).
+@pytest.mark.parametrize("shape, opts", [
+    pytest.param((1, 8, 128, 2, None), OPTIONS[0].values[0], id="L128-dim8-all-on"),
+    pytest.param((2, 3, 128, 5, None), OPTIONS[1].values[0], id="L128-dim3-N5-all-off"),
+    pytest.param((1, 4, 192, 3, 2), OPTIONS[2].values[0], id="L192-G2-D-bias-softplus-last"),
+    pytest.param((1, 8, 64, 1, None), OPTIONS[3].values[0], id="L64-N1-z-h0"),
+])
+def test_triton_lanes_backward_matches_float64(shape, opts, monkeypatch):
+    from matten_kernels.selective_scan import _ops
+
+    chosen = []
+    monkeypatch.setattr(_ops, "use_lanes_bwd", lambda *a, **k: chosen.append(True) or True)
+    Dz, z, bias, sp, h0, last = opts
+    x = make_inputs(*shape, D=Dz, z=z, bias=bias, h0=h0)
+    run_case("triton", x, sp, last)
+    assert chosen, "the lanes backward was not reached"
+
+
+def test_lanes_backward_choice(monkeypatch):
+    """use_lanes_bwd takes the shapes it was measured faster on (SPEC section 7, bf16, H100: global XL and global S)
+    and leaves the others, fp32, N > 16, partial windows and deterministic mode to the segment backward; the
+    channels per warp and program fit the B/C groups and the saved states."""
+    from matten_kernels.selective_scan.triton_bwd_lanes import lanes_bwd_config, use_lanes_bwd
+
+    def u(batch, dim, L, dtype=torch.bfloat16):
+        return torch.empty(batch, dim, L, dtype=dtype, device="meta")
+
+    assert use_lanes_bwd(u(2, 2304, 4096), 16)  # global XL
+    assert use_lanes_bwd(u(8, 768, 4096), 16)  # global S
+    assert not use_lanes_bwd(u(1, 2304, 16384), 16)  # long: too few channels (measured slower)
+    assert not use_lanes_bwd(u(32, 2304, 256), 16)  # spatial XL: short
+    assert not use_lanes_bwd(u(2, 2304, 4096, torch.float32), 16)
+    assert not use_lanes_bwd(u(2, 2304, 4096), 64)
+    assert not use_lanes_bwd(u(2, 2304, 4100), 16)  # a partial window
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert not use_lanes_bwd(u(2, 2304, 4096), 16)
+    assert lanes_bwd_config(2304, 1, 1, 2) == (2, 4)
+    assert lanes_bwd_config(2304, 1, 1152, 2) == (2, 1)  # 2 channels per C group
+    assert lanes_bwd_config(2304, 1, 768, 2) == (1, 1)  # 3 channels per C group
+    assert lanes_bwd_config(6, 2, 1, 2) == (1, 1)
+    assert lanes_bwd_config(2304, 1, 1, 4) == (2, 4)  # fp32: 16 lanes x 4 steps still start on saved states
+
+
 def test_lanes_forward_choice():
     """use_lanes takes the shapes it was measured faster on (SPEC section 7, bf16, H100: global XL and global S) and
     leaves the others, other dtypes, N > 16 and misaligned rows to the segment kernel."""

@@ -71,6 +71,21 @@ def test_uni_lanes_forward(dtype, shape, monkeypatch):
     assert chosen
 
 
+# The lanes backward (chosen by shape: long 16-bit sequences over many channels) forced on fewer channels: two channels
+# per warp and four warps (dim 96), B/C in two groups with N = 5 (dim 64), one channel per warp (dim 6), L = 4096 and
+# 1024 (the shortest it is chosen for); fp32 too (4 steps per lane), which the shape choice never takes.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shape", [(2, 96, 4096, 16, None), (2, 64, 4096, 5, 2), (3, 6, 1024, 16, None)],
+                         ids=["L4096", "L4096-N5-G2", "L1024-dim6"])
+def test_uni_lanes_backward(dtype, shape, monkeypatch):
+    from matten_kernels.selective_scan import _ops
+
+    chosen = []
+    monkeypatch.setattr(_ops, "use_lanes_bwd", lambda *a, **k: chosen.append(True) or True)
+    _uni_case(dtype, shape)
+    assert chosen
+
+
 def _uni_case(dtype, shape):
     batch, dim, L, N, G = shape
     x = inputs(batch, dim, L, N, dtype, G)

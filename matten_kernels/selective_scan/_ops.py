@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .._backend import use_custom_op
 from .triton_bwd import selective_scan_bwd
+from .triton_bwd_lanes import selective_scan_bwd_lanes, use_lanes_bwd
 from .triton_fwd import n_saved_states, selective_scan_fwd, time_contiguous
 from .triton_fwd_lanes import selective_scan_fwd_lanes, use_lanes
 
@@ -64,9 +65,16 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus
 
 
 def _scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, states, delta_softplus):
+    """Either backward kernel (the same gradients, from the same saved states): the lanes kernel where
+    :func:`use_lanes_bwd` says it is the faster one (long 16-bit sequences over many channels), else the segments."""
     with _device_guard(u):
-        g = selective_scan_bwd(dout, _c(dlast_state), u, delta, _c(A), B, C, _c(D), z, _c(delta_bias),
-                               initial_state, states, delta_softplus)
+        dout, u, delta, z = map(time_contiguous, (dout, u, delta, z))
+        if use_lanes_bwd(u, A.shape[1], u.device.index if u.is_cuda else None):
+            g = selective_scan_bwd_lanes(dout, _c(dlast_state), u, delta, _c(A), B, C, _c(D), z, _c(delta_bias),
+                                         initial_state, states, delta_softplus)
+        else:
+            g = selective_scan_bwd(dout, _c(dlast_state), u, delta, _c(A), B, C, _c(D), z, _c(delta_bias),
+                                   initial_state, states, delta_softplus)
     return tuple(_empty(u) if g[k] is None else g[k] for k in
                  ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"))
 

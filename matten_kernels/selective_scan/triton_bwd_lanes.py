@@ -4,16 +4,16 @@ The segment backward (:mod:`.triton_bwd`) keeps time in registers and needs a su
 sequences; the CUDA backend's lanes backward (``csrc/selective_scan/selective_scan_lanes.cuh``) showed the layout
 that wins at global shapes: time across the lanes of a warp. This is that design in Triton:
 
-* one warp per (batch, channel), ``NW`` warps (channels of one batch row and one B/C group) per program, so the
-  program can sum dB and dC over its channels before they leave it (one vector atomic per element for NW channels);
-* windows of ``W`` = 32 lanes x ``VEC`` steps (one 16-byte vector of u per lane), walked from the last to the first;
-  a window's tensors are ``[32, NW, VEC]`` (lane, warp, step of the lane), split into ``VEC`` ``[32, NW]`` columns
-  (register moves: :func:`_cols`) where a step depends on its neighbour;
+* a warp holds ``CPW`` channels (of one batch row) over ``TL = 32 / CPW`` lanes each, a program ``NW`` warps
+  (``C = CPW * NW`` channels sharing one B/C group); windows of ``W = TL x VEC`` steps (one 16-byte vector of u per
+  lane), walked from the last to the first. A window's tensors are ``[TL, C, VEC]`` (time lane, channel, step of the
+  lane), split into ``VEC`` ``[TL, C]`` columns (register moves: :func:`_cols`) where a step depends on its
+  neighbour. The lane axis comes first so that Triton's coalescer gives every load the same layout;
 * per state n: the states over the window are recomputed from the state the forward saved at its start (windows
   start on the forward's SAVE-step boundaries): a = exp2(delta A_n log2 e), x = delta u B_n, each lane composes its
-  VEC steps into one affine map, a 5-level shuffle scan over the lanes (``tl.gather`` along the lanes: one
-  ``shfl.idx`` each) gives each lane its entering state, and the steps follow in-thread. The adjoint runs the same
-  way against time: with q_t = dL/dh_t and r_t = a_t q_t (what flows to step t - 1),
+  VEC steps into one affine map, a shuffle scan over the TL lanes (``tl.gather`` along the lanes: one ``shfl.idx``
+  each) gives each lane its entering state, and the steps follow in-thread. The adjoint runs the same way against
+  time: with q_t = dL/dh_t and r_t = a_t q_t (what flows to step t - 1),
 
       q_t = C_t dy_t + r_{t+1},
 
@@ -22,17 +22,23 @@ that wins at global shapes: time across the lanes of a warp. This is that design
   (earlier) window's carry; after the first window it is dL/d initial_state;
 * every gradient in the same pass (hb_t = h_t - x_t stands for a_t h_{t-1}):
 
-      dC_t = sum_d dy_t h_t        dB_t = sum_d q_t delta_t u_t        (summed over the program's NW channels)
+      dC_t = sum_d dy_t h_t        dB_t = sum_d q_t delta_t u_t        (summed over a warp's CPW channels)
       du_t = delta_t sum_n q_t B_t + D dy_t
       ddelta_t = u_t sum_n q_t B_t + sum_n A q_t hb_t   (times sigmoid for softplus)
       dA = sum_t delta_t q_t hb_t    dD = sum_t dy_t u_t    ddelta_bias = sum_t ddelta_t
 
-  dB, dC go into fp32 (batch, G, BLOCK_N, L) buffers with atomic adds (so not bit-reproducible: deterministic mode
-  keeps the segment backward), dA / dD / ddelta_bias as per-(batch, channel) partials summed by the launcher.
+  dB, dC go into fp32 (batch, G, BLOCK_N, L) buffers as 16-byte vector atomics (so not bit-reproducible:
+  deterministic mode keeps the segment backward); dA is added per window, dD / ddelta_bias stored per (batch,
+  channel) and summed by the launcher.
 
-No segments and no summary pass (every channel's windows are walked by one warp), and y is recomputed for dz from
-the recomputed states, so the forward saves nothing but its SAVE-step states. When it is used:
-:func:`use_lanes_bwd` (16-bit dtypes, long sequences in whole windows, N <= 16, enough channels to fill the GPU).
+What decided the shape (H100, bf16, global XL, launcher level, the segment backward 1.41 ms in the same runs;
+benchmarks/NOTES_scan.md "Session 8"): the dB/dC atomics, not the arithmetic, were the cost. One channel per warp
+(CPW 1) took 2.26-2.69 ms, of which the atomics 1.4 ms (1.09 without them); summing over the 4 warps of a program
+first (Triton's cross-warp reduction through shared memory) took 7.8 ms; two channels per warp summed by one
+shuffle level halves the atomic traffic: 1.41 ms, and B/C/A/states two states ahead 1.35 ms (four channels per warp:
+1.95, the sum's layout no longer matches the atomics'). No segments and no summary pass, and y is recomputed for dz
+from the recomputed states. When it is used: :func:`use_lanes_bwd` (16-bit dtypes, long sequences in whole windows,
+N <= 16, enough channels to fill the GPU).
 """
 
 from __future__ import annotations
@@ -137,8 +143,7 @@ def _selective_scan_bwd_lanes_kernel(
     dim, L, N, G_B, G_C, dpg_B, dpg_C, s_u_b, s_u_d, s_dt_b, s_dt_d, s_z_b, s_z_d, s_do_b, s_do_d,
     BLOCK_N: tl.constexpr, VEC: tl.constexpr, CPW: tl.constexpr, NW: tl.constexpr, HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr,
-    HAS_DH0: tl.constexpr, PREFETCH: tl.constexpr, DEBUG_NO_BC: tl.constexpr, ROTATE: tl.constexpr,
-    DA_REG: tl.constexpr,
+    HAS_DH0: tl.constexpr,
 ):
     """Channels program_id(1) * C .. + C - 1 (C = CPW * NW) of batch row program_id(0), every window, every
     gradient. A warp holds CPW channels over TL = 32 / CPW lanes each; windows are TL * VEC steps."""
@@ -168,21 +173,12 @@ def _selective_scan_bwd_lanes_kernel(
     o_B3 = (i_b * G_B + g_B) * BLOCK_N * L + o_t3 + o_d3 * 0  # [TL, C, VEC]: every channel reads the same B
     o_C3 = (i_b * G_C + g_C) * BLOCK_N * L + o_t3 + o_d3 * 0
 
-    # ROTATE: slot k of the state loop holds state (k + rot) % BLOCK_N, rot differing between neighbouring programs,
-    # so that they do not add into the same dB/dC rows at the same time
-    if ROTATE:
-        rot = i_c % BLOCK_N
-    else:
-        rot = 0
     # the r each state carries from window to window: a tuple of [TL, C] (every lane holds every state's)
     r = ()
-    dA = ()  # DA_REG: per state, each lane's dA partial over the windows, summed over the lanes at the end
     for n in tl.static_range(BLOCK_N):
-        dA = dA + (tl.zeros([TL, C], dtype=tl.float32),)
         r_n = tl.zeros([TL, C], dtype=tl.float32)
         if HAS_DLAST:
-            nn = (n + rot) % BLOCK_N
-            r_n = tl.load(p_dlast + row * N + nn + o_l * 0, mask=(o_l * 0 + nn) < N, other=0.0)
+            r_n = tl.load(p_dlast + row * N + n + o_l * 0, mask=(o_l * 0 + n) < N, other=0.0)
         r = r + (r_n,)
     bias = 0.0
     if HAS_BIAS:
@@ -218,24 +214,17 @@ def _selective_scan_bwd_lanes_kernel(
         S1 = tl.zeros([TL, C, VEC], dtype=tl.float32)  # sum_n q B
         S2 = tl.zeros([TL, C, VEC], dtype=tl.float32)  # sum_n A q hb
         r_next = ()
-        dA_next = ()
-        # A, the saved state, B and C of state n + PREFETCH are loaded while state n is worked on
-        A_1, h_1, b_1, c_1 = _ld_state(p_A1, p_h, p_b, p_c, rot % BLOCK_N, L, N, o_l)
-        if PREFETCH >= 2 and BLOCK_N > 1:
-            A_2, h_2, b_2, c_2 = _ld_state(p_A1, p_h, p_b, p_c, (1 + rot) % BLOCK_N, L, N, o_l)
+        # A, the saved state, B and C of state n + 2 are loaded while state n is worked on (H100, global XL: none
+        # ahead 1.80 ms, one 1.41, two 1.35)
+        A_1, h_1, b_1, c_1 = _ld_state(p_A1, p_h, p_b, p_c, 0, L, N, o_l)
+        if BLOCK_N > 1:
+            A_2, h_2, b_2, c_2 = _ld_state(p_A1, p_h, p_b, p_c, 1, L, N, o_l)
         for n in tl.static_range(BLOCK_N):
-            if PREFETCH == 0:
-                A_n, h_in, b3, c3 = _ld_state(p_A1, p_h, p_b, p_c, (n + rot) % BLOCK_N, L, N, o_l)
-            else:
-                A_n, h_in, b3, c3 = A_1, h_1, b_1, c_1
-                if PREFETCH == 1:
-                    if n + 1 < BLOCK_N:
-                        A_1, h_1, b_1, c_1 = _ld_state(p_A1, p_h, p_b, p_c, (n + 1 + rot) % BLOCK_N, L, N, o_l)
-                else:
-                    if n + 1 < BLOCK_N:
-                        A_1, h_1, b_1, c_1 = A_2, h_2, b_2, c_2
-                    if n + 2 < BLOCK_N:
-                        A_2, h_2, b_2, c_2 = _ld_state(p_A1, p_h, p_b, p_c, (n + 2 + rot) % BLOCK_N, L, N, o_l)
+            A_n, h_in, b3, c3 = A_1, h_1, b_1, c_1
+            if n + 1 < BLOCK_N:
+                A_1, h_1, b_1, c_1 = A_2, h_2, b_2, c_2
+            if n + 2 < BLOCK_N:
+                A_2, h_2, b_2, c_2 = _ld_state(p_A1, p_h, p_b, p_c, n + 2, L, N, o_l)
             b3 = b3.to(tl.float32)
             c3 = c3.to(tl.float32)
             b_c = _cols(b3, TL, C, VEC)
@@ -285,19 +274,13 @@ def _selective_scan_bwd_lanes_kernel(
             S2 += P3 * A_n[:, :, None]
             if HAS_Z:
                 y += h3 * c3
-            # dA: the window's sum over the warp, added by lane 0 (registers per state would not fit)
-            nn = (n + rot) % BLOCK_N  # the state this slot holds
-            if DA_REG:
-                dA_next = dA_next + (dA[n] + tl.sum(P3 * dt, axis=2),)
-            else:
-                tl.atomic_add(p_dA1 + nn, tl.sum(tl.sum(P3 * dt, axis=2), axis=0, keep_dims=True) + o_l * 0.0,
-                              mask=lane0 & ((o_l * 0 + nn) < N), sem="relaxed")
-            if not DEBUG_NO_BC:
-                _red_add(p_dB + (i_b * G_B + g_B) * BLOCK_N * L + nn * L + t0, q3 * du, TL, CPW, NW, VEC)
-                _red_add(p_dC + (i_b * G_C + g_C) * BLOCK_N * L + nn * L + t0, h3 * dy, TL, CPW, NW, VEC)
+            # dA: the window's sum over the lanes, added by lane 0. Per-state accumulators in registers instead
+            # (no branch per state, but 16 more live values) spilled and took 2.85 ms instead of 1.41 (H100).
+            tl.atomic_add(p_dA1 + n, tl.sum(tl.sum(P3 * dt, axis=2), axis=0, keep_dims=True) + o_l * 0.0,
+                          mask=lane0 & ((o_l * 0 + n) < N), sem="relaxed")
+            _red_add(p_dB + (i_b * G_B + g_B) * BLOCK_N * L + n * L + t0, q3 * du, TL, CPW, NW, VEC)
+            _red_add(p_dC + (i_b * G_C + g_C) * BLOCK_N * L + n * L + t0, h3 * dy, TL, CPW, NW, VEC)
         r = r_next
-        if DA_REG:
-            dA = dA_next
         # u, delta (and dout, z) again rather than kept through the states (registers); L1 or L2 hits
         u = tl.load(p_u3 + t0).to(tl.float32)
         dt_raw = tl.load(p_dt3 + t0).to(tl.float32) + bias
@@ -323,12 +306,7 @@ def _selective_scan_bwd_lanes_kernel(
     # per-(batch, channel) sums; lane 0 stores the warp's
     if HAS_DH0:
         for n in tl.static_range(BLOCK_N):
-            nn = (n + rot) % BLOCK_N
-            tl.store(p_dh0 + row * N + nn + o_l * 0, r[n], mask=lane0 & ((o_l * 0 + nn) < N))
-    if DA_REG:
-        for n in tl.static_range(BLOCK_N):
-            nn = (n + rot) % BLOCK_N
-            tl.store(p_dA1 + nn, tl.sum(dA[n], axis=0, keep_dims=True) + o_l * 0.0, mask=lane0 & ((o_l * 0 + nn) < N))
+            tl.store(p_dh0 + row * N + n + o_l * 0, r[n], mask=lane0 & ((o_l * 0 + n) < N))
     if HAS_D:
         tl.store(p_dD + row + o_l * 0, tl.sum(dD, axis=0, keep_dims=True) + o_l * 0, mask=lane0)
     if HAS_BIAS:
@@ -339,7 +317,7 @@ def _selective_scan_bwd_lanes_kernel(
 # launcher
 
 LANES_BWD_MIN_L = 1024
-_CONFIG = (1, 4)  # (CPW, NW) before lanes_bwd_config fits it to the shape
+_CONFIG = (2, 4)  # (CPW, NW) before lanes_bwd_config fits it to the shape
 _META_OVERRIDES: dict = {}  # benchmarks/triton_lanes_bwd_ab.py sets variants here (CPW, NW and meta-parameters)
 
 
@@ -361,9 +339,12 @@ def lanes_bwd_config(dim: int, G_B: int, G_C: int, elt: int):
 
 
 def use_lanes_bwd(u, N: int, device_index=None) -> bool:
-    """Whether the uni backward takes this kernel: 16-bit inputs (one 16-byte vector of u per lane and window), N <= 16
-    (every state of the window in registers), whole windows (L a multiple of 256), L >= 1024 and batch * dim
-    channels filling the GPU, outside torch's deterministic mode (dB/dC are added with atomics)."""
+    """Whether the uni backward takes this kernel: where session 8 measured it faster than the segment backward (H100,
+    bf16, launcher level, one run: global XL 1.35 vs 1.41 ms, global S 1.47 vs 1.79) and not where it was slower
+    (long (1, 2304, 16, 16384): 3.45 vs 2.73, only 2304 channels). Needs 16-bit inputs (one 16-byte vector of u per
+    lane and window), N <= 16 (every state of the window in registers), whole windows (L a multiple of 256),
+    L >= 1024, batch * dim channels filling the GPU, and torch's deterministic mode off (dB/dC are added with
+    atomics)."""
     batch, dim, L = u.shape
     if u.dtype not in (torch.bfloat16, torch.float16) or next_power_of_2(N) > 16 or L < LANES_BWD_MIN_L:
         return False
@@ -375,7 +356,8 @@ def use_lanes_bwd(u, N: int, device_index=None) -> bool:
 def selective_scan_bwd_lanes(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, states,
                              delta_softplus: bool):
     """Launch the lanes backward. Inputs validated by the caller; dout, u, delta, z time contiguous; L a multiple of
-    the window (32 x one 16-byte vector). Returns a dict of gradients as :func:`.triton_bwd.selective_scan_bwd`."""
+    the window (32 / CPW lanes x one 16-byte vector). Returns a dict of gradients as
+    :func:`.triton_bwd.selective_scan_bwd`."""
     batch, dim, L = u.shape
     N = A.shape[1]
     dev = u.device
@@ -410,8 +392,7 @@ def selective_scan_bwd_lanes(dout, dlast_state, u, delta, A, B, C, D, z, delta_b
     )
     meta = dict(BLOCK_N=BLOCK_N, VEC=VEC, CPW=CPW, NW=NW, HAS_D=D is not None, HAS_Z=z is not None,
                 HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_DLAST=dlast_state is not None,
-                HAS_DH0=initial_state is not None, PREFETCH=1, ROTATE=False, DA_REG=False,
-                DEBUG_NO_BC=False)
+                HAS_DH0=initial_state is not None)
     meta.update(over)
     launch(_selective_scan_bwd_lanes_kernel, (batch, dim // (CPW * NW)), args, dict(meta, num_warps=NW))
 
