@@ -287,14 +287,19 @@ def test_torch_compile_fullgraph():
     pytest.param((1, 1, 256, 2, None), OPTIONS[0].values[0], id="L256-whole-windows-all-on"),
 ])
 def test_triton_lanes_forward_matches_float64(shape, opts, monkeypatch):
+    _forced_lanes_case("use_lanes", shape, opts, monkeypatch)
+
+
+def _forced_lanes_case(chooser, shape, opts, monkeypatch):
+    """run_case with the lanes kernel that ``_ops.<chooser>`` picks forced on, and a check that it ran."""
     from matten_kernels.selective_scan import _ops
 
     chosen = []
-    monkeypatch.setattr(_ops, "use_lanes", lambda *a, **k: chosen.append(True) or True)
+    monkeypatch.setattr(_ops, chooser, lambda *a, **k: chosen.append(True) or True)
     Dz, z, bias, sp, h0, last = opts
     x = make_inputs(*shape, D=Dz, z=z, bias=bias, h0=h0)
     run_case("triton", x, sp, last)
-    assert chosen, "the lanes forward was not reached"
+    assert chosen, f"{chooser} was not consulted"
 
 
 # The lanes backward (triton_bwd_lanes.py), chosen by shape like the lanes forward, forced here on the float64
@@ -307,14 +312,7 @@ def test_triton_lanes_forward_matches_float64(shape, opts, monkeypatch):
     pytest.param((1, 8, 64, 1, None), OPTIONS[3].values[0], id="L64-N1-z-h0"),
 ])
 def test_triton_lanes_backward_matches_float64(shape, opts, monkeypatch):
-    from matten_kernels.selective_scan import _ops
-
-    chosen = []
-    monkeypatch.setattr(_ops, "use_lanes_bwd", lambda *a, **k: chosen.append(True) or True)
-    Dz, z, bias, sp, h0, last = opts
-    x = make_inputs(*shape, D=Dz, z=z, bias=bias, h0=h0)
-    run_case("triton", x, sp, last)
-    assert chosen, "the lanes backward was not reached"
+    _forced_lanes_case("use_lanes_bwd", shape, opts, monkeypatch)
 
 
 def test_lanes_backward_choice(monkeypatch):

@@ -63,12 +63,16 @@ def test_uni_dtypes(dtype, shape):
 @pytest.mark.parametrize("shape", [(2, 96, 4096, 16, None), (2, 64, 4100, 5, 2), (3, 16, 200, 16, None)],
                          ids=["L4096", "L4100-N5-G2", "L200"])
 def test_uni_lanes_forward(dtype, shape, monkeypatch):
+    _forced_lanes_case("use_lanes", dtype, shape, monkeypatch)
+
+
+def _forced_lanes_case(chooser, dtype, shape, monkeypatch):
     from matten_kernels.selective_scan import _ops
 
     chosen = []
-    monkeypatch.setattr(_ops, "use_lanes", lambda *a, **k: chosen.append(True) or True)
+    monkeypatch.setattr(_ops, chooser, lambda *a, **k: chosen.append(True) or True)
     _uni_case(dtype, shape)
-    assert chosen
+    assert chosen, f"{chooser} was not consulted"
 
 
 # The lanes backward (chosen by shape: long 16-bit sequences over many channels) forced on fewer channels: two channels
@@ -78,12 +82,7 @@ def test_uni_lanes_forward(dtype, shape, monkeypatch):
 @pytest.mark.parametrize("shape", [(2, 96, 4096, 16, None), (2, 64, 4096, 5, 2), (3, 6, 1024, 16, None)],
                          ids=["L4096", "L4096-N5-G2", "L1024-dim6"])
 def test_uni_lanes_backward(dtype, shape, monkeypatch):
-    from matten_kernels.selective_scan import _ops
-
-    chosen = []
-    monkeypatch.setattr(_ops, "use_lanes_bwd", lambda *a, **k: chosen.append(True) or True)
-    _uni_case(dtype, shape)
-    assert chosen
+    _forced_lanes_case("use_lanes_bwd", dtype, shape, monkeypatch)
 
 
 def _uni_case(dtype, shape):

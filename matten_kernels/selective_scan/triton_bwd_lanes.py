@@ -49,7 +49,7 @@ import triton.language as tl
 
 from .._launch import launch, next_power_of_2
 from .triton_fwd import SAVE, SAVE_STEPS, _exp2, _sm_count, _softplus
-from .triton_fwd_lanes import _bc
+from .triton_fwd_lanes import _bc, _channel_params
 
 
 @triton.jit
@@ -180,12 +180,7 @@ def _selective_scan_bwd_lanes_kernel(
         if HAS_DLAST:
             r_n = tl.load(p_dlast + row * N + n + o_l * 0, mask=(o_l * 0 + n) < N, other=0.0)
         r = r + (r_n,)
-    bias = 0.0
-    if HAS_BIAS:
-        bias = tl.load(p_bias + o_d3)
-    Dv = 0.0
-    if HAS_D:
-        Dv = tl.load(p_D + o_d3)
+    bias, Dv = _channel_params(p_bias, p_D, o_d3, HAS_BIAS, HAS_D)
     dD = tl.zeros([TL, C], dtype=tl.float32)
     dbias = tl.zeros([TL, C], dtype=tl.float32)
     lane0 = o_l == 0

@@ -51,6 +51,18 @@ def _pick_last_axis(x, m):
 
 
 @triton.jit
+def _channel_params(p_bias, p_D, offs, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr):
+    """delta_bias and D of the channels at offs (0.0 when absent)."""
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(p_bias + offs)
+    Dv = 0.0
+    if HAS_D:
+        Dv = tl.load(p_D + offs)
+    return bias, Dv
+
+
+@triton.jit
 def _combine(a1, x1, a2, x2):
     # (a1, x1) then (a2, x2): h -> a2 (a1 h + x1) + x2
     return a1 * a2, a2 * x1 + x2
@@ -147,12 +159,7 @@ def _selective_scan_fwd_lanes_kernel(
         if HAS_H0:
             carry = tl.load(p_h0 + row * N + o_n2, mask=m_n2, other=0.0)
         tl.store(p_st + o_n2, carry, mask=m_n2 & (o_l == 0))  # the state entering the first SAVE block
-    bias = 0.0
-    if HAS_BIAS:
-        bias = tl.load(p_bias + i_d)
-    Dv = 0.0
-    if HAS_D:
-        Dv = tl.load(p_D + i_d)
+    bias, Dv = _channel_params(p_bias, p_D, i_d, HAS_BIAS, HAS_D)
     p_u1 = p_u + i_b * s_u_b + i_d * s_u_d
     p_dt1 = p_delta + i_b * s_dt_b + i_d * s_dt_d
     p_z1 = p_z + i_b * s_z_b + i_d * s_z_d
