@@ -166,8 +166,12 @@ def run_mixer(args, rows):
     h = torch.randn(b, L, d // 2, device="cuda", dtype=dtype, requires_grad=True)
     leaves = [h] + list(m.parameters())
     g = torch.randn(b, L, d // 2, device="cuda", dtype=dtype)
-    for pname, mod in (("BiMamba (ours)", m), (f"Vim-style ({why})", vim)):
+    mods = [("BiMamba (ours)", m, None), (f"Vim-style ({why})", vim, None)]
+    if not args.no_cuda:
+        mods.insert(1, ("BiMamba (ours, cuda scan)", m, "cuda"))  # the same module, its scan on the CUDA backend
+    for pname, mod, backend in mods:
         row = dict(dtype="bf16", shape="mixer global XL", provider=pname)
+        m.backend = backend
         try:
             with torch.no_grad():
                 row["fwd_ms"] = round(bench(lambda: mod(h)), 4)
@@ -180,6 +184,7 @@ def run_mixer(args, rows):
         except Exception as e:  # noqa: BLE001
             row["error"] = f"{type(e).__name__}: {str(e)[:100]}"
         rows.append(row)
+    m.backend = None
 
 
 if __name__ == "__main__":
