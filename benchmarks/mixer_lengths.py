@@ -1,0 +1,48 @@
+"""BiMamba mixer fwd+bwd at 4096 tokens and at 4096 + condition tokens, Triton vs CUDA scan (one run, H100).
+
+The Matten model's global blocks scan n condition tokens before the 4096 video tokens; this measures what that does to
+the mixer on each scan backend (the lanes paths want L a multiple of 16 and of their window).
+Usage (device): PYTHONPATH=. python benchmarks/mixer_lengths.py [--lengths 4096,4097,4098] --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from _scan_common import bench, env_info
+from matten_kernels.modules import BiMamba
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--lengths", default="4096,4097,4098")
+    p.add_argument("--commit", default="unknown")
+    p.add_argument("--out", default=".")
+    args = p.parse_args()
+    info = env_info(args.commit)
+    m = BiMamba(1152, d_state=16, bimamba="v2").cuda().to(torch.bfloat16)
+    rows = []
+    for L in (int(x) for x in args.lengths.split(",")):
+        h = torch.randn(2, L, 1152, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn_like(h)
+        leaves = [h] + list(m.parameters())
+        for backend in ("triton", "cuda"):
+            m.backend = backend
+
+            def fb():
+                m(h).backward(g)
+
+            ms = bench(fb, grad_to_none=leaves)
+            rows.append(dict(L=L, backend=backend, fwdbwd_ms=round(ms, 4)))
+            print(f"L {L}  {backend:6s}  mixer fwd+bwd {ms:.3f} ms", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"mixer-lengths-{info['gpu'].replace(' ', '-')}-{args.commit}.json"), "w") as fh:
+        json.dump(dict(env=info, rows=rows), fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
