@@ -3,6 +3,7 @@
 The Matten model's global blocks scan n condition tokens before the 4096 video tokens; this measures what that does to
 the mixer on each scan backend (the lanes paths want L a multiple of 16 and of their window).
 Usage (device): PYTHONPATH=. python benchmarks/mixer_lengths.py [--lengths 4096,4097,4098] --out $OUT
+       [--profile 4097,triton]  (the top CUDA kernels of one fwd+bwd instead)
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ def main():
     p.add_argument("--lengths", default="4096,4097,4098")
     p.add_argument("--commit", default="unknown")
     p.add_argument("--out", default=".")
+    p.add_argument("--profile", default=None, metavar="L,BACKEND", help="only profile the mixer at L on BACKEND")
     args = p.parse_args()
+    if args.profile:
+        L, backend = args.profile.split(",")
+        return profile(int(L), backend)
     info = env_info(args.commit)
     m = BiMamba(1152, d_state=16, bimamba="v2").cuda().to(torch.bfloat16)
     rows = []
@@ -46,3 +51,18 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+def profile(L: int, backend: str, top: int = 12):
+    """The mixer's fwd+bwd at L tokens under torch.profiler: the CUDA kernels taking the most time."""
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    m = BiMamba(1152, d_state=16, bimamba="v2", backend=backend).cuda().to(torch.bfloat16)
+    h = torch.randn(2, L, 1152, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    for _ in range(3):
+        m(h).sum().backward()
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        m(h).sum().backward()
+        torch.cuda.synchronize()
+    print(p.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70))
