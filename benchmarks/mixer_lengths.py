@@ -49,9 +49,6 @@ def main():
         json.dump(dict(env=info, rows=rows), fh, indent=1)
 
 
-if __name__ == "__main__":
-    main()
-
 
 def profile(L: int, backend: str, top: int = 12):
     """The mixer's fwd+bwd at L tokens under torch.profiler: the CUDA kernels taking the most time."""
@@ -66,3 +63,7 @@ def profile(L: int, backend: str, top: int = 12):
         m(h).sum().backward()
         torch.cuda.synchronize()
     print(p.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
