@@ -9,12 +9,17 @@ Semantics: SPEC.md section 2.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import logging
 
 import torch
+import torch.nn.functional as F
 
 from .._backend import FLOAT_DTYPES, check_tensor, choose_backend
 from .reference import bi_selective_scan_ref, selective_scan_ref
+
+logger = logging.getLogger(__name__)
 
 BACKENDS = ("triton", "cuda", "ref")
 MAX_DSTATE = 256
@@ -148,8 +153,33 @@ def bi_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
                   divide_out=divide_out)
     if backend == "ref":
         return bi_selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, **kwargs)
+    L = u.shape[-1]
+    if L % BI_ALIGN:
+        # Rows whose length is not a multiple of 16 elements cost both backends their vectorised paths: the BiMamba
+        # mixer at L = 4097 took 28.4 ms fwd+bwd against 7.7 (Triton) / 6.0 (CUDA) at 4096 (H100, bf16;
+        # benchmarks/NOTES_scan.md "Session 8, last"). Steps appended with u = 0 are exact: the forward direction
+        # reaches them after every real step, and the backward direction starts in them with a zero state that
+        # u = 0 keeps at zero; their outputs (and dout = 0 there) are cut off.
+        Lp = L + BI_ALIGN - L % BI_ALIGN
+        if not torch.compiler.is_compiling():  # (a cached logging call is not traceable)
+            _log_bi_padding(L, Lp)
+        pad = lambda X: None if X is None else F.pad(X, (0, Lp - L))  # noqa: E731
+        u, delta, B, C, z = map(pad, (u, delta, B, C, z))
+        for k in ("u_b", "delta_b", "B_b", "C_b"):
+            kwargs[k] = pad(kwargs[k])
+        return bi_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend=backend,
+                                 **kwargs)[..., :L]
     if backend == "cuda":
         return _import_cuda(op).cuda_bi_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, **kwargs)
     from ._ops import triton_bi_selective_scan
 
     return triton_bi_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, **kwargs)
+
+
+BI_ALIGN = 16  # bi_selective_scan pads L to a multiple of this on the kernel backends
+
+
+@functools.lru_cache(maxsize=None)
+def _log_bi_padding(L: int, Lp: int) -> None:
+    logger.info("bi_selective_scan: L = %d padded to %d (rows of a multiple of 16 elements keep the kernels "
+                "vectorised; the appended steps have u = 0 and are exact)", L, Lp)
