@@ -49,7 +49,7 @@ import triton.language as tl
 
 from .._launch import launch, next_power_of_2
 from .triton_fwd import SAVE, SAVE_STEPS, _exp2, _sm_count, _softplus
-from .triton_fwd_lanes import _bc, _channel_params
+from .triton_fwd_lanes import _channel_params, lanes_bc
 
 
 @triton.jit
@@ -356,9 +356,7 @@ def selective_scan_bwd_lanes(dout, dlast_state, u, delta, A, B, C, D, z, delta_b
     batch, dim, L = u.shape
     N = A.shape[1]
     dev = u.device
-    Bt, G_B = _bc(B, u.dtype)
-    Ct, G_C = _bc(C, u.dtype)
-    BLOCK_N = Bt.shape[2]
+    Bt, G_B, Ct, G_C, BLOCK_N = lanes_bc(u, B, C)
     over = dict(_META_OVERRIDES)
     CPW, NW = lanes_bwd_config(dim, G_B, G_C, u.element_size()) if "CPW" not in over else (over.pop("CPW"),
                                                                                             over.pop("NW"))

@@ -221,6 +221,13 @@ def _bc(X, dtype):
     return Xt.contiguous(), G
 
 
+def lanes_bc(u, B, C):
+    """B and C for the lanes kernels (:func:`_bc` in u's dtype): (Bt, G_B, Ct, G_C, BLOCK_N)."""
+    Bt, G_B = _bc(B, u.dtype)
+    Ct, G_C = _bc(C, u.dtype)
+    return Bt, G_B, Ct, G_C, Bt.shape[2]
+
+
 def selective_scan_fwd_lanes(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus: bool):
     """Launch the lanes forward. Inputs validated by the caller; u, delta, z time contiguous.
 
@@ -229,9 +236,7 @@ def selective_scan_fwd_lanes(u, delta, A, B, C, D, z, delta_bias, initial_state,
     batch, dim, L = u.shape
     N = A.shape[1]
     dev = u.device
-    Bt, G_B = _bc(B, u.dtype)
-    Ct, G_C = _bc(C, u.dtype)
-    BLOCK_N = Bt.shape[2]
+    Bt, G_B, Ct, G_C, BLOCK_N = lanes_bc(u, B, C)
     W = 32 * (16 // u.element_size())
     f32 = torch.float32
     out = torch.empty((batch, dim, L), device=dev, dtype=u.dtype)
