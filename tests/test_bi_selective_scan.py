@@ -87,6 +87,19 @@ def test_bi_triton_matches_composition(mode, shape, opts):
     run_bi("triton", x, xb, softplus, divide_out)
 
 
+def test_bi_padding_is_exact(monkeypatch):
+    """On the GPU bi_selective_scan pads L to a multiple of 16 with u = 0 steps; forced here on the CPU (L = 17, v2,
+    every option): outputs and every gradient against the float64 composition, as without padding."""
+    from matten_kernels.selective_scan import interface
+
+    monkeypatch.setattr(interface, "BI_PAD_DEVICES", ("cuda", "cpu"))
+    padded = []
+    monkeypatch.setattr(interface, "_log_bi_padding", lambda L, Lp: padded.append((L, Lp)))
+    x, xb = make_bi(1, 3, 17, 2, None, "v2", D=True, z=True, bias=True)
+    run_bi("triton", x, xb, True, False)
+    assert (17, 32) in padded
+
+
 def test_bi_triton_deterministic_mode_matches():
     x, xb = make_bi(1, 4, 40, 3, None, "v2")
     prev = torch.are_deterministic_algorithms_enabled()

@@ -306,7 +306,7 @@ def test_eager_calls_take_the_autograd_function_path():
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     r = lambda *s: torch.randn(*s, device=dev, requires_grad=True)  # noqa: E731
-    u, delta, B, C = r(1, 4, 8), r(1, 4, 8), r(1, 2, 8), r(1, 2, 8)
+    u, delta, B, C = r(1, 4, 16), r(1, 4, 16), r(1, 2, 16), r(1, 2, 16)  # L = 16: the bi scan pads no other length
     A = (-torch.rand(4, 2, device=dev)).requires_grad_()
     q = r(1, 4, 1, 16)
     outs = {

@@ -154,7 +154,7 @@ def bi_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     if backend == "ref":
         return bi_selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, **kwargs)
     L = u.shape[-1]
-    if L % BI_ALIGN:
+    if L % BI_ALIGN and u.device.type in BI_PAD_DEVICES:
         # Rows whose length is not a multiple of 16 elements cost both backends their vectorised paths: the BiMamba
         # mixer at L = 4097 took 28.4 ms fwd+bwd against 7.7 (Triton) / 6.0 (CUDA) at 4096 (H100, bf16;
         # benchmarks/NOTES_scan.md "Session 8, last"). Steps appended with u = 0 are exact: the forward direction
@@ -176,7 +176,8 @@ def bi_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     return triton_bi_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, **kwargs)
 
 
-BI_ALIGN = 16  # bi_selective_scan pads L to a multiple of this on the kernel backends
+BI_ALIGN = 16  # bi_selective_scan pads L to a multiple of this on the kernel backends,
+BI_PAD_DEVICES = ("cuda",)  # on these devices (the CPU interpreter gains nothing; a test adds "cpu")
 
 
 @functools.lru_cache(maxsize=None)
