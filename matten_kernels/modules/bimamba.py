@@ -5,13 +5,17 @@ state dicts load with ``strict=True``. Semantics: SPEC.md sections 2 (bidirectio
 
 Data flow, all in natural order (no flipped copies anywhere on the fast path)::
 
-    xz    = in_proj(hidden)                       (batch, L, 2*d_inner); x, z = transposed views (batch, d_inner, L)
+    xz    = in_proj(hidden)                       (batch, 2*d_inner, L); x, z = its halves (batch, d_inner, L)
     x_f   = silu(causal conv1d(x))                the forward direction
     x_b   = silu(anti-causal conv1d_b(x))         the backward direction (= Vim's flip -> conv1d_b -> flip)
     dt, B, C       = split(x_proj(x_f));   dt_b, B_b, C_b = split(x_proj_b(x_b))
     delta = dt_proj.weight @ dt   (the bias goes in through the scan's delta_bias, softplus inside the scan)
     y     = bi_selective_scan(x_f, delta, A, B, C, D, z, ..., u_b=x_b, delta_b, A_b, B_b, C_b, D_b, ...)
     out   = out_proj(y)                           (batch, L, d_model)
+
+Layout: every (batch, channels, L) tensor is time-contiguous, as the scan and conv kernels read it; the projections
+are :func:`channel_linear` (batched GEMMs that take the token-major hidden states and give token-major output), so
+no activation or gradient is ever transposed by a copy.
 
 Vim computes the backward direction by flipping xz, running the causal path and flipping the gated output back;
 since the gate silu(z) is elementwise, ``out_z_f + flip(out_z_b) = (y_f + y_b) * silu(z)``: the same function.
@@ -31,12 +35,12 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .._backend import FLOAT_DTYPES, check_tensor, choose_backend
 from ..conv1d import (bi_depthwise_conv1d_silu, bi_depthwise_conv1d_silu_ref, depthwise_conv1d_silu,
                       depthwise_conv1d_silu_ref)
 from ..selective_scan import bi_selective_scan, bi_selective_scan_ref, selective_scan, selective_scan_ref
+from .channel_linear import channel_linear
 
 BIMAMBA_TYPES = ("v2", "v1", "none")
 
@@ -178,10 +182,8 @@ class BiMamba(nn.Module):
         plain PyTorch references."""
         batch, L, _ = hidden_states.shape
         E, N, R = self.d_inner, self.d_state, self.dt_rank
-        xz = self.in_proj(hidden_states)  # (batch, L, 2E)
-        # One split node (its backward is a single cat of dx and dz into dxz), then transposed views: x and z are
-        # (batch, E, L) with channel stride 1, read by the kernels through their strides, never copied.
-        x, z = (t.transpose(1, 2) for t in torch.split(xz, [E, E], dim=-1))
+        xz = channel_linear(hidden_states, self.in_proj.weight, self.in_proj.bias, transpose_in=True)  # (batch, 2E, L)
+        x, z = torch.split(xz, [E, E], dim=1)  # (batch, E, L) views, time-contiguous; backward: one cat of dx, dz
 
         conv_w = self.conv1d.weight[:, 0, :]  # (E, k) view of (E, 1, k)
         if self.bimamba == "v2":
@@ -199,11 +201,10 @@ class BiMamba(nn.Module):
             x_b = None
 
         def project(u, x_proj, dt_proj):
-            """u (batch, E, L) -> delta (batch, E, L), B, C (batch, N, L): views of two (batch*L, .) matmuls."""
-            x_dbl = F.linear(u.transpose(1, 2), x_proj.weight)  # (batch, L, R + 2N); u's memory is (batch, L, E)
-            dt, B, C = torch.split(x_dbl, [R, N, N], dim=-1)
-            delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (batch, E, L) view; bias goes to delta_bias
-            return delta, B.transpose(1, 2), C.transpose(1, 2)
+            """u (batch, E, L) -> delta (batch, E, L), B, C (batch, N, L), all time-contiguous."""
+            x_dbl = channel_linear(u, x_proj.weight)  # (batch, R + 2N, L)
+            dt, B, C = torch.split(x_dbl, [R, N, N], dim=1)
+            return channel_linear(dt, dt_proj.weight), B, C  # delta without its bias: that goes to delta_bias
 
         delta, B, C = project(x_f, self.x_proj, self.dt_proj)
         A = -torch.exp(_fp32(self.A_log))  # (E, N)
@@ -225,4 +226,4 @@ class BiMamba(nn.Module):
                                       backend=scan_backend, **kw)
             else:
                 y = bi_selective_scan_ref(x_f, delta, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True, **kw)
-        return self.out_proj(y.transpose(1, 2))  # (batch, L, d_model)
+        return channel_linear(y, self.out_proj.weight, self.out_proj.bias, transpose_out=True)  # (batch, L, d_model)
