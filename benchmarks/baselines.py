@@ -9,6 +9,7 @@
 * Video attention as users write it with PyTorch: einops ``rearrange`` of q, k, v into (sequences, heads, L, d),
   ``F.scaled_dot_product_attention`` (FlashAttention / cuDNN / efficient backends, whichever PyTorch picks), and the
   rearrange back.
+* adaLN: DiT's ``modulate(norm(x), shift, scale)`` and ``x + gate * branch`` as separate PyTorch ops.
 
 ``swap_in_baselines(model)`` returns a context manager that runs a Matten model on these ops with its own weights,
 so "our kernels vs. the ops users would otherwise use" compares the same parameters and the same math.
@@ -117,7 +118,10 @@ class VimBiMamba(nn.Module):
         m = self.mixer
         batch, L, _ = hidden_states.shape
         E, N, R, k = m.d_inner, m.d_state, m.dt_rank, m.d_conv
-        xz = rearrange(m.in_proj(hidden_states), "b l d -> b d l")  # (batch, 2E, L) view, as Vim
+        # as Vim's mamba_simple: in_proj.weight @ hidden^T, so xz is born time-contiguous (strides (L, batch*L, 1))
+        xz = rearrange(m.in_proj.weight @ rearrange(hidden_states, "b l d -> d (b l)"), "d (b l) -> b d l", l=L)
+        if m.in_proj.bias is not None:
+            xz = xz + m.in_proj.bias.to(xz.dtype)[:, None]
         x, z = xz.chunk(2, dim=1)
 
         def direction(x, z, conv, x_proj, dt_proj, A_log, D):
@@ -164,11 +168,28 @@ def sdpa_video_attention_qkvpacked(qkv, *, num_frames, axis, softmax_scale=None,
     return sdpa_video_attention(q, k, v, num_frames=num_frames, axis=axis, softmax_scale=softmax_scale)
 
 
+def torch_layer_norm_modulate(x, shift, scale, *, eps, out_dtype, backend=None):
+    """DiT's ``modulate(norm(x), shift, scale)`` in PyTorch ops (signature of ``matten_kernels.layer_norm_modulate``;
+    the cast to out_dtype is the one autocast would make before the next GEMM)."""
+    return (F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)).to(out_dtype)
+
+
+def torch_gated_residual(x, gate, y, *, backend=None):
+    """DiT's ``x + gate.unsqueeze(1) * y`` (signature of ``matten_kernels.gated_residual``)."""
+    return x + gate.unsqueeze(1) * y
+
+
+# the names matten.model calls, and what the baseline model calls instead
+_MODEL_OPS = {"video_attention_qkvpacked": sdpa_video_attention_qkvpacked,
+              "layer_norm_modulate": torch_layer_norm_modulate, "gated_residual": torch_gated_residual}
+
+
 @contextlib.contextmanager
 def swap_in_baselines(model: nn.Module):
     """Run ``model`` on the baseline ops inside the ``with`` block: every BiMamba mixer is replaced by a
-    :class:`VimBiMamba` over its own parameters, and the model's attention calls ``sdpa_video_attention_qkvpacked``.
-    Everything is restored on exit."""
+    :class:`VimBiMamba` over its own parameters, the model's attention calls ``sdpa_video_attention_qkvpacked`` and
+    its adaLN LayerNorm/modulate and gated residuals are the PyTorch compositions DiT writes. Everything is restored
+    on exit."""
     from matten_kernels.modules import BiMamba
 
     import matten.model as model_module
@@ -179,11 +200,13 @@ def swap_in_baselines(model: nn.Module):
             if isinstance(child, BiMamba):
                 setattr(parent, name, VimBiMamba(child))
                 replaced.append((parent, name, child))
-    saved_attention = model_module.video_attention_qkvpacked
-    model_module.video_attention_qkvpacked = sdpa_video_attention_qkvpacked
+    saved = {name: getattr(model_module, name) for name in _MODEL_OPS}
+    for name, fn in _MODEL_OPS.items():
+        setattr(model_module, name, fn)
     try:
         yield model
     finally:
-        model_module.video_attention_qkvpacked = saved_attention
+        for name, fn in saved.items():
+            setattr(model_module, name, fn)
         for parent, name, child in replaced:
             setattr(parent, name, child)

@@ -9,8 +9,8 @@ Op rows (Vim v2: every *_b input distinct; bf16; delta_softplus, D, delta_bias, 
   mamba-compose  the same composition over mamba-ssm (when importable / built by build_mamba_scan.py)
   sdpa           global softmax attention over the same tokens (B, L tokens, 16 heads x dim/32) from a packed qkv
 Mixer rows (global XL: batch 2, 4096 tokens, d_model = dim / 2): matten_kernels.modules.BiMamba (fast path) vs a
-Vim-style torch composition of the same parameters (F.conv1d with flips, two scans with flips; scans by mamba-ssm
-when available, else by our selective_scan).
+Vim-style composition of the same parameters (``baselines.VimBiMamba``, the model benchmark's baseline mixer: Vim's
+in_proj layout, F.conv1d with flips, two gated scans with flips; scans by mamba-ssm when available, else by ours).
 """
 
 from __future__ import annotations
@@ -75,35 +75,6 @@ def sdpa_global(batch, L, dim, dtype):
     return f, [qkv]
 
 
-class VimStyleMixer(torch.nn.Module):
-    """Vim's bimamba v2 forward written with flips over an existing BiMamba's parameters (the baseline)."""
-
-    def __init__(self, m, scan):
-        super().__init__()
-        self.m, self.scan = m, scan
-
-    def forward(self, h):
-        m = self.m
-        L = h.shape[1]
-        xz = m.in_proj(h).transpose(1, 2)  # (B, 2E, L)
-        x, z = xz.chunk(2, dim=1)
-        k = m.conv1d.weight.shape[-1]
-
-        def branch(xx, conv, x_proj, dt_proj, A_log, D):
-            xx = F.silu(F.conv1d(xx, conv.weight, conv.bias, padding=k - 1, groups=xx.shape[1])[..., :L])
-            dbl = F.linear(xx.transpose(1, 2), x_proj.weight)
-            dt, B, C = torch.split(dbl, [dt_proj.weight.shape[1], m.d_state, m.d_state], dim=-1)
-            delta = F.linear(dt, dt_proj.weight).transpose(1, 2)
-            return self.scan(xx.contiguous(), delta.contiguous(), -torch.exp(A_log.float()),
-                             B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), D.float(),
-                             dt_proj.bias.float(), True)
-
-        y_f = branch(x, m.conv1d, m.x_proj, m.dt_proj, m.A_log, m.D)
-        y_b = branch(x.flip(-1), m.conv1d_b, m.x_proj_b, m.dt_proj_b, m.A_b_log, m.D_b).flip(-1)
-        y = (y_f + y_b) * F.silu(z)
-        return m.out_proj(y.transpose(1, 2))
-
-
 def run_ops(args, rows):
     prov = op_providers(args)
     for dname in args.dtypes.split(","):
@@ -155,14 +126,14 @@ def run_mixer(args, rows):
     except Exception as e:  # noqa: BLE001
         print(f"[skip mixer] matten_kernels.modules.BiMamba not importable ({type(e).__name__}: {e})")
         return
+    if args.mamba_build:  # the model benchmark's baseline mixer (benchmarks/baselines.py) finds mamba-ssm there
+        os.environ.setdefault("MATTEN_MAMBA_BUILD", args.mamba_build)
+    from baselines import SCAN_PROVIDER, VimBiMamba
+
     b, d, N, L = SHAPES["global XL"]
     dtype = torch.bfloat16
     m = BiMamba(d // 2, d_state=N, bimamba="v2").cuda().to(dtype)
-    fn, why = mamba_provider(args.mamba_build)
-    if fn is None:
-        fn = lambda u, dl, A, B, C, D, db, sp: selective_scan(u, dl, A, B, C, D, None, db, sp, backend="triton")  # noqa
-        why = "torch composition with our selective_scan (mamba-ssm unavailable)"
-    vim = VimStyleMixer(m, fn)
+    vim, why = VimBiMamba(m), SCAN_PROVIDER
     h = torch.randn(b, L, d // 2, device="cuda", dtype=dtype, requires_grad=True)
     leaves = [h] + list(m.parameters())
     g = torch.randn(b, L, d // 2, device="cuda", dtype=dtype)

@@ -28,23 +28,29 @@ import torch.utils.checkpoint
 from einops import rearrange, repeat
 
 from matten_kernels import video_attention, video_attention_qkvpacked
+from matten_kernels._backend import autocast_dtype
+from matten_kernels.adaln import gated_residual, layer_norm_modulate
 from matten_kernels.modules import BiMamba
 
 from ._compat import ConfigMixin, ModelMixin, Transformer2DModelOutput, register_to_config
 from .config import MattenConfig, get_config
 
-# kernel_backend -> the backend= argument of video_attention and of BiMamba. "auto" is None (triton for CUDA tensors,
-# ref on the CPU). "cuda" selects the CUDA C++ scan; attention has no CUDA C++ kernel, so it runs on triton then.
-_ATTENTION_BACKEND = {"auto": None, "triton": "triton", "cuda": "triton", "ref": "ref"}
+# kernel_backend -> the backend= argument of video_attention, the adaLN ops and BiMamba. "auto" is None (triton for
+# CUDA tensors, ref on the CPU). "cuda" selects the CUDA C++ scan; attention and the adaLN ops have no CUDA C++
+# kernel, so they run on triton then.
+_TRITON_BACKEND = {"auto": None, "triton": "triton", "cuda": "triton", "ref": "ref"}
 _MAMBA_BACKEND = {"auto": None, "triton": "triton", "cuda": "cuda", "ref": "ref"}
 
 
 # ======================================================================================================================
 # helpers
 # ======================================================================================================================
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (B, N, D) * (1 + scale) + shift, with shift/scale (B, D) broadcast over the tokens."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+def norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                  backend: str | None) -> torch.Tensor:
+    """DiT's ``modulate(norm(x), shift, scale)`` = LN(x) * (1 + scale) + shift, shift/scale (B, D) broadcast over the
+    tokens of x (B, N, D). One fused pass (``matten_kernels.adaln``), written in the dtype the next GEMM computes in
+    (the autocast dtype under autocast)."""
+    return layer_norm_modulate(x, shift, scale, eps=norm.eps, out_dtype=autocast_dtype(x), backend=backend)
 
 
 def _layer_norm(dim: int) -> nn.LayerNorm:
@@ -164,6 +170,7 @@ class AttentionBlock(nn.Module):
         self.norm2 = _layer_norm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim, bias=True)) if adaln else None
+        self.backend = backend  # of the adaLN ops too
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None, num_frames: int) -> torch.Tensor:
         if self.adaLN_modulation is None:
@@ -171,8 +178,11 @@ class AttentionBlock(nn.Module):
             return x + self.mlp(self.norm2(x))
         # six (B, D) chunks: shift, scale and gate of the attention branch, then of the MLP branch
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), num_frames)
-        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        # x + gate * branch(LN(x) * (1 + scale) + shift), each in two fused passes (matten_kernels.adaln)
+        h = norm_modulate(self.norm1, x, shift_msa, scale_msa, self.backend)
+        x = gated_residual(x, gate_msa, self.attn(h, num_frames), backend=self.backend)
+        h = norm_modulate(self.norm2, x, shift_mlp, scale_mlp, self.backend)
+        return gated_residual(x, gate_mlp, self.mlp(h), backend=self.backend)
 
 
 class MambaBlock(nn.Module):
@@ -183,22 +193,23 @@ class MambaBlock(nn.Module):
     With ``condition="tokens"`` there is no modulation: x += BiMamba(LN(x)).
     """
 
-    def __init__(self, dim: int, axis: str, config: MattenConfig, adaln: bool, backend: str | None):
+    def __init__(self, dim: int, axis: str, config: MattenConfig, adaln: bool, backend: str | None,
+                 adaln_backend: str | None):
         super().__init__()
         self.axis = axis
         self.norm = _layer_norm(dim)
         self.mixer = BiMamba(dim, d_state=config.d_state, d_conv=config.d_conv, expand=config.expand,
                              dt_rank=config.dt_rank, bimamba="v2", backend=backend)
+        self.adaln_backend = adaln_backend
         # M-AdaN: (gamma, beta, alpha) = Linear(SiLU(c)), zero-initialised (module docstring: the adaLN-Zero reading)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * dim, bias=True)) if adaln else None
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None, num_frames: int) -> torch.Tensor:
-        h = self.norm(x)  # (B, F*S, D)
         if self.adaLN_modulation is None:
-            return x + self._scan(h, num_frames)
+            return x + self._scan(self.norm(x), num_frames)  # (B, F*S, D)
         gamma, beta, alpha = self.adaLN_modulation(c).chunk(3, dim=1)  # each (B, D)
-        h = modulate(h, beta, gamma)  # LN(x) * (1 + gamma) + beta
-        return x + alpha.unsqueeze(1) * self._scan(h, num_frames)
+        h = norm_modulate(self.norm, x, beta, gamma, self.adaln_backend)  # LN(x) * (1 + gamma) + beta
+        return gated_residual(x, alpha, self._scan(h, num_frames), backend=self.adaln_backend)
 
     def _scan(self, h: torch.Tensor, num_frames: int) -> torch.Tensor:
         if self.axis == "global":
@@ -256,19 +267,19 @@ def _split_condition_tokens(x, n: int, axis: str, num_frames: int):
 class FinalLayer(nn.Module):
     """LN -> adaLN (shift, scale) -> Linear(D, p*p*C_out); without modulation in condition="tokens" mode."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, adaln: bool):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, adaln: bool, backend: str | None):
         super().__init__()
+        self.backend = backend  # of the adaLN op
         self.norm_final = _layer_norm(hidden_size)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = (nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
                                  if adaln else None)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-        x = self.norm_final(x)
-        if self.adaLN_modulation is not None:
-            shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # 2 x (B, D)
-            x = modulate(x, shift, scale)
-        return self.linear(x)  # (B, F*S, p*p*C_out)
+        if self.adaLN_modulation is None:
+            return self.linear(self.norm_final(x))
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # 2 x (B, D)
+        return self.linear(norm_modulate(self.norm_final, x, shift, scale, self.backend))  # (B, F*S, p*p*C_out)
 
 
 # ======================================================================================================================
@@ -316,18 +327,18 @@ class MattenTransformer3DModel(ModelMixin, ConfigMixin):
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, D)
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout_prob) if cfg.num_classes > 0 else None
-        attention_backend = _ATTENTION_BACKEND[cfg.kernel_backend]
+        triton_backend = _TRITON_BACKEND[cfg.kernel_backend]
         mamba_backend = _MAMBA_BACKEND[cfg.kernel_backend]
         blocks = []
         for kind in self.layout:
             family, axis = kind.split("_")
             if family == "attn":
-                blocks.append(AttentionBlock(D, cfg.num_heads, cfg.mlp_ratio, axis, adaln, attention_backend,
+                blocks.append(AttentionBlock(D, cfg.num_heads, cfg.mlp_ratio, axis, adaln, triton_backend,
                                              cfg.qk_norm))
             else:
-                blocks.append(MambaBlock(D, axis, cfg, adaln, mamba_backend))
+                blocks.append(MambaBlock(D, axis, cfg, adaln, mamba_backend, triton_backend))
         self.blocks = nn.ModuleList(blocks)
-        self.final_layer = FinalLayer(D, cfg.patch_size, cfg.out_channels, adaln)
+        self.final_layer = FinalLayer(D, cfg.patch_size, cfg.out_channels, adaln, triton_backend)
         # Fixed sin-cos position embeddings. Persistent buffers (as DiT's frozen pos_embed): a model built on the meta
         # device and materialised with to_empty() gets them back from the checkpoint like the weights.
         grid = cfg.sample_size // cfg.patch_size

@@ -32,6 +32,14 @@ def use_custom_op() -> bool:
     return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a GEMM on x computes in here: the autocast dtype when autocast is on for x's device, else x.dtype."""
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and x.dtype.is_floating_point and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
 def choose_backend(backend: str | None, device: torch.device, op: str, available=("triton", "ref")) -> str:
     """Resolve ``backend`` for tensors on ``device``.
 

@@ -13,13 +13,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype nn.Linear would compute in here: the autocast dtype when autocast is on for x's device."""
-    dev = x.device.type
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev) and x.dtype.is_floating_point:
-        return torch.get_autocast_dtype(dev)
-    return x.dtype
+from .._backend import autocast_dtype
 
 
 def _stackable(t: torch.Tensor) -> bool:
@@ -90,7 +84,7 @@ def channel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if weight.shape[1] != K:
         raise ValueError(f"channel_linear: weight {tuple(weight.shape)} does not match x {tuple(x.shape)} "
                          f"(transpose_in={transpose_in}: {K} input channels)")
-    dtype = _compute_dtype(x)
+    dtype = autocast_dtype(x)
     y = _ChannelLinear.apply(x.to(dtype), weight.to(dtype), transpose_in, transpose_out)
     if bias is not None:
         y = y + (bias.to(dtype) if transpose_out else bias.to(dtype)[:, None])
