@@ -5,7 +5,8 @@ clip; bf16 autocast (fp32 master weights); every model from the same code (matte
 
 What is timed (CUDA events around each call, median of ``ITERS`` after ``WARMUP`` calls):
   train step   forward, MSE loss against a random target, backward, fused AdamW step, zero_grad (set_to_none).
-  sample step  one forward under torch.no_grad (one denoising step at batch 2, no classifier-free guidance).
+  sample step  one forward under torch.no_grad (one denoising step at batch 2, no classifier-free guidance);
+               also replayed as a CUDA graph (``matten.cuda_graph``, as ``matten sample`` runs it): ``sample_graph``.
 Peak memory: torch.cuda.max_memory_allocated over one call after warm-up (weights, grads and AdamW state included
 for the train step). Weights: the model's own init, except that the parameters adaLN-Zero leaves at 0 (gates, final
 layer) are drawn from N(0, 0.02), so every block does real work on non-zero data. The baseline case first checks
@@ -123,6 +124,20 @@ def run_case(ctx, label, variant, backend, baselines, train):
         row["sample"]["peak_GiB"] = _gib(ctx.peak_memory(sample_step)) if backend != "ref" else None
         row["sample"]["wall_s"] = time.monotonic() - t1
         row["sample"]["model_TFLOPs"] = fwd_flops / (row["sample"]["median_ms"] * 1e-3) / 1e12
+        if ctx.device.type == "cuda" and backend != "ref":  # the same step replayed as a CUDA graph (no host cost)
+            from matten.cuda_graph import CUDAGraphForward
+
+            graphed = CUDAGraphForward(model)
+
+            def graph_step():
+                with _autocast(ctx):
+                    return graphed(x, t)
+
+            try:
+                row["sample_graph"] = ctx.time_steps(graph_step, warmup=warmup, iters=iters)
+            except RuntimeError as e:
+                row["sample_graph"] = {"error": str(e)[:300]}
+            del graphed
     del model, opt
     _free(ctx)
     return row
@@ -189,7 +204,7 @@ def run(ctx, save):
     res["speedup_vs_baselines"] = {
         mode: (base[mode]["median_ms"] / ours[mode]["median_ms"])
         if "median_ms" in ours.get(mode, {}) and "median_ms" in base.get(mode, {}) else None
-        for mode in ("train", "sample")}
+        for mode in ("train", "sample", "sample_graph")}
     ref = res["cases"].get("Matten-XL/2 v3 ref", {})
     res["speedup_vs_ref_sample"] = (ref["sample"]["median_ms"] / ours["sample"]["median_ms"]
                                     if "median_ms" in ref.get("sample", {}) and "median_ms" in ours.get("sample", {})
@@ -199,8 +214,9 @@ def run(ctx, save):
 
 def summarize(section, res):
     lines = [f"## model step (batch {res['batch']}, {res['dtype']}; baselines' scan: {res['scan_provider']})",
-             "| case | params M | train ms | train peak GiB | train TFLOP/s | sample ms | sample peak GiB |",
-             "|---|---|---|---|---|---|---|"]
+             "| case | params M | train ms | train peak GiB | train TFLOP/s | sample ms | sample peak GiB | "
+             "sample ms (CUDA graph) |",
+             "|---|---|---|---|---|---|---|---|"]
 
     def f(d, k, spec):
         v = d.get(k) if isinstance(d, dict) else None
@@ -208,16 +224,18 @@ def summarize(section, res):
 
     for label, row in res["cases"].items():
         if "error" in row or "skipped" in row:
-            lines.append(f"| {label} | {row.get('error') or row.get('skipped')} |||||")
+            lines.append(f"| {label} | {row.get('error') or row.get('skipped')} ||||||")
             continue
         tr, sa = row.get("train", {}), row.get("sample", {})
         lines.append(f"| {label} | {row['params_M']:.1f} | {f(tr, 'median_ms', '{:.1f}')} | "
                      f"{f(tr, 'peak_GiB', '{:.1f}')} | {f(tr, 'model_TFLOPs', '{:.0f}')} | "
-                     f"{f(sa, 'median_ms', '{:.1f}')} | {f(sa, 'peak_GiB', '{:.1f}')} |")
+                     f"{f(sa, 'median_ms', '{:.1f}')} | {f(sa, 'peak_GiB', '{:.1f}')} | "
+                     f"{f(row.get('sample_graph', {}), 'median_ms', '{:.1f}')} |")
     sp = res.get("speedup_vs_baselines", {})
     fmt = lambda v, spec: "-" if v is None else spec.format(v)  # noqa: E731
     lines.append(f"v3 ours vs baselines: train step {fmt(sp.get('train'), '{:.2f}x')} (target >= 1.5x), "
-                 f"sample step {fmt(sp.get('sample'), '{:.2f}x')}")
+                 f"sample step {fmt(sp.get('sample'), '{:.2f}x')}, sample step as a CUDA graph (both) "
+                 f"{fmt(sp.get('sample_graph'), '{:.2f}x')}")
     lines.append(f"v3 triton vs ref backend, sample step: {fmt(res.get('speedup_vs_ref_sample'), '{:.1f}x')}")
     fc = res["cases"].get("Matten-XL/2 v3", {}).get("flop_counter")
     if fc:

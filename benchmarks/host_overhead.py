@@ -34,15 +34,19 @@ import torch  # noqa: E402
 
 from matten_kernels import bi_selective_scan, selective_scan, video_attention, video_attention_qkvpacked  # noqa: E402
 from matten_kernels.conv1d import bi_depthwise_conv1d_silu  # noqa: E402
+from matten_kernels.adaln import gated_residual, layer_norm_modulate  # noqa: E402
+from matten_kernels.modules import channel_linear  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 
 def stub_launches():
     """Every launcher module binds ``launch`` at import: replace each binding with a no-op."""
     from matten_kernels.attention import triton_bwd as ab, triton_fwd as af
     from matten_kernels.conv1d import triton_bwd as cb, triton_fwd as cf
+    from matten_kernels.adaln import triton_kernels as nk
     from matten_kernels.selective_scan import triton_bwd as sb, triton_fwd as sf
 
-    for module in (af, ab, cf, cb, sf, sb):
+    for module in (af, ab, cf, cb, sf, sb, nk):
         module.launch = lambda *args, **kwargs: None
 
 
@@ -54,7 +58,16 @@ def cases():
                 D=r(d), z=r(b, d, L), delta_bias=r(d))
     qkv = r(2, 4 * 16, 3, 2, 32)
     conv = dict(x=r(b, d, L), w=r(d, 4), bias=r(d), w_b=r(d, 4), bias_b=r(d))
+    x, y, mod = r(b, L, d), r(b, L, d), r(b, 3 * d)
+    shift, scale, gate = mod.chunk(3, dim=1)
+    w = r(2 * d, d)
     return {
+        "layer_norm_modulate": lambda: layer_norm_modulate(x, shift, scale, backend="triton"),
+        "  (torch: LN, modulate)": lambda: F.layer_norm(x, (d,)) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1),
+        "gated_residual": lambda: gated_residual(x, gate, y, backend="triton"),
+        "  (torch: x + gate * y)": lambda: x + gate.unsqueeze(1) * y,
+        "channel_linear (in_proj)": lambda: channel_linear(x, w, transpose_in=True),
+        "  (torch: F.linear)": lambda: F.linear(x, w),
         "selective_scan (z, D, bias, softplus)": lambda: selective_scan(*scan.values(), True, backend="triton"),
         "bi_selective_scan (Vim v1)": lambda: bi_selective_scan(*scan.values(), True, A_b=scan["A"],
                                                                 backend="triton"),
@@ -219,7 +232,8 @@ def main(argv=None):
 
     modules = [importlib.import_module(m) for m in ("matten_kernels.selective_scan._ops",
                                                      "matten_kernels.conv1d.interface",
-                                                     "matten_kernels.attention.interface")]
+                                                     "matten_kernels.attention.interface",
+                                                     "matten_kernels.adaln.interface")]
     for name, fn in cases().items():
         for path, forced in (("autograd.Function (eager default)", False), ("torch.library custom op", True)):
             for module in modules:  # each imported use_custom_op by name

@@ -76,12 +76,14 @@ class MattenPipeline(DiffusionPipeline):
     def __call__(self, batch_size: int = 1, class_labels=None, num_inference_steps: int = 50,
                  guidance_scale: float = 1.0, generator: torch.Generator | list | None = None,
                  latents: torch.Tensor | None = None, output_type: str = "np", decode_chunk_size: int = 16,
-                 return_dict: bool = True):
+                 return_dict: bool = True, cuda_graph: bool = False):
         """Generate ``batch_size`` clips.
 
         ``guidance_scale`` > 1 applies classifier-free guidance to eps (class-conditional models; the variance half
         comes from the conditional branch): ``eps = eps_null + s (eps_cond - eps_null)``, with the null class
         ``num_classes`` (the label dropout class). ``latents``: initial noise ``(B, C, F, H, W)`` (drawn if None).
+        ``cuda_graph``: run the denoiser's forward as a captured CUDA graph (CUDA only; the same results without the
+        host's per-kernel launch cost: ``matten/cuda_graph.py``).
         """
         if output_type not in ("np", "pt", "latent"):
             raise ValueError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
@@ -89,6 +91,8 @@ class MattenPipeline(DiffusionPipeline):
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         cfg = self.transformer.config
         device = self._execution_device
+        if cuda_graph and torch.device(device).type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the transformer on a CUDA device, it is on {device}")
         c, f, s = cfg.in_channels, cfg.num_frames, cfg.sample_size
         shape = (batch_size, c, f, s, s)
         labels = self._class_labels(class_labels, batch_size, generator, device)
@@ -113,12 +117,18 @@ class MattenPipeline(DiffusionPipeline):
         else:
             labels_in = labels
 
+        if cuda_graph:
+            from .cuda_graph import CUDAGraphForward
+
+            denoise = CUDAGraphForward(self.transformer)
+        else:
+            denoise = lambda x, t, class_labels: self.transformer(x, t, class_labels=class_labels).sample  # noqa: E731
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         for t in self.progress_bar(self.scheduler.timesteps):
             x_in = torch.cat([x, x]) if use_cfg else x  # (B or 2B, C, F, H, W)
             x_in = self.scheduler.scale_model_input(x_in, t)
             t_in = t.reshape(1).expand(x_in.shape[0]).to(device)
-            out = self.transformer(x_in, t_in, class_labels=labels_in).sample.float()  # (., 2C or C, F, H, W)
+            out = denoise(x_in, t_in, class_labels=labels_in).float()  # (., 2C or C, F, H, W)
             if use_cfg:
                 cond, null = out[:batch_size], out[batch_size:]
                 eps = null[:, :c] + guidance_scale * (cond[:, :c] - null[:, :c])
