@@ -38,6 +38,9 @@ def test_graph_forward_matches_eager_gpu(autocast):
     model = _pipe("cuda").transformer
     graphed = CUDAGraphForward(model)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast)
+    # fp32: the same kernels on the same inputs; bf16 autocast: cuBLAS may pick other algorithms inside a capture, so
+    # the two agree to bf16 rounding through the depth (the dtype check shows the graph ran under the autocast too)
+    tol = dict(rtol=3e-2, atol=3e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
     for step in range(3):  # replays with new inputs after the capture
         x = torch.randn(2, 4, 4, 8, 8, device="cuda")
         t = torch.full((2,), 900.0 - 300 * step, device="cuda")
@@ -45,12 +48,13 @@ def test_graph_forward_matches_eager_gpu(autocast):
         with ctx, torch.no_grad():
             want = model(x, t, class_labels=y).sample
             got = graphed(x, t, y)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, **tol)
     # a new batch size re-captures
     x = torch.randn(3, 4, 4, 8, 8, device="cuda")
     t, y = torch.full((3,), 10.0, device="cuda"), torch.tensor([0, 1, 2], device="cuda")
     with ctx, torch.no_grad():
-        torch.testing.assert_close(graphed(x, t, y), model(x, t, class_labels=y).sample, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(graphed(x, t, y), model(x, t, class_labels=y).sample, **tol)
 
 
 @pytest.mark.gpu
