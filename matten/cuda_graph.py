@@ -41,15 +41,19 @@ class CUDAGraphForward:
         self.inputs = [None if v is None else v.clone() for v in (x, t, labels)]
         sx, st, sl = self.inputs
         kwargs = {} if sl is None else {"class_labels": sl}
+        # The caller's autocast state, with its weight-cast cache off: cached casts live until the caller's autocast
+        # context exits, and a graph that read them would replay from freed memory; uncached, the casts are recorded.
+        autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                                  enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
         side = torch.cuda.Stream(device=x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.no_grad(), torch.cuda.stream(side):
+        with torch.no_grad(), autocast, torch.cuda.stream(side):
             for _ in range(self.warmup):
                 self.model(sx, st, **kwargs)
         torch.cuda.current_stream(x.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.no_grad(), torch.cuda.graph(graph):
+            with torch.no_grad(), autocast, torch.cuda.graph(graph):
                 self.output = self.model(sx, st, **kwargs).sample
         except RuntimeError as e:
             raise RuntimeError(f"CUDAGraphForward: capturing the model's forward failed ({e}); sample without the "
