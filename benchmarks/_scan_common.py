@@ -85,28 +85,6 @@ def peak_mem_mb(fn):
 # providers
 
 
-class _MambaCudaScan(torch.autograd.Function):
-    """Calls mamba-ssm's compiled ``selective_scan_cuda`` fwd/bwd (no z, as the SPEC anchors); used when only the
-    extension (built by build_mamba_scan.py) is importable and not the mamba_ssm package."""
-
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, delta_bias, softplus):
-        mod = sys.modules["selective_scan_cuda"]
-        B4, C4 = B.unsqueeze(1).contiguous(), C.unsqueeze(1).contiguous()
-        out, x, *_ = mod.fwd(u.contiguous(), delta.contiguous(), A, B4, C4, D, None, delta_bias, softplus)
-        ctx.save_for_backward(u, delta, A, B4, C4, D, delta_bias, x)
-        ctx.softplus = softplus
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        u, delta, A, B4, C4, D, delta_bias, x = ctx.saved_tensors
-        mod = sys.modules["selective_scan_cuda"]
-        du, ddelta, dA, dB, dC, dD, ddelta_bias, *_ = mod.bwd(u, delta, A, B4, C4, D, None, delta_bias,
-                                                               dout.contiguous(), x, None, None, ctx.softplus, False)
-        return du, ddelta, dA, dB.squeeze(1), dC.squeeze(1), dD, ddelta_bias, None
-
-
 def mamba_provider(build_dir=None):
     """A callable (u, delta, A, B, C, D, delta_bias, softplus) -> out, or (None, why)."""
     try:
@@ -119,7 +97,10 @@ def mamba_provider(build_dir=None):
         sys.path.insert(0, build_dir)
     try:
         importlib.import_module("selective_scan_cuda")
-        return (lambda *a: _MambaCudaScan.apply(*a)), "mamba-ssm selective_scan_cuda (built from source)"
+        from baselines import _MambaCudaScan  # the model benchmark's wrapper of the same extension
+
+        return ((lambda u, dl, A, B, C, D, db, sp: _MambaCudaScan.apply(u, dl, A, B, C, D, None, db, sp)),
+                "mamba-ssm selective_scan_cuda (built from source)")
     except Exception as e:  # noqa: BLE001
         return None, why + f"; selective_scan_cuda not importable ({type(e).__name__})"
 
