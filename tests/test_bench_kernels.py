@@ -3,7 +3,8 @@
 Run: ``python -m pytest tests/test_bench_kernels.py --benchmark-only`` on a GPU machine; compare runs with
 ``--benchmark-autosave`` / ``--benchmark-compare``. Each timed call ends with ``torch.cuda.synchronize()`` so the
 wall clock covers the kernels. Shapes: bf16, batch 2, D = 1152 (16 heads x 72, d_inner 2304, N = 16), the sequences
-of spatial (256 tokens, 32 of them), temporal (16 tokens, 512 of them) and global (4096 tokens) modelling. Every test
+of spatial (256 tokens, 32 of them), temporal (16 tokens, 512 of them) and global (4096 tokens) modelling; the adaLN
+ops and the BiMamba mixer of a global block. Every test
 also checks that the output is finite and shaped right, so a broken kernel fails rather than times.
 
 One CPU test checks the benchmark baselines (benchmarks/baselines.py) compute the model's function, so the model
@@ -92,6 +93,37 @@ def test_bench_video_attention(benchmark, axis, mode):
         assert torch.isfinite(g).all()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["layer_norm_modulate", "gated_residual"])
+def test_bench_adaln_fwdbwd(benchmark, op):
+    """One block's adaLN op at Matten-XL/2 v3 size: fp32 residual (2, 4096, 1152), bf16 parameters and branch."""
+    from matten_kernels.adaln import gated_residual, layer_norm_modulate
+
+    x = torch.randn(2, 4096, 1152, device="cuda", requires_grad=True)
+    p1, p2 = (torch.randn(2, 1152, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    y = torch.randn(2, 4096, 1152, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    if op == "layer_norm_modulate":
+        fn, inputs = (lambda: layer_norm_modulate(x, p1, p2, out_dtype=torch.bfloat16)), (x, p1, p2)
+    else:
+        fn, inputs = (lambda: gated_residual(x, p1, y)), (x, p1, y)
+    dout = torch.randn(2, 4096, 1152, device="cuda", dtype=fn().dtype)
+    grads = _timed(benchmark, lambda: torch.autograd.grad(fn(), inputs, dout))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.gpu
+def test_bench_bimamba_mixer_fwdbwd(benchmark):
+    """The BiMamba v2 mixer of a Matten-XL/2 global block: (2, 4096, 1152) bf16, forward and every gradient."""
+    from matten_kernels.modules import BiMamba
+
+    m = BiMamba(1152, d_state=16, bimamba="v2").cuda().to(torch.bfloat16)
+    h = torch.randn(2, 4096, 1152, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dout = torch.randn_like(h)
+    inputs = [h, *m.parameters()]
+    grads = _timed(benchmark, lambda: torch.autograd.grad(m(h), inputs, dout))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
 def test_baselines_compute_the_same_function():
     """A tiny Matten (reference backends, fp32) with the baseline ops swapped in gives the same output."""
     from baselines import swap_in_baselines
@@ -111,6 +143,8 @@ def test_baselines_compute_the_same_function():
 
             # the swap reaches the name the attention blocks call
             assert model_module.video_attention_qkvpacked.__name__ == "sdpa_video_attention_qkvpacked"
+            assert model_module.layer_norm_modulate.__name__ == "torch_layer_norm_modulate"
+            assert model_module.gated_residual.__name__ == "torch_gated_residual"
             base = model(x, t).sample
         again = model(x, t).sample  # restored on exit
     err = ((base - ours).norm() / ours.norm()).item()
