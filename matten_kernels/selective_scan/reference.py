@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 
 
-def _channel_rows(X_t: torch.Tensor, dim: int) -> torch.Tensor:
-    """B or C at one step, (batch, N) or (batch, G, N) -> broadcastable to (batch, dim, N): group g serves channels
-    g*dim/G ... (g+1)*dim/G - 1."""
-    if X_t.dim() == 2:
-        return X_t.unsqueeze(1)  # (batch, 1, N)
-    return X_t.repeat_interleave(dim // X_t.shape[1], dim=1)
+def _channel_steps(X: torch.Tensor, dim: int) -> torch.Tensor:
+    """B or C, (batch, N, L) or (batch, G, N, L) -> time-major (L, batch, 1 or dim, N), whose step t broadcasts to
+    (batch, dim, N): group g serves channels g*dim/G ... (g+1)*dim/G - 1."""
+    X = X.movedim(-1, 0)  # (L, batch, N) or (L, batch, G, N)
+    if X.dim() == 3:
+        return X.unsqueeze(2).contiguous()
+    return X.repeat_interleave(dim // X.shape[2], dim=2).contiguous()
 
 
 def _scan(u, delta, A, B, C, D, delta_bias, delta_softplus, initial_state, reverse):
@@ -31,13 +32,13 @@ def _scan(u, delta, A, B, C, D, delta_bias, delta_softplus, initial_state, rever
     # The loop reads one time step of every input: it reads them from time-major copies, so each step's rows are
     # contiguous whatever the caller's layout (a layout choice; the arithmetic and its order are as written below).
     u_steps, delta_steps = (x.movedim(-1, 0).contiguous() for x in (u, delta))  # (L, batch, dim)
-    B_steps, C_steps = (X.to(dtype).movedim(-1, 0).contiguous() for X in (B, C))  # (L, batch, [G,] N)
+    B_steps, C_steps = (_channel_steps(X.to(dtype), dim) for X in (B, C))  # (L, batch, 1 or dim, N)
     h = initial_state.to(dtype) if initial_state is not None else u.new_zeros(batch, dim, A.shape[1])
     ys = [None] * L
     for t in (range(L - 1, -1, -1) if reverse else range(L)):
         d_t = delta_steps[t, :, :, None]  # (batch, dim, 1)
-        h = torch.exp(d_t * A) * h + d_t * _channel_rows(B_steps[t], dim) * u_steps[t, :, :, None]
-        ys[t] = (h * _channel_rows(C_steps[t], dim)).sum(-1)
+        h = torch.exp(d_t * A) * h + d_t * B_steps[t] * u_steps[t, :, :, None]
+        ys[t] = (h * C_steps[t]).sum(-1)
     y = torch.stack(ys, dim=-1)  # (batch, dim, L)
     if D is not None:
         y = y + D.to(dtype)[:, None] * u
