@@ -22,7 +22,7 @@ fi
   # GPU tests in groups, run side by side (a fresh machine spends most of the suite compiling Triton kernels, one CPU
   # core per pytest process; three groups in parallel took 168 s where one process ran out of 300 s), each under its
   # own timeout. TEST_GROUPS: groups separated by '|'.
-  GROUPS_DEFAULT="tests/test_selective_scan_gpu.py tests/test_launch.py|tests/test_bi_selective_scan.py tests/test_bimamba.py tests/test_conv1d.py tests/test_demo_shapes_gpu.py|tests/test_attention.py tests/test_model.py|tests/test_cuda_scan.py tests/test_bench_kernels.py"
+  GROUPS_DEFAULT="tests/test_selective_scan_gpu.py tests/test_launch.py|tests/test_bi_selective_scan.py tests/test_bimamba.py tests/test_conv1d.py tests/test_demo_shapes_gpu.py|tests/test_attention.py tests/test_model.py tests/test_adaln.py tests/test_cuda_graph.py|tests/test_cuda_scan.py tests/test_bench_kernels.py"
   IFS='|' read -ra TEST_GROUP_LIST <<< "${TEST_GROUPS:-$GROUPS_DEFAULT}"
   i=0
   for group in "${TEST_GROUP_LIST[@]}"; do

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 GROUPS = [  # (group, regex on the kernel name), first match wins
+    ("adaln", r"ln_modulate|gated_residual"),
     ("scan", r"selective|scan|lanes|_bi_|summary"),
     ("conv", r"conv1d|dwconv|depthwise"),
     ("attention", r"attn|attention|flash|fmha"),
