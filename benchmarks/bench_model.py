@@ -16,7 +16,8 @@ Cases, in the order they run (the most important first, so a short budget still 
   v3 ours, v3 baselines (benchmarks/baselines.py: Vim-style bi-Mamba from a unidirectional scan with flips and
   F.conv1d; SDPA attention with rearranges; the same weights), Latte, v1, v2, v4, and v3 with kernel_backend="ref"
   (sample step only, one call: the reference scan loops in Python over 4096 tokens x 14 blocks x 2 directions; its
-  training step would keep every step's state for autograd, tens of GB, so it is not run).
+  training step would keep every step's state for autograd, tens of GB, so it is not run), v3 with the CUDA scan
+  backend, and v3 under torch.compile (its warm-up calls include the compilation).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ CASES = [
     ("Matten-XL/2 v4", 4, "auto", False, True),
     ("Matten-XL/2 v3 ref", 3, "ref", False, False),
     ("Matten-XL/2 v3 cuda", 3, "cuda", False, True),  # the scan through the CUDA C++ backend
+    # torch.compile of the model (`matten train --compile`): fewer launches for the host-bound eager step; our ops
+    # stay opaque custom ops inside the compiled graph
+    ("Matten-XL/2 v3 compiled", 3, "auto", False, True),
 ]
 
 
@@ -56,7 +60,7 @@ def _autocast(ctx):
     return torch.autocast("cpu", enabled=False)
 
 
-def run_case(ctx, label, variant, backend, baselines, train):
+def run_case(ctx, label, variant, backend, baselines, train):  # noqa: C901
     from matten import create_model
     from matten.flops import count_flops
 
@@ -80,10 +84,11 @@ def run_case(ctx, label, variant, backend, baselines, train):
            "params_M": sum(p.numel() for p in model.parameters()) / 1e6, "fwd_GFLOPs": fwd_flops / 1e9,
            "build_s": time.monotonic() - t0}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=ctx.device.type == "cuda")
+    run = torch.compile(model) if label.endswith(" compiled") else model  # the same parameters either way
 
     def train_step():
         with _autocast(ctx):
-            out = model(x, t).sample
+            out = run(x, t).sample
         loss = F.mse_loss(out.float(), target)
         loss.backward()
         opt.step()
@@ -91,9 +96,9 @@ def run_case(ctx, label, variant, backend, baselines, train):
 
     def sample_step():
         with torch.no_grad(), _autocast(ctx):
-            return model(x, t).sample
+            return run(x, t).sample
 
-    if variant == 3 and backend == "auto" and not baselines:  # FlopCounterMode vs the analytic count, this torch
+    if label.endswith("v3"):  # FlopCounterMode vs the analytic count, this torch
         row["flop_counter"] = flop_counter_check(model, x, t)
     if baselines:  # the baseline must compute the same function: compare one forward before timing it
         with torch.no_grad(), _autocast(ctx):
@@ -124,7 +129,7 @@ def run_case(ctx, label, variant, backend, baselines, train):
         row["sample"]["peak_GiB"] = _gib(ctx.peak_memory(sample_step)) if backend != "ref" else None
         row["sample"]["wall_s"] = time.monotonic() - t1
         row["sample"]["model_TFLOPs"] = fwd_flops / (row["sample"]["median_ms"] * 1e-3) / 1e12
-        if ctx.device.type == "cuda" and backend != "ref":  # the same step replayed as a CUDA graph (no host cost)
+        if ctx.device.type == "cuda" and backend != "ref" and run is model:  # replayed as a CUDA graph (no host cost)
             from matten.cuda_graph import CUDAGraphForward
 
             graphed = CUDAGraphForward(model)
@@ -183,7 +188,7 @@ def run(ctx, save):
     for label, variant, backend, baselines, train in CASES:
         if ctx.cases and label not in ctx.cases:
             continue
-        if ctx.quick and (variant not in (3, "latte") or backend == "ref"):
+        if ctx.quick and (variant not in (3, "latte") or backend == "ref" or label.endswith(" compiled")):
             res["cases"][label] = {"skipped": "--quick"}
             continue
         # the reference case needs ~1 minute of headroom (one slow forward); skip it rather than blow the budget
