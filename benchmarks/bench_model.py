@@ -4,7 +4,9 @@ Shape: latent video (batch 2, C 4, F 16, 32 x 32), i.e. 16 frames of 256 x 256 t
 clip; bf16 autocast (fp32 master weights); every model from the same code (matten.model) and the same kernels.
 
 What is timed (CUDA events around each call, median of ``ITERS`` after ``WARMUP`` calls):
-  train step   forward, MSE loss against a random target, backward, fused AdamW step, zero_grad (set_to_none).
+  train step   forward, MSE loss against a random target, backward, fused AdamW step, zero_grad (set_to_none);
+               also with forward + loss + backward replayed as a CUDA graph (``matten.cuda_graph.CUDAGraphTrainStep``,
+               as ``matten train --cuda-graph`` runs it; AdamW eager): ``train_graph``.
   sample step  one forward under torch.no_grad (one denoising step at batch 2, no classifier-free guidance);
                also replayed as a CUDA graph (``matten.cuda_graph``, as ``matten sample`` runs it): ``sample_graph``.
 Peak memory: torch.cuda.max_memory_allocated over one call after warm-up (weights, grads and AdamW state included
@@ -116,6 +118,8 @@ def run_case(ctx, label, variant, backend, baselines, train):  # noqa: C901
             row["train"]["wall_s"] = time.monotonic() - t1
             # fwd + bwd ~ 3x the forward FLOPs (the optimizer step is elementwise)
             row["train"]["model_TFLOPs"] = 3 * fwd_flops / (row["train"]["median_ms"] * 1e-3) / 1e12
+            if ctx.device.type == "cuda" and run is model:
+                row["train_graph"] = time_graphed_train_step(ctx, model, opt, x, t, target, warmup, iters)
         else:
             row["train"] = {"skipped": "reference scan: autograd would keep every step's state (tens of GB); "
                                        "sample step timed once instead"}
@@ -146,6 +150,32 @@ def run_case(ctx, label, variant, backend, baselines, train):  # noqa: C901
     del model, opt
     _free(ctx)
     return row
+
+
+def time_graphed_train_step(ctx, model, opt, x, t, target, warmup, iters):
+    """The train step with forward + loss + backward replayed as one CUDA graph (the optimizer eager)."""
+    from matten.cuda_graph import CUDAGraphTrainStep
+
+    _free(ctx)
+    graphed = CUDAGraphTrainStep(model.parameters(),
+                                 lambda x, t, target: {"loss": F.mse_loss(model(x, t).sample.float(), target)})
+
+    def step():
+        with _autocast(ctx):
+            graphed(x, t, target)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    try:
+        t0 = time.monotonic()
+        res = ctx.time_steps(step, warmup=warmup, iters=iters)
+        res["peak_GiB"] = _gib(ctx.peak_memory(step))
+        res["wall_s"] = time.monotonic() - t0
+    except RuntimeError as e:
+        res = {"error": str(e)[:300]}
+    del graphed
+    _free(ctx)
+    return res
 
 
 def flop_counter_check(model, x, t):
@@ -209,7 +239,12 @@ def run(ctx, save):
     res["speedup_vs_baselines"] = {
         mode: (base[mode]["median_ms"] / ours[mode]["median_ms"])
         if "median_ms" in ours.get(mode, {}) and "median_ms" in base.get(mode, {}) else None
-        for mode in ("train", "sample", "sample_graph")}
+        for mode in ("train", "train_graph", "sample", "sample_graph")}
+    # the step a user of matten runs (graphed) against the step the same model built from the usual ops runs (eager)
+    res["graphed_vs_eager_baselines"] = {
+        label: base["train"]["median_ms"] / row["train_graph"]["median_ms"]
+        for label, row in res["cases"].items()
+        if "median_ms" in row.get("train_graph", {}) and "median_ms" in base.get("train", {}) and "baselines" not in label}
     ref = res["cases"].get("Matten-XL/2 v3 ref", {})
     res["speedup_vs_ref_sample"] = (ref["sample"]["median_ms"] / ours["sample"]["median_ms"]
                                     if "median_ms" in ref.get("sample", {}) and "median_ms" in ours.get("sample", {})
@@ -219,9 +254,9 @@ def run(ctx, save):
 
 def summarize(section, res):
     lines = [f"## model step (batch {res['batch']}, {res['dtype']}; baselines' scan: {res['scan_provider']})",
-             "| case | params M | train ms | train peak GiB | train TFLOP/s | sample ms | sample peak GiB | "
-             "sample ms (CUDA graph) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| case | params M | train ms | train peak GiB | train TFLOP/s | train ms (CUDA graph) | sample ms | "
+             "sample peak GiB | sample ms (CUDA graph) |",
+             "|---|---|---|---|---|---|---|---|---|"]
 
     def f(d, k, spec):
         v = d.get(k) if isinstance(d, dict) else None
@@ -229,18 +264,21 @@ def summarize(section, res):
 
     for label, row in res["cases"].items():
         if "error" in row or "skipped" in row:
-            lines.append(f"| {label} | {row.get('error') or row.get('skipped')} ||||||")
+            lines.append(f"| {label} | {row.get('error') or row.get('skipped')} |||||||")
             continue
         tr, sa = row.get("train", {}), row.get("sample", {})
         lines.append(f"| {label} | {row['params_M']:.1f} | {f(tr, 'median_ms', '{:.1f}')} | "
                      f"{f(tr, 'peak_GiB', '{:.1f}')} | {f(tr, 'model_TFLOPs', '{:.0f}')} | "
-                     f"{f(sa, 'median_ms', '{:.1f}')} | {f(sa, 'peak_GiB', '{:.1f}')} | "
+                     f"{f(row.get('train_graph', {}), 'median_ms', '{:.1f}')} | {f(sa, 'median_ms', '{:.1f}')} | {f(sa, 'peak_GiB', '{:.1f}')} | "
                      f"{f(row.get('sample_graph', {}), 'median_ms', '{:.1f}')} |")
     sp = res.get("speedup_vs_baselines", {})
     fmt = lambda v, spec: "-" if v is None else spec.format(v)  # noqa: E731
-    lines.append(f"v3 ours vs baselines: train step {fmt(sp.get('train'), '{:.2f}x')} (target >= 1.5x), "
+    lines.append(f"v3 ours vs baselines: train step {fmt(sp.get('train'), '{:.2f}x')} (target >= 1.5x), train "
+                 f"step as a CUDA graph (both) {fmt(sp.get('train_graph'), '{:.2f}x')}, "
                  f"sample step {fmt(sp.get('sample'), '{:.2f}x')}, sample step as a CUDA graph (both) "
                  f"{fmt(sp.get('sample_graph'), '{:.2f}x')}")
+    for label, v in res.get("graphed_vs_eager_baselines", {}).items():
+        lines.append(f"{label}, train step as a CUDA graph vs the baselines' eager train step: {v:.2f}x")
     lines.append(f"v3 triton vs ref backend, sample step: {fmt(res.get('speedup_vs_ref_sample'), '{:.1f}x')}")
     fc = res["cases"].get("Matten-XL/2 v3", {}).get("flop_counter")
     if fc:

@@ -47,6 +47,14 @@ class GaussianDiffusion:
         self.posterior_mean_coef2 = (1.0 - abar_prev) * alphas.sqrt() / (1.0 - abar)
         self.log_betas = torch.log(betas)
 
+    def to(self, device) -> "GaussianDiffusion":
+        """Move the tables to ``device`` (in place; returns self): no host-to-device copy per lookup, which a CUDA
+        graph capture also requires."""
+        for name, v in vars(self).items():
+            if isinstance(v, torch.Tensor):
+                setattr(self, name, v.to(device))
+        return self
+
     def sample_timesteps(self, batch: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """Uniform ``t`` in ``[0, num_timesteps)``, int64 ``(batch,)``."""
         return torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=device)
