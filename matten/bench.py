@@ -50,8 +50,11 @@ def git_commit() -> dict:
     def git(*a):
         return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=10)
 
-    # A copy of the tree without .git (a benchmark machine) says its commit through MATTEN_COMMIT / MATTEN_DIRTY.
+    # A copy of the tree whose .git is missing or stale (a benchmark machine) says its commit through MATTEN_COMMIT /
+    # MATTEN_DIRTY, which win when set.
     fallback = {"commit": os.environ.get("MATTEN_COMMIT"), "dirty": os.environ.get("MATTEN_DIRTY")}
+    if fallback["commit"]:
+        return fallback
     try:
         head = git("rev-parse", "--short", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no")
