@@ -81,10 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="torch.compile the model (default backend inductor; the custom kernels stay opaque ops). "
                         "The demo model's step on an H100: 55 -> 39 ms")
     m.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations in backward")
-    m.add_argument("--cuda-graph", action="store_true",
-                   help="replay each step's forward + backward as a captured CUDA graph (one CUDA process; not with "
-                        "--compile or --gradient-checkpointing): no host launch cost per kernel. Optimizer, clipping "
-                        "and EMA stay eager")
+    m.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay each step's forward + backward as a captured CUDA graph: no host launch cost per "
+                        "kernel (optimizer, clipping and EMA stay eager). Default: on for one CUDA process without "
+                        "--compile or --gradient-checkpointing, which it cannot be combined with")
     o = parser.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, required=True, help="total optimizer steps (a resumed run counts from 0)")
     o.add_argument("--batch-size", type=int, required=True, help="clips per process per step")
@@ -514,13 +514,15 @@ def _train_loop(args, d: Dist, dataset, data_info, vae, vae_for_sampling, create
         ddp_model = torch.compile(ddp_model, backend=args.compile)
     autocast = autocast_context(device, args.precision)
     graph_step = None
-    if args.cuda_graph:
-        clash = {"a CPU device": device.type != "cuda", f"{d.world} processes (DDP)": d.world > 1,
-                 "--compile": bool(args.compile), "--gradient-checkpointing": args.gradient_checkpointing}
-        clash = [k for k, v in clash.items() if v]
-        if clash:
-            raise ValueError(f"--cuda-graph needs one CUDA process without --compile or --gradient-checkpointing; "
-                             f"got {', '.join(clash)}")
+    clash = {"a CPU device": device.type != "cuda", f"{d.world} processes (DDP)": d.world > 1,
+             "--compile": bool(args.compile), "--gradient-checkpointing": args.gradient_checkpointing}
+    clash = [k for k, v in clash.items() if v]
+    if args.cuda_graph and clash:
+        raise ValueError(f"--cuda-graph needs one CUDA process without --compile or --gradient-checkpointing; "
+                         f"got {', '.join(clash)}")
+    if args.cuda_graph is None and d.main:
+        logger.info("training step as a CUDA graph: %s", "off (" + ", ".join(clash) + ")" if clash else "on")
+    if args.cuda_graph or (args.cuda_graph is None and not clash):
         from .cuda_graph import CUDAGraphTrainStep
 
         # the autocast is made inside the step, where it inherits the capture's cache-off setting

@@ -294,6 +294,7 @@ def test_qk_norm_flag_builds_the_model_with_it(tmp_path):
 def test_cuda_graph_flag_says_what_it_needs(tmp_path):
     with pytest.raises(ValueError, match="--cuda-graph needs one CUDA process.*a CPU device"):
         _run(tmp_path, "graph", 1, "--cuda-graph")
+    assert parse(TINY + ["--data", "synthetic", "--steps", "1", "--batch-size", "1", "--output", "x"]).cuda_graph is None
 
 
 @pytest.mark.gpu
@@ -304,8 +305,8 @@ def test_cuda_graph_training_matches_eager_gpu(tmp_path):
     common = gpu + ["--device", "cuda", "--precision", "fp32", "--class-dropout-prob", "0", "--data", "synthetic",
                     "--class-conditional", "--steps", "3", "--batch-size", "2", "--log-every", "1",
                     "--synthetic-length", "6", "--checkpoint-every", "3"]
-    train(parse(common + ["--output", str(tmp_path / "eager")]))
-    train(parse(common + ["--output", str(tmp_path / "graph"), "--cuda-graph"]))
+    train(parse(common + ["--output", str(tmp_path / "eager"), "--no-cuda-graph"]))
+    train(parse(common + ["--output", str(tmp_path / "graph")]))  # on by default for one CUDA process
     with open(tmp_path / "eager" / "loss.csv") as fa, open(tmp_path / "graph" / "loss.csv") as fb:
         la, lb = fa.read().splitlines()[1:], fb.read().splitlines()[1:]
     assert len(la) == len(lb) == 3
