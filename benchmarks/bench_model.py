@@ -307,25 +307,34 @@ def plot(section, res, path, env):
     import matplotlib.pyplot as plt
 
     labels = [k for k, v in res["cases"].items() if "error" not in v and "skipped" not in v]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for ax, (mode, key, unit) in zip(axes, (("train", "median_ms", "train step ms"),
-                                            ("sample", "median_ms", "sample step ms"),
-                                            ("train", "peak_GiB", "train peak GiB"))):
-        vals = [res["cases"][k].get(mode, {}).get(key) for k in labels]
-        pts = [(k, v) for k, v in zip(labels, vals) if v is not None]
-        if not pts:
-            continue
-        ax.bar(range(len(pts)), [v for _, v in pts],
-               color=["C1" if "baselines" in k else "C2" if "ref" in k else "C0" for k, _ in pts])
-        ax.set_xticks(range(len(pts)))
-        ax.set_xticklabels([k.replace("Matten-XL/2 ", "") for k, _ in pts], rotation=45, ha="right", fontsize=8)
+    short = [k.replace("Matten-XL/2 ", "") for k in labels]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    panels = (("train step ms", (("train", "eager"), ("train_graph", "CUDA graph"))),
+              ("sample step ms", (("sample", "eager"), ("sample_graph", "CUDA graph"))),
+              ("train peak GiB (eager)", (("train", None),)))
+    for ax, (unit, modes) in zip(axes, panels):
+        width = 0.8 / len(modes)
+        for j, (mode, name) in enumerate(modes):
+            key = "peak_GiB" if "GiB" in unit else "median_ms"
+            vals = [res["cases"][k].get(mode, {}).get(key) for k in labels]
+            xs = [i + (j - (len(modes) - 1) / 2) * width for i in range(len(labels))]
+            pts = [(x, v) for x, v in zip(xs, vals) if v is not None]
+            if not pts:
+                continue
+            ax.bar([x for x, _ in pts], [v for _, v in pts], width, label=name, hatch="//" if j else None,
+                   color=["C1" if "baselines" in k else "C2" if "ref" in k else "C0"
+                          for k, v in zip(labels, vals) if v is not None], alpha=0.6 if j else 1.0)
+            for x, v in pts:
+                ax.annotate(f"{v:.0f}" if v >= 10 else f"{v:.1f}", (x, v), ha="center", va="bottom", fontsize=6)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(short, rotation=45, ha="right", fontsize=8)
         ax.set_ylabel(unit)
-        if mode == "sample" and any("ref" in k for k, _ in pts):
+        if len(modes) > 1:
+            ax.legend(fontsize=7)
+        if "sample" in unit and any("ref" in k for k in labels):
             ax.set_yscale("log")
-        for i, (_, v) in enumerate(pts):
-            ax.annotate(f"{v:.0f}" if v >= 10 else f"{v:.1f}", (i, v), ha="center", va="bottom", fontsize=7)
     fig.suptitle(f"Matten-XL/2 variants vs Latte-XL/2, batch {res['batch']}, latent 16x4x32x32, {res['dtype']}: "
-                 f"{env['gpu']}, commit {env['commit']}, {env['date_utc']} UTC", fontsize=9)
+                 f"{env['gpu']}, commit {env['commit']}, {env['date_utc']} UTC (orange: baselines)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
