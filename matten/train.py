@@ -83,8 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations in backward")
     m.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay each step's forward + backward as a captured CUDA graph: no host launch cost per "
-                        "kernel (optimizer, clipping and EMA stay eager). Default: on for one CUDA process without "
-                        "--compile or --gradient-checkpointing, which it cannot be combined with")
+                        "kernel (optimizer, clipping and EMA stay eager; with --compile, the compiled model's kernels). "
+                        "Default: on for one CUDA process without --gradient-checkpointing, which it cannot be "
+                        "combined with")
     o = parser.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, required=True, help="total optimizer steps (a resumed run counts from 0)")
     o.add_argument("--batch-size", type=int, required=True, help="clips per process per step")
@@ -515,19 +516,19 @@ def _train_loop(args, d: Dist, dataset, data_info, vae, vae_for_sampling, create
     autocast = autocast_context(device, args.precision)
     graph_step = None
     clash = {"a CPU device": device.type != "cuda", f"{d.world} processes (DDP)": d.world > 1,
-             "--compile": bool(args.compile), "--gradient-checkpointing": args.gradient_checkpointing}
+             "--gradient-checkpointing": args.gradient_checkpointing}
     clash = [k for k, v in clash.items() if v]
     if args.cuda_graph and clash:
-        raise ValueError(f"--cuda-graph needs one CUDA process without --compile or --gradient-checkpointing; "
-                         f"got {', '.join(clash)}")
+        raise ValueError(f"--cuda-graph needs one CUDA process without --gradient-checkpointing; got {', '.join(clash)}")
     if args.cuda_graph is None and d.main:
         logger.info("training step as a CUDA graph: %s", "off (" + ", ".join(clash) + ")" if clash else "on")
     if args.cuda_graph or (args.cuda_graph is None and not clash):
         from .cuda_graph import CUDAGraphTrainStep
 
-        # the autocast is made inside the step, where it inherits the capture's cache-off setting
+        # the autocast is made inside the step, where it inherits the capture's cache-off setting; with --compile the
+        # compiled model is what is captured (its compilation happens in the warm-up steps)
         graph_step = CUDAGraphTrainStep(model.parameters(), lambda x0, labels, t, noise: training_step(
-            model, diffusion, x0, labels, None, autocast_context(device, args.precision), t=t, noise=noise))
+            ddp_model, diffusion, x0, labels, None, autocast_context(device, args.precision), t=t, noise=noise))
     cond = args.class_conditional
 
     sampler = DistributedSampler(dataset, num_replicas=d.world, rank=d.rank, shuffle=True, seed=args.seed,

@@ -307,8 +307,14 @@ def test_cuda_graph_training_matches_eager_gpu(tmp_path):
                     "--synthetic-length", "6", "--checkpoint-every", "3"]
     train(parse(common + ["--output", str(tmp_path / "eager"), "--no-cuda-graph"]))
     train(parse(common + ["--output", str(tmp_path / "graph")]))  # on by default for one CUDA process
-    with open(tmp_path / "eager" / "loss.csv") as fa, open(tmp_path / "graph" / "loss.csv") as fb:
-        la, lb = fa.read().splitlines()[1:], fb.read().splitlines()[1:]
-    assert len(la) == len(lb) == 3
-    for a, b in zip(la, lb):
-        assert [float(x) for x in a.split(",")] == pytest.approx([float(x) for x in b.split(",")], rel=1e-4)
+    # and the compiled model captured (aot_eager: the same ops, no Inductor code generation)
+    train(parse(common + ["--output", str(tmp_path / "compiled"), "--compile", "aot_eager"]))
+    with open(tmp_path / "eager" / "loss.csv") as fa:
+        la = fa.read().splitlines()[1:]
+    assert len(la) == 3
+    for other in ("graph", "compiled"):
+        with open(tmp_path / other / "loss.csv") as fb:
+            lb = fb.read().splitlines()[1:]
+        assert len(lb) == 3, other
+        for a, b in zip(la, lb):
+            assert [float(x) for x in a.split(",")] == pytest.approx([float(x) for x in b.split(",")], rel=1e-4), other
