@@ -120,6 +120,7 @@ def cuda_provider():
 def env_info(commit=None):
     import triton
 
+    commit = commit or os.environ.get("MATTEN_COMMIT")  # the device machine's copy of .git can be stale
     if commit is None:
         try:
             commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -127,7 +128,7 @@ def env_info(commit=None):
         except Exception:  # noqa: BLE001
             commit = None
     return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                commit=commit or os.environ.get("MATTEN_COMMIT", "unknown"), python=platform.python_version(),
+                commit=commit or "unknown", python=platform.python_version(),
                 date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 

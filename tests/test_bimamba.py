@@ -207,21 +207,35 @@ def _fast_vs_slow(m_fast: BiMamba, hidden: torch.Tensor, ref_dtype=torch.float64
     return pairs
 
 
-FAST_CASES = [  # (bimamba, L, divide_out); d_model 16 (d_inner 32, dt_rank 1), batch 2
-    ("v2", 9, False),
-    ("v1", 9, True),
-    ("none", 9, False),
-    ("v2", 33, True),
+def _count_core_calls(monkeypatch) -> list:
+    """A list that gets an entry each time the mixer runs its fused core (BiMambaCore)."""
+    import matten_kernels.modules.bimamba as bimamba_mod
+
+    calls = []
+    apply = bimamba_mod.BiMambaCore.apply
+    monkeypatch.setattr(bimamba_mod.BiMambaCore, "apply", lambda *a: calls.append(1) or apply(*a))
+    return calls
+
+
+FAST_CASES = [  # (bimamba, L, divide_out, fused); d_model 16 (d_inner 32, dt_rank 1), batch 2
+    ("v2", 9, False, False),  # v2 as a composition of the public ops (torch.compile's path)
+    ("v1", 9, True, False),
+    ("none", 9, False, False),
+    ("v2", 33, True, True),  # v2 eager: conv + projections + scan as one node (BiMambaCore)
 ]
 
 
 @pytest.mark.skipif(not HAS_TRITON_DEVICE, reason="the fast path needs CUDA or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("bimamba,L,divide_out", FAST_CASES, ids=[f"{b}-L{L}-div{int(d)}" for b, L, d in FAST_CASES])
-def test_fast_path_matches_slow_path(bimamba, L, divide_out):
-    """Triton conv + Triton bidirectional scan (fp32) vs the slow path in float64 on the same weights."""
-    m = BiMamba(16, bimamba=bimamba, divide_out=divide_out, backend="triton").to(DEVICE)
+@pytest.mark.parametrize("bimamba,L,divide_out,fused", FAST_CASES,
+                         ids=[f"{b}-L{L}-div{int(d)}-{'fused' if f else 'ops'}" for b, L, d, f in FAST_CASES])
+def test_fast_path_matches_slow_path(bimamba, L, divide_out, fused, monkeypatch):
+    """Triton conv + Triton bidirectional scan (fp32) vs the slow path in float64 on the same weights, through the
+    fused core or the composition of ops (checked: the fused node runs exactly when expected)."""
+    calls = _count_core_calls(monkeypatch)
+    m = BiMamba(16, bimamba=bimamba, divide_out=divide_out, backend="triton", fuse_core=fused).to(DEVICE)
     _randomise(m)
     pairs = _fast_vs_slow(m, torch.randn(2, L, 16, device=DEVICE))
+    assert len(calls) == int(fused)
     for name, (got, ref) in pairs.items():
         err = (got.double() - ref).abs()
         tol = 2e-4 * (1 + ref.abs().max().item())
@@ -233,6 +247,26 @@ def test_fast_path_matches_slow_path(bimamba, L, divide_out):
 # ------------------------------------------------------------------------------------------------------------- GPU
 def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _fused_vs_composition(m: BiMamba, hidden: torch.Tensor, monkeypatch):
+    """The eager v2 fast path (one BiMambaCore node) and the composition of public ops on the same module and
+    cotangent: {name: (fused, composition)} for the output, the input gradient and every parameter gradient."""
+    calls = _count_core_calls(monkeypatch)
+    cot = None
+    results = []
+    for fused in (True, False):
+        if not fused:
+            m.fuse_core = False
+        m.zero_grad(set_to_none=True)
+        x = hidden.detach().clone().requires_grad_(True)
+        out = m(x)
+        cot = torch.randn_like(out) if cot is None else cot
+        (out.float() * cot.float()).sum().backward()
+        results.append({"out": out, "d_hidden": x.grad,
+                        **{"d_" + k: p.grad.clone() for k, p in m.named_parameters()}})
+    assert calls == [1], "the fused path did not run exactly once"
+    return {k: (results[0][k], results[1][k]) for k in results[0]}
 
 
 @pytest.mark.gpu
@@ -269,11 +303,33 @@ def test_fast_vs_slow_matten_shape_bf16_gpu():
 
 
 @pytest.mark.gpu
-def test_cuda_scan_backend_matches_slow_path_gpu():
-    """backend="cuda": Triton conv + the CUDA C++ scan, fp32, against the fp32 slow path (output and every gradient)."""
+@pytest.mark.parametrize("L", [257, 512])
+def test_cuda_scan_backend_matches_slow_path_gpu(L):
+    """backend="cuda": Triton conv + the CUDA C++ scan, fp32, against the fp32 slow path (output and every gradient);
+    L = 512 takes the fused core on the CUDA scan, 257 the composition (the scan pads the rows)."""
     m = BiMamba(64, bimamba="v2", backend="cuda").cuda()
-    pairs = _fast_vs_slow(m, torch.randn(2, 257, 64, device="cuda"), ref_dtype=torch.float32)
+    pairs = _fast_vs_slow(m, torch.randn(2, L, 64, device="cuda"), ref_dtype=torch.float32)
     for name, (got, ref) in pairs.items():
         rel = _rel(got, ref)
         logger.info("cuda backend %s: relative error %.3e", name, rel)
         assert rel <= 1e-3, f"{name}: relative error {rel:.3e} > 1e-3"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_fused_core_matches_composition_bf16_gpu(backend, monkeypatch):
+    """Matten-XL global block in bf16 on both scan backends: the fused core against the composition of the same
+    kernels. The fused path rounds once where the composition rounds twice (the x_proj input gradient added in the
+    GEMM epilogue), so the bar is relative: Frobenius error <= 1e-2 for the output and every gradient."""
+    if backend == "cuda":
+        from matten_kernels.selective_scan import cuda as scan_cuda
+
+        if not scan_cuda.is_available():
+            pytest.skip("the CUDA scan extension is not available here")
+    m = BiMamba(1152, bimamba="v2", backend=backend).cuda().to(torch.bfloat16)
+    pairs = _fused_vs_composition(m, torch.randn(2, 4096, 1152, device="cuda", dtype=torch.bfloat16), monkeypatch)
+    for name, (got, want) in pairs.items():
+        rel = _rel(got, want)
+        logger.info("bf16 %s fused vs composition %s: %.3e", backend, name, rel)
+        assert torch.isfinite(got).all(), name
+        assert rel <= 1e-2, f"{name}: relative difference {rel:.3e} > 1e-2"

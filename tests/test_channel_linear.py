@@ -43,8 +43,9 @@ def test_matches_linear_float64(n, K, O, L, transpose_in, transpose_out, bias):
     assert grads[0].stride(-1 if transpose_in else 2) == 1  # the gradient comes back in x's own layout
 
 
-@pytest.mark.parametrize("n,P,Q,L", [(2, 3, 4, 50), (30, 6, 5, 2), (1, 2, 3, 4)])
-def test_sum_of_products_both_strategies(n, P, Q, L):
+# products accumulated in place (n = 2, 3), one batched GEMM summed (n = 6 > ACCUMULATE_MAX), the stacked GEMM (n = 30)
+@pytest.mark.parametrize("n,P,Q,L", [(2, 3, 4, 50), (3, 3, 4, 50), (6, 2, 2, 100), (30, 6, 5, 2), (1, 2, 3, 4)])
+def test_sum_of_products_all_strategies(n, P, Q, L):
     a = torch.randn(n, P, L, dtype=torch.float64)
     b_tok = torch.randn(n, L, Q, dtype=torch.float64)
     for b in (b_tok.mT, b_tok.mT.contiguous()):  # stackable view and a contiguous (n, Q, L) that needs a copy

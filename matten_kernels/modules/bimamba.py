@@ -31,16 +31,22 @@ Variants (``bimamba``):
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 
 import torch
 import torch.nn as nn
 
-from .._backend import FLOAT_DTYPES, check_tensor, choose_backend
+from .._backend import FLOAT_DTYPES, check_tensor, choose_backend, use_custom_op
 from ..conv1d import (bi_depthwise_conv1d_silu, bi_depthwise_conv1d_silu_ref, depthwise_conv1d_silu,
                       depthwise_conv1d_silu_ref)
 from ..selective_scan import bi_selective_scan, bi_selective_scan_ref, selective_scan, selective_scan_ref
+from ..selective_scan import interface as scan_interface
+from .bimamba_core import BiMambaCore
 from .channel_linear import channel_linear
+
+logger = logging.getLogger("matten_kernels")
 
 BIMAMBA_TYPES = ("v2", "v1", "none")
 
@@ -67,13 +73,16 @@ class BiMamba(nn.Module):
         backend: None (auto: "triton" for CUDA tensors, "ref" otherwise), "triton", "cuda" or "ref". "cuda" runs the
             scan through the CUDA C++ extension (the conv kernel stays Triton); "ref" runs the slow path.
         use_fast_path: False runs the slow path: plain PyTorch (F.conv1d with flips, the reference scan).
+        fuse_core: on the fast path, run v2's conv + projections + scan as one autograd node (``BiMambaCore``:
+            fewer kernels and less host work in the backward) in eager calls; False composes the public ops, as
+            torch.compile and dispatch modes always do. The same function either way.
         dt_min, dt_max, dt_init, dt_scale, dt_init_floor: the Mamba dt initialisation (see ``reset_parameters``).
         bias: bias of in_proj and out_proj (Vim: False). The conv biases always exist (Vim's conv_bias=True).
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank="auto",
                  bimamba: str = "v2", divide_out: bool = False, backend: str | None = None,
-                 use_fast_path: bool = True, dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = "random",
+                 use_fast_path: bool = True, fuse_core: bool = True, dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = "random",
                  dt_scale: float = 1.0, dt_init_floor: float = 1e-4, bias: bool = False, device=None, dtype=None):
         super().__init__()
         if bimamba not in BIMAMBA_TYPES:
@@ -90,7 +99,7 @@ class BiMamba(nn.Module):
         self.d_inner = expand * d_model
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.bimamba, self.divide_out = bimamba, divide_out
-        self.backend, self.use_fast_path = backend, use_fast_path
+        self.backend, self.use_fast_path, self.fuse_core = backend, use_fast_path, fuse_core
         self._dt_init = dict(dt_min=dt_min, dt_max=dt_max, dt_init=dt_init, dt_scale=dt_scale,
                              dt_init_floor=dt_init_floor)
         E, N, R = self.d_inner, d_state, self.dt_rank
@@ -177,12 +186,33 @@ class BiMamba(nn.Module):
             return self._forward(hidden_states, fast=True, scan_backend=backend)
         return self._forward(hidden_states, fast=False)
 
+    def _fused_core(self, xz: torch.Tensor) -> bool:
+        """Whether the eager fast path runs conv + projections + scan as one autograd node (``BiMambaCore``): v2 with
+        ``fuse_core``, outside torch.compile and dispatch modes (they see the composition of custom ops), and rows the kernels
+        take unpadded (an unaligned L goes through ``bi_selective_scan``, which pads it; logged once)."""
+        if not self.fuse_core or self.bimamba != "v2" or use_custom_op() or xz.dtype not in FLOAT_DTYPES:
+            return False
+        L = xz.shape[-1]
+        if L % scan_interface.BI_ALIGN and xz.device.type in scan_interface.BI_PAD_DEVICES:
+            _log_unaligned(L)
+            return False
+        return True
+
     def _forward(self, hidden_states: torch.Tensor, fast: bool, scan_backend: str = "triton") -> torch.Tensor:
         """One composition for both paths; ``fast`` picks the fused ops (Triton conv, ``scan_backend`` scan) or the
         plain PyTorch references."""
         batch, L, _ = hidden_states.shape
         E, N, R = self.d_inner, self.d_state, self.dt_rank
         xz = channel_linear(hidden_states, self.in_proj.weight, self.in_proj.bias, transpose_in=True)  # (batch, 2E, L)
+        if fast and self._fused_core(xz):
+            cast = lambda w: w.to(xz.dtype)  # noqa: E731  (the compute dtype, as channel_linear casts)
+            y = BiMambaCore.apply(
+                xz, self.conv1d.weight[:, 0, :], self.conv1d.bias, self.conv1d_b.weight[:, 0, :], self.conv1d_b.bias,
+                cast(self.x_proj.weight), cast(self.x_proj_b.weight), cast(self.dt_proj.weight),
+                cast(self.dt_proj_b.weight), -torch.exp(_fp32(self.A_log)), -torch.exp(_fp32(self.A_b_log)),
+                _fp32(self.D), _fp32(self.D_b), _fp32(self.dt_proj.bias), _fp32(self.dt_proj_b.bias), R,
+                self.divide_out, scan_backend, torch.is_grad_enabled())
+            return channel_linear(y, self.out_proj.weight, self.out_proj.bias, transpose_out=True)
         x, z = torch.split(xz, [E, E], dim=1)  # (batch, E, L) views, time-contiguous; backward: one cat of dx, dz
 
         conv_w = self.conv1d.weight[:, 0, :]  # (E, k) view of (E, 1, k)
@@ -227,3 +257,9 @@ class BiMamba(nn.Module):
             else:
                 y = bi_selective_scan_ref(x_f, delta, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True, **kw)
         return channel_linear(y, self.out_proj.weight, self.out_proj.bias, transpose_out=True)  # (batch, L, d_model)
+
+
+@functools.lru_cache(maxsize=None)
+def _log_unaligned(L: int) -> None:
+    logger.info("BiMamba: L = %d is not a multiple of %d: the mixer runs as a composition of ops (the scan pads the "
+                "rows), not as one fused node", L, scan_interface.BI_ALIGN)

@@ -15,6 +15,8 @@ import torch
 
 from .._backend import autocast_dtype
 
+ACCUMULATE_MAX = 4  # sum_of_products: up to this many per-sequence products accumulate in place
+
 
 def _stackable(t: torch.Tensor) -> bool:
     """True when (n, C, L) -> (C, n * L) is a view (the time axis of one sequence continues into the next's)."""
@@ -25,16 +27,23 @@ def sum_of_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sum_i a[i] @ b[i]^T for a (n, P, L), b (n, Q, L), any strides -> (P, Q).
 
     One GEMM over the stacked n * L axis when that costs less memory traffic than the n partial products (a copy of
-    whole time rows, never a transpose, is made of an operand that does not stack as a view), else n batched
-    products summed (few long sequences: the global mixer's weight gradients)."""
+    whole time rows, never a transpose, is made of an operand that does not stack as a view), else the n products
+    (few long sequences: the global mixer's weight gradients): for n <= ACCUMULATE_MAX each added into the first by
+    the GEMM's epilogue (beta = 1; no (n, P, Q) stack and no reduction kernel), else one batched GEMM summed."""
     n, P, L = a.shape
     Q = b.shape[1]
     if n == 1:
         return a[0] @ b[0].t()
     copies = sum(t.shape[1] * n * L for t in (a, b) if not _stackable(t))
     if n * P * Q <= copies:
-        return torch.bmm(a, b.mT).sum(0)
+        if n > ACCUMULATE_MAX:
+            return torch.bmm(a, b.mT).sum(0)
+        out = a[0] @ b[0].t()
+        for i in range(1, n):
+            out.addmm_(a[i], b[i].t())
+        return out
     return a.transpose(0, 1).reshape(P, n * L) @ b.transpose(0, 1).reshape(Q, n * L).t()
+
 
 
 class _ChannelLinear(torch.autograd.Function):

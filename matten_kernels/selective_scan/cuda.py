@@ -289,3 +289,36 @@ def cuda_bi_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
         _contig(D_b), _contig(delta_bias_b), bool(delta_softplus), bool(divide_out), save,
         _config(A, u.shape[-1], bidirectional=True))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# raw launches for fused callers (the BiMamba mixer core): no validation, no autograd
+
+
+def bi_scan_fwd_raw(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b,
+                    delta_softplus: bool, divide_out: bool, save: bool = True):
+    """The bidirectional forward on the extension, every ``*_b`` given (v2), inputs valid and contiguous (B, C and
+    their twins may be channel slices). Returns ``(out, saved)``; ``saved`` (states, y_saved, config) goes back to
+    :func:`bi_scan_bwd_raw` (``save`` False: nothing is saved, no backward can run)."""
+    _load()
+    cfg = _config(A, u.shape[-1], bidirectional=True)
+    out, _, states, y_saved = torch.ops.matten_cuda.selective_scan_fwd(
+        u, delta, A, _grouped(B), _grouped(C), D, delta_bias, z, None, u_b, delta_b, A_b, _grouped(B_b),
+        _grouped(C_b), D_b, delta_bias_b, bool(delta_softplus), bool(divide_out), bool(save), cfg)
+    return out, (states, y_saved, cfg)
+
+
+def bi_scan_bwd_raw(dout, u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b,
+                    saved, delta_softplus: bool, divide_out: bool) -> dict:
+    """Gradients of :func:`bi_scan_fwd_raw`'s inputs, keyed by argument name (dB/dC shaped like B/C)."""
+    states, y_saved, cfg = saved
+    g = torch.ops.matten_cuda.selective_scan_bwd(
+        dout.contiguous(), None, u, delta, A, _grouped(B), _grouped(C), D, delta_bias, z, None, states, y_saved,
+        u_b, delta_b, A_b, _grouped(B_b), _grouped(C_b), D_b, delta_bias_b, bool(delta_softplus), bool(divide_out),
+        cfg)
+    names = ("u", "delta", "A", "B", "C", "D", "delta_bias", "z", "initial_state",
+             "u_b", "delta_b", "A_b", "B_b", "C_b", "D_b", "delta_bias_b")
+    grads = dict(zip(names, g))
+    for k, X in (("B", B), ("C", C), ("B_b", B_b), ("C_b", C_b)):
+        grads[k] = grads[k].view(X.shape)
+    return grads

@@ -1,0 +1,120 @@
+"""The v2 mixer's middle as one autograd node: both convolutions, both projections and the bidirectional scan.
+
+``BiMamba`` composed from the public ops gives autograd a dozen nodes a call between in_proj and out_proj (the conv,
+two x_proj and two dt_proj products with their splits, the scan), and their backward pays for the composition:
+
+* ``x_f`` feeds both x_proj and the scan, so autograd adds the two gradients of it (one elementwise kernel over
+  (batch, d_inner, L) per direction); here the x_proj input gradient is added by the GEMM's epilogue
+  (``baddbmm`` with the scan's du as C);
+* the split of ``xz`` into x and z is undone by a cat of dx and dz; here the conv backward writes dx straight into
+  its half of d(xz) and only dz is copied into the other, and its gates overwrite du (ours) instead of a temporary;
+* each node is a round of Python and dispatcher work on the host, which the eager training step waits for.
+
+Same maths, same kernels, same saved tensors as the composition (``BiMamba._forward`` with ``fast=True``); the tests
+check one against the other. It serves eager calls of the v2 mixer on the kernel backends; torch.compile and dispatch
+modes (FlopCounterMode) keep the composition of custom ops, which they can see into.
+
+    x, z = xz halves                                   (batch, E, L) views
+    x_f, x_b = silu(conv(x)), silu(anti-causal conv_b(x))
+    xdbl = x_proj_w @ x_f = [dt; B; C],  delta = dt_proj_w @ dt;  the same for the backward direction
+    y = bi_selective_scan(x_f, delta, A, B, C, D, z, dt_bias, softplus, u_b=x_b, delta_b, A_b, B_b, C_b, D_b, ...)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..conv1d.triton_bwd import dwconv_silu_bwd_launch
+from ..conv1d.triton_fwd import dwconv_silu_fwd_launch
+from .channel_linear import sum_of_products
+
+_SCAN_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
+              "u_b", "delta_b", "A_b", "B_b", "C_b", "D_b", "delta_bias_b")
+
+
+def _scan_fwd(backend: str, args: dict, divide_out: bool, save: bool):
+    """(y, saved tensors, config) on the chosen backend, without validation or autograd (inputs built by the mixer);
+    ``save`` False (no backward will run) lets the CUDA forward skip its saved states."""
+    if backend == "cuda":
+        from ..selective_scan.interface import _import_cuda
+
+        args["z"] = args["z"].contiguous()  # the extension takes contiguous tensors; saved for the backward too
+        y, (states, y_saved, cfg) = _import_cuda("BiMamba").bi_scan_fwd_raw(
+            *(args[k] for k in _SCAN_ARGS), True, divide_out, save)
+        return y, (states, y_saved, args["z"]), cfg
+    from ..selective_scan._ops import _bi_fwd
+
+    y, states, states_b = _bi_fwd(*(args[k] for k in _SCAN_ARGS), True, divide_out)
+    return y, (states, states_b), None
+
+
+def _scan_bwd(backend: str, dy, args: dict, saved, cfg, divide_out: bool) -> dict:
+    if backend == "cuda":
+        from ..selective_scan.interface import _import_cuda
+
+        states, y_saved, args["z"] = saved
+        return _import_cuda("BiMamba").bi_scan_bwd_raw(dy, *(args[k] for k in _SCAN_ARGS), (states, y_saved, cfg),
+                                                       True, divide_out)
+    from ..selective_scan._ops import _BI_GRAD_ORDER, _bi_bwd
+
+    return dict(zip(_BI_GRAD_ORDER, _bi_bwd(dy, *(args[k] for k in _SCAN_ARGS), *saved, True, divide_out)))
+
+
+class BiMambaCore(torch.autograd.Function):
+    """xz (batch, 2E, L) and the v2 mixer's parameters -> y (batch, E, L), the gated scan output before out_proj.
+
+    Projection weights come in the compute dtype (the caller casts them, as ``channel_linear`` would); conv weights
+    (E, k) and the SSM parameters (A, D, dt biases: fp32) as the public ops take them."""
+
+    @staticmethod
+    def forward(ctx, xz, conv_w, conv_b, conv_w_b, conv_b_b, xproj_w, xproj_w_b, dtproj_w, dtproj_w_b,
+                A, A_b, D, D_b, dt_bias, dt_bias_b, dt_rank: int, divide_out: bool, backend: str, save: bool):
+        n, E2, L = xz.shape
+        E, N, R = E2 // 2, A.shape[1], dt_rank
+        x, z = xz[:, :E], xz[:, E:]
+        x_f, x_b = dwconv_silu_fwd_launch(x, conv_w, conv_b, conv_w_b, conv_b_b)
+        xdbl = torch.bmm(xproj_w.expand(n, -1, -1), x_f)  # (n, R + 2N, L)
+        xdbl_b = torch.bmm(xproj_w_b.expand(n, -1, -1), x_b)
+        dt, B, C = torch.split(xdbl, [R, N, N], dim=1)
+        dt_b, B_b, C_b = torch.split(xdbl_b, [R, N, N], dim=1)
+        delta = torch.bmm(dtproj_w.expand(n, -1, -1), dt)  # (n, E, L); its bias goes in as the scan's delta_bias
+        delta_b = torch.bmm(dtproj_w_b.expand(n, -1, -1), dt_b)
+        args = dict(u=x_f, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=dt_bias, u_b=x_b, delta_b=delta_b,
+                    A_b=A_b, B_b=B_b, C_b=C_b, D_b=D_b, delta_bias_b=dt_bias_b)
+        y, saved, cfg = _scan_fwd(backend, args, divide_out, save)
+        ctx.save_for_backward(xz, conv_w, conv_b, conv_w_b, conv_b_b, xproj_w, xproj_w_b, dtproj_w, dtproj_w_b,
+                              A, A_b, D, D_b, dt_bias, dt_bias_b, x_f, x_b, xdbl, xdbl_b, delta, delta_b, *saved)
+        ctx.meta = (R, N, divide_out, backend, cfg)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        (xz, conv_w, conv_b, conv_w_b, conv_b_b, xproj_w, xproj_w_b, dtproj_w, dtproj_w_b, A, A_b, D, D_b, dt_bias,
+         dt_bias_b, x_f, x_b, xdbl, xdbl_b, delta, delta_b, *saved) = ctx.saved_tensors
+        R, N, divide_out, backend, cfg = ctx.meta
+        n, E2, L = xz.shape
+        E = E2 // 2
+        dt, B, C = torch.split(xdbl, [R, N, N], dim=1)
+        dt_b, B_b, C_b = torch.split(xdbl_b, [R, N, N], dim=1)
+        args = dict(u=x_f, delta=delta, A=A, B=B, C=C, D=D, z=xz[:, E:], delta_bias=dt_bias, u_b=x_b,
+                    delta_b=delta_b, A_b=A_b, B_b=B_b, C_b=C_b, D_b=D_b, delta_bias_b=dt_bias_b)
+        g = _scan_bwd(backend, dy, args, saved, cfg, divide_out)
+
+        def project_bwd(du, ddelta, dB, dC, u, dt, xproj_w, dtproj_w):
+            """Through delta = dtproj_w @ dt and xdbl = xproj_w @ u: (du + the x_proj input gradient, dxproj_w,
+            ddtproj_w); the scan's du is the C of the x_proj input-gradient GEMM."""
+            ddt = torch.bmm(dtproj_w.t().expand(n, -1, -1), ddelta)  # (n, R, L)
+            dxdbl = torch.cat([ddt, dB.to(ddt.dtype), dC.to(ddt.dtype)], dim=1)  # (n, R + 2N, L)
+            du = torch.baddbmm(du, xproj_w.t().expand(n, -1, -1), dxdbl)
+            return du, sum_of_products(dxdbl, u), sum_of_products(ddelta, dt)
+
+        du_f, dxproj_w, ddtproj_w = project_bwd(g["u"], g["delta"], g["B"], g["C"], x_f, dt, xproj_w, dtproj_w)
+        du_b, dxproj_w_b, ddtproj_w_b = project_bwd(g["u_b"], g["delta_b"], g["B_b"], g["C_b"], x_b, dt_b,
+                                                    xproj_w_b, dtproj_w_b)
+        dxz = torch.empty_like(xz, memory_format=torch.contiguous_format)
+        _, dconv_w, dconv_b, dconv_w_b, dconv_b_b = dwconv_silu_bwd_launch(
+            du_f, du_b, xz[:, :E], conv_w, conv_b, conv_w_b, conv_b_b, dx_out=dxz[:, :E], dy_writable=True)
+        dxz[:, E:].copy_(g["z"])
+        return (dxz, dconv_w, dconv_b, dconv_w_b, dconv_b_b, dxproj_w, dxproj_w_b, ddtproj_w, ddtproj_w_b,
+                g["A"], g["A_b"], g["D"], g["D_b"], g["delta_bias"], g["delta_bias_b"], None, None, None, None)
