@@ -1,13 +1,15 @@
 """A/B in one run: BiMamba's fused core (conv + projections + bidirectional scan as one autograd node) against the
 composition of the public ops (``fuse_core=False``), on the Triton and the CUDA scan backends.
 
-* the mixer alone, global XL (batch 2, 4096 tokens, d_model 1152, bf16 module): fwd and fwd+bwd medians
-  (``triton.testing.do_bench``), peak memory of fwd+bwd; and the Vim-style composition on the same weights
+* the mixer alone (batch 2, d_model 1152, bf16 module; 4096 tokens = global XL, ``--lengths``), both paths
+  alternately for ``--rounds`` rounds: fwd and fwd+bwd medians (``triton.testing.do_bench``), peak memory of
+  fwd+bwd; at 4096 tokens also the Vim-style composition on the same weights
   (``baselines.VimBiMamba``: mamba-ssm's scan when ``MATTEN_MAMBA_BUILD`` or mamba_ssm provides it);
 * the Matten-XL/2 v3 training step (batch 2, bf16 autocast, AdamW): eager and CUDA-graphed medians of timed steps
   (CUDA events), with every mixer of the model switched.
 
-    PYTHONPATH=. python benchmarks/mixer_fused_ab.py [--steps 20] [--no-model] [--out DIR] [--commit SHA]
+    PYTHONPATH=. python benchmarks/mixer_fused_ab.py [--lengths 1024,4096] [--rounds 2] [--steps 20] [--no-model]
+        [--out DIR] [--commit SHA]
 """
 
 from __future__ import annotations
@@ -37,42 +39,49 @@ def backends():
     return out
 
 
-def mixer_rows():
-    b, L, d = 2, 4096, 1152
-    m = BiMamba(d, d_state=16, bimamba="v2").cuda().to(torch.bfloat16)
-    h = torch.randn(b, L, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    g = torch.randn_like(h)
-    leaves = [h] + list(m.parameters())
+def mixer_rows(lengths, rounds):
+    """The mixer alone at each length (batch 2, d_model 1152, bf16): fused and composed alternately, ``rounds``
+    times (run-to-run spread of the same configuration is ~0.2 ms at 4096 tokens on the device machine)."""
     rows = []
-    for name, backend in backends():
-        for fused in (True, False):
-            m.backend, m.fuse_core = backend, fused
+    for L in lengths:
+        b, d = 2, 1152
+        m = BiMamba(d, d_state=16, bimamba="v2").cuda().to(torch.bfloat16)
+        h = torch.randn(b, L, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn_like(h)
+        leaves = [h] + list(m.parameters())
+
+        def fb():
+            m(h).backward(g)
+
+        for name, backend in backends():
+            for rnd in range(rounds):
+                for fused in (True, False):
+                    m.backend, m.fuse_core = backend, fused
+                    with torch.no_grad():
+                        fwd = bench(lambda: m(h))
+                    rows.append(dict(case=f"mixer {L} tokens", scan=name, fused=fused, round=rnd,
+                                     fwd_ms=round(fwd, 4), fwdbwd_ms=round(bench(fb, grad_to_none=leaves), 4),
+                                     peak_MB=round(peak_mem_mb(fb), 1)))
+                    print(rows[-1], flush=True)
+        m.backend, m.fuse_core = None, True
+        if L != 4096:
+            continue
+        try:  # the issue's baseline, same weights: Vim's composition (flips, two scans; mamba-ssm's when importable)
+            from baselines import SCAN_PROVIDER, VimBiMamba
+
+            vim = VimBiMamba(m)
             with torch.no_grad():
-                fwd = bench(lambda: m(h))
+                fwd = bench(lambda: vim(h))
 
-            def fb():
-                m(h).backward(g)
+            def fb_vim():
+                vim(h).backward(g)
 
-            rows.append(dict(case="mixer global XL", scan=name, fused=fused, fwd_ms=round(fwd, 4),
-                             fwdbwd_ms=round(bench(fb, grad_to_none=leaves), 4),
-                             peak_MB=round(peak_mem_mb(fb), 1)))
+            rows.append(dict(case=f"mixer {L} tokens", scan=f"Vim-style ({SCAN_PROVIDER})", fused=None,
+                             fwd_ms=round(fwd, 4), fwdbwd_ms=round(bench(fb_vim, grad_to_none=leaves), 4),
+                             peak_MB=round(peak_mem_mb(fb_vim), 1)))
             print(rows[-1], flush=True)
-    m.backend, m.fuse_core = None, True
-    try:  # the issue's baseline, same weights: Vim's composition (flips, two scans; mamba-ssm's when importable)
-        from baselines import SCAN_PROVIDER, VimBiMamba
-
-        vim = VimBiMamba(m)
-        with torch.no_grad():
-            fwd = bench(lambda: vim(h))
-
-        def fb_vim():
-            vim(h).backward(g)
-
-        rows.append(dict(case="mixer global XL", scan=f"Vim-style ({SCAN_PROVIDER})", fused=None, fwd_ms=round(fwd, 4),
-                         fwdbwd_ms=round(bench(fb_vim, grad_to_none=leaves), 4), peak_MB=round(peak_mem_mb(fb_vim), 1)))
-        print(rows[-1], flush=True)
-    except Exception as e:  # noqa: BLE001
-        print(f"[skip Vim-style baseline] {type(e).__name__}: {e}")
+        except Exception as e:  # noqa: BLE001
+            print(f"[skip Vim-style baseline] {type(e).__name__}: {e}")
     return rows
 
 
@@ -144,12 +153,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--no-model", action="store_true")
+    p.add_argument("--lengths", default="4096", help="mixer token counts, comma-separated")
+    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", default=None, help="directory for the JSON (default benchmarks/results)")
     p.add_argument("--commit", default=None)
     args = p.parse_args()
     info = env_info(args.commit)
     print(info)
-    rows = mixer_rows()
+    rows = mixer_rows([int(v) for v in args.lengths.split(",")], args.rounds)
     if not args.no_model:
         rows += model_rows(args.steps)
     path = write_results("mixer-fused-ab", rows, info, args.out)

@@ -1,4 +1,4 @@
-"""Backward Triton kernels of the depthwise conv1d + SiLU (causal and anti-causal directions in one pass each).
+"""Backward Triton kernel of the depthwise conv1d + SiLU (causal and anti-causal directions in one pass).
 
 With pre-activations a_f, a_b (see triton_fwd.py) and g = dy * silu'(a) per direction::
 
@@ -7,22 +7,17 @@ With pre-activations a_f, a_b (see triton_fwd.py) and g = dy * silu'(a) per dire
     dweight_b[K-1-i] = sum_{batch, t} g_b[t] * x[t + i]
     dbias = sum g_f,   dbias_b = sum g_b
 
-Two passes. Nothing is saved by the forward:
-  1. ``_dwconv_silu_gate_kernel`` recomputes the pre-activations from the x tiles at shifts -3 .. 3 (one read of x
-     from DRAM, the halo re-reads hit L1/L2), stores each gate once (in place of dy when the caller owns it: the
-     mixer core) and sums the weight and bias gradients, which need only g and x at the same position;
-  2. ``_dwconv_dx_kernel`` is the transposed stencil over the stored gates.
-The single-pass kernel this replaces needed every gate at four positions for dx and recomputed them (8 sigmoids
-and 32 pre-activation FMAs an element for both directions, 0.20 ms at global XL on an H100 against ~0.05 of
-memory traffic); two passes evaluate each gate once for one more read and write of the gates.
-The bodies are written for 4 taps; K < 4 runs as a width-4 conv with zero leading taps (``_tap``).
+Nothing is saved by the forward: the pre-activations are recomputed here from x at the K shifted positions every
+dx term needs (from the seven x tiles at shifts -3 .. 3, held in registers), so the backward reads x, dy_f, dy_b
+once from DRAM (the halo re-reads hit L1/L2) and writes dx once; no (batch, D, L) scratch tensor is materialised.
+The body is written for 4 taps; K < 4 runs as a width-4 conv with zero leading taps (``_tap``).
 
-Determinism: a pass-1 program owns BLOCK_D channels x one chunk of L of one batch element and loops over the chunk's
+Determinism: one program owns BLOCK_D channels x one chunk of L of one batch element and loops over the chunk's
 tiles; it writes its partial dweight/dbias sums to its own row of a (chunks*batch, D, K) fp32 buffer, which the
 launcher reduces with ``sum(0)`` in a fixed order. No atomics.
 
-Cost model (global XL bf16, both directions): pass 1 reads x, dy_f, dy_b and writes g_f, g_b (189 MB), pass 2
-reads g_f, g_b and writes dx (113 MB): ~0.10 ms at 3.0 TB/s.
+Cost model (global XL bf16, both directions): bytes = 2 B * b*d*L * (3 reads + 1 write) = 151 MB -> ~50 us at
+3.0 TB/s; work per element 48 FMAs and 8 sigmoids (both directions, 4 taps).
 """
 
 from __future__ import annotations
@@ -66,10 +61,10 @@ def _tap(p_w, o_d, m_d, stride_w_d, stride_w_k, J: tl.constexpr, K: tl.constexpr
 
 
 @triton.jit
-def _dwconv_silu_gate_kernel(
+def _dwconv_silu_bwd_kernel(
     # pointers
-    p_x, p_w, p_bias, p_w_b, p_bias_b, p_dy, p_dy_b, p_g, p_g_b,
-    p_dw_part, p_dbias_part, p_dwb_part, p_dbiasb_part,
+    p_x, p_w, p_bias, p_w_b, p_bias_b, p_dy, p_dy_b,
+    p_dx, p_dw_part, p_dbias_part, p_dwb_part, p_dbiasb_part,
     # sizes
     D, L, TILES_PER_PROG,
     # strides
@@ -78,15 +73,12 @@ def _dwconv_silu_gate_kernel(
     stride_wb_d, stride_wb_k,
     stride_dy_b, stride_dy_d, stride_dy_l,
     stride_dyb_b, stride_dyb_d, stride_dyb_l,
-    stride_g_b, stride_g_d, stride_g_l,
-    stride_gb_b, stride_gb_d, stride_gb_l,
+    stride_dx_b, stride_dx_d, stride_dx_l,
     # meta-parameters
     K: tl.constexpr, BIDIR: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """Pass 1: g = dy * silu'(a) at each position (stored; p_g may be p_dy: each element is read and then written
-    by the one program that owns it) and the weight/bias partial sums, which need only g and x at the same t."""
-    # Written out for 4 taps (K <= 4 via zero-padded leading taps, see _tap): the x tiles at shifts -3 .. 0
-    # (causal) and 0 .. 3 (anti-causal) are loaded once per tile; a Triton loop cannot keep a list of tiles.
+    # Written out for 4 taps (K <= 4 via zero-padded leading taps, see _tap): the seven x tiles at shifts -3 .. 3
+    # are loaded once per tile and held in registers (xm3 .. xp3); a Triton loop cannot keep a list of tiles.
     i_d, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_b = tl.num_programs(2)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -95,8 +87,7 @@ def _dwconv_silu_gate_kernel(
     p_x_rows = p_x + i_b64 * stride_x_b + o_d[:, None] * stride_x_d
     p_dy_rows = p_dy + i_b64 * stride_dy_b + o_d[:, None] * stride_dy_d
     p_dyb_rows = p_dy_b + i_b64 * stride_dyb_b + o_d[:, None] * stride_dyb_d
-    p_g_rows = p_g + i_b64 * stride_g_b + o_d[:, None] * stride_g_d
-    p_gb_rows = p_g_b + i_b64 * stride_gb_b + o_d[:, None] * stride_gb_d
+    p_dx_rows = p_dx + i_b64 * stride_dx_b + o_d[:, None] * stride_dx_d
 
     # causal taps w0..w3 (x[t-3] .. x[t]); anti-causal taps u0..u3 of weight_b, x_b[t] = sum_i u[3-i] x[t+i]
     w0 = _tap(p_w, o_d, m_d, stride_w_d, stride_w_k, 0, K, BLOCK_D)[:, None]
@@ -123,29 +114,42 @@ def _dwconv_silu_gate_kernel(
 
     for i_t in range(0, TILES_PER_PROG):
         o_l = (i_c * TILES_PER_PROG + i_t) * BLOCK_L + tl.arange(0, BLOCK_L)
-        m_out = m_d[:, None] & (o_l < L)[None, :]
         xm3 = _shifted(p_x_rows, o_l, -3, stride_x_l, m_d, L)
         xm2 = _shifted(p_x_rows, o_l, -2, stride_x_l, m_d, L)
         xm1 = _shifted(p_x_rows, o_l, -1, stride_x_l, m_d, L)
         x0 = _shifted(p_x_rows, o_l, 0, stride_x_l, m_d, L)
-        g_f = _gate(b_bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0, p_dy_rows, o_l, stride_dy_l, m_d, L)
-        tl.store(p_g_rows + o_l[None, :] * stride_g_l, g_f.to(p_g.dtype.element_ty), mask=m_out)
-        b_dbias += g_f
-        b_dw0 += g_f * xm3
-        b_dw1 += g_f * xm2
-        b_dw2 += g_f * xm1
-        b_dw3 += g_f * x0
+        xp1 = _shifted(p_x_rows, o_l, 1, stride_x_l, m_d, L)
+        xp2 = _shifted(p_x_rows, o_l, 2, stride_x_l, m_d, L)
+        xp3 = _shifted(p_x_rows, o_l, 3, stride_x_l, m_d, L)
+
+        # causal direction: g_f at t + m (m = 0..3) reaches dx[t] through w[3-m]
+        g0 = _gate(b_bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0, p_dy_rows, o_l, stride_dy_l, m_d, L)
+        b_dx = w3 * g0
+        b_dbias += g0
+        b_dw0 += g0 * xm3
+        b_dw1 += g0 * xm2
+        b_dw2 += g0 * xm1
+        b_dw3 += g0 * x0
+        b_dx += w2 * _gate(b_bias + w0 * xm2 + w1 * xm1 + w2 * x0 + w3 * xp1, p_dy_rows, o_l + 1, stride_dy_l, m_d, L)
+        b_dx += w1 * _gate(b_bias + w0 * xm1 + w1 * x0 + w2 * xp1 + w3 * xp2, p_dy_rows, o_l + 2, stride_dy_l, m_d, L)
+        b_dx += w0 * _gate(b_bias + w0 * x0 + w1 * xp1 + w2 * xp2 + w3 * xp3, p_dy_rows, o_l + 3, stride_dy_l, m_d, L)
         if BIDIR:
-            xp1 = _shifted(p_x_rows, o_l, 1, stride_x_l, m_d, L)
-            xp2 = _shifted(p_x_rows, o_l, 2, stride_x_l, m_d, L)
-            xp3 = _shifted(p_x_rows, o_l, 3, stride_x_l, m_d, L)
-            g_b = _gate(b_bias_b + u3 * x0 + u2 * xp1 + u1 * xp2 + u0 * xp3, p_dyb_rows, o_l, stride_dyb_l, m_d, L)
-            tl.store(p_gb_rows + o_l[None, :] * stride_gb_l, g_b.to(p_g_b.dtype.element_ty), mask=m_out)
-            b_dbias_b += g_b
-            b_du3 += g_b * x0
-            b_du2 += g_b * xp1
-            b_du1 += g_b * xp2
-            b_du0 += g_b * xp3
+            # anti-causal direction: g_b at t - m reaches dx[t] through u[3-m]
+            gb0 = _gate(b_bias_b + u3 * x0 + u2 * xp1 + u1 * xp2 + u0 * xp3, p_dyb_rows, o_l, stride_dyb_l, m_d, L)
+            b_dx += u3 * gb0
+            b_dbias_b += gb0
+            b_du3 += gb0 * x0
+            b_du2 += gb0 * xp1
+            b_du1 += gb0 * xp2
+            b_du0 += gb0 * xp3
+            b_dx += u2 * _gate(b_bias_b + u3 * xm1 + u2 * x0 + u1 * xp1 + u0 * xp2,
+                               p_dyb_rows, o_l - 1, stride_dyb_l, m_d, L)
+            b_dx += u1 * _gate(b_bias_b + u3 * xm2 + u2 * xm1 + u1 * x0 + u0 * xp1,
+                               p_dyb_rows, o_l - 2, stride_dyb_l, m_d, L)
+            b_dx += u0 * _gate(b_bias_b + u3 * xm3 + u2 * xm2 + u1 * xm1 + u0 * x0,
+                               p_dyb_rows, o_l - 3, stride_dyb_l, m_d, L)
+        m_out = m_d[:, None] & (o_l < L)[None, :]
+        tl.store(p_dx_rows + o_l[None, :] * stride_dx_l, b_dx.to(p_dx.dtype.element_ty), mask=m_out)
 
     # This program's partial sums (kept per position in the loop, reduced over L once here: no per-tile
     # cross-warp reductions) go to row (i_c * batch + i_b) of the (chunks*batch, D, K) / (chunks*batch, D)
@@ -172,38 +176,6 @@ def _dwconv_silu_gate_kernel(
         tl.store(p_dwb_row + 3, tl.sum(b_du3, axis=1), mask=m_d)
 
 
-@triton.jit
-def _dwconv_dx_kernel(
-    p_g, p_g_b, p_w, p_w_b, p_dx,
-    D, L,
-    stride_g_b, stride_g_d, stride_g_l,
-    stride_gb_b, stride_gb_d, stride_gb_l,
-    stride_w_d, stride_w_k,
-    stride_wb_d, stride_wb_k,
-    stride_dx_b, stride_dx_d, stride_dx_l,
-    K: tl.constexpr, BIDIR: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
-):
-    """Pass 2, the transposed stencil: dx[t] = sum_m w[3-m] g[t+m] + sum_m u[3-m] g_b[t-m] (g = 0 outside [0, L))."""
-    i_d, i_l, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    o_l = i_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    m_d = o_d < D
-    i_b64 = i_b.to(tl.int64)
-    p_g_rows = p_g + i_b64 * stride_g_b + o_d[:, None] * stride_g_d
-    p_gb_rows = p_g_b + i_b64 * stride_gb_b + o_d[:, None] * stride_gb_d
-    b_dx = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-    for m in tl.static_range(4):
-        if 3 - m >= 4 - K:  # tap 3-m exists (leading taps of a narrower conv are zero)
-            b_w = _tap(p_w, o_d, m_d, stride_w_d, stride_w_k, 3 - m, K, BLOCK_D)[:, None]
-            b_dx += b_w * _shifted(p_g_rows, o_l, m, stride_g_l, m_d, L).to(tl.float32)
-            if BIDIR:
-                b_u = _tap(p_w_b, o_d, m_d, stride_wb_d, stride_wb_k, 3 - m, K, BLOCK_D)[:, None]
-                b_dx += b_u * _shifted(p_gb_rows, o_l, -m, stride_gb_l, m_d, L).to(tl.float32)
-    m_out = m_d[:, None] & (o_l < L)[None, :]
-    tl.store(p_dx + i_b64 * stride_dx_b + o_d[:, None] * stride_dx_d + o_l[None, :] * stride_dx_l,
-             b_dx.to(p_dx.dtype.element_ty), mask=m_out)
-
-
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -227,21 +199,12 @@ def _bwd_config(x: torch.Tensor):
     return block_d, block_l, 8
 
 
-def _dx_config(g: torch.Tensor):
-    """(BLOCK_D, BLOCK_L, num_warps) of the dx stencil: the forward's tiles (a stencil of the same shape)."""
-    from .triton_fwd import _fwd_config
-
-    return _fwd_config(g)
-
-
 def dwconv_silu_bwd_launch(dy: torch.Tensor, dy_b: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
                            bias: torch.Tensor, weight_b: torch.Tensor | None = None,
-                           bias_b: torch.Tensor | None = None, dx_out: torch.Tensor | None = None,
-                           dy_writable: bool = False):
+                           bias_b: torch.Tensor | None = None, dx_out: torch.Tensor | None = None):
     """Gradients (dx, dweight, dbias[, dweight_b, dbias_b]); dx in x's dtype and ``new_output`` layout (or written
     into ``dx_out``, any strides: the mixer core's slice of d(xz)), the others in their parameter's dtype. ``dy_b``
-    (and weight_b, bias_b) None: the causal direction only. ``dy_writable``: the caller owns dy (and dy_b) and no
-    longer needs them, so the gates g overwrite them in place; otherwise g goes to a temporary of dy's dtype."""
+    (and weight_b, bias_b) None: the causal direction only."""
     batch, D, L = x.shape
     K = weight.shape[1]
     bidir = weight_b is not None
@@ -256,35 +219,23 @@ def dwconv_silu_bwd_launch(dy: torch.Tensor, dy_b: torch.Tensor | None, x: torch
     f32 = dict(device=x.device, dtype=torch.float32)
     dw_part = torch.empty((n_chunks * batch, D, K), **f32)
     dbias_part = torch.empty((n_chunks * batch, D), **f32)
-    g = dy if dy_writable else torch.empty_like(dy)
     if bidir:
         dwb_part = torch.empty((n_chunks * batch, D, K), **f32)
         dbiasb_part = torch.empty((n_chunks * batch, D), **f32)
-        w_b, b_b, dyb = weight_b, bias_b.contiguous(), dy_b
-        g_b = dy_b if dy_writable else torch.empty_like(dy_b)
+        w_b, b_b, g_b = weight_b, bias_b.contiguous(), dy_b
     else:
         dwb_part, dbiasb_part = dw_part, dbias_part  # never written
-        w_b, b_b, dyb, g_b = weight, bias, dy, g
-    launch(_dwconv_silu_gate_kernel, (n_d, n_chunks, batch), (
-        x, weight, bias.contiguous(), w_b, b_b, dy, dyb, g, g_b,
-        dw_part, dbias_part, dwb_part, dbiasb_part,
+        w_b, b_b, g_b = weight, bias, dy
+    grid = (n_d, n_chunks, batch)
+    launch(_dwconv_silu_bwd_kernel, grid, (
+        x, weight, bias.contiguous(), w_b, b_b, dy, g_b,
+        dx, dw_part, dbias_part, dwb_part, dbiasb_part,
         D, L, tiles_per_prog,
         x.stride(0), x.stride(1), x.stride(2),
         weight.stride(0), weight.stride(1),
         w_b.stride(0), w_b.stride(1),
         dy.stride(0), dy.stride(1), dy.stride(2),
-        dyb.stride(0), dyb.stride(1), dyb.stride(2),
-        g.stride(0), g.stride(1), g.stride(2),
         g_b.stride(0), g_b.stride(1), g_b.stride(2),
-    ), dict(K=K, BIDIR=bidir, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=num_warps))
-    block_d, block_l, num_warps = _dx_config(g)
-    launch(_dwconv_dx_kernel, (cdiv(D, block_d), cdiv(L, block_l), batch), (
-        g, g_b, weight, w_b, dx,
-        D, L,
-        g.stride(0), g.stride(1), g.stride(2),
-        g_b.stride(0), g_b.stride(1), g_b.stride(2),
-        weight.stride(0), weight.stride(1),
-        w_b.stride(0), w_b.stride(1),
         dx.stride(0), dx.stride(1), dx.stride(2),
     ), dict(K=K, BIDIR=bidir, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=num_warps))
     dweight = dw_part.sum(0).to(weight.dtype)

@@ -7,7 +7,7 @@ two x_proj and two dt_proj products with their splits, the scan), and their back
   (batch, d_inner, L) per direction); here the x_proj input gradient is added by the GEMM's epilogue
   (``baddbmm`` with the scan's du as C);
 * the split of ``xz`` into x and z is undone by a cat of dx and dz; here the conv backward writes dx straight into
-  its half of d(xz) and only dz is copied into the other, and its gates overwrite du (ours) instead of a temporary;
+  its half of d(xz) and only dz is copied into the other;
 * each node is a round of Python and dispatcher work on the host, which the eager training step waits for.
 
 Same maths, same kernels, same saved tensors as the composition (``BiMamba._forward`` with ``fast=True``); the tests
@@ -100,21 +100,26 @@ class BiMambaCore(torch.autograd.Function):
         args = dict(u=x_f, delta=delta, A=A, B=B, C=C, D=D, z=xz[:, E:], delta_bias=dt_bias, u_b=x_b,
                     delta_b=delta_b, A_b=A_b, B_b=B_b, C_b=C_b, D_b=D_b, delta_bias_b=dt_bias_b)
         g = _scan_bwd(backend, dy, args, saved, cfg, divide_out)
+        del args, saved
 
-        def project_bwd(du, ddelta, dB, dC, u, dt, xproj_w, dtproj_w):
+        def project_bwd(sfx, u, dt, xproj_w, dtproj_w):
             """Through delta = dtproj_w @ dt and xdbl = xproj_w @ u: (du + the x_proj input gradient, dxproj_w,
-            ddtproj_w); the scan's du is the C of the x_proj input-gradient GEMM."""
+            ddtproj_w); the scan's du is the C of the x_proj input-gradient GEMM. Each scan gradient is popped from
+            ``g`` where it is consumed, so it is freed there (as autograd would)."""
+            ddelta = g.pop("delta" + sfx)
             ddt = torch.bmm(dtproj_w.t().expand(n, -1, -1), ddelta)  # (n, R, L)
-            dxdbl = torch.cat([ddt, dB.to(ddt.dtype), dC.to(ddt.dtype)], dim=1)  # (n, R + 2N, L)
-            du = torch.baddbmm(du, xproj_w.t().expand(n, -1, -1), dxdbl)
-            return du, sum_of_products(dxdbl, u), sum_of_products(ddelta, dt)
+            ddtproj_w = sum_of_products(ddelta, dt)
+            del ddelta
+            dxdbl = torch.cat([ddt, g.pop("B" + sfx).to(ddt.dtype), g.pop("C" + sfx).to(ddt.dtype)], dim=1)
+            del ddt
+            du = torch.baddbmm(g.pop("u" + sfx), xproj_w.t().expand(n, -1, -1), dxdbl)
+            return du, sum_of_products(dxdbl, u), ddtproj_w
 
-        du_f, dxproj_w, ddtproj_w = project_bwd(g["u"], g["delta"], g["B"], g["C"], x_f, dt, xproj_w, dtproj_w)
-        du_b, dxproj_w_b, ddtproj_w_b = project_bwd(g["u_b"], g["delta_b"], g["B_b"], g["C_b"], x_b, dt_b,
-                                                    xproj_w_b, dtproj_w_b)
+        du_f, dxproj_w, ddtproj_w = project_bwd("", x_f, dt, xproj_w, dtproj_w)
+        du_b, dxproj_w_b, ddtproj_w_b = project_bwd("_b", x_b, dt_b, xproj_w_b, dtproj_w_b)
         dxz = torch.empty_like(xz, memory_format=torch.contiguous_format)
+        dxz[:, E:].copy_(g.pop("z"))
         _, dconv_w, dconv_b, dconv_w_b, dconv_b_b = dwconv_silu_bwd_launch(
-            du_f, du_b, xz[:, :E], conv_w, conv_b, conv_w_b, conv_b_b, dx_out=dxz[:, :E], dy_writable=True)
-        dxz[:, E:].copy_(g["z"])
+            du_f, du_b, xz[:, :E], conv_w, conv_b, conv_w_b, conv_b_b, dx_out=dxz[:, :E])
         return (dxz, dconv_w, dconv_b, dconv_w_b, dconv_b_b, dxproj_w, dxproj_w_b, ddtproj_w, ddtproj_w_b,
                 g["A"], g["A_b"], g["D"], g["D_b"], g["delta_bias"], g["delta_bias_b"], None, None, None, None)
