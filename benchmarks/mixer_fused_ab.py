@@ -2,8 +2,8 @@
 composition of the public ops (``fuse_core=False``), on the Triton and the CUDA scan backends.
 
 * the mixer alone (batch 2, d_model 1152, bf16 module; 4096 tokens = global XL, ``--lengths``), both paths
-  alternately for ``--rounds`` rounds: fwd and fwd+bwd medians (``triton.testing.do_bench``), peak memory of
-  fwd+bwd; at 4096 tokens also the Vim-style composition on the same weights
+  alternately for ``--rounds`` rounds: fwd and fwd+bwd medians (``triton.testing.do_bench``), the host time of
+  one fwd+bwd (``host_ms``: issued from an idle GPU, not waited for), peak memory of fwd+bwd; at 4096 tokens also the Vim-style composition on the same weights
   (``baselines.VimBiMamba``: mamba-ssm's scan when ``MATTEN_MAMBA_BUILD`` or mamba_ssm provides it);
 * the Matten-XL/2 v3 training step (batch 2, bf16 autocast, AdamW): eager and CUDA-graphed medians of timed steps
   (CUDA events), with every mixer of the model switched.
@@ -18,6 +18,7 @@ import argparse
 import os
 import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +62,7 @@ def mixer_rows(lengths, rounds):
                         fwd = bench(lambda: m(h))
                     rows.append(dict(case=f"mixer {L} tokens", scan=name, fused=fused, round=rnd,
                                      fwd_ms=round(fwd, 4), fwdbwd_ms=round(bench(fb, grad_to_none=leaves), 4),
-                                     peak_MB=round(peak_mem_mb(fb), 1)))
+                                     host_ms=_host_ms(fb), peak_MB=round(peak_mem_mb(fb), 1)))
                     print(rows[-1], flush=True)
         m.backend, m.fuse_core = None, True
         if L != 4096:
@@ -83,6 +84,19 @@ def mixer_rows(lengths, rounds):
         except Exception as e:  # noqa: BLE001
             print(f"[skip Vim-style baseline] {type(e).__name__}: {e}")
     return rows
+
+
+def _host_ms(fn, iters=20):
+    """Median host time of one call (from the idle GPU: synchronised before, not after): the Python, dispatcher and
+    launch work, which the GPU waits for when it is shorter than its own work."""
+    times = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return round(statistics.median(times), 3)
 
 
 def _time(step, warmup, iters):
