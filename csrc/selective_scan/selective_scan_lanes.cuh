@@ -44,25 +44,6 @@ constexpr unsigned kFull = 0xffffffffu;
 #ifndef LANES_BWD_MINB
 #define LANES_BWD_MINB 3
 #endif
-// The backward's per-lane dA partials (one per state, summed over the windows): in shared memory (1) or in a register
-// array (0). The array's address reaches the out-of-line partial-window path, which puts it in local memory: an
-// LDL/STL pair per state and window on the fast path too.
-#ifndef LANES_DA_SMEM
-#define LANES_DA_SMEM 1
-#endif
-
-template <int NMAX>
-struct LanesDA {
-#if LANES_DA_SMEM
-  float* s;  // this warp's [NMAX][32] partials in shared memory
-  __device__ __forceinline__ void add(int n, int lane, float v) { s[n * 32 + lane] += v; }
-  __device__ __forceinline__ float get(int n, int lane) const { return s[n * 32 + lane]; }
-#else
-  float v[NMAX];
-  __device__ __forceinline__ void add(int n, int, float x) { v[n] += x; }
-  __device__ __forceinline__ float get(int n, int) const { return v[n]; }
-#endif
-};
 
 // 8 consecutive elements as loaded (one 16-byte vector for 16-bit types, two for fp32).
 template <typename T>
@@ -465,7 +446,7 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_FWD_MINB) scan_fwd_lan
 template <bool REV, bool FULL, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L, int N, int lane,
                                            const LanesScalars& c, float A_l, float h0_l, float& r_l,
-                                           LanesDA<NMAX>& dA, float& dD, float& dbias, float* xch, float* bxch) {
+                                           float (&dA)[NMAX], float& dD, float& dbias, float* xch, float* bxch) {
   using O = Order<REV>;
   float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], dy[kLanesSteps];
   float y[kLanesSteps], sgB[kLanesSteps], ddt[kLanesSteps];
@@ -527,7 +508,7 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
       dAl = fmaf(dt[j], ghx, dAl);
       if (k > 0) gg *= a[j];  // a_j g_j: what the previous step receives
     }
-    dA.add(n, lane, dAl);
+    dA[n] += dAl;
     if (LANES_BLOCK_REDUCE && FULL && EXACT && bxch) {
       block_add(r.dB + (size_t)n * L, r.dC + (size_t)n * L, t0 - lane * kLanesSteps, dBv, dCv,
                 bxch + (n & 1) * (kLanesWarps * 2 * kLanesWindow));
@@ -571,14 +552,14 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
 template <bool REV, typename T, int NMAX>
 __device__ __noinline__ void bwd_window_generic(const LanesRows<T> r, int t0, int L, int N, int lane,
                                                 const LanesScalars c, float A_l, float h0_l, float& r_l,
-                                                LanesDA<NMAX>& dA, float& dD, float& dbias) {
+                                                float (&dA)[NMAX], float& dD, float& dbias) {
   bwd_window<REV, false, false, T, NMAX>(r, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, nullptr, nullptr);
 }
 
 // One direction of the backward over the whole row: windows against scan order; per-channel sums at the end.
 template <bool REV, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b, int chan, int lane, int mode,
-                                              float* xch, float* bxch, float* s_dA) {
+                                              float* xch, float* bxch) {
   const DirParams& dp = p.dir[d];
   const int L = p.L, N = p.N;
   const size_t row = (size_t)b * p.dim + chan;
@@ -590,19 +571,9 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
   float r_l = (uni && lane < N && p.dlast_state) ? p.dlast_state[row * N + lane] : 0.f;
   const LanesScalars c{dp.delta_bias ? dp.delta_bias[chan] : 0.f, dp.D ? dp.D[chan] : 0.f,
                        p.divide_out ? 0.5f : 1.f, (bool)p.delta_softplus, mode};
-  float dD = 0.f, dbias = 0.f;
-  LanesDA<NMAX> dA;
-#if LANES_DA_SMEM
-  dA.s = s_dA;
-#endif
+  float dA[NMAX], dD = 0.f, dbias = 0.f;
 #pragma unroll
-  for (int n = 0; n < NMAX; ++n) {
-#if LANES_DA_SMEM
-    dA.s[n * 32 + lane] = 0.f;  // each lane owns its column: no barrier needed
-#else
-    dA.v[n] = 0.f;
-#endif
-  }
+  for (int n = 0; n < NMAX; ++n) dA[n] = 0.f;
 
   for (int i = 0; i < nwin; ++i) {
     const int w = REV ? i : nwin - 1 - i;
@@ -622,7 +593,7 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
   float dA_l = 0.f;
 #pragma unroll
   for (int n = 0; n < NMAX; ++n) {
-    float v = dA.get(n, lane);
+    float v = dA[n];
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
     dA_l = lane == n ? v : dA_l;
@@ -646,12 +617,6 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lan
   const int b = blockIdx.x;
   float* xch = s_xch[threadIdx.x >> 5];
   float* bxch = nullptr;
-#if LANES_DA_SMEM
-  __shared__ float s_dA_all[kLanesWarps][NMAX * 32];  // per warp: the lanes' dA partials (LanesDA)
-  float* s_dA = s_dA_all[threadIdx.x >> 5];
-#else
-  float* s_dA = nullptr;
-#endif
 #if LANES_BLOCK_REDUCE
   __shared__ alignas(16) float s_bxch[2 * kLanesWarps * 2 * kLanesWindow];
   // every warp of the block alive and in one B/C group (block-uniform)
@@ -661,10 +626,10 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lan
 #endif
   if (chan >= p.dim) return;
   if constexpr (BI) {
-    bwd_direction<true, EXACT, T, NMAX>(p, 1, b, chan, lane, kToWs, xch, bxch, s_dA);
-    bwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kAddWs, xch, bxch, s_dA);
+    bwd_direction<true, EXACT, T, NMAX>(p, 1, b, chan, lane, kToWs, xch, bxch);
+    bwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kAddWs, xch, bxch);
   } else {
-    bwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kUni, xch, bxch, s_dA);
+    bwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kUni, xch, bxch);
   }
 }
 
