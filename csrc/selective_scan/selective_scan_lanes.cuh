@@ -44,11 +44,6 @@ constexpr unsigned kFull = 0xffffffffu;
 #ifndef LANES_BWD_MINB
 #define LANES_BWD_MINB 3
 #endif
-// A lane's decay over its 8 steps as one exp2 of the summed steps (1) instead of the product of the 8 decays (0): a
-// multiply fewer per element (the forward's map, and the backward's map and adjoint map).
-#ifndef LANES_PA_EXP
-#define LANES_PA_EXP 1
-#endif
 
 // 8 consecutive elements as loaded (one 16-byte vector for 16-bit types, two for fp32).
 template <typename T>
@@ -336,7 +331,7 @@ __device__ __forceinline__ void window_begin(const LanesRows<T>& r, int t0, int 
 // State n of a window: the B/C loads of state n + kLanesAhead issued, n's B/C unpacked, a = exp2(d A2) and the
 // lane's affine map (pa, xa) of its steps in scan order.
 template <bool REV, bool FULL, bool EXACT, typename T, int NMAX>
-__device__ __forceinline__ void state_begin(const LanesRows<T>& r, int n, int t0, int L, int N, float A2, float dts,
+__device__ __forceinline__ void state_begin(const LanesRows<T>& r, int n, int t0, int L, int N, float A2,
                                             Raw8<T> (&rb)[NMAX], Raw8<T> (&rc)[NMAX], const float (&dt)[kLanesSteps],
                                             const float (&du)[kLanesSteps], float (&Bv)[kLanesSteps],
                                             float (&Cv)[kLanesSteps], float (&a)[kLanesSteps], float& pa, float& xa) {
@@ -351,17 +346,8 @@ __device__ __forceinline__ void state_begin(const LanesRows<T>& r, int n, int t0
     const int j = Order<REV>::step(k);
     a[j] = fast_exp2(dt[j] * A2);
     xa = fmaf(a[j], xa, du[j] * Bv[j]);
-    if (!LANES_PA_EXP) pa *= a[j];
+    pa *= a[j];
   }
-  if (LANES_PA_EXP) pa = fast_exp2(dts * A2);
-}
-
-// The sum of a lane's steps (LANES_PA_EXP: its decay over them is exp2(A2 * sum)).
-__device__ __forceinline__ float steps_sum(const float (&dt)[kLanesSteps]) {
-  float sum = 0.f;
-#pragma unroll
-  for (int j = 0; j < kLanesSteps; ++j) sum += dt[j];
-  return sum;
 }
 
 // One forward window. A2_l / h_l: lane n holds state n's A*log2(e) and carry.
@@ -372,14 +358,12 @@ __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L,
   float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], y[kLanesSteps];
   Raw8<T> rb[NMAX], rc[NMAX];
   window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, rb, rc);
-  const float dts = LANES_PA_EXP ? steps_sum(dt) : 0.f;
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) y[j] = c.Dv * uu[j];
 #pragma unroll
   for (int n = 0; n < NMAX; ++n) {
     float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], pa, xa;
-    state_begin<REV, FULL, EXACT>(r, n, t0, L, N, __shfl_sync(kFull, A2_l, n), dts, rb, rc, dt, du, Bv, Cv, a, pa,
-                                  xa);
+    state_begin<REV, FULL, EXACT>(r, n, t0, L, N, __shfl_sync(kFull, A2_l, n), rb, rc, dt, du, Bv, Cv, a, pa, xa);
     float carry = __shfl_sync(kFull, h_l, n);
     float hh = lanes_state_in<REV>(pa, xa, carry, lane);
     h_l = lane == n ? carry : h_l;
@@ -468,7 +452,6 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
   float y[kLanesSteps], sgB[kLanesSteps], ddt[kLanesSteps];
   Raw8<T> rb[NMAX], rc[NMAX];
   window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, rb, rc);
-  const float dts = LANES_PA_EXP ? steps_sum(dt) : 0.f;
   load8<FULL>(r.dout, t0, L, dy);
   if (r.z) {
     float zz[kLanesSteps];
@@ -486,7 +469,7 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
     const float An = __shfl_sync(kFull, A_l, n);
     float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], h[kLanesSteps], pa, xa;
     // forward: the states of the window
-    state_begin<REV, FULL, EXACT>(r, n, t0, L, N, An * kLog2e, dts, rb, rc, dt, du, Bv, Cv, a, pa, xa);
+    state_begin<REV, FULL, EXACT>(r, n, t0, L, N, An * kLog2e, rb, rc, dt, du, Bv, Cv, a, pa, xa);
     float h0 = __shfl_sync(kFull, h0_l, n);
     float hh = lanes_state_in<REV>(pa, xa, h0, lane);
 #pragma unroll
@@ -506,9 +489,8 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
     for (int k = kLanesSteps - 2; k >= 0; --k) {
       const int j = O::step(k), jn = O::step(k + 1);
       s = fmaf(a[jn], s, Cv[j] * dy[j]);
-      if (!LANES_PA_EXP) q *= a[jn];
+      q *= a[jn];
     }
-    if (LANES_PA_EXP) q *= fast_exp2((dts - dt[j_first]) * (An * kLog2e));  // the decays after the lane's first step
     float g0;
     float gg = lanes_adjoint_in<REV>(q, s, __shfl_sync(kFull, r_l, n), lane, g0) * a_next;
     g0 = __shfl_sync(kFull, a[j_first] * g0, O::first);  // a g at the window's first step: the next window's r
