@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _scan_common import bench, env_info, peak_mem_mb, write_results  # noqa: E402
+from profile_model_step import events_median  # noqa: E402
 
 from matten_kernels.modules import BiMamba  # noqa: E402
 
@@ -99,21 +100,6 @@ def _host_ms(fn, iters=20):
     return round(statistics.median(times), 3)
 
 
-def _time(step, warmup, iters):
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        step()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return round(statistics.median(times), 2)
-
-
 def model_rows(steps):
     from matten import create_model
     from matten.cuda_graph import CUDAGraphTrainStep
@@ -145,7 +131,7 @@ def model_rows(steps):
             for m in mixers:
                 m.backend, m.fuse_core = backend, fused
             row = dict(case="Matten-XL/2 v3 train step", scan=name, fused=fused, mixers=len(mixers),
-                       eager_ms=_time(eager, 3, steps))
+                       eager_ms=round(events_median(eager, 3, steps), 2))
             graphed = CUDAGraphTrainStep(model.parameters(),
                                          lambda x, t, target: {"loss": F.mse_loss(model(x, t).sample.float(), target)})
 
@@ -155,7 +141,7 @@ def model_rows(steps):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
-            row["graphed_ms"] = _time(graph_step, 3, steps)
+            row["graphed_ms"] = round(events_median(graph_step, 3, steps), 2)
             del graphed
             torch.cuda.empty_cache()
             rows.append(row)
