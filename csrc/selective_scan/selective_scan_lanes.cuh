@@ -285,9 +285,6 @@ enum LanesMode : int {
 // The pre-gate y of the other direction, added (kAddWs), or this one's stored (kToWs).
 template <bool FULL>
 __device__ __forceinline__ void ws_add8(const float* ws, int t0, int L, float (&y)[kLanesSteps]) {
-#ifdef LANES_PROBE_NO_WS  // a timing probe (wrong results): the bidirectional scan without its fp32 scratch
-  return;
-#endif
   if constexpr (FULL) {
     const float4 lo = reinterpret_cast<const float4*>(ws + t0)[0], hi = reinterpret_cast<const float4*>(ws + t0)[1];
     y[0] += lo.x, y[1] += lo.y, y[2] += lo.z, y[3] += lo.w, y[4] += hi.x, y[5] += hi.y, y[6] += hi.z, y[7] += hi.w;
@@ -300,13 +297,6 @@ __device__ __forceinline__ void ws_add8(const float* ws, int t0, int L, float (&
 
 template <bool FULL>
 __device__ __forceinline__ void ws_store8(float* ws, int t0, int L, const float (&y)[kLanesSteps]) {
-#ifdef LANES_PROBE_NO_WS
-  float keep = 0.f;  // keep every y live (the probe must not drop any of the direction's work)
-#pragma unroll
-  for (int j = 0; j < kLanesSteps; ++j) keep += y[j];
-  if (keep == 12345.f) ws[t0] = keep;
-  return;
-#endif
   if constexpr (FULL) {
     reinterpret_cast<float4*>(ws + t0)[0] = make_float4(y[0], y[1], y[2], y[3]);
     reinterpret_cast<float4*>(ws + t0)[1] = make_float4(y[4], y[5], y[6], y[7]);
