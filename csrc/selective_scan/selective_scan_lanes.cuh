@@ -426,27 +426,13 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
 
 // Bidirectional: the backward direction first (its y into ws), then the forward one, by the same warp (each lane
 // reads back only the ws elements it wrote).
-#ifndef LANES_BI_CALLS
-#define LANES_BI_CALLS 1
-#endif
-// One direction of the bidirectional forward as a call of its own (LANES_BI_CALLS): registers are allocated per
-// direction, not for the two inlined one after the other.
-template <bool REV, bool EXACT, typename T, int NMAX>
-__device__ __noinline__ void fwd_direction_call(const ScanParams* p, int d, int b, int chan, int lane, int mode) {
-  fwd_direction<REV, EXACT, T, NMAX>(*p, d, b, chan, lane, mode);
-}
-
 template <typename T, int NMAX, bool EXACT, bool BI>
-__global__ void __launch_bounds__(kLanesWarps * 32, LANES_FWD_MINB)
-    scan_fwd_lanes_kernel(const __grid_constant__ ScanParams p) {
+__global__ void __launch_bounds__(kLanesWarps * 32, LANES_FWD_MINB) scan_fwd_lanes_kernel(const ScanParams p) {
   const int lane = threadIdx.x & 31;
   const int chan = blockIdx.y * kLanesWarps + (threadIdx.x >> 5);
   const int b = blockIdx.x;  // batch rows first: warps running together add dB/dC into different rows
   if (chan >= p.dim) return;  // a whole warp; no block-level synchronisation below
-  if constexpr (BI && LANES_BI_CALLS) {
-    fwd_direction_call<true, EXACT, T, NMAX>(&p, 1, b, chan, lane, kToWs);
-    fwd_direction_call<false, EXACT, T, NMAX>(&p, 0, b, chan, lane, kAddWs);
-  } else if constexpr (BI) {
+  if constexpr (BI) {
     fwd_direction<true, EXACT, T, NMAX>(p, 1, b, chan, lane, kToWs);
     fwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kAddWs);
   } else {
