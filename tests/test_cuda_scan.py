@@ -317,6 +317,60 @@ def test_cuda_lanes_bi_vs_ref(batch, dim, N, L, mode, dtype, monkeypatch):
     test_bi_selective_scan_cuda_vs_ref(batch, dim, N, L, mode, dtype)
 
 
+SEQ_CASES = [  # (batch, dim, N, L, options): the seq forward (time sequential per lane) forced; needs L % 32 == 0
+    pytest.param(2, 8, 16, 32, dict(last=True), id="L32-one-chunk"),
+    pytest.param(2, 16, 16, 288, dict(has_init=True, last=True), id="L288-init-last"),
+    pytest.param(1, 16, 5, 256, dict(groups=2, softplus=False, has_bias=False), id="N5-G2-nosoftplus"),
+    pytest.param(1, 16, 16, 1024, dict(noncontig=True, has_z=False), id="L1024-noncontig-noz"),
+    pytest.param(2, 24, 16, 4096, dict(last=True), id="L4096"),
+]
+SEQ_BI_CASES = [  # (batch, dim, N, L, mode)
+    pytest.param(2, 8, 16, 32, "v2", id="v2-L32"),
+    pytest.param(1, 16, 16, 288, "v1", id="v1-L288-odd-chunks"),
+    pytest.param(1, 24, 8, 512, "v2-grouped", id="v2-G3-N8-L512"),
+    pytest.param(2, 8, 16, 4096, "none", id="none-L4096"),
+]
+SEQ_KERNELS = {"npt1": "2", "npt2": "3", "npt4": "4"}  # MATTEN_SCAN_FWD_KERNEL values
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", SEQ_KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: DTYPE_ID[d])
+@pytest.mark.parametrize("batch, dim, N, L, opts", SEQ_CASES)
+def test_cuda_seq_fwd_vs_ref(batch, dim, N, L, opts, dtype, kernel, monkeypatch):
+    """The seq forward (selective_scan_seq.cuh), each states-per-lane variant, with the lanes backward; an explicit
+    variant that does not apply is an error, so these cases ran it."""
+    from matten_kernels.selective_scan import cuda as cuda_mod
+
+    monkeypatch.setattr(cuda_mod, "config_override", cuda_mod.LANES_CONFIG)
+    monkeypatch.setenv("MATTEN_SCAN_FWD_KERNEL", SEQ_KERNELS[kernel])
+    test_selective_scan_cuda_vs_ref(batch, dim, N, L, opts, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", SEQ_KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: DTYPE_ID[d])
+@pytest.mark.parametrize("batch, dim, N, L, mode", SEQ_BI_CASES)
+def test_cuda_seq_bi_fwd_vs_ref(batch, dim, N, L, mode, dtype, kernel, monkeypatch):
+    from matten_kernels.selective_scan import cuda as cuda_mod
+
+    monkeypatch.setattr(cuda_mod, "config_override", cuda_mod.LANES_CONFIG)
+    monkeypatch.setenv("MATTEN_SCAN_FWD_KERNEL", SEQ_KERNELS[kernel])
+    test_bi_selective_scan_cuda_vs_ref(batch, dim, N, L, mode, dtype)
+
+
+@pytest.mark.gpu
+def test_cuda_seq_fwd_refuses_what_it_cannot_run(monkeypatch):
+    """An explicit seq variant at a length that is not a multiple of its chunk raises instead of falling back."""
+    from matten_kernels.selective_scan import cuda as cuda_mod
+
+    monkeypatch.setattr(cuda_mod, "config_override", cuda_mod.LANES_CONFIG)
+    monkeypatch.setenv("MATTEN_SCAN_FWD_KERNEL", "3")
+    x = _inputs(1, 8, 16, 300, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="not supported"):
+        selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], backend="cuda")
+
+
 @pytest.mark.gpu
 def test_cuda_lanes_is_default_and_deterministic_mode_avoids_it(monkeypatch):
     from matten_kernels.selective_scan import cuda as cuda_mod

@@ -195,6 +195,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> selective_scan_fwd(
   p.ws = bi ? ws.data_ptr<float>() : nullptr;
   p.lanes_vec = lanes && rows_aligned(L, dt, {u, delta, B, C, out}, z) &&
                 (!bi || rows_aligned(L, dt, {r.u, r.delta, r.B, r.C}, z));
+  // MATTEN_SCAN_FWD_KERNEL: the lanes config's forward kernel (benchmarks; see ScanParams::fwd_kernel)
+  if (const char* env = std::getenv("MATTEN_SCAN_FWD_KERNEL")) p.fwd_kernel = std::atoi(env);
   const cudaError_t err = launch(true, dt, p, cfg, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "selective_scan (cuda): forward launch failed: ", cudaGetErrorString(err));
   return {out, last_state, states, y_saved};

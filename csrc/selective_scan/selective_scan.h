@@ -123,6 +123,8 @@ struct ScanParams {
   int split_chunks;           // chunks per split (the last may have fewer)
   int dir_lo, dir_hi;         // the directions this forward launch runs (set by the launcher)
   int lanes_vec;              // lanes kernels: every (batch, dim, L) and B/C row starts 16-byte aligned
+  int fwd_kernel;             // forward of config kLanesConfig: 0 default (seq where it applies), 1 lanes, 2 / 3 / 4
+                              //   seq with 1 / 2 / 4 states per lane (selective_scan_seq.cuh; benchmarks)
   float* split_state;         // (ndir, nsplit, batch, dim, N) split summaries (see above), when nsplit > 1
   float* split_sumd;          // (ndir, nsplit, batch, dim)
   DirParams dir[2];

@@ -11,6 +11,7 @@
 
 #include "selective_scan_common.cuh"
 #include "selective_scan_lanes.cuh"
+#include "selective_scan_seq.cuh"
 
 namespace matten_scan {
 
@@ -325,7 +326,13 @@ cudaError_t launch_fwd_config(const ScanParams& p0, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_fwd(const ScanParams& p, int config, cudaStream_t stream) {
-  if (config == kLanesConfig) return launch_lanes<T, true>(p, stream);
+  if (config == kLanesConfig) {
+    if (p.fwd_kernel != 1) {
+      const cudaError_t err = launch_seq_fwd<T>(p, stream);
+      if (err != cudaErrorNotSupported || p.fwd_kernel != 0) return err;  // a seq variant asked for: no fallback
+    }
+    return launch_lanes<T, true>(p, stream);
+  }
   switch (config) {
 #define MATTEN_SCAN_FWD_CASE(ID, TPC, NPT, CHUNK, NWF, NWB) \
   case ID:                                                  \

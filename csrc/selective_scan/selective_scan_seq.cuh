@@ -1,0 +1,302 @@
+// Forward of the selective scan with the time axis sequential in each thread ("seq" forward), uni- and
+// bidirectional, for N <= 16: a drop-in for the lanes forward (selective_scan_lanes.cuh) with the same outputs
+// (out, the state at every 256-step window start in scan order, last_state), so the lanes backward reads them.
+//
+// Layout. A lane owns NPT adjacent states of one channel (TPC = 16 / NPT lanes per channel, CPW = 32 / TPC channels
+// per warp, all of one batch row and one B/C group) and runs h_t = exp2(d_t A_n log2 e) h_{t-1} + d_t u_t B_t over
+// the whole sequence in chunks of 32 steps: one exp2 per (step, state) and no scan across lanes, so each element
+// costs ~6 instructions in the loop (the lanes forward: ~14 with its 5-level shuffle scan). Per chunk and warp:
+//   stage  - each lane converts 16 of the chunk's 512 B and C values into the warp's shared (B, C) tile, and
+//            computes d = softplus(delta + bias) and d*u for its EPL (channel, step) elements;
+//   scan   - per step: (d, du) and this lane's (B, C) from shared memory, NPT states advanced in registers, the
+//            lane's part of <C_t, h_t> kept per step;
+//   reduce - the parts go through shared memory and each lane sums the TPC parts of its EPL elements, adds D u,
+//            gates and stores them (one vector store).
+// The next chunk's global loads are issued before the scan of the current one. Warps synchronise only with
+// __syncwarp (a block is one warp, or the two directions of a bidirectional block).
+// Bidirectional: a block is two warps over the same channels, warp 0 scanning forward, warp 1 backward (from the
+// end, over the natural-order *_b inputs). In the first half each writes its pre-gate y (D u included) for the
+// chunks it scans to the fp32 scratch ws (warp 0: the first half of the chunks, warp 1: the second); after one
+// __syncthreads each scans the other half, adds the other direction's y from ws, halves (divide_out), gates and
+// stores out: no flipped copies and each out element is written once.
+// Requirements (the launcher checks, else the lanes forward runs): N <= 16, L % 32 == 0, 16-byte aligned rows
+// (p.lanes_vec), dim / G a multiple of CPW for every direction.
+#pragma once
+
+#include "selective_scan_lanes.cuh"
+
+namespace matten_scan {
+
+constexpr int kSeqChunk = 32;  // steps per chunk
+constexpr int kSeqN = 16;      // states per channel (N <= 16: the rest masked: A = B = C = 0)
+constexpr int kSeqSaveChunks = kLanesWindow / kSeqChunk;  // chunks per saved state (the lanes backward's window)
+
+template <typename T, int E>
+struct alignas(sizeof(T) * E > 16 ? 16 : sizeof(T) * E) SeqVec {
+  T v[E];
+};
+
+template <typename T, int E>
+__device__ __forceinline__ SeqVec<T, E> seq_load(const T* __restrict__ p) {
+  return *reinterpret_cast<const SeqVec<T, E>*>(p);
+}
+
+// softplus(x) in ~10 instructions (log1pf is ~20): log2(1 + 2^(x log2 e)) ln 2 for x >= -5 (relative error <= 1e-5
+// there, from the rounding of 1 + e), the series e - e^2/2 + e^3/3 below (e < 0.0068: truncation error < 1e-7
+// relative), x itself above 20 (as the reference).
+__device__ __forceinline__ float seq_softplus(float x) {
+  const float e = fast_exp2(x * kLog2e);
+  float l;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(l) : "f"(1.f + e));
+  const float series = e * fmaf(e, fmaf(e, 1.f / 3.f, -0.5f), 1.f);
+  return x > 20.f ? x : (x < -5.f ? series : l * 0.69314718055994531f);
+}
+
+// sigmoid with the approximate reciprocal (the IEEE one has a slow path: a call per element).
+__device__ __forceinline__ float seq_sigmoid(float x) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.f + fast_exp2(-x * kLog2e)));
+  return r;
+}
+
+template <int NPT>
+struct SeqShape {
+  static constexpr int TPC = kSeqN / NPT;         // lanes per channel
+  static constexpr int CPW = 32 / TPC;            // channels per warp
+  static constexpr int EPL = kSeqChunk / TPC;     // (channel, step) elements per lane and chunk
+  static constexpr int BCL = kSeqN * kSeqChunk / 32;  // B (and C) values per lane and chunk: 16
+};
+
+template <int NPT>
+struct SeqSmem {
+  float2 bc[kSeqChunk][kSeqN];                      // (B, C) per step and state
+  float2 ddu[SeqShape<NPT>::CPW][kSeqChunk];        // (d, d u) per channel and step
+  float yp[32][kSeqChunk + 4];                      // per-lane parts of y; +4: conflict-free 16-byte access
+};
+
+// The raw global loads of one chunk for one lane.
+template <typename T, int NPT>
+struct SeqRaw {
+  SeqVec<T, SeqShape<NPT>::EPL> u, dt, z;
+  SeqVec<T, 16> B, C;
+};
+
+template <typename T, int NPT>
+struct SeqRows {
+  const T *u, *dt, *z, *B, *C;  // u / dt / z: this lane's channel row; B / C: this lane's state row (or null)
+  T* out;
+  float* ws;
+};
+
+// One direction of the forward for one warp. PHASE: 0 = the whole sequence (unidirectional, out written);
+// bidirectional: 1 = the first half of its chunks (y to ws), 2 = the second half (+ ws, out written).
+template <typename T, int NPT, bool REV>
+__device__ __forceinline__ void seq_fwd_chunks(const ScanParams& p, const DirParams& dp, const SeqRows<T, NPT>& r,
+                                               SeqSmem<NPT>& s, int c_first, int count, int phase,
+                                               const float (&A2)[NPT], float (&h)[NPT], float* states_row,
+                                               float bias, float Dv) {
+  using S = SeqShape<NPT>;
+  constexpr int EPL = S::EPL;
+  const int lane = threadIdx.x & 31, cw = lane / S::TPC, k = lane % S::TPC;
+  const int nB = lane >> 1, half = lane & 1;
+  const bool softplus = p.delta_softplus;
+  const bool gate = r.z != nullptr && phase != 1;
+  const float scale = p.divide_out ? 0.5f : 1.f;
+  const int nsave = (p.L + kLanesWindow - 1) / kLanesWindow;
+  auto chunk_of = [&](int i) { return REV ? c_first - i : c_first + i; };
+  auto load = [&](int c, SeqRaw<T, NPT>& raw) {
+    const int t0 = c * kSeqChunk;
+    raw.u = seq_load<T, EPL>(r.u + t0 + k * EPL);
+    raw.dt = seq_load<T, EPL>(r.dt + t0 + k * EPL);
+    if (gate) raw.z = seq_load<T, EPL>(r.z + t0 + k * EPL);
+    if (r.B) {
+      raw.B = seq_load<T, 16>(r.B + t0 + half * 16);
+      raw.C = seq_load<T, 16>(r.C + t0 + half * 16);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 16; ++i) raw.B.v[i] = raw.C.v[i] = from_float<T>(0.f);
+    }
+  };
+  if (count <= 0) return;
+  SeqRaw<T, NPT> raw;
+  load(chunk_of(0), raw);
+  for (int i = 0; i < count; ++i) {
+    const int c = chunk_of(i);
+    // the state entering a 256-step window in scan order (forward: before its first step, backward: before its last)
+    if (states_row && (REV ? ((c + 1) % kSeqSaveChunks == 0 || c == p.L / kSeqChunk - 1) : c % kSeqSaveChunks == 0)) {
+      const int w = REV ? min(c / kSeqSaveChunks, nsave - 1) : c / kSeqSaveChunks;
+#pragma unroll
+      for (int q = 0; q < NPT; ++q)
+        if (k * NPT + q < p.N) states_row[(size_t)w * p.N + k * NPT + q] = h[q];
+    }
+    // stage
+    float uu[EPL], zz[EPL];
+#pragma unroll
+    for (int e = 0; e < EPL; ++e) {
+      uu[e] = to_float(raw.u.v[e]);
+      zz[e] = gate ? to_float(raw.z.v[e]) : 0.f;
+      float d = to_float(raw.dt.v[e]) + bias;
+      if (softplus) d = seq_softplus(d);
+      s.ddu[cw][k * EPL + e] = make_float2(d, d * uu[e]);
+    }
+#pragma unroll
+    for (int j = 0; j < 16; ++j) s.bc[half * 16 + j][nB] = make_float2(to_float(raw.B.v[j]), to_float(raw.C.v[j]));
+    __syncwarp();
+    if (i + 1 < count) load(chunk_of(i + 1), raw);
+    // scan, 8 steps at a time (their parts of y go to shared memory as two 16-byte stores)
+#pragma unroll 1
+    for (int sub = 0; sub < kSeqChunk / 8; ++sub) {
+      const int j0 = REV ? kSeqChunk - 8 - sub * 8 : sub * 8;
+      float acc[8];
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj) {
+        const int jl = REV ? 7 - jj : jj;
+        const float2 ddu = s.ddu[cw][j0 + jl];
+        float2 bc[NPT];
+        load_bc<NPT>(s.bc, j0 + jl, k, bc);
+        float y = 0.f;
+#pragma unroll
+        for (int q = 0; q < NPT; ++q) {
+          h[q] = fmaf(fast_exp2(ddu.x * A2[q]), h[q], ddu.y * bc[q].x);
+          y = fmaf(bc[q].y, h[q], y);
+        }
+        acc[jl] = y;
+      }
+      *reinterpret_cast<float4*>(&s.yp[lane][j0]) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+      *reinterpret_cast<float4*>(&s.yp[lane][j0 + 4]) = make_float4(acc[4], acc[5], acc[6], acc[7]);
+    }
+    // reduce over the TPC lanes of the channel
+    __syncwarp();
+    float y[EPL];
+#pragma unroll
+    for (int e = 0; e < EPL; ++e) y[e] = Dv * uu[e];
+#pragma unroll
+    for (int kk = 0; kk < S::TPC; ++kk) {
+      const float* part = &s.yp[cw * S::TPC + kk][k * EPL];
+#pragma unroll
+      for (int e = 0; e < EPL; e += 2) {
+        const float2 v = *reinterpret_cast<const float2*>(part + e);
+        y[e] += v.x, y[e + 1] += v.y;
+      }
+    }
+    // y out
+    const int t = c * kSeqChunk + k * EPL;
+    if (phase == 1) {
+#pragma unroll
+      for (int e = 0; e < EPL; e += 2) *reinterpret_cast<float2*>(r.ws + t + e) = make_float2(y[e], y[e + 1]);
+      continue;
+    }
+    if (phase == 2) {
+#pragma unroll
+      for (int e = 0; e < EPL; e += 2) {
+        const float2 v = *reinterpret_cast<const float2*>(r.ws + t + e);
+        y[e] = (y[e] + v.x) * scale, y[e + 1] = (y[e + 1] + v.y) * scale;
+      }
+    }
+    SeqVec<T, EPL> o;
+#pragma unroll
+    for (int e = 0; e < EPL; ++e) o.v[e] = from_float<T>(gate ? y[e] * zz[e] * seq_sigmoid(zz[e]) : y[e]);
+    *reinterpret_cast<SeqVec<T, EPL>*>(r.out + t) = o;
+  }
+}
+
+template <typename T, int NPT>
+__device__ __forceinline__ SeqRows<T, NPT> seq_rows(const ScanParams& p, const DirParams& dp, int b, int chan,
+                                                    int nB) {
+  const size_t row = ((size_t)b * p.dim + chan) * p.L;
+  const int g = chan / (p.dim / dp.groups);
+  const size_t bc = (((size_t)b * dp.groups + g) * p.N + nB) * p.L;
+  SeqRows<T, NPT> r;
+  r.u = static_cast<const T*>(dp.u) + row;
+  r.dt = static_cast<const T*>(dp.delta) + row;
+  r.z = p.z ? static_cast<const T*>(p.z) + row : nullptr;
+  r.B = nB < p.N ? static_cast<const T*>(dp.B) + bc : nullptr;
+  r.C = nB < p.N ? static_cast<const T*>(dp.C) + bc : nullptr;
+  r.out = static_cast<T*>(p.out) + row;
+  r.ws = p.ws ? p.ws + row : nullptr;
+  return r;
+}
+
+// Block: one warp (unidirectional) or two (bidirectional: warp d scans direction d). grid (dim / CPW, batch).
+template <typename T, int NPT, bool BI>
+__global__ void __launch_bounds__(BI ? 64 : 32, BI ? 8 : 16) scan_fwd_seq_kernel(const ScanParams p) {
+  using S = SeqShape<NPT>;
+  __shared__ alignas(16) SeqSmem<NPT> smem[BI ? 2 : 1];
+  const int warp = BI ? threadIdx.x >> 5 : 0;
+  const int lane = threadIdx.x & 31, cw = lane / S::TPC, k = lane % S::TPC;
+  const int b = blockIdx.y;
+  const int chan = blockIdx.x * S::CPW + cw;
+  const DirParams& dp = p.dir[warp];
+  const size_t row = (size_t)b * p.dim + chan;
+  const int nch = p.L / kSeqChunk, nsave = (p.L + kLanesWindow - 1) / kLanesWindow;
+  float A2[NPT], h[NPT];
+#pragma unroll
+  for (int q = 0; q < NPT; ++q) {
+    const int n = k * NPT + q;
+    A2[q] = n < p.N ? dp.A[(size_t)chan * p.N + n] * kLog2e : 0.f;
+    h[q] = (!BI && n < p.N && p.initial_state) ? p.initial_state[row * p.N + n] : 0.f;
+  }
+  const float bias = dp.delta_bias ? dp.delta_bias[chan] : 0.f, Dv = dp.D ? dp.D[chan] : 0.f;
+  float* states_row = dp.states ? dp.states + row * nsave * p.N : nullptr;
+  const SeqRows<T, NPT> r = seq_rows<T, NPT>(p, dp, b, chan, lane >> 1);
+  SeqSmem<NPT>& s = smem[warp];
+  if constexpr (BI) {
+    // warp 0: chunks [0, H) then [H, nch); warp 1: chunks nch-1 .. H then H-1 .. 0
+    const int H = nch / 2;
+#pragma unroll 1
+    for (int phase = 1; phase <= 2; ++phase) {
+      if (phase == 2) __syncthreads();
+      if (warp == 0)
+        seq_fwd_chunks<T, NPT, false>(p, dp, r, s, phase == 1 ? 0 : H, phase == 1 ? H : nch - H, phase, A2, h,
+                                      states_row, bias, Dv);
+      else
+        seq_fwd_chunks<T, NPT, true>(p, dp, r, s, phase == 1 ? nch - 1 : H - 1, phase == 1 ? nch - H : H, phase,
+                                     A2, h, states_row, bias, Dv);
+    }
+  } else {
+    seq_fwd_chunks<T, NPT, false>(p, dp, r, s, 0, nch, 0, A2, h, states_row, bias, Dv);
+    if (p.last_state) {
+#pragma unroll
+      for (int q = 0; q < NPT; ++q)
+        if (k * NPT + q < p.N) p.last_state[row * p.N + k * NPT + q] = h[q];
+    }
+  }
+}
+
+#ifndef SEQ_FWD_NPT
+#define SEQ_FWD_NPT 2
+#endif
+
+// Whether the seq forward takes these parameters (see the requirements above).
+template <int NPT>
+inline bool seq_fwd_ok(const ScanParams& p) {
+  constexpr int CPW = SeqShape<NPT>::CPW;
+  if (p.N > kSeqN || !p.lanes_vec || p.L % kSeqChunk != 0 || p.dim % CPW != 0) return false;
+  for (int d = 0; d < (p.bidirectional ? 2 : 1); ++d)
+    if ((p.dim / p.dir[d].groups) % CPW != 0) return false;
+  return p.batch <= 65535;
+}
+
+template <typename T, int NPT>
+cudaError_t launch_seq_fwd_n(const ScanParams& p, cudaStream_t stream) {
+  const dim3 grid(p.dim / SeqShape<NPT>::CPW, p.batch);
+  if (p.bidirectional)
+    scan_fwd_seq_kernel<T, NPT, true><<<grid, 64, 0, stream>>>(p);
+  else
+    scan_fwd_seq_kernel<T, NPT, false><<<grid, 32, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// p.fwd_kernel: 0 = the default (seq with SEQ_FWD_NPT states per lane where it applies), 1 = lanes, 2 / 3 / 4 = seq
+// with 1 / 2 / 4 states per lane (benchmarks). Returns cudaErrorNotSupported when the seq forward does not apply.
+template <typename T>
+cudaError_t launch_seq_fwd(const ScanParams& p, cudaStream_t stream) {
+  const int npt = p.fwd_kernel == 0 ? SEQ_FWD_NPT : p.fwd_kernel == 2 ? 1 : p.fwd_kernel == 3 ? 2 : 4;
+  switch (npt) {
+    case 1: return seq_fwd_ok<1>(p) ? launch_seq_fwd_n<T, 1>(p, stream) : cudaErrorNotSupported;
+    case 2: return seq_fwd_ok<2>(p) ? launch_seq_fwd_n<T, 2>(p, stream) : cudaErrorNotSupported;
+    default: return seq_fwd_ok<4>(p) ? launch_seq_fwd_n<T, 4>(p, stream) : cudaErrorNotSupported;
+  }
+}
+
+}  // namespace matten_scan
