@@ -96,7 +96,8 @@ def vim_bi_selective_scan(u, delta, A, B, C, D, z, delta_bias, *, u_b, delta_b, 
     """
     out_f = uni_selective_scan(u, delta, A, B, C, D, z, delta_bias, True)
     flip = lambda x: x.flip(-1)  # noqa: E731
-    out_b = uni_selective_scan(flip(u_b), flip(delta_b), A_b, flip(B_b), flip(C_b), D_b, flip(z), delta_bias_b, True)
+    out_b = uni_selective_scan(flip(u_b), flip(delta_b), A_b, flip(B_b), flip(C_b), D_b, None if z is None else flip(z),
+                               delta_bias_b, True)
     return out_f + flip(out_b)
 
 

@@ -1,5 +1,5 @@
 """A/B of the CUDA backend's forward kernels for N <= 16 (device script, not a test): the lanes forward against the
-seq forward (selective_scan_seq.cuh) with 1, 2 and 4 states per lane, in one process on one GPU, switched through
+seq forward (selective_scan_seq.cuh, 4 states per lane), in one process on one GPU, switched through
 MATTEN_SCAN_FWD_KERNEL (read at every call). The backward is the lanes backward in every case.
 
 Per shape: each variant's output (and, for the first shape, every gradient) against the lanes forward's, then fwd and
@@ -22,7 +22,7 @@ import torch
 from benchmarks._scan_common import env_info
 from benchmarks.bench_cuda_scan import SHAPES, bench, make_inputs, run_fn
 
-KERNELS = {"lanes": "1", "seq-npt2": "3", "seq-npt1": "2", "seq-npt4": "4"}
+KERNELS = {"lanes": "1", "seq": "2"}
 
 
 def rel_errs(shape, bi, grads):

@@ -330,45 +330,64 @@ SEQ_BI_CASES = [  # (batch, dim, N, L, mode)
     pytest.param(1, 24, 8, 512, "v2-grouped", id="v2-G3-N8-L512"),
     pytest.param(2, 8, 16, 4096, "none", id="none-L4096"),
 ]
-SEQ_KERNELS = {"npt1": "2", "npt2": "3", "npt4": "4"}  # MATTEN_SCAN_FWD_KERNEL values
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", SEQ_KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: DTYPE_ID[d])
 @pytest.mark.parametrize("batch, dim, N, L, opts", SEQ_CASES)
-def test_cuda_seq_fwd_vs_ref(batch, dim, N, L, opts, dtype, kernel, monkeypatch):
-    """The seq forward (selective_scan_seq.cuh), each states-per-lane variant, with the lanes backward; an explicit
-    variant that does not apply is an error, so these cases ran it."""
+def test_cuda_seq_fwd_vs_ref(batch, dim, N, L, opts, dtype, monkeypatch):
+    """The seq forward (selective_scan_seq.cuh) forced, with the lanes backward; forcing it where it does not apply is
+    an error, so these cases ran it."""
     from matten_kernels.selective_scan import cuda as cuda_mod
 
     monkeypatch.setattr(cuda_mod, "config_override", cuda_mod.LANES_CONFIG)
-    monkeypatch.setenv("MATTEN_SCAN_FWD_KERNEL", SEQ_KERNELS[kernel])
+    monkeypatch.setenv("MATTEN_SCAN_FWD_KERNEL", "2")
     test_selective_scan_cuda_vs_ref(batch, dim, N, L, opts, dtype)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", SEQ_KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: DTYPE_ID[d])
 @pytest.mark.parametrize("batch, dim, N, L, mode", SEQ_BI_CASES)
-def test_cuda_seq_bi_fwd_vs_ref(batch, dim, N, L, mode, dtype, kernel, monkeypatch):
+def test_cuda_seq_bi_fwd_vs_ref(batch, dim, N, L, mode, dtype, monkeypatch):
     from matten_kernels.selective_scan import cuda as cuda_mod
 
     monkeypatch.setattr(cuda_mod, "config_override", cuda_mod.LANES_CONFIG)
-    monkeypatch.setenv("MATTEN_SCAN_FWD_KERNEL", SEQ_KERNELS[kernel])
+    monkeypatch.setenv("MATTEN_SCAN_FWD_KERNEL", "2")
     test_bi_selective_scan_cuda_vs_ref(batch, dim, N, L, mode, dtype)
 
 
 @pytest.mark.gpu
 def test_cuda_seq_fwd_refuses_what_it_cannot_run(monkeypatch):
-    """An explicit seq variant at a length that is not a multiple of its chunk raises instead of falling back."""
+    """Forcing the seq forward at a length that is not a multiple of its chunk raises, naming what it needs."""
     from matten_kernels.selective_scan import cuda as cuda_mod
 
     monkeypatch.setattr(cuda_mod, "config_override", cuda_mod.LANES_CONFIG)
-    monkeypatch.setenv("MATTEN_SCAN_FWD_KERNEL", "3")
+    monkeypatch.setenv("MATTEN_SCAN_FWD_KERNEL", "2")
     x = _inputs(1, 8, 16, 300, torch.bfloat16)
-    with pytest.raises(RuntimeError, match="not supported"):
+    with pytest.raises(RuntimeError, match="seq forward, which needs"):
         selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bi", [False, True], ids=["uni", "bi"])
+def test_cuda_default_forward_is_seq_for_many_channels_only(bi, monkeypatch):
+    """The default forward of the lanes config: the seq kernel where there are >= 16 of its warps per SM (its output
+    bit for bit, and not the lanes kernel's), the lanes kernel with few channels."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    many = 16 * 8 * sms // (2 if bi else 1)  # channels for 16 seq warps per SM
+    for dim, expect in ((many, "2"), (64, "1")):
+        torch.manual_seed(0)
+        x = _inputs(1, dim, 16, 256, torch.bfloat16)
+        args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True)
+        outs = {}
+        for k in ("0", "1", "2"):
+            monkeypatch.setenv("MATTEN_SCAN_FWD_KERNEL", k)
+            with torch.no_grad():
+                outs[k] = (bi_selective_scan(*args, backend="cuda") if bi else
+                           selective_scan(*args, backend="cuda"))
+        other = "1" if expect == "2" else "2"
+        assert torch.equal(outs["0"], outs[expect]), (dim, expect)
+        assert not torch.equal(outs["0"], outs[other]), f"seq and lanes forwards agree bit for bit at dim {dim}"
 
 
 @pytest.mark.gpu

@@ -88,13 +88,17 @@ int resolve_config(int64_t config, int64_t N, int64_t L, bool bi) {
   return c;
 }
 
-// Splits of the sequence for a launch of `tpc` threads per channel and about `threads_per_sm` resident threads
-// per SM; MATTEN_SCAN_SPLITS overrides (benchmarks, tests). Returns (nsplit, chunks per split).
-std::pair<int, int> splits(int64_t batch, int64_t dim, int tpc, int64_t nchunks, long threads_per_sm) {
+int multiprocessors() {
   int device = 0, sms = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  int n = matten_scan::choose_splits(batch, dim, tpc, (int)nchunks, (long)std::max(sms, 1) * threads_per_sm);
+  return std::max(sms, 1);
+}
+
+// Splits of the sequence for a launch of `tpc` threads per channel and about `threads_per_sm` resident threads
+// per SM; MATTEN_SCAN_SPLITS overrides (benchmarks, tests). Returns (nsplit, chunks per split).
+std::pair<int, int> splits(int64_t batch, int64_t dim, int tpc, int64_t nchunks, long threads_per_sm) {
+  int n = matten_scan::choose_splits(batch, dim, tpc, (int)nchunks, (long)multiprocessors() * threads_per_sm);
   if (const char* env = std::getenv("MATTEN_SCAN_SPLITS")) n = std::max(1, std::atoi(env));
   n = (int)std::min<int64_t>(n, nchunks);
   const int per = (int)((nchunks + n - 1) / n);
@@ -195,8 +199,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> selective_scan_fwd(
   p.ws = bi ? ws.data_ptr<float>() : nullptr;
   p.lanes_vec = lanes && rows_aligned(L, dt, {u, delta, B, C, out}, z) &&
                 (!bi || rows_aligned(L, dt, {r.u, r.delta, r.B, r.C}, z));
-  // MATTEN_SCAN_FWD_KERNEL: the lanes config's forward kernel (benchmarks; see ScanParams::fwd_kernel)
+  // MATTEN_SCAN_FWD_KERNEL: the lanes config's forward kernel (tests, benchmarks; see ScanParams::fwd_kernel)
   if (const char* env = std::getenv("MATTEN_SCAN_FWD_KERNEL")) p.fwd_kernel = std::atoi(env);
+  p.sms = multiprocessors();
+  TORCH_CHECK(p.fwd_kernel != 2 || (cfg == matten_scan::kLanesConfig && matten_scan::seq_fwd_applies(p)),
+              "selective_scan (cuda): MATTEN_SCAN_FWD_KERNEL=2 asks for the seq forward, which needs config ",
+              matten_scan::kLanesConfig, ", N <= ", matten_scan::kSeqN, ", L % ", matten_scan::kSeqChunk,
+              " == 0, 16-byte aligned rows and (dim / G) % ", matten_scan::kSeqCpw, " == 0; got N = ", N, ", L = ", L,
+              ", dim = ", dim);
   const cudaError_t err = launch(true, dt, p, cfg, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "selective_scan (cuda): forward launch failed: ", cudaGetErrorString(err));
   return {out, last_state, states, y_saved};

@@ -123,8 +123,9 @@ struct ScanParams {
   int split_chunks;           // chunks per split (the last may have fewer)
   int dir_lo, dir_hi;         // the directions this forward launch runs (set by the launcher)
   int lanes_vec;              // lanes kernels: every (batch, dim, L) and B/C row starts 16-byte aligned
-  int fwd_kernel;             // forward of config kLanesConfig: 0 default (seq where it applies), 1 lanes, 2 / 3 / 4
-                              //   seq with 1 / 2 / 4 states per lane (selective_scan_seq.cuh; benchmarks)
+  int fwd_kernel;             // forward of config kLanesConfig: 0 default (the seq forward of selective_scan_seq.cuh
+                              //   where it applies and the GPU has enough of its warps, else lanes), 1 lanes, 2 seq
+  int sms;                    // multiprocessors of the device
   float* split_state;         // (ndir, nsplit, batch, dim, N) split summaries (see above), when nsplit > 1
   float* split_sumd;          // (ndir, nsplit, batch, dim)
   DirParams dir[2];
@@ -142,6 +143,21 @@ struct ScanParams {
   void* dz;                   // (batch, dim, L) dtype, when z is given
   float* dinitial_state;      // (batch, dim, N) or nullptr
 };
+
+// The seq forward (selective_scan_seq.cuh, the lanes config's forward where there are many channels): 4 states per
+// lane, 8 channels per warp, chunks of 32 steps; it needs N <= 16, L % 32 == 0, 16-byte aligned rows and every warp's
+// channels in one B/C group.
+constexpr int kSeqNpt = 4, kSeqCpw = 8, kSeqChunk = 32, kSeqN = 16;
+// Default only with at least this many of its warps per SM (no sequence split: with few channels the lanes forward is
+// faster; H100: global XL, 4.4 warps per SM, 0.450 vs 0.252 ms; spatial XL, 70 per SM, 0.197 vs 0.273).
+constexpr int kSeqMinWarpsPerSM = 16;
+
+inline bool seq_fwd_applies(const ScanParams& p) {
+  if (p.N > kSeqN || !p.lanes_vec || p.L % kSeqChunk != 0 || p.dim % kSeqCpw != 0 || p.batch > 65535) return false;
+  for (int d = 0; d < (p.bidirectional ? 2 : 1); ++d)
+    if ((p.dim / p.dir[d].groups) % kSeqCpw != 0) return false;
+  return true;
+}
 
 // Channels per block of the backward (its grid is (ceil(seg / CPB), dim / seg, batch); dB_part holds one
 // partial sum per block of a group).

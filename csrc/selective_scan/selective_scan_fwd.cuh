@@ -327,11 +327,8 @@ cudaError_t launch_fwd_config(const ScanParams& p0, cudaStream_t stream) {
 template <typename T>
 cudaError_t launch_fwd(const ScanParams& p, int config, cudaStream_t stream) {
   if (config == kLanesConfig) {
-    if (p.fwd_kernel != 1) {
-      const cudaError_t err = launch_seq_fwd<T>(p, stream);
-      if (err != cudaErrorNotSupported || p.fwd_kernel != 0) return err;  // a seq variant asked for: no fallback
-    }
-    return launch_lanes<T, true>(p, stream);
+    const cudaError_t err = launch_seq_fwd<T>(p, stream);
+    return err == cudaErrorNotSupported ? launch_lanes<T, true>(p, stream) : err;
   }
   switch (config) {
 #define MATTEN_SCAN_FWD_CASE(ID, TPC, NPT, CHUNK, NWF, NWB) \

@@ -2,33 +2,36 @@
 // bidirectional, for N <= 16: a drop-in for the lanes forward (selective_scan_lanes.cuh) with the same outputs
 // (out, the state at every 256-step window start in scan order, last_state), so the lanes backward reads them.
 //
-// Layout. A lane owns NPT adjacent states of one channel (TPC = 16 / NPT lanes per channel, CPW = 32 / TPC channels
-// per warp, all of one batch row and one B/C group) and runs h_t = exp2(d_t A_n log2 e) h_{t-1} + d_t u_t B_t over
-// the whole sequence in chunks of 32 steps: one exp2 per (step, state) and no scan across lanes, so each element
-// costs ~6 instructions in the loop (the lanes forward: ~14 with its 5-level shuffle scan). Per chunk and warp:
+// Layout. A lane owns NPT = 4 adjacent states of one channel (TPC = 4 lanes per channel, CPW = 8 channels per warp,
+// channels fastest across the lanes, all of one batch row and one B/C group) and runs h_t = exp2(d_t A_n log2 e)
+// h_{t-1} + d_t u_t B_t over the whole sequence in chunks of 32 steps: one exp2 per (step, state) and no scan across
+// lanes (~6 SASS instructions an element in the step loop; the lanes forward's shuffle scan needs ~14). Per chunk
+// and warp:
 //   stage  - each lane converts 16 of the chunk's 512 B and C values into the warp's shared (B, C) tile, and
 //            computes d = softplus(delta + bias) and d*u for its EPL (channel, step) elements;
 //   scan   - per step: (d, du) and this lane's (B, C) from shared memory, NPT states advanced in registers, the
-//            lane's part of <C_t, h_t> kept per step;
-//   reduce - the parts go through shared memory and each lane sums the TPC parts of its EPL elements, adds D u,
-//            gates and stores them (one vector store).
+//            lane's part of <C_t, h_t> per step to shared memory (8 steps at a time);
+//   reduce - each lane sums the TPC parts of its EPL elements, adds D u, gates and stores them (one vector store).
 // The next chunk's global loads are issued before the scan of the current one. Warps synchronise only with
-// __syncwarp (a block is one warp, or the two directions of a bidirectional block).
+// __syncwarp (a block is one warp, or the two directions of a bidirectional block). Shared-memory traffic, not the
+// instruction count, decides the speed: with the channels fastest a quarter-warp reads two (B, C) addresses (spatial
+// XL forward 0.245 -> 0.197 ms on an H100, benchmarks/NOTES_scan.md, session 12). One warp runs a whole row, so with
+// few channels (4.4 warps per SM at global XL) it is latency-bound and the lanes forward is faster.
 // Bidirectional: a block is two warps over the same channels, warp 0 scanning forward, warp 1 backward (from the
 // end, over the natural-order *_b inputs). In the first half each writes its pre-gate y (D u included) for the
 // chunks it scans to the fp32 scratch ws (warp 0: the first half of the chunks, warp 1: the second); after one
 // __syncthreads each scans the other half, adds the other direction's y from ws, halves (divide_out), gates and
 // stores out: no flipped copies and each out element is written once.
-// Requirements (the launcher checks, else the lanes forward runs): N <= 16, L % 32 == 0, 16-byte aligned rows
-// (p.lanes_vec), dim / G a multiple of CPW for every direction.
+// Requirements (seq_fwd_applies, selective_scan.h; else the lanes forward runs): N <= 16, L % 32 == 0, 16-byte
+// aligned rows (p.lanes_vec), dim / G a multiple of CPW for every direction. The default only where there are many
+// channels (kSeqMinWarpsPerSM): one warp runs a whole row, so with few channels the lanes forward is faster.
 #pragma once
 
 #include "selective_scan_lanes.cuh"
 
 namespace matten_scan {
 
-constexpr int kSeqChunk = 32;  // steps per chunk
-constexpr int kSeqN = 16;      // states per channel (N <= 16: the rest masked: A = B = C = 0)
+// kSeqChunk (steps per chunk), kSeqN (states per channel; N < 16 masked: A = B = C = 0), kSeqNpt: selective_scan.h
 constexpr int kSeqSaveChunks = kLanesWindow / kSeqChunk;  // chunks per saved state (the lanes backward's window)
 
 template <typename T, int E>
@@ -64,13 +67,12 @@ struct SeqShape {
   static constexpr int TPC = kSeqN / NPT;         // lanes per channel
   static constexpr int CPW = 32 / TPC;            // channels per warp
   static constexpr int EPL = kSeqChunk / TPC;     // (channel, step) elements per lane and chunk
-  static constexpr int BCL = kSeqN * kSeqChunk / 32;  // B (and C) values per lane and chunk: 16
 };
 
 template <int NPT>
 struct SeqSmem {
   float2 bc[kSeqChunk][kSeqN];                      // (B, C) per step and state
-  float2 ddu[SeqShape<NPT>::CPW][kSeqChunk];        // (d, d u) per channel and step
+  float2 ddu[SeqShape<NPT>::CPW][kSeqChunk + 2];    // (d, d u) per channel and step; +2: rows on different banks
   float yp[32][kSeqChunk + 4];                      // per-lane parts of y; +4: conflict-free 16-byte access
 };
 
@@ -97,7 +99,7 @@ __device__ __forceinline__ void seq_fwd_chunks(const ScanParams& p, const DirPar
                                                float bias, float Dv) {
   using S = SeqShape<NPT>;
   constexpr int EPL = S::EPL;
-  const int lane = threadIdx.x & 31, cw = lane / S::TPC, k = lane % S::TPC;
+  const int lane = threadIdx.x & 31, cw = lane % S::CPW, k = lane / S::CPW;  // channels fastest: a quarter-warp reads few (B, C) addresses
   const int nB = lane >> 1, half = lane & 1;
   const bool softplus = p.delta_softplus;
   const bool gate = r.z != nullptr && phase != 1;
@@ -172,7 +174,7 @@ __device__ __forceinline__ void seq_fwd_chunks(const ScanParams& p, const DirPar
     for (int e = 0; e < EPL; ++e) y[e] = Dv * uu[e];
 #pragma unroll
     for (int kk = 0; kk < S::TPC; ++kk) {
-      const float* part = &s.yp[cw * S::TPC + kk][k * EPL];
+      const float* part = &s.yp[kk * S::CPW + cw][k * EPL];
 #pragma unroll
       for (int e = 0; e < EPL; e += 2) {
         const float2 v = *reinterpret_cast<const float2*>(part + e);
@@ -219,11 +221,11 @@ __device__ __forceinline__ SeqRows<T, NPT> seq_rows(const ScanParams& p, const D
 
 // Block: one warp (unidirectional) or two (bidirectional: warp d scans direction d). grid (dim / CPW, batch).
 template <typename T, int NPT, bool BI>
-__global__ void __launch_bounds__(BI ? 64 : 32, BI ? 8 : 16) scan_fwd_seq_kernel(const ScanParams p) {
+__global__ void __launch_bounds__(BI ? 64 : 32, BI ? 9 : 16) scan_fwd_seq_kernel(const ScanParams p) {
   using S = SeqShape<NPT>;
   __shared__ alignas(16) SeqSmem<NPT> smem[BI ? 2 : 1];
   const int warp = BI ? threadIdx.x >> 5 : 0;
-  const int lane = threadIdx.x & 31, cw = lane / S::TPC, k = lane % S::TPC;
+  const int lane = threadIdx.x & 31, cw = lane % S::CPW, k = lane / S::CPW;  // channels fastest: a quarter-warp reads few (B, C) addresses
   const int b = blockIdx.y;
   const int chan = blockIdx.x * S::CPW + cw;
   const DirParams& dp = p.dir[warp];
@@ -263,20 +265,6 @@ __global__ void __launch_bounds__(BI ? 64 : 32, BI ? 8 : 16) scan_fwd_seq_kernel
   }
 }
 
-#ifndef SEQ_FWD_NPT
-#define SEQ_FWD_NPT 2
-#endif
-
-// Whether the seq forward takes these parameters (see the requirements above).
-template <int NPT>
-inline bool seq_fwd_ok(const ScanParams& p) {
-  constexpr int CPW = SeqShape<NPT>::CPW;
-  if (p.N > kSeqN || !p.lanes_vec || p.L % kSeqChunk != 0 || p.dim % CPW != 0) return false;
-  for (int d = 0; d < (p.bidirectional ? 2 : 1); ++d)
-    if ((p.dim / p.dir[d].groups) % CPW != 0) return false;
-  return p.batch <= 65535;
-}
-
 template <typename T, int NPT>
 cudaError_t launch_seq_fwd_n(const ScanParams& p, cudaStream_t stream) {
   const dim3 grid(p.dim / SeqShape<NPT>::CPW, p.batch);
@@ -287,16 +275,16 @@ cudaError_t launch_seq_fwd_n(const ScanParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// p.fwd_kernel: 0 = the default (seq with SEQ_FWD_NPT states per lane where it applies), 1 = lanes, 2 / 3 / 4 = seq
-// with 1 / 2 / 4 states per lane (benchmarks). Returns cudaErrorNotSupported when the seq forward does not apply.
+// p.fwd_kernel: 0 = the default (seq where it applies and there are enough channels, else lanes), 1 = lanes, 2 = seq
+// (an error where it does not apply). Returns cudaErrorNotSupported when the lanes forward should run instead.
 template <typename T>
 cudaError_t launch_seq_fwd(const ScanParams& p, cudaStream_t stream) {
-  const int npt = p.fwd_kernel == 0 ? SEQ_FWD_NPT : p.fwd_kernel == 2 ? 1 : p.fwd_kernel == 3 ? 2 : 4;
-  switch (npt) {
-    case 1: return seq_fwd_ok<1>(p) ? launch_seq_fwd_n<T, 1>(p, stream) : cudaErrorNotSupported;
-    case 2: return seq_fwd_ok<2>(p) ? launch_seq_fwd_n<T, 2>(p, stream) : cudaErrorNotSupported;
-    default: return seq_fwd_ok<4>(p) ? launch_seq_fwd_n<T, 4>(p, stream) : cudaErrorNotSupported;
-  }
+  if (p.fwd_kernel == 1) return cudaErrorNotSupported;
+  static_assert(SeqShape<kSeqNpt>::CPW == kSeqCpw, "selective_scan.h's kSeqCpw");
+  if (!seq_fwd_applies(p)) return p.fwd_kernel == 2 ? cudaErrorInvalidValue : cudaErrorNotSupported;
+  const long warps = (long)p.batch * p.dim / kSeqCpw * (p.bidirectional ? 2 : 1);
+  if (p.fwd_kernel == 0 && warps < (long)kSeqMinWarpsPerSM * p.sms) return cudaErrorNotSupported;
+  return launch_seq_fwd_n<T, kSeqNpt>(p, stream);
 }
 
 }  // namespace matten_scan
