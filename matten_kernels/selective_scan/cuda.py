@@ -252,6 +252,19 @@ def _config(A, L, bidirectional=False) -> int:
     return cfg
 
 
+def _check_forced_seq(cfg: int, u: torch.Tensor, *Bs: torch.Tensor) -> None:
+    """``MATTEN_SCAN_FWD_KERNEL=2`` (tests, benchmarks) forces the seq forward (``selective_scan_seq.cuh``): raise here,
+    naming what it needs, where it does not apply (mirror of ``seq_fwd_applies`` in selective_scan.h)."""
+    if os.environ.get("MATTEN_SCAN_FWD_KERNEL") != "2":
+        return
+    dim, L, N = u.shape[1], u.shape[-1], Bs[0].shape[-2]
+    groups = [b.shape[1] if b.dim() == 4 else 1 for b in Bs]
+    if cfg != LANES_CONFIG or N > 16 or L % 32 or any((dim // g) % 8 for g in groups):
+        raise ValueError(f"selective_scan (cuda): MATTEN_SCAN_FWD_KERNEL=2 forces the seq forward, which needs config "
+                         f"{LANES_CONFIG}, N <= 16, L % 32 == 0 and (dim / G) % 8 == 0; got config {cfg}, N = {N}, "
+                         f"L = {L}, dim = {dim}, G = {groups}")
+
+
 def cuda_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                         return_last_state=False, *, initial_state=None):
     """CUDA backend of :func:`matten_kernels.selective_scan` (same arguments, validated by the caller).
@@ -262,10 +275,12 @@ def cuda_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
     _load()
     _check_device("selective_scan", u)
     save = _needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    cfg = _config(A, u.shape[-1])
+    _check_forced_seq(cfg, u, B)
     out, last_state, _, _ = torch.ops.matten_cuda.selective_scan_fwd(
         u.contiguous(), delta.contiguous(), A.contiguous(), _grouped(B), _grouped(C), _contig(D), _contig(delta_bias),
         _contig(z), _contig(initial_state), None, None, None, None, None, None, None, bool(delta_softplus), False,
-        save, _config(A, u.shape[-1]))
+        save, cfg)
     return (out, last_state) if return_last_state else out
 
 
@@ -283,11 +298,12 @@ def cuda_bi_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     u_b, delta_b, A_b, B_b, C_b = twin(u_b, u), twin(delta_b, delta), twin(A_b, A), twin(B_b, B), twin(C_b, C)
     D_b, delta_bias_b = twin(D_b, D), twin(delta_bias_b, delta_bias)
     save = _needs_grad(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b)
+    cfg = _config(A, u.shape[-1], bidirectional=True)
+    _check_forced_seq(cfg, u, B, B_b)
     out, _, _, _ = torch.ops.matten_cuda.selective_scan_fwd(
         u.contiguous(), delta.contiguous(), A.contiguous(), _grouped(B), _grouped(C), _contig(D), _contig(delta_bias),
         _contig(z), None, u_b.contiguous(), delta_b.contiguous(), A_b.contiguous(), _grouped(B_b), _grouped(C_b),
-        _contig(D_b), _contig(delta_bias_b), bool(delta_softplus), bool(divide_out), save,
-        _config(A, u.shape[-1], bidirectional=True))
+        _contig(D_b), _contig(delta_bias_b), bool(delta_softplus), bool(divide_out), save, cfg)
     return out
 
 
