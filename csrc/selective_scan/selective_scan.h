@@ -18,7 +18,9 @@
 // into its starting state and scans its own split.
 //
 // Config kLanesConfig (the default for N <= 16 and L >= 256, uni- and bidirectional, outside deterministic mode)
-// is a second layout: one warp per channel with the time axis across the lanes (selective_scan_lanes.cuh).
+// is a second layout: one warp per channel with the time axis across the lanes (selective_scan_lanes.cuh). Its
+// forward is the "seq" kernel instead (selective_scan_seq.cuh: 4 states a lane, time sequential) where there are
+// many channels (seq_fwd_applies and kSeqMinWarpsPerSM below); the backward is always the lanes one.
 #pragma once
 
 #include <cuda_runtime.h>
