@@ -16,12 +16,34 @@
 #include <initializer_list>
 #include <numeric>
 #include <optional>
+#include <sstream>
+#include <stdexcept>
 #include <tuple>
 #include <vector>
 
 #include "selective_scan.h"
 
 namespace {
+
+// Checks throw std::invalid_argument (Python ValueError) and launch failures std::runtime_error (RuntimeError), not
+// TORCH_CHECK's c10::Error: on the device machine (torch 2.11.0+cu130) a c10::Error thrown from any JIT-built
+// extension's op ends the process with a segmentation fault, while standard exceptions from the same op raise
+// (csrc/selective_scan/NOTES.md, session 12).
+template <typename E, typename... Args>
+[[noreturn]] void fail(const Args&... args) {
+  std::ostringstream s;
+  (s << ... << args);
+  throw E(s.str());
+}
+#define MATTEN_CHECK(cond, ...) \
+  do {                          \
+    if (!(cond)) fail<std::invalid_argument>(__VA_ARGS__); \
+  } while (0)
+#define MATTEN_CHECK_LAUNCH(err, what)                                                                          \
+  do {                                                                                                            \
+    if ((err) != cudaSuccess)                                                                                     \
+      fail<std::runtime_error>("selective_scan (cuda): ", what, " launch failed: ", cudaGetErrorString(err));      \
+  } while (0)
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
@@ -33,11 +55,11 @@ const float* fptr_or_null(const OptTensor& t) {
 
 void check_input(const Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape,
                  const at::Device& device) {
-  TORCH_CHECK(t.device() == device, "selective_scan (cuda): ", name, " is on ", t.device(), ", expected ", device);
-  TORCH_CHECK(t.scalar_type() == dtype, "selective_scan (cuda): ", name, " must have dtype ", dtype, ", got ",
+  MATTEN_CHECK(t.device() == device, "selective_scan (cuda): ", name, " is on ", t.device(), ", expected ", device);
+  MATTEN_CHECK(t.scalar_type() == dtype, "selective_scan (cuda): ", name, " must have dtype ", dtype, ", got ",
               t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, "selective_scan (cuda): ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "selective_scan (cuda): ", name, " must be contiguous");
+  MATTEN_CHECK(t.sizes() == shape, "selective_scan (cuda): ", name, " must have shape ", shape, ", got ", t.sizes());
+  MATTEN_CHECK(t.is_contiguous(), "selective_scan (cuda): ", name, " must be contiguous");
 }
 
 struct Dir {
@@ -51,9 +73,9 @@ int check_dir(const Dir& d, int64_t batch, int64_t dim, int64_t L, int64_t N, co
   check_input(d.u, "u", dt, {batch, dim, L}, dev);
   check_input(d.delta, "delta", dt, {batch, dim, L}, dev);
   check_input(d.A, "A", at::kFloat, {dim, N}, dev);
-  TORCH_CHECK(d.B.dim() == 4 && d.C.dim() == 4, "selective_scan (cuda): B and C must be (batch, G, N, L)");
+  MATTEN_CHECK(d.B.dim() == 4 && d.C.dim() == 4, "selective_scan (cuda): B and C must be (batch, G, N, L)");
   const int64_t G = d.B.size(1);
-  TORCH_CHECK(G >= 1 && dim % G == 0, "selective_scan (cuda): dim must be a multiple of B's group count");
+  MATTEN_CHECK(G >= 1 && dim % G == 0, "selective_scan (cuda): dim must be a multiple of B's group count");
   check_input(d.B, "B", dt, {batch, G, N, L}, dev);
   check_input(d.C, "C", dt, {batch, G, N, L}, dev);
   if (d.D) check_input(*d.D, "D", at::kFloat, {dim}, dev);
@@ -77,13 +99,13 @@ int segment(int dim, int G0, int G1) { return std::gcd(dim / G0, dim / G1); }
 
 int resolve_config(int64_t config, int64_t N, int64_t L, bool bi) {
   const int c = config >= 0 ? static_cast<int>(config) : matten_scan::choose_config((int)N, (int)L, bi);
-  TORCH_CHECK(c < matten_scan::kNumConfigs, "selective_scan (cuda): unknown config ", config);
+  MATTEN_CHECK(c < matten_scan::kNumConfigs, "selective_scan (cuda): unknown config ", config);
   if (c == matten_scan::kLanesConfig) {
-    TORCH_CHECK(N <= matten_scan::kLanesMaxN, "selective_scan (cuda): the lanes config (", c, ") holds at most ",
+    MATTEN_CHECK(N <= matten_scan::kLanesMaxN, "selective_scan (cuda): the lanes config (", c, ") holds at most ",
                 matten_scan::kLanesMaxN, " states, N = ", N);
   }
   const matten_scan::ConfigInfo info = matten_scan::config_info(c);
-  TORCH_CHECK(info.tpc * info.npt >= N, "selective_scan (cuda): config ", c, " holds at most ",
+  MATTEN_CHECK(info.tpc * info.npt >= N, "selective_scan (cuda): config ", c, " holds at most ",
               info.tpc * info.npt, " states, N = ", N);
   return c;
 }
@@ -121,7 +143,7 @@ cudaError_t launch(bool fwd, at::ScalarType dt, const matten_scan::ScanParams& p
     case at::kFloat: return fwd ? launch_fwd_fp32(p, config, stream) : launch_bwd_fp32(p, config, stream);
     case at::kHalf: return fwd ? launch_fwd_fp16(p, config, stream) : launch_bwd_fp16(p, config, stream);
     case at::kBFloat16: return fwd ? launch_fwd_bf16(p, config, stream) : launch_bwd_bf16(p, config, stream);
-    default: TORCH_CHECK(false, "selective_scan (cuda): unsupported dtype ", dt);
+    default: MATTEN_CHECK(false, "selective_scan (cuda): unsupported dtype ", dt);
   }
   return cudaErrorInvalidValue;
 }
@@ -134,7 +156,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> selective_scan_fwd(
     const OptTensor& delta_b, const OptTensor& A_b, const OptTensor& B_b, const OptTensor& C_b,
     const OptTensor& D_b, const OptTensor& delta_bias_b, bool delta_softplus, bool divide_out,
     bool save_for_backward, int64_t config) {
-  TORCH_CHECK(u.is_cuda(), "selective_scan (cuda): tensors must be on a CUDA device");
+  MATTEN_CHECK(u.is_cuda(), "selective_scan (cuda): tensors must be on a CUDA device");
   const c10::cuda::CUDAGuard guard(u.device());
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1);
   const auto dev = u.device();
@@ -145,10 +167,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> selective_scan_fwd(
   Dir r;
   int G1 = G0;
   if (bi) {
-    TORCH_CHECK(delta_b && A_b && B_b && C_b, "selective_scan (cuda): bidirectional needs every *_b tensor");
+    MATTEN_CHECK(delta_b && A_b && B_b && C_b, "selective_scan (cuda): bidirectional needs every *_b tensor");
     r = Dir{*u_b, *delta_b, *A_b, *B_b, *C_b, D_b, delta_bias_b};
     G1 = check_dir(r, batch, dim, L, N, dev, dt);
-    TORCH_CHECK(!initial_state, "selective_scan (cuda): initial_state is unidirectional only");
+    MATTEN_CHECK(!initial_state, "selective_scan (cuda): initial_state is unidirectional only");
   }
   if (z) check_input(*z, "z", dt, {batch, dim, L}, dev);
   if (initial_state) check_input(*initial_state, "initial_state", at::kFloat, {batch, dim, N}, dev);
@@ -202,13 +224,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> selective_scan_fwd(
   // MATTEN_SCAN_FWD_KERNEL: the lanes config's forward kernel (tests, benchmarks; see ScanParams::fwd_kernel)
   if (const char* env = std::getenv("MATTEN_SCAN_FWD_KERNEL")) p.fwd_kernel = std::atoi(env);
   p.sms = multiprocessors();
-  TORCH_CHECK(p.fwd_kernel != 2 || (cfg == matten_scan::kLanesConfig && matten_scan::seq_fwd_applies(p)),
+  MATTEN_CHECK(p.fwd_kernel != 2 || (cfg == matten_scan::kLanesConfig && matten_scan::seq_fwd_applies(p)),
               "selective_scan (cuda): MATTEN_SCAN_FWD_KERNEL=2 asks for the seq forward, which needs config ",
               matten_scan::kLanesConfig, ", N <= ", matten_scan::kSeqN, ", L % ", matten_scan::kSeqChunk,
               " == 0, 16-byte aligned rows and (dim / G) % ", matten_scan::kSeqCpw, " == 0; got N = ", N, ", L = ", L,
               ", dim = ", dim);
   const cudaError_t err = launch(true, dt, p, cfg, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "selective_scan (cuda): forward launch failed: ", cudaGetErrorString(err));
+  MATTEN_CHECK_LAUNCH(err, "forward");
   return {out, last_state, states, y_saved};
 }
 
@@ -220,7 +242,7 @@ std::vector<Tensor> selective_scan_bwd(
     const OptTensor& initial_state, const Tensor& states, const Tensor& y_saved, const OptTensor& u_b,
     const OptTensor& delta_b, const OptTensor& A_b, const OptTensor& B_b, const OptTensor& C_b,
     const OptTensor& D_b, const OptTensor& delta_bias_b, bool delta_softplus, bool divide_out, int64_t config) {
-  TORCH_CHECK(u.is_cuda(), "selective_scan (cuda): tensors must be on a CUDA device");
+  MATTEN_CHECK(u.is_cuda(), "selective_scan (cuda): tensors must be on a CUDA device");
   const c10::cuda::CUDAGuard guard(u.device());
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1);
   const auto dev = u.device();
@@ -231,7 +253,7 @@ std::vector<Tensor> selective_scan_bwd(
   Dir r;
   int G1 = G0;
   if (bi) {
-    TORCH_CHECK(delta_b && A_b && B_b && C_b, "selective_scan (cuda): bidirectional needs every *_b tensor");
+    MATTEN_CHECK(delta_b && A_b && B_b && C_b, "selective_scan (cuda): bidirectional needs every *_b tensor");
     r = Dir{*u_b, *delta_b, *A_b, *B_b, *C_b, D_b, delta_bias_b};
     G1 = check_dir(r, batch, dim, L, N, dev, dt);
   }
@@ -310,7 +332,7 @@ std::vector<Tensor> selective_scan_bwd(
   p.lanes_vec = lanes && rows_aligned(L, dt, {u, delta, B, C, dout, grads[0].du, grads[0].ddelta, dz}, z) &&
                 (!bi || rows_aligned(L, dt, {r.u, r.delta, r.B, r.C, grads[1].du, grads[1].ddelta}, z));
   const cudaError_t err = launch(false, dt, p, cfg, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "selective_scan (cuda): backward launch failed: ", cudaGetErrorString(err));
+  MATTEN_CHECK_LAUNCH(err, "backward");
 
   // Deterministic reductions of the per-block / per-batch-row partial sums.
   std::vector<Tensor> res;
