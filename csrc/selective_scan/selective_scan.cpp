@@ -16,7 +16,8 @@
 #include <initializer_list>
 #include <numeric>
 #include <optional>
-#include <sstream>
+#include <string>
+#include <type_traits>
 #include <stdexcept>
 #include <tuple>
 #include <vector>
@@ -25,15 +26,28 @@
 
 namespace {
 
-// Checks throw std::invalid_argument (Python ValueError) and launch failures std::runtime_error (RuntimeError), not
-// TORCH_CHECK's c10::Error: on the device machine (torch 2.11.0+cu130) a c10::Error thrown from any JIT-built
-// extension's op ends the process with a segmentation fault, while standard exceptions from the same op raise
-// (csrc/selective_scan/NOTES.md, session 12).
+// Checks throw std::invalid_argument (Python ValueError) and launch failures std::runtime_error (RuntimeError), with
+// messages built as plain strings. Not TORCH_CHECK: on the device machine (torch 2.11.0+cu130 wheel, extensions JIT-
+// built with the system g++ 13) streaming an integer into a std::ostream from the extension crashes the process
+// (segmentation fault in std::ostream::_M_insert<long>, under c10::str for TORCH_CHECK's message), which turned every
+// failed check into a crash (csrc/selective_scan/NOTES.md, session 12).
+inline std::string to_str(const char* s) { return s; }
+inline std::string to_str(const std::string& s) { return s; }
+template <typename T, std::enable_if_t<std::is_arithmetic_v<T>, int> = 0>
+std::string to_str(T v) { return std::to_string(v); }
+inline std::string to_str(at::IntArrayRef a) {
+  std::string s = "[";
+  for (size_t i = 0; i < a.size(); ++i) s += (i ? ", " : "") + std::to_string(a[i]);
+  return s + "]";
+}
+inline std::string to_str(at::ScalarType t) { return c10::toString(t); }
+inline std::string to_str(const at::Device& d) { return d.str(); }
+
 template <typename E, typename... Args>
 [[noreturn]] void fail(const Args&... args) {
-  std::ostringstream s;
-  (s << ... << args);
-  throw E(s.str());
+  std::string s;
+  ((s += to_str(args)), ...);
+  throw E(s);
 }
 #define MATTEN_CHECK(cond, ...) \
   do {                          \
