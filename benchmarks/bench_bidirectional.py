@@ -130,19 +130,31 @@ def run_mixer(args, rows):
         os.environ.setdefault("MATTEN_MAMBA_BUILD", args.mamba_build)
     from baselines import SCAN_PROVIDER, VimBiMamba
 
-    b, d, N, L = SHAPES["global XL"]
+    for sname in args.mixer_shapes.split(","):
+        run_mixer_shape(args, rows, sname, BiMamba, VimBiMamba, SCAN_PROVIDER)
+
+
+def run_mixer_shape(args, rows, sname, BiMamba, VimBiMamba, why):
+    """The mixer over SHAPES[sname]'s (batch, L) with d_inner = dim (d_model = dim / 2): ours on the Triton scan, on the
+    CUDA scan (its default forward; at spatial XL also with the lanes forward forced, MATTEN_SCAN_FWD_KERNEL=1), and
+    Vim's composition over the same parameters."""
+    b, d, N, L = SHAPES[sname]
     dtype = torch.bfloat16
     m = BiMamba(d // 2, d_state=N, bimamba="v2").cuda().to(dtype)
-    vim, why = VimBiMamba(m), SCAN_PROVIDER
+    vim = VimBiMamba(m)
     h = torch.randn(b, L, d // 2, device="cuda", dtype=dtype, requires_grad=True)
     leaves = [h] + list(m.parameters())
     g = torch.randn(b, L, d // 2, device="cuda", dtype=dtype)
-    mods = [("BiMamba (ours)", m, None), (f"Vim-style ({why})", vim, None)]
-    if not args.no_cuda:
-        mods.insert(1, ("BiMamba (ours, cuda scan)", m, "cuda"))  # the same module, its scan on the CUDA backend
-    for pname, mod, backend in mods:
-        row = dict(dtype="bf16", shape="mixer global XL", provider=pname)
+    mods = [("BiMamba (ours)", m, None, None), (f"Vim-style ({why})", vim, None, None)]
+    if not args.no_cuda:  # the same module, its scan on the CUDA backend
+        mods.insert(1, ("BiMamba (ours, cuda scan)", m, "cuda", None))
+        if sname != "global XL":
+            mods.insert(2, ("BiMamba (ours, cuda scan, lanes forward)", m, "cuda", "1"))
+    for pname, mod, backend, fwd_kernel in mods:
+        row = dict(dtype="bf16", shape=f"mixer {sname}", provider=pname)
         m.backend = backend
+        if fwd_kernel:
+            os.environ["MATTEN_SCAN_FWD_KERNEL"] = fwd_kernel
         try:
             with torch.no_grad():
                 row["fwd_ms"] = round(bench(lambda: mod(h)), 4)
@@ -154,6 +166,7 @@ def run_mixer(args, rows):
             row["peak_MB"] = round(peak_mem_mb(fb), 1)
         except Exception as e:  # noqa: BLE001
             row["error"] = f"{type(e).__name__}: {str(e)[:100]}"
+        os.environ.pop("MATTEN_SCAN_FWD_KERNEL", None)
         rows.append(row)
     m.backend = None
 
@@ -164,6 +177,7 @@ if __name__ == "__main__":
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--mamba-build", default=None)
     p.add_argument("--no-mixer", action="store_true")
+    p.add_argument("--mixer-shapes", default="global XL", help='e.g. "global XL,spatial XL"')
     p.add_argument("--no-cuda", action="store_true", help="leave out our CUDA backend (its first use builds it)")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default=None)
