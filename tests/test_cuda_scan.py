@@ -275,6 +275,16 @@ def test_cuda_split_sequence_and_configs(splits, config, batch, dim, N, L, kind,
         _check("d" + k, a, r, dtype, mult)
 
 
+def _force_lanes_config(monkeypatch, fwd_kernel=None):
+    """Config 9 (lanes) for every call of the test; fwd_kernel: its forward forced (MATTEN_SCAN_FWD_KERNEL 1 lanes,
+    2 seq), else the default choice."""
+    from matten_kernels.selective_scan import cuda as cuda_mod
+
+    monkeypatch.setattr(cuda_mod, "config_override", cuda_mod.LANES_CONFIG)
+    if fwd_kernel is not None:
+        monkeypatch.setenv("MATTEN_SCAN_FWD_KERNEL", fwd_kernel)
+
+
 LANES_CASES = [  # (batch, dim, N, L, options): the lanes kernels forced (config 9), partial windows included
     pytest.param(2, 5, 16, 1, dict(), id="L1"),
     pytest.param(1, 3, 1, 17, dict(has_z=False, has_D=False), id="N1-L17"),
@@ -291,9 +301,7 @@ LANES_CASES = [  # (batch, dim, N, L, options): the lanes kernels forced (config
 @pytest.mark.parametrize("batch, dim, N, L, opts", LANES_CASES)
 def test_cuda_lanes_vs_ref(batch, dim, N, L, opts, dtype, monkeypatch):
     """The lanes kernels (one warp per channel, time across the lanes) against the float64 reference."""
-    from matten_kernels.selective_scan import cuda as cuda_mod
-
-    monkeypatch.setattr(cuda_mod, "config_override", cuda_mod.LANES_CONFIG)
+    _force_lanes_config(monkeypatch, "1")
     test_selective_scan_cuda_vs_ref(batch, dim, N, L, opts, dtype)
 
 
@@ -311,9 +319,7 @@ LANES_BI_CASES = [  # (batch, dim, N, L, mode): the bidirectional lanes kernels,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: DTYPE_ID[d])
 @pytest.mark.parametrize("batch, dim, N, L, mode", LANES_BI_CASES)
 def test_cuda_lanes_bi_vs_ref(batch, dim, N, L, mode, dtype, monkeypatch):
-    from matten_kernels.selective_scan import cuda as cuda_mod
-
-    monkeypatch.setattr(cuda_mod, "config_override", cuda_mod.LANES_CONFIG)
+    _force_lanes_config(monkeypatch, "1")
     test_bi_selective_scan_cuda_vs_ref(batch, dim, N, L, mode, dtype)
 
 
@@ -338,10 +344,7 @@ SEQ_BI_CASES = [  # (batch, dim, N, L, mode)
 def test_cuda_seq_fwd_vs_ref(batch, dim, N, L, opts, dtype, monkeypatch):
     """The seq forward (selective_scan_seq.cuh) forced, with the lanes backward; forcing it where it does not apply is
     an error, so these cases ran it."""
-    from matten_kernels.selective_scan import cuda as cuda_mod
-
-    monkeypatch.setattr(cuda_mod, "config_override", cuda_mod.LANES_CONFIG)
-    monkeypatch.setenv("MATTEN_SCAN_FWD_KERNEL", "2")
+    _force_lanes_config(monkeypatch, "2")
     test_selective_scan_cuda_vs_ref(batch, dim, N, L, opts, dtype)
 
 
@@ -349,20 +352,14 @@ def test_cuda_seq_fwd_vs_ref(batch, dim, N, L, opts, dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: DTYPE_ID[d])
 @pytest.mark.parametrize("batch, dim, N, L, mode", SEQ_BI_CASES)
 def test_cuda_seq_bi_fwd_vs_ref(batch, dim, N, L, mode, dtype, monkeypatch):
-    from matten_kernels.selective_scan import cuda as cuda_mod
-
-    monkeypatch.setattr(cuda_mod, "config_override", cuda_mod.LANES_CONFIG)
-    monkeypatch.setenv("MATTEN_SCAN_FWD_KERNEL", "2")
+    _force_lanes_config(monkeypatch, "2")
     test_bi_selective_scan_cuda_vs_ref(batch, dim, N, L, mode, dtype)
 
 
 @pytest.mark.gpu
 def test_cuda_seq_fwd_refuses_what_it_cannot_run(monkeypatch):
     """Forcing the seq forward at a length that is not a multiple of its chunk raises, naming what it needs."""
-    from matten_kernels.selective_scan import cuda as cuda_mod
-
-    monkeypatch.setattr(cuda_mod, "config_override", cuda_mod.LANES_CONFIG)
-    monkeypatch.setenv("MATTEN_SCAN_FWD_KERNEL", "2")
+    _force_lanes_config(monkeypatch, "2")
     x = _inputs(1, 8, 16, 300, torch.bfloat16)
     with pytest.raises(ValueError, match="seq forward, which needs"):
         selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], backend="cuda")
