@@ -316,6 +316,24 @@ def test_cuda_scan_backend_matches_slow_path_gpu(L):
 
 
 @pytest.mark.gpu
+def test_cuda_scan_backend_seq_forward_spatial_shape_gpu(monkeypatch):
+    """A Matten-XL spatial Mamba block (batch 32, 256 tokens, d_model 1152) on backend="cuda", fp32, against the fp32
+    slow path: the fused core with the seq forward forced (MATTEN_SCAN_FWD_KERNEL=2 raises where it cannot run; it is
+    also the default at this many channels)."""
+    from matten_kernels.selective_scan import cuda as scan_cuda
+
+    if not scan_cuda.is_available():
+        pytest.skip("the CUDA scan extension is not available here")
+    monkeypatch.setenv("MATTEN_SCAN_FWD_KERNEL", "2")
+    m = BiMamba(1152, bimamba="v2", backend="cuda").cuda()
+    pairs = _fast_vs_slow(m, torch.randn(32, 256, 1152, device="cuda"), ref_dtype=torch.float32)
+    for name, (got, ref) in pairs.items():
+        rel = _rel(got, ref)
+        logger.info("cuda backend, seq forward, spatial %s: relative error %.3e", name, rel)
+        assert rel <= 1e-3, f"{name}: relative error {rel:.3e} > 1e-3"
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_fused_core_matches_composition_bf16_gpu(backend, monkeypatch):
     """Matten-XL global block in bf16 on both scan backends: the fused core against the composition of the same
