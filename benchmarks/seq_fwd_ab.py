@@ -70,6 +70,7 @@ def mamba_times(shape, bi):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="global_xl,global_s,spatial_xl,long")
+    ap.add_argument("--dims", default="", help='extra shapes "b,d,N,L;b,d,N,L" (e.g. to place the default\'s threshold)')
     ap.add_argument("--kernels", default=",".join(KERNELS))
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--out", default=".")
@@ -81,8 +82,9 @@ def main():
     info = env_info()
     res = dict(info, rows=[], checks={})
     t0 = time.time()
-    for i, name in enumerate(args.shapes.split(",")):
-        shape = SHAPES[name][0]
+    shapes = [(n, SHAPES[n][0]) for n in args.shapes.split(",") if n]
+    shapes += [("x".join(d.split(",")), tuple(int(v) for v in d.split(","))) for d in args.dims.split(";") if d]
+    for i, (name, shape) in enumerate(shapes):
         for bi in (False, True):
             key = ("bi " if bi else "") + name
             res["checks"][key] = rel_errs(shape, bi, grads=i == 0)
