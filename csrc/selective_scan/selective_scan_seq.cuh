@@ -24,7 +24,7 @@
 // stores out: no flipped copies and each out element is written once.
 // Requirements (seq_fwd_applies, selective_scan.h; else the lanes forward runs): N <= 16, L % 32 == 0, 16-byte
 // aligned rows (p.lanes_vec), dim / G a multiple of CPW for every direction. The default only where there are many
-// channels (kSeqMinWarpsPerSM): one warp runs a whole row, so with few channels the lanes forward is faster.
+// channels (kSeqMinWarpsPerSM[Bi]): one warp runs a whole row, so with few channels the lanes forward is faster.
 #pragma once
 
 #include "selective_scan_lanes.cuh"
@@ -283,7 +283,8 @@ cudaError_t launch_seq_fwd(const ScanParams& p, cudaStream_t stream) {
   static_assert(SeqShape<kSeqNpt>::CPW == kSeqCpw, "selective_scan.h's kSeqCpw");
   if (!seq_fwd_applies(p)) return p.fwd_kernel == 2 ? cudaErrorInvalidValue : cudaErrorNotSupported;
   const long warps = (long)p.batch * p.dim / kSeqCpw * (p.bidirectional ? 2 : 1);
-  if (p.fwd_kernel == 0 && warps < (long)kSeqMinWarpsPerSM * p.sms) return cudaErrorNotSupported;
+  const int min_warps = p.bidirectional ? kSeqMinWarpsPerSMBi : kSeqMinWarpsPerSM;
+  if (p.fwd_kernel == 0 && warps < (long)min_warps * p.sms) return cudaErrorNotSupported;
   return launch_seq_fwd_n<T, kSeqNpt>(p, stream);
 }
 
