@@ -93,7 +93,7 @@ struct SeqRows {
 // One direction of the forward for one warp. PHASE: 0 = the whole sequence (unidirectional, out written);
 // bidirectional: 1 = the first half of its chunks (y to ws), 2 = the second half (+ ws, out written).
 template <typename T, int NPT, bool REV>
-__device__ __forceinline__ void seq_fwd_chunks(const ScanParams& p, const DirParams& dp, const SeqRows<T, NPT>& r,
+__device__ __forceinline__ void seq_fwd_chunks(const ScanParams& p, const SeqRows<T, NPT>& r,
                                                SeqSmem<NPT>& s, int c_first, int count, int phase,
                                                const float (&A2)[NPT], float (&h)[NPT], float* states_row,
                                                float bias, float Dv) {
@@ -249,14 +249,14 @@ __global__ void __launch_bounds__(BI ? 64 : 32, BI ? 9 : 16) scan_fwd_seq_kernel
     for (int phase = 1; phase <= 2; ++phase) {
       if (phase == 2) __syncthreads();
       if (warp == 0)
-        seq_fwd_chunks<T, NPT, false>(p, dp, r, s, phase == 1 ? 0 : H, phase == 1 ? H : nch - H, phase, A2, h,
+        seq_fwd_chunks<T, NPT, false>(p, r, s, phase == 1 ? 0 : H, phase == 1 ? H : nch - H, phase, A2, h,
                                       states_row, bias, Dv);
       else
-        seq_fwd_chunks<T, NPT, true>(p, dp, r, s, phase == 1 ? nch - 1 : H - 1, phase == 1 ? nch - H : H, phase,
+        seq_fwd_chunks<T, NPT, true>(p, r, s, phase == 1 ? nch - 1 : H - 1, phase == 1 ? nch - H : H, phase,
                                      A2, h, states_row, bias, Dv);
     }
   } else {
-    seq_fwd_chunks<T, NPT, false>(p, dp, r, s, 0, nch, 0, A2, h, states_row, bias, Dv);
+    seq_fwd_chunks<T, NPT, false>(p, r, s, 0, nch, 0, A2, h, states_row, bias, Dv);
     if (p.last_state) {
 #pragma unroll
       for (int q = 0; q < NPT; ++q)
