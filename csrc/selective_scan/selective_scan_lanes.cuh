@@ -149,17 +149,19 @@ __device__ __forceinline__ void atomic_add8(float* row, int t0, int lane, int L,
 #ifndef LANES_BLOCK_REDUCE
 #define LANES_BLOCK_REDUCE 1
 #endif
-#ifndef LANES_BWD_PAIR
-#define LANES_BWD_PAIR 0
+#ifndef LANES_BWD_STATES_PER_BARRIER
+#define LANES_BWD_STATES_PER_BARRIER 1
 #endif
-// States whose dB/dC one block barrier covers (LANES_BWD_PAIR: 2, else 1).
-constexpr int kLanesStatesPerBarrier = LANES_BWD_PAIR ? 2 : 1;
+// States whose dB/dC one block barrier covers (a divisor of 16).
+constexpr int kLanesStatesPerBarrier = LANES_BWD_STATES_PER_BARRIER;
+static_assert(16 % kLanesStatesPerBarrier == 0, "LANES_BWD_STATES_PER_BARRIER divides 16");
 // LANES_BLOCK_REDUCE (default on; 0 for A/B runs): on full windows with N = 16, the 4 warps (channels) of a block sum
 // their dB/dC of a state and window in shared memory (double-buffered, one barrier per kLanesStatesPerBarrier
 // states) and add the block's sum with one 16-byte reduction per thread and state: a quarter of the global
 // reductions (H100, global XL fwd+bwd 1.44 -> 1.21 ms, csrc/selective_scan/NOTES.md).
-// `buf`: 2 x kLanesStatesPerBarrier x kLanesWarps x 512 floats; a state's slot is kLanesWarps x 512 floats.
+// `buf` (dynamic shared memory, kLanesBlockReduceBytes): 2 x kLanesStatesPerBarrier slots of kLanesWarps x 512 floats.
 constexpr int kLanesSlot = kLanesWarps * 2 * kLanesWindow;
+constexpr int kLanesBlockReduceBytes = LANES_BLOCK_REDUCE ? 2 * kLanesStatesPerBarrier * kLanesSlot * 4 : 0;
 
 // This warp's dB/dC of one state and window into its part of `slot`.
 __device__ __forceinline__ void block_stage(const float (&dBv)[kLanesSteps], const float (&dCv)[kLanesSteps],
@@ -777,11 +779,11 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lan
   float* xch = s_xch[threadIdx.x >> 5];
   float* bxch = nullptr;
 #if LANES_BLOCK_REDUCE
-  __shared__ alignas(16) float s_bxch[2 * kLanesStatesPerBarrier * kLanesSlot];
+  extern __shared__ float4 s_bxch[];  // kLanesBlockReduceBytes
   // every warp of the block alive and in one B/C group (block-uniform)
   if (p.dim % kLanesWarps == 0 && (p.dim / p.dir[0].groups) % kLanesWarps == 0 &&
       (!BI || (p.dim / p.dir[1].groups) % kLanesWarps == 0))
-    bxch = s_bxch;
+    bxch = reinterpret_cast<float*>(s_bxch);
 #endif
   if (chan >= p.dim) return;
   if constexpr (BI) {
@@ -795,10 +797,23 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lan
 template <typename T, bool FWD, int NMAX, bool EXACT, bool BI>
 cudaError_t launch_lanes_n(const ScanParams& p, cudaStream_t stream) {
   const dim3 grid(p.batch, (p.dim + kLanesWarps - 1) / kLanesWarps);
-  if constexpr (FWD)
+  if constexpr (FWD) {
     scan_fwd_lanes_kernel<T, NMAX, EXACT, BI><<<grid, kLanesWarps * 32, 0, stream>>>(p);
-  else
-    scan_bwd_lanes_kernel<T, NMAX, EXACT, BI><<<grid, kLanesWarps * 32, 0, stream>>>(p);
+  } else {
+    constexpr int smem = kLanesBlockReduceBytes;
+    if constexpr (smem > 48 * 1024) {
+      static bool opted_in[64] = {};  // once per instantiation and device
+      int dev = 0;
+      cudaGetDevice(&dev);
+      if (dev >= 64 || !opted_in[dev]) {
+        const cudaError_t e = cudaFuncSetAttribute(scan_bwd_lanes_kernel<T, NMAX, EXACT, BI>,
+                                                   cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        if (e != cudaSuccess) return e;
+        if (dev < 64) opted_in[dev] = true;
+      }
+    }
+    scan_bwd_lanes_kernel<T, NMAX, EXACT, BI><<<grid, kLanesWarps * 32, smem, stream>>>(p);
+  }
   return cudaGetLastError();
 }
 
