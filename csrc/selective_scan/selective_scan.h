@@ -128,7 +128,6 @@ struct ScanParams {
   int fwd_kernel;             // forward of config kLanesConfig: 0 default (the seq forward of selective_scan_seq.cuh
                               //   where it applies and the GPU has enough of its warps, else lanes), 1 lanes, 2 seq
   int sms;                    // multiprocessors of the device
-  int zero;                   // always 0: a value the compiler cannot fold (false dependencies, selective_scan_lanes.cuh)
   float* split_state;         // (ndir, nsplit, batch, dim, N) split summaries (see above), when nsplit > 1
   float* split_sumd;          // (ndir, nsplit, batch, dim)
   DirParams dir[2];

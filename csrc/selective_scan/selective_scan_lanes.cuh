@@ -150,9 +150,11 @@ __device__ __forceinline__ void atomic_add8(float* row, int t0, int lane, int L,
 #define LANES_BLOCK_REDUCE 1
 #endif
 #ifndef LANES_BWD_STATES_PER_BARRIER
-#define LANES_BWD_STATES_PER_BARRIER 1
+#define LANES_BWD_STATES_PER_BARRIER 2
 #endif
-// States whose dB/dC one block barrier covers (a divisor of 16).
+// States whose dB/dC one block barrier covers (a divisor of 16). H100, bf16, fwd+bwd ms against 1 in one call
+// (benchmarks/results/cuda-lanes-variants-...-202e3c1-barrier.json): long 2.829 vs 2.899, bi global XL 2.488 vs 2.579,
+// bi long 6.126 vs 6.369; 4 (dynamic shared memory) no better.
 constexpr int kLanesStatesPerBarrier = LANES_BWD_STATES_PER_BARRIER;
 static_assert(16 % kLanesStatesPerBarrier == 0, "LANES_BWD_STATES_PER_BARRIER divides 16");
 // LANES_BLOCK_REDUCE (default on; 0 for A/B runs): on full windows with N = 16, the 4 warps (channels) of a block sum
@@ -199,17 +201,6 @@ __device__ __forceinline__ void lanes_delta(float (&dt)[kLanesSteps], float bias
   }
 }
 
-__device__ __forceinline__ float shfl_up_v(float v, int off) {
-  float r;
-  asm volatile("shfl.sync.up.b32 %0, %1, %2, 0, -1;" : "=f"(r) : "f"(v), "r"(off));
-  return r;
-}
-__device__ __forceinline__ float shfl_down_v(float v, int off) {
-  float r;
-  asm volatile("shfl.sync.down.b32 %0, %1, %2, 31, -1;" : "=f"(r) : "f"(v), "r"(off));
-  return r;
-}
-
 // Scan order. REV: t = L-1 .. 0 (the backward direction of the bidirectional scan), so within a window lane 31
 // scans first and each lane takes its steps from the last; the data layout does not change.
 template <bool REV>
@@ -225,10 +216,6 @@ struct Order {
   static __device__ __forceinline__ float next(float v, int off) {
     return REV ? __shfl_up_sync(kFull, v, off) : __shfl_down_sync(kFull, v, off);
   }
-  // The same as volatile asm: kept in source order relative to each other (the compiler runs two independent
-  // shuffle chains back to back otherwise; lanes_joint_in interleaves them).
-  static __device__ __forceinline__ float prev_v(float v, int off) { return REV ? shfl_down_v(v, off) : shfl_up_v(v, off); }
-  static __device__ __forceinline__ float next_v(float v, int off) { return REV ? shfl_up_v(v, off) : shfl_down_v(v, off); }
   static __device__ __forceinline__ bool has_prev(int lane, int off) { return REV ? lane + off < 32 : lane >= off; }
   static __device__ __forceinline__ bool has_next(int lane, int off) { return REV ? lane >= off : lane + off < 32; }
 };
@@ -272,82 +259,6 @@ __device__ __forceinline__ float lanes_adjoint_in(float q, float s, float r, int
   float g_in = O::next(g0, 1);
   if (lane == O::last) g_in = r;
   return g_in;
-}
-
-#ifndef LANES_BWD_JOINT
-#define LANES_BWD_JOINT 0
-#endif
-// Both scans of a backward window level by level: the state maps (pa, xa) in scan order (-> h_in, the state entering
-// this lane; carry as in lanes_state_in) and the adjoint maps (q, s) against it (-> g_in, g0 as in
-// lanes_adjoint_in). They are independent; ptxas keeps shuffles in source order, so written one after the other
-// the two 5-level shuffle chains run back to back.
-// v with a false dependency on w: zm is 0 at run time (ScanParams::zero), unknown to the compiler (one LOP3).
-__device__ __forceinline__ float tie(float v, float w, unsigned zm) {
-  return __uint_as_float(__float_as_uint(v) | (__float_as_uint(w) & zm));
-}
-
-template <bool REV>
-__device__ __forceinline__ void lanes_joint_in(float pa, float xa, float& carry, float q, float s, float r, int lane,
-                                               float& h_in, float& g_in, float& g0, unsigned zm) {
-  using O = Order<REV>;
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const float pp = O::prev_v(pa, off), qn = O::next_v(q, off);
-    const float xp = O::prev_v(xa, off), sn = O::next_v(s, off);
-    if (O::has_prev(lane, off)) {
-      xa = fmaf(pa, xp, xa);
-      pa *= pp;
-    }
-    if (O::has_next(lane, off)) {
-      s = fmaf(q, sn, s);
-      q *= qn;
-    }
-#if LANES_BWD_JOINT > 1
-    // ptxas otherwise schedules one chain after the other (it sees no reason to interleave at 168 registers)
-    xa = tie(xa, s, zm);
-    s = tie(s, xa, zm);
-    pa = tie(pa, q, zm);
-    q = tie(q, pa, zm);
-#endif
-  }
-  const float h_out = fmaf(pa, carry, xa);
-  g0 = fmaf(q, r, s);
-  h_in = O::prev(h_out, 1);
-  g_in = O::next(g0, 1);
-  if (lane == O::first) h_in = carry;
-  if (lane == O::last) g_in = r;
-  carry = __shfl_sync(kFull, h_out, O::last);
-}
-
-#ifndef LANES_FWD_PAIR
-#define LANES_FWD_PAIR 0
-#endif
-// lanes_state_in for two states in lockstep (their shuffle levels interleaved, tied as in lanes_joint_in).
-template <bool REV>
-__device__ __forceinline__ void lanes_state_in2(float (&pa)[2], float (&xa)[2], float (&carry)[2], int lane,
-                                                unsigned zm, float (&h_in)[2]) {
-  using O = Order<REV>;
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    float pp[2], xp[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) pp[i] = O::prev_v(pa[i], off), xp[i] = O::prev_v(xa[i], off);
-    if (O::has_prev(lane, off)) {
-#pragma unroll
-      for (int i = 0; i < 2; ++i) xa[i] = fmaf(pa[i], xp[i], xa[i]), pa[i] *= pp[i];
-    }
-    xa[0] = tie(xa[0], xa[1], zm);
-    xa[1] = tie(xa[1], xa[0], zm);
-    pa[0] = tie(pa[0], pa[1], zm);
-    pa[1] = tie(pa[1], pa[0], zm);
-  }
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const float h_out = fmaf(pa[i], carry[i], xa[i]);
-    h_in[i] = O::prev(h_out, 1);
-    if (lane == O::first) h_in[i] = carry[i];
-    carry[i] = __shfl_sync(kFull, h_out, O::last);
-  }
 }
 
 // Per-channel pointers of one warp and one direction.
@@ -417,7 +328,6 @@ struct LanesScalars {
   float bias, Dv, scale;  // delta_bias, D of the channel; 0.5 for divide_out (bidirectional), else 1
   bool softplus;
   int mode;
-  unsigned zm;  // ScanParams::zero
 };
 
 // A window's per-step inputs: u, d (softplus, zero beyond L), d*u; the B/C loads of the first kLanesAhead states.
@@ -467,28 +377,6 @@ __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L,
   window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, rb, rc);
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) y[j] = c.Dv * uu[j];
-#if LANES_FWD_PAIR
-  static_assert(NMAX % 2 == 0, "states in pairs");
-#pragma unroll
-  for (int n = 0; n < NMAX; n += 2) {
-    float Bv[2][kLanesSteps], Cv[2][kLanesSteps], a[2][kLanesSteps], pa[2], xa[2], carry[2], hh[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-      state_begin<REV, FULL, EXACT>(r, n + i, t0, L, N, __shfl_sync(kFull, A2_l, n + i), rb, rc, dt, du, Bv[i],
-                                    Cv[i], a[i], pa[i], xa[i]);
-    carry[0] = __shfl_sync(kFull, h_l, n), carry[1] = __shfl_sync(kFull, h_l, n + 1);
-    lanes_state_in2<REV>(pa, xa, carry, lane, c.zm, hh);
-    h_l = lane == n ? carry[0] : lane == n + 1 ? carry[1] : h_l;
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int k = 0; k < kLanesSteps; ++k) {
-        const int j = O::step(k);
-        hh[i] = fmaf(a[i][j], hh[i], du[j] * Bv[i][j]);
-        y[j] = fmaf(Cv[i][j], hh[i], y[j]);
-      }
-  }
-#else
 #pragma unroll
   for (int n = 0; n < NMAX; ++n) {
     float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], pa, xa;
@@ -503,7 +391,6 @@ __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L,
       y[j] = fmaf(Cv[j], hh, y[j]);
     }
   }
-#endif
   if (c.mode == kToWs) {
     ws_store8<FULL>(r.ws, t0, L, y);
     return;
@@ -541,7 +428,7 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
   const float A2_l = lane < N ? dp.A[(size_t)chan * N + lane] * kLog2e : 0.f;
   float h_l = (lane < N && p.initial_state && !p.bidirectional) ? p.initial_state[row * N + lane] : 0.f;
   const LanesScalars c{dp.delta_bias ? dp.delta_bias[chan] : 0.f, dp.D ? dp.D[chan] : 0.f,
-                       p.divide_out ? 0.5f : 1.f, (bool)p.delta_softplus, mode, (unsigned)p.zero};
+                       p.divide_out ? 0.5f : 1.f, (bool)p.delta_softplus, mode};
   for (int i = 0; i < nwin; ++i) {
     const int w = REV ? nwin - 1 - i : i;
     const int t0 = w * kLanesWindow + lane * kLanesSteps;
@@ -601,30 +488,6 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
     // forward: the states of the window
     state_begin<REV, FULL, EXACT>(r, n, t0, L, N, An * kLog2e, rb, rc, dt, du, Bv, Cv, a, pa, xa);
     float h0 = __shfl_sync(kFull, h0_l, n);
-    // adjoint, against scan order: g_j = C_j dy_j + a_{j'} g_{j'} (j' the next step in scan order); after the lane's
-    // last step that is the next lane's first one (for the last lane r holds a g already)
-    constexpr int j_first = O::step(0), j_last = O::step(kLanesSteps - 1);
-#if LANES_BWD_JOINT
-    float a_next = O::next(a[j_first], 1);
-    if (lane == O::last) a_next = 1.f;
-    float s = Cv[j_last] * dy[j_last], q = a_next;
-#pragma unroll
-    for (int k = kLanesSteps - 2; k >= 0; --k) {
-      const int j = O::step(k), jn = O::step(k + 1);
-      s = fmaf(a[jn], s, Cv[j] * dy[j]);
-      q *= a[jn];
-    }
-    float hh, gg, g0;
-    lanes_joint_in<REV>(pa, xa, h0, q, s, __shfl_sync(kFull, r_l, n), lane, hh, gg, g0, c.zm);
-    gg *= a_next;
-#pragma unroll
-    for (int k = 0; k < kLanesSteps; ++k) {
-      const int j = O::step(k);
-      hh = fmaf(a[j], hh, du[j] * Bv[j]);
-      h[j] = hh;
-      y[j] = fmaf(Cv[j], hh, y[j]);
-    }
-#else
     float hh = lanes_state_in<REV>(pa, xa, h0, lane);
 #pragma unroll
     for (int k = 0; k < kLanesSteps; ++k) {
@@ -633,6 +496,9 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
       h[j] = hh;
       y[j] = fmaf(Cv[j], hh, y[j]);
     }
+    // adjoint, against scan order: g_j = C_j dy_j + a_{j'} g_{j'} (j' the next step in scan order); after the lane's
+    // last step that is the next lane's first one (for the last lane r holds a g already)
+    constexpr int j_first = O::step(0), j_last = O::step(kLanesSteps - 1);
     float a_next = O::next(a[j_first], 1);
     if (lane == O::last) a_next = 1.f;
     float s = Cv[j_last] * dy[j_last], q = a_next;
@@ -644,7 +510,6 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
     }
     float g0;
     float gg = lanes_adjoint_in<REV>(q, s, __shfl_sync(kFull, r_l, n), lane, g0) * a_next;
-#endif
     g0 = __shfl_sync(kFull, a[j_first] * g0, O::first);  // a g at the window's first step: the next window's r
     r_l = lane == n ? g0 : r_l;
     float dBv[kLanesSteps], dCv[kLanesSteps], dAl = 0.f;
@@ -731,7 +596,7 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
   const bool uni = !p.bidirectional;
   float r_l = (uni && lane < N && p.dlast_state) ? p.dlast_state[row * N + lane] : 0.f;
   const LanesScalars c{dp.delta_bias ? dp.delta_bias[chan] : 0.f, dp.D ? dp.D[chan] : 0.f,
-                       p.divide_out ? 0.5f : 1.f, (bool)p.delta_softplus, mode, (unsigned)p.zero};
+                       p.divide_out ? 0.5f : 1.f, (bool)p.delta_softplus, mode};
   float dA[NMAX], dD = 0.f, dbias = 0.f;
 #pragma unroll
   for (int n = 0; n < NMAX; ++n) dA[n] = 0.f;
