@@ -1,7 +1,8 @@
 """The CUDA C++ selective scan (``csrc/selective_scan``): build/load, autograd, entry points for ``backend="cuda"``.
 
 Layers: the kernels (``csrc/selective_scan/*.cu``) -> launchers + ``torch.library`` ops ``matten_cuda::selective_scan_fwd``
-/ ``_bwd`` (``selective_scan.cpp``) -> fake kernels and ``register_autograd`` (here) -> :func:`cuda_selective_scan`,
+/ ``_bwd`` (``selective_scan.cpp``) -> fake kernels and autograd (here: ``register_autograd`` for torch.compile, an
+autograd.Function over the same ops for eager calls) -> :func:`cuda_selective_scan`,
 :func:`cuda_bi_selective_scan`, which ``interface.py`` calls after validating the inputs.
 
 Work layout, numerics and the choice of configuration: ``csrc/selective_scan/selective_scan.h``. Two layouts:
@@ -30,6 +31,8 @@ import os
 import shutil
 
 import torch
+
+from .._backend import use_custom_op
 
 logger = logging.getLogger("matten_kernels")
 
@@ -192,36 +195,64 @@ def _register() -> None:
                         initial_state.new_empty(initial_state.shape) if initial_state is not None else none]
         return out
 
-    def _setup_context(ctx, inputs, output):
-        (u, delta, A, B, C, D, delta_bias, z, initial_state, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b,
-         delta_softplus, divide_out, save_for_backward, config) = inputs
-        _, _, states, y_saved = output
-        # Saved: the inputs, the fp32 state at every chunk start (ndir, batch, dim, L/chunk, N) and, with z, y before
-        # the gate (not for the lanes config, whose backward recomputes y). The backward recomputes h inside each chunk from its start state: no (batch, dim, L, N) tensor.
-        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, z, initial_state, u_b, delta_b, A_b, B_b, C_b, D_b,
-                              delta_bias_b, states, y_saved)
-        ctx.flags = (delta_softplus, divide_out, config)
-        ctx.set_materialize_grads(False)
-
-    def _backward(ctx, dout, dlast_state, _dstates, _dy_saved):
-        (u, delta, A, B, C, D, delta_bias, z, initial_state, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b,
-         states, y_saved) = ctx.saved_tensors
-        delta_softplus, divide_out, config = ctx.flags
-        if states.numel() == 0:
-            raise RuntimeError("selective_scan (cuda): the forward ran without saving states for the backward")
-        dout = torch.zeros_like(u) if dout is None else dout.contiguous()
-        if dlast_state is not None:
-            dlast_state = dlast_state.contiguous()
-        g = torch.ops.matten_cuda.selective_scan_bwd(
-            dout, dlast_state, u, delta, A, B, C, D, delta_bias, z, initial_state, states, y_saved, u_b, delta_b,
-            A_b, B_b, C_b, D_b, delta_bias_b, delta_softplus, divide_out, config)
-        du, ddelta, dA, dB, dC, dD, dbias, dz, dinit, du_b, ddelta_b, dA_b, dB_b, dC_b, dD_b, dbias_b = g
-        opt = lambda grad, t: grad if t is not None else None  # noqa: E731
-        return (du, ddelta, dA, dB, dC, opt(dD, D), opt(dbias, delta_bias), opt(dz, z), opt(dinit, initial_state),
-                opt(du_b, u_b), opt(ddelta_b, delta_b), opt(dA_b, A_b), opt(dB_b, B_b), opt(dC_b, C_b),
-                opt(dD_b, D_b), opt(dbias_b, delta_bias_b), None, None, None, None)
-
     torch.library.register_autograd(fwd, _backward, setup_context=_setup_context)
+
+
+def _setup_context(ctx, inputs, output):
+    (u, delta, A, B, C, D, delta_bias, z, initial_state, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b,
+     delta_softplus, divide_out, save_for_backward, config) = inputs
+    _, _, states, y_saved = output
+    # Saved: the inputs, the fp32 state at every chunk start (ndir, batch, dim, L/chunk, N) and, with z, y before
+    # the gate (not for the lanes config, whose backward recomputes y). The backward recomputes h inside each chunk
+    # from its start state: no (batch, dim, L, N) tensor.
+    ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, z, initial_state, u_b, delta_b, A_b, B_b, C_b, D_b,
+                          delta_bias_b, states, y_saved)
+    ctx.flags = (delta_softplus, divide_out, config)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dout, dlast_state, _dstates=None, _dy_saved=None):
+    (u, delta, A, B, C, D, delta_bias, z, initial_state, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b,
+     states, y_saved) = ctx.saved_tensors
+    delta_softplus, divide_out, config = ctx.flags
+    if states.numel() == 0:
+        raise RuntimeError("selective_scan (cuda): the forward ran without saving states for the backward")
+    dout = torch.zeros_like(u) if dout is None else dout.contiguous()
+    if dlast_state is not None:
+        dlast_state = dlast_state.contiguous()
+    g = torch.ops.matten_cuda.selective_scan_bwd(
+        dout, dlast_state, u, delta, A, B, C, D, delta_bias, z, initial_state, states, y_saved, u_b, delta_b,
+        A_b, B_b, C_b, D_b, delta_bias_b, delta_softplus, divide_out, config)
+    du, ddelta, dA, dB, dC, dD, dbias, dz, dinit, du_b, ddelta_b, dA_b, dB_b, dC_b, dD_b, dbias_b = g
+    opt = lambda grad, t: grad if t is not None else None  # noqa: E731
+    return (du, ddelta, dA, dB, dC, opt(dD, D), opt(dbias, delta_bias), opt(dz, z), opt(dinit, initial_state),
+            opt(du_b, u_b), opt(ddelta_b, delta_b), opt(dA_b, A_b), opt(dB_b, B_b), opt(dC_b, C_b),
+            opt(dD_b, D_b), opt(dbias_b, delta_bias_b), None, None, None, None)
+
+
+class _ScanFunction(torch.autograd.Function):
+    """Eager path over the same extension ops: the forward op called below the autograd dispatch key and this class as
+    its autograd node, instead of the custom op's Python autograd layer (``register_autograd``), whose per-call argument
+    handling cost ~0.3 ms of host time a fwd+bwd (H100 host, ``benchmarks/host_cuda_scan.py``). torch.compile and
+    dispatch modes (FlopCounterMode...) take the registered op (``use_custom_op``)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = torch.ops.matten_cuda.selective_scan_fwd.default(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output[0], output[1]
+
+    @staticmethod
+    def backward(ctx, dout, dlast_state):
+        return _backward(ctx, dout, dlast_state)
+
+
+def _scan_fwd(*args):
+    """(out, last_state) of the extension's forward op: the registered op or the eager autograd.Function."""
+    if use_custom_op():
+        return torch.ops.matten_cuda.selective_scan_fwd(*args)[:2]
+    return _ScanFunction.apply(*args)
 
 
 def _contig(t):
@@ -277,7 +308,7 @@ def cuda_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
     save = _needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state)
     cfg = _config(A, u.shape[-1])
     _check_forced_seq(cfg, u, B)
-    out, last_state, _, _ = torch.ops.matten_cuda.selective_scan_fwd(
+    out, last_state = _scan_fwd(
         u.contiguous(), delta.contiguous(), A.contiguous(), _grouped(B), _grouped(C), _contig(D), _contig(delta_bias),
         _contig(z), _contig(initial_state), None, None, None, None, None, None, None, bool(delta_softplus), False,
         save, cfg)
@@ -300,7 +331,7 @@ def cuda_bi_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     save = _needs_grad(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b)
     cfg = _config(A, u.shape[-1], bidirectional=True)
     _check_forced_seq(cfg, u, B, B_b)
-    out, _, _, _ = torch.ops.matten_cuda.selective_scan_fwd(
+    out, _ = _scan_fwd(
         u.contiguous(), delta.contiguous(), A.contiguous(), _grouped(B), _grouped(C), _contig(D), _contig(delta_bias),
         _contig(z), None, u_b.contiguous(), delta_b.contiguous(), A_b.contiguous(), _grouped(B_b), _grouped(C_b),
         _contig(D_b), _contig(delta_bias_b), bool(delta_softplus), bool(divide_out), save, cfg)
