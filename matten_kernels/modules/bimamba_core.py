@@ -40,10 +40,10 @@ def _scan_fwd(backend: str, args: dict, divide_out: bool, save: bool):
     """(y, saved tensors, config) on the chosen backend, without validation or autograd (inputs built by the mixer);
     ``save`` False (no backward will run) lets the CUDA forward skip its saved states."""
     if backend == "cuda":
-        from ..selective_scan.interface import _import_cuda
+        from ..selective_scan import cuda
 
         args["z"] = args["z"].contiguous()  # the extension takes contiguous tensors; saved for the backward too
-        y, (states, y_saved, cfg) = _import_cuda("BiMamba").bi_scan_fwd_raw(
+        y, (states, y_saved, cfg) = cuda.bi_scan_fwd_raw(
             *(args[k] for k in _SCAN_ARGS), True, divide_out, save)
         return y, (states, y_saved, args["z"]), cfg
     from ..selective_scan._ops import _bi_fwd
@@ -54,11 +54,10 @@ def _scan_fwd(backend: str, args: dict, divide_out: bool, save: bool):
 
 def _scan_bwd(backend: str, dy, args: dict, saved, cfg, divide_out: bool) -> dict:
     if backend == "cuda":
-        from ..selective_scan.interface import _import_cuda
+        from ..selective_scan import cuda
 
         states, y_saved, args["z"] = saved
-        return _import_cuda("BiMamba").bi_scan_bwd_raw(dy, *(args[k] for k in _SCAN_ARGS), (states, y_saved, cfg),
-                                                       True, divide_out)
+        return cuda.bi_scan_bwd_raw(dy, *(args[k] for k in _SCAN_ARGS), (states, y_saved, cfg), True, divide_out)
     from ..selective_scan._ops import _BI_GRAD_ORDER, _bi_bwd
 
     return dict(zip(_BI_GRAD_ORDER, _bi_bwd(dy, *(args[k] for k in _SCAN_ARGS), *saved, True, divide_out)))

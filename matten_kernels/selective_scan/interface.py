@@ -10,36 +10,19 @@ Semantics: SPEC.md section 2.
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 
 import torch
 import torch.nn.functional as F
 
 from .._backend import FLOAT_DTYPES, check_tensor, choose_backend
+from . import cuda
 from .reference import bi_selective_scan_ref, selective_scan_ref
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("triton", "cuda", "ref")
 MAX_DSTATE = 256
-
-_CUDA_NOT_BUILT = (
-    "{op}: backend='cuda' needs the CUDA extension in csrc/ (matten_kernels.selective_scan.cuda), which is not "
-    "available in this checkout yet. Use backend='triton' (CUDA tensors) or backend='ref'."
-)
-
-
-def _import_cuda(op: str):
-    """The CUDA backend's entry points; a clear error if ``cuda.py`` is not there (its own errors propagate)."""
-    try:
-        cuda_mod = importlib.import_module(__package__ + ".cuda")
-    except ModuleNotFoundError as e:
-        if e.name == __package__ + ".cuda":
-            raise NotImplementedError(_CUDA_NOT_BUILT.format(op=op)) from e
-        raise
-    return cuda_mod
-
 
 def _validate(op, u, delta, A, B, C, D, z, delta_bias, initial_state, suffix=""):
     """Check one direction's inputs against u; raise ValueError/TypeError naming the argument."""
@@ -114,7 +97,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                   initial_state=initial_state)
     if backend == "cuda":
-        return _import_cuda(op).cuda_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+        return cuda.cuda_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                                     return_last_state, initial_state=initial_state)
     from ._ops import triton_selective_scan
 
@@ -170,7 +153,7 @@ def bi_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         return bi_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend=backend,
                                  **kwargs)[..., :L]
     if backend == "cuda":
-        return _import_cuda(op).cuda_bi_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, **kwargs)
+        return cuda.cuda_bi_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, **kwargs)
     from ._ops import triton_bi_selective_scan
 
     return triton_bi_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, **kwargs)
