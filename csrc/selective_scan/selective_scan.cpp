@@ -361,14 +361,11 @@ std::vector<Tensor> selective_scan_bwd(
     DirGrads& g = grads[d];
     res.push_back(g.du);
     res.push_back(g.ddelta);
-    // One kernel each (host time counts at short sequences): a single part (the lanes kernels' atomics) is only cast
-    // (nothing at all in fp32).
-    const auto parts_sum = [](const Tensor& t) { return t.size(0) == 1 ? t.select(0, 0) : t.sum(0); };
-    res.push_back(g.dA_part.sum({0, 1}));
-    res.push_back(parts_sum(g.dB_part).to(dt));
-    res.push_back(parts_sum(g.dC_part).to(dt));
-    res.push_back(Ds[d]->has_value() ? g.dD_part.sum({0, 1}) : none);
-    res.push_back(biases[d]->has_value() ? g.dbias_part.sum({0, 1}) : none);
+    res.push_back(g.dA_part.sum(0).sum(0));
+    res.push_back(g.dB_part.sum(0).to(dt));
+    res.push_back(g.dC_part.sum(0).to(dt));
+    res.push_back(Ds[d]->has_value() ? g.dD_part.sum(0).sum(0) : none);
+    res.push_back(biases[d]->has_value() ? g.dbias_part.sum(0).sum(0) : none);
     if (d == 0) {
       res.push_back(dz);
       res.push_back(dinit);
