@@ -330,16 +330,50 @@ struct LanesScalars {
   int mode;
 };
 
+#ifndef LANES_PREFETCH
+#define LANES_PREFETCH 0
+#endif
+// LANES_PREFETCH (A/B, default 0; bit 0: the forward, bit 1: the backward): a full window's u, delta, state 0's B
+// and C (and, backward, dout) are loaded while the window before it runs. Offline (session 13) the window's first use of u comes ~16-30 instructions after
+// its load, so each window starts by waiting for DRAM.
+template <typename T>
+struct WindowRaw {
+  Raw8<T> u, delta, b0, c0, dout;  // dout: backward only
+};
+
+// Loads the full window i (scan order) of a direction into `next`; nothing for a partial window or i >= nwin.
+template <bool REV, bool BWD, typename T>
+__device__ __forceinline__ void prefetch_window(const LanesRows<T>& r, int i, int nwin, int lane, int L, bool vec,
+                                                WindowRaw<T>& next) {
+  if (i >= nwin) return;
+  const int w = REV ? nwin - 1 - i : i;
+  if (!vec || (w + 1) * kLanesWindow > L) return;
+  const int t0 = w * kLanesWindow + lane * kLanesSteps;
+  next.u = ld8<true>(r.u, t0, L);
+  next.delta = ld8<true>(r.delta, t0, L);
+  next.b0 = ld8<true>(r.B, t0, L);  // state 0: present for every N
+  next.c0 = ld8<true>(r.C, t0, L);
+  if constexpr (BWD) next.dout = ld8<true>(r.dout, t0, L);
+}
+
 // A window's per-step inputs: u, d (softplus, zero beyond L), d*u; the B/C loads of the first kLanesAhead states.
+// `pre`: u, delta and state 0's B/C already loaded (LANES_PREFETCH), else nullptr.
 template <bool FULL, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void window_begin(const LanesRows<T>& r, int t0, int L, int N, const LanesScalars& c,
                                              float (&uu)[kLanesSteps], float (&dt)[kLanesSteps],
-                                             float (&du)[kLanesSteps], Raw8<T> (&rb)[NMAX], Raw8<T> (&rc)[NMAX]) {
+                                             float (&du)[kLanesSteps], Raw8<T> (&rb)[NMAX], Raw8<T> (&rc)[NMAX],
+                                             const WindowRaw<T>* pre) {
 #pragma unroll
-  for (int k = 0; k < kLanesAhead && k < NMAX; ++k)
+  for (int k = pre ? 1 : 0; k < kLanesAhead && k < NMAX; ++k)
     rb[k] = ld8_state<FULL, EXACT>(r.B, k, N, t0, L), rc[k] = ld8_state<FULL, EXACT>(r.C, k, N, t0, L);
-  load8<FULL>(r.u, t0, L, uu);
-  load8<FULL>(r.delta, t0, L, dt);
+  if (pre) {
+    rb[0] = pre->b0, rc[0] = pre->c0;
+    unpack8(pre->u, uu);
+    unpack8(pre->delta, dt);
+  } else {
+    load8<FULL>(r.u, t0, L, uu);
+    load8<FULL>(r.delta, t0, L, dt);
+  }
   lanes_delta<FULL>(dt, c.bias, c.softplus, t0, L);
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) du[j] = dt[j] * uu[j];
@@ -370,11 +404,12 @@ __device__ __forceinline__ void state_begin(const LanesRows<T>& r, int n, int t0
 // One forward window. A2_l / h_l: lane n holds state n's A*log2(e) and carry.
 template <bool REV, bool FULL, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L, int N, int lane,
-                                           const LanesScalars& c, float A2_l, float& h_l) {
+                                           const LanesScalars& c, float A2_l, float& h_l,
+                                           const WindowRaw<T>* pre = nullptr) {
   using O = Order<REV>;
   float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], y[kLanesSteps];
   Raw8<T> rb[NMAX], rc[NMAX];
-  window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, rb, rc);
+  window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, rb, rc, pre);
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) y[j] = c.Dv * uu[j];
 #pragma unroll
@@ -429,12 +464,23 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
   float h_l = (lane < N && p.initial_state && !p.bidirectional) ? p.initial_state[row * N + lane] : 0.f;
   const LanesScalars c{dp.delta_bias ? dp.delta_bias[chan] : 0.f, dp.D ? dp.D[chan] : 0.f,
                        p.divide_out ? 0.5f : 1.f, (bool)p.delta_softplus, mode};
+#if LANES_PREFETCH & 1
+  WindowRaw<T> next{};
+  prefetch_window<REV, false>(rows, 0, nwin, lane, L, p.lanes_vec, next);
+#endif
   for (int i = 0; i < nwin; ++i) {
     const int w = REV ? nwin - 1 - i : i;
     const int t0 = w * kLanesWindow + lane * kLanesSteps;
     if (states && lane < N) states[(size_t)w * N + lane] = h_l;
+#if LANES_PREFETCH & 1
+    const WindowRaw<T> cur = next;  // this window's, when it is full
+    prefetch_window<REV, false>(rows, i + 1, nwin, lane, L, p.lanes_vec, next);
+    const WindowRaw<T>* pre = &cur;
+#else
+    const WindowRaw<T>* pre = nullptr;
+#endif
     if (p.lanes_vec && (w + 1) * kLanesWindow <= L)
-      fwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l);
+      fwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l, pre);
     else
       fwd_window_generic<REV, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l);
   }
@@ -463,13 +509,17 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_FWD_MINB) scan_fwd_lan
 template <bool REV, bool FULL, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L, int N, int lane,
                                            const LanesScalars& c, float A_l, float h0_l, float& r_l,
-                                           float (&dA)[NMAX], float& dD, float& dbias, float* xch, float* bxch) {
+                                           float (&dA)[NMAX], float& dD, float& dbias, float* xch, float* bxch,
+                                           const WindowRaw<T>* pre = nullptr) {
   using O = Order<REV>;
   float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], dy[kLanesSteps];
   float y[kLanesSteps], sgB[kLanesSteps], ddt[kLanesSteps];
   Raw8<T> rb[NMAX], rc[NMAX];
-  window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, rb, rc);
-  load8<FULL>(r.dout, t0, L, dy);
+  window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, rb, rc, pre);
+  if (pre)
+    unpack8(pre->dout, dy);
+  else
+    load8<FULL>(r.dout, t0, L, dy);
   if (r.z) {
     float zz[kLanesSteps];
     load8<FULL>(r.z, t0, L, zz);
@@ -601,12 +651,24 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
 #pragma unroll
   for (int n = 0; n < NMAX; ++n) dA[n] = 0.f;
 
+#if LANES_PREFETCH & 2
+  WindowRaw<T> next{};
+  prefetch_window<!REV, true>(rows, 0, nwin, lane, L, p.lanes_vec, next);  // windows against scan order
+#endif
   for (int i = 0; i < nwin; ++i) {
     const int w = REV ? i : nwin - 1 - i;
     const int t0 = w * kLanesWindow + lane * kLanesSteps;
     const float h0_l = lane < N ? states[(size_t)w * N + lane] : 0.f;
+#if LANES_PREFETCH & 2
+    const WindowRaw<T> cur = next;
+    prefetch_window<!REV, true>(rows, i + 1, nwin, lane, L, p.lanes_vec, next);
+    const WindowRaw<T>* pre = &cur;
+#else
+    const WindowRaw<T>* pre = nullptr;
+#endif
     if (p.lanes_vec && (w + 1) * kLanesWindow <= L)
-      bwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch, bxch);
+      bwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch, bxch,
+                                            pre);
     else
       bwd_window_generic<REV, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias);
   }
