@@ -111,6 +111,9 @@ __device__ __forceinline__ void store8(T* __restrict__ row, int t0, int L, const
 // dst[0..3] += v (global fp32, 16-byte aligned): one vector reduction on sm_90 (red.global.add.v4.f32; CUDA 13's
 // atomicAdd(float4*) compiles to four scalar atomics with returns and address-space checks), four scalar ones before.
 __device__ __forceinline__ void red_add4(float* dst, float4 v) {
+#ifdef LANES_PROBE_NO_RED  // timing probe only (wrong dB/dC): what the reductions cost
+  if (v.x != 12345.f) return;
+#endif
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(__cvta_generic_to_global(dst)), "f"(v.x),
                "f"(v.y), "f"(v.z), "f"(v.w)

@@ -117,7 +117,7 @@ def _load() -> None:
         name = "matten_selective_scan_cuda" + ("_" + hashlib.sha1(" ".join(extra).encode()).hexdigest()[:8] if extra else "")
         logger.info("selective_scan cuda: building the extension with ninja (first use; cached afterwards)")
         load(name=name, sources=[os.path.join(_CSRC, s) for s in SOURCES],
-             extra_cflags=["-O3"], extra_cuda_cflags=NVCC_FLAGS + extra, extra_include_paths=[_CSRC],
+             extra_cflags=["-O3"] + [f for f in extra if f.startswith("-D")], extra_cuda_cflags=NVCC_FLAGS + extra, extra_include_paths=[_CSRC],
              is_python_module=False, verbose=False)
     flat = list(torch.ops.matten_cuda.selective_scan_configs())
     _config_table = {i // 5: tuple(flat[i:i + 5]) for i in range(0, len(flat), 5)}
