@@ -361,23 +361,16 @@ std::vector<Tensor> selective_scan_bwd(
     DirGrads& g = grads[d];
     res.push_back(g.du);
     res.push_back(g.ddelta);
-#ifdef MATTEN_FUSED_PART_SUMS
-    // A/B (host time counts at short sequences): one kernel per reduced gradient; a single part (the lanes
-    // kernels' atomics) is only cast.
+    // One kernel per reduced gradient (host time counts at short sequences); a single part (the lanes kernels'
+    // atomics) is only cast. H100, global XL fwd+bwd 1.155 vs 1.175 ms (benchmarks/results/cuda-lanes-variants-
+    // NVIDIA-H100-80GB-HBM3-2308258-prefetch-nored-fps.json).
     const int64_t both[] = {0, 1};
-    const auto parts = [](const Tensor& t) -> Tensor { return t.size(0) == 1 ? t.select(0, 0) : t.sum(0); };
+    const auto sum_parts = [](const Tensor& t) -> Tensor { return t.size(0) == 1 ? t.select(0, 0) : t.sum(0); };
     res.push_back(g.dA_part.sum(both));
-    res.push_back(parts(g.dB_part).to(dt));
-    res.push_back(parts(g.dC_part).to(dt));
+    res.push_back(sum_parts(g.dB_part).to(dt));
+    res.push_back(sum_parts(g.dC_part).to(dt));
     res.push_back(Ds[d]->has_value() ? g.dD_part.sum(both) : none);
     res.push_back(biases[d]->has_value() ? g.dbias_part.sum(both) : none);
-#else
-    res.push_back(g.dA_part.sum(0).sum(0));
-    res.push_back(g.dB_part.sum(0).to(dt));
-    res.push_back(g.dC_part.sum(0).to(dt));
-    res.push_back(Ds[d]->has_value() ? g.dD_part.sum(0).sum(0) : none);
-    res.push_back(biases[d]->has_value() ? g.dbias_part.sum(0).sum(0) : none);
-#endif
     if (d == 0) {
       res.push_back(dz);
       res.push_back(dinit);

@@ -57,6 +57,24 @@ __device__ __forceinline__ void softplus_and_grad(float x, float& d, float& dd_d
   }
 }
 
+// softplus(x) in ~10 instructions (log1pf is ~20): log2(1 + 2^(x log2 e)) ln 2 for x >= -5 (relative error <= 1e-5
+// there, from the rounding of 1 + e), the series e - e^2/2 + e^3/3 below (e < 0.0068: truncation error < 1e-7
+// relative), x itself above 20 (as the reference).
+__device__ __forceinline__ float fast_softplus(float x) {
+  const float e = fast_exp2(x * kLog2e);
+  float l;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(l) : "f"(1.f + e));
+  const float series = e * fmaf(e, fmaf(e, 1.f / 3.f, -0.5f), 1.f);
+  return x > 20.f ? x : (x < -5.f ? series : l * 0.69314718055994531f);
+}
+
+// sigmoid with the approximate reciprocal (the IEEE one has a slow path: a call per element).
+__device__ __forceinline__ float fast_sigmoid(float x) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.f + fast_exp2(-x * kLog2e)));
+  return r;
+}
+
 // (B, C) of this thread's NPT adjacent states n = k*NPT + i at step j of a [CHUNK][NP + 2] float2 tile; pairs
 // are read as one 16-byte load (rows are 16-byte multiples: NP is even or NPT is 1).
 template <int NPT, int ROW>

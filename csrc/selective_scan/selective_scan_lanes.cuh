@@ -25,6 +25,8 @@
 
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "selective_scan_common.cuh"
 
 namespace matten_scan {
@@ -67,11 +69,30 @@ __device__ __forceinline__ Raw8<T> ld8(const T* __restrict__ row, int t0, int L,
   return r;
 }
 
+// K elements packed in 32-bit words -> fp32. bf16: one instruction an element (a shift or a mask; to_float of
+// the high half of a word took two: PRMT + SHF).
+template <typename T, int K>
+__device__ __forceinline__ void unpack_words(const uint32_t* w, float (&v)[K]) {
+  if constexpr (sizeof(T) == 4) {
+#pragma unroll
+    for (int j = 0; j < K; ++j) v[j] = __uint_as_float(w[j]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < K / 2; ++i) {
+      if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+        v[2 * i] = __uint_as_float(w[i] << 16);
+        v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+      } else {
+        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(w + i));
+        v[2 * i] = f.x, v[2 * i + 1] = f.y;
+      }
+    }
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ void unpack8(const Raw8<T>& r, float (&v)[kLanesSteps]) {
-  const T* e = reinterpret_cast<const T*>(&r);
-#pragma unroll
-  for (int j = 0; j < kLanesSteps; ++j) v[j] = to_float(e[j]);
+  unpack_words<T>(reinterpret_cast<const uint32_t*>(&r), v);
 }
 
 template <bool FULL, typename T>
@@ -333,50 +354,16 @@ struct LanesScalars {
   int mode;
 };
 
-#ifndef LANES_PREFETCH
-#define LANES_PREFETCH 0
-#endif
-// LANES_PREFETCH (A/B, default 0; bit 0: the forward, bit 1: the backward): a full window's u, delta, state 0's B
-// and C (and, backward, dout) are loaded while the window before it runs. Offline (session 13) the window's first use of u comes ~16-30 instructions after
-// its load, so each window starts by waiting for DRAM.
-template <typename T>
-struct WindowRaw {
-  Raw8<T> u, delta, b0, c0, dout;  // dout: backward only
-};
-
-// Loads the full window i (scan order) of a direction into `next`; nothing for a partial window or i >= nwin.
-template <bool REV, bool BWD, typename T>
-__device__ __forceinline__ void prefetch_window(const LanesRows<T>& r, int i, int nwin, int lane, int L, bool vec,
-                                                WindowRaw<T>& next) {
-  if (i >= nwin) return;
-  const int w = REV ? nwin - 1 - i : i;
-  if (!vec || (w + 1) * kLanesWindow > L) return;
-  const int t0 = w * kLanesWindow + lane * kLanesSteps;
-  next.u = ld8<true>(r.u, t0, L);
-  next.delta = ld8<true>(r.delta, t0, L);
-  next.b0 = ld8<true>(r.B, t0, L);  // state 0: present for every N
-  next.c0 = ld8<true>(r.C, t0, L);
-  if constexpr (BWD) next.dout = ld8<true>(r.dout, t0, L);
-}
-
 // A window's per-step inputs: u, d (softplus, zero beyond L), d*u; the B/C loads of the first kLanesAhead states.
-// `pre`: u, delta and state 0's B/C already loaded (LANES_PREFETCH), else nullptr.
 template <bool FULL, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void window_begin(const LanesRows<T>& r, int t0, int L, int N, const LanesScalars& c,
                                              float (&uu)[kLanesSteps], float (&dt)[kLanesSteps],
-                                             float (&du)[kLanesSteps], Raw8<T> (&rb)[NMAX], Raw8<T> (&rc)[NMAX],
-                                             const WindowRaw<T>* pre) {
+                                             float (&du)[kLanesSteps], Raw8<T> (&rb)[NMAX], Raw8<T> (&rc)[NMAX]) {
 #pragma unroll
-  for (int k = pre ? 1 : 0; k < kLanesAhead && k < NMAX; ++k)
+  for (int k = 0; k < kLanesAhead && k < NMAX; ++k)
     rb[k] = ld8_state<FULL, EXACT>(r.B, k, N, t0, L), rc[k] = ld8_state<FULL, EXACT>(r.C, k, N, t0, L);
-  if (pre) {
-    rb[0] = pre->b0, rc[0] = pre->c0;
-    unpack8(pre->u, uu);
-    unpack8(pre->delta, dt);
-  } else {
-    load8<FULL>(r.u, t0, L, uu);
-    load8<FULL>(r.delta, t0, L, dt);
-  }
+  load8<FULL>(r.u, t0, L, uu);
+  load8<FULL>(r.delta, t0, L, dt);
   lanes_delta<FULL>(dt, c.bias, c.softplus, t0, L);
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) du[j] = dt[j] * uu[j];
@@ -407,12 +394,11 @@ __device__ __forceinline__ void state_begin(const LanesRows<T>& r, int n, int t0
 // One forward window. A2_l / h_l: lane n holds state n's A*log2(e) and carry.
 template <bool REV, bool FULL, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L, int N, int lane,
-                                           const LanesScalars& c, float A2_l, float& h_l,
-                                           const WindowRaw<T>* pre = nullptr) {
+                                           const LanesScalars& c, float A2_l, float& h_l) {
   using O = Order<REV>;
   float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], y[kLanesSteps];
   Raw8<T> rb[NMAX], rc[NMAX];
-  window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, rb, rc, pre);
+  window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, rb, rc);
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) y[j] = c.Dv * uu[j];
 #pragma unroll
@@ -454,6 +440,175 @@ __device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, in
   fwd_window<REV, false, false, T, NMAX>(r, t0, L, N, lane, c, A2_l, h_l);
 }
 
+#ifndef LANES_PAIR
+#define LANES_PAIR 1
+#endif
+#ifndef LANES_PAIR_SUMEXP
+#define LANES_PAIR_SUMEXP 1
+#endif
+#ifndef LANES_PAIR_AHEAD
+#define LANES_PAIR_AHEAD 2
+#endif
+// The forward's full windows of a 16-bit dtype, "pair" layout (LANES_PAIR, default on): two states a round, one per
+// half-warp, and 16 steps a lane (lane l: half l / 16 scans state 2k + l / 16 of round k over steps 16 (l % 16) ..
+// +15 of the window). Against 8 steps and one state a round: the same exps and loads, a 4-level scan per 16 steps
+// instead of 5 per 8 (fewer instructions an element), and two independent scan chains in flight (the forward is
+// bound by their latency). The window layout, saved states and carries (lane n: state n) are those of fwd_window,
+// so partial windows and the backward are unchanged; the two halves' y are summed through one exchange at the end.
+constexpr int kPairSteps = 16;
+constexpr int kPairAhead = LANES_PAIR_AHEAD;  // rounds whose B/C loads are in flight while one is computed
+
+template <typename T>
+struct Raw16 {
+  uint4 v[2];
+};
+
+template <typename T>
+__device__ __forceinline__ Raw16<T> ld16(const T* __restrict__ row, int t0) {
+  static_assert(sizeof(T) == 2, "the pair layout is for 16-bit dtypes");
+  Raw16<T> r;
+  r.v[0] = reinterpret_cast<const uint4*>(row + t0)[0];
+  r.v[1] = reinterpret_cast<const uint4*>(row + t0)[1];
+  return r;
+}
+
+template <typename T>
+__device__ __forceinline__ void unpack16(const Raw16<T>& r, float (&v)[kPairSteps]) {
+  unpack_words<T>(reinterpret_cast<const uint32_t*>(&r), v);
+}
+
+// Row s of B or C at t0 (zero for s >= N unless EXACT).
+template <bool EXACT, typename T>
+__device__ __forceinline__ Raw16<T> ld16_state(const T* __restrict__ base, int s, int N, int t0, int L) {
+  if constexpr (EXACT) return ld16(base + (size_t)s * L, t0);
+  const bool ok = s < N;
+  Raw16<T> r = ld16(base + (size_t)(ok ? s : 0) * L, t0);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) r.v[i] = ok ? r.v[i] : make_uint4(0u, 0u, 0u, 0u);
+  return r;
+}
+
+// One full forward window in the pair layout; wbase: the window's first step.
+template <bool REV, bool EXACT, typename T, int NMAX>
+__device__ __forceinline__ void fwd_window_pair(const LanesRows<T>& r, int wbase, int L, int N, int lane,
+                                                const LanesScalars& c, float A2_l, float& h_l) {
+  static_assert(NMAX % 2 == 0, "two states a round");
+  constexpr int S = kPairSteps, R = NMAX / 2;
+  constexpr int first = REV ? 15 : 0, last = REV ? 0 : 15;  // within a half
+  const int hf = lane >> 4, q = lane & 15;
+  const int t0 = wbase + q * S;
+  const auto step = [](int k) { return REV ? S - 1 - k : k; };
+  const auto prev = [](float v, int off) {  // the lane `off` places earlier in scan order, within the half
+    return REV ? __shfl_down_sync(kFull, v, off, 16) : __shfl_up_sync(kFull, v, off, 16);
+  };
+  Raw16<T> rb[R], rc[R];
+#pragma unroll
+  for (int k = 0; k < kPairAhead && k < R; ++k)
+    rb[k] = ld16_state<EXACT>(r.B, 2 * k + hf, N, t0, L), rc[k] = ld16_state<EXACT>(r.C, 2 * k + hf, N, t0, L);
+  float dt[S], du[S], y[S];
+  {
+    // d: softplus once an element (this half's 8 steps, the other 8 from the other half)
+    float dh[kLanesSteps];
+    load8<true>(r.delta, t0 + hf * kLanesSteps, L, dh);
+#pragma unroll
+    for (int i = 0; i < kLanesSteps; ++i) {
+      const float x = dh[i] + c.bias;
+      dh[i] = c.softplus ? fast_softplus(x) : x;
+    }
+#pragma unroll
+    for (int i = 0; i < kLanesSteps; ++i) {
+      const float other = __shfl_xor_sync(kFull, dh[i], 16);
+      dt[i] = hf ? other : dh[i];
+      dt[kLanesSteps + i] = hf ? dh[i] : other;
+    }
+    float uu[S];
+    unpack16(ld16(r.u, t0), uu);
+    const float Dh = hf ? 0.f : c.Dv;  // D u once: in the first half's part of y
+#pragma unroll
+    for (int j = 0; j < S; ++j) {
+      du[j] = dt[j] * uu[j];
+      y[j] = Dh * uu[j];
+    }
+  }
+#if LANES_PAIR_SUMEXP
+  float sdt = 0.f;  // the lane's decay of state n over its 16 steps: one exp2 of A_n log2(e) sum d (not 16 products)
+#pragma unroll
+  for (int j = 0; j < S; ++j) sdt += dt[j];
+#endif
+#pragma unroll
+  for (int k = 0; k < R; ++k) {
+    const int s = 2 * k + hf;
+    if (k + kPairAhead < R)
+      rb[k + kPairAhead] = ld16_state<EXACT>(r.B, s + 2 * kPairAhead, N, t0, L),
+      rc[k + kPairAhead] = ld16_state<EXACT>(r.C, s + 2 * kPairAhead, N, t0, L);
+    const float A2 = __shfl_sync(kFull, A2_l, s);
+    const float carry = __shfl_sync(kFull, h_l, s);
+    float Bv[S], a[S], x[S], xa = 0.f;
+#if LANES_PAIR_SUMEXP
+    float pa = fast_exp2(sdt * A2);
+#else
+    float pa = 1.f;
+#endif
+    unpack16(rb[k], Bv);
+#pragma unroll
+    for (int i = 0; i < S; ++i) {
+      const int j = step(i);
+      a[j] = fast_exp2(dt[j] * A2);
+      x[j] = du[j] * Bv[j];
+      xa = fmaf(a[j], xa, x[j]);
+#if !LANES_PAIR_SUMEXP
+      pa *= a[j];
+#endif
+    }
+#pragma unroll
+    for (int off = 1; off < 16; off <<= 1) {
+      const float pp = prev(pa, off), xp = prev(xa, off);
+      if (REV ? q + off < 16 : q >= off) {
+        xa = fmaf(pa, xp, xa);
+        pa *= pp;
+      }
+    }
+    const float h_out = fmaf(pa, carry, xa);  // the state after this lane's steps
+    float hh = prev(h_out, 1);
+    if (q == first) hh = carry;
+    // the states leaving the window: lanes 2k and 2k + 1 take those of state 2k (first half) and 2k + 1 (second)
+    const float leave = __shfl_sync(kFull, h_out, (lane & 1) * 16 + last);
+    if ((lane >> 1) == k) h_l = leave;
+    float Cv[S];
+    unpack16(rc[k], Cv);
+#pragma unroll
+    for (int i = 0; i < S; ++i) {
+      const int j = step(i);
+      hh = fmaf(a[j], hh, x[j]);
+      y[j] = fmaf(Cv[j], hh, y[j]);
+    }
+  }
+  // the halves' parts summed: the first half keeps (and stores) steps 0..7 of its 16, the second 8..15
+  float yo[kLanesSteps];
+#pragma unroll
+  for (int i = 0; i < kLanesSteps; ++i) {
+    const float other = __shfl_xor_sync(kFull, hf ? y[i] : y[kLanesSteps + i], 16);
+    yo[i] = (hf ? y[kLanesSteps + i] : y[i]) + other;
+  }
+  const int to = t0 + hf * kLanesSteps;
+  if (c.mode == kToWs) {
+    ws_store8<true>(r.ws, to, L, yo);
+    return;
+  }
+  if (c.mode == kAddWs) {
+    ws_add8<true>(r.ws, to, L, yo);
+#pragma unroll
+    for (int j = 0; j < kLanesSteps; ++j) yo[j] *= c.scale;
+  }
+  if (r.z) {
+    float zz[kLanesSteps];
+    load8<true>(r.z, to, L, zz);
+#pragma unroll
+    for (int j = 0; j < kLanesSteps; ++j) yo[j] *= zz[j] * fast_sigmoid(zz[j]);
+  }
+  store8<true>(r.out, to, L, yo);
+}
+
 // One direction of the forward over the whole row: windows in scan order, the state entering each saved.
 template <bool REV, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b, int chan, int lane, int mode) {
@@ -467,25 +622,16 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
   float h_l = (lane < N && p.initial_state && !p.bidirectional) ? p.initial_state[row * N + lane] : 0.f;
   const LanesScalars c{dp.delta_bias ? dp.delta_bias[chan] : 0.f, dp.D ? dp.D[chan] : 0.f,
                        p.divide_out ? 0.5f : 1.f, (bool)p.delta_softplus, mode};
-#if LANES_PREFETCH & 1
-  WindowRaw<T> next{};
-  prefetch_window<REV, false>(rows, 0, nwin, lane, L, p.lanes_vec, next);
-#endif
   for (int i = 0; i < nwin; ++i) {
     const int w = REV ? nwin - 1 - i : i;
     const int t0 = w * kLanesWindow + lane * kLanesSteps;
     if (states && lane < N) states[(size_t)w * N + lane] = h_l;
-#if LANES_PREFETCH & 1
-    const WindowRaw<T> cur = next;  // this window's, when it is full
-    prefetch_window<REV, false>(rows, i + 1, nwin, lane, L, p.lanes_vec, next);
-    const WindowRaw<T>* pre = &cur;
-#else
-    const WindowRaw<T>* pre = nullptr;
-#endif
-    if (p.lanes_vec && (w + 1) * kLanesWindow <= L)
-      fwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l, pre);
-    else
+    if (!p.lanes_vec || (w + 1) * kLanesWindow > L)
       fwd_window_generic<REV, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l);
+    else if constexpr (LANES_PAIR && sizeof(T) == 2)
+      fwd_window_pair<REV, EXACT, T, NMAX>(rows, w * kLanesWindow, L, N, lane, c, A2_l, h_l);
+    else
+      fwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l);
   }
   if (p.last_state && lane < N) p.last_state[row * N + lane] = h_l;
 }
@@ -512,17 +658,13 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_FWD_MINB) scan_fwd_lan
 template <bool REV, bool FULL, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L, int N, int lane,
                                            const LanesScalars& c, float A_l, float h0_l, float& r_l,
-                                           float (&dA)[NMAX], float& dD, float& dbias, float* xch, float* bxch,
-                                           const WindowRaw<T>* pre = nullptr) {
+                                           float (&dA)[NMAX], float& dD, float& dbias, float* xch, float* bxch) {
   using O = Order<REV>;
   float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], dy[kLanesSteps];
   float y[kLanesSteps], sgB[kLanesSteps], ddt[kLanesSteps];
   Raw8<T> rb[NMAX], rc[NMAX];
-  window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, rb, rc, pre);
-  if (pre)
-    unpack8(pre->dout, dy);
-  else
-    load8<FULL>(r.dout, t0, L, dy);
+  window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, rb, rc);
+  load8<FULL>(r.dout, t0, L, dy);
   if (r.z) {
     float zz[kLanesSteps];
     load8<FULL>(r.z, t0, L, zz);
@@ -654,24 +796,12 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
 #pragma unroll
   for (int n = 0; n < NMAX; ++n) dA[n] = 0.f;
 
-#if LANES_PREFETCH & 2
-  WindowRaw<T> next{};
-  prefetch_window<!REV, true>(rows, 0, nwin, lane, L, p.lanes_vec, next);  // windows against scan order
-#endif
   for (int i = 0; i < nwin; ++i) {
     const int w = REV ? i : nwin - 1 - i;
     const int t0 = w * kLanesWindow + lane * kLanesSteps;
     const float h0_l = lane < N ? states[(size_t)w * N + lane] : 0.f;
-#if LANES_PREFETCH & 2
-    const WindowRaw<T> cur = next;
-    prefetch_window<!REV, true>(rows, i + 1, nwin, lane, L, p.lanes_vec, next);
-    const WindowRaw<T>* pre = &cur;
-#else
-    const WindowRaw<T>* pre = nullptr;
-#endif
     if (p.lanes_vec && (w + 1) * kLanesWindow <= L)
-      bwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch, bxch,
-                                            pre);
+      bwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch, bxch);
     else
       bwd_window_generic<REV, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias);
   }

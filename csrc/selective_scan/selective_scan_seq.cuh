@@ -44,24 +44,6 @@ __device__ __forceinline__ SeqVec<T, E> seq_load(const T* __restrict__ p) {
   return *reinterpret_cast<const SeqVec<T, E>*>(p);
 }
 
-// softplus(x) in ~10 instructions (log1pf is ~20): log2(1 + 2^(x log2 e)) ln 2 for x >= -5 (relative error <= 1e-5
-// there, from the rounding of 1 + e), the series e - e^2/2 + e^3/3 below (e < 0.0068: truncation error < 1e-7
-// relative), x itself above 20 (as the reference).
-__device__ __forceinline__ float seq_softplus(float x) {
-  const float e = fast_exp2(x * kLog2e);
-  float l;
-  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(l) : "f"(1.f + e));
-  const float series = e * fmaf(e, fmaf(e, 1.f / 3.f, -0.5f), 1.f);
-  return x > 20.f ? x : (x < -5.f ? series : l * 0.69314718055994531f);
-}
-
-// sigmoid with the approximate reciprocal (the IEEE one has a slow path: a call per element).
-__device__ __forceinline__ float seq_sigmoid(float x) {
-  float r;
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.f + fast_exp2(-x * kLog2e)));
-  return r;
-}
-
 template <int NPT>
 struct SeqShape {
   static constexpr int TPC = kSeqN / NPT;         // lanes per channel
@@ -138,7 +120,7 @@ __device__ __forceinline__ void seq_fwd_chunks(const ScanParams& p, const SeqRow
       uu[e] = to_float(raw.u.v[e]);
       zz[e] = gate ? to_float(raw.z.v[e]) : 0.f;
       float d = to_float(raw.dt.v[e]) + bias;
-      if (softplus) d = seq_softplus(d);
+      if (softplus) d = fast_softplus(d);
       s.ddu[cw][k * EPL + e] = make_float2(d, d * uu[e]);
     }
 #pragma unroll
@@ -197,7 +179,7 @@ __device__ __forceinline__ void seq_fwd_chunks(const ScanParams& p, const SeqRow
     }
     SeqVec<T, EPL> o;
 #pragma unroll
-    for (int e = 0; e < EPL; ++e) o.v[e] = from_float<T>(gate ? y[e] * zz[e] * seq_sigmoid(zz[e]) : y[e]);
+    for (int e = 0; e < EPL; ++e) o.v[e] = from_float<T>(gate ? y[e] * zz[e] * fast_sigmoid(zz[e]) : y[e]);
     *reinterpret_cast<SeqVec<T, EPL>*>(r.out + t) = o;
   }
 }
