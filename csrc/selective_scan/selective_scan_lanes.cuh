@@ -213,14 +213,15 @@ __device__ __forceinline__ void block_flush(float* dB_row, float* dC_row, int wb
   red_add4(dst, acc);
 }
 
-// d = softplus(delta + bias) (optional); d = 0 beyond L (the state then holds).
+// d = softplus(delta + bias) (optional); d = 0 beyond L (the state then holds). The lanes kernels use the MUFU
+// softplus and sigmoid (fast_softplus / fast_sigmoid: ~10 and 4 instructions against ~25 for log1pf and the IEEE
+// reciprocal) in the forward and the backward alike, so the backward recomputes the forward's d exactly.
 template <bool FULL>
 __device__ __forceinline__ void lanes_delta(float (&dt)[kLanesSteps], float bias, bool softplus, int t0, int L) {
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) {
     const float x = dt[j] + bias;
-    float d = x, unused;
-    if (softplus) softplus_and_grad(x, d, unused);
+    const float d = softplus ? fast_softplus(x) : x;
     dt[j] = (FULL || t0 + j < L) ? d : 0.f;
   }
 }
@@ -428,7 +429,7 @@ __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L,
     float zz[kLanesSteps];
     load8<FULL>(r.z, t0, L, zz);
 #pragma unroll
-    for (int j = 0; j < kLanesSteps; ++j) y[j] *= zz[j] * sigmoid(zz[j]);
+    for (int j = 0; j < kLanesSteps; ++j) y[j] *= zz[j] * fast_sigmoid(zz[j]);
   }
   store8<FULL>(r.out, t0, L, y);
 }
@@ -449,12 +450,16 @@ __device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, in
 #ifndef LANES_PAIR_AHEAD
 #define LANES_PAIR_AHEAD 2
 #endif
-// The forward's full windows of a 16-bit dtype, "pair" layout (LANES_PAIR, default on): two states a round, one per
-// half-warp, and 16 steps a lane (lane l: half l / 16 scans state 2k + l / 16 of round k over steps 16 (l % 16) ..
-// +15 of the window). Against 8 steps and one state a round: the same exps and loads, a 4-level scan per 16 steps
-// instead of 5 per 8 (fewer instructions an element), and two independent scan chains in flight (the forward is
-// bound by their latency). The window layout, saved states and carries (lane n: state n) are those of fwd_window,
-// so partial windows and the backward are unchanged; the two halves' y are summed through one exchange at the end.
+// The forward's full windows of a 16-bit dtype, "pair" layout: two states a round, one per half-warp, and 16 steps a
+// lane (lane l: half l / 16 scans state 2k + l / 16 of round k over steps 16 (l % 16) .. +15 of the window). Against
+// 8 steps and one state a round: the same exps and loads, a 4-level scan per 16 steps instead of 5 per 8 (23% fewer
+// SASS instructions a window offline), two independent scan chains in flight. The window layout, saved states and
+// carries (lane n: state n) are those of fwd_window, so partial windows and the backward are unchanged; the two
+// halves' y are summed through one exchange at the end.
+// LANES_PAIR: 1 (default) the bidirectional forward only, 2 also the unidirectional one, 0 never. H100, bf16, fwd
+// ms pair / 8-step layout in one call (benchmarks/results/cuda-lanes-variants-NVIDIA-H100-80GB-HBM3-60eaed8-pair.json):
+// bi global XL 0.583 / 0.661, bi long 1.437 / 1.663; but uni global XL 0.277 / 0.255, long 0.698 / 0.640 (fewer
+// instructions, issued at a lower rate: not explained without a profiler).
 constexpr int kPairSteps = 16;
 constexpr int kPairAhead = LANES_PAIR_AHEAD;  // rounds whose B/C loads are in flight while one is computed
 
@@ -609,8 +614,9 @@ __device__ __forceinline__ void fwd_window_pair(const LanesRows<T>& r, int wbase
   store8<true>(r.out, to, L, yo);
 }
 
-// One direction of the forward over the whole row: windows in scan order, the state entering each saved.
-template <bool REV, bool EXACT, typename T, int NMAX>
+// One direction of the forward over the whole row: windows in scan order, the state entering each saved. PAIR: full
+// windows of a 16-bit dtype in the pair layout.
+template <bool REV, bool EXACT, bool PAIR, typename T, int NMAX>
 __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b, int chan, int lane, int mode) {
   const DirParams& dp = p.dir[d];
   const int L = p.L, N = p.N;
@@ -628,7 +634,7 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
     if (states && lane < N) states[(size_t)w * N + lane] = h_l;
     if (!p.lanes_vec || (w + 1) * kLanesWindow > L)
       fwd_window_generic<REV, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l);
-    else if constexpr (LANES_PAIR && sizeof(T) == 2)
+    else if constexpr (PAIR && sizeof(T) == 2)
       fwd_window_pair<REV, EXACT, T, NMAX>(rows, w * kLanesWindow, L, N, lane, c, A2_l, h_l);
     else
       fwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l);
@@ -645,10 +651,10 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_FWD_MINB) scan_fwd_lan
   const int b = blockIdx.x;  // batch rows first: warps running together add dB/dC into different rows
   if (chan >= p.dim) return;  // a whole warp; no block-level synchronisation below
   if constexpr (BI) {
-    fwd_direction<true, EXACT, T, NMAX>(p, 1, b, chan, lane, kToWs);
-    fwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kAddWs);
+    fwd_direction<true, EXACT, (LANES_PAIR >= 1), T, NMAX>(p, 1, b, chan, lane, kToWs);
+    fwd_direction<false, EXACT, (LANES_PAIR >= 1), T, NMAX>(p, 0, b, chan, lane, kAddWs);
   } else {
-    fwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kUni);
+    fwd_direction<false, EXACT, (LANES_PAIR >= 2), T, NMAX>(p, 0, b, chan, lane, kUni);
   }
 }
 
@@ -669,7 +675,7 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
     float zz[kLanesSteps];
     load8<FULL>(r.z, t0, L, zz);
 #pragma unroll
-    for (int j = 0; j < kLanesSteps; ++j) dy[j] *= zz[j] * sigmoid(zz[j]);
+    for (int j = 0; j < kLanesSteps; ++j) dy[j] *= zz[j] * fast_sigmoid(zz[j]);
   }
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) {
@@ -743,8 +749,7 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
   load8<FULL>(r.delta, t0, L, raw);
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) {
-    float d, sig = 1.f;
-    if (c.softplus) softplus_and_grad(raw[j] + c.bias, d, sig);
+    const float sig = c.softplus ? fast_sigmoid(raw[j] + c.bias) : 1.f;  // d softplus / dx
     du_o[j] = fmaf(dt[j], sgB[j], c.Dv * dy[j]);
     dd_o[j] = (FULL || t0 + j < L) ? fmaf(uu[j], sgB[j], ddt[j]) * sig : 0.f;
     dD = fmaf(dy[j], uu[j], dD);
@@ -763,7 +768,7 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
     load8<FULL>(r.dout, t0, L, go);
 #pragma unroll
     for (int j = 0; j < kLanesSteps; ++j) {
-      const float sg = sigmoid(zz[j]);
+      const float sg = fast_sigmoid(zz[j]);
       dzv[j] = go[j] * y[j] * c.scale * sg * (1.f + zz[j] * (1.f - sg));
     }
     store8<FULL>(r.dz, t0, L, dzv);
