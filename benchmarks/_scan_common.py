@@ -72,6 +72,40 @@ def bench(fn, grad_to_none=None):
     return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
 
 
+def graphed_ms(fn, leaves=()):
+    """Median ms of `fn` (fwd or fwd+bwd) captured once into a CUDA graph and replayed: the device's time alone, with
+    no host launch overhead (eager medians of host-bound calls are the host's). `leaves`' grads are reset to None
+    before the capture, so the backward writes them into the graph's pool on every replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            for t in leaves:
+                t.grad = None
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    for t in leaves:
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    ms = bench(graph.replay)
+    del graph
+    return ms
+
+
+def host_ms(fn, calls=10):
+    """Host ms per call, not waiting for the device (few enough calls that the launch queue does not fill)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    ms = (time.perf_counter() - t0) / calls * 1e3
+    torch.cuda.synchronize()
+    return ms
+
+
 def peak_mem_mb(fn):
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()

@@ -1,7 +1,7 @@
 """Bidirectional scan and BiMamba mixer benchmark (issue 3): fwd and fwd+bwd medians, peak memory.
 
     PYTHONPATH=. python benchmarks/bench_bidirectional.py [--dtypes bf16] [--shapes ...] [--mamba-build DIR]
-        [--no-mixer] [--commit SHA]
+        [--no-mixer] [--cudagraph] [--commit SHA]
 
 Op rows (Vim v2: every *_b input distinct; bf16; delta_softplus, D, delta_bias, no z as the SPEC anchors):
   ours           bi_selective_scan, both directions in one launch, no flipped copies
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _scan_common import (ANCHORS, DTYPES, SHAPES, bench, env_info, floor_ms, mamba_provider,  # noqa: E402
-                          peak_mem_mb, print_table, scan_inputs, write_results)
+from _scan_common import (ANCHORS, DTYPES, SHAPES, bench, env_info, floor_ms, graphed_ms, host_ms,  # noqa: E402
+                          mamba_provider, peak_mem_mb, print_table, scan_inputs, write_results)
 
 from matten_kernels import bi_selective_scan, selective_scan  # noqa: E402
 
@@ -164,6 +164,9 @@ def run_mixer_shape(args, rows, sname, BiMamba, VimBiMamba, why):
 
             row["fwdbwd_ms"] = round(bench(fb, grad_to_none=leaves), 4)
             row["peak_MB"] = round(peak_mem_mb(fb), 1)
+            if args.cudagraph:
+                row["host_fwdbwd_ms"] = round(host_ms(fb), 4)
+                row["graph_fwdbwd_ms"] = round(graphed_ms(fb, leaves), 4)
         except Exception as e:  # noqa: BLE001
             row["error"] = f"{type(e).__name__}: {str(e)[:100]}"
         os.environ.pop("MATTEN_SCAN_FWD_KERNEL", None)
@@ -179,6 +182,8 @@ if __name__ == "__main__":
     p.add_argument("--no-mixer", action="store_true")
     p.add_argument("--mixer-shapes", default="global XL", help='e.g. "global XL,spatial XL"')
     p.add_argument("--no-cuda", action="store_true", help="leave out our CUDA backend (its first use builds it)")
+    p.add_argument("--cudagraph", action="store_true",
+                   help="mixer rows: also the host ms per eager fwd+bwd call and the fwd+bwd median in a CUDA graph")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -190,4 +195,4 @@ if __name__ == "__main__":
         run_mixer(args, rows)
     print(f"results: {write_results('bench_bidirectional', rows, info, args.out)}")
     print_table(rows, ["dtype", "shape", "provider", "fwd_ms", "fwdbwd_ms", "anchor_fwd", "anchor_fwdbwd",
-                       "fwd_floor_frac", "fwdbwd_floor_frac", "peak_MB", "error"])
+                       "fwd_floor_frac", "fwdbwd_floor_frac", "peak_MB", "host_fwdbwd_ms", "graph_fwdbwd_ms", "error"])
