@@ -43,7 +43,7 @@ from ..conv1d import (bi_depthwise_conv1d_silu, bi_depthwise_conv1d_silu_ref, de
                       depthwise_conv1d_silu_ref)
 from ..selective_scan import bi_selective_scan, bi_selective_scan_ref, selective_scan, selective_scan_ref
 from ..selective_scan import interface as scan_interface
-from .bimamba_core import BiMambaCore
+from .bimamba_core import BiMambaCore, ssm_param
 from .channel_linear import channel_linear
 
 logger = logging.getLogger("matten_kernels")
@@ -55,11 +55,6 @@ def _s4d_real_A_log(d_inner: int, d_state: int, device=None) -> torch.Tensor:
     """S4D-real initialisation: A = -(1, 2, ..., d_state) for every channel, stored as log(-A) in fp32."""
     A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(d_inner, 1)  # (d_inner, d_state)
     return torch.log(A)
-
-
-def _fp32(p: torch.Tensor) -> torch.Tensor:
-    """An SSM parameter as the scan wants it: fp32 (kept fp64 for fp64 modules, which tests use on the slow path)."""
-    return p if p.dtype == torch.float64 else p.float()
 
 
 class BiMamba(nn.Module):
@@ -205,12 +200,10 @@ class BiMamba(nn.Module):
         E, N, R = self.d_inner, self.d_state, self.dt_rank
         xz = channel_linear(hidden_states, self.in_proj.weight, self.in_proj.bias, transpose_in=True)  # (batch, 2E, L)
         if fast and self._fused_core(xz):
-            cast = lambda w: w.to(xz.dtype)  # noqa: E731  (the compute dtype, as channel_linear casts)
             y = BiMambaCore.apply(
-                xz, self.conv1d.weight[:, 0, :], self.conv1d.bias, self.conv1d_b.weight[:, 0, :], self.conv1d_b.bias,
-                cast(self.x_proj.weight), cast(self.x_proj_b.weight), cast(self.dt_proj.weight),
-                cast(self.dt_proj_b.weight), -torch.exp(_fp32(self.A_log)), -torch.exp(_fp32(self.A_b_log)),
-                _fp32(self.D), _fp32(self.D_b), _fp32(self.dt_proj.bias), _fp32(self.dt_proj_b.bias), R,
+                xz, self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight, self.conv1d_b.bias,
+                self.x_proj.weight, self.x_proj_b.weight, self.dt_proj.weight, self.dt_proj_b.weight,
+                self.A_log, self.A_b_log, self.D, self.D_b, self.dt_proj.bias, self.dt_proj_b.bias, R,
                 self.divide_out, scan_backend, torch.is_grad_enabled())
             return channel_linear(y, self.out_proj.weight, self.out_proj.bias, transpose_out=True)
         x, z = torch.split(xz, [E, E], dim=1)  # (batch, E, L) views, time-contiguous; backward: one cat of dx, dz
@@ -237,8 +230,8 @@ class BiMamba(nn.Module):
             return channel_linear(dt, dt_proj.weight), B, C  # delta without its bias: that goes to delta_bias
 
         delta, B, C = project(x_f, self.x_proj, self.dt_proj)
-        A = -torch.exp(_fp32(self.A_log))  # (E, N)
-        D, dt_bias = _fp32(self.D), _fp32(self.dt_proj.bias)
+        A = -torch.exp(ssm_param(self.A_log))  # (E, N)
+        D, dt_bias = ssm_param(self.D), ssm_param(self.dt_proj.bias)
         if self.bimamba == "none":
             if fast:
                 y = selective_scan(x_f, delta, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True,
@@ -246,11 +239,11 @@ class BiMamba(nn.Module):
             else:
                 y = selective_scan_ref(x_f, delta, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True)
         else:
-            kw = dict(A_b=-torch.exp(_fp32(self.A_b_log)), divide_out=self.divide_out)
+            kw = dict(A_b=-torch.exp(ssm_param(self.A_b_log)), divide_out=self.divide_out)
             if self.bimamba == "v2":
                 delta_b, B_b, C_b = project(x_b, self.x_proj_b, self.dt_proj_b)
-                kw.update(u_b=x_b, delta_b=delta_b, B_b=B_b, C_b=C_b, D_b=_fp32(self.D_b),
-                          delta_bias_b=_fp32(self.dt_proj_b.bias))
+                kw.update(u_b=x_b, delta_b=delta_b, B_b=B_b, C_b=C_b, D_b=ssm_param(self.D_b),
+                          delta_bias_b=ssm_param(self.dt_proj_b.bias))
             if fast:
                 y = bi_selective_scan(x_f, delta, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True,
                                       backend=scan_backend, **kw)

@@ -63,15 +63,32 @@ def _scan_bwd(backend: str, dy, args: dict, saved, cfg, divide_out: bool) -> dic
     return dict(zip(_BI_GRAD_ORDER, _bi_bwd(dy, *(args[k] for k in _SCAN_ARGS), *saved, True, divide_out)))
 
 
-class BiMambaCore(torch.autograd.Function):
-    """xz (batch, 2E, L) and the v2 mixer's parameters -> y (batch, E, L), the gated scan output before out_proj.
+def ssm_param(p: torch.Tensor) -> torch.Tensor:
+    """An SSM parameter (A_log, D, dt bias) as the scan takes it: fp32 (kept fp64 for fp64 modules, which tests use on
+    the slow path)."""
+    return p if p.dtype == torch.float64 else p.float()
 
-    Projection weights come in the compute dtype (the caller casts them, as ``channel_linear`` would); conv weights
-    (E, k) and the SSM parameters (A, D, dt biases: fp32) as the public ops take them."""
+
+class BiMambaCore(torch.autograd.Function):
+    """xz (batch, 2E, L) and the v2 mixer's parameters as the module holds them -> y (batch, E, L), the gated scan
+    output before out_proj.
+
+    The parameters' preparation happens inside the node, not as autograd nodes of its own (each one a round of host
+    work and a small kernel in both passes): conv weights (E, 1, k) viewed as (E, k), projection weights cast to the
+    compute dtype (xz's, as ``channel_linear`` casts), A = -exp(A_log), D and the dt biases in fp32; the backward
+    returns every gradient in its parameter's dtype (dA_log = dA * A)."""
 
     @staticmethod
-    def forward(ctx, xz, conv_w, conv_b, conv_w_b, conv_b_b, xproj_w, xproj_w_b, dtproj_w, dtproj_w_b,
-                A, A_b, D, D_b, dt_bias, dt_bias_b, dt_rank: int, divide_out: bool, backend: str, save: bool):
+    def forward(ctx, xz, conv_weight, conv_b, conv_weight_b, conv_b_b, xproj_weight, xproj_weight_b, dtproj_weight,
+                dtproj_weight_b, A_log, A_b_log, D_param, D_b_param, dt_bias_param, dt_bias_b_param, dt_rank: int,
+                divide_out: bool, backend: str, save: bool):
+        ctx.dtypes = [t.dtype for t in (xproj_weight, xproj_weight_b, dtproj_weight, dtproj_weight_b, A_log, A_b_log,
+                                        D_param, D_b_param, dt_bias_param, dt_bias_b_param)]
+        conv_w, conv_w_b = conv_weight[:, 0, :], conv_weight_b[:, 0, :]
+        xproj_w, xproj_w_b, dtproj_w, dtproj_w_b = (w.to(xz.dtype) for w in (xproj_weight, xproj_weight_b,
+                                                                            dtproj_weight, dtproj_weight_b))
+        A, A_b = -torch.exp(ssm_param(A_log)), -torch.exp(ssm_param(A_b_log))
+        D, D_b, dt_bias, dt_bias_b = (ssm_param(p) for p in (D_param, D_b_param, dt_bias_param, dt_bias_b_param))
         n, E2, L = xz.shape
         E, N, R = E2 // 2, A.shape[1], dt_rank
         x, z = xz[:, :E], xz[:, E:]
@@ -124,5 +141,7 @@ class BiMambaCore(torch.autograd.Function):
         dxz[:, E:].copy_(g.pop("z"))
         _, dconv_w, dconv_b, dconv_w_b, dconv_b_b = dwconv_silu_bwd_launch(
             du_f, du_b, xz[:, :E], conv_w, conv_b, conv_w_b, conv_b_b, dx_out=dxz[:, :E])
-        return (dxz, dconv_w, dconv_b, dconv_w_b, dconv_b_b, dxproj_w, dxproj_w_b, ddtproj_w, ddtproj_w_b,
-                g["A"], g["A_b"], g["D"], g["D_b"], g["delta_bias"], g["delta_bias_b"], None, None, None, None)
+        grads = (dxproj_w, dxproj_w_b, ddtproj_w, ddtproj_w_b, g["A"] * A, g["A_b"] * A_b, g["D"], g["D_b"],
+                 g["delta_bias"], g["delta_bias_b"])
+        return (dxz, dconv_w[:, None], dconv_b, dconv_w_b[:, None], dconv_b_b,
+                *(t.to(dt) for t, dt in zip(grads, ctx.dtypes)), None, None, None, None)

@@ -45,19 +45,22 @@ def sum_of_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.transpose(0, 1).reshape(P, n * L) @ b.transpose(0, 1).reshape(Q, n * L).t()
 
 
-
 class _ChannelLinear(torch.autograd.Function):
-    """y[i] = W @ x[i]; x given as (n, K, L) or, with ``transpose_in``, as its (n, L, K) transpose; y returned as
-    (n, O, L) or, with ``transpose_out``, as (n, L, O). Every output and gradient is contiguous in its layout."""
+    """y[i] = W @ x[i] (+ b); x given as (n, K, L) or, with ``transpose_in``, as its (n, L, K) transpose; y returned as
+    (n, O, L) or, with ``transpose_out``, as (n, L, O). Every output and gradient is contiguous in its layout. The
+    bias is the GEMM's C operand (no add kernel, no autograd node of its own)."""
 
     @staticmethod
-    def forward(ctx, x, weight, transpose_in: bool, transpose_out: bool):
+    def forward(ctx, x, weight, bias, transpose_in: bool, transpose_out: bool):
         n = x.shape[0]
         xc = x.mT if transpose_in else x  # (n, K, L) view
         if transpose_out:
-            y = torch.bmm(xc.mT, weight.t().expand(n, -1, -1))  # (n, L, O)
+            a, b = xc.mT, weight.t().expand(n, -1, -1)  # (n, L, K) @ (n, K, O)
+            c = None if bias is None else bias.expand(n, xc.shape[2], -1)
         else:
-            y = torch.bmm(weight.expand(n, -1, -1), xc)  # (n, O, L)
+            a, b = weight.expand(n, -1, -1), xc  # (n, O, K) @ (n, K, L)
+            c = None if bias is None else bias[:, None].expand(n, -1, xc.shape[2])
+        y = torch.bmm(a, b) if c is None else torch.baddbmm(c, a, b)
         ctx.save_for_backward(x, weight)
         ctx.transpose_in, ctx.transpose_out = transpose_in, transpose_out
         return y
@@ -67,7 +70,7 @@ class _ChannelLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         n = x.shape[0]
         gc = g.mT if ctx.transpose_out else g  # (n, O, L) view
-        dx = dw = None
+        dx = dw = db = None
         if ctx.needs_input_grad[0]:
             if ctx.transpose_in:
                 dx = torch.bmm(gc.mT, weight.expand(n, -1, -1))  # (n, L, K)
@@ -75,7 +78,9 @@ class _ChannelLinear(torch.autograd.Function):
                 dx = torch.bmm(weight.t().expand(n, -1, -1), gc)  # (n, K, L)
         if ctx.needs_input_grad[1]:
             dw = sum_of_products(gc, x.mT if ctx.transpose_in else x)  # (O, K)
-        return dx, dw, None, None
+        if ctx.needs_input_grad[2]:
+            db = g.sum((0, 1) if ctx.transpose_out else (0, 2))
+        return dx, dw, db, None, None
 
 
 def channel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -94,7 +99,5 @@ def channel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         raise ValueError(f"channel_linear: weight {tuple(weight.shape)} does not match x {tuple(x.shape)} "
                          f"(transpose_in={transpose_in}: {K} input channels)")
     dtype = autocast_dtype(x)
-    y = _ChannelLinear.apply(x.to(dtype), weight.to(dtype), transpose_in, transpose_out)
-    if bias is not None:
-        y = y + (bias.to(dtype) if transpose_out else bias.to(dtype)[:, None])
-    return y
+    return _ChannelLinear.apply(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), transpose_in,
+                                transpose_out)
