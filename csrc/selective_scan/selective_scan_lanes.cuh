@@ -355,6 +355,29 @@ struct LanesScalars {
   int mode;
 };
 
+// A forward window's y (D u included) for this lane's 8 steps from t0: to the scratch (kToWs), or plus the other
+// direction's (kAddWs), halved with divide_out, gated by silu(z) and stored.
+template <bool FULL, typename T>
+__device__ __forceinline__ void fwd_finish8(const LanesRows<T>& r, int t0, int L, const LanesScalars& c,
+                                            float (&y)[kLanesSteps]) {
+  if (c.mode == kToWs) {
+    ws_store8<FULL>(r.ws, t0, L, y);
+    return;
+  }
+  if (c.mode == kAddWs) {
+    ws_add8<FULL>(r.ws, t0, L, y);
+#pragma unroll
+    for (int j = 0; j < kLanesSteps; ++j) y[j] *= c.scale;
+  }
+  if (r.z) {
+    float zz[kLanesSteps];
+    load8<FULL>(r.z, t0, L, zz);
+#pragma unroll
+    for (int j = 0; j < kLanesSteps; ++j) y[j] *= zz[j] * fast_sigmoid(zz[j]);
+  }
+  store8<FULL>(r.out, t0, L, y);
+}
+
 // A window's per-step inputs: u, d (softplus, zero beyond L), d*u; the B/C loads of the first kLanesAhead states.
 template <bool FULL, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void window_begin(const LanesRows<T>& r, int t0, int L, int N, const LanesScalars& c,
@@ -416,22 +439,7 @@ __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L,
       y[j] = fmaf(Cv[j], hh, y[j]);
     }
   }
-  if (c.mode == kToWs) {
-    ws_store8<FULL>(r.ws, t0, L, y);
-    return;
-  }
-  if (c.mode == kAddWs) {
-    ws_add8<FULL>(r.ws, t0, L, y);
-#pragma unroll
-    for (int j = 0; j < kLanesSteps; ++j) y[j] *= c.scale;
-  }
-  if (r.z) {
-    float zz[kLanesSteps];
-    load8<FULL>(r.z, t0, L, zz);
-#pragma unroll
-    for (int j = 0; j < kLanesSteps; ++j) y[j] *= zz[j] * fast_sigmoid(zz[j]);
-  }
-  store8<FULL>(r.out, t0, L, y);
+  fwd_finish8<FULL>(r, t0, L, c, y);
 }
 
 // The partial-window / unaligned path, kept out of line so that its registers do not count against the fast path.
@@ -595,23 +603,7 @@ __device__ __forceinline__ void fwd_window_pair(const LanesRows<T>& r, int wbase
     const float other = __shfl_xor_sync(kFull, hf ? y[i] : y[kLanesSteps + i], 16);
     yo[i] = (hf ? y[kLanesSteps + i] : y[i]) + other;
   }
-  const int to = t0 + hf * kLanesSteps;
-  if (c.mode == kToWs) {
-    ws_store8<true>(r.ws, to, L, yo);
-    return;
-  }
-  if (c.mode == kAddWs) {
-    ws_add8<true>(r.ws, to, L, yo);
-#pragma unroll
-    for (int j = 0; j < kLanesSteps; ++j) yo[j] *= c.scale;
-  }
-  if (r.z) {
-    float zz[kLanesSteps];
-    load8<true>(r.z, to, L, zz);
-#pragma unroll
-    for (int j = 0; j < kLanesSteps; ++j) yo[j] *= zz[j] * fast_sigmoid(zz[j]);
-  }
-  store8<true>(r.out, to, L, yo);
+  fwd_finish8<true>(r, t0 + hf * kLanesSteps, L, c, yo);
 }
 
 // One direction of the forward over the whole row: windows in scan order, the state entering each saved. PAIR: full
