@@ -468,40 +468,49 @@ __device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, in
 // ms pair / 8-step layout in one call (benchmarks/results/cuda-lanes-variants-NVIDIA-H100-80GB-HBM3-60eaed8-pair.json):
 // bi global XL 0.583 / 0.661, bi long 1.437 / 1.663; but uni global XL 0.277 / 0.255, long 0.698 / 0.640 (fewer
 // instructions, issued at a lower rate: not explained without a profiler).
-constexpr int kPairSteps = 16;
+#ifndef LANES_PAIR_STEPS
+#define LANES_PAIR_STEPS 16
+#endif
+// LANES_PAIR_STEPS (A/B, not yet measured): 8 runs the pair layout with 8 steps a lane over two 128-step halves of each
+// window (a 16-byte load a lane and row, as the 8-step layout; chains of 8), against 16 (two 16-byte loads 32 bytes
+// apart; chains of 16). States are still saved every 256 steps.
+constexpr int kPairSteps = LANES_PAIR_STEPS;
+constexpr int kPairSpan = 16 * kPairSteps;  // steps one call of fwd_window_pair covers
+static_assert(kPairSteps == 8 || kPairSteps == 16, "LANES_PAIR_STEPS is 8 or 16");
 constexpr int kPairAhead = LANES_PAIR_AHEAD;  // rounds whose B/C loads are in flight while one is computed
 
-template <typename T>
-struct Raw16 {
-  uint4 v[2];
+// S consecutive elements of a 16-bit dtype (S / 8 16-byte vectors).
+template <int S, typename T>
+struct RawS {
+  uint4 v[S / 8];
 };
 
-template <typename T>
-__device__ __forceinline__ Raw16<T> ld16(const T* __restrict__ row, int t0) {
+template <int S, typename T>
+__device__ __forceinline__ RawS<S, T> ldS(const T* __restrict__ row, int t0) {
   static_assert(sizeof(T) == 2, "the pair layout is for 16-bit dtypes");
-  Raw16<T> r;
-  r.v[0] = reinterpret_cast<const uint4*>(row + t0)[0];
-  r.v[1] = reinterpret_cast<const uint4*>(row + t0)[1];
+  RawS<S, T> r;
+#pragma unroll
+  for (int i = 0; i < S / 8; ++i) r.v[i] = reinterpret_cast<const uint4*>(row + t0)[i];
   return r;
 }
 
-template <typename T>
-__device__ __forceinline__ void unpack16(const Raw16<T>& r, float (&v)[kPairSteps]) {
+template <int S, typename T>
+__device__ __forceinline__ void unpackS(const RawS<S, T>& r, float (&v)[S]) {
   unpack_words<T>(reinterpret_cast<const uint32_t*>(&r), v);
 }
 
 // Row s of B or C at t0 (zero for s >= N unless EXACT).
-template <bool EXACT, typename T>
-__device__ __forceinline__ Raw16<T> ld16_state(const T* __restrict__ base, int s, int N, int t0, int L) {
-  if constexpr (EXACT) return ld16(base + (size_t)s * L, t0);
+template <bool EXACT, int S, typename T>
+__device__ __forceinline__ RawS<S, T> ldS_state(const T* __restrict__ base, int s, int N, int t0, int L) {
+  if constexpr (EXACT) return ldS<S>(base + (size_t)s * L, t0);
   const bool ok = s < N;
-  Raw16<T> r = ld16(base + (size_t)(ok ? s : 0) * L, t0);
+  RawS<S, T> r = ldS<S>(base + (size_t)(ok ? s : 0) * L, t0);
 #pragma unroll
-  for (int i = 0; i < 2; ++i) r.v[i] = ok ? r.v[i] : make_uint4(0u, 0u, 0u, 0u);
+  for (int i = 0; i < S / 8; ++i) r.v[i] = ok ? r.v[i] : make_uint4(0u, 0u, 0u, 0u);
   return r;
 }
 
-// One full forward window in the pair layout; wbase: the window's first step.
+// One full forward span (kPairSpan steps from wbase) in the pair layout.
 template <bool REV, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void fwd_window_pair(const LanesRows<T>& r, int wbase, int L, int N, int lane,
                                                 const LanesScalars& c, float A2_l, float& h_l) {
@@ -514,28 +523,36 @@ __device__ __forceinline__ void fwd_window_pair(const LanesRows<T>& r, int wbase
   const auto prev = [](float v, int off) {  // the lane `off` places earlier in scan order, within the half
     return REV ? __shfl_down_sync(kFull, v, off, 16) : __shfl_up_sync(kFull, v, off, 16);
   };
-  Raw16<T> rb[R], rc[R];
+  RawS<S, T> rb[R], rc[R];
 #pragma unroll
   for (int k = 0; k < kPairAhead && k < R; ++k)
-    rb[k] = ld16_state<EXACT>(r.B, 2 * k + hf, N, t0, L), rc[k] = ld16_state<EXACT>(r.C, 2 * k + hf, N, t0, L);
+    rb[k] = ldS_state<EXACT, S>(r.B, 2 * k + hf, N, t0, L), rc[k] = ldS_state<EXACT, S>(r.C, 2 * k + hf, N, t0, L);
   float dt[S], du[S], y[S];
   {
-    // d: softplus once an element (this half's 8 steps, the other 8 from the other half)
-    float dh[kLanesSteps];
-    load8<true>(r.delta, t0 + hf * kLanesSteps, L, dh);
+    // d: softplus once an element (this half's S / 2 steps, the others from the other half)
+    constexpr int H = S / 2;
+    float dh[H];
+    if constexpr (S == 16) {
+      load8<true>(r.delta, t0 + hf * H, L, dh);
+    } else {
+      float raw[kLanesSteps];
+      load8<true>(r.delta, t0, L, raw);
 #pragma unroll
-    for (int i = 0; i < kLanesSteps; ++i) {
+      for (int i = 0; i < H; ++i) dh[i] = hf ? raw[H + i] : raw[i];
+    }
+#pragma unroll
+    for (int i = 0; i < H; ++i) {
       const float x = dh[i] + c.bias;
       dh[i] = c.softplus ? fast_softplus(x) : x;
     }
 #pragma unroll
-    for (int i = 0; i < kLanesSteps; ++i) {
+    for (int i = 0; i < H; ++i) {
       const float other = __shfl_xor_sync(kFull, dh[i], 16);
       dt[i] = hf ? other : dh[i];
-      dt[kLanesSteps + i] = hf ? dh[i] : other;
+      dt[H + i] = hf ? dh[i] : other;
     }
     float uu[S];
-    unpack16(ld16(r.u, t0), uu);
+    unpackS(ldS<S>(r.u, t0), uu);
     const float Dh = hf ? 0.f : c.Dv;  // D u once: in the first half's part of y
 #pragma unroll
     for (int j = 0; j < S; ++j) {
@@ -544,7 +561,7 @@ __device__ __forceinline__ void fwd_window_pair(const LanesRows<T>& r, int wbase
     }
   }
 #if LANES_PAIR_SUMEXP
-  float sdt = 0.f;  // the lane's decay of state n over its 16 steps: one exp2 of A_n log2(e) sum d (not 16 products)
+  float sdt = 0.f;  // the lane's decay of state n over its S steps: one exp2 of A_n log2(e) sum d (not S products)
 #pragma unroll
   for (int j = 0; j < S; ++j) sdt += dt[j];
 #endif
@@ -552,8 +569,8 @@ __device__ __forceinline__ void fwd_window_pair(const LanesRows<T>& r, int wbase
   for (int k = 0; k < R; ++k) {
     const int s = 2 * k + hf;
     if (k + kPairAhead < R)
-      rb[k + kPairAhead] = ld16_state<EXACT>(r.B, s + 2 * kPairAhead, N, t0, L),
-      rc[k + kPairAhead] = ld16_state<EXACT>(r.C, s + 2 * kPairAhead, N, t0, L);
+      rb[k + kPairAhead] = ldS_state<EXACT, S>(r.B, s + 2 * kPairAhead, N, t0, L),
+      rc[k + kPairAhead] = ldS_state<EXACT, S>(r.C, s + 2 * kPairAhead, N, t0, L);
     const float A2 = __shfl_sync(kFull, A2_l, s);
     const float carry = __shfl_sync(kFull, h_l, s);
     float Bv[S], a[S], x[S], xa = 0.f;
@@ -562,7 +579,7 @@ __device__ __forceinline__ void fwd_window_pair(const LanesRows<T>& r, int wbase
 #else
     float pa = 1.f;
 #endif
-    unpack16(rb[k], Bv);
+    unpackS(rb[k], Bv);
 #pragma unroll
     for (int i = 0; i < S; ++i) {
       const int j = step(i);
@@ -588,7 +605,7 @@ __device__ __forceinline__ void fwd_window_pair(const LanesRows<T>& r, int wbase
     const float leave = __shfl_sync(kFull, h_out, (lane & 1) * 16 + last);
     if ((lane >> 1) == k) h_l = leave;
     float Cv[S];
-    unpack16(rc[k], Cv);
+    unpackS(rc[k], Cv);
 #pragma unroll
     for (int i = 0; i < S; ++i) {
       const int j = step(i);
@@ -596,14 +613,19 @@ __device__ __forceinline__ void fwd_window_pair(const LanesRows<T>& r, int wbase
       y[j] = fmaf(Cv[j], hh, y[j]);
     }
   }
-  // the halves' parts summed: the first half keeps (and stores) steps 0..7 of its 16, the second 8..15
+  // the halves' parts summed. 16 steps: the first half keeps (and stores) steps 0..7 of its 16, the second 8..15;
+  // 8 steps: both halves hold the sum and store the same values (one coalesced store to the same addresses)
   float yo[kLanesSteps];
 #pragma unroll
   for (int i = 0; i < kLanesSteps; ++i) {
-    const float other = __shfl_xor_sync(kFull, hf ? y[i] : y[kLanesSteps + i], 16);
-    yo[i] = (hf ? y[kLanesSteps + i] : y[i]) + other;
+    if constexpr (S == 16) {
+      const float other = __shfl_xor_sync(kFull, hf ? y[i] : y[kLanesSteps + i], 16);
+      yo[i] = (hf ? y[kLanesSteps + i] : y[i]) + other;
+    } else {
+      yo[i] = y[i] + __shfl_xor_sync(kFull, y[i], 16);
+    }
   }
-  fwd_finish8<true>(r, t0 + hf * kLanesSteps, L, c, yo);
+  fwd_finish8<true>(r, S == 16 ? t0 + hf * kLanesSteps : t0, L, c, yo);
 }
 
 // One direction of the forward over the whole row: windows in scan order, the state entering each saved. PAIR: full
@@ -626,8 +648,12 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
     if (states && lane < N) states[(size_t)w * N + lane] = h_l;
     if (!p.lanes_vec || (w + 1) * kLanesWindow > L)
       fwd_window_generic<REV, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l);
-    else if constexpr (PAIR && sizeof(T) == 2)
-      fwd_window_pair<REV, EXACT, T, NMAX>(rows, w * kLanesWindow, L, N, lane, c, A2_l, h_l);
+    else if constexpr (PAIR && sizeof(T) == 2) {
+#pragma unroll 1
+      for (int k = 0; k < kLanesWindow / kPairSpan; ++k)  // spans of the window in scan order
+        fwd_window_pair<REV, EXACT, T, NMAX>(
+            rows, w * kLanesWindow + (REV ? kLanesWindow / kPairSpan - 1 - k : k) * kPairSpan, L, N, lane, c, A2_l, h_l);
+    }
     else
       fwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l);
   }
