@@ -4,8 +4,9 @@ Each variant is a set of nvcc -D flags (``MATTEN_SCAN_NVCC_FLAGS``): all variant
 extensions), then timed one after the other, each in its own process (the op namespace can be loaded once per
 process), on the same GPU, with the default build first as the baseline. bf16, delta_softplus, D, delta_bias, no z.
 
-Each variant is also checked against the Triton backend (output and every gradient, bf16, L = 1000: full and partial
-windows); ``--bi`` adds the bidirectional scan (timed and checked).
+Each variant's peak memory of one unidirectional fwd+bwd is measured per shape. Each variant is also checked against
+the Triton backend (output and every gradient, bf16, L = 1000: full and partial windows); ``--bi`` adds the
+bidirectional scan (timed and checked).
 
 Usage: PYTHONPATH=. python benchmarks/cuda_lanes_variants.py --variants "base=;a2=-DLANES_AHEAD=2" [--bi] --out DIR
 """
@@ -42,6 +43,19 @@ def check(bi):
     return worst
 
 
+def peak_mb(shape):
+    """Peak memory (MB) allocated by one unidirectional fwd+bwd beyond its inputs and cotangent."""
+    import torch
+
+    from benchmarks._scan_common import peak_mem_mb
+    from benchmarks.bench_cuda_scan import make_inputs, run_fn
+
+    x = make_inputs(*shape, bi=False, requires_grad=True)
+    g = torch.randn(shape[0], shape[1], shape[3], device="cuda", dtype=torch.bfloat16)
+    f, leaves = run_fn("cuda", False), list(x.values())
+    return peak_mem_mb(lambda: torch.autograd.grad(f(x), leaves, g))
+
+
 def child(shapes, bi):
     import torch
 
@@ -55,6 +69,7 @@ def child(shapes, bi):
     for name in shapes:
         shape = ALL[name][0]
         res[name] = [bench("cuda", shape, False, False), bench("cuda", shape, False, True)]
+        res["peak_MB " + name] = round(peak_mb(shape), 1)
         if bi:
             res["bi " + name] = [bench("cuda", shape, True, False), bench("cuda", shape, True, True)]
     print("RESULT " + json.dumps(res), flush=True)
@@ -91,6 +106,7 @@ def main():
         keys = shapes + (["bi " + s for s in shapes] if args.bi else [])
         print(f"{name:>10} {flags:<40} " + "  ".join(
             f"{s} {row[s][0]:.3f}/{row[s][1]:.3f}" if s in row else f"{s} -" for s in keys) +
+            "  peak MB " + "/".join(str(row.get("peak_MB " + s, "-")) for s in shapes) +
             f"  err {row.get('rel_err_vs_triton', float('nan')):.1e}/{row.get('bi_rel_err_vs_triton', float('nan')):.1e}"
             + ("" if "error" not in row else " ERROR " + row["error"][-300:]), flush=True)
     os.makedirs(args.out, exist_ok=True)

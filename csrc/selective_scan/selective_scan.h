@@ -49,6 +49,12 @@ constexpr int kNumConfigs = 10;
 constexpr int kLanesConfig = 9;
 constexpr int kLanesMaxN = 16;
 constexpr int kLanesWarps = 4;  // channels (one warp each) per block of the lanes kernels
+#ifndef LANES_STATE_STRIDE
+#define LANES_STATE_STRIDE 1
+#endif
+// 256-step windows per state the lanes forward saves (A/B, not yet measured: K > 1 saves K times less memory, and the
+// backward recomputes the other K - 1 window-start states of each group by a states-only forward pass).
+constexpr int kLanesStateStride = LANES_STATE_STRIDE;
 
 struct ConfigInfo {
   int tpc, npt, chunk, nwarps_fwd, nwarps_bwd;
@@ -62,7 +68,8 @@ inline ConfigInfo config_info(int config) {
     MATTEN_SCAN_CONFIGS(MATTEN_SCAN_INFO_CASE)
 #undef MATTEN_SCAN_INFO_CASE
     case kLanesConfig:
-      return ConfigInfo{32, 1, 256, 4, 4};  // 32 lanes per channel, windows of 256 steps, 4 channels per block
+      // 32 lanes per channel, windows of 256 steps (a state saved every kLanesStateStride), 4 channels per block
+      return ConfigInfo{32, 1, 256 * kLanesStateStride, 4, 4};
     default:
       return ConfigInfo{0, 0, 0, 0, 0};
   }

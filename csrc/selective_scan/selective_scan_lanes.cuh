@@ -213,6 +213,14 @@ __device__ __forceinline__ void block_flush(float* dB_row, float* dC_row, int wb
   red_add4(dst, acc);
 }
 
+// Whether the forward saves the state entering natural window w (of nwin) in scan order, at slot w /
+// kLanesStateStride: the first window in scan order of each group of kLanesStateStride (REV: a group's last window,
+// or the row's last).
+__device__ __forceinline__ bool lanes_saves_state(int w, int nwin, bool rev) {
+  constexpr int K = kLanesStateStride;
+  return K == 1 || (rev ? (w % K == K - 1 || w == nwin - 1) : w % K == 0);
+}
+
 // d = softplus(delta + bias) (optional); d = 0 beyond L (the state then holds). The lanes kernels use the MUFU
 // softplus and sigmoid (fast_softplus / fast_sigmoid: ~10 and 4 instructions against ~25 for log1pf and the IEEE
 // reciprocal) in the forward and the backward alike, so the backward recomputes the forward's d exactly.
@@ -637,7 +645,8 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
   const size_t row = (size_t)b * p.dim + chan;
   const LanesRows<T> rows = lanes_rows<T>(p, d, b, chan);
   const int nwin = (L + kLanesWindow - 1) / kLanesWindow;
-  float* __restrict__ states = dp.states ? dp.states + row * nwin * N : nullptr;
+  const int nsave = (nwin + kLanesStateStride - 1) / kLanesStateStride;
+  float* __restrict__ states = dp.states ? dp.states + row * nsave * N : nullptr;
   const float A2_l = lane < N ? dp.A[(size_t)chan * N + lane] * kLog2e : 0.f;
   float h_l = (lane < N && p.initial_state && !p.bidirectional) ? p.initial_state[row * N + lane] : 0.f;
   const LanesScalars c{dp.delta_bias ? dp.delta_bias[chan] : 0.f, dp.D ? dp.D[chan] : 0.f,
@@ -645,7 +654,8 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
   for (int i = 0; i < nwin; ++i) {
     const int w = REV ? nwin - 1 - i : i;
     const int t0 = w * kLanesWindow + lane * kLanesSteps;
-    if (states && lane < N) states[(size_t)w * N + lane] = h_l;
+    if (states && lane < N && lanes_saves_state(w, nwin, REV))
+      states[(size_t)(w / kLanesStateStride) * N + lane] = h_l;
     if (!p.lanes_vec || (w + 1) * kLanesWindow > L)
       fwd_window_generic<REV, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l);
     else if constexpr (PAIR && sizeof(T) == 2) {
@@ -800,16 +810,90 @@ __device__ __noinline__ void bwd_window_generic(const LanesRows<T> r, int t0, in
   bwd_window<REV, false, false, T, NMAX>(r, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, nullptr, nullptr);
 }
 
+// A states-only forward window (kLanesStateStride > 1): h_l (lane n: state n) from the state entering the window to
+// the one leaving it, without y (no C, no replay, no stores).
+template <bool REV, bool FULL, bool EXACT, typename T, int NMAX>
+__device__ __forceinline__ void state_window(const LanesRows<T>& r, int t0, int L, int N, int lane,
+                                             const LanesScalars& c, float A2_l, float& h_l) {
+  using O = Order<REV>;
+  float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps];
+  load8<FULL>(r.u, t0, L, uu);
+  load8<FULL>(r.delta, t0, L, dt);
+  lanes_delta<FULL>(dt, c.bias, c.softplus, t0, L);
+#pragma unroll
+  for (int j = 0; j < kLanesSteps; ++j) du[j] = dt[j] * uu[j];
+  Raw8<T> rb[NMAX];
+#pragma unroll
+  for (int k = 0; k < kLanesAhead && k < NMAX; ++k) rb[k] = ld8_state<FULL, EXACT>(r.B, k, N, t0, L);
+#pragma unroll
+  for (int n = 0; n < NMAX; ++n) {
+    if (n + kLanesAhead < NMAX) rb[n + kLanesAhead] = ld8_state<FULL, EXACT>(r.B, n + kLanesAhead, N, t0, L);
+    float Bv[kLanesSteps];
+    unpack8(rb[n], Bv);
+    const float A2 = __shfl_sync(kFull, A2_l, n);
+    float pa = 1.f, xa = 0.f;
+#pragma unroll
+    for (int k = 0; k < kLanesSteps; ++k) {
+      const int j = O::step(k);
+      const float a = fast_exp2(dt[j] * A2);
+      xa = fmaf(a, xa, du[j] * Bv[j]);
+      pa *= a;
+    }
+    float carry = __shfl_sync(kFull, h_l, n);
+    lanes_state_in<REV>(pa, xa, carry, lane);  // carry: the state leaving the window
+    h_l = lane == n ? carry : h_l;
+  }
+}
+
+template <bool REV, typename T, int NMAX>
+__device__ __noinline__ void state_window_generic(const LanesRows<T> r, int t0, int L, int N, int lane,
+                                                  const LanesScalars c, float A2_l, float& h_l) {
+  state_window<REV, false, false, T, NMAX>(r, t0, L, N, lane, c, A2_l, h_l);
+}
+
+// kLanesStateStride > 1: the state entering window w (natural index) in scan order, lane n: state n. On the first
+// window of a group that the backward reaches (the last of the group in scan order), the group's window-start states
+// are recomputed from its saved one by states-only forward windows into `hs` (per warp: kLanesStateStride x 32
+// floats); every window of the group reads its own from there.
+template <bool REV, bool EXACT, typename T, int NMAX>
+__device__ __forceinline__ float bwd_window_state(const ScanParams& p, const LanesRows<T>& rows, const float* states,
+                                                  int w, int nwin, int lane, const LanesScalars& c, float A_l,
+                                                  float* hs) {
+  const int N = p.N;
+  constexpr int K = kLanesStateStride;
+  const int g0 = w - w % K, g1 = min(g0 + K, nwin) - 1;  // the group's windows (natural order)
+  if (w == (REV ? g0 : g1)) {  // the backward's first window of the group: recompute
+    float h_l = lane < N ? states[(size_t)(w / K) * N + lane] : 0.f;
+    const float A2_l = A_l * kLog2e;
+    for (int i = 0; i <= g1 - g0; ++i) {  // scan order
+      const int ww = REV ? g1 - i : g0 + i;
+      hs[(ww - g0) * 32 + lane] = h_l;
+      if (ww == w) break;
+      const int t0 = ww * kLanesWindow + lane * kLanesSteps;
+      if (p.lanes_vec && (ww + 1) * kLanesWindow <= p.L)
+        state_window<REV, true, EXACT, T, NMAX>(rows, t0, p.L, N, lane, c, A2_l, h_l);
+      else
+        state_window_generic<REV, T, NMAX>(rows, t0, p.L, N, lane, c, A2_l, h_l);
+    }
+    __syncwarp();
+  }
+  return hs[(w - g0) * 32 + lane];
+}
+
 // One direction of the backward over the whole row: windows against scan order; per-channel sums at the end.
 template <bool REV, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b, int chan, int lane, int mode,
-                                              float* xch, float* bxch) {
+                                              float* xch, float* bxch, float* hs) {
   const DirParams& dp = p.dir[d];
   const int L = p.L, N = p.N;
   const size_t row = (size_t)b * p.dim + chan;
   const LanesRows<T> rows = lanes_rows<T>(p, d, b, chan);
   const int nwin = (L + kLanesWindow - 1) / kLanesWindow;
+#if LANES_STATE_STRIDE > 1
+  const float* __restrict__ states = dp.states + row * ((nwin + kLanesStateStride - 1) / kLanesStateStride) * N;
+#else
   const float* __restrict__ states = dp.states + row * nwin * N;
+#endif
   const float A_l = lane < N ? dp.A[(size_t)chan * N + lane] : 0.f;
   const bool uni = !p.bidirectional;
   float r_l = (uni && lane < N && p.dlast_state) ? p.dlast_state[row * N + lane] : 0.f;
@@ -822,7 +906,11 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
   for (int i = 0; i < nwin; ++i) {
     const int w = REV ? i : nwin - 1 - i;
     const int t0 = w * kLanesWindow + lane * kLanesSteps;
+#if LANES_STATE_STRIDE > 1
+    const float h0_l = bwd_window_state<REV, EXACT, T, NMAX>(p, rows, states, w, nwin, lane, c, A_l, hs);
+#else
     const float h0_l = lane < N ? states[(size_t)w * N + lane] : 0.f;
+#endif
     if (p.lanes_vec && (w + 1) * kLanesWindow <= L)
       bwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch, bxch);
     else
@@ -869,11 +957,17 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lan
     bxch = reinterpret_cast<float*>(s_bxch);
 #endif
   if (chan >= p.dim) return;
+#if LANES_STATE_STRIDE > 1
+  __shared__ float s_hs[kLanesWarps][kLanesStateStride * 32];  // per warp: a group's recomputed window-start states
+  float* hs = s_hs[threadIdx.x >> 5];
+#else
+  float* hs = nullptr;
+#endif
   if constexpr (BI) {
-    bwd_direction<true, EXACT, T, NMAX>(p, 1, b, chan, lane, kToWs, xch, bxch);
-    bwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kAddWs, xch, bxch);
+    bwd_direction<true, EXACT, T, NMAX>(p, 1, b, chan, lane, kToWs, xch, bxch, hs);
+    bwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kAddWs, xch, bxch, hs);
   } else {
-    bwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kUni, xch, bxch);
+    bwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kUni, xch, bxch, hs);
   }
 }
 

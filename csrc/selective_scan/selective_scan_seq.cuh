@@ -86,7 +86,7 @@ __device__ __forceinline__ void seq_fwd_chunks(const ScanParams& p, const SeqRow
   const bool softplus = p.delta_softplus;
   const bool gate = r.z != nullptr && phase != 1;
   const float scale = p.divide_out ? 0.5f : 1.f;
-  const int nsave = (p.L + kLanesWindow - 1) / kLanesWindow;
+  const int nwin = (p.L + kLanesWindow - 1) / kLanesWindow;
   auto chunk_of = [&](int i) { return REV ? c_first - i : c_first + i; };
   auto load = [&](int c, SeqRaw<T, NPT>& raw) {
     const int t0 = c * kSeqChunk;
@@ -107,11 +107,14 @@ __device__ __forceinline__ void seq_fwd_chunks(const ScanParams& p, const SeqRow
   for (int i = 0; i < count; ++i) {
     const int c = chunk_of(i);
     // the state entering a 256-step window in scan order (forward: before its first step, backward: before its last)
+    // (one in kLanesStateStride windows: the first of its group in scan order, at slot w / kLanesStateStride)
     if (states_row && (REV ? ((c + 1) % kSeqSaveChunks == 0 || c == p.L / kSeqChunk - 1) : c % kSeqSaveChunks == 0)) {
-      const int w = REV ? min(c / kSeqSaveChunks, nsave - 1) : c / kSeqSaveChunks;
+      const int w = REV ? min(c / kSeqSaveChunks, nwin - 1) : c / kSeqSaveChunks;
+      if (lanes_saves_state(w, nwin, REV)) {
 #pragma unroll
-      for (int q = 0; q < NPT; ++q)
-        if (k * NPT + q < p.N) states_row[(size_t)w * p.N + k * NPT + q] = h[q];
+        for (int q = 0; q < NPT; ++q)
+          if (k * NPT + q < p.N) states_row[(size_t)(w / kLanesStateStride) * p.N + k * NPT + q] = h[q];
+      }
     }
     // stage
     float uu[EPL], zz[EPL];
@@ -212,7 +215,8 @@ __global__ void __launch_bounds__(BI ? 64 : 32, BI ? 9 : 16) scan_fwd_seq_kernel
   const int chan = blockIdx.x * S::CPW + cw;
   const DirParams& dp = p.dir[warp];
   const size_t row = (size_t)b * p.dim + chan;
-  const int nch = p.L / kSeqChunk, nsave = (p.L + kLanesWindow - 1) / kLanesWindow;
+  constexpr int kSaveSpan = kLanesWindow * kLanesStateStride;  // steps per saved state
+  const int nch = p.L / kSeqChunk, nsave = (p.L + kSaveSpan - 1) / kSaveSpan;
   float A2[NPT], h[NPT];
 #pragma unroll
   for (int q = 0; q < NPT; ++q) {
