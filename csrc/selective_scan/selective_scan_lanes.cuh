@@ -476,15 +476,10 @@ __device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, in
 // ms pair / 8-step layout in one call (benchmarks/results/cuda-lanes-variants-NVIDIA-H100-80GB-HBM3-60eaed8-pair.json):
 // bi global XL 0.583 / 0.661, bi long 1.437 / 1.663; but uni global XL 0.277 / 0.255, long 0.698 / 0.640 (fewer
 // instructions, issued at a lower rate: not explained without a profiler).
-#ifndef LANES_PAIR_STEPS
-#define LANES_PAIR_STEPS 16
-#endif
-// LANES_PAIR_STEPS (A/B, not yet measured): 8 runs the pair layout with 8 steps a lane over two 128-step halves of each
-// window (a 16-byte load a lane and row, as the 8-step layout; chains of 8), against 16 (two 16-byte loads 32 bytes
-// apart; chains of 16). States are still saved every 256 steps.
-constexpr int kPairSteps = LANES_PAIR_STEPS;
+// Pair layout with 8 steps a lane over two 128-step halves (one 16-byte load a lane and row, chains of 8) was measured
+// against these 16 steps (session 15, H100 bf16, bi global XL fwd 1.058 vs 0.578 ms): removed.
+constexpr int kPairSteps = 16;
 constexpr int kPairSpan = 16 * kPairSteps;  // steps one call of fwd_window_pair covers
-static_assert(kPairSteps == 8 || kPairSteps == 16, "LANES_PAIR_STEPS is 8 or 16");
 constexpr int kPairAhead = LANES_PAIR_AHEAD;  // rounds whose B/C loads are in flight while one is computed
 
 // S consecutive elements of a 16-bit dtype (S / 8 16-byte vectors).
@@ -540,14 +535,7 @@ __device__ __forceinline__ void fwd_window_pair(const LanesRows<T>& r, int wbase
     // d: softplus once an element (this half's S / 2 steps, the others from the other half)
     constexpr int H = S / 2;
     float dh[H];
-    if constexpr (S == 16) {
-      load8<true>(r.delta, t0 + hf * H, L, dh);
-    } else {
-      float raw[kLanesSteps];
-      load8<true>(r.delta, t0, L, raw);
-#pragma unroll
-      for (int i = 0; i < H; ++i) dh[i] = hf ? raw[H + i] : raw[i];
-    }
+    load8<true>(r.delta, t0 + hf * H, L, dh);
 #pragma unroll
     for (int i = 0; i < H; ++i) {
       const float x = dh[i] + c.bias;
@@ -621,19 +609,14 @@ __device__ __forceinline__ void fwd_window_pair(const LanesRows<T>& r, int wbase
       y[j] = fmaf(Cv[j], hh, y[j]);
     }
   }
-  // the halves' parts summed. 16 steps: the first half keeps (and stores) steps 0..7 of its 16, the second 8..15;
-  // 8 steps: both halves hold the sum and store the same values (one coalesced store to the same addresses)
+  // the halves' parts summed: the first half keeps (and stores) steps 0..7 of its 16, the second 8..15
   float yo[kLanesSteps];
 #pragma unroll
   for (int i = 0; i < kLanesSteps; ++i) {
-    if constexpr (S == 16) {
-      const float other = __shfl_xor_sync(kFull, hf ? y[i] : y[kLanesSteps + i], 16);
-      yo[i] = (hf ? y[kLanesSteps + i] : y[i]) + other;
-    } else {
-      yo[i] = y[i] + __shfl_xor_sync(kFull, y[i], 16);
-    }
+    const float other = __shfl_xor_sync(kFull, hf ? y[i] : y[kLanesSteps + i], 16);
+    yo[i] = (hf ? y[kLanesSteps + i] : y[i]) + other;
   }
-  fwd_finish8<true>(r, S == 16 ? t0 + hf * kLanesSteps : t0, L, c, yo);
+  fwd_finish8<true>(r, t0 + hf * kLanesSteps, L, c, yo);
 }
 
 // One direction of the forward over the whole row: windows in scan order, the state entering each saved. PAIR: full
