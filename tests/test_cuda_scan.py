@@ -72,6 +72,20 @@ def test_cu_files_compile_sm80_sm90():
         assert "warning" not in err.lower(), f"nvcc warned on {name}:\n{err}"
 
 
+def test_rows_keeps_channel_slices_and_copies_other_layouts():
+    """z, B, C go to the extension as they are when only their batch stride is not contiguous (no copy), else as a
+    contiguous copy."""
+    from matten_kernels.selective_scan.cuda import _grouped, _rows
+
+    x = torch.randn(2, 10, 32)
+    assert _rows(x[:, 4:]).data_ptr() == x[:, 4:].data_ptr()
+    assert _grouped(x[:, 2:6]).shape == (2, 1, 4, 32) and _grouped(x[:, 2:6]).data_ptr() == x[:, 2:6].data_ptr()
+    t = x.transpose(1, 2)
+    assert _rows(t).is_contiguous() and _rows(t).data_ptr() != t.data_ptr()
+    assert _rows(x[:, :, ::2]).is_contiguous()
+    assert _rows(None) is None
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error path without a GPU")
 def test_cuda_backend_without_gpu_raises_with_build_command():
     from matten_kernels.selective_scan import cuda as cuda_mod
@@ -105,8 +119,9 @@ def _check(name, x, ref, dtype, mult=1.0):
 
 
 def _inputs(batch, dim, N, L, dtype, *, groups=None, softplus=True, has_D=True, has_z=True, has_bias=True,
-            has_init=False, noncontig=False, device="cuda"):
-    """Random inputs already rounded to `dtype` (fp32 for A, D, delta_bias, initial_state)."""
+            has_init=False, noncontig=False, sliced=False, device="cuda"):
+    """Random inputs already rounded to `dtype` (fp32 for A, D, delta_bias, initial_state). ``sliced``: z, B and C are
+    channel slices of larger tensors (any batch stride, as the mixer passes them), which the extension reads in place."""
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, device=device) * scale).to(dtype)
 
@@ -116,21 +131,31 @@ def _inputs(batch, dim, N, L, dtype, *, groups=None, softplus=True, has_D=True, 
     A = -(0.5 + torch.rand(dim, N, device=device)) * torch.exp(torch.randn(dim, N, device=device) * 0.3)
     bc_shape = (batch, N, L) if groups is None else (batch, groups, N, L)
     B, C = rnd(*bc_shape), rnd(*bc_shape)
+    if sliced:  # B, C: slices of one (batch, 2 * rows + 5, ...) tensor, like [dt; B; C]; z: the second half of xz
+        rows = bc_shape[1]
+        big = rnd(batch, 2 * rows + 5, *bc_shape[2:])
+        B, C = big[:, 5:5 + rows], big[:, 5 + rows:]
     D = torch.randn(dim, device=device) if has_D else None
-    z = rnd(batch, dim, L) if has_z else None
+    z = (rnd(batch, 2 * dim, L)[:, dim:] if sliced else rnd(batch, dim, L)) if has_z else None
     bias = torch.randn(dim, device=device) * 0.5 if has_bias else None
     init = torch.randn(batch, dim, N, device=device) if has_init else None
     return dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=bias, initial_state=init)
 
 
 def _leaves(tensors, dtype64=False):
+    """Leaves for autograd.grad: float64 copies, or copies in the same layout (a channel slice stays a slice of a copy
+    of its base, so the extension sees the batch stride)."""
     out = {}
     for k, v in tensors.items():
         if v is None:
             out[k] = None
+        elif dtype64:
+            out[k] = v.detach().double().requires_grad_(True)
+        elif v._base is not None and not v.is_contiguous():
+            base = v._base.detach().clone()
+            out[k] = base.as_strided(v.shape, v.stride(), v.storage_offset()).requires_grad_(True)
         else:
-            w = v.detach().double() if dtype64 else v.detach().clone()
-            out[k] = w.requires_grad_(True)
+            out[k] = v.detach().clone().requires_grad_(True)
     return out
 
 
@@ -143,6 +168,8 @@ UNI_CASES = [  # (batch, dim, N, L, options)
     pytest.param(1, 2, 256, 40, dict(), id="N256"),
     pytest.param(3, 19, 16, 16, dict(noncontig=True), id="L16-noncontig"),
     pytest.param(1, 4, 16, 2049, dict(last=True), id="L2049"),
+    pytest.param(2, 6, 16, 100, dict(sliced=True, groups=2), id="sliced-zBC-G2-L100"),
+    pytest.param(2, 8, 16, 512, dict(sliced=True, last=True), id="sliced-zBC-L512"),
 ]
 
 
@@ -192,6 +219,8 @@ BI_CASES = [  # (batch, dim, N, L, mode)
     pytest.param(2, 4, 16, 33, "v1", id="v1-onlyA_b"),
     pytest.param(1, 6, 8, 64, "v2-grouped", id="v2-G3-vs-G1"),
     pytest.param(2, 5, 16, 300, "none", id="no-b-inputs-divide"),
+    pytest.param(2, 6, 16, 77, "v2-sliced", id="v2-sliced-zBC-L77"),
+    pytest.param(2, 8, 16, 1024, "v2-sliced", id="v2-sliced-zBC-L1024"),
 ]
 
 
@@ -199,9 +228,11 @@ BI_CASES = [  # (batch, dim, N, L, mode)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: DTYPE_ID[d])
 @pytest.mark.parametrize("batch, dim, N, L, mode", BI_CASES)
 def test_bi_selective_scan_cuda_vs_ref(batch, dim, N, L, mode, dtype):
-    x = _inputs(batch, dim, N, L, dtype, groups=3 if mode == "v2-grouped" else None)
+    sliced = mode.endswith("-sliced")  # z, B, C and B_b, C_b as channel slices (the mixer's layout)
+    mode = mode.removesuffix("-sliced")
+    x = _inputs(batch, dim, N, L, dtype, groups=3 if mode == "v2-grouped" else None, sliced=sliced)
     x.pop("initial_state")
-    b = _inputs(batch, dim, N, L, dtype, has_z=False)
+    b = _inputs(batch, dim, N, L, dtype, has_z=False, sliced=sliced)
     bkeys = {"v2": ("u", "delta", "A", "B", "C", "D", "delta_bias"), "v2-grouped": ("u", "delta", "A", "B", "C", "D"),
              "v1": ("A",), "none": ()}[mode]
     for k in bkeys:
@@ -293,6 +324,8 @@ LANES_CASES = [  # (batch, dim, N, L, options): the lanes kernels forced (config
     pytest.param(1, 5, 8, 512, dict(has_init=True, last=True), id="N8-L512"),
     pytest.param(2, 9, 16, 4096, dict(last=True), id="L4096"),
     pytest.param(1, 4, 16, 4100, dict(groups=2, noncontig=True), id="L4100-G2-noncontig"),
+    pytest.param(2, 6, 16, 600, dict(sliced=True, groups=2), id="sliced-zBC-G2-L600"),
+    pytest.param(3, 4, 16, 2048, dict(sliced=True, last=True), id="sliced-zBC-L2048"),
 ]
 
 
@@ -312,6 +345,7 @@ LANES_BI_CASES = [  # (batch, dim, N, L, mode): the bidirectional lanes kernels,
     pytest.param(1, 6, 8, 512, "v2-grouped", id="v2-G3-vs-G1-L512"),
     pytest.param(2, 5, 16, 4096, "none", id="no-b-inputs-divide-L4096"),
     pytest.param(1, 3, 5, 600, "v2", id="v2-N5-L600"),
+    pytest.param(2, 4, 16, 768, "v2-sliced", id="v2-sliced-zBC-L768"),
 ]
 
 
@@ -329,12 +363,14 @@ SEQ_CASES = [  # (batch, dim, N, L, options): the seq forward (time sequential p
     pytest.param(1, 16, 5, 256, dict(groups=2, softplus=False, has_bias=False), id="N5-G2-nosoftplus"),
     pytest.param(1, 16, 16, 1024, dict(noncontig=True, has_z=False), id="L1024-noncontig-noz"),
     pytest.param(2, 24, 16, 4096, dict(last=True), id="L4096"),
+    pytest.param(2, 16, 16, 256, dict(sliced=True), id="sliced-zBC-L256"),
 ]
 SEQ_BI_CASES = [  # (batch, dim, N, L, mode)
     pytest.param(2, 8, 16, 32, "v2", id="v2-L32"),
     pytest.param(1, 16, 16, 288, "v1", id="v1-L288-odd-chunks"),
     pytest.param(1, 24, 8, 512, "v2-grouped", id="v2-G3-N8-L512"),
     pytest.param(2, 8, 16, 4096, "none", id="none-L4096"),
+    pytest.param(2, 16, 16, 256, "v2-sliced", id="v2-sliced-zBC-L256"),
 ]
 
 
@@ -379,6 +415,51 @@ def test_cuda_extension_errors_raise():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.returncode, r.stderr[-300:])
     assert r.stdout.startswith("ValueError") and "B must have shape" in r.stdout, r.stdout[-300:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("L", [300, 1024])
+def test_cuda_raw_bi_reads_slices_and_writes_dz_in_place(L):
+    """The mixer's raw path (``bi_scan_fwd_raw`` / ``bi_scan_bwd_raw``): z = xz[:, E:] and B, C slices of [dt; B; C]
+    read in place; with ``dz_out`` (the z half of a d(xz) buffer) dz is written there, the x half untouched, and every
+    gradient equals the one computed from contiguous copies. Bad layouts of z / dz_out raise ValueErrors naming them."""
+    from matten_kernels.selective_scan import cuda as cuda_mod
+
+    if not cuda_mod.is_available():
+        pytest.skip("CUDA extension not buildable here")
+    torch.manual_seed(0)
+    n, E, N, R = 2, 16, 16, 5
+    dev, dt = "cuda", torch.bfloat16
+    xz = torch.randn(n, 2 * E, L, device=dev, dtype=dt)
+    u, z = xz[:, :E].contiguous(), xz[:, E:]
+    xdbl, xdbl_b = (torch.randn(n, R + 2 * N, L, device=dev, dtype=dt) for _ in range(2))
+    delta, delta_b = ((0.5 * torch.randn(n, E, L, device=dev)).to(dt) for _ in range(2))
+    A, A_b = (-torch.rand(E, N, device=dev) - 0.5 for _ in range(2))
+    D, D_b, bias, bias_b = (torch.randn(E, device=dev) for _ in range(4))
+
+    def call(contiguous: bool, dz_out=None):
+        c = (lambda t: t.contiguous()) if contiguous else (lambda t: t)  # noqa: E731
+        args = (u, delta, A, c(xdbl[:, R:R + N]), c(xdbl[:, R + N:]), D, c(z), bias, u.flip(-1).contiguous(),
+                delta_b, A_b, c(xdbl_b[:, R:R + N]), c(xdbl_b[:, R + N:]), D_b, bias_b)
+        y, saved = cuda_mod.bi_scan_fwd_raw(*args, True, True, True)
+        dy = torch.randn(y.shape, device=dev, generator=torch.Generator(dev).manual_seed(1)).to(dt)
+        return y, cuda_mod.bi_scan_bwd_raw(dy, *args, saved, True, True, dz_out=dz_out)
+
+    y_ref, g_ref = call(True)
+    dxz = torch.full_like(xz, float("nan"))
+    y, g = call(False, dz_out=dxz[:, E:])
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    assert g["z"].numel() == 0 and torch.isnan(dxz[:, :E]).all()
+    torch.testing.assert_close(dxz[:, E:], g_ref["z"], rtol=0, atol=0)
+    for k in ("u", "delta", "A", "B", "C", "D", "delta_bias", "u_b", "delta_b", "A_b", "B_b", "C_b", "D_b",
+              "delta_bias_b"):  # dB/dC, dA... by atomics: summed in another order, not bit-identical
+        torch.testing.assert_close(g[k].float(), g_ref[k].float(), rtol=1e-2, atol=1e-2, msg=k)
+    with pytest.raises(ValueError, match="z must be contiguous but for its batch stride"):
+        torch.ops.matten_cuda.selective_scan_fwd(u, delta, A, xdbl[:, None, R:R + N], xdbl[:, None, R + N:], D, bias,
+                                                 z.transpose(1, 2).contiguous().transpose(1, 2), *([None] * 8),
+                                                 True, False, True, -1)
+    with pytest.raises(ValueError, match="dz_out must have shape"):
+        call(False, dz_out=dxz[:, E + 1:])
 
 
 @pytest.mark.gpu

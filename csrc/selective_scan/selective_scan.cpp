@@ -3,8 +3,10 @@
 //
 // Both ops take the forward direction's inputs and, for the bidirectional scan, the backward direction's
 // (u_b given <=> bidirectional; the Python layer passes the forward twin for a missing *_b input, so autograd
-// adds the twin's two gradients). All tensors must be contiguous (the Python layer makes them so); B and C
-// are (batch, G, N, L). Autograd and fake kernels are registered in matten_kernels/selective_scan/cuda.py.
+// adds the twin's two gradients). All tensors must be contiguous (the Python layer makes them so), except z, B and
+// C, whose batch stride may be any (channel slices of a larger tensor: the mixer's z = xz[:, E:] and B, C slices of
+// the x_proj output); B and C are (batch, G, N, L). The backward writes dz into `dz_out` when given (the same
+// layout rule; e.g. the z half of d(xz)) and then returns an empty dz. Autograd and fake kernels are registered in matten_kernels/selective_scan/cuda.py.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -76,6 +78,25 @@ void check_input(const Tensor& t, const char* name, at::ScalarType dtype, at::In
   MATTEN_CHECK(t.is_contiguous(), "selective_scan (cuda): ", name, " must be contiguous");
 }
 
+// As check_input, but any batch stride (dim 0): every other dimension contiguous within a batch row.
+void check_rows(const Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape,
+                const at::Device& device) {
+  MATTEN_CHECK(t.device() == device, "selective_scan (cuda): ", name, " is on ", t.device(), ", expected ", device);
+  MATTEN_CHECK(t.scalar_type() == dtype, "selective_scan (cuda): ", name, " must have dtype ", dtype, ", got ",
+              t.scalar_type());
+  MATTEN_CHECK(t.sizes() == shape, "selective_scan (cuda): ", name, " must have shape ", shape, ", got ", t.sizes());
+  int64_t expect = 1;
+  for (int64_t k = t.dim() - 1; k >= 1; --k) {
+    MATTEN_CHECK(t.size(k) == 1 || t.stride(k) == expect, "selective_scan (cuda): ", name,
+                " must be contiguous but for its batch stride, got strides ", t.strides());
+    expect *= t.size(k);
+  }
+  MATTEN_CHECK(t.stride(0) >= 0, "selective_scan (cuda): ", name, " has a negative batch stride");
+}
+
+// Batch stride in elements (that of a contiguous tensor when the batch has one row).
+int64_t bstride(const Tensor& t) { return t.size(0) == 1 ? t.numel() : t.stride(0); }
+
 struct Dir {
   Tensor u, delta, A, B, C;
   OptTensor D, delta_bias;
@@ -90,8 +111,8 @@ int check_dir(const Dir& d, int64_t batch, int64_t dim, int64_t L, int64_t N, co
   MATTEN_CHECK(d.B.dim() == 4 && d.C.dim() == 4, "selective_scan (cuda): B and C must be (batch, G, N, L)");
   const int64_t G = d.B.size(1);
   MATTEN_CHECK(G >= 1 && dim % G == 0, "selective_scan (cuda): dim must be a multiple of B's group count");
-  check_input(d.B, "B", dt, {batch, G, N, L}, dev);
-  check_input(d.C, "C", dt, {batch, G, N, L}, dev);
+  check_rows(d.B, "B", dt, {batch, G, N, L}, dev);
+  check_rows(d.C, "C", dt, {batch, G, N, L}, dev);
   if (d.D) check_input(*d.D, "D", at::kFloat, {dim}, dev);
   if (d.delta_bias) check_input(*d.delta_bias, "delta_bias", at::kFloat, {dim}, dev);
   return static_cast<int>(G);
@@ -103,6 +124,8 @@ void fill_dir(matten_scan::DirParams& p, const Dir& d, int G) {
   p.A = d.A.data_ptr<float>();
   p.B = d.B.data_ptr();
   p.C = d.C.data_ptr();
+  p.B_bstride = bstride(d.B);
+  p.C_bstride = bstride(d.C);
   p.D = fptr_or_null(d.D);
   p.delta_bias = fptr_or_null(d.delta_bias);
   p.groups = G;
@@ -141,10 +164,15 @@ std::pair<int, int> splits(int64_t batch, int64_t dim, int tpc, int64_t nchunks,
   return {(int)((nchunks + per - 1) / per), per};
 }
 
-// Lanes kernels: 16-byte vector access needs every row start 16-byte aligned (L a multiple of 16 bytes / element).
+// Lanes kernels: 16-byte vector access needs every row start 16-byte aligned (L a multiple of 16 bytes / element,
+// and so the batch strides).
 bool rows_aligned(int64_t L, at::ScalarType dt, std::initializer_list<Tensor> ts, const OptTensor& z) {
-  if ((L * (int64_t)c10::elementSize(dt)) % 16 != 0) return false;
-  auto ok = [](const Tensor& t) { return t.numel() == 0 || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
+  const int64_t esize = (int64_t)c10::elementSize(dt);
+  if ((L * esize) % 16 != 0) return false;
+  auto ok = [esize](const Tensor& t) {
+    return t.numel() == 0 ||
+           (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && (bstride(t) * esize) % 16 == 0);
+  };
   for (const Tensor& t : ts)
     if (!ok(t)) return false;
   return !z || ok(*z);
@@ -186,7 +214,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> selective_scan_fwd(
     G1 = check_dir(r, batch, dim, L, N, dev, dt);
     MATTEN_CHECK(!initial_state, "selective_scan (cuda): initial_state is unidirectional only");
   }
-  if (z) check_input(*z, "z", dt, {batch, dim, L}, dev);
+  if (z) check_rows(*z, "z", dt, {batch, dim, L}, dev);
   if (initial_state) check_input(*initial_state, "initial_state", at::kFloat, {batch, dim, N}, dev);
   const int cfg = resolve_config(config, N, L, bi);
   const bool lanes = cfg == matten_scan::kLanesConfig;
@@ -228,6 +256,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> selective_scan_fwd(
   for (int d = 0; d < ndir; ++d)
     p.dir[d].states = save_for_backward ? states.data_ptr<float>() + d * dir_states : nullptr;
   p.z = ptr_or_null(z);
+  p.z_bstride = z ? bstride(*z) : 0;
   p.initial_state = fptr_or_null(initial_state);
   p.out = out.data_ptr();
   p.last_state = bi ? nullptr : last_state.data_ptr<float>();
@@ -255,7 +284,8 @@ std::vector<Tensor> selective_scan_bwd(
     const Tensor& B, const Tensor& C, const OptTensor& D, const OptTensor& delta_bias, const OptTensor& z,
     const OptTensor& initial_state, const Tensor& states, const Tensor& y_saved, const OptTensor& u_b,
     const OptTensor& delta_b, const OptTensor& A_b, const OptTensor& B_b, const OptTensor& C_b,
-    const OptTensor& D_b, const OptTensor& delta_bias_b, bool delta_softplus, bool divide_out, int64_t config) {
+    const OptTensor& D_b, const OptTensor& delta_bias_b, bool delta_softplus, bool divide_out, int64_t config,
+    const OptTensor& dz_out) {
   MATTEN_CHECK(u.is_cuda(), "selective_scan (cuda): tensors must be on a CUDA device");
   const c10::cuda::CUDAGuard guard(u.device());
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1);
@@ -273,7 +303,12 @@ std::vector<Tensor> selective_scan_bwd(
   }
   check_input(dout, "dout", dt, {batch, dim, L}, dev);
   if (dlast_state) check_input(*dlast_state, "dlast_state", at::kFloat, {batch, dim, N}, dev);
-  if (z) check_input(*z, "z", dt, {batch, dim, L}, dev);
+  if (z) check_rows(*z, "z", dt, {batch, dim, L}, dev);
+  if (dz_out) {
+    MATTEN_CHECK(z, "selective_scan (cuda): dz_out is given without z");
+    check_rows(*dz_out, "dz_out", dt, {batch, dim, L}, dev);
+    MATTEN_CHECK(batch == 1 || dz_out->stride(0) >= dim * L, "selective_scan (cuda): dz_out's batch rows overlap");
+  }
   const int cfg = resolve_config(config, N, L, bi);
   const bool lanes = cfg == matten_scan::kLanesConfig;
   const int chunk = matten_scan::config_info(cfg).chunk;
@@ -332,18 +367,21 @@ std::vector<Tensor> selective_scan_bwd(
     q.dD_part = g.dD_part.data_ptr<float>();
     q.dbias_part = g.dbias_part.data_ptr<float>();
   }
-  Tensor dz = z ? at::empty({batch, dim, L}, u.options()) : at::empty({0}, u.options());
+  Tensor dz = (z && !dz_out) ? at::empty({batch, dim, L}, u.options()) : at::empty({0}, u.options());
+  const Tensor& dz_dst = dz_out ? *dz_out : dz;
   Tensor dinit = initial_state ? at::empty({batch, dim, N}, f32) : at::empty({0}, f32);
   p.z = ptr_or_null(z);
+  p.z_bstride = z ? bstride(*z) : 0;
   p.dout = dout.data_ptr();
   p.dlast_state = fptr_or_null(dlast_state);
   p.y_saved_in = (z && !lanes) ? y_saved.data_ptr() : nullptr;
-  p.dz = z ? dz.data_ptr() : nullptr;
+  p.dz = z ? dz_dst.data_ptr() : nullptr;
+  p.dz_bstride = z ? bstride(dz_dst) : 0;
   p.dinitial_state = initial_state ? dinit.data_ptr<float>() : nullptr;
   // lanes, bidirectional: fp32 scratch for the backward direction's y (dz needs both directions' y)
   Tensor ws = (lanes && bi && z) ? at::empty({batch, dim, L}, f32) : Tensor();
   p.ws = ws.defined() ? ws.data_ptr<float>() : nullptr;
-  p.lanes_vec = lanes && rows_aligned(L, dt, {u, delta, B, C, dout, grads[0].du, grads[0].ddelta, dz}, z) &&
+  p.lanes_vec = lanes && rows_aligned(L, dt, {u, delta, B, C, dout, grads[0].du, grads[0].ddelta, dz_dst}, z) &&
                 (!bi || rows_aligned(L, dt, {r.u, r.delta, r.B, r.C, grads[1].du, grads[1].ddelta}, z));
   const cudaError_t err = launch(false, dt, p, cfg, c10::cuda::getCurrentCUDAStream().stream());
   MATTEN_CHECK_LAUNCH(err, "backward");
@@ -400,7 +438,7 @@ TORCH_LIBRARY(matten_cuda, m) {
       "selective_scan_bwd(Tensor dout, Tensor? dlast_state, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, "
       "Tensor? D, Tensor? delta_bias, Tensor? z, Tensor? initial_state, Tensor states, Tensor y_saved, "
       "Tensor? u_b, Tensor? delta_b, Tensor? A_b, Tensor? B_b, Tensor? C_b, Tensor? D_b, Tensor? delta_bias_b, "
-      "bool delta_softplus, bool divide_out, int config) -> Tensor[]");
+      "bool delta_softplus, bool divide_out, int config, Tensor(a!)? dz_out=None) -> Tensor[]");
   m.def("selective_scan_configs() -> int[]", &selective_scan_configs);
 }
 

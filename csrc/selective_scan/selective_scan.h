@@ -99,13 +99,16 @@ inline int choose_splits(long batch, long dim, int tpc, int nchunks, long capaci
 
 enum Dtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// One scan direction. All tensors contiguous; "dtype" tensors have the input dtype, the rest are fp32.
+// One scan direction. Tensors contiguous, except B and C (and z, dz in ScanParams): their rows are, their batch
+// stride is any (channel slices of a larger tensor, e.g. the x_proj output [dt; B; C]: no copy). "dtype" tensors
+// have the input dtype, the rest are fp32.
 struct DirParams {
   const void* u;              // (batch, dim, L) dtype
   const void* delta;          // (batch, dim, L) dtype
   const float* A;             // (dim, N)
-  const void* B;              // (batch, G, N, L) dtype
-  const void* C;              // (batch, G, N, L) dtype
+  const void* B;              // (batch, G, N, L) dtype, batch stride B_bstride elements
+  const void* C;              // (batch, G, N, L) dtype, batch stride C_bstride elements
+  long long B_bstride, C_bstride;
   const float* D;             // (dim,) or nullptr
   const float* delta_bias;    // (dim,) or nullptr
   int groups;                 // G
@@ -138,7 +141,8 @@ struct ScanParams {
   float* split_state;         // (ndir, nsplit, batch, dim, N) split summaries (see above), when nsplit > 1
   float* split_sumd;          // (ndir, nsplit, batch, dim)
   DirParams dir[2];
-  const void* z;              // (batch, dim, L) dtype or nullptr
+  const void* z;              // (batch, dim, L) dtype or nullptr, batch stride z_bstride elements
+  long long z_bstride;
   const float* initial_state; // (batch, dim, N) or nullptr (unidirectional only)
   // Forward outputs.
   void* out;                  // (batch, dim, L) dtype
@@ -149,7 +153,8 @@ struct ScanParams {
   const void* dout;           // (batch, dim, L) dtype
   const float* dlast_state;   // (batch, dim, N) or nullptr
   const void* y_saved_in;     // (batch, dim, L) dtype, when z is given
-  void* dz;                   // (batch, dim, L) dtype, when z is given
+  void* dz;                   // (batch, dim, L) dtype, when z is given; batch stride dz_bstride elements
+  long long dz_bstride;
   float* dinitial_state;      // (batch, dim, N) or nullptr
 };
 

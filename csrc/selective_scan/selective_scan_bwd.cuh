@@ -98,6 +98,11 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
     const T* __restrict__ delta = static_cast<const T*>(dp.delta);
     const T* __restrict__ Bp = static_cast<const T*>(dp.B);
     const T* __restrict__ Cp = static_cast<const T*>(dp.C);
+    // batch strides: index offsets from the contiguous layout's (the sums are the true, non-negative indices)
+    const long long zoff = (long long)b * (p.z_bstride - (long long)dim * L);
+    const long long dzoff = (long long)b * (p.dz_bstride - (long long)dim * L);
+    const long long boff = (long long)b * (dp.B_bstride - (long long)G * N * L);
+    const long long coff = (long long)b * (dp.C_bstride - (long long)G * N * L);
     const bool do_dz = has_z && di == 0;
 
     float A[NPT], A2[NPT], lam[NPT], a_next[NPT], dA_acc[NPT];
@@ -145,7 +150,7 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
         r_u[r] = load_or_zero(u, idx, ok);
         r_dt[r] = load_or_zero(delta, idx, ok);
         r_do[r] = load_or_zero(doutp, idx, ok);
-        r_z[r] = load_or_zero(zp, idx, ok && has_z);
+        r_z[r] = load_or_zero(zp, idx + zoff, ok && has_z);
         r_ys[r] = load_or_zero(ysp, idx, ok && do_dz);
       }
 #pragma unroll
@@ -153,8 +158,8 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
         const int e = tid + r * NT, n = e / CHUNK, tau = c * CHUNK + e % CHUNK;
         const bool ok = e < BC_TILE && n < N && tau < L;
         const size_t idx = (((size_t)b * G + g) * N + n) * L + natural_t(tau, L, reverse);
-        r_B[r] = load_or_zero(Bp, idx, ok);
-        r_C[r] = load_or_zero(Cp, idx, ok);
+        r_B[r] = load_or_zero(Bp, idx + boff, ok);
+        r_C[r] = load_or_zero(Cp, idx + coff, ok);
       }
     };
     auto stage = [&](int c) {
@@ -178,7 +183,7 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
             if (do_dz && ok) {
               const float dz = go * to_float(r_ys[r]) * sz * (1.f + zz * (1.f - sz));
               const size_t idx = ((size_t)b * dim + c0 + row) * L + natural_t(tau, L, reverse);
-              static_cast<T*>(p.dz)[idx] = from_float<T>(dz);
+              static_cast<T*>(p.dz)[idx + dzoff] = from_float<T>(dz);
             }
           }
           if (p.divide_out) gy *= 0.5f;
@@ -363,6 +368,8 @@ __global__ void __launch_bounds__(NWARPS * 32) scan_bwd_split_kernel(const ScanP
     const int g = c0 / (dim / G);
     const T* __restrict__ delta = static_cast<const T*>(dp.delta);
     const T* __restrict__ Cp = static_cast<const T*>(dp.C);
+    const long long zoff = (long long)b * (p.z_bstride - (long long)dim * L);
+    const long long coff = (long long)b * (dp.C_bstride - (long long)G * N * L);
     float A2[NPT], rho[NPT];
 #pragma unroll
     for (int i = 0; i < NPT; ++i) {
@@ -386,13 +393,13 @@ __global__ void __launch_bounds__(NWARPS * 32) scan_bwd_split_kernel(const ScanP
         const size_t idx = ((size_t)b * dim + c0 + row) * L + natural_t(tau, L, reverse);
         r_dt[r] = load_or_zero(delta, idx, ok);
         r_do[r] = load_or_zero(doutp, idx, ok);
-        r_z[r] = load_or_zero(zp, idx, ok && has_z);
+        r_z[r] = load_or_zero(zp, idx + zoff, ok && has_z);
       }
 #pragma unroll
       for (int r = 0; r < BPT; ++r) {
         const int e = tid + r * NT, n = e / CHUNK, tau = c * CHUNK + e % CHUNK;
         const size_t idx = (((size_t)b * G + g) * N + n) * L + natural_t(tau, L, reverse);
-        r_C[r] = load_or_zero(Cp, idx, e < BC_TILE && n < N && tau < L);
+        r_C[r] = load_or_zero(Cp, idx + coff, e < BC_TILE && n < N && tau < L);
       }
     };
     float sum_d = 0.f;

@@ -60,6 +60,10 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_fwd_kernel(const ScanP
     const T* __restrict__ Cp = static_cast<const T*>(dp.C);
     const T* __restrict__ zp = static_cast<const T*>(p.z);
     const bool load_z = has_z && di == 0;
+    // batch strides: index offsets from the contiguous layout's (the sums are the true, non-negative indices)
+    const long long zoff = (long long)b * (p.z_bstride - (long long)dim * L);
+    const long long boff = (long long)b * (dp.B_bstride - (long long)G * N * L);
+    const long long coff = (long long)b * (dp.C_bstride - (long long)G * N * L);
 
     float A2[NPT], h[NPT];
 #pragma unroll
@@ -94,15 +98,15 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_fwd_kernel(const ScanP
         const size_t idx = ((size_t)b * dim + c0 + row) * L + natural_t(tau, L, reverse);
         r_u[r] = load_or_zero(u, idx, ok);
         r_dt[r] = load_or_zero(delta, idx, ok);
-        r_z[r] = load_or_zero(zp, idx, ok && load_z);
+        r_z[r] = load_or_zero(zp, idx + zoff, ok && load_z);
       }
 #pragma unroll
       for (int r = 0; r < BPT; ++r) {
         const int e = tid + r * NT, n = e / CHUNK, tau = c * CHUNK + e % CHUNK;
         const bool ok = e < BC_TILE && n < N && tau < L;
         const size_t idx = (((size_t)b * G + g) * N + n) * L + natural_t(tau, L, reverse);
-        r_B[r] = load_or_zero(Bp, idx, ok);
-        r_C[r] = load_or_zero(Cp, idx, ok);
+        r_B[r] = load_or_zero(Bp, idx + boff, ok);
+        r_C[r] = load_or_zero(Cp, idx + coff, ok);
       }
     };
     auto stage = [&](int c) {
@@ -229,6 +233,7 @@ __global__ void __launch_bounds__(NWARPS * 32) scan_fwd_split_kernel(const ScanP
     const T* __restrict__ u = static_cast<const T*>(dp.u);
     const T* __restrict__ delta = static_cast<const T*>(dp.delta);
     const T* __restrict__ Bp = static_cast<const T*>(dp.B);
+    const long long boff = (long long)b * (dp.B_bstride - (long long)G * N * L);
     float A2[NPT], h[NPT];
 #pragma unroll
     for (int i = 0; i < NPT; ++i) {
@@ -257,7 +262,7 @@ __global__ void __launch_bounds__(NWARPS * 32) scan_fwd_split_kernel(const ScanP
       for (int r = 0; r < BPT; ++r) {
         const int e = tid + r * NT, n = e / CHUNK, tau = c * CHUNK + e % CHUNK;
         const size_t idx = (((size_t)b * G + g) * N + n) * L + natural_t(tau, L, reverse);
-        r_B[r] = load_or_zero(Bp, idx, e < BC_TILE && n < N);
+        r_B[r] = load_or_zero(Bp, idx + boff, e < BC_TILE && n < N);
       }
     };
     float sum_d = 0.f;

@@ -307,18 +307,19 @@ __device__ __forceinline__ LanesRows<T> lanes_rows(const ScanParams& p, int d, i
   const DirParams& dp = p.dir[d];
   const int g = chan / (p.dim / dp.groups);
   const size_t row = ((size_t)b * p.dim + chan) * p.L;
-  const size_t bc = ((size_t)b * dp.groups + g) * p.N * p.L;
+  const size_t bc = ((size_t)b * dp.groups + g) * p.N * p.L;  // the dB/dC partial sums' layout (contiguous)
+  const size_t gi = (size_t)g * p.N * p.L, ci = (size_t)chan * p.L;  // within a batch row of B / C, z / dz
   LanesRows<T> r;
   r.u = static_cast<const T*>(dp.u) + row;
   r.delta = static_cast<const T*>(dp.delta) + row;
-  r.B = static_cast<const T*>(dp.B) + bc;
-  r.C = static_cast<const T*>(dp.C) + bc;
-  r.z = p.z ? static_cast<const T*>(p.z) + row : nullptr;
+  r.B = static_cast<const T*>(dp.B) + (size_t)b * dp.B_bstride + gi;
+  r.C = static_cast<const T*>(dp.C) + (size_t)b * dp.C_bstride + gi;
+  r.z = p.z ? static_cast<const T*>(p.z) + (size_t)b * p.z_bstride + ci : nullptr;
   r.dout = p.dout ? static_cast<const T*>(p.dout) + row : nullptr;
   r.out = p.out ? static_cast<T*>(p.out) + row : nullptr;
   r.du = dp.du ? static_cast<T*>(dp.du) + row : nullptr;
   r.ddelta = dp.ddelta ? static_cast<T*>(dp.ddelta) + row : nullptr;
-  r.dz = p.dz ? static_cast<T*>(p.dz) + row : nullptr;
+  r.dz = p.dz ? static_cast<T*>(p.dz) + (size_t)b * p.dz_bstride + ci : nullptr;
   r.dB = dp.dB_part ? dp.dB_part + bc : nullptr;
   r.dC = dp.dC_part ? dp.dC_part + bc : nullptr;
   r.ws = p.ws ? p.ws + row : nullptr;

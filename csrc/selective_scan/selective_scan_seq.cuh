@@ -192,13 +192,13 @@ __device__ __forceinline__ SeqRows<T, NPT> seq_rows(const ScanParams& p, const D
                                                     int nB) {
   const size_t row = ((size_t)b * p.dim + chan) * p.L;
   const int g = chan / (p.dim / dp.groups);
-  const size_t bc = (((size_t)b * dp.groups + g) * p.N + nB) * p.L;
+  const size_t bc = ((size_t)g * p.N + nB) * p.L;  // within a batch row of B / C
   SeqRows<T, NPT> r;
   r.u = static_cast<const T*>(dp.u) + row;
   r.dt = static_cast<const T*>(dp.delta) + row;
-  r.z = p.z ? static_cast<const T*>(p.z) + row : nullptr;
-  r.B = nB < p.N ? static_cast<const T*>(dp.B) + bc : nullptr;
-  r.C = nB < p.N ? static_cast<const T*>(dp.C) + bc : nullptr;
+  r.z = p.z ? static_cast<const T*>(p.z) + (size_t)b * p.z_bstride + (size_t)chan * p.L : nullptr;
+  r.B = nB < p.N ? static_cast<const T*>(dp.B) + (size_t)b * dp.B_bstride + bc : nullptr;
+  r.C = nB < p.N ? static_cast<const T*>(dp.C) + (size_t)b * dp.C_bstride + bc : nullptr;
   r.out = static_cast<T*>(p.out) + row;
   r.ws = p.ws ? p.ws + row : nullptr;
   return r;

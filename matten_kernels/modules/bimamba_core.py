@@ -42,25 +42,28 @@ def _scan_fwd(backend: str, args: dict, divide_out: bool, save: bool):
     if backend == "cuda":
         from ..selective_scan import cuda
 
-        args["z"] = args["z"].contiguous()  # the extension takes contiguous tensors; saved for the backward too
+        # z = xz[:, E:] and B, C (slices of the x_proj output) as they are: the extension takes any batch stride
         y, (states, y_saved, cfg) = cuda.bi_scan_fwd_raw(
             *(args[k] for k in _SCAN_ARGS), True, divide_out, save)
-        return y, (states, y_saved, args["z"]), cfg
+        return y, (states, y_saved), cfg
     from ..selective_scan._ops import _bi_fwd
 
     y, states, states_b = _bi_fwd(*(args[k] for k in _SCAN_ARGS), True, divide_out)
     return y, (states, states_b), None
 
 
-def _scan_bwd(backend: str, dy, args: dict, saved, cfg, divide_out: bool) -> dict:
+def _scan_bwd(backend: str, dy, args: dict, saved, cfg, divide_out: bool, dz_out: torch.Tensor) -> dict:
+    """The scan's gradients; dz goes into ``dz_out`` (the z half of d(xz))."""
     if backend == "cuda":
         from ..selective_scan import cuda
 
-        states, y_saved, args["z"] = saved
-        return cuda.bi_scan_bwd_raw(dy, *(args[k] for k in _SCAN_ARGS), (states, y_saved, cfg), True, divide_out)
+        return cuda.bi_scan_bwd_raw(dy, *(args[k] for k in _SCAN_ARGS), (*saved, cfg), True, divide_out,
+                                    dz_out=dz_out)
     from ..selective_scan._ops import _BI_GRAD_ORDER, _bi_bwd
 
-    return dict(zip(_BI_GRAD_ORDER, _bi_bwd(dy, *(args[k] for k in _SCAN_ARGS), *saved, True, divide_out)))
+    g = dict(zip(_BI_GRAD_ORDER, _bi_bwd(dy, *(args[k] for k in _SCAN_ARGS), *saved, True, divide_out)))
+    dz_out.copy_(g.pop("z"))
+    return g
 
 
 def ssm_param(p: torch.Tensor) -> torch.Tensor:
@@ -119,7 +122,8 @@ class BiMambaCore(torch.autograd.Function):
         dt_b, B_b, C_b = torch.split(xdbl_b, [R, N, N], dim=1)
         args = dict(u=x_f, delta=delta, A=A, B=B, C=C, D=D, z=xz[:, E:], delta_bias=dt_bias, u_b=x_b,
                     delta_b=delta_b, A_b=A_b, B_b=B_b, C_b=C_b, D_b=D_b, delta_bias_b=dt_bias_b)
-        g = _scan_bwd(backend, dy, args, saved, cfg, divide_out)
+        dxz = torch.empty_like(xz, memory_format=torch.contiguous_format)
+        g = _scan_bwd(backend, dy, args, saved, cfg, divide_out, dz_out=dxz[:, E:])
         del args, saved
 
         def project_bwd(sfx, u, dt, xproj_w, dtproj_w):
@@ -132,13 +136,11 @@ class BiMambaCore(torch.autograd.Function):
             del ddelta
             dxdbl = torch.cat([ddt, g.pop("B" + sfx).to(ddt.dtype), g.pop("C" + sfx).to(ddt.dtype)], dim=1)
             del ddt
-            du = torch.baddbmm(g.pop("u" + sfx), xproj_w.t().expand(n, -1, -1), dxdbl)
+            du = g.pop("u" + sfx).baddbmm_(xproj_w.t().expand(n, -1, -1), dxdbl)  # in place: the scan's du is ours
             return du, sum_of_products(dxdbl, u), ddtproj_w
 
         du_f, dxproj_w, ddtproj_w = project_bwd("", x_f, dt, xproj_w, dtproj_w)
         du_b, dxproj_w_b, ddtproj_w_b = project_bwd("_b", x_b, dt_b, xproj_w_b, dtproj_w_b)
-        dxz = torch.empty_like(xz, memory_format=torch.contiguous_format)
-        dxz[:, E:].copy_(g.pop("z"))
         _, dconv_w, dconv_b, dconv_w_b, dconv_b_b = dwconv_silu_bwd_launch(
             du_f, du_b, xz[:, :E], conv_w, conv_b, conv_w_b, conv_b_b, dx_out=dxz[:, :E])
         grads = (dxproj_w, dxproj_w_b, ddtproj_w, ddtproj_w_b, g["A"] * A, g["A_b"] * A_b, g["D"], g["D_b"],

@@ -179,7 +179,7 @@ def _register() -> None:
 
     @torch.library.register_fake(bwd)
     def _bwd_fake(dout, dlast_state, u, delta, A, B, C, D, delta_bias, z, initial_state, states, y_saved, u_b,
-                  delta_b, A_b, B_b, C_b, D_b, delta_bias_b, delta_softplus, divide_out, config):
+                  delta_b, A_b, B_b, C_b, D_b, delta_bias_b, delta_softplus, divide_out, config, dz_out=None):
         none = u.new_empty((0,), dtype=torch.float32)
         out = []
         for d, (uu, AA, BB, CC, DD, bb) in enumerate(((u, A, B, C, D, delta_bias),
@@ -191,7 +191,7 @@ def _register() -> None:
                     CC.new_empty(CC.shape), DD.new_empty(DD.shape) if DD is not None else none,
                     bb.new_empty(bb.shape) if bb is not None else none]
             if d == 0:
-                out += [z.new_empty(z.shape) if z is not None else u.new_empty((0,)),
+                out += [z.new_empty(z.shape) if z is not None and dz_out is None else u.new_empty((0,)),
                         initial_state.new_empty(initial_state.shape) if initial_state is not None else none]
         return out
 
@@ -259,9 +259,22 @@ def _contig(t):
     return None if t is None else t.contiguous()
 
 
+def _rows(t):
+    """``t`` itself where the extension takes it (contiguous but for the batch stride: a channel slice such as
+    ``xz[:, E:]``), else a contiguous copy. For z and B, C."""
+    if t is None:
+        return None
+    expect = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size != 1 and stride != expect:
+            return t.contiguous()
+        expect *= size
+    return t
+
+
 def _grouped(X):
-    """(batch, N, L) -> (batch, 1, N, L) view; (batch, G, N, L) unchanged; contiguous."""
-    return (X.unsqueeze(1) if X.dim() == 3 else X).contiguous()
+    """(batch, N, L) -> (batch, 1, N, L) view; (batch, G, N, L) unchanged; rows contiguous (``_rows``)."""
+    return _rows(X.unsqueeze(1) if X.dim() == 3 else X)
 
 
 def _check_device(op, u):
@@ -310,7 +323,7 @@ def cuda_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
     _check_forced_seq(cfg, u, B)
     out, last_state = _scan_fwd(
         u.contiguous(), delta.contiguous(), A.contiguous(), _grouped(B), _grouped(C), _contig(D), _contig(delta_bias),
-        _contig(z), _contig(initial_state), None, None, None, None, None, None, None, bool(delta_softplus), False,
+        _rows(z), _contig(initial_state), None, None, None, None, None, None, None, bool(delta_softplus), False,
         save, cfg)
     return (out, last_state) if return_last_state else out
 
@@ -333,7 +346,7 @@ def cuda_bi_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     _check_forced_seq(cfg, u, B, B_b)
     out, _ = _scan_fwd(
         u.contiguous(), delta.contiguous(), A.contiguous(), _grouped(B), _grouped(C), _contig(D), _contig(delta_bias),
-        _contig(z), None, u_b.contiguous(), delta_b.contiguous(), A_b.contiguous(), _grouped(B_b), _grouped(C_b),
+        _rows(z), None, u_b.contiguous(), delta_b.contiguous(), A_b.contiguous(), _grouped(B_b), _grouped(C_b),
         _contig(D_b), _contig(delta_bias_b), bool(delta_softplus), bool(divide_out), save, cfg)
     return out
 
@@ -344,8 +357,8 @@ def cuda_bi_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
 
 def bi_scan_fwd_raw(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b,
                     delta_softplus: bool, divide_out: bool, save: bool = True):
-    """The bidirectional forward on the extension, every ``*_b`` given (v2), inputs valid and contiguous (B, C and
-    their twins may be channel slices). Returns ``(out, saved)``; ``saved`` (states, y_saved, config) goes back to
+    """The bidirectional forward on the extension, every ``*_b`` given (v2), inputs valid and contiguous (z, B, C and
+    the twins may be channel slices: any batch stride). Returns ``(out, saved)``; ``saved`` (states, y_saved, config) goes back to
     :func:`bi_scan_bwd_raw` (``save`` False: nothing is saved, no backward can run)."""
     _load()
     cfg = _config(A, u.shape[-1], bidirectional=True)
@@ -356,13 +369,14 @@ def bi_scan_fwd_raw(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b,
 
 
 def bi_scan_bwd_raw(dout, u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b,
-                    saved, delta_softplus: bool, divide_out: bool) -> dict:
-    """Gradients of :func:`bi_scan_fwd_raw`'s inputs, keyed by argument name (dB/dC shaped like B/C)."""
+                    saved, delta_softplus: bool, divide_out: bool, dz_out=None) -> dict:
+    """Gradients of :func:`bi_scan_fwd_raw`'s inputs, keyed by argument name (dB/dC shaped like B/C). With ``dz_out``
+    (z's shape, contiguous but for its batch stride) dz is written there and not returned."""
     states, y_saved, cfg = saved
     g = torch.ops.matten_cuda.selective_scan_bwd(
         dout.contiguous(), None, u, delta, A, _grouped(B), _grouped(C), D, delta_bias, z, None, states, y_saved,
         u_b, delta_b, A_b, _grouped(B_b), _grouped(C_b), D_b, delta_bias_b, bool(delta_softplus), bool(divide_out),
-        cfg)
+        cfg, dz_out)
     names = ("u", "delta", "A", "B", "C", "D", "delta_bias", "z", "initial_state",
              "u_b", "delta_b", "A_b", "B_b", "C_b", "D_b", "delta_bias_b")
     grads = dict(zip(names, g))
