@@ -458,7 +458,7 @@ def test_cuda_raw_bi_reads_slices_and_writes_dz_in_place(L):
         torch.ops.matten_cuda.selective_scan_fwd(u, delta, A, xdbl[:, None, R:R + N], xdbl[:, None, R + N:], D, bias,
                                                  z.transpose(1, 2).contiguous().transpose(1, 2), *([None] * 8),
                                                  True, False, True, -1)
-    with pytest.raises(ValueError, match="dz_out must have shape"):
+    with pytest.raises(ValueError, match="dz_out must have shape"):  # selective_scan_bwd_into
         call(False, dz_out=dxz[:, E + 1:])
 
 

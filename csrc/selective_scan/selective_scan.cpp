@@ -5,8 +5,9 @@
 // (u_b given <=> bidirectional; the Python layer passes the forward twin for a missing *_b input, so autograd
 // adds the twin's two gradients). All tensors must be contiguous (the Python layer makes them so), except z, B and
 // C, whose batch stride may be any (channel slices of a larger tensor: the mixer's z = xz[:, E:] and B, C slices of
-// the x_proj output); B and C are (batch, G, N, L). The backward writes dz into `dz_out` when given (the same
-// layout rule; e.g. the z half of d(xz)) and then returns an empty dz. Autograd and fake kernels are registered in matten_kernels/selective_scan/cuda.py.
+// the x_proj output); B and C are (batch, G, N, L). selective_scan_bwd_into writes dz into `dz_out` (the same
+// layout rule; e.g. the z half of d(xz)) and then returns an empty dz. Autograd and fake kernels are registered in
+// matten_kernels/selective_scan/cuda.py.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -278,8 +279,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> selective_scan_fwd(
 }
 
 // Returns [du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, dinitial_state, du_b, ddelta_b, dA_b, dB_b, dC_b, dD_b,
-// ddelta_bias_b]; entries for absent inputs are empty tensors. dB/dC are (batch, G, N, L) in the input dtype.
-std::vector<Tensor> selective_scan_bwd(
+// ddelta_bias_b]; entries for absent inputs are empty tensors (dz too when written into dz_out). dB/dC are
+// (batch, G, N, L) in the input dtype.
+std::vector<Tensor> scan_bwd(
     const Tensor& dout, const OptTensor& dlast_state, const Tensor& u, const Tensor& delta, const Tensor& A,
     const Tensor& B, const Tensor& C, const OptTensor& D, const OptTensor& delta_bias, const OptTensor& z,
     const OptTensor& initial_state, const Tensor& states, const Tensor& y_saved, const OptTensor& u_b,
@@ -417,6 +419,27 @@ std::vector<Tensor> selective_scan_bwd(
   return res;
 }
 
+std::vector<Tensor> selective_scan_bwd(
+    const Tensor& dout, const OptTensor& dlast_state, const Tensor& u, const Tensor& delta, const Tensor& A,
+    const Tensor& B, const Tensor& C, const OptTensor& D, const OptTensor& delta_bias, const OptTensor& z,
+    const OptTensor& initial_state, const Tensor& states, const Tensor& y_saved, const OptTensor& u_b,
+    const OptTensor& delta_b, const OptTensor& A_b, const OptTensor& B_b, const OptTensor& C_b,
+    const OptTensor& D_b, const OptTensor& delta_bias_b, bool delta_softplus, bool divide_out, int64_t config) {
+  return scan_bwd(dout, dlast_state, u, delta, A, B, C, D, delta_bias, z, initial_state, states, y_saved, u_b,
+                  delta_b, A_b, B_b, C_b, D_b, delta_bias_b, delta_softplus, divide_out, config, std::nullopt);
+}
+
+std::vector<Tensor> selective_scan_bwd_into(
+    const Tensor& dout, const OptTensor& dlast_state, const Tensor& u, const Tensor& delta, const Tensor& A,
+    const Tensor& B, const Tensor& C, const OptTensor& D, const OptTensor& delta_bias, const Tensor& z,
+    const OptTensor& initial_state, const Tensor& states, const Tensor& y_saved, const OptTensor& u_b,
+    const OptTensor& delta_b, const OptTensor& A_b, const OptTensor& B_b, const OptTensor& C_b,
+    const OptTensor& D_b, const OptTensor& delta_bias_b, bool delta_softplus, bool divide_out, int64_t config,
+    Tensor& dz_out) {
+  return scan_bwd(dout, dlast_state, u, delta, A, B, C, D, delta_bias, z, initial_state, states, y_saved, u_b,
+                  delta_b, A_b, B_b, C_b, D_b, delta_bias_b, delta_softplus, divide_out, config, dz_out);
+}
+
 std::vector<int64_t> selective_scan_configs() {
   std::vector<int64_t> table;
   for (int c = 0; c < matten_scan::kNumConfigs; ++c) {
@@ -438,11 +461,19 @@ TORCH_LIBRARY(matten_cuda, m) {
       "selective_scan_bwd(Tensor dout, Tensor? dlast_state, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, "
       "Tensor? D, Tensor? delta_bias, Tensor? z, Tensor? initial_state, Tensor states, Tensor y_saved, "
       "Tensor? u_b, Tensor? delta_b, Tensor? A_b, Tensor? B_b, Tensor? C_b, Tensor? D_b, Tensor? delta_bias_b, "
-      "bool delta_softplus, bool divide_out, int config, Tensor(a!)? dz_out=None) -> Tensor[]");
+      "bool delta_softplus, bool divide_out, int config) -> Tensor[]");
+  // The same, dz written into dz_out (returned empty): for eager fused callers (the BiMamba core writes it into the z
+  // half of d(xz)). A separate op, so the one above stays functional for torch.compile.
+  m.def(
+      "selective_scan_bwd_into(Tensor dout, Tensor? dlast_state, Tensor u, Tensor delta, Tensor A, Tensor B, "
+      "Tensor C, Tensor? D, Tensor? delta_bias, Tensor z, Tensor? initial_state, Tensor states, Tensor y_saved, "
+      "Tensor? u_b, Tensor? delta_b, Tensor? A_b, Tensor? B_b, Tensor? C_b, Tensor? D_b, Tensor? delta_bias_b, "
+      "bool delta_softplus, bool divide_out, int config, Tensor(a!) dz_out) -> Tensor[]");
   m.def("selective_scan_configs() -> int[]", &selective_scan_configs);
 }
 
 TORCH_LIBRARY_IMPL(matten_cuda, CUDA, m) {
   m.impl("selective_scan_fwd", &selective_scan_fwd);
   m.impl("selective_scan_bwd", &selective_scan_bwd);
+  m.impl("selective_scan_bwd_into", &selective_scan_bwd_into);
 }

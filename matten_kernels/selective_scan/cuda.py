@@ -179,7 +179,7 @@ def _register() -> None:
 
     @torch.library.register_fake(bwd)
     def _bwd_fake(dout, dlast_state, u, delta, A, B, C, D, delta_bias, z, initial_state, states, y_saved, u_b,
-                  delta_b, A_b, B_b, C_b, D_b, delta_bias_b, delta_softplus, divide_out, config, dz_out=None):
+                  delta_b, A_b, B_b, C_b, D_b, delta_bias_b, delta_softplus, divide_out, config):
         none = u.new_empty((0,), dtype=torch.float32)
         out = []
         for d, (uu, AA, BB, CC, DD, bb) in enumerate(((u, A, B, C, D, delta_bias),
@@ -191,7 +191,7 @@ def _register() -> None:
                     CC.new_empty(CC.shape), DD.new_empty(DD.shape) if DD is not None else none,
                     bb.new_empty(bb.shape) if bb is not None else none]
             if d == 0:
-                out += [z.new_empty(z.shape) if z is not None and dz_out is None else u.new_empty((0,)),
+                out += [z.new_empty(z.shape) if z is not None else u.new_empty((0,)),
                         initial_state.new_empty(initial_state.shape) if initial_state is not None else none]
         return out
 
@@ -373,10 +373,11 @@ def bi_scan_bwd_raw(dout, u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b
     """Gradients of :func:`bi_scan_fwd_raw`'s inputs, keyed by argument name (dB/dC shaped like B/C). With ``dz_out``
     (z's shape, contiguous but for its batch stride) dz is written there and not returned."""
     states, y_saved, cfg = saved
-    g = torch.ops.matten_cuda.selective_scan_bwd(
-        dout.contiguous(), None, u, delta, A, _grouped(B), _grouped(C), D, delta_bias, z, None, states, y_saved,
-        u_b, delta_b, A_b, _grouped(B_b), _grouped(C_b), D_b, delta_bias_b, bool(delta_softplus), bool(divide_out),
-        cfg, dz_out)
+    args = (dout.contiguous(), None, u, delta, A, _grouped(B), _grouped(C), D, delta_bias, z, None, states, y_saved,
+            u_b, delta_b, A_b, _grouped(B_b), _grouped(C_b), D_b, delta_bias_b, bool(delta_softplus), bool(divide_out),
+            cfg)
+    g = (torch.ops.matten_cuda.selective_scan_bwd(*args) if dz_out is None
+         else torch.ops.matten_cuda.selective_scan_bwd_into(*args, dz_out))
     names = ("u", "delta", "A", "B", "C", "D", "delta_bias", "z", "initial_state",
              "u_b", "delta_b", "A_b", "B_b", "C_b", "D_b", "delta_bias_b")
     grads = dict(zip(names, g))
