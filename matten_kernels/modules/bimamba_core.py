@@ -4,15 +4,17 @@
 two x_proj and two dt_proj products with their splits, the scan), and their backward pays for the composition:
 
 * ``x_f`` feeds both x_proj and the scan, so autograd adds the two gradients of it (one elementwise kernel over
-  (batch, d_inner, L) per direction); here the x_proj input gradient is added by the GEMM's epilogue
-  (``baddbmm`` with the scan's du as C);
+  (batch, d_inner, L) per direction); here the x_proj input gradient is added by the GEMM's epilogue, in place
+  into the scan's du (``baddbmm_``; the out-of-place form copies du first);
 * the split of ``xz`` into x and z is undone by a cat of dx and dz; here the conv backward writes dx straight into
-  its half of d(xz) and only dz is copied into the other;
+  its half of d(xz) and the scan its dz into the other (the CUDA scan directly, the Triton one through a copy);
+* on the CUDA scan, z (a slice of xz) and B, C (slices of the x_proj output) are read in place, not copied.
 * each node is a round of Python and dispatcher work on the host.
 
 Measured on an H100 (``benchmarks/README.md`` "Session 11"): the same device time as the composition, less host time
-(3.35 vs 4.20 ms a fwd+bwd at 1024 tokens on the CUDA scan), so it helps where the host is the bottleneck (short
-sequences, eager steps) and changes nothing where the kernels are.
+(3.35 vs 4.20 ms a fwd+bwd at 1024 tokens on the CUDA scan). With the copies above removed (session 15) the global XL
+mixer's fwd+bwd on the CUDA scan is 3.60 ms eager against 3.78 before, 2.05x Vim's composition over mamba-ssm
+(``benchmarks/README.md`` "Session 15").
 
 Same maths, same kernels, same saved tensors as the composition (``BiMamba._forward`` with ``fast=True``); the tests
 check one against the other. It serves eager calls of the v2 mixer on the kernel backends; torch.compile and dispatch
