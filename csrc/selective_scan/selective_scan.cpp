@@ -70,22 +70,24 @@ const float* fptr_or_null(const OptTensor& t) {
   return t.has_value() ? t->data_ptr<float>() : nullptr;
 }
 
-void check_input(const Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape,
-                 const at::Device& device) {
+void check_meta(const Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape,
+                const at::Device& device) {
   MATTEN_CHECK(t.device() == device, "selective_scan (cuda): ", name, " is on ", t.device(), ", expected ", device);
   MATTEN_CHECK(t.scalar_type() == dtype, "selective_scan (cuda): ", name, " must have dtype ", dtype, ", got ",
               t.scalar_type());
   MATTEN_CHECK(t.sizes() == shape, "selective_scan (cuda): ", name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+void check_input(const Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape,
+                 const at::Device& device) {
+  check_meta(t, name, dtype, shape, device);
   MATTEN_CHECK(t.is_contiguous(), "selective_scan (cuda): ", name, " must be contiguous");
 }
 
 // As check_input, but any batch stride (dim 0): every other dimension contiguous within a batch row.
 void check_rows(const Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape,
                 const at::Device& device) {
-  MATTEN_CHECK(t.device() == device, "selective_scan (cuda): ", name, " is on ", t.device(), ", expected ", device);
-  MATTEN_CHECK(t.scalar_type() == dtype, "selective_scan (cuda): ", name, " must have dtype ", dtype, ", got ",
-              t.scalar_type());
-  MATTEN_CHECK(t.sizes() == shape, "selective_scan (cuda): ", name, " must have shape ", shape, ", got ", t.sizes());
+  check_meta(t, name, dtype, shape, device);
   int64_t expect = 1;
   for (int64_t k = t.dim() - 1; k >= 1; --k) {
     MATTEN_CHECK(t.size(k) == 1 || t.stride(k) == expect, "selective_scan (cuda): ", name,
