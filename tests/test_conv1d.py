@@ -91,10 +91,12 @@ def test_bi_conv_vs_float64(backend, batch, channels, L, k, layout):
         assert all(torch.equal(a, b) for a, b in zip(grads, grads2))
 
 
-@pytest.mark.parametrize("batch,channels,L,k", [(2, 37, 17, 4), (1, 6, 2, 1)], ids=["d37-L17-k4", "d6-L2-k1"])
+@pytest.mark.parametrize("batch,channels,L,k,layout", [(2, 37, 17, 4, "in_proj"), (1, 6, 2, 1, "in_proj"),
+                                                        (2, 11, 75, 4, "contiguous"), (1, 9, 130, 3, "strided")],
+                         ids=["d37-L17-k4", "d6-L2-k1", "d11-L75-k4-contiguous", "d9-L130-k3-strided"])
 @pytest.mark.parametrize("backend", ["triton", "ref"])
-def test_causal_conv_vs_float64(backend, batch, channels, L, k):
-    x = _make_x(batch, channels, L, "in_proj")
+def test_causal_conv_vs_float64(backend, batch, channels, L, k, layout):
+    x = _make_x(batch, channels, L, layout)
     w, bias = torch.randn(channels, k, device=DEVICE), torch.randn(channels, device=DEVICE)
     cot = torch.randn(batch, channels, L, dtype=torch.float64, device=DEVICE)
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, bias)]
@@ -215,11 +217,13 @@ def test_bad_input(monkeypatch):
 
 # ------------------------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["in_proj", "contiguous"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_bi_conv_matten_shape_gpu(dtype):
-    """Global XL: batch 2, channels 2304, L 4096, x the x half of in_proj's output (channel stride 1)."""
+def test_bi_conv_matten_shape_gpu(dtype, layout):
+    """Global XL: batch 2, channels 2304, L 4096; x the x half of in_proj's output transposed (channel stride 1: the
+    channel-fastest backward kernel) or time-contiguous as the mixer's channel_linear gives it (the gather kernel)."""
     batch, channels, L, k = 2, 2304, 4096, 4
-    x = _make_x(batch, channels, L, "in_proj", dtype=dtype, device="cuda")
+    x = _make_x(batch, channels, L, layout, dtype=dtype, device="cuda")
     params = [torch.randn(channels, k, device="cuda", dtype=dtype) * 0.5, torch.randn(channels, device="cuda",
               dtype=dtype), torch.randn(channels, k, device="cuda", dtype=dtype) * 0.5,
               torch.randn(channels, device="cuda", dtype=dtype)]

@@ -22,6 +22,8 @@ Cost model (global XL bf16, both directions): bytes = 2 B * b*d*L * (3 reads + 1
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -58,6 +60,23 @@ def _tap(p_w, o_d, m_d, stride_w_d, stride_w_k, J: tl.constexpr, K: tl.constexpr
     if J >= 4 - K:
         b_w = tl.load(p_w + o_d * stride_w_d + (J - (4 - K)) * stride_w_k, mask=m_d, other=0.0).to(tl.float32)
     return b_w
+
+
+@triton.jit
+def _store_partials(p_dw_part, p_dbias_part, row, D, o_d, m_d, b_dbias, b_dw0, b_dw1, b_dw2, b_dw3,
+                    K: tl.constexpr):
+    """One program's partial dbias / dweight sums (kept per position in its loop, reduced over L once here: no
+    per-tile cross-warp reductions) into row ``row`` of the (chunks*batch, D) / (chunks*batch, D, K) buffers; padded
+    tap J is weight column J - (4-K)."""
+    p_dw_row = p_dw_part + row * D * K + o_d * K - (4 - K)
+    tl.store(p_dbias_part + row * D + o_d, tl.sum(b_dbias, axis=1), mask=m_d)
+    if K >= 4:
+        tl.store(p_dw_row + 0, tl.sum(b_dw0, axis=1), mask=m_d)
+    if K >= 3:
+        tl.store(p_dw_row + 1, tl.sum(b_dw1, axis=1), mask=m_d)
+    if K >= 2:
+        tl.store(p_dw_row + 2, tl.sum(b_dw2, axis=1), mask=m_d)
+    tl.store(p_dw_row + 3, tl.sum(b_dw3, axis=1), mask=m_d)
 
 
 @triton.jit
@@ -151,29 +170,107 @@ def _dwconv_silu_bwd_kernel(
         m_out = m_d[:, None] & (o_l < L)[None, :]
         tl.store(p_dx_rows + o_l[None, :] * stride_dx_l, b_dx.to(p_dx.dtype.element_ty), mask=m_out)
 
-    # This program's partial sums (kept per position in the loop, reduced over L once here: no per-tile
-    # cross-warp reductions) go to row (i_c * batch + i_b) of the (chunks*batch, D, K) / (chunks*batch, D)
-    # buffers; padded tap J is weight column J - (4-K).
     row = (i_c * n_b + i_b).to(tl.int64)
-    p_dw_row = p_dw_part + row * D * K + o_d * K - (4 - K)
-    tl.store(p_dbias_part + row * D + o_d, tl.sum(b_dbias, axis=1), mask=m_d)
-    if K >= 4:
-        tl.store(p_dw_row + 0, tl.sum(b_dw0, axis=1), mask=m_d)
-    if K >= 3:
-        tl.store(p_dw_row + 1, tl.sum(b_dw1, axis=1), mask=m_d)
-    if K >= 2:
-        tl.store(p_dw_row + 2, tl.sum(b_dw2, axis=1), mask=m_d)
-    tl.store(p_dw_row + 3, tl.sum(b_dw3, axis=1), mask=m_d)
+    _store_partials(p_dw_part, p_dbias_part, row, D, o_d, m_d, b_dbias, b_dw0, b_dw1, b_dw2, b_dw3, K)
     if BIDIR:
-        p_dwb_row = p_dwb_part + row * D * K + o_d * K - (4 - K)
-        tl.store(p_dbiasb_part + row * D + o_d, tl.sum(b_dbias_b, axis=1), mask=m_d)
-        if K >= 4:
-            tl.store(p_dwb_row + 0, tl.sum(b_du0, axis=1), mask=m_d)
-        if K >= 3:
-            tl.store(p_dwb_row + 1, tl.sum(b_du1, axis=1), mask=m_d)
-        if K >= 2:
-            tl.store(p_dwb_row + 2, tl.sum(b_du2, axis=1), mask=m_d)
-        tl.store(p_dwb_row + 3, tl.sum(b_du3, axis=1), mask=m_d)
+        _store_partials(p_dwb_part, p_dbiasb_part, row, D, o_d, m_d, b_dbias_b, b_du0, b_du1, b_du2, b_du3, K)
+
+
+@triton.jit
+def _shift(b_g, o_j, M: tl.constexpr, BLOCK_L: tl.constexpr):
+    """b_g[:, j + M] at column j (clamped at the tile's ends; those columns are not stored): a gather along the tile's
+    L axis, which stays within a warp for the L-major layout (register shuffles, no memory)."""
+    idx = tl.minimum(tl.maximum(o_j + M, 0), BLOCK_L - 1)
+    return tl.gather(b_g, tl.broadcast_to(idx[None, :], b_g.shape), axis=1)
+
+
+@triton.jit
+def _dwconv_silu_bwd_gather_kernel(
+    p_x, p_w, p_bias, p_w_b, p_bias_b, p_dy, p_dy_b,
+    p_dx, p_dw_part, p_dbias_part, p_dwb_part, p_dbiasb_part,
+    D, L, TILES_PER_PROG,
+    stride_x_b, stride_x_d, stride_x_l,
+    stride_w_d, stride_w_k,
+    stride_wb_d, stride_wb_k,
+    stride_dy_b, stride_dy_d, stride_dy_l,
+    stride_dyb_b, stride_dyb_d, stride_dyb_l,
+    stride_dx_b, stride_dx_d, stride_dx_l,
+    K: tl.constexpr, BIDIR: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """Each gate once: a tile covers BLOCK_L positions from HALO = 4 before its BLOCK_L - 8 output positions, computes
+    g_f and g_b there (2 sigmoids a position instead of 8) and reads the shifted g each dx needs (g_f at t+1..t+3, g_b
+    at t-3..t-1) by gathers within the tile. Tiles step by BLOCK_L - 8; the halos' gates are computed twice."""
+    HALO: tl.constexpr = 4
+    OUT: tl.constexpr = BLOCK_L - 2 * HALO
+    i_d, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_b = tl.num_programs(2)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    o_j = tl.arange(0, BLOCK_L)
+    i_b64 = i_b.to(tl.int64)
+    p_x_rows = p_x + i_b64 * stride_x_b + o_d[:, None] * stride_x_d
+    p_dy_rows = p_dy + i_b64 * stride_dy_b + o_d[:, None] * stride_dy_d
+    p_dyb_rows = p_dy_b + i_b64 * stride_dyb_b + o_d[:, None] * stride_dyb_d
+    p_dx_rows = p_dx + i_b64 * stride_dx_b + o_d[:, None] * stride_dx_d
+
+    w0 = _tap(p_w, o_d, m_d, stride_w_d, stride_w_k, 0, K, BLOCK_D)[:, None]
+    w1 = _tap(p_w, o_d, m_d, stride_w_d, stride_w_k, 1, K, BLOCK_D)[:, None]
+    w2 = _tap(p_w, o_d, m_d, stride_w_d, stride_w_k, 2, K, BLOCK_D)[:, None]
+    w3 = _tap(p_w, o_d, m_d, stride_w_d, stride_w_k, 3, K, BLOCK_D)[:, None]
+    b_bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None]
+    b_dw0 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    b_dw1 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    b_dw2 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    b_dw3 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    b_dbias = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    if BIDIR:
+        u0 = _tap(p_w_b, o_d, m_d, stride_wb_d, stride_wb_k, 0, K, BLOCK_D)[:, None]
+        u1 = _tap(p_w_b, o_d, m_d, stride_wb_d, stride_wb_k, 1, K, BLOCK_D)[:, None]
+        u2 = _tap(p_w_b, o_d, m_d, stride_wb_d, stride_wb_k, 2, K, BLOCK_D)[:, None]
+        u3 = _tap(p_w_b, o_d, m_d, stride_wb_d, stride_wb_k, 3, K, BLOCK_D)[:, None]
+        b_bias_b = tl.load(p_bias_b + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None]
+        b_du0 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+        b_du1 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+        b_du2 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+        b_du3 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+        b_dbias_b = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+
+    for i_t in range(0, TILES_PER_PROG):
+        t0 = (i_c * TILES_PER_PROG + i_t) * OUT
+        o_l = t0 - HALO + o_j  # the tile's positions; outputs are columns HALO .. HALO + OUT - 1
+        m_out = m_d[:, None] & ((o_j >= HALO) & (o_j < HALO + OUT) & (o_l < L))[None, :]
+        xm3 = _shifted(p_x_rows, o_l, -3, stride_x_l, m_d, L)
+        xm2 = _shifted(p_x_rows, o_l, -2, stride_x_l, m_d, L)
+        xm1 = _shifted(p_x_rows, o_l, -1, stride_x_l, m_d, L)
+        x0 = _shifted(p_x_rows, o_l, 0, stride_x_l, m_d, L)
+        g_f = _gate(b_bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0, p_dy_rows, o_l, stride_dy_l, m_d, L)
+        g_o = tl.where(m_out, g_f, 0.0)  # the weight sums take each position once: its output tile's
+        b_dbias += g_o
+        b_dw0 += g_o * xm3
+        b_dw1 += g_o * xm2
+        b_dw2 += g_o * xm1
+        b_dw3 += g_o * x0
+        b_dx = w3 * g_f + w2 * _shift(g_f, o_j, 1, BLOCK_L) + w1 * _shift(g_f, o_j, 2, BLOCK_L) + \
+            w0 * _shift(g_f, o_j, 3, BLOCK_L)
+        if BIDIR:
+            xp1 = _shifted(p_x_rows, o_l, 1, stride_x_l, m_d, L)
+            xp2 = _shifted(p_x_rows, o_l, 2, stride_x_l, m_d, L)
+            xp3 = _shifted(p_x_rows, o_l, 3, stride_x_l, m_d, L)
+            g_b = _gate(b_bias_b + u3 * x0 + u2 * xp1 + u1 * xp2 + u0 * xp3, p_dyb_rows, o_l, stride_dyb_l, m_d, L)
+            g_o = tl.where(m_out, g_b, 0.0)
+            b_dbias_b += g_o
+            b_du3 += g_o * x0
+            b_du2 += g_o * xp1
+            b_du1 += g_o * xp2
+            b_du0 += g_o * xp3
+            b_dx += u3 * g_b + u2 * _shift(g_b, o_j, -1, BLOCK_L) + u1 * _shift(g_b, o_j, -2, BLOCK_L) + \
+                u0 * _shift(g_b, o_j, -3, BLOCK_L)
+        tl.store(p_dx_rows + o_l[None, :] * stride_dx_l, b_dx.to(p_dx.dtype.element_ty), mask=m_out)
+
+    row = (i_c * n_b + i_b).to(tl.int64)
+    _store_partials(p_dw_part, p_dbias_part, row, D, o_d, m_d, b_dbias, b_dw0, b_dw1, b_dw2, b_dw3, K)
+    if BIDIR:
+        _store_partials(p_dwb_part, p_dbiasb_part, row, D, o_d, m_d, b_dbias_b, b_du0, b_du1, b_du2, b_du3, K)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -195,7 +292,7 @@ def _bwd_config(x: torch.Tensor):
     if triton_interpreting():  # registers do not matter there; bigger tiles mean fewer (slow) Python programs
         block_d, block_l = 32, 32
     block_d = min(block_d, max(8, next_power_of_2(D)))
-    block_l = min(block_l, max(8, next_power_of_2(L)))
+    block_l = min(block_l, max(16 if x.stride(1) != 1 else 8, next_power_of_2(L)))  # the gather kernel: >= 8 outputs
     return block_d, block_l, 8
 
 
@@ -209,7 +306,12 @@ def dwconv_silu_bwd_launch(dy: torch.Tensor, dy_b: torch.Tensor | None, x: torch
     K = weight.shape[1]
     bidir = weight_b is not None
     block_d, block_l, num_warps = _bwd_config(x)
-    n_d, n_tiles = cdiv(D, block_d), cdiv(L, block_l)
+    variant = os.environ.get("MATTEN_CONV_BWD", "gather")  # A/B (benchmarks/conv_bwd_ab.py): gather, gather128, old
+    gather = x.stride(1) != 1 and variant.startswith("gather")
+    if gather and variant == "gather128" and not triton_interpreting():
+        block_l = min(128, max(16, next_power_of_2(L)))
+    step = block_l - 8 if gather else block_l  # output positions a tile
+    n_d, n_tiles = cdiv(D, block_d), cdiv(L, step)
     # Chunks of L per program: about 8 programs an SM (4 waves at 2 resident CTAs), few enough partial-sum rows.
     n_chunks = max(1, min(n_tiles, cdiv(8 * _num_sms(x.device), n_d * batch)))
     tiles_per_prog = cdiv(n_tiles, n_chunks)
@@ -227,7 +329,7 @@ def dwconv_silu_bwd_launch(dy: torch.Tensor, dy_b: torch.Tensor | None, x: torch
         dwb_part, dbiasb_part = dw_part, dbias_part  # never written
         w_b, b_b, g_b = weight, bias, dy
     grid = (n_d, n_chunks, batch)
-    launch(_dwconv_silu_bwd_kernel, grid, (
+    launch(_dwconv_silu_bwd_gather_kernel if gather else _dwconv_silu_bwd_kernel, grid, (
         x, weight, bias.contiguous(), w_b, b_b, dy, g_b,
         dx, dw_part, dbias_part, dwb_part, dbiasb_part,
         D, L, tiles_per_prog,
