@@ -80,7 +80,7 @@ def run_ops(args, rows):
     for dname in args.dtypes.split(","):
         dtype = DTYPES[dname]
         elt = torch.finfo(dtype).bits // 8
-        for sname in args.shapes.split(","):
+        for sname in filter(None, args.shapes.split(",")):  # --shapes "": the mixer rows only
             b, d, N, L = SHAPES[sname]
             x = scan_inputs(b, d, N, L, dtype, seed=0, requires_grad=True)
             xb = scan_inputs(b, d, N, L, dtype, seed=1, requires_grad=True)
