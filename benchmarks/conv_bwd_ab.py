@@ -1,7 +1,8 @@
 """A/B of the depthwise conv1d + SiLU backward kernels at the mixer's shapes (time-contiguous x, bf16, both directions).
 
-Variants (``MATTEN_CONV_BWD``): ``old`` (every gate recomputed at the four positions that use it), ``gather`` (each
-gate once a position, shifted values by gathers within 8 x 64 tiles), ``gather128`` (8 x 128 tiles). Each variant's
+Variants (``MATTEN_CONV_BWD``): ``old`` (the per-tap kernel: every gate recomputed at the four positions that use
+it, 8 x 64 tiles), ``gather`` (the default: each gate once a position, shifted values gathered within 8 x 128 tiles).
+Session 15 also measured the gather kernel on 8 x 64 tiles (``results/conv-bwd-ab-...-1fdba31.json``). Each variant's
 gradients are checked against ``old``'s; medians of ``triton.testing.do_bench`` (ms) and the fraction of the byte floor
 (2 B x (3 reads + 1 write) of (batch, channels, L) at 3.0 TB/s).
 
@@ -20,7 +21,7 @@ import triton.testing
 from matten_kernels.conv1d.triton_bwd import dwconv_silu_bwd_launch
 
 SHAPES = {"global XL": (2, 2304, 4096), "spatial XL": (32, 2304, 256)}
-VARIANTS = ("old", "gather", "gather128")
+VARIANTS = ("old", "gather")
 
 
 def main():

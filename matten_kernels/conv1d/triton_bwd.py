@@ -7,17 +7,26 @@ With pre-activations a_f, a_b (see triton_fwd.py) and g = dy * silu'(a) per dire
     dweight_b[K-1-i] = sum_{batch, t} g_b[t] * x[t + i]
     dbias = sum g_f,   dbias_b = sum g_b
 
-Nothing is saved by the forward: the pre-activations are recomputed here from x at the K shifted positions every
-dx term needs (from the seven x tiles at shifts -3 .. 3, held in registers), so the backward reads x, dy_f, dy_b
-once from DRAM (the halo re-reads hit L1/L2) and writes dx once; no (batch, D, L) scratch tensor is materialised.
-The body is written for 4 taps; K < 4 runs as a width-4 conv with zero leading taps (``_tap``).
+Nothing is saved by the forward: the pre-activations are recomputed here from x (the seven x tiles at shifts -3 .. 3,
+held in registers), so the backward reads x, dy_f, dy_b once from DRAM (the halo re-reads hit L1/L2) and writes dx
+once; no (batch, D, L) scratch tensor is materialised. Two kernels, by x's layout (``_bwd_config``):
+
+* the gather kernel (L-major x, the mixer's): each gate once a position; the g at t+1..t+3 (t-3..t-1) that dx[t]
+  needs are gathered within the tile (register shuffles: the tile's L axis lies in a warp). A tile of BLOCK_L
+  positions yields BLOCK_L - 8 outputs (4-position halos on both sides). 2 sigmoids a position;
+* the per-tap kernel (channel-fastest x): each g recomputed at the four dx positions it reaches. 8 sigmoids a
+  position, no exchange between threads.
+
+The bodies are written for 4 taps; K < 4 runs as a width-4 conv with zero leading taps (``_tap``).
 
 Determinism: one program owns BLOCK_D channels x one chunk of L of one batch element and loops over the chunk's
 tiles; it writes its partial dweight/dbias sums to its own row of a (chunks*batch, D, K) fp32 buffer, which the
 launcher reduces with ``sum(0)`` in a fixed order. No atomics.
 
 Cost model (global XL bf16, both directions): bytes = 2 B * b*d*L * (3 reads + 1 write) = 151 MB -> ~50 us at
-3.0 TB/s; work per element 48 FMAs and 8 sigmoids (both directions, 4 taps).
+3.0 TB/s. Both kernels issue-bound on an H100: offline (sm_90 SASS) the loop costs 8.4 warp-instructions an output
+(per-tap, 8 x 64 tiles) against 5.5 (gather, 8 x 64) and 4.5 (gather, 8 x 128); measured 0.251 / 0.233 / 0.220 ms at
+global XL: the gathers' shuffles and the halos do not issue as the count says (predicted ~0.14 ms).
 """
 
 from __future__ import annotations
@@ -280,20 +289,24 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _bwd_config(x: torch.Tensor):
-    """(BLOCK_D, BLOCK_L, num_warps). The body keeps seven x tiles, up to eight dy tiles and ten partial-sum tiles
-    live, all scaling with the elements a thread owns, so tiles are small: two elements a thread at 8 warps.
-    Channel-fastest x: 64 channels x 8 positions (128 B rows), 97 registers a thread on sm_90, no spills;
-    L-fastest x: 8 x 64, 80 registers. (Four elements a thread already needs 160-200 registers.)"""
+    """(gather, BLOCK_D, BLOCK_L, num_warps): which kernel and its tile. L-major x (the mixer's): the gather kernel on
+    8 x 128 tiles (4 elements a thread, 237 registers on sm_90, no spills). Channel-fastest x (the transpose of a
+    token-major tensor): the per-tap kernel on 64 channels x 8 positions (128 B rows, 97 registers), where a gather
+    along L would cross warps. ``MATTEN_CONV_BWD=old`` forces the per-tap kernel (8 x 64) for L-major x too (A/B).
+
+    H100, bf16, both directions, ms (``benchmarks/conv_bwd_ab.py``, session 15): global XL (2, 2304, 4096) per-tap
+    0.251, gather 8 x 64 0.233, 8 x 128 0.220; spatial XL (32, 2304, 256) 0.255, 0.264, 0.247."""
     _, D, L = x.shape
+    gather = x.stride(1) != 1 and os.environ.get("MATTEN_CONV_BWD", "gather") != "old"
     if x.stride(1) == 1:
         block_d, block_l = 64, 8
     else:
-        block_d, block_l = 8, 64
+        block_d, block_l = 8, 128 if gather else 64
     if triton_interpreting():  # registers do not matter there; bigger tiles mean fewer (slow) Python programs
         block_d, block_l = 32, 32
     block_d = min(block_d, max(8, next_power_of_2(D)))
-    block_l = min(block_l, max(16 if x.stride(1) != 1 else 8, next_power_of_2(L)))  # the gather kernel: >= 8 outputs
-    return block_d, block_l, 8
+    block_l = min(block_l, max(16 if gather else 8, next_power_of_2(L)))  # gather: at least 8 outputs a tile
+    return gather, block_d, block_l, 8
 
 
 def dwconv_silu_bwd_launch(dy: torch.Tensor, dy_b: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
@@ -305,11 +318,7 @@ def dwconv_silu_bwd_launch(dy: torch.Tensor, dy_b: torch.Tensor | None, x: torch
     batch, D, L = x.shape
     K = weight.shape[1]
     bidir = weight_b is not None
-    block_d, block_l, num_warps = _bwd_config(x)
-    variant = os.environ.get("MATTEN_CONV_BWD", "gather")  # A/B (benchmarks/conv_bwd_ab.py): gather, gather128, old
-    gather = x.stride(1) != 1 and variant.startswith("gather")
-    if gather and variant == "gather128" and not triton_interpreting():
-        block_l = min(128, max(16, next_power_of_2(L)))
+    gather, block_d, block_l, num_warps = _bwd_config(x)
     step = block_l - 8 if gather else block_l  # output positions a tile
     n_d, n_tiles = cdiv(D, block_d), cdiv(L, step)
     # Chunks of L per program: about 8 programs an SM (4 waves at 2 resident CTAs), few enough partial-sum rows.
