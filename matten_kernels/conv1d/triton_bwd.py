@@ -72,6 +72,31 @@ def _tap(p_w, o_d, m_d, stride_w_d, stride_w_k, J: tl.constexpr, K: tl.constexpr
 
 
 @triton.jit
+def _rows(p, i_b64, stride_b, o_d, stride_d):
+    """Pointers to the starts of batch element i_b64's rows o_d, as a (BLOCK_D, 1) tile."""
+    return p + i_b64 * stride_b + o_d[:, None] * stride_d
+
+
+@triton.jit
+def _taps(p_w, p_bias, o_d, m_d, stride_w_d, stride_w_k, K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The 4 (left-padded) taps and the bias of channels o_d, as fp32 (BLOCK_D, 1) columns. Causal: taps 0..3 multiply
+    x[t-3] .. x[t]; anti-causal (weight_b): x_b[t] = sum_i tap[3-i] x[t+i]."""
+    w0 = _tap(p_w, o_d, m_d, stride_w_d, stride_w_k, 0, K, BLOCK_D)[:, None]
+    w1 = _tap(p_w, o_d, m_d, stride_w_d, stride_w_k, 1, K, BLOCK_D)[:, None]
+    w2 = _tap(p_w, o_d, m_d, stride_w_d, stride_w_k, 2, K, BLOCK_D)[:, None]
+    w3 = _tap(p_w, o_d, m_d, stride_w_d, stride_w_k, 3, K, BLOCK_D)[:, None]
+    b_bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None]
+    return w0, w1, w2, w3, b_bias
+
+
+@triton.jit
+def _partial_sums(BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Zeroed per-position partial sums of dweight taps 0..3 and dbias (reduced over L once, by _store_partials)."""
+    z = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    return z, z, z, z, z
+
+
+@triton.jit
 def _store_partials(p_dw_part, p_dbias_part, row, D, o_d, m_d, b_dbias, b_dw0, b_dw1, b_dw2, b_dw3,
                     K: tl.constexpr):
     """One program's partial dbias / dweight sums (kept per position in its loop, reduced over L once here: no
@@ -112,33 +137,16 @@ def _dwconv_silu_bwd_kernel(
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_d < D
     i_b64 = i_b.to(tl.int64)
-    p_x_rows = p_x + i_b64 * stride_x_b + o_d[:, None] * stride_x_d
-    p_dy_rows = p_dy + i_b64 * stride_dy_b + o_d[:, None] * stride_dy_d
-    p_dyb_rows = p_dy_b + i_b64 * stride_dyb_b + o_d[:, None] * stride_dyb_d
-    p_dx_rows = p_dx + i_b64 * stride_dx_b + o_d[:, None] * stride_dx_d
+    p_x_rows = _rows(p_x, i_b64, stride_x_b, o_d, stride_x_d)
+    p_dy_rows = _rows(p_dy, i_b64, stride_dy_b, o_d, stride_dy_d)
+    p_dyb_rows = _rows(p_dy_b, i_b64, stride_dyb_b, o_d, stride_dyb_d)
+    p_dx_rows = _rows(p_dx, i_b64, stride_dx_b, o_d, stride_dx_d)
 
-    # causal taps w0..w3 (x[t-3] .. x[t]); anti-causal taps u0..u3 of weight_b, x_b[t] = sum_i u[3-i] x[t+i]
-    w0 = _tap(p_w, o_d, m_d, stride_w_d, stride_w_k, 0, K, BLOCK_D)[:, None]
-    w1 = _tap(p_w, o_d, m_d, stride_w_d, stride_w_k, 1, K, BLOCK_D)[:, None]
-    w2 = _tap(p_w, o_d, m_d, stride_w_d, stride_w_k, 2, K, BLOCK_D)[:, None]
-    w3 = _tap(p_w, o_d, m_d, stride_w_d, stride_w_k, 3, K, BLOCK_D)[:, None]
-    b_bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None]
-    b_dw0 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-    b_dw1 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-    b_dw2 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-    b_dw3 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-    b_dbias = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    w0, w1, w2, w3, b_bias = _taps(p_w, p_bias, o_d, m_d, stride_w_d, stride_w_k, K, BLOCK_D)
+    b_dw0, b_dw1, b_dw2, b_dw3, b_dbias = _partial_sums(BLOCK_D, BLOCK_L)
     if BIDIR:
-        u0 = _tap(p_w_b, o_d, m_d, stride_wb_d, stride_wb_k, 0, K, BLOCK_D)[:, None]
-        u1 = _tap(p_w_b, o_d, m_d, stride_wb_d, stride_wb_k, 1, K, BLOCK_D)[:, None]
-        u2 = _tap(p_w_b, o_d, m_d, stride_wb_d, stride_wb_k, 2, K, BLOCK_D)[:, None]
-        u3 = _tap(p_w_b, o_d, m_d, stride_wb_d, stride_wb_k, 3, K, BLOCK_D)[:, None]
-        b_bias_b = tl.load(p_bias_b + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None]
-        b_du0 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-        b_du1 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-        b_du2 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-        b_du3 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-        b_dbias_b = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+        u0, u1, u2, u3, b_bias_b = _taps(p_w_b, p_bias_b, o_d, m_d, stride_wb_d, stride_wb_k, K, BLOCK_D)
+        b_du0, b_du1, b_du2, b_du3, b_dbias_b = _partial_sums(BLOCK_D, BLOCK_L)
 
     for i_t in range(0, TILES_PER_PROG):
         o_l = (i_c * TILES_PER_PROG + i_t) * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -217,32 +225,16 @@ def _dwconv_silu_bwd_gather_kernel(
     m_d = o_d < D
     o_j = tl.arange(0, BLOCK_L)
     i_b64 = i_b.to(tl.int64)
-    p_x_rows = p_x + i_b64 * stride_x_b + o_d[:, None] * stride_x_d
-    p_dy_rows = p_dy + i_b64 * stride_dy_b + o_d[:, None] * stride_dy_d
-    p_dyb_rows = p_dy_b + i_b64 * stride_dyb_b + o_d[:, None] * stride_dyb_d
-    p_dx_rows = p_dx + i_b64 * stride_dx_b + o_d[:, None] * stride_dx_d
+    p_x_rows = _rows(p_x, i_b64, stride_x_b, o_d, stride_x_d)
+    p_dy_rows = _rows(p_dy, i_b64, stride_dy_b, o_d, stride_dy_d)
+    p_dyb_rows = _rows(p_dy_b, i_b64, stride_dyb_b, o_d, stride_dyb_d)
+    p_dx_rows = _rows(p_dx, i_b64, stride_dx_b, o_d, stride_dx_d)
 
-    w0 = _tap(p_w, o_d, m_d, stride_w_d, stride_w_k, 0, K, BLOCK_D)[:, None]
-    w1 = _tap(p_w, o_d, m_d, stride_w_d, stride_w_k, 1, K, BLOCK_D)[:, None]
-    w2 = _tap(p_w, o_d, m_d, stride_w_d, stride_w_k, 2, K, BLOCK_D)[:, None]
-    w3 = _tap(p_w, o_d, m_d, stride_w_d, stride_w_k, 3, K, BLOCK_D)[:, None]
-    b_bias = tl.load(p_bias + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None]
-    b_dw0 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-    b_dw1 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-    b_dw2 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-    b_dw3 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-    b_dbias = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    w0, w1, w2, w3, b_bias = _taps(p_w, p_bias, o_d, m_d, stride_w_d, stride_w_k, K, BLOCK_D)
+    b_dw0, b_dw1, b_dw2, b_dw3, b_dbias = _partial_sums(BLOCK_D, BLOCK_L)
     if BIDIR:
-        u0 = _tap(p_w_b, o_d, m_d, stride_wb_d, stride_wb_k, 0, K, BLOCK_D)[:, None]
-        u1 = _tap(p_w_b, o_d, m_d, stride_wb_d, stride_wb_k, 1, K, BLOCK_D)[:, None]
-        u2 = _tap(p_w_b, o_d, m_d, stride_wb_d, stride_wb_k, 2, K, BLOCK_D)[:, None]
-        u3 = _tap(p_w_b, o_d, m_d, stride_wb_d, stride_wb_k, 3, K, BLOCK_D)[:, None]
-        b_bias_b = tl.load(p_bias_b + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None]
-        b_du0 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-        b_du1 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-        b_du2 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-        b_du3 = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-        b_dbias_b = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+        u0, u1, u2, u3, b_bias_b = _taps(p_w_b, p_bias_b, o_d, m_d, stride_wb_d, stride_wb_k, K, BLOCK_D)
+        b_du0, b_du1, b_du2, b_du3, b_dbias_b = _partial_sums(BLOCK_D, BLOCK_L)
 
     for i_t in range(0, TILES_PER_PROG):
         t0 = (i_c * TILES_PER_PROG + i_t) * OUT
