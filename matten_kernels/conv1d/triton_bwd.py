@@ -9,7 +9,7 @@ With pre-activations a_f, a_b (see triton_fwd.py) and g = dy * silu'(a) per dire
 
 Nothing is saved by the forward: the pre-activations are recomputed here from x (the seven x tiles at shifts -3 .. 3,
 held in registers), so the backward reads x, dy_f, dy_b once from DRAM (the halo re-reads hit L1/L2) and writes dx
-once; no (batch, D, L) scratch tensor is materialised. Two kernels, by x's layout (``_bwd_config``):
+once; no (batch, D, L) scratch tensor is materialised. Two loop bodies (``GATHER``), by x's layout (``_bwd_config``):
 
 * the gather kernel (L-major x, the mixer's): each gate once a position; the g at t+1..t+3 (t-3..t-1) that dx[t]
   needs are gathered within the tile (register shuffles: the tile's L axis lies in a warp). A tile of BLOCK_L
@@ -114,6 +114,14 @@ def _store_partials(p_dw_part, p_dbias_part, row, D, o_d, m_d, b_dbias, b_dw0, b
 
 
 @triton.jit
+def _shift(b_g, o_j, M: tl.constexpr, BLOCK_L: tl.constexpr):
+    """b_g[:, j + M] at column j (clamped at the tile's ends; those columns are not stored): a gather along the tile's
+    L axis, which stays within a warp for the L-major layout (register shuffles, no memory)."""
+    idx = tl.minimum(tl.maximum(o_j + M, 0), BLOCK_L - 1)
+    return tl.gather(b_g, tl.broadcast_to(idx[None, :], b_g.shape), axis=1)
+
+
+@triton.jit
 def _dwconv_silu_bwd_kernel(
     # pointers
     p_x, p_w, p_bias, p_w_b, p_bias_b, p_dy, p_dy_b,
@@ -128,95 +136,14 @@ def _dwconv_silu_bwd_kernel(
     stride_dyb_b, stride_dyb_d, stride_dyb_l,
     stride_dx_b, stride_dx_d, stride_dx_l,
     # meta-parameters
-    K: tl.constexpr, BIDIR: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    K: tl.constexpr, BIDIR: tl.constexpr, GATHER: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    # Written out for 4 taps (K <= 4 via zero-padded leading taps, see _tap): the seven x tiles at shifts -3 .. 3
-    # are loaded once per tile and held in registers (xm3 .. xp3); a Triton loop cannot keep a list of tiles.
-    i_d, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n_b = tl.num_programs(2)
-    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    m_d = o_d < D
-    i_b64 = i_b.to(tl.int64)
-    p_x_rows = _rows(p_x, i_b64, stride_x_b, o_d, stride_x_d)
-    p_dy_rows = _rows(p_dy, i_b64, stride_dy_b, o_d, stride_dy_d)
-    p_dyb_rows = _rows(p_dy_b, i_b64, stride_dyb_b, o_d, stride_dyb_d)
-    p_dx_rows = _rows(p_dx, i_b64, stride_dx_b, o_d, stride_dx_d)
-
-    w0, w1, w2, w3, b_bias = _taps(p_w, p_bias, o_d, m_d, stride_w_d, stride_w_k, K, BLOCK_D)
-    b_dw0, b_dw1, b_dw2, b_dw3, b_dbias = _partial_sums(BLOCK_D, BLOCK_L)
-    if BIDIR:
-        u0, u1, u2, u3, b_bias_b = _taps(p_w_b, p_bias_b, o_d, m_d, stride_wb_d, stride_wb_k, K, BLOCK_D)
-        b_du0, b_du1, b_du2, b_du3, b_dbias_b = _partial_sums(BLOCK_D, BLOCK_L)
-
-    for i_t in range(0, TILES_PER_PROG):
-        o_l = (i_c * TILES_PER_PROG + i_t) * BLOCK_L + tl.arange(0, BLOCK_L)
-        xm3 = _shifted(p_x_rows, o_l, -3, stride_x_l, m_d, L)
-        xm2 = _shifted(p_x_rows, o_l, -2, stride_x_l, m_d, L)
-        xm1 = _shifted(p_x_rows, o_l, -1, stride_x_l, m_d, L)
-        x0 = _shifted(p_x_rows, o_l, 0, stride_x_l, m_d, L)
-        xp1 = _shifted(p_x_rows, o_l, 1, stride_x_l, m_d, L)
-        xp2 = _shifted(p_x_rows, o_l, 2, stride_x_l, m_d, L)
-        xp3 = _shifted(p_x_rows, o_l, 3, stride_x_l, m_d, L)
-
-        # causal direction: g_f at t + m (m = 0..3) reaches dx[t] through w[3-m]
-        g0 = _gate(b_bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0, p_dy_rows, o_l, stride_dy_l, m_d, L)
-        b_dx = w3 * g0
-        b_dbias += g0
-        b_dw0 += g0 * xm3
-        b_dw1 += g0 * xm2
-        b_dw2 += g0 * xm1
-        b_dw3 += g0 * x0
-        b_dx += w2 * _gate(b_bias + w0 * xm2 + w1 * xm1 + w2 * x0 + w3 * xp1, p_dy_rows, o_l + 1, stride_dy_l, m_d, L)
-        b_dx += w1 * _gate(b_bias + w0 * xm1 + w1 * x0 + w2 * xp1 + w3 * xp2, p_dy_rows, o_l + 2, stride_dy_l, m_d, L)
-        b_dx += w0 * _gate(b_bias + w0 * x0 + w1 * xp1 + w2 * xp2 + w3 * xp3, p_dy_rows, o_l + 3, stride_dy_l, m_d, L)
-        if BIDIR:
-            # anti-causal direction: g_b at t - m reaches dx[t] through u[3-m]
-            gb0 = _gate(b_bias_b + u3 * x0 + u2 * xp1 + u1 * xp2 + u0 * xp3, p_dyb_rows, o_l, stride_dyb_l, m_d, L)
-            b_dx += u3 * gb0
-            b_dbias_b += gb0
-            b_du3 += gb0 * x0
-            b_du2 += gb0 * xp1
-            b_du1 += gb0 * xp2
-            b_du0 += gb0 * xp3
-            b_dx += u2 * _gate(b_bias_b + u3 * xm1 + u2 * x0 + u1 * xp1 + u0 * xp2,
-                               p_dyb_rows, o_l - 1, stride_dyb_l, m_d, L)
-            b_dx += u1 * _gate(b_bias_b + u3 * xm2 + u2 * xm1 + u1 * x0 + u0 * xp1,
-                               p_dyb_rows, o_l - 2, stride_dyb_l, m_d, L)
-            b_dx += u0 * _gate(b_bias_b + u3 * xm3 + u2 * xm2 + u1 * xm1 + u0 * x0,
-                               p_dyb_rows, o_l - 3, stride_dyb_l, m_d, L)
-        m_out = m_d[:, None] & (o_l < L)[None, :]
-        tl.store(p_dx_rows + o_l[None, :] * stride_dx_l, b_dx.to(p_dx.dtype.element_ty), mask=m_out)
-
-    row = (i_c * n_b + i_b).to(tl.int64)
-    _store_partials(p_dw_part, p_dbias_part, row, D, o_d, m_d, b_dbias, b_dw0, b_dw1, b_dw2, b_dw3, K)
-    if BIDIR:
-        _store_partials(p_dwb_part, p_dbiasb_part, row, D, o_d, m_d, b_dbias_b, b_du0, b_du1, b_du2, b_du3, K)
-
-
-@triton.jit
-def _shift(b_g, o_j, M: tl.constexpr, BLOCK_L: tl.constexpr):
-    """b_g[:, j + M] at column j (clamped at the tile's ends; those columns are not stored): a gather along the tile's
-    L axis, which stays within a warp for the L-major layout (register shuffles, no memory)."""
-    idx = tl.minimum(tl.maximum(o_j + M, 0), BLOCK_L - 1)
-    return tl.gather(b_g, tl.broadcast_to(idx[None, :], b_g.shape), axis=1)
-
-
-@triton.jit
-def _dwconv_silu_bwd_gather_kernel(
-    p_x, p_w, p_bias, p_w_b, p_bias_b, p_dy, p_dy_b,
-    p_dx, p_dw_part, p_dbias_part, p_dwb_part, p_dbiasb_part,
-    D, L, TILES_PER_PROG,
-    stride_x_b, stride_x_d, stride_x_l,
-    stride_w_d, stride_w_k,
-    stride_wb_d, stride_wb_k,
-    stride_dy_b, stride_dy_d, stride_dy_l,
-    stride_dyb_b, stride_dyb_d, stride_dyb_l,
-    stride_dx_b, stride_dx_d, stride_dx_l,
-    K: tl.constexpr, BIDIR: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
-):
-    """Each gate once: a tile covers BLOCK_L positions from HALO = 4 before its BLOCK_L - 8 output positions, computes
-    g_f and g_b there (2 sigmoids a position instead of 8) and reads the shifted g each dx needs (g_f at t+1..t+3, g_b
-    at t-3..t-1) by gathers within the tile. Tiles step by BLOCK_L - 8; the halos' gates are computed twice."""
+    """GATHER (the gather kernel, module docstring): a tile covers BLOCK_L positions from HALO = 4 before its
+    OUT = BLOCK_L - 8 output positions, computes g_f and g_b there once and reads the shifted g each dx needs (g_f at
+    t+1..t+3, g_b at t-3..t-1) by gathers within the tile; tiles step by OUT, the halos' gates are computed twice.
+    Else (the per-tap kernel): tiles of BLOCK_L outputs, each g recomputed at the four dx positions it reaches.
+    Written out for 4 taps (K <= 4 via zero-padded leading taps, see _tap): the x tiles at shifts -3 .. 3 are loaded
+    once per tile and held in registers (xm3 .. xp3); a Triton loop cannot keep a list of tiles."""
     HALO: tl.constexpr = 4
     OUT: tl.constexpr = BLOCK_L - 2 * HALO
     i_d, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -237,36 +164,75 @@ def _dwconv_silu_bwd_gather_kernel(
         b_du0, b_du1, b_du2, b_du3, b_dbias_b = _partial_sums(BLOCK_D, BLOCK_L)
 
     for i_t in range(0, TILES_PER_PROG):
-        t0 = (i_c * TILES_PER_PROG + i_t) * OUT
-        o_l = t0 - HALO + o_j  # the tile's positions; outputs are columns HALO .. HALO + OUT - 1
-        m_out = m_d[:, None] & ((o_j >= HALO) & (o_j < HALO + OUT) & (o_l < L))[None, :]
-        xm3 = _shifted(p_x_rows, o_l, -3, stride_x_l, m_d, L)
-        xm2 = _shifted(p_x_rows, o_l, -2, stride_x_l, m_d, L)
-        xm1 = _shifted(p_x_rows, o_l, -1, stride_x_l, m_d, L)
-        x0 = _shifted(p_x_rows, o_l, 0, stride_x_l, m_d, L)
-        g_f = _gate(b_bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0, p_dy_rows, o_l, stride_dy_l, m_d, L)
-        g_o = tl.where(m_out, g_f, 0.0)  # the weight sums take each position once: its output tile's
-        b_dbias += g_o
-        b_dw0 += g_o * xm3
-        b_dw1 += g_o * xm2
-        b_dw2 += g_o * xm1
-        b_dw3 += g_o * x0
-        b_dx = w3 * g_f + w2 * _shift(g_f, o_j, 1, BLOCK_L) + w1 * _shift(g_f, o_j, 2, BLOCK_L) + \
-            w0 * _shift(g_f, o_j, 3, BLOCK_L)
-        if BIDIR:
+        if GATHER:
+            t0 = (i_c * TILES_PER_PROG + i_t) * OUT
+            o_l = t0 - HALO + o_j  # the tile's positions; outputs are columns HALO .. HALO + OUT - 1
+            m_out = m_d[:, None] & ((o_j >= HALO) & (o_j < HALO + OUT) & (o_l < L))[None, :]
+            xm3 = _shifted(p_x_rows, o_l, -3, stride_x_l, m_d, L)
+            xm2 = _shifted(p_x_rows, o_l, -2, stride_x_l, m_d, L)
+            xm1 = _shifted(p_x_rows, o_l, -1, stride_x_l, m_d, L)
+            x0 = _shifted(p_x_rows, o_l, 0, stride_x_l, m_d, L)
+            g_f = _gate(b_bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0, p_dy_rows, o_l, stride_dy_l, m_d, L)
+            g_o = tl.where(m_out, g_f, 0.0)  # the weight sums take each position once: its output tile's
+            b_dbias += g_o
+            b_dw0 += g_o * xm3
+            b_dw1 += g_o * xm2
+            b_dw2 += g_o * xm1
+            b_dw3 += g_o * x0
+            b_dx = w3 * g_f + w2 * _shift(g_f, o_j, 1, BLOCK_L) + w1 * _shift(g_f, o_j, 2, BLOCK_L) + \
+                w0 * _shift(g_f, o_j, 3, BLOCK_L)
+            if BIDIR:
+                xp1 = _shifted(p_x_rows, o_l, 1, stride_x_l, m_d, L)
+                xp2 = _shifted(p_x_rows, o_l, 2, stride_x_l, m_d, L)
+                xp3 = _shifted(p_x_rows, o_l, 3, stride_x_l, m_d, L)
+                g_b = _gate(b_bias_b + u3 * x0 + u2 * xp1 + u1 * xp2 + u0 * xp3, p_dyb_rows, o_l, stride_dyb_l, m_d, L)
+                g_o = tl.where(m_out, g_b, 0.0)
+                b_dbias_b += g_o
+                b_du3 += g_o * x0
+                b_du2 += g_o * xp1
+                b_du1 += g_o * xp2
+                b_du0 += g_o * xp3
+                b_dx += u3 * g_b + u2 * _shift(g_b, o_j, -1, BLOCK_L) + u1 * _shift(g_b, o_j, -2, BLOCK_L) + \
+                    u0 * _shift(g_b, o_j, -3, BLOCK_L)
+            tl.store(p_dx_rows + o_l[None, :] * stride_dx_l, b_dx.to(p_dx.dtype.element_ty), mask=m_out)
+        else:
+            o_l = (i_c * TILES_PER_PROG + i_t) * BLOCK_L + tl.arange(0, BLOCK_L)
+            xm3 = _shifted(p_x_rows, o_l, -3, stride_x_l, m_d, L)
+            xm2 = _shifted(p_x_rows, o_l, -2, stride_x_l, m_d, L)
+            xm1 = _shifted(p_x_rows, o_l, -1, stride_x_l, m_d, L)
+            x0 = _shifted(p_x_rows, o_l, 0, stride_x_l, m_d, L)
             xp1 = _shifted(p_x_rows, o_l, 1, stride_x_l, m_d, L)
             xp2 = _shifted(p_x_rows, o_l, 2, stride_x_l, m_d, L)
             xp3 = _shifted(p_x_rows, o_l, 3, stride_x_l, m_d, L)
-            g_b = _gate(b_bias_b + u3 * x0 + u2 * xp1 + u1 * xp2 + u0 * xp3, p_dyb_rows, o_l, stride_dyb_l, m_d, L)
-            g_o = tl.where(m_out, g_b, 0.0)
-            b_dbias_b += g_o
-            b_du3 += g_o * x0
-            b_du2 += g_o * xp1
-            b_du1 += g_o * xp2
-            b_du0 += g_o * xp3
-            b_dx += u3 * g_b + u2 * _shift(g_b, o_j, -1, BLOCK_L) + u1 * _shift(g_b, o_j, -2, BLOCK_L) + \
-                u0 * _shift(g_b, o_j, -3, BLOCK_L)
-        tl.store(p_dx_rows + o_l[None, :] * stride_dx_l, b_dx.to(p_dx.dtype.element_ty), mask=m_out)
+
+            # causal direction: g_f at t + m (m = 0..3) reaches dx[t] through w[3-m]
+            g0 = _gate(b_bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0, p_dy_rows, o_l, stride_dy_l, m_d, L)
+            b_dx = w3 * g0
+            b_dbias += g0
+            b_dw0 += g0 * xm3
+            b_dw1 += g0 * xm2
+            b_dw2 += g0 * xm1
+            b_dw3 += g0 * x0
+            b_dx += w2 * _gate(b_bias + w0 * xm2 + w1 * xm1 + w2 * x0 + w3 * xp1, p_dy_rows, o_l + 1, stride_dy_l, m_d, L)
+            b_dx += w1 * _gate(b_bias + w0 * xm1 + w1 * x0 + w2 * xp1 + w3 * xp2, p_dy_rows, o_l + 2, stride_dy_l, m_d, L)
+            b_dx += w0 * _gate(b_bias + w0 * x0 + w1 * xp1 + w2 * xp2 + w3 * xp3, p_dy_rows, o_l + 3, stride_dy_l, m_d, L)
+            if BIDIR:
+                # anti-causal direction: g_b at t - m reaches dx[t] through u[3-m]
+                gb0 = _gate(b_bias_b + u3 * x0 + u2 * xp1 + u1 * xp2 + u0 * xp3, p_dyb_rows, o_l, stride_dyb_l, m_d, L)
+                b_dx += u3 * gb0
+                b_dbias_b += gb0
+                b_du3 += gb0 * x0
+                b_du2 += gb0 * xp1
+                b_du1 += gb0 * xp2
+                b_du0 += gb0 * xp3
+                b_dx += u2 * _gate(b_bias_b + u3 * xm1 + u2 * x0 + u1 * xp1 + u0 * xp2,
+                                   p_dyb_rows, o_l - 1, stride_dyb_l, m_d, L)
+                b_dx += u1 * _gate(b_bias_b + u3 * xm2 + u2 * xm1 + u1 * x0 + u0 * xp1,
+                                   p_dyb_rows, o_l - 2, stride_dyb_l, m_d, L)
+                b_dx += u0 * _gate(b_bias_b + u3 * xm3 + u2 * xm2 + u1 * xm1 + u0 * x0,
+                                   p_dyb_rows, o_l - 3, stride_dyb_l, m_d, L)
+            m_out = m_d[:, None] & (o_l < L)[None, :]
+            tl.store(p_dx_rows + o_l[None, :] * stride_dx_l, b_dx.to(p_dx.dtype.element_ty), mask=m_out)
 
     row = (i_c * n_b + i_b).to(tl.int64)
     _store_partials(p_dw_part, p_dbias_part, row, D, o_d, m_d, b_dbias, b_dw0, b_dw1, b_dw2, b_dw3, K)
@@ -330,7 +296,7 @@ def dwconv_silu_bwd_launch(dy: torch.Tensor, dy_b: torch.Tensor | None, x: torch
         dwb_part, dbiasb_part = dw_part, dbias_part  # never written
         w_b, b_b, g_b = weight, bias, dy
     grid = (n_d, n_chunks, batch)
-    launch(_dwconv_silu_bwd_gather_kernel if gather else _dwconv_silu_bwd_kernel, grid, (
+    launch(_dwconv_silu_bwd_kernel, grid, (
         x, weight, bias.contiguous(), w_b, b_b, dy, g_b,
         dx, dw_part, dbias_part, dwb_part, dbiasb_part,
         D, L, tiles_per_prog,
@@ -340,7 +306,7 @@ def dwconv_silu_bwd_launch(dy: torch.Tensor, dy_b: torch.Tensor | None, x: torch
         dy.stride(0), dy.stride(1), dy.stride(2),
         g_b.stride(0), g_b.stride(1), g_b.stride(2),
         dx.stride(0), dx.stride(1), dx.stride(2),
-    ), dict(K=K, BIDIR=bidir, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=num_warps))
+    ), dict(K=K, BIDIR=bidir, GATHER=gather, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=num_warps))
     dweight = dw_part.sum(0).to(weight.dtype)
     dbias = dbias_part.sum(0).to(bias.dtype)
     if not bidir:
