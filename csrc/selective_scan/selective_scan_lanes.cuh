@@ -333,6 +333,19 @@ enum LanesMode : int {
   kAddWs = 2,   // bidirectional, forward direction: y + ws, halved with divide_out, gate, store out (backward: dz)
 };
 
+// What one launch of a lanes kernel covers.
+enum LanesPass : int {
+  kPassUni = 0,    // the unidirectional scan
+  kPassBi = 1,     // both directions, one warp a channel running the backward direction, then the forward one
+  kPassBiRev = 2,  // the backward direction alone (first launch)
+  kPassBiFwd = 3,  // the forward direction alone, reading the first launch's ws (second launch)
+};
+// LANES_BI_SPLIT: the bidirectional scan as two launches (kPassBiRev, kPassBiFwd) instead of one (kPassBi); bit 0 the
+// forward, bit 1 the backward.
+#ifndef LANES_BI_SPLIT
+#define LANES_BI_SPLIT 0
+#endif
+
 // The pre-gate y of the other direction, added (kAddWs), or this one's stored (kToWs).
 template <bool FULL>
 __device__ __forceinline__ void ws_add8(const float* ws, int t0, int L, float (&y)[kLanesSteps]) {
@@ -654,17 +667,22 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
   if (p.last_state && lane < N) p.last_state[row * N + lane] = h_l;
 }
 
-// Bidirectional: the backward direction first (its y into ws), then the forward one, by the same warp (each lane
-// reads back only the ws elements it wrote).
-template <typename T, int NMAX, bool EXACT, bool BI>
+// kPassBi: the backward direction first (its y into ws), then the forward one, by the same warp (each lane reads
+// back only the ws elements it wrote). kPassBiRev / kPassBiFwd: one direction a launch, the two launches in that
+// order on one stream (LANES_BI_SPLIT).
+template <typename T, int NMAX, bool EXACT, int PASS>
 __global__ void __launch_bounds__(kLanesWarps * 32, LANES_FWD_MINB) scan_fwd_lanes_kernel(const ScanParams p) {
   const int lane = threadIdx.x & 31;
   const int chan = blockIdx.y * kLanesWarps + (threadIdx.x >> 5);
   const int b = blockIdx.x;  // batch rows first: warps running together add dB/dC into different rows
   if (chan >= p.dim) return;  // a whole warp; no block-level synchronisation below
-  if constexpr (BI) {
+  if constexpr (PASS == kPassBi) {
     fwd_direction<true, EXACT, (LANES_PAIR >= 1), T, NMAX>(p, 1, b, chan, lane, kToWs);
     fwd_direction<false, EXACT, (LANES_PAIR >= 1), T, NMAX>(p, 0, b, chan, lane, kAddWs);
+  } else if constexpr (PASS == kPassBiRev) {
+    fwd_direction<true, EXACT, (LANES_PAIR >= 2), T, NMAX>(p, 1, b, chan, lane, kToWs);
+  } else if constexpr (PASS == kPassBiFwd) {
+    fwd_direction<false, EXACT, (LANES_PAIR >= 2), T, NMAX>(p, 0, b, chan, lane, kAddWs);
   } else {
     fwd_direction<false, EXACT, (LANES_PAIR >= 2), T, NMAX>(p, 0, b, chan, lane, kUni);
   }
@@ -924,8 +942,9 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
   }
 }
 
-// Bidirectional: the backward direction first (with z, its y into ws for dz), then the forward one.
-template <typename T, int NMAX, bool EXACT, bool BI>
+// Bidirectional: the backward direction first (with z, its y into ws for dz), then the forward one (kPassBi: by the
+// same warp; kPassBiRev / kPassBiFwd: one direction a launch, LANES_BI_SPLIT).
+template <typename T, int NMAX, bool EXACT, int PASS>
 __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lanes_kernel(const ScanParams p) {
   __shared__ alignas(16) float s_xch[kLanesWarps][2 * kLanesWindow];  // per warp: dB, dC of one state and window
   const int lane = threadIdx.x & 31;
@@ -937,7 +956,7 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lan
   extern __shared__ float4 s_bxch[];  // kLanesBlockReduceBytes
   // every warp of the block alive and in one B/C group (block-uniform)
   if (p.dim % kLanesWarps == 0 && (p.dim / p.dir[0].groups) % kLanesWarps == 0 &&
-      (!BI || (p.dim / p.dir[1].groups) % kLanesWarps == 0))
+      (PASS == kPassUni || (p.dim / p.dir[1].groups) % kLanesWarps == 0))
     bxch = reinterpret_cast<float*>(s_bxch);
 #endif
   if (chan >= p.dim) return;
@@ -947,19 +966,20 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lan
 #else
   float* hs = nullptr;
 #endif
-  if constexpr (BI) {
+  if constexpr (PASS == kPassBi || PASS == kPassBiRev)
     bwd_direction<true, EXACT, T, NMAX>(p, 1, b, chan, lane, kToWs, xch, bxch, hs);
+  if constexpr (PASS == kPassBi || PASS == kPassBiFwd)
     bwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kAddWs, xch, bxch, hs);
-  } else {
+  if constexpr (PASS == kPassUni) {
     bwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kUni, xch, bxch, hs);
   }
 }
 
-template <typename T, bool FWD, int NMAX, bool EXACT, bool BI>
-cudaError_t launch_lanes_n(const ScanParams& p, cudaStream_t stream) {
+template <typename T, bool FWD, int NMAX, bool EXACT, int PASS>
+cudaError_t launch_lanes_pass(const ScanParams& p, cudaStream_t stream) {
   const dim3 grid(p.batch, (p.dim + kLanesWarps - 1) / kLanesWarps);
   if constexpr (FWD) {
-    scan_fwd_lanes_kernel<T, NMAX, EXACT, BI><<<grid, kLanesWarps * 32, 0, stream>>>(p);
+    scan_fwd_lanes_kernel<T, NMAX, EXACT, PASS><<<grid, kLanesWarps * 32, 0, stream>>>(p);
   } else {
     constexpr int smem = kLanesBlockReduceBytes;
     if constexpr (smem > 48 * 1024) {
@@ -967,15 +987,27 @@ cudaError_t launch_lanes_n(const ScanParams& p, cudaStream_t stream) {
       int dev = 0;
       cudaGetDevice(&dev);
       if (dev >= 64 || !opted_in[dev]) {
-        const cudaError_t e = cudaFuncSetAttribute(scan_bwd_lanes_kernel<T, NMAX, EXACT, BI>,
+        const cudaError_t e = cudaFuncSetAttribute(scan_bwd_lanes_kernel<T, NMAX, EXACT, PASS>,
                                                    cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
         if (e != cudaSuccess) return e;
         if (dev < 64) opted_in[dev] = true;
       }
     }
-    scan_bwd_lanes_kernel<T, NMAX, EXACT, BI><<<grid, kLanesWarps * 32, smem, stream>>>(p);
+    scan_bwd_lanes_kernel<T, NMAX, EXACT, PASS><<<grid, kLanesWarps * 32, smem, stream>>>(p);
   }
   return cudaGetLastError();
+}
+
+template <typename T, bool FWD, int NMAX, bool EXACT, bool BI>
+cudaError_t launch_lanes_n(const ScanParams& p, cudaStream_t stream) {
+  if constexpr (!BI) {
+    return launch_lanes_pass<T, FWD, NMAX, EXACT, kPassUni>(p, stream);
+  } else if constexpr ((LANES_BI_SPLIT & (FWD ? 1 : 2)) != 0) {
+    const cudaError_t e = launch_lanes_pass<T, FWD, NMAX, EXACT, kPassBiRev>(p, stream);
+    return e != cudaSuccess ? e : launch_lanes_pass<T, FWD, NMAX, EXACT, kPassBiFwd>(p, stream);
+  } else {
+    return launch_lanes_pass<T, FWD, NMAX, EXACT, kPassBi>(p, stream);
+  }
 }
 
 template <typename T, bool FWD, bool BI>
