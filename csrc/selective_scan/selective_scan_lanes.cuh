@@ -18,7 +18,7 @@
 // Beyond L the inputs read as zero and d as 0 (a = 1, x = 0): the state holds, the adjoint passes through.
 // Bidirectional: the backward direction runs the same code in reversed scan order (Order<true>: shuffles down for the
 // state, up for the adjoint, each lane's steps from its last, windows from the end) over the natural-order inputs; its
-// y goes to an fp32 scratch that the forward direction, run next by the same warp, adds before the gate.
+// y goes to an fp32 scratch that the forward direction, run by a second launch (LanesPass), adds before the gate.
 // dB/dC use atomics, so the result is not bit-reproducible; the launcher takes another config when the caller
 // asks for determinism.
 #pragma once
@@ -333,18 +333,16 @@ enum LanesMode : int {
   kAddWs = 2,   // bidirectional, forward direction: y + ws, halved with divide_out, gate, store out (backward: dz)
 };
 
-// What one launch of a lanes kernel covers.
+// What one launch of a lanes (or seq) kernel covers. The bidirectional scan is two launches, one a direction, with
+// the kernels of the unidirectional one: a single launch running both directions in each warp (session 7 to 15)
+// spilled 420 B a thread against 88-128 and was slower, most at short rows (H100, bf16, fwd / fwd+bwd ms, one call,
+// benchmarks/results/cuda-lanes-variants-NVIDIA-H100-80GB-HBM3-275a2d7-bi-split.json: spatial XL 0.532 / 3.152 ->
+// 0.532 / 2.230, global XL 0.580 / 2.268 -> 0.503 / 2.128, long 1.444 / 5.532 -> 1.259 / 5.208).
 enum LanesPass : int {
   kPassUni = 0,    // the unidirectional scan
-  kPassBi = 1,     // both directions, one warp a channel running the backward direction, then the forward one
-  kPassBiRev = 2,  // the backward direction alone (first launch)
-  kPassBiFwd = 3,  // the forward direction alone, reading the first launch's ws (second launch)
+  kPassBiRev = 1,  // the backward direction (first launch; its y to the fp32 scratch ws)
+  kPassBiFwd = 2,  // the forward direction (second launch; reads ws)
 };
-// LANES_BI_SPLIT: the bidirectional scan as two launches (kPassBiRev, kPassBiFwd) instead of one (kPassBi); bit 0 the
-// forward, bit 1 the backward.
-#ifndef LANES_BI_SPLIT
-#define LANES_BI_SPLIT 0
-#endif
 
 // The pre-gate y of the other direction, added (kAddWs), or this one's stored (kToWs).
 template <bool FULL>
@@ -471,171 +469,8 @@ __device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, in
   fwd_window<REV, false, false, T, NMAX>(r, t0, L, N, lane, c, A2_l, h_l);
 }
 
-#ifndef LANES_PAIR
-#define LANES_PAIR 1
-#endif
-#ifndef LANES_PAIR_SUMEXP
-#define LANES_PAIR_SUMEXP 1
-#endif
-#ifndef LANES_PAIR_AHEAD
-#define LANES_PAIR_AHEAD 2
-#endif
-// The forward's full windows of a 16-bit dtype, "pair" layout: two states a round, one per half-warp, and 16 steps a
-// lane (lane l: half l / 16 scans state 2k + l / 16 of round k over steps 16 (l % 16) .. +15 of the window). Against
-// 8 steps and one state a round: the same exps and loads, a 4-level scan per 16 steps instead of 5 per 8 (23% fewer
-// SASS instructions a window offline), two independent scan chains in flight. The window layout, saved states and
-// carries (lane n: state n) are those of fwd_window, so partial windows and the backward are unchanged; the two
-// halves' y are summed through one exchange at the end.
-// LANES_PAIR: 1 (default) the bidirectional forward only, 2 also the unidirectional one, 0 never. H100, bf16, fwd
-// ms pair / 8-step layout in one call (benchmarks/results/cuda-lanes-variants-NVIDIA-H100-80GB-HBM3-60eaed8-pair.json):
-// bi global XL 0.583 / 0.661, bi long 1.437 / 1.663; but uni global XL 0.277 / 0.255, long 0.698 / 0.640 (fewer
-// instructions, issued at a lower rate: not explained without a profiler).
-// Pair layout with 8 steps a lane over two 128-step halves (one 16-byte load a lane and row, chains of 8) was measured
-// against these 16 steps (session 15, H100 bf16, bi global XL fwd 1.058 vs 0.578 ms): removed.
-constexpr int kPairSteps = 16;
-constexpr int kPairSpan = 16 * kPairSteps;  // steps one call of fwd_window_pair covers
-constexpr int kPairAhead = LANES_PAIR_AHEAD;  // rounds whose B/C loads are in flight while one is computed
-
-// S consecutive elements of a 16-bit dtype (S / 8 16-byte vectors).
-template <int S, typename T>
-struct RawS {
-  uint4 v[S / 8];
-};
-
-template <int S, typename T>
-__device__ __forceinline__ RawS<S, T> ldS(const T* __restrict__ row, int t0) {
-  static_assert(sizeof(T) == 2, "the pair layout is for 16-bit dtypes");
-  RawS<S, T> r;
-#pragma unroll
-  for (int i = 0; i < S / 8; ++i) r.v[i] = reinterpret_cast<const uint4*>(row + t0)[i];
-  return r;
-}
-
-template <int S, typename T>
-__device__ __forceinline__ void unpackS(const RawS<S, T>& r, float (&v)[S]) {
-  unpack_words<T>(reinterpret_cast<const uint32_t*>(&r), v);
-}
-
-// Row s of B or C at t0 (zero for s >= N unless EXACT).
-template <bool EXACT, int S, typename T>
-__device__ __forceinline__ RawS<S, T> ldS_state(const T* __restrict__ base, int s, int N, int t0, int L) {
-  if constexpr (EXACT) return ldS<S>(base + (size_t)s * L, t0);
-  const bool ok = s < N;
-  RawS<S, T> r = ldS<S>(base + (size_t)(ok ? s : 0) * L, t0);
-#pragma unroll
-  for (int i = 0; i < S / 8; ++i) r.v[i] = ok ? r.v[i] : make_uint4(0u, 0u, 0u, 0u);
-  return r;
-}
-
-// One full forward span (kPairSpan steps from wbase) in the pair layout.
+// One direction of the forward over the whole row: windows in scan order, the state entering each saved.
 template <bool REV, bool EXACT, typename T, int NMAX>
-__device__ __forceinline__ void fwd_window_pair(const LanesRows<T>& r, int wbase, int L, int N, int lane,
-                                                const LanesScalars& c, float A2_l, float& h_l) {
-  static_assert(NMAX % 2 == 0, "two states a round");
-  constexpr int S = kPairSteps, R = NMAX / 2;
-  constexpr int first = REV ? 15 : 0, last = REV ? 0 : 15;  // within a half
-  const int hf = lane >> 4, q = lane & 15;
-  const int t0 = wbase + q * S;
-  const auto step = [](int k) { return REV ? S - 1 - k : k; };
-  const auto prev = [](float v, int off) {  // the lane `off` places earlier in scan order, within the half
-    return REV ? __shfl_down_sync(kFull, v, off, 16) : __shfl_up_sync(kFull, v, off, 16);
-  };
-  RawS<S, T> rb[R], rc[R];
-#pragma unroll
-  for (int k = 0; k < kPairAhead && k < R; ++k)
-    rb[k] = ldS_state<EXACT, S>(r.B, 2 * k + hf, N, t0, L), rc[k] = ldS_state<EXACT, S>(r.C, 2 * k + hf, N, t0, L);
-  float dt[S], du[S], y[S];
-  {
-    // d: softplus once an element (this half's S / 2 steps, the others from the other half)
-    constexpr int H = S / 2;
-    float dh[H];
-    load8<true>(r.delta, t0 + hf * H, L, dh);
-#pragma unroll
-    for (int i = 0; i < H; ++i) {
-      const float x = dh[i] + c.bias;
-      dh[i] = c.softplus ? fast_softplus(x) : x;
-    }
-#pragma unroll
-    for (int i = 0; i < H; ++i) {
-      const float other = __shfl_xor_sync(kFull, dh[i], 16);
-      dt[i] = hf ? other : dh[i];
-      dt[H + i] = hf ? dh[i] : other;
-    }
-    float uu[S];
-    unpackS(ldS<S>(r.u, t0), uu);
-    const float Dh = hf ? 0.f : c.Dv;  // D u once: in the first half's part of y
-#pragma unroll
-    for (int j = 0; j < S; ++j) {
-      du[j] = dt[j] * uu[j];
-      y[j] = Dh * uu[j];
-    }
-  }
-#if LANES_PAIR_SUMEXP
-  float sdt = 0.f;  // the lane's decay of state n over its S steps: one exp2 of A_n log2(e) sum d (not S products)
-#pragma unroll
-  for (int j = 0; j < S; ++j) sdt += dt[j];
-#endif
-#pragma unroll
-  for (int k = 0; k < R; ++k) {
-    const int s = 2 * k + hf;
-    if (k + kPairAhead < R)
-      rb[k + kPairAhead] = ldS_state<EXACT, S>(r.B, s + 2 * kPairAhead, N, t0, L),
-      rc[k + kPairAhead] = ldS_state<EXACT, S>(r.C, s + 2 * kPairAhead, N, t0, L);
-    const float A2 = __shfl_sync(kFull, A2_l, s);
-    const float carry = __shfl_sync(kFull, h_l, s);
-    float Bv[S], a[S], x[S], xa = 0.f;
-#if LANES_PAIR_SUMEXP
-    float pa = fast_exp2(sdt * A2);
-#else
-    float pa = 1.f;
-#endif
-    unpackS(rb[k], Bv);
-#pragma unroll
-    for (int i = 0; i < S; ++i) {
-      const int j = step(i);
-      a[j] = fast_exp2(dt[j] * A2);
-      x[j] = du[j] * Bv[j];
-      xa = fmaf(a[j], xa, x[j]);
-#if !LANES_PAIR_SUMEXP
-      pa *= a[j];
-#endif
-    }
-#pragma unroll
-    for (int off = 1; off < 16; off <<= 1) {
-      const float pp = prev(pa, off), xp = prev(xa, off);
-      if (REV ? q + off < 16 : q >= off) {
-        xa = fmaf(pa, xp, xa);
-        pa *= pp;
-      }
-    }
-    const float h_out = fmaf(pa, carry, xa);  // the state after this lane's steps
-    float hh = prev(h_out, 1);
-    if (q == first) hh = carry;
-    // the states leaving the window: lanes 2k and 2k + 1 take those of state 2k (first half) and 2k + 1 (second)
-    const float leave = __shfl_sync(kFull, h_out, (lane & 1) * 16 + last);
-    if ((lane >> 1) == k) h_l = leave;
-    float Cv[S];
-    unpackS(rc[k], Cv);
-#pragma unroll
-    for (int i = 0; i < S; ++i) {
-      const int j = step(i);
-      hh = fmaf(a[j], hh, x[j]);
-      y[j] = fmaf(Cv[j], hh, y[j]);
-    }
-  }
-  // the halves' parts summed: the first half keeps (and stores) steps 0..7 of its 16, the second 8..15
-  float yo[kLanesSteps];
-#pragma unroll
-  for (int i = 0; i < kLanesSteps; ++i) {
-    const float other = __shfl_xor_sync(kFull, hf ? y[i] : y[kLanesSteps + i], 16);
-    yo[i] = (hf ? y[kLanesSteps + i] : y[i]) + other;
-  }
-  fwd_finish8<true>(r, t0 + hf * kLanesSteps, L, c, yo);
-}
-
-// One direction of the forward over the whole row: windows in scan order, the state entering each saved. PAIR: full
-// windows of a 16-bit dtype in the pair layout.
-template <bool REV, bool EXACT, bool PAIR, typename T, int NMAX>
 __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b, int chan, int lane, int mode) {
   const DirParams& dp = p.dir[d];
   const int L = p.L, N = p.N;
@@ -655,37 +490,26 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
       states[(size_t)(w / kLanesStateStride) * N + lane] = h_l;
     if (!p.lanes_vec || (w + 1) * kLanesWindow > L)
       fwd_window_generic<REV, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l);
-    else if constexpr (PAIR && sizeof(T) == 2) {
-#pragma unroll 1
-      for (int k = 0; k < kLanesWindow / kPairSpan; ++k)  // spans of the window in scan order
-        fwd_window_pair<REV, EXACT, T, NMAX>(
-            rows, w * kLanesWindow + (REV ? kLanesWindow / kPairSpan - 1 - k : k) * kPairSpan, L, N, lane, c, A2_l, h_l);
-    }
     else
       fwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l);
   }
   if (p.last_state && lane < N) p.last_state[row * N + lane] = h_l;
 }
 
-// kPassBi: the backward direction first (its y into ws), then the forward one, by the same warp (each lane reads
-// back only the ws elements it wrote). kPassBiRev / kPassBiFwd: one direction a launch, the two launches in that
-// order on one stream (LANES_BI_SPLIT).
+// Bidirectional: two launches on one stream, the backward direction (kPassBiRev: its y into ws), then the forward one
+// (kPassBiFwd: adds it, gates and stores out).
 template <typename T, int NMAX, bool EXACT, int PASS>
 __global__ void __launch_bounds__(kLanesWarps * 32, LANES_FWD_MINB) scan_fwd_lanes_kernel(const ScanParams p) {
   const int lane = threadIdx.x & 31;
   const int chan = blockIdx.y * kLanesWarps + (threadIdx.x >> 5);
   const int b = blockIdx.x;  // batch rows first: warps running together add dB/dC into different rows
   if (chan >= p.dim) return;  // a whole warp; no block-level synchronisation below
-  if constexpr (PASS == kPassBi) {
-    fwd_direction<true, EXACT, (LANES_PAIR >= 1), T, NMAX>(p, 1, b, chan, lane, kToWs);
-    fwd_direction<false, EXACT, (LANES_PAIR >= 1), T, NMAX>(p, 0, b, chan, lane, kAddWs);
-  } else if constexpr (PASS == kPassBiRev) {
-    fwd_direction<true, EXACT, (LANES_PAIR >= 2), T, NMAX>(p, 1, b, chan, lane, kToWs);
-  } else if constexpr (PASS == kPassBiFwd) {
-    fwd_direction<false, EXACT, (LANES_PAIR >= 2), T, NMAX>(p, 0, b, chan, lane, kAddWs);
-  } else {
-    fwd_direction<false, EXACT, (LANES_PAIR >= 2), T, NMAX>(p, 0, b, chan, lane, kUni);
-  }
+  if constexpr (PASS == kPassBiRev)
+    fwd_direction<true, EXACT, T, NMAX>(p, 1, b, chan, lane, kToWs);
+  else if constexpr (PASS == kPassBiFwd)
+    fwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kAddWs);
+  else
+    fwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kUni);
 }
 
 // One backward window. A_l / h0_l / r_l: lane n holds state n's A, the saved state entering the window and the
@@ -942,8 +766,7 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
   }
 }
 
-// Bidirectional: the backward direction first (with z, its y into ws for dz), then the forward one (kPassBi: by the
-// same warp; kPassBiRev / kPassBiFwd: one direction a launch, LANES_BI_SPLIT).
+// Bidirectional: two launches, the backward direction (kPassBiRev; with z, its y into ws for dz), then the forward one.
 template <typename T, int NMAX, bool EXACT, int PASS>
 __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lanes_kernel(const ScanParams p) {
   __shared__ alignas(16) float s_xch[kLanesWarps][2 * kLanesWindow];  // per warp: dB, dC of one state and window
@@ -966,11 +789,11 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lan
 #else
   float* hs = nullptr;
 #endif
-  if constexpr (PASS == kPassBi || PASS == kPassBiRev)
+  if constexpr (PASS == kPassBiRev) {
     bwd_direction<true, EXACT, T, NMAX>(p, 1, b, chan, lane, kToWs, xch, bxch, hs);
-  if constexpr (PASS == kPassBi || PASS == kPassBiFwd)
+  } else if constexpr (PASS == kPassBiFwd) {
     bwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kAddWs, xch, bxch, hs);
-  if constexpr (PASS == kPassUni) {
+  } else {
     bwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kUni, xch, bxch, hs);
   }
 }
@@ -1002,11 +825,9 @@ template <typename T, bool FWD, int NMAX, bool EXACT, bool BI>
 cudaError_t launch_lanes_n(const ScanParams& p, cudaStream_t stream) {
   if constexpr (!BI) {
     return launch_lanes_pass<T, FWD, NMAX, EXACT, kPassUni>(p, stream);
-  } else if constexpr ((LANES_BI_SPLIT & (FWD ? 1 : 2)) != 0) {
+  } else {
     const cudaError_t e = launch_lanes_pass<T, FWD, NMAX, EXACT, kPassBiRev>(p, stream);
     return e != cudaSuccess ? e : launch_lanes_pass<T, FWD, NMAX, EXACT, kPassBiFwd>(p, stream);
-  } else {
-    return launch_lanes_pass<T, FWD, NMAX, EXACT, kPassBi>(p, stream);
   }
 }
 

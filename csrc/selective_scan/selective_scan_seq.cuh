@@ -204,12 +204,22 @@ __device__ __forceinline__ SeqRows<T, NPT> seq_rows(const ScanParams& p, const D
   return r;
 }
 
-// Block: one warp (unidirectional) or two (bidirectional: warp d scans direction d). grid (dim / CPW, batch).
-template <typename T, int NPT, bool BI>
-__global__ void __launch_bounds__(BI ? 64 : 32, BI ? 9 : 16) scan_fwd_seq_kernel(const ScanParams p) {
+// SEQ_BI_SPLIT (A/B knob): 1 = the bidirectional forward as two launches of one-warp blocks (LanesPass, as the lanes
+// kernels), 0 = one launch of two-warp blocks (kSeqPassBoth below).
+#ifndef SEQ_BI_SPLIT
+#define SEQ_BI_SPLIT 0
+#endif
+constexpr int kSeqPassBoth = 3;
+
+// Block: one warp (kPassUni / kPassBiRev / kPassBiFwd: the LanesPass of one direction) or two (kSeqPassBoth: warp d
+// scans direction d). grid (dim / CPW, batch).
+template <typename T, int NPT, int PASS>
+__global__ void __launch_bounds__(PASS == kSeqPassBoth ? 64 : 32, PASS == kSeqPassBoth ? 9 : 16)
+    scan_fwd_seq_kernel(const ScanParams p) {
   using S = SeqShape<NPT>;
-  __shared__ alignas(16) SeqSmem<NPT> smem[BI ? 2 : 1];
-  const int warp = BI ? threadIdx.x >> 5 : 0;
+  constexpr bool BOTH = PASS == kSeqPassBoth;
+  __shared__ alignas(16) SeqSmem<NPT> smem[BOTH ? 2 : 1];
+  const int warp = BOTH ? threadIdx.x >> 5 : (PASS == kPassBiRev ? 1 : 0);
   const int lane = threadIdx.x & 31, cw = lane % S::CPW, k = lane / S::CPW;  // channels fastest: a quarter-warp reads few (B, C) addresses
   const int b = blockIdx.y;
   const int chan = blockIdx.x * S::CPW + cw;
@@ -222,13 +232,13 @@ __global__ void __launch_bounds__(BI ? 64 : 32, BI ? 9 : 16) scan_fwd_seq_kernel
   for (int q = 0; q < NPT; ++q) {
     const int n = k * NPT + q;
     A2[q] = n < p.N ? dp.A[(size_t)chan * p.N + n] * kLog2e : 0.f;
-    h[q] = (!BI && n < p.N && p.initial_state) ? p.initial_state[row * p.N + n] : 0.f;
+    h[q] = (PASS == kPassUni && n < p.N && p.initial_state) ? p.initial_state[row * p.N + n] : 0.f;
   }
   const float bias = dp.delta_bias ? dp.delta_bias[chan] : 0.f, Dv = dp.D ? dp.D[chan] : 0.f;
   float* states_row = dp.states ? dp.states + row * nsave * p.N : nullptr;
   const SeqRows<T, NPT> r = seq_rows<T, NPT>(p, dp, b, chan, lane >> 1);
-  SeqSmem<NPT>& s = smem[warp];
-  if constexpr (BI) {
+  SeqSmem<NPT>& s = smem[BOTH ? warp : 0];
+  if constexpr (BOTH) {
     // warp 0: chunks [0, H) then [H, nch); warp 1: chunks nch-1 .. H then H-1 .. 0
     const int H = nch / 2;
 #pragma unroll 1
@@ -241,6 +251,10 @@ __global__ void __launch_bounds__(BI ? 64 : 32, BI ? 9 : 16) scan_fwd_seq_kernel
         seq_fwd_chunks<T, NPT, true>(p, r, s, phase == 1 ? nch - 1 : H - 1, phase == 1 ? nch - H : H, phase,
                                      A2, h, states_row, bias, Dv);
     }
+  } else if constexpr (PASS == kPassBiRev) {
+    seq_fwd_chunks<T, NPT, true>(p, r, s, nch - 1, nch, 1, A2, h, states_row, bias, Dv);  // y to ws
+  } else if constexpr (PASS == kPassBiFwd) {
+    seq_fwd_chunks<T, NPT, false>(p, r, s, 0, nch, 2, A2, h, states_row, bias, Dv);  // + ws, out
   } else {
     seq_fwd_chunks<T, NPT, false>(p, r, s, 0, nch, 0, A2, h, states_row, bias, Dv);
     if (p.last_state) {
@@ -254,10 +268,16 @@ __global__ void __launch_bounds__(BI ? 64 : 32, BI ? 9 : 16) scan_fwd_seq_kernel
 template <typename T, int NPT>
 cudaError_t launch_seq_fwd_n(const ScanParams& p, cudaStream_t stream) {
   const dim3 grid(p.dim / SeqShape<NPT>::CPW, p.batch);
-  if (p.bidirectional)
-    scan_fwd_seq_kernel<T, NPT, true><<<grid, 64, 0, stream>>>(p);
-  else
-    scan_fwd_seq_kernel<T, NPT, false><<<grid, 32, 0, stream>>>(p);
+  if (!p.bidirectional) {
+    scan_fwd_seq_kernel<T, NPT, kPassUni><<<grid, 32, 0, stream>>>(p);
+  } else if (SEQ_BI_SPLIT) {
+    scan_fwd_seq_kernel<T, NPT, kPassBiRev><<<grid, 32, 0, stream>>>(p);
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+    scan_fwd_seq_kernel<T, NPT, kPassBiFwd><<<grid, 32, 0, stream>>>(p);
+  } else {
+    scan_fwd_seq_kernel<T, NPT, kSeqPassBoth><<<grid, 64, 0, stream>>>(p);
+  }
   return cudaGetLastError();
 }
 
@@ -268,8 +288,10 @@ cudaError_t launch_seq_fwd(const ScanParams& p, cudaStream_t stream) {
   if (p.fwd_kernel == 1) return cudaErrorNotSupported;
   static_assert(SeqShape<kSeqNpt>::CPW == kSeqCpw, "selective_scan.h's kSeqCpw");
   if (!seq_fwd_applies(p)) return p.fwd_kernel == 2 ? cudaErrorInvalidValue : cudaErrorNotSupported;
-  const long warps = (long)p.batch * p.dim / kSeqCpw * (p.bidirectional ? 2 : 1);
-  const int min_warps = p.bidirectional ? kSeqMinWarpsPerSMBi : kSeqMinWarpsPerSM;
+  // warps of one launch (SEQ_BI_SPLIT: a direction, with the unidirectional threshold)
+  const bool both = p.bidirectional && !SEQ_BI_SPLIT;
+  const long warps = (long)p.batch * p.dim / kSeqCpw * (both ? 2 : 1);
+  const int min_warps = both ? kSeqMinWarpsPerSMBi : kSeqMinWarpsPerSM;
   if (p.fwd_kernel == 0 && warps < (long)min_warps * p.sms) return cudaErrorNotSupported;
   return launch_seq_fwd_n<T, kSeqNpt>(p, stream);
 }
