@@ -465,11 +465,11 @@ def test_cuda_raw_bi_reads_slices_and_writes_dz_in_place(L):
 @pytest.mark.gpu
 @pytest.mark.parametrize("bi", [False, True], ids=["uni", "bi"])
 def test_cuda_default_forward_is_seq_for_many_channels_only(bi, monkeypatch):
-    """The default forward of the lanes config: the seq kernel where there are >= 32 of its warps per SM (16 counting
-    both directions' warps, bidirectional; its output bit for bit, and not the lanes kernel's), the lanes kernel with
-    few channels."""
+    """The default forward of the lanes config: the seq kernel where there are >= 32 of its warps per SM (per
+    direction, bidirectional: a launch each; its output bit for bit, and not the lanes kernel's), the lanes kernel
+    with few channels."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    many = 16 * 8 * sms // 2 if bi else 32 * 8 * sms  # channels for that many seq warps per SM (8 channels a warp)
+    many = 32 * 8 * sms  # channels for that many seq warps per SM (8 channels a warp)
     for dim, expect in ((many, "2"), (64, "1")):
         torch.manual_seed(0)
         x = _inputs(1, dim, 16, 256, torch.bfloat16)

@@ -165,9 +165,9 @@ constexpr int kSeqNpt = 4, kSeqCpw = 8, kSeqChunk = 32, kSeqN = 16;
 // Default only with at least this many of its warps per SM (no sequence split: with few channels the lanes forward is
 // faster). H100, bf16, fwd ms seq vs lanes (benchmarks/NOTES_scan.md, session 12), warps an SM in brackets:
 // unidirectional (2, 2304, 16, 4096) [4.4] 0.444 vs 0.255, (8, 2304, 16, 4096) [17.5] 1.044 vs 0.945, (16, 2304, 16,
-// 1024) [35] 0.432 vs 0.467, spatial XL [70] 0.197 vs 0.273; bidirectional (both directions' warps; two-warp blocks)
-// global S [11.6] 0.864 vs 0.841, (4, 2304, 16, 4096) [17.5] 1.139 vs 1.258, spatial XL [140] 0.532 vs 0.611.
-constexpr int kSeqMinWarpsPerSM = 32, kSeqMinWarpsPerSMBi = 16;
+// 1024) [35] 0.432 vs 0.467, spatial XL [70] 0.197 vs 0.273. The bidirectional scan is two launches of the same
+// kernels, so the same threshold applies to one direction's warps.
+constexpr int kSeqMinWarpsPerSM = 32;
 
 inline bool seq_fwd_applies(const ScanParams& p) {
   if (p.N > kSeqN || !p.lanes_vec || p.L % kSeqChunk != 0 || p.dim % kSeqCpw != 0 || p.batch > 65535) return false;

@@ -12,19 +12,18 @@
 //   scan   - per step: (d, du) and this lane's (B, C) from shared memory, NPT states advanced in registers, the
 //            lane's part of <C_t, h_t> per step to shared memory (8 steps at a time);
 //   reduce - each lane sums the TPC parts of its EPL elements, adds D u, gates and stores them (one vector store).
-// The next chunk's global loads are issued before the scan of the current one. Warps synchronise only with
-// __syncwarp (a block is one warp, or the two directions of a bidirectional block). Shared-memory traffic, not the
-// instruction count, decides the speed: with the channels fastest a quarter-warp reads two (B, C) addresses (spatial
+// The next chunk's global loads are issued before the scan of the current one. A block is one warp (synchronised
+// only with __syncwarp). Shared-memory traffic, not the instruction count, decides the speed: with the channels fastest a quarter-warp reads two (B, C) addresses (spatial
 // XL forward 0.245 -> 0.197 ms on an H100, benchmarks/NOTES_scan.md, session 12). One warp runs a whole row, so with
 // few channels (4.4 warps per SM at global XL) it is latency-bound and the lanes forward is faster.
-// Bidirectional: a block is two warps over the same channels, warp 0 scanning forward, warp 1 backward (from the
-// end, over the natural-order *_b inputs). In the first half each writes its pre-gate y (D u included) for the
-// chunks it scans to the fp32 scratch ws (warp 0: the first half of the chunks, warp 1: the second); after one
-// __syncthreads each scans the other half, adds the other direction's y from ws, halves (divide_out), gates and
-// stores out: no flipped copies and each out element is written once.
+// Bidirectional: two launches (LanesPass), the backward direction first (from the end, over the natural-order *_b
+// inputs; its pre-gate y, D u included, to the fp32 scratch ws), then the forward one, which adds it, halves
+// (divide_out), gates and stores out: no flipped copies and each out element is written once. (Until session 16 one
+// launch of two-warp blocks, the warps meeting at the middle of the row: H100, bf16, bi spatial XL fwd 0.533 ms
+// against 0.396 for the two launches, benchmarks/results/cuda-lanes-variants-NVIDIA-H100-80GB-HBM3-0bc7100-seq-split.json.)
 // Requirements (seq_fwd_applies, selective_scan.h; else the lanes forward runs): N <= 16, L % 32 == 0, 16-byte
 // aligned rows (p.lanes_vec), dim / G a multiple of CPW for every direction. The default only where there are many
-// channels (kSeqMinWarpsPerSM[Bi]): one warp runs a whole row, so with few channels the lanes forward is faster.
+// channels (kSeqMinWarpsPerSM): one warp runs a whole row, so with few channels the lanes forward is faster.
 #pragma once
 
 #include "selective_scan_lanes.cuh"
@@ -72,8 +71,9 @@ struct SeqRows {
   float* ws;
 };
 
-// One direction of the forward for one warp. PHASE: 0 = the whole sequence (unidirectional, out written);
-// bidirectional: 1 = the first half of its chunks (y to ws), 2 = the second half (+ ws, out written).
+// One direction of the forward for one warp, chunks c_first, c_first +- 1, .. (count of them). PHASE: 0 =
+// unidirectional (out written); bidirectional: 1 = the backward direction (y to ws), 2 = the forward one (+ ws, out
+// written).
 template <typename T, int NPT, bool REV>
 __device__ __forceinline__ void seq_fwd_chunks(const ScanParams& p, const SeqRows<T, NPT>& r,
                                                SeqSmem<NPT>& s, int c_first, int count, int phase,
@@ -204,26 +204,17 @@ __device__ __forceinline__ SeqRows<T, NPT> seq_rows(const ScanParams& p, const D
   return r;
 }
 
-// SEQ_BI_SPLIT (A/B knob): 1 = the bidirectional forward as two launches of one-warp blocks (LanesPass, as the lanes
-// kernels), 0 = one launch of two-warp blocks (kSeqPassBoth below).
-#ifndef SEQ_BI_SPLIT
-#define SEQ_BI_SPLIT 0
-#endif
-constexpr int kSeqPassBoth = 3;
-
-// Block: one warp (kPassUni / kPassBiRev / kPassBiFwd: the LanesPass of one direction) or two (kSeqPassBoth: warp d
-// scans direction d). grid (dim / CPW, batch).
+// Block: one warp; PASS (LanesPass): the unidirectional scan or one direction of the bidirectional one (two launches,
+// as the lanes kernels). grid (dim / CPW, batch).
 template <typename T, int NPT, int PASS>
-__global__ void __launch_bounds__(PASS == kSeqPassBoth ? 64 : 32, PASS == kSeqPassBoth ? 9 : 16)
-    scan_fwd_seq_kernel(const ScanParams p) {
+__global__ void __launch_bounds__(32, 16) scan_fwd_seq_kernel(const ScanParams p) {
   using S = SeqShape<NPT>;
-  constexpr bool BOTH = PASS == kSeqPassBoth;
-  __shared__ alignas(16) SeqSmem<NPT> smem[BOTH ? 2 : 1];
-  const int warp = BOTH ? threadIdx.x >> 5 : (PASS == kPassBiRev ? 1 : 0);
+  __shared__ alignas(16) SeqSmem<NPT> s;
+  const int dir = PASS == kPassBiRev ? 1 : 0;
   const int lane = threadIdx.x & 31, cw = lane % S::CPW, k = lane / S::CPW;  // channels fastest: a quarter-warp reads few (B, C) addresses
   const int b = blockIdx.y;
   const int chan = blockIdx.x * S::CPW + cw;
-  const DirParams& dp = p.dir[warp];
+  const DirParams& dp = p.dir[dir];
   const size_t row = (size_t)b * p.dim + chan;
   constexpr int kSaveSpan = kLanesWindow * kLanesStateStride;  // steps per saved state
   const int nch = p.L / kSeqChunk, nsave = (p.L + kSaveSpan - 1) / kSaveSpan;
@@ -237,21 +228,7 @@ __global__ void __launch_bounds__(PASS == kSeqPassBoth ? 64 : 32, PASS == kSeqPa
   const float bias = dp.delta_bias ? dp.delta_bias[chan] : 0.f, Dv = dp.D ? dp.D[chan] : 0.f;
   float* states_row = dp.states ? dp.states + row * nsave * p.N : nullptr;
   const SeqRows<T, NPT> r = seq_rows<T, NPT>(p, dp, b, chan, lane >> 1);
-  SeqSmem<NPT>& s = smem[BOTH ? warp : 0];
-  if constexpr (BOTH) {
-    // warp 0: chunks [0, H) then [H, nch); warp 1: chunks nch-1 .. H then H-1 .. 0
-    const int H = nch / 2;
-#pragma unroll 1
-    for (int phase = 1; phase <= 2; ++phase) {
-      if (phase == 2) __syncthreads();
-      if (warp == 0)
-        seq_fwd_chunks<T, NPT, false>(p, r, s, phase == 1 ? 0 : H, phase == 1 ? H : nch - H, phase, A2, h,
-                                      states_row, bias, Dv);
-      else
-        seq_fwd_chunks<T, NPT, true>(p, r, s, phase == 1 ? nch - 1 : H - 1, phase == 1 ? nch - H : H, phase,
-                                     A2, h, states_row, bias, Dv);
-    }
-  } else if constexpr (PASS == kPassBiRev) {
+  if constexpr (PASS == kPassBiRev) {
     seq_fwd_chunks<T, NPT, true>(p, r, s, nch - 1, nch, 1, A2, h, states_row, bias, Dv);  // y to ws
   } else if constexpr (PASS == kPassBiFwd) {
     seq_fwd_chunks<T, NPT, false>(p, r, s, 0, nch, 2, A2, h, states_row, bias, Dv);  // + ws, out
@@ -270,13 +247,11 @@ cudaError_t launch_seq_fwd_n(const ScanParams& p, cudaStream_t stream) {
   const dim3 grid(p.dim / SeqShape<NPT>::CPW, p.batch);
   if (!p.bidirectional) {
     scan_fwd_seq_kernel<T, NPT, kPassUni><<<grid, 32, 0, stream>>>(p);
-  } else if (SEQ_BI_SPLIT) {
+  } else {
     scan_fwd_seq_kernel<T, NPT, kPassBiRev><<<grid, 32, 0, stream>>>(p);
     const cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
     scan_fwd_seq_kernel<T, NPT, kPassBiFwd><<<grid, 32, 0, stream>>>(p);
-  } else {
-    scan_fwd_seq_kernel<T, NPT, kSeqPassBoth><<<grid, 64, 0, stream>>>(p);
   }
   return cudaGetLastError();
 }
@@ -288,11 +263,8 @@ cudaError_t launch_seq_fwd(const ScanParams& p, cudaStream_t stream) {
   if (p.fwd_kernel == 1) return cudaErrorNotSupported;
   static_assert(SeqShape<kSeqNpt>::CPW == kSeqCpw, "selective_scan.h's kSeqCpw");
   if (!seq_fwd_applies(p)) return p.fwd_kernel == 2 ? cudaErrorInvalidValue : cudaErrorNotSupported;
-  // warps of one launch (SEQ_BI_SPLIT: a direction, with the unidirectional threshold)
-  const bool both = p.bidirectional && !SEQ_BI_SPLIT;
-  const long warps = (long)p.batch * p.dim / kSeqCpw * (both ? 2 : 1);
-  const int min_warps = both ? kSeqMinWarpsPerSMBi : kSeqMinWarpsPerSM;
-  if (p.fwd_kernel == 0 && warps < (long)min_warps * p.sms) return cudaErrorNotSupported;
+  const long warps = (long)p.batch * p.dim / kSeqCpw;  // of one launch (a direction of the bidirectional scan)
+  if (p.fwd_kernel == 0 && warps < (long)kSeqMinWarpsPerSM * p.sms) return cudaErrorNotSupported;
   return launch_seq_fwd_n<T, kSeqNpt>(p, stream);
 }
 
