@@ -3,7 +3,8 @@
 # Usage (device, repo root): MATTEN_COMMIT=<sha> bash benchmarks/device_round.sh
 # Optional: .whl/ (diffusers wheels, see the device README) and .peers/mamba_build/selective_scan_cuda.so.xz (mamba-ssm's
 # scan extension, built by benchmarks/build_mamba_scan.py) when carried. Writes round.log and the bench files to $OUT.
-# BENCH_FIRST=1 runs the bench (BENCH_BUDGET, BENCH_ARGS) before the tests: timings on an idle machine, the tests after.
+# BENCH_FIRST=1 runs the bench (BENCH_BUDGET, BENCH_ARGS; BENCH_CASES: model case labels, comma-separated) before
+# the tests: timings on an idle machine, the tests after.
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 LOG="$OUT/round.log"
@@ -47,7 +48,7 @@ run_tests() {
 run_bench() {
   [ -n "${BENCH_BUDGET:-}" ] || return 0
   echo "== matten bench" | tee -a "$LOG"
-  timeout $((BENCH_BUDGET + 60)) python3 -m matten bench ${BENCH_ARGS:-} --out "$OUT" --budget-s "$BENCH_BUDGET" 2>&1 \
+  timeout $((BENCH_BUDGET + 60)) python3 -m matten bench ${BENCH_ARGS:-} --out "$OUT" --budget-s "$BENCH_BUDGET" --cases "${BENCH_CASES:-}" 2>&1 \
     | tail -40 | tee -a "$LOG"
 }
 if [ -n "${BENCH_FIRST:-}" ]; then run_bench; run_tests; else run_tests; run_bench; fi
