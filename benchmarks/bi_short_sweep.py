@@ -16,6 +16,7 @@ import os
 
 import torch
 
+import scan_kernel_profile
 from _scan_common import bench, env_info, scan_inputs
 from matten_kernels import bi_selective_scan
 from matten_kernels.selective_scan.triton_bwd import selective_scan_bwd
@@ -38,26 +39,14 @@ def call(f, b, z):
 
 
 def kernel_times(L):
-    from torch.profiler import ProfilerActivity, profile
-
     f, b, z = v2_inputs(L)
     dout = torch.randn(BATCH, DIM, L, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        call(f, b, z).backward(dout)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as p:
-        call(f, b, z).backward(dout)
-        torch.cuda.synchronize()
-    rows = {}
-    for e in p.key_averages():  # kernels carry self device time, the CPU-side ops that launch them none
-        t = getattr(e, "self_device_time_total", 0)
-        if t > 0:
-            rows[e.key[:90]] = {"us": round(t, 1), "calls": e.count}
     leaves = [f[k] for k in f] + [b[k] for k in b] + [z]
+    rows = scan_kernel_profile.kernel_times(lambda: call(f, b, z), dout, leaves)
     fwdbwd = bench(lambda: call(f, b, z).backward(dout), grad_to_none=leaves)
     with torch.no_grad():
         fwd = bench(lambda: call(f, b, z))
-    return {"L": L, "fwd_ms": fwd, "fwdbwd_ms": fwdbwd, "kernels": dict(sorted(rows.items(), key=lambda kv: -kv[1]["us"]))}
+    return {"L": L, "fwd_ms": fwd, "fwdbwd_ms": fwdbwd, "kernels": rows}
 
 
 def segment_sweep(L):
