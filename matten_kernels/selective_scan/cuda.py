@@ -333,8 +333,11 @@ def cuda_bi_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
                            divide_out=False):
     """CUDA backend of :func:`matten_kernels.bi_selective_scan` (same arguments, validated by the caller).
 
-    One launch runs both directions (the backward one reads the natural-order ``*_b`` inputs from the end; no
-    flipped copies). A missing ``*_b`` input is passed as its forward twin, so autograd sums the twin's two gradients.
+    The backward direction reads the natural-order ``*_b`` inputs from the end (no flipped copies). With the lanes
+    and seq kernels each direction is a launch of its own (the backward direction's y goes to an fp32 scratch that the
+    forward direction's launch adds, gates and writes as the one output): one launch running both directions in each
+    warp spilled and was up to 1.5x slower (``csrc/selective_scan/NOTES.md`` "Session 16"). A missing ``*_b`` input is
+    passed as its forward twin, so autograd sums the twin's two gradients.
     """
     _load()
     _check_device("bi_selective_scan", u)
