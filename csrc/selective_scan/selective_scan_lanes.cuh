@@ -398,71 +398,13 @@ __device__ __forceinline__ void fwd_finish8(const LanesRows<T>& r, int t0, int L
   store8<FULL>(r.out, t0, L, y);
 }
 
-// LANES_FWD_STAGE (A/B knob): the forward's full windows of a 16-bit dtype read B and C as fp32 from shared memory,
-// converted once per block (its kLanesWarps channels share them) instead of once per warp: per state and lane 4
-// 16-byte shared loads replace 2 global loads and 16 conversions. Double-buffered: the next window's chunks are
-// loaded while this one is scanned, converted and stored after it, one barrier per window.
-#ifndef LANES_FWD_STAGE
-#define LANES_FWD_STAGE 0
-#endif
-constexpr int kStageStates = 16;                                 // states of a staged window (N == 16 exactly)
-constexpr int kStageFloats = 2 * kStageStates * kLanesWindow;    // B and C of one window
-constexpr int kStageChunks = kStageFloats / kLanesSteps / (kLanesWarps * 32);  // 16-byte chunks a thread stages
-static_assert(kStageStates % kLanesWarps == 0, "staged rows split evenly over the warps");
-constexpr int kLanesFwdSmemBytes = LANES_FWD_STAGE ? 2 * kStageFloats * 4 : 0;
-
-template <typename T>
-struct StageRaw {
-  Raw8<T> v[kStageChunks];
-};
-
-// This thread's chunks (8 steps each) of the window from w0: warp k stages rows k, k + kLanesWarps, .. of B and of C,
-// lane l their steps 8 l .. 8 l + 7 (one 16-byte load each, a warp's 512 contiguous bytes of a row).
-template <typename T>
-__device__ __forceinline__ void stage_load(const T* __restrict__ B, const T* __restrict__ C, int L, int w0,
-                                           StageRaw<T>& s) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const size_t at = (size_t)warp * L + w0 + lane * kLanesSteps, step = (size_t)kLanesWarps * L;
-  constexpr int K = kStageChunks / 2;
-#pragma unroll
-  for (int i = 0; i < K; ++i) {
-    s.v[i] = ld8<true>(B + at + i * step, 0, L);
-    s.v[K + i] = ld8<true>(C + at + i * step, 0, L);
-  }
-}
-
-// Layout of a staged row (256 floats; rows 0..15 B, 16..31 C): float4 (half * 32 + l) holds steps 8 l + 4 half ..
-// +3, so a warp's reads of one half are 512 contiguous bytes (no bank conflicts), and so are its writes.
-template <typename T>
-__device__ __forceinline__ void stage_store(float* buf, const StageRaw<T>& s) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  constexpr int K = kStageChunks / 2;
-#pragma unroll
-  for (int i = 0; i < kStageChunks; ++i) {
-    const int row = (i < K ? 0 : kStageStates) + warp + (i % K) * kLanesWarps;
-    float v[kLanesSteps];
-    unpack8(s.v[i], v);
-    float4* dst = reinterpret_cast<float4*>(buf + row * kLanesWindow) + lane;
-    dst[0] = make_float4(v[0], v[1], v[2], v[3]);
-    dst[32] = make_float4(v[4], v[5], v[6], v[7]);
-  }
-}
-
-__device__ __forceinline__ void stage_read(const float* buf, int row, float (&v)[kLanesSteps]) {
-  const int lane = threadIdx.x & 31;
-  const float4* src = reinterpret_cast<const float4*>(buf + row * kLanesWindow) + lane;
-  const float4 lo = src[0], hi = src[32];
-  v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
-}
-
-// A window's per-step inputs: u, d (softplus, zero beyond L), d*u; the B/C loads of the first kLanesAhead states
-// (not STAGED: those come from shared memory).
-template <bool FULL, bool EXACT, typename T, int NMAX, bool STAGED = false>
+// A window's per-step inputs: u, d (softplus, zero beyond L), d*u; the B/C loads of the first kLanesAhead states.
+template <bool FULL, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void window_begin(const LanesRows<T>& r, int t0, int L, int N, const LanesScalars& c,
                                              float (&uu)[kLanesSteps], float (&dt)[kLanesSteps],
                                              float (&du)[kLanesSteps], Raw8<T> (&rb)[NMAX], Raw8<T> (&rc)[NMAX]) {
 #pragma unroll
-  for (int k = 0; k < kLanesAhead && k < NMAX && !STAGED; ++k)
+  for (int k = 0; k < kLanesAhead && k < NMAX; ++k)
     rb[k] = ld8_state<FULL, EXACT>(r.B, k, N, t0, L), rc[k] = ld8_state<FULL, EXACT>(r.C, k, N, t0, L);
   load8<FULL>(r.u, t0, L, uu);
   load8<FULL>(r.delta, t0, L, dt);
@@ -471,24 +413,18 @@ __device__ __forceinline__ void window_begin(const LanesRows<T>& r, int t0, int 
   for (int j = 0; j < kLanesSteps; ++j) du[j] = dt[j] * uu[j];
 }
 
-// State n of a window: the B/C loads of state n + kLanesAhead issued, n's B/C unpacked (STAGED: read as fp32 from
-// the block's staged window `sbuf`), a = exp2(d A2) and the lane's affine map (pa, xa) of its steps in scan order.
-template <bool REV, bool FULL, bool EXACT, typename T, int NMAX, bool STAGED = false>
+// State n of a window: the B/C loads of state n + kLanesAhead issued, n's B/C unpacked, a = exp2(d A2) and the
+// lane's affine map (pa, xa) of its steps in scan order.
+template <bool REV, bool FULL, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void state_begin(const LanesRows<T>& r, int n, int t0, int L, int N, float A2,
                                             Raw8<T> (&rb)[NMAX], Raw8<T> (&rc)[NMAX], const float (&dt)[kLanesSteps],
                                             const float (&du)[kLanesSteps], float (&Bv)[kLanesSteps],
-                                            float (&Cv)[kLanesSteps], float (&a)[kLanesSteps], float& pa, float& xa,
-                                            const float* sbuf = nullptr) {
-  if constexpr (STAGED) {
-    stage_read(sbuf, n, Bv);
-    stage_read(sbuf, kStageStates + n, Cv);
-  } else {
-    if (n + kLanesAhead < NMAX)
-      rb[n + kLanesAhead] = ld8_state<FULL, EXACT>(r.B, n + kLanesAhead, N, t0, L),
-      rc[n + kLanesAhead] = ld8_state<FULL, EXACT>(r.C, n + kLanesAhead, N, t0, L);
-    unpack8(rb[n], Bv);
-    unpack8(rc[n], Cv);
-  }
+                                            float (&Cv)[kLanesSteps], float (&a)[kLanesSteps], float& pa, float& xa) {
+  if (n + kLanesAhead < NMAX)
+    rb[n + kLanesAhead] = ld8_state<FULL, EXACT>(r.B, n + kLanesAhead, N, t0, L),
+    rc[n + kLanesAhead] = ld8_state<FULL, EXACT>(r.C, n + kLanesAhead, N, t0, L);
+  unpack8(rb[n], Bv);
+  unpack8(rc[n], Cv);
   pa = 1.f, xa = 0.f;
 #pragma unroll
   for (int k = 0; k < kLanesSteps; ++k) {
@@ -499,22 +435,20 @@ __device__ __forceinline__ void state_begin(const LanesRows<T>& r, int n, int t0
   }
 }
 
-// One forward window. A2_l / h_l: lane n holds state n's A*log2(e) and carry. STAGED: B and C from `sbuf`.
-template <bool REV, bool FULL, bool EXACT, typename T, int NMAX, bool STAGED = false>
+// One forward window. A2_l / h_l: lane n holds state n's A*log2(e) and carry.
+template <bool REV, bool FULL, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L, int N, int lane,
-                                           const LanesScalars& c, float A2_l, float& h_l,
-                                           const float* sbuf = nullptr) {
+                                           const LanesScalars& c, float A2_l, float& h_l) {
   using O = Order<REV>;
   float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], y[kLanesSteps];
   Raw8<T> rb[NMAX], rc[NMAX];
-  window_begin<FULL, EXACT, T, NMAX, STAGED>(r, t0, L, N, c, uu, dt, du, rb, rc);
+  window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, rb, rc);
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) y[j] = c.Dv * uu[j];
 #pragma unroll
   for (int n = 0; n < NMAX; ++n) {
     float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], pa, xa;
-    state_begin<REV, FULL, EXACT, T, NMAX, STAGED>(r, n, t0, L, N, __shfl_sync(kFull, A2_l, n), rb, rc, dt, du, Bv,
-                                                   Cv, a, pa, xa, sbuf);
+    state_begin<REV, FULL, EXACT>(r, n, t0, L, N, __shfl_sync(kFull, A2_l, n), rb, rc, dt, du, Bv, Cv, a, pa, xa);
     float carry = __shfl_sync(kFull, h_l, n);
     float hh = lanes_state_in<REV>(pa, xa, carry, lane);
     h_l = lane == n ? carry : h_l;
@@ -537,8 +471,7 @@ __device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, in
 
 // One direction of the forward over the whole row: windows in scan order, the state entering each saved.
 template <bool REV, bool EXACT, typename T, int NMAX>
-__device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b, int chan, int lane, int mode,
-                                              float* sbuf) {
+__device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b, int chan, int lane, int mode) {
   const DirParams& dp = p.dir[d];
   const int L = p.L, N = p.N;
   const size_t row = (size_t)b * p.dim + chan;
@@ -550,37 +483,15 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
   float h_l = (lane < N && p.initial_state && !p.bidirectional) ? p.initial_state[row * N + lane] : 0.f;
   const LanesScalars c{dp.delta_bias ? dp.delta_bias[chan] : 0.f, dp.D ? dp.D[chan] : 0.f,
                        p.divide_out ? 0.5f : 1.f, (bool)p.delta_softplus, mode};
-  auto full = [&](int w) { return p.lanes_vec && (w + 1) * kLanesWindow <= L; };
-  [[maybe_unused]] StageRaw<T> raw;
-  int staged_w = -1;  // the window whose B/C the buffer of this iteration holds
   for (int i = 0; i < nwin; ++i) {
     const int w = REV ? nwin - 1 - i : i;
     const int t0 = w * kLanesWindow + lane * kLanesSteps;
     if (states && lane < N && lanes_saves_state(w, nwin, REV))
       states[(size_t)(w / kLanesStateStride) * N + lane] = h_l;
-    if (!full(w)) {
+    if (!p.lanes_vec || (w + 1) * kLanesWindow > L)
       fwd_window_generic<REV, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l);
-    } else if constexpr (LANES_FWD_STAGE && EXACT && NMAX == kStageStates && sizeof(T) == 2) {
-      if (sbuf) {  // block-uniform: every warp of the block takes the same branch in every iteration
-        float* cur = sbuf + (i & 1) * kStageFloats;
-        if (staged_w != w) {
-          stage_load(rows.B, rows.C, L, w * kLanesWindow, raw);
-          stage_store(cur, raw);
-          __syncthreads();
-        }
-        const int wn = REV ? w - 1 : w + 1;
-        const bool next = i + 1 < nwin && full(wn);
-        if (next) stage_load(rows.B, rows.C, L, wn * kLanesWindow, raw);
-        fwd_window<REV, true, EXACT, T, NMAX, true>(rows, t0, L, N, lane, c, A2_l, h_l, cur);
-        if (next) stage_store(sbuf + ((i + 1) & 1) * kStageFloats, raw);
-        staged_w = next ? wn : -1;
-        __syncthreads();
-      } else {
-        fwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l);
-      }
-    } else {
+    else
       fwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l);
-    }
   }
   if (p.last_state && lane < N) p.last_state[row * N + lane] = h_l;
 }
@@ -592,20 +503,13 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_FWD_MINB) scan_fwd_lan
   const int lane = threadIdx.x & 31;
   const int chan = blockIdx.y * kLanesWarps + (threadIdx.x >> 5);
   const int b = blockIdx.x;  // batch rows first: warps running together add dB/dC into different rows
-  float* sbuf = nullptr;  // LANES_FWD_STAGE: the block's staged B/C windows
-#if LANES_FWD_STAGE
-  extern __shared__ float4 s_stage[];  // kLanesFwdSmemBytes
-  // every warp of the block alive and in one B/C group (block-uniform)
-  const int G = p.dir[PASS == kPassBiRev ? 1 : 0].groups;
-  if (p.dim % kLanesWarps == 0 && (p.dim / G) % kLanesWarps == 0) sbuf = reinterpret_cast<float*>(s_stage);
-#endif
-  if (chan >= p.dim) return;  // a whole warp; then no block-level synchronisation below (sbuf is null)
+  if (chan >= p.dim) return;  // a whole warp; no block-level synchronisation below
   if constexpr (PASS == kPassBiRev)
-    fwd_direction<true, EXACT, T, NMAX>(p, 1, b, chan, lane, kToWs, sbuf);
+    fwd_direction<true, EXACT, T, NMAX>(p, 1, b, chan, lane, kToWs);
   else if constexpr (PASS == kPassBiFwd)
-    fwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kAddWs, sbuf);
+    fwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kAddWs);
   else
-    fwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kUni, sbuf);
+    fwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kUni);
 }
 
 // One backward window. A_l / h0_l / r_l: lane n holds state n's A, the saved state entering the window and the
@@ -894,33 +798,23 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lan
   }
 }
 
-// Opts `kernel` in to `smem` bytes of dynamic shared memory (> 48 KiB) once per device.
-template <typename K>
-cudaError_t lanes_smem_opt_in(K kernel, int smem, bool (&opted_in)[64]) {
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev < 64 && opted_in[dev]) return cudaSuccess;
-  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (e == cudaSuccess && dev < 64) opted_in[dev] = true;
-  return e;
-}
-
 template <typename T, bool FWD, int NMAX, bool EXACT, int PASS>
 cudaError_t launch_lanes_pass(const ScanParams& p, cudaStream_t stream) {
   const dim3 grid(p.batch, (p.dim + kLanesWarps - 1) / kLanesWarps);
-  static bool opted_in[64] = {};  // once per instantiation and device
   if constexpr (FWD) {
-    constexpr int smem = kLanesFwdSmemBytes;
-    if constexpr (smem > 48 * 1024) {
-      const cudaError_t e = lanes_smem_opt_in(scan_fwd_lanes_kernel<T, NMAX, EXACT, PASS>, smem, opted_in);
-      if (e != cudaSuccess) return e;
-    }
-    scan_fwd_lanes_kernel<T, NMAX, EXACT, PASS><<<grid, kLanesWarps * 32, smem, stream>>>(p);
+    scan_fwd_lanes_kernel<T, NMAX, EXACT, PASS><<<grid, kLanesWarps * 32, 0, stream>>>(p);
   } else {
     constexpr int smem = kLanesBlockReduceBytes;
     if constexpr (smem > 48 * 1024) {
-      const cudaError_t e = lanes_smem_opt_in(scan_bwd_lanes_kernel<T, NMAX, EXACT, PASS>, smem, opted_in);
-      if (e != cudaSuccess) return e;
+      static bool opted_in[64] = {};  // once per instantiation and device
+      int dev = 0;
+      cudaGetDevice(&dev);
+      if (dev >= 64 || !opted_in[dev]) {
+        const cudaError_t e = cudaFuncSetAttribute(scan_bwd_lanes_kernel<T, NMAX, EXACT, PASS>,
+                                                   cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        if (e != cudaSuccess) return e;
+        if (dev < 64) opted_in[dev] = true;
+      }
     }
     scan_bwd_lanes_kernel<T, NMAX, EXACT, PASS><<<grid, kLanesWarps * 32, smem, stream>>>(p);
   }
