@@ -38,6 +38,61 @@ constexpr int kLanesWindow = 256;  // steps per window
 #endif
 constexpr int kLanesAhead = LANES_AHEAD;  // states whose B/C loads are in flight while one is computed
 constexpr unsigned kFull = 0xffffffffu;
+
+// LANES_PROBE_CLOCK (timing probe only, wrong dA / last_state): the lanes backward (forward) accumulates the SM clock
+// cycles of each phase of its full windows per warp and writes lane 0's sums, as floats, where dA_part (last_state)
+// would go, phase k in slot k (benchmarks/lanes_clock_probe.py reads them back). Phases: kProbe* below.
+#ifdef LANES_PROBE_CLOCK
+struct LanesProbe {
+  float c[16];
+  unsigned t;
+};
+__device__ __forceinline__ unsigned probe_clock() {
+  unsigned t;
+  asm volatile("mov.u32 %0, %%clock;" : "=r"(t)::"memory");
+  return t;
+}
+#define LANES_PROBE_PARAM , LanesProbe& pr
+#define LANES_PROBE_ARG , pr
+#define LANES_PROBE(k)                   \
+  do {                                   \
+    const unsigned t_ = probe_clock();   \
+    pr.c[k] += (float)(t_ - pr.t);       \
+    pr.t = t_;                           \
+  } while (0)
+#define LANES_PROBE_START() (pr.t = probe_clock())
+#else
+#define LANES_PROBE_PARAM
+#define LANES_PROBE_ARG
+#define LANES_PROBE(k) \
+  do {                 \
+  } while (0)
+#define LANES_PROBE_START() ((void)0)
+#endif
+// Backward phases (per full window; states summed).
+enum : int {
+  kProbeWinBegin = 0,   // u, delta, dout, z loads, softplus, gate of dy
+  kProbeStateBegin,     // B/C unpack, exps, the lanes' maps
+  kProbeStateScan,      // the state scan across the lanes (shuffles)
+  kProbeReplay,         // the lane's states and y
+  kProbeAdjMaps,        // the adjoint's lane maps
+  kProbeAdjScan,        // the adjoint scan across the lanes, r
+  kProbeGrads,          // the per-step gradients
+  kProbeStage,          // dB/dC staged in shared memory
+  kProbeBarrier,        // the block barrier
+  kProbeFlush,          // the block's dB/dC sums to global memory
+  kProbeWinEnd,         // du / ddelta stores, dz
+  kProbeWindows,        // count of full windows (not cycles)
+};
+// Forward phases.
+enum : int {
+  kProbeFwdWinBegin = 0,  // u, delta loads, softplus
+  kProbeFwdStateBegin,    // B/C unpack, exps, the lanes' maps
+  kProbeFwdStateScan,     // the state scan across the lanes
+  kProbeFwdReplay,        // the lane's states and y
+  kProbeFwdWinEnd,        // gate, store
+  kProbeFwdWindows = 11,  // count of full windows
+};
 // Blocks of kLanesWarps warps per SM the register allocation must allow (3: <= 168 registers; H100 A/B in
 // benchmarks/NOTES_scan.md: 4 (128 registers) spills and is 25% slower in the forward, 2 (255) no faster).
 #ifndef LANES_FWD_MINB
@@ -438,35 +493,47 @@ __device__ __forceinline__ void state_begin(const LanesRows<T>& r, int n, int t0
 // One forward window. A2_l / h_l: lane n holds state n's A*log2(e) and carry.
 template <bool REV, bool FULL, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L, int N, int lane,
-                                           const LanesScalars& c, float A2_l, float& h_l) {
+                                           const LanesScalars& c, float A2_l, float& h_l LANES_PROBE_PARAM) {
   using O = Order<REV>;
+  LANES_PROBE_START();
   float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], y[kLanesSteps];
   Raw8<T> rb[NMAX], rc[NMAX];
   window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, rb, rc);
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) y[j] = c.Dv * uu[j];
+  LANES_PROBE(kProbeFwdWinBegin);
 #pragma unroll
   for (int n = 0; n < NMAX; ++n) {
     float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], pa, xa;
     state_begin<REV, FULL, EXACT>(r, n, t0, L, N, __shfl_sync(kFull, A2_l, n), rb, rc, dt, du, Bv, Cv, a, pa, xa);
     float carry = __shfl_sync(kFull, h_l, n);
+    LANES_PROBE(kProbeFwdStateBegin);
     float hh = lanes_state_in<REV>(pa, xa, carry, lane);
     h_l = lane == n ? carry : h_l;
+    LANES_PROBE(kProbeFwdStateScan);
 #pragma unroll
     for (int k = 0; k < kLanesSteps; ++k) {
       const int j = O::step(k);
       hh = fmaf(a[j], hh, du[j] * Bv[j]);
       y[j] = fmaf(Cv[j], hh, y[j]);
     }
+    LANES_PROBE(kProbeFwdReplay);
   }
   fwd_finish8<FULL>(r, t0, L, c, y);
+  LANES_PROBE(kProbeFwdWinEnd);
+#ifdef LANES_PROBE_CLOCK
+  pr.c[kProbeFwdWindows] += 1.f;
+#endif
 }
 
 // The partial-window / unaligned path, kept out of line so that its registers do not count against the fast path.
 template <bool REV, typename T, int NMAX>
 __device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, int L, int N, int lane,
                                                 const LanesScalars c, float A2_l, float& h_l) {
-  fwd_window<REV, false, false, T, NMAX>(r, t0, L, N, lane, c, A2_l, h_l);
+#ifdef LANES_PROBE_CLOCK
+  LanesProbe pr{};  // partial windows are not counted
+#endif
+  fwd_window<REV, false, false, T, NMAX>(r, t0, L, N, lane, c, A2_l, h_l LANES_PROBE_ARG);
 }
 
 // One direction of the forward over the whole row: windows in scan order, the state entering each saved.
@@ -483,6 +550,9 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
   float h_l = (lane < N && p.initial_state && !p.bidirectional) ? p.initial_state[row * N + lane] : 0.f;
   const LanesScalars c{dp.delta_bias ? dp.delta_bias[chan] : 0.f, dp.D ? dp.D[chan] : 0.f,
                        p.divide_out ? 0.5f : 1.f, (bool)p.delta_softplus, mode};
+#ifdef LANES_PROBE_CLOCK
+  LanesProbe pr{};
+#endif
   for (int i = 0; i < nwin; ++i) {
     const int w = REV ? nwin - 1 - i : i;
     const int t0 = w * kLanesWindow + lane * kLanesSteps;
@@ -491,8 +561,13 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
     if (!p.lanes_vec || (w + 1) * kLanesWindow > L)
       fwd_window_generic<REV, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l);
     else
-      fwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l);
+      fwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l LANES_PROBE_ARG);
   }
+#ifdef LANES_PROBE_CLOCK
+  h_l = 0.f;  // lane k: its phase k
+#pragma unroll
+  for (int k = 0; k < 16; ++k) h_l = lane == k ? pr.c[k] : h_l;
+#endif
   if (p.last_state && lane < N) p.last_state[row * N + lane] = h_l;
 }
 
@@ -518,8 +593,10 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_FWD_MINB) scan_fwd_lan
 template <bool REV, bool FULL, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L, int N, int lane,
                                            const LanesScalars& c, float A_l, float h0_l, float& r_l,
-                                           float (&dA)[NMAX], float& dD, float& dbias, float* xch, float* bxch) {
+                                           float (&dA)[NMAX], float& dD, float& dbias, float* xch,
+                                           float* bxch LANES_PROBE_PARAM) {
   using O = Order<REV>;
+  LANES_PROBE_START();
   float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], dy[kLanesSteps];
   float y[kLanesSteps], sgB[kLanesSteps], ddt[kLanesSteps];
   Raw8<T> rb[NMAX], rc[NMAX];
@@ -536,6 +613,7 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
     dy[j] *= c.scale;
     y[j] = c.Dv * uu[j], sgB[j] = 0.f, ddt[j] = 0.f;
   }
+  LANES_PROBE(kProbeWinBegin);
 #pragma unroll
   for (int n = 0; n < NMAX; ++n) {
     const float An = __shfl_sync(kFull, A_l, n);
@@ -543,7 +621,9 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
     // forward: the states of the window
     state_begin<REV, FULL, EXACT>(r, n, t0, L, N, An * kLog2e, rb, rc, dt, du, Bv, Cv, a, pa, xa);
     float h0 = __shfl_sync(kFull, h0_l, n);
+    LANES_PROBE(kProbeStateBegin);
     float hh = lanes_state_in<REV>(pa, xa, h0, lane);
+    LANES_PROBE(kProbeStateScan);
 #pragma unroll
     for (int k = 0; k < kLanesSteps; ++k) {
       const int j = O::step(k);
@@ -551,6 +631,7 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
       h[j] = hh;
       y[j] = fmaf(Cv[j], hh, y[j]);
     }
+    LANES_PROBE(kProbeReplay);
     // adjoint, against scan order: g_j = C_j dy_j + a_{j'} g_{j'} (j' the next step in scan order); after the lane's
     // last step that is the next lane's first one (for the last lane r holds a g already)
     constexpr int j_first = O::step(0), j_last = O::step(kLanesSteps - 1);
@@ -563,10 +644,12 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
       s = fmaf(a[jn], s, Cv[j] * dy[j]);
       q *= a[jn];
     }
+    LANES_PROBE(kProbeAdjMaps);
     float g0;
     float gg = lanes_adjoint_in<REV>(q, s, __shfl_sync(kFull, r_l, n), lane, g0) * a_next;
     g0 = __shfl_sync(kFull, a[j_first] * g0, O::first);  // a g at the window's first step: the next window's r
     r_l = lane == n ? g0 : r_l;
+    LANES_PROBE(kProbeAdjScan);
     float dBv[kLanesSteps], dCv[kLanesSteps], dAl = 0.f;
 #pragma unroll
     for (int k = kLanesSteps - 1; k >= 0; --k) {
@@ -581,17 +664,23 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
       if (k > 0) gg *= a[j];  // a_j g_j: what the previous step receives
     }
     dA[n] += dAl;
+    LANES_PROBE(kProbeGrads);
     if (LANES_BLOCK_REDUCE && FULL && EXACT && bxch) {
       constexpr int K = kLanesStatesPerBarrier;
       const int k = n % K;
       float* slots = bxch + ((n / K) & 1) * (K * kLanesSlot);
       block_stage(dBv, dCv, slots + k * kLanesSlot);
+      LANES_PROBE(kProbeStage);
       if (k == K - 1 || n == NMAX - 1) {
+#ifndef LANES_PROBE_NO_BARRIER  // timing probe only (races: wrong dB/dC): what the barrier's waits cost
         __syncthreads();
+#endif
+        LANES_PROBE(kProbeBarrier);
 #pragma unroll
         for (int i = 0; i <= k; ++i)
           block_flush(r.dB + (size_t)(n - k + i) * L, r.dC + (size_t)(n - k + i) * L, t0 - lane * kLanesSteps,
                       slots + i * kLanesSlot);
+        LANES_PROBE(kProbeFlush);
       }
     } else if (n < N) {
       atomic_add8<FULL>(r.dB + (size_t)n * L, t0, lane, L, dBv, xch);
@@ -627,13 +716,21 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
     }
     store8<FULL>(r.dz, t0, L, dzv);
   }
+  LANES_PROBE(kProbeWinEnd);
+#ifdef LANES_PROBE_CLOCK
+  pr.c[kProbeWindows] += 1.f;
+#endif
 }
 
 template <bool REV, typename T, int NMAX>
 __device__ __noinline__ void bwd_window_generic(const LanesRows<T> r, int t0, int L, int N, int lane,
                                                 const LanesScalars c, float A_l, float h0_l, float& r_l,
                                                 float (&dA)[NMAX], float& dD, float& dbias) {
-  bwd_window<REV, false, false, T, NMAX>(r, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, nullptr, nullptr);
+#ifdef LANES_PROBE_CLOCK
+  LanesProbe pr{};  // partial windows are not counted
+#endif
+  bwd_window<REV, false, false, T, NMAX>(r, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, nullptr,
+                                         nullptr LANES_PROBE_ARG);
 }
 
 // A states-only forward window (kLanesStateStride > 1): h_l (lane n: state n) from the state entering the window to
@@ -728,6 +825,9 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
   float dA[NMAX], dD = 0.f, dbias = 0.f;
 #pragma unroll
   for (int n = 0; n < NMAX; ++n) dA[n] = 0.f;
+#ifdef LANES_PROBE_CLOCK
+  LanesProbe pr{};
+#endif
 
   for (int i = 0; i < nwin; ++i) {
     const int w = REV ? i : nwin - 1 - i;
@@ -738,7 +838,8 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
     const float h0_l = lane < N ? states[(size_t)w * N + lane] : 0.f;
 #endif
     if (p.lanes_vec && (w + 1) * kLanesWindow <= L)
-      bwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch, bxch);
+      bwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch,
+                                            bxch LANES_PROBE_ARG);
     else
       bwd_window_generic<REV, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias);
   }
@@ -757,6 +858,11 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
     dA_l = lane == n ? v : dA_l;
   }
   if (lane < N) {
+#ifdef LANES_PROBE_CLOCK
+    dA_l = 0.f;  // lane k: its phase k (the lanes of a warp run in step)
+#pragma unroll
+    for (int k = 0; k < 16; ++k) dA_l = lane == k ? pr.c[k] : dA_l;
+#endif
     dp.dA_part[row * N + lane] = dA_l;
     if (uni && p.dinitial_state) p.dinitial_state[row * N + lane] = r_l;
   }
