@@ -526,6 +526,160 @@ __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L,
 #endif
 }
 
+// ---- The cross-lane scan through shared memory (LANES_SMEM_SCAN) ----
+// The shuffle scan of lanes_state_in runs per state as a chain of 7 dependent shuffles; a clock probe of the full
+// windows (benchmarks/lanes_clock_probe.py, H100, global XL) put 37% of the forward's cycles and 34% of the
+// backward's in those chains. Here the states go in groups of kScanGroup: (1) every lane computes its maps of the
+// group's states and keeps its decays a and inputs x = d u B in shared memory, (2) the warp scans all of the group's
+// maps at once, thread (m, s) composing the kScanGroup lanes of segment s of state m and the segments joined by
+// shuffles, and writes the state entering every lane, (3) every lane replays its steps from there (no B reload, no
+// second unpack). One short chain a group instead of one long one a state.
+#ifndef LANES_SMEM_SCAN
+#define LANES_SMEM_SCAN 0
+#endif
+#ifndef LANES_SCAN_GROUP
+#define LANES_SCAN_GROUP 4
+#endif
+constexpr int kScanGroup = LANES_SCAN_GROUP;  // states a group (4 or 8); also the lanes a segment
+constexpr int kScanSegs = 32 / kScanGroup;    // segments of lanes
+constexpr int kMapStride = 2 * 32 + 4;        // floats a state row of the lanes' maps (pa, xa); padded
+constexpr int kHinStride = 32 + 4;            // floats a state row of the states entering the lanes
+struct LanesScanSmem {                         // one warp's
+  float4 a[kScanGroup][2][32];                 // decays, lane-major per half (16-byte accesses conflict-free)
+  float4 x[kScanGroup][2][32];                 // d u B
+  float maps[kScanGroup][kMapStride];
+  float hin[kScanGroup][kHinStride];
+};
+
+// Phase 2: thread (m, s) = (lane % G, lane / G) scans state g0 + m's maps of the lanes of segment s (in scan order)
+// and writes the state entering each of them to sm.hin[m]; h_l (lane n: the carry of state n) is read for the group's
+// states and replaced by the state leaving the window.
+template <bool REV>
+__device__ __forceinline__ void group_scan(LanesScanSmem& sm, int g0, int lane, float& h_l) {
+  constexpr int G = kScanGroup;
+  const int m = lane % G, sg = lane / G;
+  const int sp = REV ? kScanSegs - 1 - sg : sg;  // the segment's physical lanes: G sp .. G sp + G - 1
+  float P[G], X[G];
+  const float4* row = reinterpret_cast<const float4*>(&sm.maps[m][2 * G * sp]);
+#pragma unroll
+  for (int i = 0; i < G / 2; ++i) {
+    const float4 v = row[i];
+    P[2 * i] = v.x, X[2 * i] = v.y, P[2 * i + 1] = v.z, X[2 * i + 1] = v.w;
+  }
+  float Pq = 1.f, Xq = 0.f;
+#pragma unroll
+  for (int i = 0; i < G; ++i) {
+    const int k = REV ? G - 1 - i : i;
+    Xq = fmaf(P[k], Xq, X[k]);
+    Pq *= P[k];
+  }
+#pragma unroll
+  for (int off = G; off < 32; off <<= 1) {
+    const float pp = __shfl_up_sync(kFull, Pq, off), xp = __shfl_up_sync(kFull, Xq, off);
+    if (lane >= off) {
+      Xq = fmaf(Pq, xp, Xq);
+      Pq *= pp;
+    }
+  }
+  const float carry = __shfl_sync(kFull, h_l, g0 + m);
+  const float pe = __shfl_up_sync(kFull, Pq, G), xe = __shfl_up_sync(kFull, Xq, G);
+  float h = sg == 0 ? carry : fmaf(pe, carry, xe);
+  float hv[G];
+#pragma unroll
+  for (int i = 0; i < G; ++i) {
+    const int k = REV ? G - 1 - i : i;
+    hv[k] = h;
+    h = fmaf(P[k], h, X[k]);
+  }
+  float4* out = reinterpret_cast<float4*>(&sm.hin[m][G * sp]);
+#pragma unroll
+  for (int i = 0; i < G / 4; ++i) out[i] = make_float4(hv[4 * i], hv[4 * i + 1], hv[4 * i + 2], hv[4 * i + 3]);
+  const float h_end = __shfl_sync(kFull, h, (kScanSegs - 1) * G + ((lane - g0) & (G - 1)));  // the last segment's
+  if (lane >= g0 && lane < g0 + G) h_l = h_end;
+}
+
+// One full forward window with the shared-memory scan (the same results as fwd_window<REV, true, EXACT> up to the
+// order of the fp32 operations).
+template <bool REV, bool EXACT, typename T, int NMAX>
+__device__ __forceinline__ void fwd_window_smem(const LanesRows<T>& r, int t0, int L, int N, int lane,
+                                                const LanesScalars& c, float A2_l, float& h_l,
+                                                LanesScanSmem& sm LANES_PROBE_PARAM) {
+  using O = Order<REV>;
+  constexpr int G = kScanGroup;
+  static_assert(NMAX % G == 0 && (G == 4 || G == 8), "groups of 4 or 8 states");
+  LANES_PROBE_START();
+  float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], y[kLanesSteps];
+  load8<true>(r.u, t0, L, uu);
+  load8<true>(r.delta, t0, L, dt);
+  lanes_delta<true>(dt, c.bias, c.softplus, t0, L);
+#pragma unroll
+  for (int j = 0; j < kLanesSteps; ++j) du[j] = dt[j] * uu[j], y[j] = c.Dv * uu[j];
+  Raw8<T> rb[G];
+#pragma unroll
+  for (int m = 0; m < G; ++m) rb[m] = ld8_state<true, EXACT>(r.B, m, N, t0, L);
+  LANES_PROBE(kProbeFwdWinBegin);
+#pragma unroll
+  for (int g0 = 0; g0 < NMAX; g0 += G) {
+    // (1) the lanes' maps of the group's states; a and x kept
+#pragma unroll
+    for (int m = 0; m < G; ++m) {
+      float Bv[kLanesSteps], a[kLanesSteps], x[kLanesSteps], pa = 1.f, xa = 0.f;
+      unpack8(rb[m], Bv);
+      const float A2 = __shfl_sync(kFull, A2_l, g0 + m);
+#pragma unroll
+      for (int k = 0; k < kLanesSteps; ++k) {
+        const int j = O::step(k);
+        a[j] = fast_exp2(dt[j] * A2);
+        x[j] = du[j] * Bv[j];
+        xa = fmaf(a[j], xa, x[j]);
+        pa *= a[j];
+      }
+      sm.a[m][0][lane] = make_float4(a[0], a[1], a[2], a[3]);
+      sm.a[m][1][lane] = make_float4(a[4], a[5], a[6], a[7]);
+      sm.x[m][0][lane] = make_float4(x[0], x[1], x[2], x[3]);
+      sm.x[m][1][lane] = make_float4(x[4], x[5], x[6], x[7]);
+      reinterpret_cast<float2*>(sm.maps[m])[lane] = make_float2(pa, xa);
+    }
+    // in flight during the scan and the replay: this group's C, the next group's B
+    Raw8<T> rc[G];
+#pragma unroll
+    for (int m = 0; m < G; ++m) rc[m] = ld8_state<true, EXACT>(r.C, g0 + m, N, t0, L);
+    if (g0 + G < NMAX) {
+#pragma unroll
+      for (int m = 0; m < G; ++m) rb[m] = ld8_state<true, EXACT>(r.B, g0 + G + m, N, t0, L);
+    }
+    __syncwarp();
+    LANES_PROBE(kProbeFwdStateBegin);
+    // (2) the group's scan across the lanes
+    group_scan<REV>(sm, g0, lane, h_l);
+    __syncwarp();
+    LANES_PROBE(kProbeFwdStateScan);
+    // (3) replay from the state entering the lane
+#pragma unroll
+    for (int m = 0; m < G; ++m) {
+      float Cv[kLanesSteps];
+      unpack8(rc[m], Cv);
+      const float4 a0 = sm.a[m][0][lane], a1 = sm.a[m][1][lane], x0 = sm.x[m][0][lane], x1 = sm.x[m][1][lane];
+      const float a[kLanesSteps] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+      const float x[kLanesSteps] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+      float hh = sm.hin[m][lane];
+#pragma unroll
+      for (int k = 0; k < kLanesSteps; ++k) {
+        const int j = O::step(k);
+        hh = fmaf(a[j], hh, x[j]);
+        y[j] = fmaf(Cv[j], hh, y[j]);
+      }
+    }
+    __syncwarp();  // the next group overwrites sm
+    LANES_PROBE(kProbeFwdReplay);
+  }
+  fwd_finish8<true>(r, t0, L, c, y);
+  LANES_PROBE(kProbeFwdWinEnd);
+#ifdef LANES_PROBE_CLOCK
+  pr.c[kProbeFwdWindows] += 1.f;
+#endif
+}
+
 // The partial-window / unaligned path, kept out of line so that its registers do not count against the fast path.
 template <bool REV, typename T, int NMAX>
 __device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, int L, int N, int lane,
@@ -538,7 +692,8 @@ __device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, in
 
 // One direction of the forward over the whole row: windows in scan order, the state entering each saved.
 template <bool REV, bool EXACT, typename T, int NMAX>
-__device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b, int chan, int lane, int mode) {
+__device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b, int chan, int lane, int mode,
+                                              LanesScanSmem* sm) {
   const DirParams& dp = p.dir[d];
   const int L = p.L, N = p.N;
   const size_t row = (size_t)b * p.dim + chan;
@@ -561,7 +716,11 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
     if (!p.lanes_vec || (w + 1) * kLanesWindow > L)
       fwd_window_generic<REV, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l);
     else
+#if LANES_SMEM_SCAN & 1
+      fwd_window_smem<REV, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l, *sm LANES_PROBE_ARG);
+#else
       fwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l LANES_PROBE_ARG);
+#endif
   }
 #ifdef LANES_PROBE_CLOCK
   h_l = 0.f;  // lane k: its phase k
@@ -579,12 +738,126 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_FWD_MINB) scan_fwd_lan
   const int chan = blockIdx.y * kLanesWarps + (threadIdx.x >> 5);
   const int b = blockIdx.x;  // batch rows first: warps running together add dB/dC into different rows
   if (chan >= p.dim) return;  // a whole warp; no block-level synchronisation below
+#if LANES_SMEM_SCAN & 1
+  __shared__ LanesScanSmem s_scan[kLanesWarps];
+  LanesScanSmem* sm = &s_scan[threadIdx.x >> 5];
+#else
+  LanesScanSmem* sm = nullptr;
+#endif
   if constexpr (PASS == kPassBiRev)
-    fwd_direction<true, EXACT, T, NMAX>(p, 1, b, chan, lane, kToWs);
+    fwd_direction<true, EXACT, T, NMAX>(p, 1, b, chan, lane, kToWs, sm);
   else if constexpr (PASS == kPassBiFwd)
-    fwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kAddWs);
+    fwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kAddWs, sm);
   else
-    fwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kUni);
+    fwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kUni, sm);
+}
+
+// A backward window's per-step values besides those of window_begin: dy (gated by silu(z), times the output scale),
+// y = D u (the states' parts are added by the replay), and the per-step sums over the states zeroed.
+template <bool FULL, typename T>
+__device__ __forceinline__ void bwd_dy(const LanesRows<T>& r, int t0, int L, const LanesScalars& c,
+                                       const float (&uu)[kLanesSteps], float (&dy)[kLanesSteps],
+                                       float (&y)[kLanesSteps], float (&sgB)[kLanesSteps], float (&ddt)[kLanesSteps]) {
+  load8<FULL>(r.dout, t0, L, dy);
+  if (r.z) {
+    float zz[kLanesSteps];
+    load8<FULL>(r.z, t0, L, zz);
+#pragma unroll
+    for (int j = 0; j < kLanesSteps; ++j) dy[j] *= zz[j] * fast_sigmoid(zz[j]);
+  }
+#pragma unroll
+  for (int j = 0; j < kLanesSteps; ++j) {
+    dy[j] *= c.scale;
+    y[j] = c.Dv * uu[j], sgB[j] = 0.f, ddt[j] = 0.f;
+  }
+}
+
+// State n's gradients over the lane's steps, from its states h and gg = a g entering the lane's last step in scan
+// order; dB/dC added to the partial sums (through the block's shared memory on full windows with N = 16).
+template <bool REV, bool FULL, bool EXACT, typename T, int NMAX>
+__device__ __forceinline__ void bwd_state_grads(const LanesRows<T>& r, int n, int t0, int L, int N, int lane, float An,
+                                                float gg, const float (&a)[kLanesSteps],
+                                                const float (&h)[kLanesSteps], const float (&Bv)[kLanesSteps],
+                                                const float (&Cv)[kLanesSteps], const float (&dt)[kLanesSteps],
+                                                const float (&du)[kLanesSteps], const float (&dy)[kLanesSteps],
+                                                float (&sgB)[kLanesSteps], float (&ddt)[kLanesSteps],
+                                                float (&dA)[NMAX], float* xch, float* bxch LANES_PROBE_PARAM) {
+  using O = Order<REV>;
+  float dBv[kLanesSteps], dCv[kLanesSteps], dAl = 0.f;
+#pragma unroll
+  for (int k = kLanesSteps - 1; k >= 0; --k) {
+    const int j = O::step(k);
+    gg = fmaf(Cv[j], dy[j], gg);  // g_j
+    dCv[j] = dy[j] * h[j];
+    dBv[j] = gg * du[j];
+    sgB[j] = fmaf(gg, Bv[j], sgB[j]);
+    const float ghx = gg * (h[j] - du[j] * Bv[j]);  // g_j a_j h_(previous step)
+    ddt[j] = fmaf(An, ghx, ddt[j]);
+    dAl = fmaf(dt[j], ghx, dAl);
+    if (k > 0) gg *= a[j];  // a_j g_j: what the previous step receives
+  }
+  dA[n] += dAl;
+  LANES_PROBE(kProbeGrads);
+  if (LANES_BLOCK_REDUCE && FULL && EXACT && bxch) {
+    constexpr int K = kLanesStatesPerBarrier;
+    const int k = n % K;
+    float* slots = bxch + ((n / K) & 1) * (K * kLanesSlot);
+    block_stage(dBv, dCv, slots + k * kLanesSlot);
+    LANES_PROBE(kProbeStage);
+    if (k == K - 1 || n == NMAX - 1) {
+#ifndef LANES_PROBE_NO_BARRIER  // timing probe only (races: wrong dB/dC): what the barrier's waits cost
+      __syncthreads();
+#endif
+      LANES_PROBE(kProbeBarrier);
+#pragma unroll
+      for (int i = 0; i <= k; ++i)
+        block_flush(r.dB + (size_t)(n - k + i) * L, r.dC + (size_t)(n - k + i) * L, t0 - lane * kLanesSteps,
+                    slots + i * kLanesSlot);
+      LANES_PROBE(kProbeFlush);
+    }
+  } else if (n < N) {
+    atomic_add8<FULL>(r.dB + (size_t)n * L, t0, lane, L, dBv, xch);
+    atomic_add8<FULL>(r.dC + (size_t)n * L, t0, lane, L, dCv, xch + kLanesWindow);
+  }
+}
+
+// A backward window's end: du, ddelta stored, dD / dbias summed; dz (or, for the backward direction of the
+// bidirectional scan, its y to ws for the forward direction's dz).
+template <bool FULL, typename T>
+__device__ __forceinline__ void bwd_window_end(const LanesRows<T>& r, int t0, int L, const LanesScalars& c,
+                                               const float (&uu)[kLanesSteps], const float (&dt)[kLanesSteps],
+                                               const float (&dy)[kLanesSteps], float (&y)[kLanesSteps],
+                                               const float (&sgB)[kLanesSteps], const float (&ddt)[kLanesSteps],
+                                               float& dD, float& dbias) {
+  float du_o[kLanesSteps], dd_o[kLanesSteps];
+  float raw[kLanesSteps];
+  load8<FULL>(r.delta, t0, L, raw);
+#pragma unroll
+  for (int j = 0; j < kLanesSteps; ++j) {
+    const float sig = c.softplus ? fast_sigmoid(raw[j] + c.bias) : 1.f;  // d softplus / dx
+    du_o[j] = fmaf(dt[j], sgB[j], c.Dv * dy[j]);
+    dd_o[j] = (FULL || t0 + j < L) ? fmaf(uu[j], sgB[j], ddt[j]) * sig : 0.f;
+    dD = fmaf(dy[j], uu[j], dD);
+    dbias += dd_o[j];
+  }
+  store8<FULL>(r.du, t0, L, du_o);
+  store8<FULL>(r.ddelta, t0, L, dd_o);
+  if (c.mode == kToWs) {
+    if (r.z) ws_store8<FULL>(r.ws, t0, L, y);
+    return;
+  }
+  if (r.z) {
+    if (c.mode == kAddWs) ws_add8<FULL>(r.ws, t0, L, y);
+    float zz[kLanesSteps], go[kLanesSteps], dzv[kLanesSteps];
+    load8<FULL>(r.z, t0, L, zz);
+    load8<FULL>(r.dout, t0, L, go);
+#pragma unroll
+    for (int j = 0; j < kLanesSteps; ++j) {
+      const float sg = fast_sigmoid(zz[j]);
+      dzv[j] = go[j] * y[j] * c.scale * sg * (1.f + zz[j] * (1.f - sg));
+    }
+    store8<FULL>(r.dz, t0, L, dzv);
+  }
 }
 
 // One backward window. A_l / h0_l / r_l: lane n holds state n's A, the saved state entering the window and the
@@ -601,18 +874,7 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
   float y[kLanesSteps], sgB[kLanesSteps], ddt[kLanesSteps];
   Raw8<T> rb[NMAX], rc[NMAX];
   window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, rb, rc);
-  load8<FULL>(r.dout, t0, L, dy);
-  if (r.z) {
-    float zz[kLanesSteps];
-    load8<FULL>(r.z, t0, L, zz);
-#pragma unroll
-    for (int j = 0; j < kLanesSteps; ++j) dy[j] *= zz[j] * fast_sigmoid(zz[j]);
-  }
-#pragma unroll
-  for (int j = 0; j < kLanesSteps; ++j) {
-    dy[j] *= c.scale;
-    y[j] = c.Dv * uu[j], sgB[j] = 0.f, ddt[j] = 0.f;
-  }
+  bwd_dy<FULL>(r, t0, L, c, uu, dy, y, sgB, ddt);
   LANES_PROBE(kProbeWinBegin);
 #pragma unroll
   for (int n = 0; n < NMAX; ++n) {
@@ -650,72 +912,178 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
     g0 = __shfl_sync(kFull, a[j_first] * g0, O::first);  // a g at the window's first step: the next window's r
     r_l = lane == n ? g0 : r_l;
     LANES_PROBE(kProbeAdjScan);
-    float dBv[kLanesSteps], dCv[kLanesSteps], dAl = 0.f;
-#pragma unroll
-    for (int k = kLanesSteps - 1; k >= 0; --k) {
-      const int j = O::step(k);
-      gg = fmaf(Cv[j], dy[j], gg);  // g_j
-      dCv[j] = dy[j] * h[j];
-      dBv[j] = gg * du[j];
-      sgB[j] = fmaf(gg, Bv[j], sgB[j]);
-      const float ghx = gg * (h[j] - du[j] * Bv[j]);  // g_j a_j h_(previous step)
-      ddt[j] = fmaf(An, ghx, ddt[j]);
-      dAl = fmaf(dt[j], ghx, dAl);
-      if (k > 0) gg *= a[j];  // a_j g_j: what the previous step receives
-    }
-    dA[n] += dAl;
-    LANES_PROBE(kProbeGrads);
-    if (LANES_BLOCK_REDUCE && FULL && EXACT && bxch) {
-      constexpr int K = kLanesStatesPerBarrier;
-      const int k = n % K;
-      float* slots = bxch + ((n / K) & 1) * (K * kLanesSlot);
-      block_stage(dBv, dCv, slots + k * kLanesSlot);
-      LANES_PROBE(kProbeStage);
-      if (k == K - 1 || n == NMAX - 1) {
-#ifndef LANES_PROBE_NO_BARRIER  // timing probe only (races: wrong dB/dC): what the barrier's waits cost
-        __syncthreads();
+    bwd_state_grads<REV, FULL, EXACT, T, NMAX>(r, n, t0, L, N, lane, An, gg, a, h, Bv, Cv, dt, du, dy, sgB, ddt, dA,
+                                               xch, bxch LANES_PROBE_ARG);
+  }
+  bwd_window_end<FULL>(r, t0, L, c, uu, dt, dy, y, sgB, ddt, dD, dbias);
+  LANES_PROBE(kProbeWinEnd);
+#ifdef LANES_PROBE_CLOCK
+  pr.c[kProbeWindows] += 1.f;
 #endif
-        LANES_PROBE(kProbeBarrier);
+}
+
+// ---- The backward with the shared-memory scan (LANES_SMEM_SCAN & 2) ----
+// Per group of kScanGroup states: (1) every lane computes its decays (kept in shared memory), its forward map
+// (pa, xa: h -> pa h + xa over its steps in scan order) and its adjoint map (pa, sa: R -> pa R + sa, R = a g entering
+// its last step, to the R leaving its first step), (2) the warp scans both for all the group's states at once (the
+// states entering every lane from the saved window-start state, the R entering every lane from the carried r),
+// (3) every lane replays its states and computes the gradients as bwd_window does.
+struct LanesBwdScanSmem {  // one warp's; shares its memory with the warp's xch (partial windows only)
+  float4 a[kScanGroup][2][32];
+  float4 maps[kScanGroup][33];  // (pa, xa, sa, -) a lane; padded: the scan's 16-byte reads are conflict-free
+  float hin[kScanGroup][kHinStride];
+  float rin[kScanGroup][kHinStride];
+};
+constexpr int kLanesBwdScanFloats = LANES_SMEM_SCAN & 2 ? (int)(sizeof(LanesBwdScanSmem) / 4) : 0;
+// The backward kernel's per-warp static shared memory (floats): xch or the scan's.
+constexpr int kLanesXch = 2 * kLanesWindow > kLanesBwdScanFloats ? 2 * kLanesWindow : kLanesBwdScanFloats;
+
+template <bool REV>
+__device__ __forceinline__ void group_scan_bwd(LanesBwdScanSmem& sm, int g0, int lane, float h0_l, float& r_l) {
+  constexpr int G = kScanGroup;
+  const int m = lane % G, sg = lane / G;
+  const int sp = REV ? kScanSegs - 1 - sg : sg;  // the segment's physical lanes: G sp .. G sp + G - 1
+  float P[G], X[G], S[G];
 #pragma unroll
-        for (int i = 0; i <= k; ++i)
-          block_flush(r.dB + (size_t)(n - k + i) * L, r.dC + (size_t)(n - k + i) * L, t0 - lane * kLanesSteps,
-                      slots + i * kLanesSlot);
-        LANES_PROBE(kProbeFlush);
+  for (int i = 0; i < G; ++i) {
+    const float4 v = sm.maps[m][G * sp + i];
+    P[i] = v.x, X[i] = v.y, S[i] = v.z;
+  }
+  float Pf = 1.f, Xf = 0.f, Sb = 0.f;
+#pragma unroll
+  for (int i = 0; i < G; ++i) {
+    const int k = REV ? G - 1 - i : i;  // scan order
+    Xf = fmaf(P[k], Xf, X[k]);
+    Pf *= P[k];
+    const int kb = REV ? i : G - 1 - i;  // against scan order
+    Sb = fmaf(P[kb], Sb, S[kb]);
+  }
+  // inclusive prefix of the forward maps over the segments, inclusive suffix of the adjoint maps
+  float Pp = Pf, Xp = Xf, Ps = Pf, Ss = Sb;
+#pragma unroll
+  for (int off = G; off < 32; off <<= 1) {
+    const float pp = __shfl_up_sync(kFull, Pp, off), xp = __shfl_up_sync(kFull, Xp, off);
+    const float pn = __shfl_down_sync(kFull, Ps, off), sn = __shfl_down_sync(kFull, Ss, off);
+    if (lane >= off) {
+      Xp = fmaf(Pp, xp, Xp);
+      Pp *= pp;
+    }
+    if (lane + off < 32) {
+      Ss = fmaf(Ps, sn, Ss);
+      Ps *= pn;
+    }
+  }
+  const float h0 = __shfl_sync(kFull, h0_l, g0 + m), r0 = __shfl_sync(kFull, r_l, g0 + m);
+  const float pe = __shfl_up_sync(kFull, Pp, G), xe = __shfl_up_sync(kFull, Xp, G);
+  const float pn = __shfl_down_sync(kFull, Ps, G), sn = __shfl_down_sync(kFull, Ss, G);
+  float h = sg == 0 ? h0 : fmaf(pe, h0, xe);
+  float R = sg == kScanSegs - 1 ? r0 : fmaf(pn, r0, sn);
+  float hv[G], rv[G];
+#pragma unroll
+  for (int i = 0; i < G; ++i) {
+    const int k = REV ? G - 1 - i : i;
+    hv[k] = h;
+    h = fmaf(P[k], h, X[k]);
+    const int kb = REV ? i : G - 1 - i;
+    rv[kb] = R;
+    R = fmaf(P[kb], R, S[kb]);
+  }
+  float4* ho = reinterpret_cast<float4*>(&sm.hin[m][G * sp]);
+  float4* ro = reinterpret_cast<float4*>(&sm.rin[m][G * sp]);
+#pragma unroll
+  for (int i = 0; i < G / 4; ++i) {
+    ho[i] = make_float4(hv[4 * i], hv[4 * i + 1], hv[4 * i + 2], hv[4 * i + 3]);
+    ro[i] = make_float4(rv[4 * i], rv[4 * i + 1], rv[4 * i + 2], rv[4 * i + 3]);
+  }
+  const float r_new = __shfl_sync(kFull, R, (lane - g0) & (G - 1));  // the first segment's: the window's r
+  if (lane >= g0 && lane < g0 + G) r_l = r_new;
+}
+
+template <bool REV, bool EXACT, typename T, int NMAX>
+__device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, int L, int N, int lane,
+                                                const LanesScalars& c, float A_l, float h0_l, float& r_l,
+                                                float (&dA)[NMAX], float& dD, float& dbias, float* xch, float* bxch,
+                                                LanesBwdScanSmem& sm LANES_PROBE_PARAM) {
+  using O = Order<REV>;
+  constexpr int G = kScanGroup;
+  static_assert(NMAX % G == 0 && G == 4, "groups of 4 states");
+  LANES_PROBE_START();
+  float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], dy[kLanesSteps];
+  float y[kLanesSteps], sgB[kLanesSteps], ddt[kLanesSteps];
+  load8<true>(r.u, t0, L, uu);
+  load8<true>(r.delta, t0, L, dt);
+  lanes_delta<true>(dt, c.bias, c.softplus, t0, L);
+#pragma unroll
+  for (int j = 0; j < kLanesSteps; ++j) du[j] = dt[j] * uu[j];
+  bwd_dy<true>(r, t0, L, c, uu, dy, y, sgB, ddt);
+  LANES_PROBE(kProbeWinBegin);
+#pragma unroll
+  for (int g0 = 0; g0 < NMAX; g0 += G) {
+    // (1) the lanes' maps
+    {
+      Raw8<T> rb[G], rc[G];
+#pragma unroll
+      for (int m = 0; m < G; ++m)
+        rb[m] = ld8_state<true, EXACT>(r.B, g0 + m, N, t0, L), rc[m] = ld8_state<true, EXACT>(r.C, g0 + m, N, t0, L);
+#pragma unroll
+      for (int m = 0; m < G; ++m) {
+        float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], pa = 1.f, xa = 0.f, sa = 0.f;
+        unpack8(rb[m], Bv);
+        unpack8(rc[m], Cv);
+        const float A2 = __shfl_sync(kFull, A_l, g0 + m) * kLog2e;
+#pragma unroll
+        for (int k = 0; k < kLanesSteps; ++k) {
+          const int j = O::step(k);
+          a[j] = fast_exp2(dt[j] * A2);
+          xa = fmaf(a[j], xa, du[j] * Bv[j]);
+          pa *= a[j];
+        }
+#pragma unroll
+        for (int k = kLanesSteps - 1; k >= 0; --k) {
+          const int j = O::step(k);
+          sa = a[j] * fmaf(Cv[j], dy[j], sa);
+        }
+        sm.a[m][0][lane] = make_float4(a[0], a[1], a[2], a[3]);
+        sm.a[m][1][lane] = make_float4(a[4], a[5], a[6], a[7]);
+        sm.maps[m][lane] = make_float4(pa, xa, sa, 0.f);
       }
-    } else if (n < N) {
-      atomic_add8<FULL>(r.dB + (size_t)n * L, t0, lane, L, dBv, xch);
-      atomic_add8<FULL>(r.dC + (size_t)n * L, t0, lane, L, dCv, xch + kLanesWindow);
     }
-  }
-  float du_o[kLanesSteps], dd_o[kLanesSteps];
-  float raw[kLanesSteps];
-  load8<FULL>(r.delta, t0, L, raw);
+    __syncwarp();
+    LANES_PROBE(kProbeStateBegin);
+    // (2) both scans of the group
+    group_scan_bwd<REV>(sm, g0, lane, h0_l, r_l);
+    __syncwarp();
+    LANES_PROBE(kProbeStateScan);
+    // (3) per state: the lane's states, then its gradients
 #pragma unroll
-  for (int j = 0; j < kLanesSteps; ++j) {
-    const float sig = c.softplus ? fast_sigmoid(raw[j] + c.bias) : 1.f;  // d softplus / dx
-    du_o[j] = fmaf(dt[j], sgB[j], c.Dv * dy[j]);
-    dd_o[j] = (FULL || t0 + j < L) ? fmaf(uu[j], sgB[j], ddt[j]) * sig : 0.f;
-    dD = fmaf(dy[j], uu[j], dD);
-    dbias += dd_o[j];
-  }
-  store8<FULL>(r.du, t0, L, du_o);
-  store8<FULL>(r.ddelta, t0, L, dd_o);
-  if (c.mode == kToWs) {
-    if (r.z) ws_store8<FULL>(r.ws, t0, L, y);
-    return;
-  }
-  if (r.z) {
-    if (c.mode == kAddWs) ws_add8<FULL>(r.ws, t0, L, y);
-    float zz[kLanesSteps], go[kLanesSteps], dzv[kLanesSteps];
-    load8<FULL>(r.z, t0, L, zz);
-    load8<FULL>(r.dout, t0, L, go);
+    for (int m = 0; m < G; ++m) {
+      const int n = g0 + m;
+      const float An = __shfl_sync(kFull, A_l, n);
+      float Bv[kLanesSteps], Cv[kLanesSteps], h[kLanesSteps];
+      load8<true>(r.B + (size_t)(EXACT || n < N ? n : 0) * L, t0, L, Bv);  // again: an L1 hit mostly
+      load8<true>(r.C + (size_t)(EXACT || n < N ? n : 0) * L, t0, L, Cv);
+      if (!EXACT && n >= N) {
 #pragma unroll
-    for (int j = 0; j < kLanesSteps; ++j) {
-      const float sg = fast_sigmoid(zz[j]);
-      dzv[j] = go[j] * y[j] * c.scale * sg * (1.f + zz[j] * (1.f - sg));
+        for (int j = 0; j < kLanesSteps; ++j) Bv[j] = 0.f, Cv[j] = 0.f;
+      }
+      const float4 a0 = sm.a[m][0][lane], a1 = sm.a[m][1][lane];
+      const float a[kLanesSteps] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+      float hh = sm.hin[m][lane];
+      const float gg = sm.rin[m][lane];
+#pragma unroll
+      for (int k = 0; k < kLanesSteps; ++k) {
+        const int j = O::step(k);
+        hh = fmaf(a[j], hh, du[j] * Bv[j]);
+        h[j] = hh;
+        y[j] = fmaf(Cv[j], hh, y[j]);
+      }
+      LANES_PROBE(kProbeReplay);
+      bwd_state_grads<REV, true, EXACT, T, NMAX>(r, n, t0, L, N, lane, An, gg, a, h, Bv, Cv, dt, du, dy, sgB, ddt,
+                                                 dA, xch, bxch LANES_PROBE_ARG);
     }
-    store8<FULL>(r.dz, t0, L, dzv);
+    __syncwarp();  // the next group overwrites sm
   }
+  bwd_window_end<true>(r, t0, L, c, uu, dt, dy, y, sgB, ddt, dD, dbias);
   LANES_PROBE(kProbeWinEnd);
 #ifdef LANES_PROBE_CLOCK
   pr.c[kProbeWindows] += 1.f;
@@ -838,8 +1206,13 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
     const float h0_l = lane < N ? states[(size_t)w * N + lane] : 0.f;
 #endif
     if (p.lanes_vec && (w + 1) * kLanesWindow <= L)
+#if LANES_SMEM_SCAN & 2
+      bwd_window_smem<REV, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch, bxch,
+                                           *reinterpret_cast<LanesBwdScanSmem*>(xch) LANES_PROBE_ARG);
+#else
       bwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch,
                                             bxch LANES_PROBE_ARG);
+#endif
     else
       bwd_window_generic<REV, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias);
   }
@@ -875,7 +1248,8 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
 // Bidirectional: two launches, the backward direction (kPassBiRev; with z, its y into ws for dz), then the forward one.
 template <typename T, int NMAX, bool EXACT, int PASS>
 __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lanes_kernel(const ScanParams p) {
-  __shared__ alignas(16) float s_xch[kLanesWarps][2 * kLanesWindow];  // per warp: dB, dC of one state and window
+  // per warp: dB, dC of one state and window (partial windows), or the shared-memory scan's (full windows)
+  __shared__ alignas(16) float s_xch[kLanesWarps][kLanesXch];
   const int lane = threadIdx.x & 31;
   const int chan = blockIdx.y * kLanesWarps + (threadIdx.x >> 5);
   const int b = blockIdx.x;
@@ -911,7 +1285,7 @@ cudaError_t launch_lanes_pass(const ScanParams& p, cudaStream_t stream) {
     scan_fwd_lanes_kernel<T, NMAX, EXACT, PASS><<<grid, kLanesWarps * 32, 0, stream>>>(p);
   } else {
     constexpr int smem = kLanesBlockReduceBytes;
-    if constexpr (smem > 48 * 1024) {
+    if constexpr (smem + kLanesWarps * kLanesXch * 4 > 48 * 1024) {  // dynamic + static: opt in
       static bool opted_in[64] = {};  // once per instantiation and device
       int dev = 0;
       cudaGetDevice(&dev);
