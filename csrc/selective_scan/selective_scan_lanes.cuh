@@ -928,18 +928,42 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
 // its last step, to the R leaving its first step), (2) the warp scans both for all the group's states at once (the
 // states entering every lane from the saved window-start state, the R entering every lane from the carried r),
 // (3) every lane replays its states and computes the gradients as bwd_window does.
+// Variants (A/B): LANES_BWD_RAW_SMEM keeps the group's B/C as loaded in shared memory instead of the decays (the
+// replay recomputes them: no reload of B/C); LANES_BWD_EARLY issues the replay's B/C reloads before the scan;
+// LANES_BWD_PREFETCH prefetches the next group's B/C (and the next window's inputs) into L1.
+#ifndef LANES_BWD_RAW_SMEM
+#define LANES_BWD_RAW_SMEM 0
+#endif
+#ifndef LANES_BWD_EARLY
+#define LANES_BWD_EARLY 0
+#endif
+#ifndef LANES_BWD_PREFETCH
+#define LANES_BWD_PREFETCH 0
+#endif
+template <typename T>
 struct LanesBwdScanSmem {  // one warp's; shares its memory with the warp's xch (partial windows only)
+#if LANES_BWD_RAW_SMEM
+  Raw8<T> raw[2][kScanGroup][32];  // B, C
+#else
   float4 a[kScanGroup][2][32];
+#endif
   float4 maps[kScanGroup][33];  // (pa, xa, sa, -) a lane; padded: the scan's 16-byte reads are conflict-free
   float hin[kScanGroup][kHinStride];
   float rin[kScanGroup][kHinStride];
 };
-constexpr int kLanesBwdScanFloats = LANES_SMEM_SCAN & 2 ? (int)(sizeof(LanesBwdScanSmem) / 4) : 0;
-// The backward kernel's per-warp static shared memory (floats): xch or the scan's.
-constexpr int kLanesXch = 2 * kLanesWindow > kLanesBwdScanFloats ? 2 * kLanesWindow : kLanesBwdScanFloats;
+// The backward kernel's per-warp static shared memory (floats): xch, or the scan's where larger.
+template <typename T>
+constexpr int lanes_xch_floats() {
+  constexpr int scan = LANES_SMEM_SCAN & 2 ? (int)(sizeof(LanesBwdScanSmem<T>) / 4) : 0;
+  return 2 * kLanesWindow > scan ? 2 * kLanesWindow : scan;
+}
 
-template <bool REV>
-__device__ __forceinline__ void group_scan_bwd(LanesBwdScanSmem& sm, int g0, int lane, float h0_l, float& r_l) {
+__device__ __forceinline__ void prefetch_l1(const void* ptr) {
+  asm volatile("prefetch.global.L1 [%0];" ::"l"(__cvta_generic_to_global(ptr)));
+}
+
+template <bool REV, typename SM>
+__device__ __forceinline__ void group_scan_bwd(SM& sm, int g0, int lane, float h0_l, float& r_l) {
   constexpr int G = kScanGroup;
   const int m = lane % G, sg = lane / G;
   const int sp = REV ? kScanSegs - 1 - sg : sg;  // the segment's physical lanes: G sp .. G sp + G - 1
@@ -1003,7 +1027,7 @@ template <bool REV, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, int L, int N, int lane,
                                                 const LanesScalars& c, float A_l, float h0_l, float& r_l,
                                                 float (&dA)[NMAX], float& dD, float& dbias, float* xch, float* bxch,
-                                                LanesBwdScanSmem& sm LANES_PROBE_PARAM) {
+                                                int t0_next, LanesBwdScanSmem<T>& sm LANES_PROBE_PARAM) {
   using O = Order<REV>;
   constexpr int G = kScanGroup;
   static_assert(NMAX % G == 0 && G == 4, "groups of 4 states");
@@ -1043,11 +1067,37 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
           const int j = O::step(k);
           sa = a[j] * fmaf(Cv[j], dy[j], sa);
         }
+#if LANES_BWD_RAW_SMEM
+        sm.raw[0][m][lane] = rb[m];
+        sm.raw[1][m][lane] = rc[m];
+#else
         sm.a[m][0][lane] = make_float4(a[0], a[1], a[2], a[3]);
         sm.a[m][1][lane] = make_float4(a[4], a[5], a[6], a[7]);
+#endif
         sm.maps[m][lane] = make_float4(pa, xa, sa, 0.f);
       }
     }
+#if LANES_BWD_PREFETCH
+    if (g0 + G < NMAX) {
+#pragma unroll
+      for (int m = 0; m < G; ++m)
+        if (EXACT || g0 + G + m < N)
+          prefetch_l1(r.B + (size_t)(g0 + G + m) * L + t0), prefetch_l1(r.C + (size_t)(g0 + G + m) * L + t0);
+    } else if (t0_next >= 0) {
+      prefetch_l1(r.u + t0_next), prefetch_l1(r.delta + t0_next), prefetch_l1(r.dout + t0_next);
+      if (r.z) prefetch_l1(r.z + t0_next);
+#pragma unroll
+      for (int m = 0; m < G; ++m)
+        prefetch_l1(r.B + (size_t)(EXACT || m < N ? m : 0) * L + t0_next),
+            prefetch_l1(r.C + (size_t)(EXACT || m < N ? m : 0) * L + t0_next);
+    }
+#endif
+#if LANES_BWD_EARLY && !LANES_BWD_RAW_SMEM
+    Raw8<T> qb[G], qc[G];
+#pragma unroll
+    for (int m = 0; m < G; ++m)
+      qb[m] = ld8_state<true, EXACT>(r.B, g0 + m, N, t0, L), qc[m] = ld8_state<true, EXACT>(r.C, g0 + m, N, t0, L);
+#endif
     __syncwarp();
     LANES_PROBE(kProbeStateBegin);
     // (2) both scans of the group
@@ -1060,14 +1110,27 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
       const int n = g0 + m;
       const float An = __shfl_sync(kFull, A_l, n);
       float Bv[kLanesSteps], Cv[kLanesSteps], h[kLanesSteps];
+#if LANES_BWD_RAW_SMEM
+      unpack8(sm.raw[0][m][lane], Bv);
+      unpack8(sm.raw[1][m][lane], Cv);
+      float a[kLanesSteps];
+#pragma unroll
+      for (int j = 0; j < kLanesSteps; ++j) a[j] = fast_exp2(dt[j] * (An * kLog2e));
+#else
+#if LANES_BWD_EARLY
+      unpack8(qb[m], Bv);
+      unpack8(qc[m], Cv);
+#else
       load8<true>(r.B + (size_t)(EXACT || n < N ? n : 0) * L, t0, L, Bv);  // again: an L1 hit mostly
       load8<true>(r.C + (size_t)(EXACT || n < N ? n : 0) * L, t0, L, Cv);
       if (!EXACT && n >= N) {
 #pragma unroll
         for (int j = 0; j < kLanesSteps; ++j) Bv[j] = 0.f, Cv[j] = 0.f;
       }
+#endif
       const float4 a0 = sm.a[m][0][lane], a1 = sm.a[m][1][lane];
       const float a[kLanesSteps] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+#endif
       float hh = sm.hin[m][lane];
       const float gg = sm.rin[m][lane];
 #pragma unroll
@@ -1207,8 +1270,10 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
 #endif
     if (p.lanes_vec && (w + 1) * kLanesWindow <= L)
 #if LANES_SMEM_SCAN & 2
-      bwd_window_smem<REV, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch, bxch,
-                                           *reinterpret_cast<LanesBwdScanSmem*>(xch) LANES_PROBE_ARG);
+      bwd_window_smem<REV, EXACT, T, NMAX>(
+          rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch, bxch,
+          (REV ? (w + 2) * kLanesWindow <= L : w > 0) ? t0 + (REV ? kLanesWindow : -kLanesWindow) : -1,
+          *reinterpret_cast<LanesBwdScanSmem<T>*>(xch) LANES_PROBE_ARG);
 #else
       bwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch,
                                             bxch LANES_PROBE_ARG);
@@ -1249,7 +1314,7 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
 template <typename T, int NMAX, bool EXACT, int PASS>
 __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lanes_kernel(const ScanParams p) {
   // per warp: dB, dC of one state and window (partial windows), or the shared-memory scan's (full windows)
-  __shared__ alignas(16) float s_xch[kLanesWarps][kLanesXch];
+  __shared__ alignas(16) float s_xch[kLanesWarps][lanes_xch_floats<T>()];
   const int lane = threadIdx.x & 31;
   const int chan = blockIdx.y * kLanesWarps + (threadIdx.x >> 5);
   const int b = blockIdx.x;
@@ -1285,7 +1350,7 @@ cudaError_t launch_lanes_pass(const ScanParams& p, cudaStream_t stream) {
     scan_fwd_lanes_kernel<T, NMAX, EXACT, PASS><<<grid, kLanesWarps * 32, 0, stream>>>(p);
   } else {
     constexpr int smem = kLanesBlockReduceBytes;
-    if constexpr (smem + kLanesWarps * kLanesXch * 4 > 48 * 1024) {  // dynamic + static: opt in
+    if constexpr (smem + kLanesWarps * lanes_xch_floats<T>() * 4 > 48 * 1024) {  // dynamic + static: opt in
       static bool opted_in[64] = {};  // once per instantiation and device
       int dev = 0;
       cudaGetDevice(&dev);
