@@ -928,38 +928,36 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
 // its last step, to the R leaving its first step), (2) the warp scans both for all the group's states at once (the
 // states entering every lane from the saved window-start state, the R entering every lane from the carried r),
 // (3) every lane replays its states and computes the gradients as bwd_window does.
-// Variants (A/B): LANES_BWD_RAW_SMEM keeps the group's B/C as loaded in shared memory instead of the decays (the
-// replay recomputes them: no reload of B/C); LANES_BWD_EARLY issues the replay's B/C reloads before the scan;
-// LANES_BWD_PREFETCH prefetches the next group's B/C (and the next window's inputs) into L1.
-#ifndef LANES_BWD_RAW_SMEM
-#define LANES_BWD_RAW_SMEM 0
+// Variants (A/B): LANES_BWD_AHEAD issues the next group's B/C loads before this group's replay (in flight during it);
+// LANES_BWD_NEXTWIN the next window's u, delta, dout (and z) loads before the last group's replay.
+#ifndef LANES_BWD_AHEAD
+#define LANES_BWD_AHEAD 0
 #endif
-#ifndef LANES_BWD_EARLY
-#define LANES_BWD_EARLY 0
+#ifndef LANES_BWD_NEXTWIN
+#define LANES_BWD_NEXTWIN 0
 #endif
-#ifndef LANES_BWD_PREFETCH
-#define LANES_BWD_PREFETCH 0
-#endif
-template <typename T>
 struct LanesBwdScanSmem {  // one warp's; shares its memory with the warp's xch (partial windows only)
-#if LANES_BWD_RAW_SMEM
-  Raw8<T> raw[2][kScanGroup][32];  // B, C
-#else
   float4 a[kScanGroup][2][32];
-#endif
   float4 maps[kScanGroup][33];  // (pa, xa, sa, -) a lane; padded: the scan's 16-byte reads are conflict-free
   float hin[kScanGroup][kHinStride];
   float rin[kScanGroup][kHinStride];
 };
 // The backward kernel's per-warp static shared memory (floats): xch, or the scan's where larger.
-template <typename T>
-constexpr int lanes_xch_floats() {
-  constexpr int scan = LANES_SMEM_SCAN & 2 ? (int)(sizeof(LanesBwdScanSmem<T>) / 4) : 0;
-  return 2 * kLanesWindow > scan ? 2 * kLanesWindow : scan;
-}
+constexpr int kLanesBwdScanFloats = LANES_SMEM_SCAN & 2 ? (int)(sizeof(LanesBwdScanSmem) / 4) : 0;
+constexpr int kLanesXch = 2 * kLanesWindow > kLanesBwdScanFloats ? 2 * kLanesWindow : kLanesBwdScanFloats;
 
-__device__ __forceinline__ void prefetch_l1(const void* ptr) {
-  asm volatile("prefetch.global.L1 [%0];" ::"l"(__cvta_generic_to_global(ptr)));
+// A window's raw u, delta, dout, z, loaded ahead (LANES_BWD_NEXTWIN): t0 says for which window (-1: none).
+template <typename T>
+struct LanesNextWin {
+  Raw8<T> v[4];
+  int t0 = -1;
+};
+
+template <typename T>
+__device__ __forceinline__ void load_next_win(const LanesRows<T>& r, int t0, LanesNextWin<T>& nw) {
+  nw.v[0] = ld8<true>(r.u, t0, 0), nw.v[1] = ld8<true>(r.delta, t0, 0), nw.v[2] = ld8<true>(r.dout, t0, 0);
+  if (r.z) nw.v[3] = ld8<true>(r.z, t0, 0);
+  nw.t0 = t0;
 }
 
 template <bool REV, typename SM>
@@ -1027,110 +1025,95 @@ template <bool REV, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, int L, int N, int lane,
                                                 const LanesScalars& c, float A_l, float h0_l, float& r_l,
                                                 float (&dA)[NMAX], float& dD, float& dbias, float* xch, float* bxch,
-                                                int t0_next, LanesBwdScanSmem<T>& sm LANES_PROBE_PARAM) {
+                                                int t0_next, LanesNextWin<T>& nw,
+                                                LanesBwdScanSmem& sm LANES_PROBE_PARAM) {
   using O = Order<REV>;
   constexpr int G = kScanGroup;
   static_assert(NMAX % G == 0 && G == 4, "groups of 4 states");
   LANES_PROBE_START();
   float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], dy[kLanesSteps];
   float y[kLanesSteps], sgB[kLanesSteps], ddt[kLanesSteps];
-  load8<true>(r.u, t0, L, uu);
-  load8<true>(r.delta, t0, L, dt);
+  if (!LANES_BWD_NEXTWIN || nw.t0 != t0) load_next_win(r, t0, nw);
+  Raw8<T> rb[G], rc[G];  // the group's B/C for its maps
+#pragma unroll
+  for (int m = 0; m < G; ++m)
+    rb[m] = ld8_state<true, EXACT>(r.B, m, N, t0, L), rc[m] = ld8_state<true, EXACT>(r.C, m, N, t0, L);
+  unpack8(nw.v[0], uu);
+  unpack8(nw.v[1], dt);
   lanes_delta<true>(dt, c.bias, c.softplus, t0, L);
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) du[j] = dt[j] * uu[j];
-  bwd_dy<true>(r, t0, L, c, uu, dy, y, sgB, ddt);
+  unpack8(nw.v[2], dy);
+  if (r.z) {
+    float zz[kLanesSteps];
+    unpack8(nw.v[3], zz);
+#pragma unroll
+    for (int j = 0; j < kLanesSteps; ++j) dy[j] *= zz[j] * fast_sigmoid(zz[j]);
+  }
+#pragma unroll
+  for (int j = 0; j < kLanesSteps; ++j) {
+    dy[j] *= c.scale;
+    y[j] = c.Dv * uu[j], sgB[j] = 0.f, ddt[j] = 0.f;
+  }
   LANES_PROBE(kProbeWinBegin);
 #pragma unroll
   for (int g0 = 0; g0 < NMAX; g0 += G) {
-    // (1) the lanes' maps
-    {
-      Raw8<T> rb[G], rc[G];
+    if (!LANES_BWD_AHEAD && g0 > 0) {
 #pragma unroll
       for (int m = 0; m < G; ++m)
         rb[m] = ld8_state<true, EXACT>(r.B, g0 + m, N, t0, L), rc[m] = ld8_state<true, EXACT>(r.C, g0 + m, N, t0, L);
+    }
+    // (1) the lanes' maps
 #pragma unroll
-      for (int m = 0; m < G; ++m) {
-        float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], pa = 1.f, xa = 0.f, sa = 0.f;
-        unpack8(rb[m], Bv);
-        unpack8(rc[m], Cv);
-        const float A2 = __shfl_sync(kFull, A_l, g0 + m) * kLog2e;
+    for (int m = 0; m < G; ++m) {
+      float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], pa = 1.f, xa = 0.f, sa = 0.f;
+      unpack8(rb[m], Bv);
+      unpack8(rc[m], Cv);
+      const float A2 = __shfl_sync(kFull, A_l, g0 + m) * kLog2e;
 #pragma unroll
-        for (int k = 0; k < kLanesSteps; ++k) {
-          const int j = O::step(k);
-          a[j] = fast_exp2(dt[j] * A2);
-          xa = fmaf(a[j], xa, du[j] * Bv[j]);
-          pa *= a[j];
-        }
-#pragma unroll
-        for (int k = kLanesSteps - 1; k >= 0; --k) {
-          const int j = O::step(k);
-          sa = a[j] * fmaf(Cv[j], dy[j], sa);
-        }
-#if LANES_BWD_RAW_SMEM
-        sm.raw[0][m][lane] = rb[m];
-        sm.raw[1][m][lane] = rc[m];
-#else
-        sm.a[m][0][lane] = make_float4(a[0], a[1], a[2], a[3]);
-        sm.a[m][1][lane] = make_float4(a[4], a[5], a[6], a[7]);
-#endif
-        sm.maps[m][lane] = make_float4(pa, xa, sa, 0.f);
+      for (int k = 0; k < kLanesSteps; ++k) {
+        const int j = O::step(k);
+        a[j] = fast_exp2(dt[j] * A2);
+        xa = fmaf(a[j], xa, du[j] * Bv[j]);
+        pa *= a[j];
       }
-    }
-#if LANES_BWD_PREFETCH
-    if (g0 + G < NMAX) {
 #pragma unroll
-      for (int m = 0; m < G; ++m)
-        if (EXACT || g0 + G + m < N)
-          prefetch_l1(r.B + (size_t)(g0 + G + m) * L + t0), prefetch_l1(r.C + (size_t)(g0 + G + m) * L + t0);
-    } else if (t0_next >= 0) {
-      prefetch_l1(r.u + t0_next), prefetch_l1(r.delta + t0_next), prefetch_l1(r.dout + t0_next);
-      if (r.z) prefetch_l1(r.z + t0_next);
-#pragma unroll
-      for (int m = 0; m < G; ++m)
-        prefetch_l1(r.B + (size_t)(EXACT || m < N ? m : 0) * L + t0_next),
-            prefetch_l1(r.C + (size_t)(EXACT || m < N ? m : 0) * L + t0_next);
+      for (int k = kLanesSteps - 1; k >= 0; --k) {
+        const int j = O::step(k);
+        sa = a[j] * fmaf(Cv[j], dy[j], sa);
+      }
+      sm.a[m][0][lane] = make_float4(a[0], a[1], a[2], a[3]);
+      sm.a[m][1][lane] = make_float4(a[4], a[5], a[6], a[7]);
+      sm.maps[m][lane] = make_float4(pa, xa, sa, 0.f);
     }
-#endif
-#if LANES_BWD_EARLY && !LANES_BWD_RAW_SMEM
+    // the replay's B/C again (L1 hits mostly), in flight during the scan
     Raw8<T> qb[G], qc[G];
 #pragma unroll
     for (int m = 0; m < G; ++m)
       qb[m] = ld8_state<true, EXACT>(r.B, g0 + m, N, t0, L), qc[m] = ld8_state<true, EXACT>(r.C, g0 + m, N, t0, L);
-#endif
     __syncwarp();
     LANES_PROBE(kProbeStateBegin);
     // (2) both scans of the group
     group_scan_bwd<REV>(sm, g0, lane, h0_l, r_l);
     __syncwarp();
     LANES_PROBE(kProbeStateScan);
+    if (LANES_BWD_AHEAD && g0 + G < NMAX) {  // the next group's B/C, in flight during the replay
+#pragma unroll
+      for (int m = 0; m < G; ++m)
+        rb[m] = ld8_state<true, EXACT>(r.B, g0 + G + m, N, t0, L),
+        rc[m] = ld8_state<true, EXACT>(r.C, g0 + G + m, N, t0, L);
+    }
+    if (LANES_BWD_NEXTWIN && g0 + G == NMAX && t0_next >= 0) load_next_win(r, t0_next, nw);
     // (3) per state: the lane's states, then its gradients
 #pragma unroll
     for (int m = 0; m < G; ++m) {
       const int n = g0 + m;
       const float An = __shfl_sync(kFull, A_l, n);
       float Bv[kLanesSteps], Cv[kLanesSteps], h[kLanesSteps];
-#if LANES_BWD_RAW_SMEM
-      unpack8(sm.raw[0][m][lane], Bv);
-      unpack8(sm.raw[1][m][lane], Cv);
-      float a[kLanesSteps];
-#pragma unroll
-      for (int j = 0; j < kLanesSteps; ++j) a[j] = fast_exp2(dt[j] * (An * kLog2e));
-#else
-#if LANES_BWD_EARLY
       unpack8(qb[m], Bv);
       unpack8(qc[m], Cv);
-#else
-      load8<true>(r.B + (size_t)(EXACT || n < N ? n : 0) * L, t0, L, Bv);  // again: an L1 hit mostly
-      load8<true>(r.C + (size_t)(EXACT || n < N ? n : 0) * L, t0, L, Cv);
-      if (!EXACT && n >= N) {
-#pragma unroll
-        for (int j = 0; j < kLanesSteps; ++j) Bv[j] = 0.f, Cv[j] = 0.f;
-      }
-#endif
       const float4 a0 = sm.a[m][0][lane], a1 = sm.a[m][1][lane];
       const float a[kLanesSteps] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-#endif
       float hh = sm.hin[m][lane];
       const float gg = sm.rin[m][lane];
 #pragma unroll
@@ -1259,6 +1242,9 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
 #ifdef LANES_PROBE_CLOCK
   LanesProbe pr{};
 #endif
+#if LANES_SMEM_SCAN & 2
+  LanesNextWin<T> nw;
+#endif
 
   for (int i = 0; i < nwin; ++i) {
     const int w = REV ? i : nwin - 1 - i;
@@ -1272,8 +1258,8 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
 #if LANES_SMEM_SCAN & 2
       bwd_window_smem<REV, EXACT, T, NMAX>(
           rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch, bxch,
-          (REV ? (w + 2) * kLanesWindow <= L : w > 0) ? t0 + (REV ? kLanesWindow : -kLanesWindow) : -1,
-          *reinterpret_cast<LanesBwdScanSmem<T>*>(xch) LANES_PROBE_ARG);
+          (REV ? (w + 2) * kLanesWindow <= L : w > 0) ? t0 + (REV ? kLanesWindow : -kLanesWindow) : -1, nw,
+          *reinterpret_cast<LanesBwdScanSmem*>(xch) LANES_PROBE_ARG);
 #else
       bwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch,
                                             bxch LANES_PROBE_ARG);
@@ -1314,7 +1300,7 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
 template <typename T, int NMAX, bool EXACT, int PASS>
 __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lanes_kernel(const ScanParams p) {
   // per warp: dB, dC of one state and window (partial windows), or the shared-memory scan's (full windows)
-  __shared__ alignas(16) float s_xch[kLanesWarps][lanes_xch_floats<T>()];
+  __shared__ alignas(16) float s_xch[kLanesWarps][kLanesXch];
   const int lane = threadIdx.x & 31;
   const int chan = blockIdx.y * kLanesWarps + (threadIdx.x >> 5);
   const int b = blockIdx.x;
@@ -1350,7 +1336,7 @@ cudaError_t launch_lanes_pass(const ScanParams& p, cudaStream_t stream) {
     scan_fwd_lanes_kernel<T, NMAX, EXACT, PASS><<<grid, kLanesWarps * 32, 0, stream>>>(p);
   } else {
     constexpr int smem = kLanesBlockReduceBytes;
-    if constexpr (smem + kLanesWarps * lanes_xch_floats<T>() * 4 > 48 * 1024) {  // dynamic + static: opt in
+    if constexpr (smem + kLanesWarps * kLanesXch * 4 > 48 * 1024) {  // dynamic + static: opt in
       static bool opted_in[64] = {};  // once per instantiation and device
       int dev = 0;
       cudaGetDevice(&dev);
