@@ -199,6 +199,10 @@ __device__ __forceinline__ void red_add4(float* dst, float4 v) {
 #endif
 }
 
+__device__ __forceinline__ void prefetch_l1(const void* ptr) {
+  asm volatile("prefetch.global.L1 [%0];" ::"l"(__cvta_generic_to_global(ptr)));
+}
+
 // row[t0 + j] += v[j] for the steps inside L (fp32 atomics). FULL windows (fp32 rows 16-byte aligned) go through
 // the warp's shared buffer `xch` (256 floats): lane l then adds elements 4l..4l+3 and 128+4l..128+4l+3 of the
 // window, so each 16-byte vector reduction of the warp covers 512 contiguous bytes (on sm_90; scalar, coalesced
@@ -493,7 +497,8 @@ __device__ __forceinline__ void state_begin(const LanesRows<T>& r, int n, int t0
 // One forward window. A2_l / h_l: lane n holds state n's A*log2(e) and carry.
 template <bool REV, bool FULL, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L, int N, int lane,
-                                           const LanesScalars& c, float A2_l, float& h_l LANES_PROBE_PARAM) {
+                                           const LanesScalars& c, float A2_l, float& h_l,
+                                           int t0_next LANES_PROBE_PARAM) {
   using O = Order<REV>;
   LANES_PROBE_START();
   float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], y[kLanesSteps];
@@ -507,6 +512,14 @@ __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L,
     float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], pa, xa;
     state_begin<REV, FULL, EXACT>(r, n, t0, L, N, __shfl_sync(kFull, A2_l, n), rb, rc, dt, du, Bv, Cv, a, pa, xa);
     float carry = __shfl_sync(kFull, h_l, n);
+#ifdef LANES_FWD_PF  // variant: the next window's first loads prefetched into L1 halfway through this one
+    if (n == NMAX / 2 && t0_next >= 0) {
+      prefetch_l1(r.u + t0_next), prefetch_l1(r.delta + t0_next);
+#pragma unroll
+      for (int k = 0; k < kLanesAhead; ++k)
+        if (EXACT || k < N) prefetch_l1(r.B + (size_t)k * L + t0_next), prefetch_l1(r.C + (size_t)k * L + t0_next);
+    }
+#endif
     LANES_PROBE(kProbeFwdStateBegin);
     float hh = lanes_state_in<REV>(pa, xa, carry, lane);
     h_l = lane == n ? carry : h_l;
@@ -687,7 +700,7 @@ __device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, in
 #ifdef LANES_PROBE_CLOCK
   LanesProbe pr{};  // partial windows are not counted
 #endif
-  fwd_window<REV, false, false, T, NMAX>(r, t0, L, N, lane, c, A2_l, h_l LANES_PROBE_ARG);
+  fwd_window<REV, false, false, T, NMAX>(r, t0, L, N, lane, c, A2_l, h_l, -1 LANES_PROBE_ARG);
 }
 
 // One direction of the forward over the whole row: windows in scan order, the state entering each saved.
@@ -719,7 +732,9 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
 #if LANES_SMEM_SCAN & 1
       fwd_window_smem<REV, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l, *sm LANES_PROBE_ARG);
 #else
-      fwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l LANES_PROBE_ARG);
+      fwd_window<REV, true, EXACT, T, NMAX>(
+          rows, t0, L, N, lane, c, A2_l, h_l,
+          (REV ? w > 0 : (w + 2) * kLanesWindow <= L) ? t0 + (REV ? -kLanesWindow : kLanesWindow) : -1 LANES_PROBE_ARG);
 #endif
   }
 #ifdef LANES_PROBE_CLOCK
@@ -823,7 +838,7 @@ __device__ __forceinline__ void bwd_state_grads(const LanesRows<T>& r, int n, in
 
 // A backward window's end: du, ddelta stored, dD / dbias summed; dz (or, for the backward direction of the
 // bidirectional scan, its y to ws for the forward direction's dz).
-template <bool FULL, typename T>
+template <bool FULL, bool Z = true, typename T>
 __device__ __forceinline__ void bwd_window_end(const LanesRows<T>& r, int t0, int L, const LanesScalars& c,
                                                const float (&uu)[kLanesSteps], const float (&dt)[kLanesSteps],
                                                const float (&dy)[kLanesSteps], float (&y)[kLanesSteps],
@@ -843,10 +858,10 @@ __device__ __forceinline__ void bwd_window_end(const LanesRows<T>& r, int t0, in
   store8<FULL>(r.du, t0, L, du_o);
   store8<FULL>(r.ddelta, t0, L, dd_o);
   if (c.mode == kToWs) {
-    if (r.z) ws_store8<FULL>(r.ws, t0, L, y);
+    if (Z && r.z) ws_store8<FULL>(r.ws, t0, L, y);
     return;
   }
-  if (r.z) {
+  if (Z && r.z) {
     if (c.mode == kAddWs) ws_add8<FULL>(r.ws, t0, L, y);
     float zz[kLanesSteps], go[kLanesSteps], dzv[kLanesSteps];
     load8<FULL>(r.z, t0, L, zz);
@@ -928,13 +943,13 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
 // its last step, to the R leaving its first step), (2) the warp scans both for all the group's states at once (the
 // states entering every lane from the saved window-start state, the R entering every lane from the carried r),
 // (3) every lane replays its states and computes the gradients as bwd_window does.
-// Variants (A/B): LANES_BWD_AHEAD issues the next group's B/C loads before this group's replay (in flight during it);
-// LANES_BWD_NEXTWIN the next window's u, delta, dout (and z) loads before the last group's replay.
-#ifndef LANES_BWD_AHEAD
-#define LANES_BWD_AHEAD 0
+// Variants (A/B): LANES_BWD_PF_WIN prefetches the next window's u, delta, dout (and z) into L1 during the last group;
+// LANES_BWD_ZSPLIT instantiates the full window without and with z (no y without it).
+#ifndef LANES_BWD_PF_WIN
+#define LANES_BWD_PF_WIN 0
 #endif
-#ifndef LANES_BWD_NEXTWIN
-#define LANES_BWD_NEXTWIN 0
+#ifndef LANES_BWD_ZSPLIT
+#define LANES_BWD_ZSPLIT 0
 #endif
 struct LanesBwdScanSmem {  // one warp's; shares its memory with the warp's xch (partial windows only)
   float4 a[kScanGroup][2][32];
@@ -946,19 +961,6 @@ struct LanesBwdScanSmem {  // one warp's; shares its memory with the warp's xch 
 constexpr int kLanesBwdScanFloats = LANES_SMEM_SCAN & 2 ? (int)(sizeof(LanesBwdScanSmem) / 4) : 0;
 constexpr int kLanesXch = 2 * kLanesWindow > kLanesBwdScanFloats ? 2 * kLanesWindow : kLanesBwdScanFloats;
 
-// A window's raw u, delta, dout, z, loaded ahead (LANES_BWD_NEXTWIN): t0 says for which window (-1: none).
-template <typename T>
-struct LanesNextWin {
-  Raw8<T> v[4];
-  int t0 = -1;
-};
-
-template <typename T>
-__device__ __forceinline__ void load_next_win(const LanesRows<T>& r, int t0, LanesNextWin<T>& nw) {
-  nw.v[0] = ld8<true>(r.u, t0, 0), nw.v[1] = ld8<true>(r.delta, t0, 0), nw.v[2] = ld8<true>(r.dout, t0, 0);
-  if (r.z) nw.v[3] = ld8<true>(r.z, t0, 0);
-  nw.t0 = t0;
-}
 
 template <bool REV, typename SM>
 __device__ __forceinline__ void group_scan_bwd(SM& sm, int g0, int lane, float h0_l, float& r_l) {
@@ -1021,49 +1023,32 @@ __device__ __forceinline__ void group_scan_bwd(SM& sm, int g0, int lane, float h
   if (lane >= g0 && lane < g0 + G) r_l = r_new;
 }
 
-template <bool REV, bool EXACT, typename T, int NMAX>
+// Z: whether z is given (LANES_BWD_ZSPLIT; otherwise always true, and r.z says).
+template <bool REV, bool EXACT, bool Z, typename T, int NMAX>
 __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, int L, int N, int lane,
                                                 const LanesScalars& c, float A_l, float h0_l, float& r_l,
                                                 float (&dA)[NMAX], float& dD, float& dbias, float* xch, float* bxch,
-                                                int t0_next, LanesNextWin<T>& nw,
-                                                LanesBwdScanSmem& sm LANES_PROBE_PARAM) {
+                                                int t0_next, LanesBwdScanSmem& sm LANES_PROBE_PARAM) {
   using O = Order<REV>;
   constexpr int G = kScanGroup;
   static_assert(NMAX % G == 0 && G == 4, "groups of 4 states");
   LANES_PROBE_START();
   float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], dy[kLanesSteps];
   float y[kLanesSteps], sgB[kLanesSteps], ddt[kLanesSteps];
-  if (!LANES_BWD_NEXTWIN || nw.t0 != t0) load_next_win(r, t0, nw);
-  Raw8<T> rb[G], rc[G];  // the group's B/C for its maps
-#pragma unroll
-  for (int m = 0; m < G; ++m)
-    rb[m] = ld8_state<true, EXACT>(r.B, m, N, t0, L), rc[m] = ld8_state<true, EXACT>(r.C, m, N, t0, L);
-  unpack8(nw.v[0], uu);
-  unpack8(nw.v[1], dt);
+  load8<true>(r.u, t0, L, uu);
+  load8<true>(r.delta, t0, L, dt);
   lanes_delta<true>(dt, c.bias, c.softplus, t0, L);
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) du[j] = dt[j] * uu[j];
-  unpack8(nw.v[2], dy);
-  if (r.z) {
-    float zz[kLanesSteps];
-    unpack8(nw.v[3], zz);
-#pragma unroll
-    for (int j = 0; j < kLanesSteps; ++j) dy[j] *= zz[j] * fast_sigmoid(zz[j]);
-  }
-#pragma unroll
-  for (int j = 0; j < kLanesSteps; ++j) {
-    dy[j] *= c.scale;
-    y[j] = c.Dv * uu[j], sgB[j] = 0.f, ddt[j] = 0.f;
-  }
+  bwd_dy<true>(r, t0, L, c, uu, dy, y, sgB, ddt);
   LANES_PROBE(kProbeWinBegin);
 #pragma unroll
   for (int g0 = 0; g0 < NMAX; g0 += G) {
-    if (!LANES_BWD_AHEAD && g0 > 0) {
-#pragma unroll
-      for (int m = 0; m < G; ++m)
-        rb[m] = ld8_state<true, EXACT>(r.B, g0 + m, N, t0, L), rc[m] = ld8_state<true, EXACT>(r.C, g0 + m, N, t0, L);
-    }
     // (1) the lanes' maps
+    Raw8<T> rb[G], rc[G];
+#pragma unroll
+    for (int m = 0; m < G; ++m)
+      rb[m] = ld8_state<true, EXACT>(r.B, g0 + m, N, t0, L), rc[m] = ld8_state<true, EXACT>(r.C, g0 + m, N, t0, L);
 #pragma unroll
     for (int m = 0; m < G; ++m) {
       float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], pa = 1.f, xa = 0.f, sa = 0.f;
@@ -1097,13 +1082,10 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
     group_scan_bwd<REV>(sm, g0, lane, h0_l, r_l);
     __syncwarp();
     LANES_PROBE(kProbeStateScan);
-    if (LANES_BWD_AHEAD && g0 + G < NMAX) {  // the next group's B/C, in flight during the replay
-#pragma unroll
-      for (int m = 0; m < G; ++m)
-        rb[m] = ld8_state<true, EXACT>(r.B, g0 + G + m, N, t0, L),
-        rc[m] = ld8_state<true, EXACT>(r.C, g0 + G + m, N, t0, L);
+    if (LANES_BWD_PF_WIN && g0 + G == NMAX && t0_next >= 0) {
+      prefetch_l1(r.u + t0_next), prefetch_l1(r.delta + t0_next), prefetch_l1(r.dout + t0_next);
+      if (Z && r.z) prefetch_l1(r.z + t0_next);
     }
-    if (LANES_BWD_NEXTWIN && g0 + G == NMAX && t0_next >= 0) load_next_win(r, t0_next, nw);
     // (3) per state: the lane's states, then its gradients
 #pragma unroll
     for (int m = 0; m < G; ++m) {
@@ -1121,7 +1103,7 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
         const int j = O::step(k);
         hh = fmaf(a[j], hh, du[j] * Bv[j]);
         h[j] = hh;
-        y[j] = fmaf(Cv[j], hh, y[j]);
+        if (Z) y[j] = fmaf(Cv[j], hh, y[j]);
       }
       LANES_PROBE(kProbeReplay);
       bwd_state_grads<REV, true, EXACT, T, NMAX>(r, n, t0, L, N, lane, An, gg, a, h, Bv, Cv, dt, du, dy, sgB, ddt,
@@ -1129,7 +1111,7 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
     }
     __syncwarp();  // the next group overwrites sm
   }
-  bwd_window_end<true>(r, t0, L, c, uu, dt, dy, y, sgB, ddt, dD, dbias);
+  bwd_window_end<true, Z>(r, t0, L, c, uu, dt, dy, y, sgB, ddt, dD, dbias);
   LANES_PROBE(kProbeWinEnd);
 #ifdef LANES_PROBE_CLOCK
   pr.c[kProbeWindows] += 1.f;
@@ -1242,9 +1224,6 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
 #ifdef LANES_PROBE_CLOCK
   LanesProbe pr{};
 #endif
-#if LANES_SMEM_SCAN & 2
-  LanesNextWin<T> nw;
-#endif
 
   for (int i = 0; i < nwin; ++i) {
     const int w = REV ? i : nwin - 1 - i;
@@ -1256,10 +1235,17 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
 #endif
     if (p.lanes_vec && (w + 1) * kLanesWindow <= L)
 #if LANES_SMEM_SCAN & 2
-      bwd_window_smem<REV, EXACT, T, NMAX>(
-          rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch, bxch,
-          (REV ? (w + 2) * kLanesWindow <= L : w > 0) ? t0 + (REV ? kLanesWindow : -kLanesWindow) : -1, nw,
-          *reinterpret_cast<LanesBwdScanSmem*>(xch) LANES_PROBE_ARG);
+    {
+      const int t0_next =
+          (REV ? (w + 2) * kLanesWindow <= L : w > 0) ? t0 + (REV ? kLanesWindow : -kLanesWindow) : -1;
+      LanesBwdScanSmem& sm = *reinterpret_cast<LanesBwdScanSmem*>(xch);
+      if (!LANES_BWD_ZSPLIT || rows.z)
+        bwd_window_smem<REV, EXACT, true, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch, bxch,
+                                                   t0_next, sm LANES_PROBE_ARG);
+      else
+        bwd_window_smem<REV, EXACT, false, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch,
+                                                    bxch, t0_next, sm LANES_PROBE_ARG);
+    }
 #else
       bwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch,
                                             bxch LANES_PROBE_ARG);
