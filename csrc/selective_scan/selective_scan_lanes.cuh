@@ -9,8 +9,9 @@
 // every window start (fp32, (batch, dim, nwin, N)); nothing else (the backward recomputes y for dz).
 //
 // Backward: windows last to first. Per state: recompute h over the window from its saved start state (the same
-// forward scan), then the adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} by the mirrored scan (shuffles down), with
-// r = a_{t0} g_{t0} carried to the window before. With hx_t = h_t - x_t (= a_t h_{t-1}):
+// forward scan), then the adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} by the mirrored scan, with r = a_{t0} g_{t0}
+// carried to the window before; on full windows both cross-lane scans go through shared memory, 4 states at a time
+// (bwd_window_smem), elsewhere through shuffles (bwd_window). With hx_t = h_t - x_t (= a_t h_{t-1}):
 //     dC_t += dy_t h_t     dB_t += g_t d_t u_t     (fp32 vector reductions over the channels of a group, summed
 //                                                   over the block's 4 channels in shared memory first)
 //     du_t = d_t sum_n g_t B_t + D dy_t            dd_t = u_t sum_n g_t B_t + sum_n A_n g_t hx_t
@@ -197,10 +198,6 @@ __device__ __forceinline__ void red_add4(float* dst, float4 v) {
 #else
   atomicAdd(dst, v.x), atomicAdd(dst + 1, v.y), atomicAdd(dst + 2, v.z), atomicAdd(dst + 3, v.w);
 #endif
-}
-
-__device__ __forceinline__ void prefetch_l1(const void* ptr) {
-  asm volatile("prefetch.global.L1 [%0];" ::"l"(__cvta_generic_to_global(ptr)));
 }
 
 // row[t0 + j] += v[j] for the steps inside L (fp32 atomics). FULL windows (fp32 rows 16-byte aligned) go through
@@ -497,8 +494,7 @@ __device__ __forceinline__ void state_begin(const LanesRows<T>& r, int n, int t0
 // One forward window. A2_l / h_l: lane n holds state n's A*log2(e) and carry.
 template <bool REV, bool FULL, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L, int N, int lane,
-                                           const LanesScalars& c, float A2_l, float& h_l,
-                                           int t0_next LANES_PROBE_PARAM) {
+                                           const LanesScalars& c, float A2_l, float& h_l LANES_PROBE_PARAM) {
   using O = Order<REV>;
   LANES_PROBE_START();
   float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], y[kLanesSteps];
@@ -512,14 +508,6 @@ __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L,
     float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], pa, xa;
     state_begin<REV, FULL, EXACT>(r, n, t0, L, N, __shfl_sync(kFull, A2_l, n), rb, rc, dt, du, Bv, Cv, a, pa, xa);
     float carry = __shfl_sync(kFull, h_l, n);
-#ifdef LANES_FWD_PF  // variant: the next window's first loads prefetched into L1 halfway through this one
-    if (n == NMAX / 2 && t0_next >= 0) {
-      prefetch_l1(r.u + t0_next), prefetch_l1(r.delta + t0_next);
-#pragma unroll
-      for (int k = 0; k < kLanesAhead; ++k)
-        if (EXACT || k < N) prefetch_l1(r.B + (size_t)k * L + t0_next), prefetch_l1(r.C + (size_t)k * L + t0_next);
-    }
-#endif
     LANES_PROBE(kProbeFwdStateBegin);
     float hh = lanes_state_in<REV>(pa, xa, carry, lane);
     h_l = lane == n ? carry : h_l;
@@ -539,160 +527,6 @@ __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L,
 #endif
 }
 
-// ---- The cross-lane scan through shared memory (LANES_SMEM_SCAN) ----
-// The shuffle scan of lanes_state_in runs per state as a chain of 7 dependent shuffles; a clock probe of the full
-// windows (benchmarks/lanes_clock_probe.py, H100, global XL) put 37% of the forward's cycles and 34% of the
-// backward's in those chains. Here the states go in groups of kScanGroup: (1) every lane computes its maps of the
-// group's states and keeps its decays a and inputs x = d u B in shared memory, (2) the warp scans all of the group's
-// maps at once, thread (m, s) composing the kScanGroup lanes of segment s of state m and the segments joined by
-// shuffles, and writes the state entering every lane, (3) every lane replays its steps from there (no B reload, no
-// second unpack). One short chain a group instead of one long one a state.
-#ifndef LANES_SMEM_SCAN
-#define LANES_SMEM_SCAN 0
-#endif
-#ifndef LANES_SCAN_GROUP
-#define LANES_SCAN_GROUP 4
-#endif
-constexpr int kScanGroup = LANES_SCAN_GROUP;  // states a group (4 or 8); also the lanes a segment
-constexpr int kScanSegs = 32 / kScanGroup;    // segments of lanes
-constexpr int kMapStride = 2 * 32 + 4;        // floats a state row of the lanes' maps (pa, xa); padded
-constexpr int kHinStride = 32 + 4;            // floats a state row of the states entering the lanes
-struct LanesScanSmem {                         // one warp's
-  float4 a[kScanGroup][2][32];                 // decays, lane-major per half (16-byte accesses conflict-free)
-  float4 x[kScanGroup][2][32];                 // d u B
-  float maps[kScanGroup][kMapStride];
-  float hin[kScanGroup][kHinStride];
-};
-
-// Phase 2: thread (m, s) = (lane % G, lane / G) scans state g0 + m's maps of the lanes of segment s (in scan order)
-// and writes the state entering each of them to sm.hin[m]; h_l (lane n: the carry of state n) is read for the group's
-// states and replaced by the state leaving the window.
-template <bool REV>
-__device__ __forceinline__ void group_scan(LanesScanSmem& sm, int g0, int lane, float& h_l) {
-  constexpr int G = kScanGroup;
-  const int m = lane % G, sg = lane / G;
-  const int sp = REV ? kScanSegs - 1 - sg : sg;  // the segment's physical lanes: G sp .. G sp + G - 1
-  float P[G], X[G];
-  const float4* row = reinterpret_cast<const float4*>(&sm.maps[m][2 * G * sp]);
-#pragma unroll
-  for (int i = 0; i < G / 2; ++i) {
-    const float4 v = row[i];
-    P[2 * i] = v.x, X[2 * i] = v.y, P[2 * i + 1] = v.z, X[2 * i + 1] = v.w;
-  }
-  float Pq = 1.f, Xq = 0.f;
-#pragma unroll
-  for (int i = 0; i < G; ++i) {
-    const int k = REV ? G - 1 - i : i;
-    Xq = fmaf(P[k], Xq, X[k]);
-    Pq *= P[k];
-  }
-#pragma unroll
-  for (int off = G; off < 32; off <<= 1) {
-    const float pp = __shfl_up_sync(kFull, Pq, off), xp = __shfl_up_sync(kFull, Xq, off);
-    if (lane >= off) {
-      Xq = fmaf(Pq, xp, Xq);
-      Pq *= pp;
-    }
-  }
-  const float carry = __shfl_sync(kFull, h_l, g0 + m);
-  const float pe = __shfl_up_sync(kFull, Pq, G), xe = __shfl_up_sync(kFull, Xq, G);
-  float h = sg == 0 ? carry : fmaf(pe, carry, xe);
-  float hv[G];
-#pragma unroll
-  for (int i = 0; i < G; ++i) {
-    const int k = REV ? G - 1 - i : i;
-    hv[k] = h;
-    h = fmaf(P[k], h, X[k]);
-  }
-  float4* out = reinterpret_cast<float4*>(&sm.hin[m][G * sp]);
-#pragma unroll
-  for (int i = 0; i < G / 4; ++i) out[i] = make_float4(hv[4 * i], hv[4 * i + 1], hv[4 * i + 2], hv[4 * i + 3]);
-  const float h_end = __shfl_sync(kFull, h, (kScanSegs - 1) * G + ((lane - g0) & (G - 1)));  // the last segment's
-  if (lane >= g0 && lane < g0 + G) h_l = h_end;
-}
-
-// One full forward window with the shared-memory scan (the same results as fwd_window<REV, true, EXACT> up to the
-// order of the fp32 operations).
-template <bool REV, bool EXACT, typename T, int NMAX>
-__device__ __forceinline__ void fwd_window_smem(const LanesRows<T>& r, int t0, int L, int N, int lane,
-                                                const LanesScalars& c, float A2_l, float& h_l,
-                                                LanesScanSmem& sm LANES_PROBE_PARAM) {
-  using O = Order<REV>;
-  constexpr int G = kScanGroup;
-  static_assert(NMAX % G == 0 && (G == 4 || G == 8), "groups of 4 or 8 states");
-  LANES_PROBE_START();
-  float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], y[kLanesSteps];
-  load8<true>(r.u, t0, L, uu);
-  load8<true>(r.delta, t0, L, dt);
-  lanes_delta<true>(dt, c.bias, c.softplus, t0, L);
-#pragma unroll
-  for (int j = 0; j < kLanesSteps; ++j) du[j] = dt[j] * uu[j], y[j] = c.Dv * uu[j];
-  Raw8<T> rb[G];
-#pragma unroll
-  for (int m = 0; m < G; ++m) rb[m] = ld8_state<true, EXACT>(r.B, m, N, t0, L);
-  LANES_PROBE(kProbeFwdWinBegin);
-#pragma unroll
-  for (int g0 = 0; g0 < NMAX; g0 += G) {
-    // (1) the lanes' maps of the group's states; a and x kept
-#pragma unroll
-    for (int m = 0; m < G; ++m) {
-      float Bv[kLanesSteps], a[kLanesSteps], x[kLanesSteps], pa = 1.f, xa = 0.f;
-      unpack8(rb[m], Bv);
-      const float A2 = __shfl_sync(kFull, A2_l, g0 + m);
-#pragma unroll
-      for (int k = 0; k < kLanesSteps; ++k) {
-        const int j = O::step(k);
-        a[j] = fast_exp2(dt[j] * A2);
-        x[j] = du[j] * Bv[j];
-        xa = fmaf(a[j], xa, x[j]);
-        pa *= a[j];
-      }
-      sm.a[m][0][lane] = make_float4(a[0], a[1], a[2], a[3]);
-      sm.a[m][1][lane] = make_float4(a[4], a[5], a[6], a[7]);
-      sm.x[m][0][lane] = make_float4(x[0], x[1], x[2], x[3]);
-      sm.x[m][1][lane] = make_float4(x[4], x[5], x[6], x[7]);
-      reinterpret_cast<float2*>(sm.maps[m])[lane] = make_float2(pa, xa);
-    }
-    // in flight during the scan and the replay: this group's C, the next group's B
-    Raw8<T> rc[G];
-#pragma unroll
-    for (int m = 0; m < G; ++m) rc[m] = ld8_state<true, EXACT>(r.C, g0 + m, N, t0, L);
-    if (g0 + G < NMAX) {
-#pragma unroll
-      for (int m = 0; m < G; ++m) rb[m] = ld8_state<true, EXACT>(r.B, g0 + G + m, N, t0, L);
-    }
-    __syncwarp();
-    LANES_PROBE(kProbeFwdStateBegin);
-    // (2) the group's scan across the lanes
-    group_scan<REV>(sm, g0, lane, h_l);
-    __syncwarp();
-    LANES_PROBE(kProbeFwdStateScan);
-    // (3) replay from the state entering the lane
-#pragma unroll
-    for (int m = 0; m < G; ++m) {
-      float Cv[kLanesSteps];
-      unpack8(rc[m], Cv);
-      const float4 a0 = sm.a[m][0][lane], a1 = sm.a[m][1][lane], x0 = sm.x[m][0][lane], x1 = sm.x[m][1][lane];
-      const float a[kLanesSteps] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-      const float x[kLanesSteps] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
-      float hh = sm.hin[m][lane];
-#pragma unroll
-      for (int k = 0; k < kLanesSteps; ++k) {
-        const int j = O::step(k);
-        hh = fmaf(a[j], hh, x[j]);
-        y[j] = fmaf(Cv[j], hh, y[j]);
-      }
-    }
-    __syncwarp();  // the next group overwrites sm
-    LANES_PROBE(kProbeFwdReplay);
-  }
-  fwd_finish8<true>(r, t0, L, c, y);
-  LANES_PROBE(kProbeFwdWinEnd);
-#ifdef LANES_PROBE_CLOCK
-  pr.c[kProbeFwdWindows] += 1.f;
-#endif
-}
-
 // The partial-window / unaligned path, kept out of line so that its registers do not count against the fast path.
 template <bool REV, typename T, int NMAX>
 __device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, int L, int N, int lane,
@@ -700,13 +534,12 @@ __device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, in
 #ifdef LANES_PROBE_CLOCK
   LanesProbe pr{};  // partial windows are not counted
 #endif
-  fwd_window<REV, false, false, T, NMAX>(r, t0, L, N, lane, c, A2_l, h_l, -1 LANES_PROBE_ARG);
+  fwd_window<REV, false, false, T, NMAX>(r, t0, L, N, lane, c, A2_l, h_l LANES_PROBE_ARG);
 }
 
 // One direction of the forward over the whole row: windows in scan order, the state entering each saved.
 template <bool REV, bool EXACT, typename T, int NMAX>
-__device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b, int chan, int lane, int mode,
-                                              LanesScanSmem* sm) {
+__device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b, int chan, int lane, int mode) {
   const DirParams& dp = p.dir[d];
   const int L = p.L, N = p.N;
   const size_t row = (size_t)b * p.dim + chan;
@@ -729,13 +562,7 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
     if (!p.lanes_vec || (w + 1) * kLanesWindow > L)
       fwd_window_generic<REV, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l);
     else
-#if LANES_SMEM_SCAN & 1
-      fwd_window_smem<REV, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l, *sm LANES_PROBE_ARG);
-#else
-      fwd_window<REV, true, EXACT, T, NMAX>(
-          rows, t0, L, N, lane, c, A2_l, h_l,
-          (REV ? w > 0 : (w + 2) * kLanesWindow <= L) ? t0 + (REV ? -kLanesWindow : kLanesWindow) : -1 LANES_PROBE_ARG);
-#endif
+      fwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l LANES_PROBE_ARG);
   }
 #ifdef LANES_PROBE_CLOCK
   h_l = 0.f;  // lane k: its phase k
@@ -753,18 +580,12 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_FWD_MINB) scan_fwd_lan
   const int chan = blockIdx.y * kLanesWarps + (threadIdx.x >> 5);
   const int b = blockIdx.x;  // batch rows first: warps running together add dB/dC into different rows
   if (chan >= p.dim) return;  // a whole warp; no block-level synchronisation below
-#if LANES_SMEM_SCAN & 1
-  __shared__ LanesScanSmem s_scan[kLanesWarps];
-  LanesScanSmem* sm = &s_scan[threadIdx.x >> 5];
-#else
-  LanesScanSmem* sm = nullptr;
-#endif
   if constexpr (PASS == kPassBiRev)
-    fwd_direction<true, EXACT, T, NMAX>(p, 1, b, chan, lane, kToWs, sm);
+    fwd_direction<true, EXACT, T, NMAX>(p, 1, b, chan, lane, kToWs);
   else if constexpr (PASS == kPassBiFwd)
-    fwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kAddWs, sm);
+    fwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kAddWs);
   else
-    fwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kUni, sm);
+    fwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kUni);
 }
 
 // A backward window's per-step values besides those of window_begin: dy (gated by silu(z), times the output scale),
@@ -838,7 +659,7 @@ __device__ __forceinline__ void bwd_state_grads(const LanesRows<T>& r, int n, in
 
 // A backward window's end: du, ddelta stored, dD / dbias summed; dz (or, for the backward direction of the
 // bidirectional scan, its y to ws for the forward direction's dz).
-template <bool FULL, bool Z = true, typename T>
+template <bool FULL, typename T>
 __device__ __forceinline__ void bwd_window_end(const LanesRows<T>& r, int t0, int L, const LanesScalars& c,
                                                const float (&uu)[kLanesSteps], const float (&dt)[kLanesSteps],
                                                const float (&dy)[kLanesSteps], float (&y)[kLanesSteps],
@@ -858,10 +679,10 @@ __device__ __forceinline__ void bwd_window_end(const LanesRows<T>& r, int t0, in
   store8<FULL>(r.du, t0, L, du_o);
   store8<FULL>(r.ddelta, t0, L, dd_o);
   if (c.mode == kToWs) {
-    if (Z && r.z) ws_store8<FULL>(r.ws, t0, L, y);
+    if (r.z) ws_store8<FULL>(r.ws, t0, L, y);
     return;
   }
-  if (Z && r.z) {
+  if (r.z) {
     if (c.mode == kAddWs) ws_add8<FULL>(r.ws, t0, L, y);
     float zz[kLanesSteps], go[kLanesSteps], dzv[kLanesSteps];
     load8<FULL>(r.z, t0, L, zz);
@@ -937,20 +758,24 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
 #endif
 }
 
-// ---- The backward with the shared-memory scan (LANES_SMEM_SCAN & 2) ----
-// Per group of kScanGroup states: (1) every lane computes its decays (kept in shared memory), its forward map
-// (pa, xa: h -> pa h + xa over its steps in scan order) and its adjoint map (pa, sa: R -> pa R + sa, R = a g entering
-// its last step, to the R leaving its first step), (2) the warp scans both for all the group's states at once (the
-// states entering every lane from the saved window-start state, the R entering every lane from the carried r),
-// (3) every lane replays its states and computes the gradients as bwd_window does.
-// Variants (A/B): LANES_BWD_PF_WIN prefetches the next window's u, delta, dout (and z) into L1 during the last group;
-// LANES_BWD_ZSPLIT instantiates the full window without and with z (no y without it).
-#ifndef LANES_BWD_PF_WIN
-#define LANES_BWD_PF_WIN 0
+// ---- The backward with the cross-lane scans through shared memory (LANES_SMEM_SCAN, default on) ----
+// bwd_window runs, per state, two chains of dependent shuffles (the state scan and the adjoint scan across the lanes,
+// 7 shuffles each). Here the states go in groups of kScanGroup: (1) every lane computes its decays (kept in shared
+// memory), its forward map (pa, xa: h -> pa h + xa over its steps in scan order) and its adjoint map (pa, sa:
+// R -> pa R + sa, from R = a g entering its last step to the R leaving its first), (2) the warp scans both for all the
+// group's states at once, thread (m, s) composing state m's maps over the kScanGroup lanes of segment s and the
+// segments joined by shuffles, into the state and the R entering every lane, (3) every lane replays its states from
+// there and computes the gradients (bwd_state_grads). The replay's B/C are loaded again before (2), in flight during
+// it (L1 hits mostly). H100, bf16, fwd+bwd ms against bwd_window in one call (benchmarks/results/cuda-lanes-variants-
+// NVIDIA-H100-80GB-HBM3-ecfb245-smem-scan.json): global XL 1.042 -> 0.951, long 2.563 -> 2.325, bidirectional
+// global XL 2.136 -> 1.954. The forward done the same way was slower (0.272 vs 0.232 ms at global XL: its shuffle
+// chains overlap across states already; csrc/selective_scan/NOTES.md, session 17).
+#ifndef LANES_SMEM_SCAN
+#define LANES_SMEM_SCAN 1
 #endif
-#ifndef LANES_BWD_ZSPLIT
-#define LANES_BWD_ZSPLIT 0
-#endif
+constexpr int kScanGroup = 4;                // states a group; also the lanes a segment
+constexpr int kScanSegs = 32 / kScanGroup;  // segments of lanes
+constexpr int kHinStride = 32 + 4;          // floats a state row of the values entering the lanes (padded)
 struct LanesBwdScanSmem {  // one warp's; shares its memory with the warp's xch (partial windows only)
   float4 a[kScanGroup][2][32];
   float4 maps[kScanGroup][33];  // (pa, xa, sa, -) a lane; padded: the scan's 16-byte reads are conflict-free
@@ -958,12 +783,14 @@ struct LanesBwdScanSmem {  // one warp's; shares its memory with the warp's xch 
   float rin[kScanGroup][kHinStride];
 };
 // The backward kernel's per-warp static shared memory (floats): xch, or the scan's where larger.
-constexpr int kLanesBwdScanFloats = LANES_SMEM_SCAN & 2 ? (int)(sizeof(LanesBwdScanSmem) / 4) : 0;
+constexpr int kLanesBwdScanFloats = LANES_SMEM_SCAN ? (int)(sizeof(LanesBwdScanSmem) / 4) : 0;
 constexpr int kLanesXch = 2 * kLanesWindow > kLanesBwdScanFloats ? 2 * kLanesWindow : kLanesBwdScanFloats;
 
-
-template <bool REV, typename SM>
-__device__ __forceinline__ void group_scan_bwd(SM& sm, int g0, int lane, float h0_l, float& r_l) {
+// Phase (2) of a group (states g0 .. g0 + kScanGroup - 1): the state entering every lane (from h0_l, lane n: the saved
+// state n entering the window) to sm.hin, the R entering every lane (from r_l, lane n: state n's carry) to sm.rin;
+// r_l of the group's states becomes the R leaving the window's first lane (the window before's carry).
+template <bool REV>
+__device__ __forceinline__ void group_scan_bwd(LanesBwdScanSmem& sm, int g0, int lane, float h0_l, float& r_l) {
   constexpr int G = kScanGroup;
   const int m = lane % G, sg = lane / G;
   const int sp = REV ? kScanSegs - 1 - sg : sg;  // the segment's physical lanes: G sp .. G sp + G - 1
@@ -1023,12 +850,11 @@ __device__ __forceinline__ void group_scan_bwd(SM& sm, int g0, int lane, float h
   if (lane >= g0 && lane < g0 + G) r_l = r_new;
 }
 
-// Z: whether z is given (LANES_BWD_ZSPLIT; otherwise always true, and r.z says).
-template <bool REV, bool EXACT, bool Z, typename T, int NMAX>
+template <bool REV, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, int L, int N, int lane,
                                                 const LanesScalars& c, float A_l, float h0_l, float& r_l,
                                                 float (&dA)[NMAX], float& dD, float& dbias, float* xch, float* bxch,
-                                                int t0_next, LanesBwdScanSmem& sm LANES_PROBE_PARAM) {
+                                                LanesBwdScanSmem& sm LANES_PROBE_PARAM) {
   using O = Order<REV>;
   constexpr int G = kScanGroup;
   static_assert(NMAX % G == 0 && G == 4, "groups of 4 states");
@@ -1082,10 +908,6 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
     group_scan_bwd<REV>(sm, g0, lane, h0_l, r_l);
     __syncwarp();
     LANES_PROBE(kProbeStateScan);
-    if (LANES_BWD_PF_WIN && g0 + G == NMAX && t0_next >= 0) {
-      prefetch_l1(r.u + t0_next), prefetch_l1(r.delta + t0_next), prefetch_l1(r.dout + t0_next);
-      if (Z && r.z) prefetch_l1(r.z + t0_next);
-    }
     // (3) per state: the lane's states, then its gradients
 #pragma unroll
     for (int m = 0; m < G; ++m) {
@@ -1103,7 +925,7 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
         const int j = O::step(k);
         hh = fmaf(a[j], hh, du[j] * Bv[j]);
         h[j] = hh;
-        if (Z) y[j] = fmaf(Cv[j], hh, y[j]);
+        y[j] = fmaf(Cv[j], hh, y[j]);
       }
       LANES_PROBE(kProbeReplay);
       bwd_state_grads<REV, true, EXACT, T, NMAX>(r, n, t0, L, N, lane, An, gg, a, h, Bv, Cv, dt, du, dy, sgB, ddt,
@@ -1111,7 +933,7 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
     }
     __syncwarp();  // the next group overwrites sm
   }
-  bwd_window_end<true, Z>(r, t0, L, c, uu, dt, dy, y, sgB, ddt, dD, dbias);
+  bwd_window_end<true>(r, t0, L, c, uu, dt, dy, y, sgB, ddt, dD, dbias);
   LANES_PROBE(kProbeWinEnd);
 #ifdef LANES_PROBE_CLOCK
   pr.c[kProbeWindows] += 1.f;
@@ -1234,18 +1056,9 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
     const float h0_l = lane < N ? states[(size_t)w * N + lane] : 0.f;
 #endif
     if (p.lanes_vec && (w + 1) * kLanesWindow <= L)
-#if LANES_SMEM_SCAN & 2
-    {
-      const int t0_next =
-          (REV ? (w + 2) * kLanesWindow <= L : w > 0) ? t0 + (REV ? kLanesWindow : -kLanesWindow) : -1;
-      LanesBwdScanSmem& sm = *reinterpret_cast<LanesBwdScanSmem*>(xch);
-      if (!LANES_BWD_ZSPLIT || rows.z)
-        bwd_window_smem<REV, EXACT, true, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch, bxch,
-                                                   t0_next, sm LANES_PROBE_ARG);
-      else
-        bwd_window_smem<REV, EXACT, false, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch,
-                                                    bxch, t0_next, sm LANES_PROBE_ARG);
-    }
+#if LANES_SMEM_SCAN  // the warp's xch holds the scan's shared memory on full windows
+      bwd_window_smem<REV, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch, bxch,
+                                           *reinterpret_cast<LanesBwdScanSmem*>(xch) LANES_PROBE_ARG);
 #else
       bwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch,
                                             bxch LANES_PROBE_ARG);
