@@ -776,15 +776,15 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
 constexpr int kScanGroup = 4;                // states a group; also the lanes a segment
 constexpr int kScanSegs = 32 / kScanGroup;  // segments of lanes
 constexpr int kHinStride = 32 + 4;          // floats a state row of the values entering the lanes (padded)
-struct LanesBwdScanSmem {  // one warp's; shares its memory with the warp's xch (partial windows only)
+struct LanesBwdScanSmem {  // one warp's
   float4 a[kScanGroup][2][32];
   float4 maps[kScanGroup][33];  // (pa, xa, sa, -) a lane; padded: the scan's 16-byte reads are conflict-free
   float hin[kScanGroup][kHinStride];
   float rin[kScanGroup][kHinStride];
 };
-// The backward kernel's per-warp static shared memory (floats): xch, or the scan's where larger.
+// The backward kernel's static shared memory a warp for the scan (floats; xch is separate: the dB/dC atomics of full
+// windows without the block reduction use it while the scan's is live).
 constexpr int kLanesBwdScanFloats = LANES_SMEM_SCAN ? (int)(sizeof(LanesBwdScanSmem) / 4) : 0;
-constexpr int kLanesXch = 2 * kLanesWindow > kLanesBwdScanFloats ? 2 * kLanesWindow : kLanesBwdScanFloats;
 
 // Phase (2) of a group (states g0 .. g0 + kScanGroup - 1): the state entering every lane (from h0_l, lane n: the saved
 // state n entering the window) to sm.hin, the R entering every lane (from r_l, lane n: state n's carry) to sm.rin;
@@ -1024,7 +1024,7 @@ __device__ __forceinline__ float bwd_window_state(const ScanParams& p, const Lan
 // One direction of the backward over the whole row: windows against scan order; per-channel sums at the end.
 template <bool REV, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b, int chan, int lane, int mode,
-                                              float* xch, float* bxch, float* hs) {
+                                              float* xch, float* bxch, float* hs, LanesBwdScanSmem* scan) {
   const DirParams& dp = p.dir[d];
   const int L = p.L, N = p.N;
   const size_t row = (size_t)b * p.dim + chan;
@@ -1056,9 +1056,9 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
     const float h0_l = lane < N ? states[(size_t)w * N + lane] : 0.f;
 #endif
     if (p.lanes_vec && (w + 1) * kLanesWindow <= L)
-#if LANES_SMEM_SCAN  // the warp's xch holds the scan's shared memory on full windows
-      bwd_window_smem<REV, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch, bxch,
-                                           *reinterpret_cast<LanesBwdScanSmem*>(xch) LANES_PROBE_ARG);
+#if LANES_SMEM_SCAN
+      bwd_window_smem<REV, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch, bxch, *scan
+                                           LANES_PROBE_ARG);
 #else
       bwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch,
                                             bxch LANES_PROBE_ARG);
@@ -1098,12 +1098,18 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
 // Bidirectional: two launches, the backward direction (kPassBiRev; with z, its y into ws for dz), then the forward one.
 template <typename T, int NMAX, bool EXACT, int PASS>
 __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lanes_kernel(const ScanParams p) {
-  // per warp: dB, dC of one state and window (partial windows), or the shared-memory scan's (full windows)
-  __shared__ alignas(16) float s_xch[kLanesWarps][kLanesXch];
+  // per warp: dB, dC of one state and window, staged for the atomics (without the block reduction)
+  __shared__ alignas(16) float s_xch[kLanesWarps][2 * kLanesWindow];
   const int lane = threadIdx.x & 31;
   const int chan = blockIdx.y * kLanesWarps + (threadIdx.x >> 5);
   const int b = blockIdx.x;
   float* xch = s_xch[threadIdx.x >> 5];
+#if LANES_SMEM_SCAN
+  __shared__ LanesBwdScanSmem s_scan[kLanesWarps];
+  LanesBwdScanSmem* scan = &s_scan[threadIdx.x >> 5];
+#else
+  LanesBwdScanSmem* scan = nullptr;
+#endif
   float* bxch = nullptr;
 #if LANES_BLOCK_REDUCE
   extern __shared__ float4 s_bxch[];  // kLanesBlockReduceBytes
@@ -1120,11 +1126,11 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lan
   float* hs = nullptr;
 #endif
   if constexpr (PASS == kPassBiRev) {
-    bwd_direction<true, EXACT, T, NMAX>(p, 1, b, chan, lane, kToWs, xch, bxch, hs);
+    bwd_direction<true, EXACT, T, NMAX>(p, 1, b, chan, lane, kToWs, xch, bxch, hs, scan);
   } else if constexpr (PASS == kPassBiFwd) {
-    bwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kAddWs, xch, bxch, hs);
+    bwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kAddWs, xch, bxch, hs, scan);
   } else {
-    bwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kUni, xch, bxch, hs);
+    bwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kUni, xch, bxch, hs, scan);
   }
 }
 
@@ -1135,7 +1141,7 @@ cudaError_t launch_lanes_pass(const ScanParams& p, cudaStream_t stream) {
     scan_fwd_lanes_kernel<T, NMAX, EXACT, PASS><<<grid, kLanesWarps * 32, 0, stream>>>(p);
   } else {
     constexpr int smem = kLanesBlockReduceBytes;
-    if constexpr (smem + kLanesWarps * kLanesXch * 4 > 48 * 1024) {  // dynamic + static: opt in
+    if constexpr (smem + kLanesWarps * (2 * kLanesWindow + kLanesBwdScanFloats) * 4 > 48 * 1024) {  // static too
       static bool opted_in[64] = {};  // once per instantiation and device
       int dev = 0;
       cudaGetDevice(&dev);
