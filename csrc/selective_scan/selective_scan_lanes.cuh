@@ -773,9 +773,6 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
 #ifndef LANES_SMEM_SCAN
 #define LANES_SMEM_SCAN 1
 #endif
-#ifndef LANES_BWD_AHEAD_AT  // variant (A/B): the replay's state at which the next group's B/C loads are issued
-#define LANES_BWD_AHEAD_AT -1  // (-1: at the next group's start)
-#endif
 constexpr int kScanGroup = 4;                // states a group; also the lanes a segment
 constexpr int kScanSegs = 32 / kScanGroup;  // segments of lanes
 constexpr int kHinStride = 32 + 4;          // floats a state row of the values entering the lanes (padded)
@@ -871,18 +868,14 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
   for (int j = 0; j < kLanesSteps; ++j) du[j] = dt[j] * uu[j];
   bwd_dy<true>(r, t0, L, c, uu, dy, y, sgB, ddt);
   LANES_PROBE(kProbeWinBegin);
-  Raw8<T> rb[G], rc[G];  // a group's B/C for its maps
-#pragma unroll
-  for (int m = 0; m < G; ++m)
-    rb[m] = ld8_state<true, EXACT>(r.B, m, N, t0, L), rc[m] = ld8_state<true, EXACT>(r.C, m, N, t0, L);
 #pragma unroll
   for (int g0 = 0; g0 < NMAX; g0 += G) {
-    // (1) the lanes' maps
-    if (g0 > 0 && LANES_BWD_AHEAD_AT < 0) {
+    // (1) the lanes' maps (B/C loaded here: issued earlier, during the previous group, they cost more registers
+    // than their latency: LANES_BWD_AHEAD in csrc/selective_scan/NOTES.md, session 17)
+    Raw8<T> rb[G], rc[G];
 #pragma unroll
-      for (int m = 0; m < G; ++m)
-        rb[m] = ld8_state<true, EXACT>(r.B, g0 + m, N, t0, L), rc[m] = ld8_state<true, EXACT>(r.C, g0 + m, N, t0, L);
-    }
+    for (int m = 0; m < G; ++m)
+      rb[m] = ld8_state<true, EXACT>(r.B, g0 + m, N, t0, L), rc[m] = ld8_state<true, EXACT>(r.C, g0 + m, N, t0, L);
 #pragma unroll
     for (int m = 0; m < G; ++m) {
       float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], pa = 1.f, xa = 0.f, sa = 0.f;
@@ -920,12 +913,6 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
 #pragma unroll
     for (int m = 0; m < G; ++m) {
       const int n = g0 + m;
-      if (m == LANES_BWD_AHEAD_AT && g0 + G < NMAX) {  // variant: the next group's B/C, in flight during the rest
-#pragma unroll
-        for (int i = 0; i < G; ++i)
-          rb[i] = ld8_state<true, EXACT>(r.B, g0 + G + i, N, t0, L),
-          rc[i] = ld8_state<true, EXACT>(r.C, g0 + G + i, N, t0, L);
-      }
       const float An = __shfl_sync(kFull, A_l, n);
       float Bv[kLanesSteps], Cv[kLanesSteps], h[kLanesSteps];
       unpack8(qb[m], Bv);
