@@ -609,15 +609,16 @@ __device__ __forceinline__ void bwd_dy(const LanesRows<T>& r, int t0, int L, con
 }
 
 // State n's gradients over the lane's steps, from its states h and gg = a g entering the lane's last step in scan
-// order; dB/dC added to the partial sums (through the block's shared memory on full windows with N = 16).
+// order; dB/dC added to the partial sums (through the block's shared memory on full windows with N = 16). Returns
+// the lane's part of dA_n.
 template <bool REV, bool FULL, bool EXACT, typename T, int NMAX>
-__device__ __forceinline__ void bwd_state_grads(const LanesRows<T>& r, int n, int t0, int L, int N, int lane, float An,
+__device__ __forceinline__ float bwd_state_grads(const LanesRows<T>& r, int n, int t0, int L, int N, int lane, float An,
                                                 float gg, const float (&a)[kLanesSteps],
                                                 const float (&h)[kLanesSteps], const float (&Bv)[kLanesSteps],
                                                 const float (&Cv)[kLanesSteps], const float (&dt)[kLanesSteps],
                                                 const float (&du)[kLanesSteps], const float (&dy)[kLanesSteps],
-                                                float (&sgB)[kLanesSteps], float (&ddt)[kLanesSteps],
-                                                float (&dA)[NMAX], float* xch, float* bxch LANES_PROBE_PARAM) {
+                                                float (&sgB)[kLanesSteps], float (&ddt)[kLanesSteps], float* xch,
+                                                float* bxch LANES_PROBE_PARAM) {
   using O = Order<REV>;
   float dBv[kLanesSteps], dCv[kLanesSteps], dAl = 0.f;
 #pragma unroll
@@ -632,7 +633,6 @@ __device__ __forceinline__ void bwd_state_grads(const LanesRows<T>& r, int n, in
     dAl = fmaf(dt[j], ghx, dAl);
     if (k > 0) gg *= a[j];  // a_j g_j: what the previous step receives
   }
-  dA[n] += dAl;
   LANES_PROBE(kProbeGrads);
   if (LANES_BLOCK_REDUCE && FULL && EXACT && bxch) {
     constexpr int K = kLanesStatesPerBarrier;
@@ -655,6 +655,7 @@ __device__ __forceinline__ void bwd_state_grads(const LanesRows<T>& r, int n, in
     atomic_add8<FULL>(r.dB + (size_t)n * L, t0, lane, L, dBv, xch);
     atomic_add8<FULL>(r.dC + (size_t)n * L, t0, lane, L, dCv, xch + kLanesWindow);
   }
+  return dAl;
 }
 
 // A backward window's end: du, ddelta stored, dD / dbias summed; dz (or, for the backward direction of the
@@ -748,8 +749,8 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
     g0 = __shfl_sync(kFull, a[j_first] * g0, O::first);  // a g at the window's first step: the next window's r
     r_l = lane == n ? g0 : r_l;
     LANES_PROBE(kProbeAdjScan);
-    bwd_state_grads<REV, FULL, EXACT, T, NMAX>(r, n, t0, L, N, lane, An, gg, a, h, Bv, Cv, dt, du, dy, sgB, ddt, dA,
-                                               xch, bxch LANES_PROBE_ARG);
+    dA[n] += bwd_state_grads<REV, FULL, EXACT, T, NMAX>(r, n, t0, L, N, lane, An, gg, a, h, Bv, Cv, dt, du, dy, sgB,
+                                                        ddt, xch, bxch LANES_PROBE_ARG);
   }
   bwd_window_end<FULL>(r, t0, L, c, uu, dt, dy, y, sgB, ddt, dD, dbias);
   LANES_PROBE(kProbeWinEnd);
@@ -929,8 +930,8 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
         y[j] = fmaf(Cv[j], hh, y[j]);
       }
       LANES_PROBE(kProbeReplay);
-      bwd_state_grads<REV, true, EXACT, T, NMAX>(r, n, t0, L, N, lane, An, gg, a, h, Bv, Cv, dt, du, dy, sgB, ddt,
-                                                 dA, xch, bxch LANES_PROBE_ARG);
+      dA[n] += bwd_state_grads<REV, true, EXACT, T, NMAX>(r, n, t0, L, N, lane, An, gg, a, h, Bv, Cv, dt, du, dy,
+                                                          sgB, ddt, xch, bxch LANES_PROBE_ARG);
     }
     __syncwarp();  // the next group overwrites sm
   }
