@@ -38,6 +38,14 @@ constexpr int kLanesWindow = 256;  // steps per window
 #define LANES_AHEAD 3
 #endif
 constexpr int kLanesAhead = LANES_AHEAD;  // states whose B/C loads are in flight while one is computed
+// Variants (A/B): LANES_FWD_ROLL / LANES_BWD_ROLL keep the states' loop of a full window rolled (groups of 4
+// states unrolled, the loop over the groups not): a quarter of the code, for the instruction-cache question.
+#ifndef LANES_FWD_ROLL
+#define LANES_FWD_ROLL 0
+#endif
+#ifndef LANES_BWD_ROLL
+#define LANES_BWD_ROLL 0
+#endif
 constexpr unsigned kFull = 0xffffffffu;
 
 // LANES_PROBE_CLOCK (timing probe only, wrong dA / last_state): the lanes backward (forward) accumulates the SM clock
@@ -454,65 +462,16 @@ __device__ __forceinline__ void fwd_finish8(const LanesRows<T>& r, int t0, int L
   store8<FULL>(r.out, t0, L, y);
 }
 
-// LANES_FWD_CPASYNC (variant, 16-bit types): the forward copies a full window's first loads (u, delta and the B/C of
-// the first kLanesAhead states) into shared memory with cp.async while the window before runs (double-buffered, no
-// registers held), and window_begin reads them from there. Each lane copies and reads only its own 16 bytes.
-#ifndef LANES_FWD_CPASYNC
-#define LANES_FWD_CPASYNC 0
-#endif
-constexpr int kPreItems = 2 + 2 * kLanesAhead;
-template <typename T>
-struct LanesPre {  // one warp's
-  Raw8<T> v[2][kPreItems][32];
-};
-template <typename T>
-constexpr bool lanes_fwd_pre() {
-  return LANES_FWD_CPASYNC && sizeof(T) == 2;
-}
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"((unsigned)__cvta_generic_to_shared(smem)),
-               "l"(__cvta_generic_to_global(gmem)));
-}
-
-// The copies of window t0's first loads into dst (one commit group).
-template <bool EXACT, typename T>
-__device__ __forceinline__ void pre_issue(const LanesRows<T>& r, int t0, int L, int N, int lane,
-                                          Raw8<T> (&dst)[kPreItems][32]) {
-  cp_async16(&dst[0][lane], r.u + t0);
-  cp_async16(&dst[1][lane], r.delta + t0);
-#pragma unroll
-  for (int k = 0; k < kLanesAhead; ++k) {
-    const size_t row = (size_t)(EXACT || k < N ? k : 0) * L + t0;
-    cp_async16(&dst[2 + 2 * k][lane], r.B + row);
-    cp_async16(&dst[3 + 2 * k][lane], r.C + row);
-  }
-  asm volatile("cp.async.commit_group;" ::: "memory");
-}
-
-// A window's per-step inputs: u, d (softplus, zero beyond L), d*u; the B/C loads of the first kLanesAhead states
-// (from `pre` when given: the copies of pre_issue, complete).
+// A window's per-step inputs: u, d (softplus, zero beyond L), d*u; the B/C loads of the first kLanesAhead states.
 template <bool FULL, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void window_begin(const LanesRows<T>& r, int t0, int L, int N, const LanesScalars& c,
                                              float (&uu)[kLanesSteps], float (&dt)[kLanesSteps],
-                                             float (&du)[kLanesSteps], Raw8<T> (&rb)[NMAX], Raw8<T> (&rc)[NMAX],
-                                             const Raw8<T> (*pre)[32] = nullptr) {
-  if (FULL && pre) {
-    const int lane = threadIdx.x & 31;
+                                             float (&du)[kLanesSteps], Raw8<T> (&rb)[NMAX], Raw8<T> (&rc)[NMAX]) {
 #pragma unroll
-    for (int k = 0; k < kLanesAhead && k < NMAX; ++k) {
-      rb[k] = pre[2 + 2 * k][lane], rc[k] = pre[3 + 2 * k][lane];
-      if (!EXACT && k >= N) rb[k] = rc[k] = Raw8<T>{};
-    }
-    unpack8(pre[0][lane], uu);
-    unpack8(pre[1][lane], dt);
-  } else {
-#pragma unroll
-    for (int k = 0; k < kLanesAhead && k < NMAX; ++k)
-      rb[k] = ld8_state<FULL, EXACT>(r.B, k, N, t0, L), rc[k] = ld8_state<FULL, EXACT>(r.C, k, N, t0, L);
-    load8<FULL>(r.u, t0, L, uu);
-    load8<FULL>(r.delta, t0, L, dt);
-  }
+  for (int k = 0; k < kLanesAhead && k < NMAX; ++k)
+    rb[k] = ld8_state<FULL, EXACT>(r.B, k, N, t0, L), rc[k] = ld8_state<FULL, EXACT>(r.C, k, N, t0, L);
+  load8<FULL>(r.u, t0, L, uu);
+  load8<FULL>(r.delta, t0, L, dt);
   lanes_delta<FULL>(dt, c.bias, c.softplus, t0, L);
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) du[j] = dt[j] * uu[j];
@@ -543,13 +502,53 @@ __device__ __forceinline__ void state_begin(const LanesRows<T>& r, int n, int t0
 // One forward window. A2_l / h_l: lane n holds state n's A*log2(e) and carry.
 template <bool REV, bool FULL, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L, int N, int lane,
-                                           const LanesScalars& c, float A2_l, float& h_l,
-                                           const Raw8<T> (*pre)[32] LANES_PROBE_PARAM) {
+                                           const LanesScalars& c, float A2_l, float& h_l LANES_PROBE_PARAM) {
   using O = Order<REV>;
   LANES_PROBE_START();
   float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], y[kLanesSteps];
+#if LANES_FWD_ROLL
+  if constexpr (FULL) {  // variant: the states in groups of 4, the group loop not unrolled (a quarter of the code)
+    static_assert(kLanesAhead == 3 && NMAX % 4 == 0, "a ring of 4 loads, 3 ahead");
+    Raw8<T> rb[4], rc[4];  // state n in slot n % 4
+    window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, rb, rc);
+#pragma unroll
+    for (int j = 0; j < kLanesSteps; ++j) y[j] = c.Dv * uu[j];
+#pragma unroll 1
+    for (int g0 = 0; g0 < NMAX; g0 += 4) {
+#pragma unroll
+      for (int m = 0; m < 4; ++m) {
+        const int n = g0 + m;
+        if (n + 3 < NMAX)
+          rb[(m + 3) % 4] = ld8_state<FULL, EXACT>(r.B, n + 3, N, t0, L),
+                     rc[(m + 3) % 4] = ld8_state<FULL, EXACT>(r.C, n + 3, N, t0, L);
+        float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], pa = 1.f, xa = 0.f;
+        unpack8(rb[m], Bv);
+        unpack8(rc[m], Cv);
+        const float A2 = __shfl_sync(kFull, A2_l, n);
+#pragma unroll
+        for (int k = 0; k < kLanesSteps; ++k) {
+          const int j = O::step(k);
+          a[j] = fast_exp2(dt[j] * A2);
+          xa = fmaf(a[j], xa, du[j] * Bv[j]);
+          pa *= a[j];
+        }
+        float carry = __shfl_sync(kFull, h_l, n);
+        float hh = lanes_state_in<REV>(pa, xa, carry, lane);
+        h_l = lane == n ? carry : h_l;
+#pragma unroll
+        for (int k = 0; k < kLanesSteps; ++k) {
+          const int j = O::step(k);
+          hh = fmaf(a[j], hh, du[j] * Bv[j]);
+          y[j] = fmaf(Cv[j], hh, y[j]);
+        }
+      }
+    }
+    fwd_finish8<FULL>(r, t0, L, c, y);
+    return;
+  }
+#endif
   Raw8<T> rb[NMAX], rc[NMAX];
-  window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, rb, rc, pre);
+  window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, rb, rc);
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) y[j] = c.Dv * uu[j];
   LANES_PROBE(kProbeFwdWinBegin);
@@ -584,13 +583,12 @@ __device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, in
 #ifdef LANES_PROBE_CLOCK
   LanesProbe pr{};  // partial windows are not counted
 #endif
-  fwd_window<REV, false, false, T, NMAX>(r, t0, L, N, lane, c, A2_l, h_l, nullptr LANES_PROBE_ARG);
+  fwd_window<REV, false, false, T, NMAX>(r, t0, L, N, lane, c, A2_l, h_l LANES_PROBE_ARG);
 }
 
 // One direction of the forward over the whole row: windows in scan order, the state entering each saved.
 template <bool REV, bool EXACT, typename T, int NMAX>
-__device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b, int chan, int lane, int mode,
-                                              LanesPre<T>* pre) {
+__device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b, int chan, int lane, int mode) {
   const DirParams& dp = p.dir[d];
   const int L = p.L, N = p.N;
   const size_t row = (size_t)b * p.dim + chan;
@@ -605,29 +603,15 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
 #ifdef LANES_PROBE_CLOCK
   LanesProbe pr{};
 #endif
-  int buf = 0;
-  bool have = false;  // pre->v[buf] holds (or is copying) this window's first loads
   for (int i = 0; i < nwin; ++i) {
     const int w = REV ? nwin - 1 - i : i;
     const int t0 = w * kLanesWindow + lane * kLanesSteps;
     if (states && lane < N && lanes_saves_state(w, nwin, REV))
       states[(size_t)(w / kLanesStateStride) * N + lane] = h_l;
-    if (!p.lanes_vec || (w + 1) * kLanesWindow > L) {
+    if (!p.lanes_vec || (w + 1) * kLanesWindow > L)
       fwd_window_generic<REV, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l);
-    } else if constexpr (lanes_fwd_pre<T>()) {
-      if (!have) pre_issue<EXACT>(rows, t0, L, N, lane, pre->v[buf]);
-      const bool next = REV ? w > 0 : (w + 2) * kLanesWindow <= L;  // the next window is full too
-      if (next) {
-        pre_issue<EXACT>(rows, t0 + (REV ? -kLanesWindow : kLanesWindow), L, N, lane, pre->v[buf ^ 1]);
-        asm volatile("cp.async.wait_group 1;" ::: "memory");
-      } else {
-        asm volatile("cp.async.wait_group 0;" ::: "memory");
-      }
-      fwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l, pre->v[buf] LANES_PROBE_ARG);
-      buf ^= 1, have = next;
-    } else {
-      fwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l, nullptr LANES_PROBE_ARG);
-    }
+    else
+      fwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l LANES_PROBE_ARG);
   }
 #ifdef LANES_PROBE_CLOCK
   h_l = 0.f;  // lane k: its phase k
@@ -645,15 +629,12 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_FWD_MINB) scan_fwd_lan
   const int chan = blockIdx.y * kLanesWarps + (threadIdx.x >> 5);
   const int b = blockIdx.x;  // batch rows first: warps running together add dB/dC into different rows
   if (chan >= p.dim) return;  // a whole warp; no block-level synchronisation below
-  constexpr int kPreBytes = lanes_fwd_pre<T>() ? (int)sizeof(LanesPre<T>) : 16;
-  __shared__ alignas(16) char s_pre[kLanesWarps][kPreBytes];
-  LanesPre<T>* pre = reinterpret_cast<LanesPre<T>*>(s_pre[threadIdx.x >> 5]);
   if constexpr (PASS == kPassBiRev)
-    fwd_direction<true, EXACT, T, NMAX>(p, 1, b, chan, lane, kToWs, pre);
+    fwd_direction<true, EXACT, T, NMAX>(p, 1, b, chan, lane, kToWs);
   else if constexpr (PASS == kPassBiFwd)
-    fwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kAddWs, pre);
+    fwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kAddWs);
   else
-    fwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kUni, pre);
+    fwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kUni);
 }
 
 // A backward window's per-step values besides those of window_begin: dy (gated by silu(z), times the output scale),
@@ -937,7 +918,11 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
   for (int j = 0; j < kLanesSteps; ++j) du[j] = dt[j] * uu[j];
   bwd_dy<true>(r, t0, L, c, uu, dy, y, sgB, ddt);
   LANES_PROBE(kProbeWinBegin);
+#if LANES_BWD_ROLL
+#pragma unroll 1
+#else
 #pragma unroll
+#endif
   for (int g0 = 0; g0 < NMAX; g0 += G) {
     // (1) the lanes' maps (B/C loaded here: issued earlier, during the previous group, they cost more registers
     // than their latency: LANES_BWD_AHEAD in csrc/selective_scan/NOTES.md, session 17)
