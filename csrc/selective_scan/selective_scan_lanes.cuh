@@ -38,13 +38,12 @@ constexpr int kLanesWindow = 256;  // steps per window
 #define LANES_AHEAD 3
 #endif
 constexpr int kLanesAhead = LANES_AHEAD;  // states whose B/C loads are in flight while one is computed
-// Variants (A/B): LANES_FWD_ROLL / LANES_BWD_ROLL keep the states' loop of a full window rolled (groups of 4
-// states unrolled, the loop over the groups not): a quarter of the code, for the instruction-cache question.
-#ifndef LANES_FWD_ROLL
-#define LANES_FWD_ROLL 0
-#endif
+// LANES_BWD_ROLL (default on): the smem-scan backward's loop over its 4 groups of states is not unrolled (a quarter
+// of the code: 1,162 instructions a group against 5,252 a window). H100, bf16, fwd+bwd ms against the unrolled loop
+// in one call (benchmarks/results/cuda-lanes-variants-NVIDIA-H100-80GB-HBM3-f862446-roll.json): global XL 0.973 ->
+// 0.949, long 2.410 -> 2.283, bidirectional long 4.945 -> 4.682. The forward rolled the same way was 35% slower.
 #ifndef LANES_BWD_ROLL
-#define LANES_BWD_ROLL 0
+#define LANES_BWD_ROLL 1
 #endif
 constexpr unsigned kFull = 0xffffffffu;
 
@@ -506,47 +505,6 @@ __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L,
   using O = Order<REV>;
   LANES_PROBE_START();
   float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], y[kLanesSteps];
-#if LANES_FWD_ROLL
-  if constexpr (FULL) {  // variant: the states in groups of 4, the group loop not unrolled (a quarter of the code)
-    static_assert(kLanesAhead == 3 && NMAX % 4 == 0, "a ring of 4 loads, 3 ahead");
-    Raw8<T> rb[4], rc[4];  // state n in slot n % 4
-    window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, rb, rc);
-#pragma unroll
-    for (int j = 0; j < kLanesSteps; ++j) y[j] = c.Dv * uu[j];
-#pragma unroll 1
-    for (int g0 = 0; g0 < NMAX; g0 += 4) {
-#pragma unroll
-      for (int m = 0; m < 4; ++m) {
-        const int n = g0 + m;
-        if (n + 3 < NMAX)
-          rb[(m + 3) % 4] = ld8_state<FULL, EXACT>(r.B, n + 3, N, t0, L),
-                     rc[(m + 3) % 4] = ld8_state<FULL, EXACT>(r.C, n + 3, N, t0, L);
-        float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], pa = 1.f, xa = 0.f;
-        unpack8(rb[m], Bv);
-        unpack8(rc[m], Cv);
-        const float A2 = __shfl_sync(kFull, A2_l, n);
-#pragma unroll
-        for (int k = 0; k < kLanesSteps; ++k) {
-          const int j = O::step(k);
-          a[j] = fast_exp2(dt[j] * A2);
-          xa = fmaf(a[j], xa, du[j] * Bv[j]);
-          pa *= a[j];
-        }
-        float carry = __shfl_sync(kFull, h_l, n);
-        float hh = lanes_state_in<REV>(pa, xa, carry, lane);
-        h_l = lane == n ? carry : h_l;
-#pragma unroll
-        for (int k = 0; k < kLanesSteps; ++k) {
-          const int j = O::step(k);
-          hh = fmaf(a[j], hh, du[j] * Bv[j]);
-          y[j] = fmaf(Cv[j], hh, y[j]);
-        }
-      }
-    }
-    fwd_finish8<FULL>(r, t0, L, c, y);
-    return;
-  }
-#endif
   Raw8<T> rb[NMAX], rc[NMAX];
   window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, rb, rc);
 #pragma unroll
