@@ -595,6 +595,20 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_FWD_MINB) scan_fwd_lan
     fwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kUni);
 }
 
+// A lane's states h over its steps in scan order from hh, the state entering it, and y += C h.
+template <bool REV>
+__device__ __forceinline__ void bwd_replay(float hh, const float (&a)[kLanesSteps], const float (&du)[kLanesSteps],
+                                           const float (&Bv)[kLanesSteps], const float (&Cv)[kLanesSteps],
+                                           float (&h)[kLanesSteps], float (&y)[kLanesSteps]) {
+#pragma unroll
+  for (int k = 0; k < kLanesSteps; ++k) {
+    const int j = Order<REV>::step(k);
+    hh = fmaf(a[j], hh, du[j] * Bv[j]);
+    h[j] = hh;
+    y[j] = fmaf(Cv[j], hh, y[j]);
+  }
+}
+
 // A backward window's per-step values besides those of window_begin: dy (gated by silu(z), times the output scale),
 // y = D u (the states' parts are added by the replay), and the per-step sums over the states zeroed.
 template <bool FULL, typename T>
@@ -730,13 +744,7 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
     LANES_PROBE(kProbeStateBegin);
     float hh = lanes_state_in<REV>(pa, xa, h0, lane);
     LANES_PROBE(kProbeStateScan);
-#pragma unroll
-    for (int k = 0; k < kLanesSteps; ++k) {
-      const int j = O::step(k);
-      hh = fmaf(a[j], hh, du[j] * Bv[j]);
-      h[j] = hh;
-      y[j] = fmaf(Cv[j], hh, y[j]);
-    }
+    bwd_replay<REV>(hh, a, du, Bv, Cv, h, y);
     LANES_PROBE(kProbeReplay);
     // adjoint, against scan order: g_j = C_j dy_j + a_{j'} g_{j'} (j' the next step in scan order); after the lane's
     // last step that is the next lane's first one (for the last lane r holds a g already)
@@ -931,15 +939,8 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
       unpack8(qc[m], Cv);
       const float4 a0 = sm.a[m][0][lane], a1 = sm.a[m][1][lane];
       const float a[kLanesSteps] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-      float hh = sm.hin[m][lane];
       const float gg = sm.rin[m][lane];
-#pragma unroll
-      for (int k = 0; k < kLanesSteps; ++k) {
-        const int j = O::step(k);
-        hh = fmaf(a[j], hh, du[j] * Bv[j]);
-        h[j] = hh;
-        y[j] = fmaf(Cv[j], hh, y[j]);
-      }
+      bwd_replay<REV>(sm.hin[m][lane], a, du, Bv, Cv, h, y);
       LANES_PROBE(kProbeReplay);
       dA[n] += bwd_state_grads<REV, true, EXACT, T, NMAX>(r, n, t0, L, N, lane, An, gg, a, h, Bv, Cv, dt, du, dy,
                                                           sgB, ddt, xch, bxch LANES_PROBE_ARG);
