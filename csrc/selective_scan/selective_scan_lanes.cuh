@@ -45,9 +45,6 @@ constexpr int kLanesAhead = LANES_AHEAD;  // states whose B/C loads are in fligh
 #ifndef LANES_BWD_ROLL
 #define LANES_BWD_ROLL 1
 #endif
-#ifndef LANES_BWD_PAIRS
-#define LANES_BWD_PAIRS 0
-#endif
 constexpr unsigned kFull = 0xffffffffu;
 
 // LANES_PROBE_CLOCK (timing probe only, wrong dA / last_state): the lanes backward (forward) accumulates the SM clock
@@ -921,18 +918,11 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
       sm.a[m][1][lane] = make_float4(a[4], a[5], a[6], a[7]);
       sm.maps[m][lane] = make_float4(pa, xa, sa, 0.f);
     }
-#if LANES_BWD_PAIRS  // variant (A/B): the replay's loop rolled over pairs of states, one pair's B/C in flight
-    Raw8<T> qb[2], qc[2];
-#pragma unroll
-    for (int m = 0; m < 2; ++m)
-      qb[m] = ld8_state<true, EXACT>(r.B, g0 + m, N, t0, L), qc[m] = ld8_state<true, EXACT>(r.C, g0 + m, N, t0, L);
-#else
     // the replay's B/C again (L1 hits mostly), in flight during the scan
     Raw8<T> qb[G], qc[G];
 #pragma unroll
     for (int m = 0; m < G; ++m)
       qb[m] = ld8_state<true, EXACT>(r.B, g0 + m, N, t0, L), qc[m] = ld8_state<true, EXACT>(r.C, g0 + m, N, t0, L);
-#endif
     __syncwarp();
     LANES_PROBE(kProbeStateBegin);
     // (2) both scans of the group
@@ -940,41 +930,20 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
     __syncwarp();
     LANES_PROBE(kProbeStateScan);
     // (3) per state: the lane's states, then its gradients
-#if LANES_BWD_PAIRS
-#pragma unroll 1
-    for (int mp = 0; mp < G; mp += 2) {
-      Raw8<T> cb[2] = {qb[0], qb[1]}, cc[2] = {qc[0], qc[1]};
-      if (mp + 2 < G) {
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-          qb[i] = ld8_state<true, EXACT>(r.B, g0 + mp + 2 + i, N, t0, L),
-          qc[i] = ld8_state<true, EXACT>(r.C, g0 + mp + 2 + i, N, t0, L);
-      }
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int m = mp + i;
-        Raw8<T>& rbm = cb[i];
-        Raw8<T>& rcm = cc[i];
-#else
 #pragma unroll
     for (int m = 0; m < G; ++m) {
-      {
-        Raw8<T>& rbm = qb[m];
-        Raw8<T>& rcm = qc[m];
-#endif
-        const int n = g0 + m;
-        const float An = __shfl_sync(kFull, A_l, n);
-        float Bv[kLanesSteps], Cv[kLanesSteps], h[kLanesSteps];
-        unpack8(rbm, Bv);
-        unpack8(rcm, Cv);
-        const float4 a0 = sm.a[m][0][lane], a1 = sm.a[m][1][lane];
-        const float a[kLanesSteps] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-        const float gg = sm.rin[m][lane];
-        bwd_replay<REV>(sm.hin[m][lane], a, du, Bv, Cv, h, y);
-        LANES_PROBE(kProbeReplay);
-        dA[n] += bwd_state_grads<REV, true, EXACT, T, NMAX>(r, n, t0, L, N, lane, An, gg, a, h, Bv, Cv, dt, du, dy,
-                                                            sgB, ddt, xch, bxch LANES_PROBE_ARG);
-      }
+      const int n = g0 + m;
+      const float An = __shfl_sync(kFull, A_l, n);
+      float Bv[kLanesSteps], Cv[kLanesSteps], h[kLanesSteps];
+      unpack8(qb[m], Bv);
+      unpack8(qc[m], Cv);
+      const float4 a0 = sm.a[m][0][lane], a1 = sm.a[m][1][lane];
+      const float a[kLanesSteps] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+      const float gg = sm.rin[m][lane];
+      bwd_replay<REV>(sm.hin[m][lane], a, du, Bv, Cv, h, y);
+      LANES_PROBE(kProbeReplay);
+      dA[n] += bwd_state_grads<REV, true, EXACT, T, NMAX>(r, n, t0, L, N, lane, An, gg, a, h, Bv, Cv, dt, du, dy,
+                                                          sgB, ddt, xch, bxch LANES_PROBE_ARG);
     }
     __syncwarp();  // the next group overwrites sm
   }
