@@ -61,7 +61,7 @@ def main():
         out, last = call(last=True)
         out.backward(g)
         torch.cuda.synchronize()
-        fwd = last.double().sum(dim=(0, 1))  # (16,): per phase, summed over warps
+        fwd = last.detach().double().sum(dim=(0, 1))  # (16,): per phase, summed over warps
         bwd = x["A"].grad.double().sum(dim=0)
         row = {"shape": name, "z": a.z,
                "fwd_cycles_per_window": {p: round(float(fwd[k] / fwd[WINDOWS]), 1) for k, p in enumerate(FWD_PHASES)},
