@@ -5,7 +5,11 @@ full windows and writes them where dA / last_state would go, so those two are wr
 unidirectional fwd+bwd per shape with the lanes forward, and prints the cycles a warp spends per window in each
 phase (mean over warps), beside the probe build's fwd / fwd+bwd medians (to see how much the clock reads perturb).
 The phases are sequential within a warp: their sum is the warp's time per window; the warps of an SM share its
-issue slots, so a phase's cycles include the time other warps issue in it.
+issue slots, so a phase's cycles include the time other warps issue in it. With the shared-memory-scan backward
+(the default since session 17) "state begin" is a group's maps, "state scan" both scans of a group, "replay" the
+replay with its unpacking, and the two adjoint phases stay 0. The clock reads keep the compiler from overlapping the
+phases (session 17: the probe build's forward took 0.300 ms against 0.232), so the shares are upper bounds for
+phases the unrolled code overlaps.
 
 Usage (device): PYTHONPATH=. python benchmarks/lanes_clock_probe.py --shapes global_xl,spatial_xl --out $OUT
 """
