@@ -42,9 +42,6 @@ constexpr int kLanesAhead = LANES_AHEAD;  // states whose B/C loads are in fligh
 // of the code: 1,162 instructions a group against 5,252 a window). H100, bf16, fwd+bwd ms against the unrolled loop
 // in one call (benchmarks/results/cuda-lanes-variants-NVIDIA-H100-80GB-HBM3-f862446-roll.json): global XL 0.973 ->
 // 0.949, long 2.410 -> 2.283, bidirectional long 4.945 -> 4.682. The forward rolled the same way was 35% slower.
-#ifndef LANES_BWD_HPREV  // the gradients' g a h_(t-1) from the previous step's state (else from h_t - x_t)
-#define LANES_BWD_HPREV 1
-#endif
 #ifndef LANES_BWD_ROLL
 #define LANES_BWD_ROLL 1
 #endif
@@ -537,89 +534,6 @@ __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L,
 #endif
 }
 
-// Two full windows at once (LANES_FWD_WIDE): lane l holds steps 16l .. 16l+15 of the 512, so each state's scan
-// across the lanes (shuffles, ~30% of a 256-step window's instructions) covers twice the steps. The state entering
-// the second window in scan order (the one entering lane 16, or lane 15 for REV) goes to `mid` (lane n: state n).
-#ifndef LANES_FWD_WIDE
-#define LANES_FWD_WIDE 1
-#endif
-#ifndef LANES_WIDE_AHEAD
-#define LANES_WIDE_AHEAD 2
-#endif
-template <bool REV, bool EXACT, typename T, int NMAX>
-__device__ __forceinline__ void fwd_window_wide(const LanesRows<T>& r, int t0, int L, int N, int lane,
-                                                const LanesScalars& c, float A2_l, float& h_l, float& mid_l) {
-  constexpr int K = 2 * kLanesSteps, AHEAD = LANES_WIDE_AHEAD;
-  constexpr int mid_lane = REV ? 15 : 16;
-  float dt[K], du[K], y[K];
-  Raw8<T> rb[NMAX][2], rc[NMAX][2];
-#pragma unroll
-  for (int k = 0; k < AHEAD && k < NMAX; ++k) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-      rb[k][i] = ld8_state<true, EXACT>(r.B, k, N, t0 + i * kLanesSteps, L),
-      rc[k][i] = ld8_state<true, EXACT>(r.C, k, N, t0 + i * kLanesSteps, L);
-  }
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    float uu[kLanesSteps], dd[kLanesSteps];
-    load8<true>(r.u, t0 + i * kLanesSteps, L, uu);
-    load8<true>(r.delta, t0 + i * kLanesSteps, L, dd);
-    lanes_delta<true>(dd, c.bias, c.softplus, t0, L);
-#pragma unroll
-    for (int j = 0; j < kLanesSteps; ++j) {
-      dt[i * kLanesSteps + j] = dd[j];
-      du[i * kLanesSteps + j] = dd[j] * uu[j];
-      y[i * kLanesSteps + j] = c.Dv * uu[j];
-    }
-  }
-#pragma unroll
-  for (int n = 0; n < NMAX; ++n) {
-    if (n + AHEAD < NMAX) {
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-        rb[n + AHEAD][i] = ld8_state<true, EXACT>(r.B, n + AHEAD, N, t0 + i * kLanesSteps, L),
-        rc[n + AHEAD][i] = ld8_state<true, EXACT>(r.C, n + AHEAD, N, t0 + i * kLanesSteps, L);
-    }
-    float Bv[K], Cv[K], a[K];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      float b8[kLanesSteps], c8[kLanesSteps];
-      unpack8(rb[n][i], b8);
-      unpack8(rc[n][i], c8);
-#pragma unroll
-      for (int j = 0; j < kLanesSteps; ++j) Bv[i * kLanesSteps + j] = b8[j], Cv[i * kLanesSteps + j] = c8[j];
-    }
-    const float A2 = __shfl_sync(kFull, A2_l, n);
-    float pa = 1.f, xa = 0.f;
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const int j = REV ? K - 1 - k : k;
-      a[j] = fast_exp2(dt[j] * A2);
-      xa = fmaf(a[j], xa, du[j] * Bv[j]);
-      pa *= a[j];
-    }
-    float carry = __shfl_sync(kFull, h_l, n);
-    float hh = lanes_state_in<REV>(pa, xa, carry, lane);
-    h_l = lane == n ? carry : h_l;
-    const float hm = __shfl_sync(kFull, hh, mid_lane);
-    mid_l = lane == n ? hm : mid_l;
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const int j = REV ? K - 1 - k : k;
-      hh = fmaf(a[j], hh, du[j] * Bv[j]);
-      y[j] = fmaf(Cv[j], hh, y[j]);
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    float y8[kLanesSteps];
-#pragma unroll
-    for (int j = 0; j < kLanesSteps; ++j) y8[j] = y[i * kLanesSteps + j];
-    fwd_finish8<true>(r, t0 + i * kLanesSteps, L, c, y8);
-  }
-}
-
 // The partial-window / unaligned path, kept out of line so that its registers do not count against the fast path.
 template <bool REV, typename T, int NMAX>
 __device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, int L, int N, int lane,
@@ -649,19 +563,6 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
 #endif
   for (int i = 0; i < nwin; ++i) {
     const int w = REV ? nwin - 1 - i : i;
-#if LANES_FWD_WIDE
-    // the next window in scan order full too: both at once (lanes_vec: rows 16-byte aligned)
-    const int w2 = REV ? w - 1 : w + 1;
-    if (kLanesStateStride == 1 && p.lanes_vec && w2 >= 0 && (max(w, w2) + 1) * kLanesWindow <= L) {
-      float mid_l = 0.f;
-      if (states && lane < N) states[(size_t)w * N + lane] = h_l;
-      fwd_window_wide<REV, EXACT, T, NMAX>(rows, min(w, w2) * kLanesWindow + lane * 2 * kLanesSteps, L, N, lane, c,
-                                           A2_l, h_l, mid_l);
-      if (states && lane < N) states[(size_t)w2 * N + lane] = mid_l;
-      ++i;
-      continue;
-    }
-#endif
     const int t0 = w * kLanesWindow + lane * kLanesSteps;
     if (states && lane < N && lanes_saves_state(w, nwin, REV))
       states[(size_t)(w / kLanesStateStride) * N + lane] = h_l;
@@ -733,7 +634,7 @@ __device__ __forceinline__ void bwd_dy(const LanesRows<T>& r, int t0, int L, con
 // the lane's part of dA_n.
 template <bool REV, bool FULL, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ float bwd_state_grads(const LanesRows<T>& r, int n, int t0, int L, int N, int lane, float An,
-                                                float gg, float hin, const float (&a)[kLanesSteps],
+                                                float gg, const float (&a)[kLanesSteps],
                                                 const float (&h)[kLanesSteps], const float (&Bv)[kLanesSteps],
                                                 const float (&Cv)[kLanesSteps], const float (&dt)[kLanesSteps],
                                                 const float (&du)[kLanesSteps], const float (&dy)[kLanesSteps],
@@ -748,16 +649,10 @@ __device__ __forceinline__ float bwd_state_grads(const LanesRows<T>& r, int n, i
     dCv[j] = dy[j] * h[j];
     dBv[j] = gg * du[j];
     sgB[j] = fmaf(gg, Bv[j], sgB[j]);
-#if LANES_BWD_HPREV
-    const float ga = gg * a[j];  // a_j g_j: what the previous step receives
-    const float ghx = ga * (k > 0 ? h[O::step(k - 1)] : hin);  // g_j a_j h_(previous step)
-    gg = ga;
-#else
     const float ghx = gg * (h[j] - du[j] * Bv[j]);  // g_j a_j h_(previous step)
-    if (k > 0) gg *= a[j];
-#endif
     ddt[j] = fmaf(An, ghx, ddt[j]);
     dAl = fmaf(dt[j], ghx, dAl);
+    if (k > 0) gg *= a[j];  // a_j g_j: what the previous step receives
   }
   LANES_PROBE(kProbeGrads);
   if (LANES_BLOCK_REDUCE && FULL && EXACT && bxch) {
@@ -869,8 +764,8 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
     g0 = __shfl_sync(kFull, a[j_first] * g0, O::first);  // a g at the window's first step: the next window's r
     r_l = lane == n ? g0 : r_l;
     LANES_PROBE(kProbeAdjScan);
-    dA[n] += bwd_state_grads<REV, FULL, EXACT, T, NMAX>(r, n, t0, L, N, lane, An, gg, hh, a, h, Bv, Cv, dt, du, dy,
-                                                        sgB, ddt, xch, bxch LANES_PROBE_ARG);
+    dA[n] += bwd_state_grads<REV, FULL, EXACT, T, NMAX>(r, n, t0, L, N, lane, An, gg, a, h, Bv, Cv, dt, du, dy, sgB,
+                                                        ddt, xch, bxch LANES_PROBE_ARG);
   }
   bwd_window_end<FULL>(r, t0, L, c, uu, dt, dy, y, sgB, ddt, dD, dbias);
   LANES_PROBE(kProbeWinEnd);
@@ -1044,10 +939,10 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
       unpack8(qc[m], Cv);
       const float4 a0 = sm.a[m][0][lane], a1 = sm.a[m][1][lane];
       const float a[kLanesSteps] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-      const float gg = sm.rin[m][lane], hin = sm.hin[m][lane];
-      bwd_replay<REV>(hin, a, du, Bv, Cv, h, y);
+      const float gg = sm.rin[m][lane];
+      bwd_replay<REV>(sm.hin[m][lane], a, du, Bv, Cv, h, y);
       LANES_PROBE(kProbeReplay);
-      dA[n] += bwd_state_grads<REV, true, EXACT, T, NMAX>(r, n, t0, L, N, lane, An, gg, hin, a, h, Bv, Cv, dt, du, dy,
+      dA[n] += bwd_state_grads<REV, true, EXACT, T, NMAX>(r, n, t0, L, N, lane, An, gg, a, h, Bv, Cv, dt, du, dy,
                                                           sgB, ddt, xch, bxch LANES_PROBE_ARG);
     }
     __syncwarp();  // the next group overwrites sm
