@@ -42,6 +42,12 @@ constexpr int kLanesAhead = LANES_AHEAD;  // states whose B/C loads are in fligh
 // of the code: 1,162 instructions a group against 5,252 a window). H100, bf16, fwd+bwd ms against the unrolled loop
 // in one call (benchmarks/results/cuda-lanes-variants-NVIDIA-H100-80GB-HBM3-f862446-roll.json): global XL 0.973 ->
 // 0.949, long 2.410 -> 2.283, bidirectional long 4.945 -> 4.682. The forward rolled the same way was 35% slower.
+#ifndef LANES_PA_EXP  // a lane's product of decays as one exp2(A sum d) (else the product of its 8 decays)
+#define LANES_PA_EXP 0
+#endif
+#ifndef LANES_BWD_U_RELOAD  // the backward's u loaded again at the window's end (not held in registers through it)
+#define LANES_BWD_U_RELOAD 0
+#endif
 #ifndef LANES_BWD_ROLL
 #define LANES_BWD_ROLL 1
 #endif
@@ -509,11 +515,16 @@ __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L,
   window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, rb, rc);
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) y[j] = c.Dv * uu[j];
+  float sdt = 0.f;
+#pragma unroll
+  for (int j = 0; j < kLanesSteps; ++j) sdt += dt[j];
   LANES_PROBE(kProbeFwdWinBegin);
 #pragma unroll
   for (int n = 0; n < NMAX; ++n) {
     float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], pa, xa;
-    state_begin<REV, FULL, EXACT>(r, n, t0, L, N, __shfl_sync(kFull, A2_l, n), rb, rc, dt, du, Bv, Cv, a, pa, xa);
+    const float A2n = __shfl_sync(kFull, A2_l, n);
+    state_begin<REV, FULL, EXACT>(r, n, t0, L, N, A2n, rb, rc, dt, du, Bv, Cv, a, pa, xa);
+    if (LANES_PA_EXP) pa = fast_exp2(A2n * sdt);
     float carry = __shfl_sync(kFull, h_l, n);
     LANES_PROBE(kProbeFwdStateBegin);
     float hh = lanes_state_in<REV>(pa, xa, carry, lane);
@@ -605,7 +616,9 @@ __device__ __forceinline__ void bwd_replay(float hh, const float (&a)[kLanesStep
     const int j = Order<REV>::step(k);
     hh = fmaf(a[j], hh, du[j] * Bv[j]);
     h[j] = hh;
+#ifndef LANES_PROBE_NO_Y  // timing probe only (wrong dz): what y costs the backward
     y[j] = fmaf(Cv[j], hh, y[j]);
+#endif
   }
 }
 
@@ -883,6 +896,9 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) du[j] = dt[j] * uu[j];
   bwd_dy<true>(r, t0, L, c, uu, dy, y, sgB, ddt);
+  float sdt = 0.f;
+#pragma unroll
+  for (int j = 0; j < kLanesSteps; ++j) sdt += dt[j];
   LANES_PROBE(kProbeWinBegin);
 #if LANES_BWD_ROLL
 #pragma unroll 1
@@ -909,6 +925,7 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
         xa = fmaf(a[j], xa, du[j] * Bv[j]);
         pa *= a[j];
       }
+      if (LANES_PA_EXP) pa = fast_exp2(A2 * sdt);
 #pragma unroll
       for (int k = kLanesSteps - 1; k >= 0; --k) {
         const int j = O::step(k);
@@ -947,6 +964,7 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
     }
     __syncwarp();  // the next group overwrites sm
   }
+  if (LANES_BWD_U_RELOAD) load8<true>(r.u, t0, L, uu);
   bwd_window_end<true>(r, t0, L, c, uu, dt, dy, y, sgB, ddt, dD, dbias);
   LANES_PROBE(kProbeWinEnd);
 #ifdef LANES_PROBE_CLOCK
