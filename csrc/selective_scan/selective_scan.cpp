@@ -230,9 +230,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> selective_scan_fwd(
                          : at::empty({batch, dim, N}, u.options().dtype(at::kFloat));
   Tensor states = save_for_backward ? at::empty({ndir, batch, dim, nchunks, N}, u.options().dtype(at::kFloat))
                                     : at::empty({0}, u.options().dtype(at::kFloat));
-  // The lanes backward recomputes y for dz; the other configs read it.
-  Tensor y_saved = (save_for_backward && z && !lanes) ? at::empty({batch, dim, L}, u.options())
-                                                      : at::empty({0}, u.options());
+  // y before the gate, for the backward's dz (as mamba-ssm saves it).
+  Tensor y_saved = (save_for_backward && z) ? at::empty({batch, dim, L}, u.options()) : at::empty({0}, u.options());
   Tensor ws = bi ? at::empty({batch, dim, L}, u.options().dtype(at::kFloat)) : Tensor();
   const auto info = matten_scan::config_info(cfg);
   const auto [nsplit, split_chunks] =
@@ -316,7 +315,7 @@ std::vector<Tensor> scan_bwd(
   const int cfg = resolve_config(config, N, L, bi);
   const bool lanes = cfg == matten_scan::kLanesConfig;
   const int chunk = matten_scan::config_info(cfg).chunk;
-  if (z && !lanes) check_input(y_saved, "y_saved", dt, {batch, dim, L}, dev);
+  if (z) check_input(y_saved, "y_saved", dt, {batch, dim, L}, dev);
   const int cpb = lanes ? matten_scan::kLanesWarps : matten_scan::bwd_channels_per_block(cfg);
   const int64_t nchunks = (L + chunk - 1) / chunk;
   const int ndir = bi ? 2 : 1;
@@ -378,14 +377,13 @@ std::vector<Tensor> scan_bwd(
   p.z_bstride = z ? bstride(*z) : 0;
   p.dout = dout.data_ptr();
   p.dlast_state = fptr_or_null(dlast_state);
-  p.y_saved_in = (z && !lanes) ? y_saved.data_ptr() : nullptr;
+  p.y_saved_in = z ? y_saved.data_ptr() : nullptr;
   p.dz = z ? dz_dst.data_ptr() : nullptr;
   p.dz_bstride = z ? bstride(dz_dst) : 0;
   p.dinitial_state = initial_state ? dinit.data_ptr<float>() : nullptr;
-  // lanes, bidirectional: fp32 scratch for the backward direction's y (dz needs both directions' y)
-  Tensor ws = (lanes && bi && z) ? at::empty({batch, dim, L}, f32) : Tensor();
-  p.ws = ws.defined() ? ws.data_ptr<float>() : nullptr;
-  p.lanes_vec = lanes && rows_aligned(L, dt, {u, delta, B, C, dout, grads[0].du, grads[0].ddelta, dz_dst}, z) &&
+  p.ws = nullptr;
+  const Tensor ys = z ? y_saved : dout;  // rows_aligned's list: y_saved when it is read
+  p.lanes_vec = lanes && rows_aligned(L, dt, {u, delta, B, C, dout, ys, grads[0].du, grads[0].ddelta, dz_dst}, z) &&
                 (!bi || rows_aligned(L, dt, {r.u, r.delta, r.B, r.C, grads[1].du, grads[1].ddelta}, z));
   const cudaError_t err = launch(false, dt, p, cfg, c10::cuda::getCurrentCUDAStream().stream());
   MATTEN_CHECK_LAUNCH(err, "backward");

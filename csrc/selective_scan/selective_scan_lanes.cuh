@@ -6,7 +6,7 @@
 // exp2(d_t A_n log2 e), x_t = d_t u_t B_t) is composed in-thread over the lane's 8 steps into an affine map
 // (prod a, x-part), the maps are scanned across the lanes (5 shuffle levels), and each lane replays its 8 steps
 // from the state entering it. Lane 31's last state is the next window's carry. The forward saves the state at
-// every window start (fp32, (batch, dim, nwin, N)); nothing else (the backward recomputes y for dz).
+// every window start (fp32, (batch, dim, nwin, N)) and, with z, y before the gate (for dz, as mamba-ssm does).
 //
 // Backward: windows last to first. Per state: recompute h over the window from its saved start state (the same
 // forward scan), then the adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} by the mirrored scan, with r = a_{t0} g_{t0}
@@ -18,8 +18,10 @@
 //     dA_n += sum_t d_t g_t hx_t                   dh_init = r after the first window
 // Beyond L the inputs read as zero and d as 0 (a = 1, x = 0): the state holds, the adjoint passes through.
 // Bidirectional: the backward direction runs the same code in reversed scan order (Order<true>: shuffles down for the
-// state, up for the adjoint, each lane's steps from its last, windows from the end) over the natural-order inputs; its
-// y goes to an fp32 scratch that the forward direction, run by a second launch (LanesPass), adds before the gate.
+// state, up for the adjoint, each lane's steps from its last, windows from the end) over the natural-order inputs; in
+// the forward its y goes to an fp32 scratch that the forward direction, run by a second launch (LanesPass), adds
+// before the gate. dz = dout y silu'(z) from the saved pre-gate y (the backward needs no y of its own: H100, bf16,
+// global XL fwd+bwd 0.955 -> 0.927 ms, bidirectional 1.942 -> 1.892 without z, csrc/selective_scan/NOTES.md).
 // dB/dC use atomics, so the result is not bit-reproducible; the launcher takes another config when the caller
 // asks for determinism.
 #pragma once
@@ -42,11 +44,8 @@ constexpr int kLanesAhead = LANES_AHEAD;  // states whose B/C loads are in fligh
 // of the code: 1,162 instructions a group against 5,252 a window). H100, bf16, fwd+bwd ms against the unrolled loop
 // in one call (benchmarks/results/cuda-lanes-variants-NVIDIA-H100-80GB-HBM3-f862446-roll.json): global XL 0.973 ->
 // 0.949, long 2.410 -> 2.283, bidirectional long 4.945 -> 4.682. The forward rolled the same way was 35% slower.
-#ifndef LANES_PA_EXP  // a lane's product of decays as one exp2(A sum d) (else the product of its 8 decays)
-#define LANES_PA_EXP 0
-#endif
-#ifndef LANES_BWD_U_RELOAD  // the backward's u loaded again at the window's end (not held in registers through it)
-#define LANES_BWD_U_RELOAD 0
+#ifndef LANES_WS_EARLY  // > 0: the forward direction's ws loads issued at that state of a full window (else at its end)
+#define LANES_WS_EARLY 0
 #endif
 #ifndef LANES_BWD_ROLL
 #define LANES_BWD_ROLL 1
@@ -368,6 +367,8 @@ template <typename T>
 struct LanesRows {
   const T *u, *delta, *B, *C, *z, *dout;
   T *out, *du, *ddelta, *dz;
+  T* ys;            // forward: y before the gate, saved for dz (with z, when the backward follows)
+  const T* ys_in;   // backward: the same
   float *dB, *dC, *ws;
 };
 
@@ -386,6 +387,8 @@ __device__ __forceinline__ LanesRows<T> lanes_rows(const ScanParams& p, int d, i
   r.z = p.z ? static_cast<const T*>(p.z) + (size_t)b * p.z_bstride + ci : nullptr;
   r.dout = p.dout ? static_cast<const T*>(p.dout) + row : nullptr;
   r.out = p.out ? static_cast<T*>(p.out) + row : nullptr;
+  r.ys = p.y_saved ? static_cast<T*>(p.y_saved) + row : nullptr;
+  r.ys_in = p.y_saved_in ? static_cast<const T*>(p.y_saved_in) + row : nullptr;
   r.du = dp.du ? static_cast<T*>(dp.du) + row : nullptr;
   r.ddelta = dp.ddelta ? static_cast<T*>(dp.ddelta) + row : nullptr;
   r.dz = p.dz ? static_cast<T*>(p.dz) + (size_t)b * p.dz_bstride + ci : nullptr;
@@ -397,7 +400,7 @@ __device__ __forceinline__ LanesRows<T> lanes_rows(const ScanParams& p, int d, i
 
 // What a window does with its y (the scan's output before the gate, D u included):
 enum LanesMode : int {
-  kUni = 0,     // unidirectional: gate, store out (backward: dz from y)
+  kUni = 0,     // unidirectional: gate, store out (backward: dz from the saved y)
   kToWs = 1,    // bidirectional, backward direction (runs first): y to the fp32 scratch ws
   kAddWs = 2,   // bidirectional, forward direction: y + ws, halved with divide_out, gate, store out (backward: dz)
 };
@@ -448,17 +451,23 @@ struct LanesScalars {
 // direction's (kAddWs), halved with divide_out, gated by silu(z) and stored.
 template <bool FULL, typename T>
 __device__ __forceinline__ void fwd_finish8(const LanesRows<T>& r, int t0, int L, const LanesScalars& c,
-                                            float (&y)[kLanesSteps]) {
+                                            float (&y)[kLanesSteps], const float4* ws_early = nullptr) {
   if (c.mode == kToWs) {
     ws_store8<FULL>(r.ws, t0, L, y);
     return;
   }
   if (c.mode == kAddWs) {
-    ws_add8<FULL>(r.ws, t0, L, y);
+    if (FULL && ws_early) {
+      y[0] += ws_early[0].x, y[1] += ws_early[0].y, y[2] += ws_early[0].z, y[3] += ws_early[0].w;
+      y[4] += ws_early[1].x, y[5] += ws_early[1].y, y[6] += ws_early[1].z, y[7] += ws_early[1].w;
+    } else {
+      ws_add8<FULL>(r.ws, t0, L, y);
+    }
 #pragma unroll
     for (int j = 0; j < kLanesSteps; ++j) y[j] *= c.scale;
   }
   if (r.z) {
+    if (r.ys) store8<FULL>(r.ys, t0, L, y);
     float zz[kLanesSteps];
     load8<FULL>(r.z, t0, L, zz);
 #pragma unroll
@@ -515,16 +524,14 @@ __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L,
   window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, rb, rc);
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) y[j] = c.Dv * uu[j];
-  float sdt = 0.f;
-#pragma unroll
-  for (int j = 0; j < kLanesSteps; ++j) sdt += dt[j];
+  float4 wse[2];  // LANES_WS_EARLY
   LANES_PROBE(kProbeFwdWinBegin);
 #pragma unroll
   for (int n = 0; n < NMAX; ++n) {
     float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], pa, xa;
-    const float A2n = __shfl_sync(kFull, A2_l, n);
-    state_begin<REV, FULL, EXACT>(r, n, t0, L, N, A2n, rb, rc, dt, du, Bv, Cv, a, pa, xa);
-    if (LANES_PA_EXP) pa = fast_exp2(A2n * sdt);
+    state_begin<REV, FULL, EXACT>(r, n, t0, L, N, __shfl_sync(kFull, A2_l, n), rb, rc, dt, du, Bv, Cv, a, pa, xa);
+    if (FULL && LANES_WS_EARLY > 0 && n == LANES_WS_EARLY && c.mode == kAddWs)
+      wse[0] = reinterpret_cast<const float4*>(r.ws + t0)[0], wse[1] = reinterpret_cast<const float4*>(r.ws + t0)[1];
     float carry = __shfl_sync(kFull, h_l, n);
     LANES_PROBE(kProbeFwdStateBegin);
     float hh = lanes_state_in<REV>(pa, xa, carry, lane);
@@ -538,7 +545,7 @@ __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L,
     }
     LANES_PROBE(kProbeFwdReplay);
   }
-  fwd_finish8<FULL>(r, t0, L, c, y);
+  fwd_finish8<FULL>(r, t0, L, c, y, (FULL && LANES_WS_EARLY > 0) ? wse : nullptr);
   LANES_PROBE(kProbeFwdWinEnd);
 #ifdef LANES_PROBE_CLOCK
   pr.c[kProbeFwdWindows] += 1.f;
@@ -606,39 +613,43 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_FWD_MINB) scan_fwd_lan
     fwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kUni);
 }
 
-// A lane's states h over its steps in scan order from hh, the state entering it, and y += C h.
+// A lane's states h over its steps in scan order from hh, the state entering it.
 template <bool REV>
 __device__ __forceinline__ void bwd_replay(float hh, const float (&a)[kLanesSteps], const float (&du)[kLanesSteps],
-                                           const float (&Bv)[kLanesSteps], const float (&Cv)[kLanesSteps],
-                                           float (&h)[kLanesSteps], float (&y)[kLanesSteps]) {
+                                           const float (&Bv)[kLanesSteps], float (&h)[kLanesSteps]) {
 #pragma unroll
   for (int k = 0; k < kLanesSteps; ++k) {
     const int j = Order<REV>::step(k);
     hh = fmaf(a[j], hh, du[j] * Bv[j]);
     h[j] = hh;
-#ifndef LANES_PROBE_NO_Y  // timing probe only (wrong dz): what y costs the backward
-    y[j] = fmaf(Cv[j], hh, y[j]);
-#endif
   }
 }
 
-// A backward window's per-step values besides those of window_begin: dy (gated by silu(z), times the output scale),
-// y = D u (the states' parts are added by the replay), and the per-step sums over the states zeroed.
+// A backward window's per-step values besides those of window_begin: dy (gated by silu(z), times the output scale)
+// and the per-step sums over the states zeroed; with z, dz from the forward's saved pre-gate y (the backward
+// direction of the bidirectional scan, kToWs, leaves dz to the forward one).
 template <bool FULL, typename T>
 __device__ __forceinline__ void bwd_dy(const LanesRows<T>& r, int t0, int L, const LanesScalars& c,
-                                       const float (&uu)[kLanesSteps], float (&dy)[kLanesSteps],
-                                       float (&y)[kLanesSteps], float (&sgB)[kLanesSteps], float (&ddt)[kLanesSteps]) {
+                                       float (&dy)[kLanesSteps], float (&sgB)[kLanesSteps],
+                                       float (&ddt)[kLanesSteps]) {
   load8<FULL>(r.dout, t0, L, dy);
   if (r.z) {
-    float zz[kLanesSteps];
+    float zz[kLanesSteps], ys[kLanesSteps], dzv[kLanesSteps];
     load8<FULL>(r.z, t0, L, zz);
+    const bool dz = c.mode != kToWs;
+    if (dz) load8<FULL>(r.ys_in, t0, L, ys);
 #pragma unroll
-    for (int j = 0; j < kLanesSteps; ++j) dy[j] *= zz[j] * fast_sigmoid(zz[j]);
+    for (int j = 0; j < kLanesSteps; ++j) {
+      const float sg = fast_sigmoid(zz[j]);
+      if (dz) dzv[j] = dy[j] * ys[j] * sg * (1.f + zz[j] * (1.f - sg));
+      dy[j] *= zz[j] * sg;
+    }
+    if (dz) store8<FULL>(r.dz, t0, L, dzv);
   }
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) {
     dy[j] *= c.scale;
-    y[j] = c.Dv * uu[j], sgB[j] = 0.f, ddt[j] = 0.f;
+    sgB[j] = 0.f, ddt[j] = 0.f;
   }
 }
 
@@ -692,14 +703,12 @@ __device__ __forceinline__ float bwd_state_grads(const LanesRows<T>& r, int n, i
   return dAl;
 }
 
-// A backward window's end: du, ddelta stored, dD / dbias summed; dz (or, for the backward direction of the
-// bidirectional scan, its y to ws for the forward direction's dz).
+// A backward window's end: du, ddelta stored, dD / dbias summed.
 template <bool FULL, typename T>
 __device__ __forceinline__ void bwd_window_end(const LanesRows<T>& r, int t0, int L, const LanesScalars& c,
                                                const float (&uu)[kLanesSteps], const float (&dt)[kLanesSteps],
-                                               const float (&dy)[kLanesSteps], float (&y)[kLanesSteps],
-                                               const float (&sgB)[kLanesSteps], const float (&ddt)[kLanesSteps],
-                                               float& dD, float& dbias) {
+                                               const float (&dy)[kLanesSteps], const float (&sgB)[kLanesSteps],
+                                               const float (&ddt)[kLanesSteps], float& dD, float& dbias) {
   float du_o[kLanesSteps], dd_o[kLanesSteps];
   float raw[kLanesSteps];
   load8<FULL>(r.delta, t0, L, raw);
@@ -713,22 +722,6 @@ __device__ __forceinline__ void bwd_window_end(const LanesRows<T>& r, int t0, in
   }
   store8<FULL>(r.du, t0, L, du_o);
   store8<FULL>(r.ddelta, t0, L, dd_o);
-  if (c.mode == kToWs) {
-    if (r.z) ws_store8<FULL>(r.ws, t0, L, y);
-    return;
-  }
-  if (r.z) {
-    if (c.mode == kAddWs) ws_add8<FULL>(r.ws, t0, L, y);
-    float zz[kLanesSteps], go[kLanesSteps], dzv[kLanesSteps];
-    load8<FULL>(r.z, t0, L, zz);
-    load8<FULL>(r.dout, t0, L, go);
-#pragma unroll
-    for (int j = 0; j < kLanesSteps; ++j) {
-      const float sg = fast_sigmoid(zz[j]);
-      dzv[j] = go[j] * y[j] * c.scale * sg * (1.f + zz[j] * (1.f - sg));
-    }
-    store8<FULL>(r.dz, t0, L, dzv);
-  }
 }
 
 // One backward window. A_l / h0_l / r_l: lane n holds state n's A, the saved state entering the window and the
@@ -742,10 +735,10 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
   using O = Order<REV>;
   LANES_PROBE_START();
   float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], dy[kLanesSteps];
-  float y[kLanesSteps], sgB[kLanesSteps], ddt[kLanesSteps];
+  float sgB[kLanesSteps], ddt[kLanesSteps];
   Raw8<T> rb[NMAX], rc[NMAX];
   window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, rb, rc);
-  bwd_dy<FULL>(r, t0, L, c, uu, dy, y, sgB, ddt);
+  bwd_dy<FULL>(r, t0, L, c, dy, sgB, ddt);
   LANES_PROBE(kProbeWinBegin);
 #pragma unroll
   for (int n = 0; n < NMAX; ++n) {
@@ -757,7 +750,7 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
     LANES_PROBE(kProbeStateBegin);
     float hh = lanes_state_in<REV>(pa, xa, h0, lane);
     LANES_PROBE(kProbeStateScan);
-    bwd_replay<REV>(hh, a, du, Bv, Cv, h, y);
+    bwd_replay<REV>(hh, a, du, Bv, h);
     LANES_PROBE(kProbeReplay);
     // adjoint, against scan order: g_j = C_j dy_j + a_{j'} g_{j'} (j' the next step in scan order); after the lane's
     // last step that is the next lane's first one (for the last lane r holds a g already)
@@ -780,7 +773,7 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
     dA[n] += bwd_state_grads<REV, FULL, EXACT, T, NMAX>(r, n, t0, L, N, lane, An, gg, a, h, Bv, Cv, dt, du, dy, sgB,
                                                         ddt, xch, bxch LANES_PROBE_ARG);
   }
-  bwd_window_end<FULL>(r, t0, L, c, uu, dt, dy, y, sgB, ddt, dD, dbias);
+  bwd_window_end<FULL>(r, t0, L, c, uu, dt, dy, sgB, ddt, dD, dbias);
   LANES_PROBE(kProbeWinEnd);
 #ifdef LANES_PROBE_CLOCK
   pr.c[kProbeWindows] += 1.f;
@@ -889,16 +882,13 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
   static_assert(NMAX % G == 0 && G == 4, "groups of 4 states");
   LANES_PROBE_START();
   float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], dy[kLanesSteps];
-  float y[kLanesSteps], sgB[kLanesSteps], ddt[kLanesSteps];
+  float sgB[kLanesSteps], ddt[kLanesSteps];
   load8<true>(r.u, t0, L, uu);
   load8<true>(r.delta, t0, L, dt);
   lanes_delta<true>(dt, c.bias, c.softplus, t0, L);
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) du[j] = dt[j] * uu[j];
-  bwd_dy<true>(r, t0, L, c, uu, dy, y, sgB, ddt);
-  float sdt = 0.f;
-#pragma unroll
-  for (int j = 0; j < kLanesSteps; ++j) sdt += dt[j];
+  bwd_dy<true>(r, t0, L, c, dy, sgB, ddt);
   LANES_PROBE(kProbeWinBegin);
 #if LANES_BWD_ROLL
 #pragma unroll 1
@@ -925,7 +915,6 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
         xa = fmaf(a[j], xa, du[j] * Bv[j]);
         pa *= a[j];
       }
-      if (LANES_PA_EXP) pa = fast_exp2(A2 * sdt);
 #pragma unroll
       for (int k = kLanesSteps - 1; k >= 0; --k) {
         const int j = O::step(k);
@@ -957,15 +946,14 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
       const float4 a0 = sm.a[m][0][lane], a1 = sm.a[m][1][lane];
       const float a[kLanesSteps] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
       const float gg = sm.rin[m][lane];
-      bwd_replay<REV>(sm.hin[m][lane], a, du, Bv, Cv, h, y);
+      bwd_replay<REV>(sm.hin[m][lane], a, du, Bv, h);
       LANES_PROBE(kProbeReplay);
       dA[n] += bwd_state_grads<REV, true, EXACT, T, NMAX>(r, n, t0, L, N, lane, An, gg, a, h, Bv, Cv, dt, du, dy,
                                                           sgB, ddt, xch, bxch LANES_PROBE_ARG);
     }
     __syncwarp();  // the next group overwrites sm
   }
-  if (LANES_BWD_U_RELOAD) load8<true>(r.u, t0, L, uu);
-  bwd_window_end<true>(r, t0, L, c, uu, dt, dy, y, sgB, ddt, dD, dbias);
+  bwd_window_end<true>(r, t0, L, c, uu, dt, dy, sgB, ddt, dD, dbias);
   LANES_PROBE(kProbeWinEnd);
 #ifdef LANES_PROBE_CLOCK
   pr.c[kProbeWindows] += 1.f;

@@ -68,6 +68,7 @@ template <typename T, int NPT>
 struct SeqRows {
   const T *u, *dt, *z, *B, *C;  // u / dt / z: this lane's channel row; B / C: this lane's state row (or null)
   T* out;
+  T* ys;  // y before the gate (with z, when saved for the backward) or null
   float* ws;
 };
 
@@ -181,6 +182,11 @@ __device__ __forceinline__ void seq_fwd_chunks(const ScanParams& p, const SeqRow
       }
     }
     SeqVec<T, EPL> o;
+    if (gate && r.ys) {  // y before the gate, for the backward's dz
+#pragma unroll
+      for (int e = 0; e < EPL; ++e) o.v[e] = from_float<T>(y[e]);
+      *reinterpret_cast<SeqVec<T, EPL>*>(r.ys + t) = o;
+    }
 #pragma unroll
     for (int e = 0; e < EPL; ++e) o.v[e] = from_float<T>(gate ? y[e] * zz[e] * fast_sigmoid(zz[e]) : y[e]);
     *reinterpret_cast<SeqVec<T, EPL>*>(r.out + t) = o;
@@ -200,6 +206,7 @@ __device__ __forceinline__ SeqRows<T, NPT> seq_rows(const ScanParams& p, const D
   r.B = nB < p.N ? static_cast<const T*>(dp.B) + (size_t)b * dp.B_bstride + bc : nullptr;
   r.C = nB < p.N ? static_cast<const T*>(dp.C) + (size_t)b * dp.C_bstride + bc : nullptr;
   r.out = static_cast<T*>(p.out) + row;
+  r.ys = p.y_saved ? static_cast<T*>(p.y_saved) + row : nullptr;
   r.ws = p.ws ? p.ws + row : nullptr;
   return r;
 }

@@ -173,7 +173,7 @@ def _register() -> None:
         last = u.new_empty((0,), dtype=torch.float32) if ndir == 2 else u.new_empty((batch, dim, N), **f32)
         states = (u.new_empty((ndir, batch, dim, -(-L // chunk), N), **f32) if save_for_backward
                   else u.new_empty((0,), **f32))
-        keep_y = save_for_backward and z is not None and config != LANES_CONFIG
+        keep_y = save_for_backward and z is not None
         y_saved = u.new_empty(u.shape) if keep_y else u.new_empty((0,))
         return u.new_empty(u.shape), last, states, y_saved
 
@@ -203,8 +203,8 @@ def _setup_context(ctx, inputs, output):
      delta_softplus, divide_out, save_for_backward, config) = inputs
     _, _, states, y_saved = output
     # Saved: the inputs, the fp32 state at every chunk start (ndir, batch, dim, L/chunk, N) and, with z, y before
-    # the gate (not for the lanes config, whose backward recomputes y). The backward recomputes h inside each chunk
-    # from its start state: no (batch, dim, L, N) tensor.
+    # the gate (for dz, as mamba-ssm saves it). The backward recomputes h inside each chunk from its start state: no
+    # (batch, dim, L, N) tensor.
     ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, z, initial_state, u_b, delta_b, A_b, B_b, C_b, D_b,
                           delta_bias_b, states, y_saved)
     ctx.flags = (delta_softplus, divide_out, config)
