@@ -47,6 +47,9 @@ constexpr int kLanesAhead = LANES_AHEAD;  // states whose B/C loads are in fligh
 #ifndef LANES_WS_EARLY  // > 0: the forward direction's ws loads issued at that state of a full window (else at its end)
 #define LANES_WS_EARLY 0
 #endif
+#ifndef LANES_FWD_YS
+#define LANES_FWD_YS 1
+#endif
 #ifndef LANES_BWD_ROLL
 #define LANES_BWD_ROLL 1
 #endif
@@ -467,7 +470,9 @@ __device__ __forceinline__ void fwd_finish8(const LanesRows<T>& r, int t0, int L
     for (int j = 0; j < kLanesSteps; ++j) y[j] *= c.scale;
   }
   if (r.z) {
+#if LANES_FWD_YS  // timing probe when 0 (no y saved for dz: wrong dz)
     if (r.ys) store8<FULL>(r.ys, t0, L, y);
+#endif
     float zz[kLanesSteps];
     load8<FULL>(r.z, t0, L, zz);
 #pragma unroll
