@@ -44,11 +44,8 @@ constexpr int kLanesAhead = LANES_AHEAD;  // states whose B/C loads are in fligh
 // of the code: 1,162 instructions a group against 5,252 a window). H100, bf16, fwd+bwd ms against the unrolled loop
 // in one call (benchmarks/results/cuda-lanes-variants-NVIDIA-H100-80GB-HBM3-f862446-roll.json): global XL 0.973 ->
 // 0.949, long 2.410 -> 2.283, bidirectional long 4.945 -> 4.682. The forward rolled the same way was 35% slower.
-#ifndef LANES_WS_EARLY  // > 0: the forward direction's ws loads issued at that state of a full window (else at its end)
-#define LANES_WS_EARLY 0
-#endif
-#ifndef LANES_FWD_YS
-#define LANES_FWD_YS 1
+#ifndef LANES_WS_AHEAD  // the forward direction's ws loads: issued this many states before a full window's end
+#define LANES_WS_AHEAD 4
 #endif
 #ifndef LANES_BWD_ROLL
 #define LANES_BWD_ROLL 1
@@ -451,10 +448,11 @@ struct LanesScalars {
 };
 
 // A forward window's y (D u included) for this lane's 8 steps from t0: to the scratch (kToWs), or plus the other
-// direction's (kAddWs), halved with divide_out, gated by silu(z) and stored.
-template <bool FULL, typename T>
+// direction's (kAddWs; on full windows `ws_early` holds it, loaded during the window), halved with divide_out, gated
+// by silu(z) (Z: y before the gate saved for the backward's dz when asked) and stored.
+template <bool FULL, bool Z, typename T>
 __device__ __forceinline__ void fwd_finish8(const LanesRows<T>& r, int t0, int L, const LanesScalars& c,
-                                            float (&y)[kLanesSteps], const float4* ws_early = nullptr) {
+                                            float (&y)[kLanesSteps], const float4* ws_early) {
   if (c.mode == kToWs) {
     ws_store8<FULL>(r.ws, t0, L, y);
     return;
@@ -469,10 +467,8 @@ __device__ __forceinline__ void fwd_finish8(const LanesRows<T>& r, int t0, int L
 #pragma unroll
     for (int j = 0; j < kLanesSteps; ++j) y[j] *= c.scale;
   }
-  if (r.z) {
-#if LANES_FWD_YS  // timing probe when 0 (no y saved for dz: wrong dz)
+  if constexpr (Z) {
     if (r.ys) store8<FULL>(r.ys, t0, L, y);
-#endif
     float zz[kLanesSteps];
     load8<FULL>(r.z, t0, L, zz);
 #pragma unroll
@@ -518,8 +514,10 @@ __device__ __forceinline__ void state_begin(const LanesRows<T>& r, int n, int t0
   }
 }
 
-// One forward window. A2_l / h_l: lane n holds state n's A*log2(e) and carry.
-template <bool REV, bool FULL, bool EXACT, typename T, int NMAX>
+// One forward window. A2_l / h_l: lane n holds state n's A*log2(e) and carry. Z: z given (a template parameter: the
+// gate's code and the store of y for dz, present but not run, made the kernel without z 3-6% slower; H100, bf16,
+// global XL 0.230 vs 0.238 ms, long 0.571 vs 0.605, csrc/selective_scan/NOTES.md session 18).
+template <bool REV, bool FULL, bool EXACT, typename T, int NMAX, bool Z>
 __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L, int N, int lane,
                                            const LanesScalars& c, float A2_l, float& h_l LANES_PROBE_PARAM) {
   using O = Order<REV>;
@@ -529,13 +527,13 @@ __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L,
   window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, rb, rc);
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) y[j] = c.Dv * uu[j];
-  float4 wse[2];  // LANES_WS_EARLY
+  float4 wse[2];  // the other direction's y (kAddWs), loaded LANES_WS_AHEAD states before the window's end
   LANES_PROBE(kProbeFwdWinBegin);
 #pragma unroll
   for (int n = 0; n < NMAX; ++n) {
     float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], pa, xa;
     state_begin<REV, FULL, EXACT>(r, n, t0, L, N, __shfl_sync(kFull, A2_l, n), rb, rc, dt, du, Bv, Cv, a, pa, xa);
-    if (FULL && LANES_WS_EARLY > 0 && n == LANES_WS_EARLY && c.mode == kAddWs)
+    if (FULL && n == NMAX - LANES_WS_AHEAD && c.mode == kAddWs)
       wse[0] = reinterpret_cast<const float4*>(r.ws + t0)[0], wse[1] = reinterpret_cast<const float4*>(r.ws + t0)[1];
     float carry = __shfl_sync(kFull, h_l, n);
     LANES_PROBE(kProbeFwdStateBegin);
@@ -550,7 +548,7 @@ __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L,
     }
     LANES_PROBE(kProbeFwdReplay);
   }
-  fwd_finish8<FULL>(r, t0, L, c, y, (FULL && LANES_WS_EARLY > 0) ? wse : nullptr);
+  fwd_finish8<FULL, Z>(r, t0, L, c, y, FULL ? wse : nullptr);
   LANES_PROBE(kProbeFwdWinEnd);
 #ifdef LANES_PROBE_CLOCK
   pr.c[kProbeFwdWindows] += 1.f;
@@ -558,17 +556,17 @@ __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L,
 }
 
 // The partial-window / unaligned path, kept out of line so that its registers do not count against the fast path.
-template <bool REV, typename T, int NMAX>
+template <bool REV, typename T, int NMAX, bool Z>
 __device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, int L, int N, int lane,
                                                 const LanesScalars c, float A2_l, float& h_l) {
 #ifdef LANES_PROBE_CLOCK
   LanesProbe pr{};  // partial windows are not counted
 #endif
-  fwd_window<REV, false, false, T, NMAX>(r, t0, L, N, lane, c, A2_l, h_l LANES_PROBE_ARG);
+  fwd_window<REV, false, false, T, NMAX, Z>(r, t0, L, N, lane, c, A2_l, h_l LANES_PROBE_ARG);
 }
 
 // One direction of the forward over the whole row: windows in scan order, the state entering each saved.
-template <bool REV, bool EXACT, typename T, int NMAX>
+template <bool REV, bool EXACT, typename T, int NMAX, bool Z>
 __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b, int chan, int lane, int mode) {
   const DirParams& dp = p.dir[d];
   const int L = p.L, N = p.N;
@@ -590,9 +588,9 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
     if (states && lane < N && lanes_saves_state(w, nwin, REV))
       states[(size_t)(w / kLanesStateStride) * N + lane] = h_l;
     if (!p.lanes_vec || (w + 1) * kLanesWindow > L)
-      fwd_window_generic<REV, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l);
+      fwd_window_generic<REV, T, NMAX, Z>(rows, t0, L, N, lane, c, A2_l, h_l);
     else
-      fwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A2_l, h_l LANES_PROBE_ARG);
+      fwd_window<REV, true, EXACT, T, NMAX, Z>(rows, t0, L, N, lane, c, A2_l, h_l LANES_PROBE_ARG);
   }
 #ifdef LANES_PROBE_CLOCK
   h_l = 0.f;  // lane k: its phase k
@@ -603,19 +601,19 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
 }
 
 // Bidirectional: two launches on one stream, the backward direction (kPassBiRev: its y into ws), then the forward one
-// (kPassBiFwd: adds it, gates and stores out).
-template <typename T, int NMAX, bool EXACT, int PASS>
+// (kPassBiFwd: adds it, gates and stores out). Z: z given (kPassBiRev never gates).
+template <typename T, int NMAX, bool EXACT, int PASS, bool Z>
 __global__ void __launch_bounds__(kLanesWarps * 32, LANES_FWD_MINB) scan_fwd_lanes_kernel(const ScanParams p) {
   const int lane = threadIdx.x & 31;
   const int chan = blockIdx.y * kLanesWarps + (threadIdx.x >> 5);
   const int b = blockIdx.x;  // batch rows first: warps running together add dB/dC into different rows
   if (chan >= p.dim) return;  // a whole warp; no block-level synchronisation below
   if constexpr (PASS == kPassBiRev)
-    fwd_direction<true, EXACT, T, NMAX>(p, 1, b, chan, lane, kToWs);
+    fwd_direction<true, EXACT, T, NMAX, false>(p, 1, b, chan, lane, kToWs);
   else if constexpr (PASS == kPassBiFwd)
-    fwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kAddWs);
+    fwd_direction<false, EXACT, T, NMAX, Z>(p, 0, b, chan, lane, kAddWs);
   else
-    fwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kUni);
+    fwd_direction<false, EXACT, T, NMAX, Z>(p, 0, b, chan, lane, kUni);
 }
 
 // A lane's states h over its steps in scan order from hh, the state entering it.
@@ -1163,7 +1161,13 @@ template <typename T, bool FWD, int NMAX, bool EXACT, int PASS>
 cudaError_t launch_lanes_pass(const ScanParams& p, cudaStream_t stream) {
   const dim3 grid(p.batch, (p.dim + kLanesWarps - 1) / kLanesWarps);
   if constexpr (FWD) {
-    scan_fwd_lanes_kernel<T, NMAX, EXACT, PASS><<<grid, kLanesWarps * 32, 0, stream>>>(p);
+    if constexpr (PASS != kPassBiRev) {
+      if (p.z) {
+        scan_fwd_lanes_kernel<T, NMAX, EXACT, PASS, true><<<grid, kLanesWarps * 32, 0, stream>>>(p);
+        return cudaGetLastError();
+      }
+    }
+    scan_fwd_lanes_kernel<T, NMAX, EXACT, PASS, false><<<grid, kLanesWarps * 32, 0, stream>>>(p);
   } else {
     constexpr int smem = kLanesBlockReduceBytes;
     if constexpr (smem + kLanesWarps * (2 * kLanesWindow + kLanesBwdScanFloats) * 4 > 48 * 1024) {  // static too
