@@ -401,7 +401,7 @@ __device__ __forceinline__ LanesRows<T> lanes_rows(const ScanParams& p, int d, i
 // What a window does with its y (the scan's output before the gate, D u included):
 enum LanesMode : int {
   kUni = 0,     // unidirectional: gate, store out (backward: dz from the saved y)
-  kToWs = 1,    // bidirectional, backward direction (runs first): y to the fp32 scratch ws
+  kToWs = 1,    // bidirectional, backward direction (runs first): y to the fp32 scratch ws (backward: no dz)
   kAddWs = 2,   // bidirectional, forward direction: y + ws, halved with divide_out, gate, store out (backward: dz)
 };
 
@@ -1118,7 +1118,7 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
   }
 }
 
-// Bidirectional: two launches, the backward direction (kPassBiRev; with z, its y into ws for dz), then the forward one.
+// Bidirectional: two launches, the backward direction (kPassBiRev), then the forward one (kPassBiFwd: dz too).
 template <typename T, int NMAX, bool EXACT, int PASS>
 __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lanes_kernel(const ScanParams p) {
   // per warp: dB, dC of one state and window, staged for the atomics (without the block reduction)
