@@ -9,6 +9,7 @@
 // layout rule; e.g. the z half of d(xz)) and then returns an empty dz. Autograd and fake kernels are registered in
 // matten_kernels/selective_scan/cuda.py.
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -52,6 +53,12 @@ template <typename E, typename... Args>
   ((s += to_str(args)), ...);
   throw E(s);
 }
+// The bidirectional lanes backward's two launches on two streams (0: one stream; an A/B knob, csrc/selective_scan/
+// NOTES.md session 18).
+#ifndef LANES_BI_BWD_STREAMS
+#define LANES_BI_BWD_STREAMS 1
+#endif
+
 #define MATTEN_CHECK(cond, ...) \
   do {                          \
     if (!(cond)) fail<std::invalid_argument>(__VA_ARGS__); \
@@ -385,7 +392,22 @@ std::vector<Tensor> scan_bwd(
   const Tensor ys = z ? y_saved : dout;  // rows_aligned's list: y_saved when it is read
   p.lanes_vec = lanes && rows_aligned(L, dt, {u, delta, B, C, dout, ys, grads[0].du, grads[0].ddelta, dz_dst}, z) &&
                 (!bi || rows_aligned(L, dt, {r.u, r.delta, r.B, r.C, grads[1].du, grads[1].ddelta}, z));
-  const cudaError_t err = launch(false, dt, p, cfg, c10::cuda::getCurrentCUDAStream().stream());
+  // Bidirectional lanes backward: the backward direction's launch on a pool stream, forked from and joined to the
+  // current one (so CUDA graph capture records both branches), the tails of the two launches overlapping.
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
+  std::optional<c10::cuda::CUDAStream> side;
+  at::cuda::CUDAEvent fork_ev, join_ev;
+  if (LANES_BI_BWD_STREAMS && lanes && bi) {
+    side = c10::cuda::getStreamFromPool(false, stream.device_index());
+    fork_ev.record(stream);
+    fork_ev.block(*side);
+    p.side_stream = side->stream();
+  }
+  const cudaError_t err = launch(false, dt, p, cfg, stream.stream());
+  if (side) {
+    join_ev.record(*side);
+    join_ev.block(stream);
+  }
   MATTEN_CHECK_LAUNCH(err, "backward");
 
   // Deterministic reductions of the per-block / per-batch-row partial sums.

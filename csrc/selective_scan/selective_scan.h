@@ -156,6 +156,10 @@ struct ScanParams {
   void* dz;                   // (batch, dim, L) dtype, when z is given; batch stride dz_bstride elements
   long long dz_bstride;
   float* dinitial_state;      // (batch, dim, N) or nullptr
+  // Backward of the bidirectional lanes config: the two directions' launches share no buffer, so the backward
+  // direction's may run on side_stream (forked from the caller's stream and joined back by the caller) and each
+  // launch's last wave overlaps the other's; nullptr: both on the caller's stream.
+  cudaStream_t side_stream;
 };
 
 // The seq forward (selective_scan_seq.cuh, the lanes config's forward where there are many channels): 4 states per

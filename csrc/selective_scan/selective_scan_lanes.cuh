@@ -44,7 +44,7 @@ constexpr int kLanesAhead = LANES_AHEAD;  // states whose B/C loads are in fligh
 // of the code: 1,162 instructions a group against 5,252 a window). H100, bf16, fwd+bwd ms against the unrolled loop
 // in one call (benchmarks/results/cuda-lanes-variants-NVIDIA-H100-80GB-HBM3-f862446-roll.json): global XL 0.973 ->
 // 0.949, long 2.410 -> 2.283, bidirectional long 4.945 -> 4.682. The forward rolled the same way was 35% slower.
-#ifndef LANES_WS_AHEAD  // the forward direction's ws loads: issued this many states before a full window's end
+#ifndef LANES_WS_AHEAD  // the forward direction's ws loads: issued this many states before a full window's end (0: at it)
 #define LANES_WS_AHEAD 4
 #endif
 #ifndef LANES_BWD_ROLL
@@ -441,6 +441,12 @@ __device__ __forceinline__ void ws_store8(float* ws, int t0, int L, const float 
   }
 }
 
+// Whether the forward's z is given: known to the compiler (the unidirectional kernel, one instantiation each: the gate's
+// code and the store of y for dz, present but not run, made it 3-6% slower without z; H100, bf16, global XL 0.230 vs
+// 0.238 ms, long 0.571 vs 0.605) or checked at run time (kPassBiFwd: its kernel without z compiled to 68 B of spills
+// and 0.505 ms against 0.490 for the bidirectional forward at global XL; csrc/selective_scan/NOTES.md, session 18).
+enum LanesZ : int { kZNo = 0, kZYes = 1, kZRuntime = 2 };
+
 struct LanesScalars {
   float bias, Dv, scale;  // delta_bias, D of the channel; 0.5 for divide_out (bidirectional), else 1
   bool softplus;
@@ -449,8 +455,8 @@ struct LanesScalars {
 
 // A forward window's y (D u included) for this lane's 8 steps from t0: to the scratch (kToWs), or plus the other
 // direction's (kAddWs; on full windows `ws_early` holds it, loaded during the window), halved with divide_out, gated
-// by silu(z) (Z: y before the gate saved for the backward's dz when asked) and stored.
-template <bool FULL, bool Z, typename T>
+// by silu(z) (y before the gate saved for the backward's dz when asked) and stored. Z: kZNo / kZYes / kZRuntime.
+template <bool FULL, int Z, typename T>
 __device__ __forceinline__ void fwd_finish8(const LanesRows<T>& r, int t0, int L, const LanesScalars& c,
                                             float (&y)[kLanesSteps], const float4* ws_early) {
   if (c.mode == kToWs) {
@@ -467,7 +473,7 @@ __device__ __forceinline__ void fwd_finish8(const LanesRows<T>& r, int t0, int L
 #pragma unroll
     for (int j = 0; j < kLanesSteps; ++j) y[j] *= c.scale;
   }
-  if constexpr (Z) {
+  if (Z == kZYes || (Z == kZRuntime && r.z)) {
     if (r.ys) store8<FULL>(r.ys, t0, L, y);
     float zz[kLanesSteps];
     load8<FULL>(r.z, t0, L, zz);
@@ -514,10 +520,9 @@ __device__ __forceinline__ void state_begin(const LanesRows<T>& r, int n, int t0
   }
 }
 
-// One forward window. A2_l / h_l: lane n holds state n's A*log2(e) and carry. Z: z given (a template parameter: the
-// gate's code and the store of y for dz, present but not run, made the kernel without z 3-6% slower; H100, bf16,
-// global XL 0.230 vs 0.238 ms, long 0.571 vs 0.605, csrc/selective_scan/NOTES.md session 18).
-template <bool REV, bool FULL, bool EXACT, typename T, int NMAX, bool Z>
+// One forward window. A2_l / h_l: lane n holds state n's A*log2(e) and carry. Z: whether z is given, known to the
+// compiler or not (see LanesZ).
+template <bool REV, bool FULL, bool EXACT, typename T, int NMAX, int Z>
 __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L, int N, int lane,
                                            const LanesScalars& c, float A2_l, float& h_l LANES_PROBE_PARAM) {
   using O = Order<REV>;
@@ -548,7 +553,7 @@ __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L,
     }
     LANES_PROBE(kProbeFwdReplay);
   }
-  fwd_finish8<FULL, Z>(r, t0, L, c, y, FULL ? wse : nullptr);
+  fwd_finish8<FULL, Z>(r, t0, L, c, y, (FULL && LANES_WS_AHEAD > 0) ? wse : nullptr);
   LANES_PROBE(kProbeFwdWinEnd);
 #ifdef LANES_PROBE_CLOCK
   pr.c[kProbeFwdWindows] += 1.f;
@@ -556,7 +561,7 @@ __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L,
 }
 
 // The partial-window / unaligned path, kept out of line so that its registers do not count against the fast path.
-template <bool REV, typename T, int NMAX, bool Z>
+template <bool REV, typename T, int NMAX, int Z>
 __device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, int L, int N, int lane,
                                                 const LanesScalars c, float A2_l, float& h_l) {
 #ifdef LANES_PROBE_CLOCK
@@ -566,7 +571,7 @@ __device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, in
 }
 
 // One direction of the forward over the whole row: windows in scan order, the state entering each saved.
-template <bool REV, bool EXACT, typename T, int NMAX, bool Z>
+template <bool REV, bool EXACT, typename T, int NMAX, int Z>
 __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b, int chan, int lane, int mode) {
   const DirParams& dp = p.dir[d];
   const int L = p.L, N = p.N;
@@ -601,7 +606,8 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
 }
 
 // Bidirectional: two launches on one stream, the backward direction (kPassBiRev: its y into ws), then the forward one
-// (kPassBiFwd: adds it, gates and stores out). Z: z given (kPassBiRev never gates).
+// (kPassBiFwd: adds it, gates and stores out). Z: z given (the unidirectional scan; kPassBiRev never gates, kPassBiFwd
+// checks at run time).
 template <typename T, int NMAX, bool EXACT, int PASS, bool Z>
 __global__ void __launch_bounds__(kLanesWarps * 32, LANES_FWD_MINB) scan_fwd_lanes_kernel(const ScanParams p) {
   const int lane = threadIdx.x & 31;
@@ -609,11 +615,11 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_FWD_MINB) scan_fwd_lan
   const int b = blockIdx.x;  // batch rows first: warps running together add dB/dC into different rows
   if (chan >= p.dim) return;  // a whole warp; no block-level synchronisation below
   if constexpr (PASS == kPassBiRev)
-    fwd_direction<true, EXACT, T, NMAX, false>(p, 1, b, chan, lane, kToWs);
+    fwd_direction<true, EXACT, T, NMAX, kZNo>(p, 1, b, chan, lane, kToWs);
   else if constexpr (PASS == kPassBiFwd)
-    fwd_direction<false, EXACT, T, NMAX, Z>(p, 0, b, chan, lane, kAddWs);
+    fwd_direction<false, EXACT, T, NMAX, kZRuntime>(p, 0, b, chan, lane, kAddWs);
   else
-    fwd_direction<false, EXACT, T, NMAX, Z>(p, 0, b, chan, lane, kUni);
+    fwd_direction<false, EXACT, T, NMAX, Z ? kZYes : kZNo>(p, 0, b, chan, lane, kUni);
 }
 
 // A lane's states h over its steps in scan order from hh, the state entering it.
@@ -1161,7 +1167,7 @@ template <typename T, bool FWD, int NMAX, bool EXACT, int PASS>
 cudaError_t launch_lanes_pass(const ScanParams& p, cudaStream_t stream) {
   const dim3 grid(p.batch, (p.dim + kLanesWarps - 1) / kLanesWarps);
   if constexpr (FWD) {
-    if constexpr (PASS != kPassBiRev) {
+    if constexpr (PASS == kPassUni) {
       if (p.z) {
         scan_fwd_lanes_kernel<T, NMAX, EXACT, PASS, true><<<grid, kLanesWarps * 32, 0, stream>>>(p);
         return cudaGetLastError();
@@ -1191,7 +1197,9 @@ cudaError_t launch_lanes_n(const ScanParams& p, cudaStream_t stream) {
   if constexpr (!BI) {
     return launch_lanes_pass<T, FWD, NMAX, EXACT, kPassUni>(p, stream);
   } else {
-    const cudaError_t e = launch_lanes_pass<T, FWD, NMAX, EXACT, kPassBiRev>(p, stream);
+    // the forward direction's forward reads the backward one's ws; their backwards are independent (side_stream)
+    const cudaError_t e = launch_lanes_pass<T, FWD, NMAX, EXACT, kPassBiRev>(
+        p, (!FWD && p.side_stream) ? p.side_stream : stream);
     return e != cudaSuccess ? e : launch_lanes_pass<T, FWD, NMAX, EXACT, kPassBiFwd>(p, stream);
   }
 }
