@@ -20,8 +20,8 @@
 // Bidirectional: the backward direction runs the same code in reversed scan order (Order<true>: shuffles down for the
 // state, up for the adjoint, each lane's steps from its last, windows from the end) over the natural-order inputs; in
 // the forward its y goes to an fp32 scratch that the forward direction, run by a second launch (LanesPass), adds
-// before the gate. dz = dout y silu'(z) from the saved pre-gate y (the backward needs no y of its own: H100, bf16,
-// global XL fwd+bwd 0.955 -> 0.927 ms, bidirectional 1.942 -> 1.892 without z, csrc/selective_scan/NOTES.md).
+// before the gate. dz = dout y silu'(z) from the pre-gate y the forward saves (so the backward computes no y; a probe
+// build without it, H100, bf16, global XL fwd+bwd 0.955 -> 0.927 ms, bidirectional 1.942 -> 1.892; NOTES.md session 18).
 // dB/dC use atomics, so the result is not bit-reproducible; the launcher takes another config when the caller
 // asks for determinism.
 #pragma once
@@ -443,8 +443,8 @@ __device__ __forceinline__ void ws_store8(float* ws, int t0, int L, const float 
 
 // Whether the forward's z is given: known to the compiler (the unidirectional kernel, one instantiation each: the gate's
 // code and the store of y for dz, present but not run, made it 3-6% slower without z; H100, bf16, global XL 0.230 vs
-// 0.238 ms, long 0.571 vs 0.605) or checked at run time (kPassBiFwd: its kernel without z compiled to 68 B of spills
-// and 0.505 ms against 0.490 for the bidirectional forward at global XL; csrc/selective_scan/NOTES.md, session 18).
+// 0.238 ms, long 0.571 vs 0.605) or checked at run time (kPassBiFwd: its kernel without z compiled to 68 B of spills,
+// the bidirectional forward 0.505 ms at global XL against 0.478 with the check; csrc/selective_scan/NOTES.md, session 18).
 enum LanesZ : int { kZNo = 0, kZYes = 1, kZRuntime = 2 };
 
 struct LanesScalars {
