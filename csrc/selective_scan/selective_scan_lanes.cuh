@@ -47,9 +47,6 @@ constexpr int kLanesAhead = LANES_AHEAD;  // states whose B/C loads are in fligh
 #ifndef LANES_WS_AHEAD  // the forward direction's ws loads: issued this many states before a full window's end (0: at it)
 #define LANES_WS_AHEAD 4
 #endif
-#ifndef LANES_BWD_HPREV  // the gradients' g a h_(t-1) from the previous step's state (else from h_t - x_t)
-#define LANES_BWD_HPREV 0
-#endif
 #ifndef LANES_BWD_ROLL
 #define LANES_BWD_ROLL 1
 #endif
@@ -670,7 +667,7 @@ __device__ __forceinline__ void bwd_dy(const LanesRows<T>& r, int t0, int L, con
 // the lane's part of dA_n.
 template <bool REV, bool FULL, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ float bwd_state_grads(const LanesRows<T>& r, int n, int t0, int L, int N, int lane, float An,
-                                                float gg, float hin, const float (&a)[kLanesSteps],
+                                                float gg, const float (&a)[kLanesSteps],
                                                 const float (&h)[kLanesSteps], const float (&Bv)[kLanesSteps],
                                                 const float (&Cv)[kLanesSteps], const float (&dt)[kLanesSteps],
                                                 const float (&du)[kLanesSteps], const float (&dy)[kLanesSteps],
@@ -685,16 +682,10 @@ __device__ __forceinline__ float bwd_state_grads(const LanesRows<T>& r, int n, i
     dCv[j] = dy[j] * h[j];
     dBv[j] = gg * du[j];
     sgB[j] = fmaf(gg, Bv[j], sgB[j]);
-#if LANES_BWD_HPREV
-    const float ga = gg * a[j];  // a_j g_j: what the previous step receives
-    const float ghx = ga * (k > 0 ? h[O::step(k - 1)] : hin);  // g_j a_j h_(previous step)
-    gg = ga;
-#else
     const float ghx = gg * (h[j] - du[j] * Bv[j]);  // g_j a_j h_(previous step)
-    if (k > 0) gg *= a[j];  // a_j g_j: what the previous step receives
-#endif
     ddt[j] = fmaf(An, ghx, ddt[j]);
     dAl = fmaf(dt[j], ghx, dAl);
+    if (k > 0) gg *= a[j];  // a_j g_j: what the previous step receives
   }
   LANES_PROBE(kProbeGrads);
   if (LANES_BLOCK_REDUCE && FULL && EXACT && bxch) {
@@ -788,8 +779,8 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
     g0 = __shfl_sync(kFull, a[j_first] * g0, O::first);  // a g at the window's first step: the next window's r
     r_l = lane == n ? g0 : r_l;
     LANES_PROBE(kProbeAdjScan);
-    dA[n] += bwd_state_grads<REV, FULL, EXACT, T, NMAX>(r, n, t0, L, N, lane, An, gg, hh, a, h, Bv, Cv, dt, du, dy,
-                                                        sgB, ddt, xch, bxch LANES_PROBE_ARG);
+    dA[n] += bwd_state_grads<REV, FULL, EXACT, T, NMAX>(r, n, t0, L, N, lane, An, gg, a, h, Bv, Cv, dt, du, dy, sgB,
+                                                        ddt, xch, bxch LANES_PROBE_ARG);
   }
   bwd_window_end<FULL>(r, t0, L, c, uu, dt, dy, sgB, ddt, dD, dbias);
   LANES_PROBE(kProbeWinEnd);
@@ -963,11 +954,11 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
       unpack8(qc[m], Cv);
       const float4 a0 = sm.a[m][0][lane], a1 = sm.a[m][1][lane];
       const float a[kLanesSteps] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-      const float gg = sm.rin[m][lane], hin = sm.hin[m][lane];
-      bwd_replay<REV>(hin, a, du, Bv, h);
+      const float gg = sm.rin[m][lane];
+      bwd_replay<REV>(sm.hin[m][lane], a, du, Bv, h);
       LANES_PROBE(kProbeReplay);
-      dA[n] += bwd_state_grads<REV, true, EXACT, T, NMAX>(r, n, t0, L, N, lane, An, gg, hin, a, h, Bv, Cv, dt, du,
-                                                          dy, sgB, ddt, xch, bxch LANES_PROBE_ARG);
+      dA[n] += bwd_state_grads<REV, true, EXACT, T, NMAX>(r, n, t0, L, N, lane, An, gg, a, h, Bv, Cv, dt, du, dy,
+                                                          sgB, ddt, xch, bxch LANES_PROBE_ARG);
     }
     __syncwarp();  // the next group overwrites sm
   }
