@@ -20,8 +20,9 @@
 // Bidirectional: the backward direction runs the same code in reversed scan order (Order<true>: shuffles down for the
 // state, up for the adjoint, each lane's steps from its last, windows from the end) over the natural-order inputs; in
 // the forward its y goes to an fp32 scratch that the forward direction, run by a second launch (LanesPass), adds
-// before the gate. dz = dout y silu'(z) from the pre-gate y the forward saves (so the backward computes no y; a probe
-// build without it, H100, bf16, global XL fwd+bwd 0.955 -> 0.927 ms, bidirectional 1.942 -> 1.892; NOTES.md session 18).
+// before the gate. dz = dout y silu'(z) from the pre-gate y the forward saves (so the backward computes no y; a
+// probe build without it, H100, bf16: global XL fwd+bwd 0.955 -> 0.927 ms, bidirectional 1.942 -> 1.892; NOTES.md,
+// session 18).
 // dB/dC use atomics, so the result is not bit-reproducible; the launcher takes another config when the caller
 // asks for determinism.
 #pragma once
@@ -44,7 +45,8 @@ constexpr int kLanesAhead = LANES_AHEAD;  // states whose B/C loads are in fligh
 // of the code: 1,162 instructions a group against 5,252 a window). H100, bf16, fwd+bwd ms against the unrolled loop
 // in one call (benchmarks/results/cuda-lanes-variants-NVIDIA-H100-80GB-HBM3-f862446-roll.json): global XL 0.973 ->
 // 0.949, long 2.410 -> 2.283, bidirectional long 4.945 -> 4.682. The forward rolled the same way was 35% slower.
-#ifndef LANES_WS_AHEAD  // the forward direction's ws loads: issued this many states before a full window's end (0: at it)
+// The forward direction's ws loads: issued this many states before a full window's end (0: at its end).
+#ifndef LANES_WS_AHEAD
 #define LANES_WS_AHEAD 4
 #endif
 #ifndef LANES_BWD_ROLL
@@ -441,10 +443,10 @@ __device__ __forceinline__ void ws_store8(float* ws, int t0, int L, const float 
   }
 }
 
-// Whether the forward's z is given: known to the compiler (the unidirectional kernel, one instantiation each: the gate's
-// code and the store of y for dz, present but not run, made it 3-6% slower without z; H100, bf16, global XL 0.230 vs
-// 0.238 ms, long 0.571 vs 0.605) or checked at run time (kPassBiFwd: its kernel without z compiled to 68 B of spills,
-// the bidirectional forward 0.505 ms at global XL against 0.478 with the check; csrc/selective_scan/NOTES.md, session 18).
+// Whether the forward's z is given: known to the compiler (the unidirectional kernel, one instantiation each: the
+// gate's code and the store of y for dz, present but not run, made it 3-6% slower without z; H100, bf16, global XL
+// 0.230 vs 0.238 ms, long 0.571 vs 0.605) or checked at run time (kPassBiFwd: its kernel without z compiled to 68 B
+// of spills, the bidirectional forward 0.505 ms at global XL against 0.478 with the check; NOTES.md, session 18).
 enum LanesZ : int { kZNo = 0, kZYes = 1, kZRuntime = 2 };
 
 struct LanesScalars {
