@@ -49,9 +49,6 @@ constexpr int kLanesAhead = LANES_AHEAD;  // states whose B/C loads are in fligh
 #ifndef LANES_WS_AHEAD
 #define LANES_WS_AHEAD 4
 #endif
-#ifndef LANES_SCAN_SEL
-#define LANES_SCAN_SEL 0
-#endif
 #ifndef LANES_BWD_ROLL
 #define LANES_BWD_ROLL 1
 #endif
@@ -335,16 +332,10 @@ __device__ __forceinline__ float lanes_state_in(float pa, float xa, float& carry
 #pragma unroll
   for (int off = 1; off < 32; off <<= 1) {
     const float pp = O::prev(pa, off), xp = O::prev(xa, off);
-#if LANES_SCAN_SEL  // the lanes without a predecessor compose with the identity map (1, 0): selects, no predication
-    const bool has = O::has_prev(lane, off);
-    xa = fmaf(pa, has ? xp : 0.f, xa);
-    pa *= has ? pp : 1.f;
-#else
     if (O::has_prev(lane, off)) {
       xa = fmaf(pa, xp, xa);
       pa *= pp;
     }
-#endif
   }
   const float h_out = fmaf(pa, carry, xa);  // the state after this lane's steps
   float h_in = O::prev(h_out, 1);
@@ -362,16 +353,10 @@ __device__ __forceinline__ float lanes_adjoint_in(float q, float s, float r, int
 #pragma unroll
   for (int off = 1; off < 32; off <<= 1) {
     const float qn = O::next(q, off), sn = O::next(s, off);
-#if LANES_SCAN_SEL
-    const bool has = O::has_next(lane, off);
-    s = fmaf(q, has ? sn : 0.f, s);
-    q *= has ? qn : 1.f;
-#else
     if (O::has_next(lane, off)) {
       s = fmaf(q, sn, s);
       q *= qn;
     }
-#endif
   }
   g0 = fmaf(q, r, s);
   float g_in = O::next(g0, 1);
@@ -863,13 +848,6 @@ __device__ __forceinline__ void group_scan_bwd(LanesBwdScanSmem& sm, int g0, int
   for (int off = G; off < 32; off <<= 1) {
     const float pp = __shfl_up_sync(kFull, Pp, off), xp = __shfl_up_sync(kFull, Xp, off);
     const float pn = __shfl_down_sync(kFull, Ps, off), sn = __shfl_down_sync(kFull, Ss, off);
-#if LANES_SCAN_SEL
-    const bool up = lane >= off, down = lane + off < 32;
-    Xp = fmaf(Pp, up ? xp : 0.f, Xp);
-    Pp *= up ? pp : 1.f;
-    Ss = fmaf(Ps, down ? sn : 0.f, Ss);
-    Ps *= down ? pn : 1.f;
-#else
     if (lane >= off) {
       Xp = fmaf(Pp, xp, Xp);
       Pp *= pp;
@@ -878,7 +856,6 @@ __device__ __forceinline__ void group_scan_bwd(LanesBwdScanSmem& sm, int g0, int
       Ss = fmaf(Ps, sn, Ss);
       Ps *= pn;
     }
-#endif
   }
   const float h0 = __shfl_sync(kFull, h0_l, g0 + m), r0 = __shfl_sync(kFull, r_l, g0 + m);
   const float pe = __shfl_up_sync(kFull, Pp, G), xe = __shfl_up_sync(kFull, Xp, G);
