@@ -6,7 +6,9 @@ kernel (forward / backward, uni / bi, N = 16 exactly or masked rows): registers,
 (ptxas' report) and the counts of instructions, local-memory (LDL / STL), shared-memory (LDS / STS), MUFU.EX2 and
 SHFL in its SASS. A first filter for kernel variants before they are timed on the device
 (``cuda_lanes_variants.py``): session 11 found spills and instruction counts that changed without the time changing,
-so these numbers predict nothing alone (``csrc/selective_scan/NOTES.md``).
+so these numbers predict nothing alone (``csrc/selective_scan/NOTES.md``). Per kernel also its main loop: size, the
+median distance from a shuffle to the use of its result, and the cycles a crude one-warp in-order model gives an
+iteration (``schedule``): it flags a schedule that stopped overlapping the states (session 18), nothing finer.
 
 Usage: python benchmarks/cuda_sass_count.py [--variants "base=;a2=-DLANES_AHEAD=2"] [--dtype bf16] [--which bwd]
 Needs nvcc (CUDA 12+) on PATH or under CUDA_HOME.
@@ -42,11 +44,75 @@ def _tool(name: str) -> str:
 
 
 def _short(mangled: str) -> str:
-    """'fwd uni exact' etc. from scan_{fwd,bwd}_lanes_kernel<T, 16, EXACT, BI>'s mangled name."""
-    m = re.search(r"scan_(fwd|bwd)_lanes_kernel.*Li16ELb([01])ELb([01])E", mangled)
+    """'fwd uni exact z' etc. from scan_{fwd,bwd}_lanes_kernel<T, 16, EXACT, PASS[, Z]>'s mangled name."""
+    m = re.search(r"scan_(fwd|bwd)_lanes_kernel.*Li16ELb([01])ELi([012])E(?:Lb([01])E)?", mangled)
     if not m:
         return mangled
-    return f"{m.group(1)} {'bi' if m.group(3) == '1' else 'uni'} {'exact' if m.group(2) == '1' else 'masked'}"
+    pass_ = {"0": "uni", "1": "bi-rev", "2": "bi-fwd"}[m.group(3)]
+    z = {"1": " z", "0": ""}.get(m.group(4) or "0")
+    return f"{m.group(1)} {pass_} {'exact' if m.group(2) == '1' else 'masked'}{z}"
+
+
+# A crude in-order model of one warp over a kernel's main loop (the longest backward branch): an instruction issues
+# when its source registers are ready, one a cycle, with these latencies (cycles; 4 for the rest) and one MUFU per 8
+# cycles. It does not predict the 3-10% differences between builds (session 18: a build it scored 4% faster ran 10%
+# slower), but it flags a schedule that stopped overlapping the states: the bidirectional forward that ran 52% slower
+# scored 9,194 cycles a window against ~3,400 (its shuffles' results used 3 instructions after them, median, against
+# 15-18). csrc/selective_scan/NOTES.md, session 18.
+_LATENCY = (("MUFU", 18), ("SHFL", 24), ("LDS", 30), ("LDG", 300), ("LDL", 40), ("IMAD.WIDE", 6), ("F2FP", 6))
+_NO_DEST = ("ST", "RED", "BRA", "BAR", "EXIT", "NOP", "BSYNC", "BSSY", "WARPSYNC", "ATOM")
+
+
+def _regs(text: str) -> set:
+    out = set()
+    for m in re.finditer(r"\b(R|P|UR|UP)(\d+)(\.64)?\b", text):
+        out.add((m.group(1), int(m.group(2))))
+        if m.group(3):
+            out.add((m.group(1), int(m.group(2)) + 1))
+    return out - {("R", 255)}
+
+
+def schedule(chunk: str) -> dict:
+    """Main-loop size, the median distance (instructions) from a SHFL to the first use of its result, and the modelled
+    cycles a loop iteration for one warp."""
+    ins = [(int(a, 16), t.strip()) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", chunk)]
+    body = []
+    for a, t in ins:
+        m = re.search(r"BRA[^0-9]*0x([0-9a-f]+)", t)
+        if m and int(m.group(1), 16) < a:
+            cand = [x for x in ins if int(m.group(1), 16) <= x[0] <= a]
+            body = cand if len(cand) > len(body) else body
+    ready, t, last_mufu, shfl_dst, dists = {}, 0, -99, {}, []
+    for i, (_, text) in enumerate(body):
+        pred = re.match(r"^(@!?U?P\w+)\s+", text)
+        srcs = _regs(pred.group(1)) if pred else set()
+        op, _, rest = text[pred.end() if pred else 0:].partition(" ")
+        ops = [o.strip() for o in rest.split(",")] if rest.strip() else []
+        if op.startswith(_NO_DEST):
+            dst, srcs = set(), srcs.union(*map(_regs, ops))
+        elif op.startswith("SHFL"):
+            dst, srcs = _regs(ops[1]), srcs.union(*map(_regs, ops[2:]))
+        elif op.startswith(("ISETP", "FSETP", "PLOP3", "UISETP")):
+            dst, srcs = _regs(ops[0]) | _regs(ops[1]), srcs.union(*map(_regs, ops[2:]))
+        else:
+            dst, srcs = (_regs(ops[0]) if ops else set()), srcs.union(*map(_regs, ops[1:]))
+            width = 4 if ".128" in op else 2 if ".64" in op else 1
+            if op.startswith(("LDG", "LDS", "LDL")) and width > 1:
+                dst = {(k, n + w) for k, n in dst for w in range(width)}
+        for r in srcs & set(shfl_dst):
+            dists.append(i - shfl_dst.pop(r))
+        t = max([t + 1] + [ready.get(r, 0) for r in srcs])
+        if op.startswith("MUFU"):
+            t = last_mufu = max(t, last_mufu + 8)
+        lat = next((v for k, v in _LATENCY if op.startswith(k)), 4)
+        for r in dst:
+            ready[r] = t + lat
+            shfl_dst.pop(r, None)
+            if op.startswith("SHFL"):
+                shfl_dst[r] = i
+    dists.sort()
+    return {"loop_instr": len(body), "shfl_use": dists[len(dists) // 2] if dists else "-",
+            "loop_cycles": max([t, *ready.values()]) if body else "-"}
 
 
 def compile_counts(which: str, dtype: str, flags: str) -> dict:
@@ -80,6 +146,7 @@ def compile_counts(which: str, dtype: str, flags: str) -> dict:
         out[name]["instr"] = len(ops)
         for op in _COUNTED:
             out[name][op] = sum(1 for o in ops if o == op or o.startswith(op + "."))
+        out[name].update(schedule(chunk))
     return {_short(k): v for k, v in out.items()}
 
 
@@ -89,13 +156,13 @@ def main():
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--which", default="fwd,bwd")
     args = p.parse_args()
-    cols = ["registers", "stack", "spill_st", "spill_ld", "instr", *_COUNTED]
-    print(f"{'variant':>10} {'kernel':<18} " + " ".join(f"{c:>9}" for c in cols))
+    cols = ["registers", "stack", "spill_st", "spill_ld", "instr", *_COUNTED, "loop_instr", "shfl_use", "loop_cycles"]
+    print(f"{'variant':>10} {'kernel':<22} " + " ".join(f"{c:>11}" for c in cols))
     for item in (v for v in args.variants.split(";") if v):
         name, flags = item.split("=", 1)
         for which in args.which.split(","):
             for kernel, c in sorted(compile_counts(which, args.dtype, flags).items()):
-                print(f"{name:>10} {kernel:<18} " + " ".join(f"{c.get(k, '-'):>9}" for k in cols), flush=True)
+                print(f"{name:>10} {kernel:<22} " + " ".join(f"{c.get(k, '-'):>11}" for k in cols), flush=True)
 
 
 if __name__ == "__main__":
