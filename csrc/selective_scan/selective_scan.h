@@ -148,7 +148,7 @@ struct ScanParams {
   void* out;                  // (batch, dim, L) dtype
   float* last_state;          // (batch, dim, N) or nullptr (unidirectional only)
   void* y_saved;              // (batch, dim, L) dtype: y before the gate, written when z is given and non-null
-  float* ws;                  // (batch, dim, L) fp32 scratch for the backward direction's y (bidirectional)
+  float* ws;                  // (batch, dim, L) fp32 scratch for the backward direction's y (bidirectional forward)
   // Backward inputs and outputs.
   const void* dout;           // (batch, dim, L) dtype
   const float* dlast_state;   // (batch, dim, N) or nullptr
