@@ -152,3 +152,22 @@ def test_baselines_compute_the_same_function():
     assert ours.abs().max() > 0
     assert err < 1e-5
     assert torch.equal(again, ours)
+
+
+def test_sass_schedule_model_flags_exposed_shuffles():
+    """benchmarks/cuda_sass_count.py's schedule model (CPU): a loop whose shuffle results are used at once scores a
+    short shuffle-to-use distance and more modelled cycles than the same instructions with independent work between."""
+    from cuda_sass_count import schedule
+
+    def sass(lines):
+        body = [f"        /*{16 * (i + 1):04x}*/                   {t} ;" for i, t in enumerate(lines)]
+        body.append(f"        /*{16 * (len(lines) + 1):04x}*/                   BRA 0x10 ;")
+        return "\n".join(body)
+
+    chain = ["SHFL.UP PT, R1, R0, 0x1, RZ", "FFMA R0, R1, R2, R0"] * 4 + ["FMUL R10, R11, R12"] * 8
+    spread = ["SHFL.UP PT, R1, R0, 0x1, RZ", "FMUL R10, R11, R12", "FMUL R13, R11, R12",
+              "FFMA R0, R1, R2, R0"] * 4
+    a, b = schedule(sass(chain)), schedule(sass(spread))
+    assert a["loop_instr"] == b["loop_instr"] == 17
+    assert a["shfl_use"] == 1 and b["shfl_use"] == 3
+    assert a["loop_cycles"] > b["loop_cycles"]
