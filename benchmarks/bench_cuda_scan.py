@@ -27,6 +27,8 @@ SHAPES = {  # name: (batch, dim, N, L), anchors (mamba-ssm CUDA, H100, SPEC 7): 
     "spatial_xl": ((32, 2304, 16, 256), (0.311, 1.86, 0.817, 4.09)),
     "temporal_xl": ((512, 2304, 16, 16), (4.92, 17.7, 10.0, 35.7)),
     "long": ((1, 2304, 16, 16384), (0.871, 3.77, 2.10, 8.12)),
+    "global_xl_n8": ((2, 2304, 8, 4096), (float("nan"),) * 4),  # d_state 8 and 4: the 8-state lanes kernels
+    "global_xl_n4": ((2, 2304, 4, 4096), (float("nan"),) * 4),
 }
 
 

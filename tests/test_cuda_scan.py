@@ -322,6 +322,8 @@ LANES_CASES = [  # (batch, dim, N, L, options): the lanes kernels forced (config
     pytest.param(2, 6, 5, 130, dict(has_init=True, last=True), id="N5-L130-init-last"),
     pytest.param(2, 6, 16, 300, dict(groups=2, softplus=False, has_bias=False), id="G2-L300-nosoftplus"),
     pytest.param(1, 5, 8, 512, dict(has_init=True, last=True), id="N8-L512"),
+    pytest.param(2, 8, 8, 1100, dict(has_init=True, last=True), id="N8-exact-blockreduce-L1100"),
+    pytest.param(2, 8, 4, 1030, dict(last=True), id="N4-L1030"),
     pytest.param(2, 9, 16, 4096, dict(last=True), id="L4096"),
     pytest.param(1, 4, 16, 4100, dict(groups=2, noncontig=True), id="L4100-G2-noncontig"),
     pytest.param(2, 6, 16, 600, dict(sliced=True, groups=2), id="sliced-zBC-G2-L600"),
@@ -345,6 +347,7 @@ LANES_BI_CASES = [  # (batch, dim, N, L, mode): the bidirectional lanes kernels,
     pytest.param(1, 6, 8, 512, "v2-grouped", id="v2-G3-vs-G1-L512"),
     pytest.param(2, 5, 16, 4096, "none", id="no-b-inputs-divide-L4096"),
     pytest.param(1, 3, 5, 600, "v2", id="v2-N5-L600"),
+    pytest.param(2, 8, 8, 1024, "v2", id="v2-N8-exact-blockreduce-L1024"),
     pytest.param(2, 4, 16, 768, "v2-sliced", id="v2-sliced-zBC-L768"),
 ]
 

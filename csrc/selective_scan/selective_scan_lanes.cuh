@@ -49,6 +49,15 @@ constexpr int kLanesAhead = LANES_AHEAD;  // states whose B/C loads are in fligh
 #ifndef LANES_WS_AHEAD
 #define LANES_WS_AHEAD 4
 #endif
+// LANES_N8 (default on): N = 8 runs an instantiation for 8 states without row masks, N < 8 one for 8 with masked
+// rows (else both run the masked 16-state one, whose schedule is poor too: cuda_sass_count.py scores its forward
+// loop 10,440 cycles against 2,156 for the exact 8-state one). H100, bf16, fwd / fwd+bwd ms against LANES_N8=0 in one
+// call (benchmarks/results/cuda-lanes-variants-NVIDIA-H100-80GB-HBM3-fcb6ea4-n8-n4.json): (2, 2304, 8, 4096) 0.361 /
+// 1.084 -> 0.141 / 0.563, bidirectional 0.794 / 2.238 -> 0.320 / 1.131; (2, 2304, 4, 4096) 0.314 / 0.900 -> 0.146 /
+// 0.586, bidirectional 0.649 / 1.839 -> 0.332 / 1.223; N = 16 unchanged (0.231 / 0.932).
+#ifndef LANES_N8
+#define LANES_N8 1
+#endif
 #ifndef LANES_BWD_ROLL
 #define LANES_BWD_ROLL 1
 #endif
@@ -1208,9 +1217,13 @@ cudaError_t launch_lanes_n(const ScanParams& p, cudaStream_t stream) {
 
 template <typename T, bool FWD, bool BI>
 cudaError_t launch_lanes_bi(const ScanParams& p, cudaStream_t stream) {
-  // N = 16 exactly (Mamba's default) without row masks; other N <= 16 with masked rows (one instantiation: builds
-  // stay short)
-  return p.N == 16 ? launch_lanes_n<T, FWD, 16, true, BI>(p, stream) : launch_lanes_n<T, FWD, 16, false, BI>(p, stream);
+  // N = 16 (Mamba's default) and N = 8 without row masks; other N with masked rows, in the 8- or 16-state kernel
+  if (p.N == 16) return launch_lanes_n<T, FWD, 16, true, BI>(p, stream);
+#if LANES_N8
+  if (p.N == 8) return launch_lanes_n<T, FWD, 8, true, BI>(p, stream);
+  if (p.N < 8) return launch_lanes_n<T, FWD, 8, false, BI>(p, stream);
+#endif
+  return launch_lanes_n<T, FWD, 16, false, BI>(p, stream);
 }
 
 // N <= kLanesMaxN (checked by the binding).
