@@ -27,6 +27,8 @@ SHAPES = {  # SPEC section 7: (batch, dim, N, L)
     "temporal XL": (512, 2304, 16, 16),
     "long": (1, 2304, 16, 16384),
 }
+# Beyond SPEC section 7 (--shapes only): smaller d_state at global XL (the CUDA backend's 8-state lanes kernels).
+EXTRA_SHAPES = {"global XL d8": (2, 2304, 8, 4096), "global XL d4": (2, 2304, 4, 4096)}
 ANCHORS = {  # SPEC section 7, mamba-ssm 2.3.2.post1 on an H100, bf16: fwd, fwd+bwd, bi fwd, bi fwd+bwd (ms)
     "global XL": (0.330, 1.74, 0.847, 3.84),
     "global S": (0.426, 2.27, 1.10, 5.00),

@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/bench_selective_scan.py [--dtypes bf16,fp32] [--shapes "global XL,long"]
         [--mamba-build DIR] [--ref] [--sweep] [--commit SHA]
 
+--shapes also takes the extra shapes of _scan_common.EXTRA_SHAPES ("global XL d8", "global XL d4": d_state 8 / 4).
 Providers: triton (ours), cuda (matten's extension, when built), mamba-ssm (the mamba_ssm package, or its
 selective_scan_cuda extension built by build_mamba_scan.py into DIR), ref (only with --ref: a Python loop over L).
 Per row: ms, GB/s (bytes model in _scan_common.py), fraction of the memory/exp floor, peak memory of fwd+bwd (MB
@@ -19,8 +20,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _scan_common import (ANCHORS, DTYPES, SHAPES, bench, bytes_model, cuda_provider, env_info,  # noqa: E402
-                          floor_ms, mamba_provider, peak_mem_mb, print_table, scan_inputs, write_results)
+from _scan_common import (ANCHORS, DTYPES, EXTRA_SHAPES, SHAPES, bench, bytes_model, cuda_provider,  # noqa: E402
+                          env_info, floor_ms, mamba_provider, peak_mem_mb, print_table, scan_inputs, write_results)
 
 from matten_kernels import selective_scan, selective_scan_ref  # noqa: E402
 
@@ -53,7 +54,7 @@ def run(args):
         dtype = DTYPES[dname]
         elt = torch.finfo(dtype).bits // 8
         for sname in args.shapes.split(","):
-            b, d, N, L = SHAPES[sname]
+            b, d, N, L = {**SHAPES, **EXTRA_SHAPES}[sname]
             x = scan_inputs(b, d, N, L, dtype, requires_grad=True)
             inp = [x[k] for k in ARGS]
             dout = torch.randn(b, d, L, device="cuda", dtype=dtype)
@@ -76,7 +77,7 @@ def run(args):
                 row["fwd_GBps"] = round(bytes_model(b, d, N, L, elt) / row["fwd_ms"] / 1e6)
                 row["fwd_floor_frac"] = round(fl_f / row["fwd_ms"], 3)
                 row["fwdbwd_floor_frac"] = round(fl_fb / row["fwdbwd_ms"], 3)
-                if dname == "bf16":
+                if dname == "bf16" and sname in ANCHORS:
                     row["anchor_fwd"], row["anchor_fwdbwd"] = ANCHORS[sname][:2]
                 row["fwd_ms"], row["fwdbwd_ms"] = round(row["fwd_ms"], 4), round(row["fwdbwd_ms"], 4)
                 rows.append(row)
@@ -108,7 +109,7 @@ def sweep(args):
 
     rows = []
     for sname in args.shapes.split(","):
-        b, d, N, L = SHAPES[sname]
+        b, d, N, L = {**SHAPES, **EXTRA_SHAPES}[sname]
         x = scan_inputs(b, d, N, L, torch.bfloat16)
         dout = torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16)
         fwd_default = scan_config(b, d, N, L, torch.bfloat16, device=0)

@@ -182,6 +182,9 @@ __device__ __forceinline__ void load8(const T* __restrict__ row, int t0, int L, 
 // Row n of B or C (batch, G, N, L) at t0; rows n >= N read as zero (by a select, not a branch). EXACT: N == NMAX.
 template <bool FULL, bool EXACT, typename T>
 __device__ __forceinline__ Raw8<T> ld8_state(const T* __restrict__ base, int n, int N, int t0, int L) {
+#ifdef LANES_PROBE_BC_ROW0  // timing probe only (wrong results): every state reads row 0 (what B/C's misses cost)
+  n = 0;
+#endif
   if constexpr (EXACT) return ld8<FULL>(base + (size_t)n * L, t0, L);
   const bool ok = n < N;
   Raw8<T> r = ld8<FULL>(base + (size_t)(ok ? n : 0) * L, t0, L, ok);
