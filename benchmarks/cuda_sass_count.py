@@ -44,13 +44,16 @@ def _tool(name: str) -> str:
 
 
 def _short(mangled: str) -> str:
-    """'fwd uni exact z' etc. from scan_{fwd,bwd}_lanes_kernel<T, 16, EXACT, PASS[, Z]>'s mangled name."""
-    m = re.search(r"scan_(fwd|bwd)_lanes_kernel.*Li16ELb([01])ELi([012])E(?:Lb([01])E)?", mangled)
+    """'fwd uni exact z staged', 'bwd bi-rev masked n8' etc. from scan_{fwd,bwd}_lanes_kernel<T, NMAX, EXACT, PASS[,
+    Z, STAGE]>'s mangled name (n8: the 8-state kernels)."""
+    m = re.search(r"scan_(fwd|bwd)_lanes_kernel.*?Li(16|8)ELb([01])ELi([012])E(?:Lb([01])E)?(?:Lb([01])E)?", mangled)
     if not m:
         return mangled
-    pass_ = {"0": "uni", "1": "bi-rev", "2": "bi-fwd"}[m.group(3)]
-    z = {"1": " z", "0": ""}.get(m.group(4) or "0")
-    return f"{m.group(1)} {pass_} {'exact' if m.group(2) == '1' else 'masked'}{z}"
+    pass_ = {"0": "uni", "1": "bi-rev", "2": "bi-fwd"}[m.group(4)]
+    z = " z" if m.group(5) == "1" else ""
+    staged = " staged" if m.group(6) == "1" else ""
+    n8 = " n8" if m.group(2) == "8" else ""
+    return f"{m.group(1)} {pass_} {'exact' if m.group(3) == '1' else 'masked'}{z}{staged}{n8}"
 
 
 # A crude in-order model of one warp over a kernel's main loop (the longest backward branch): an instruction issues

@@ -180,14 +180,16 @@ __device__ __forceinline__ void load8(const T* __restrict__ row, int t0, int L, 
 }
 
 // Row n of B or C (batch, G, N, L) at t0; rows n >= N read as zero (by a select, not a branch). EXACT: N == NMAX.
+// Rows `stride` elements apart (0: L; kLanesWindow for a forward window staged in shared memory).
 template <bool FULL, bool EXACT, typename T>
-__device__ __forceinline__ Raw8<T> ld8_state(const T* __restrict__ base, int n, int N, int t0, int L) {
+__device__ __forceinline__ Raw8<T> ld8_state(const T* __restrict__ base, int n, int N, int t0, int L, int stride = 0) {
 #ifdef LANES_PROBE_BC_ROW0  // timing probe only (wrong results): every state reads row 0 (what B/C's misses cost)
   n = 0;
 #endif
-  if constexpr (EXACT) return ld8<FULL>(base + (size_t)n * L, t0, L);
+  const size_t rs = stride ? stride : L;
+  if constexpr (EXACT) return ld8<FULL>(base + (size_t)n * rs, t0, L);
   const bool ok = n < N;
-  Raw8<T> r = ld8<FULL>(base + (size_t)(ok ? n : 0) * L, t0, L, ok);
+  Raw8<T> r = ld8<FULL>(base + (size_t)(ok ? n : 0) * rs, t0, L, ok);
   if constexpr (FULL) {
 #pragma unroll
     for (int i = 0; i < (int)(sizeof(r.v) / 16); ++i) r.v[i] = ok ? r.v[i] : make_uint4(0u, 0u, 0u, 0u);
@@ -384,6 +386,7 @@ struct LanesRows {
   T* ys;            // forward: y before the gate, saved for dz (with z, when the backward follows)
   const T* ys_in;   // backward: the same
   float *dB, *dC, *ws;
+  int bc_stride;    // B / C's row stride as the forward window reads them (L, or kLanesWindow when staged)
 };
 
 template <typename T>
@@ -409,6 +412,7 @@ __device__ __forceinline__ LanesRows<T> lanes_rows(const ScanParams& p, int d, i
   r.dB = dp.dB_part ? dp.dB_part + bc : nullptr;
   r.dC = dp.dC_part ? dp.dC_part + bc : nullptr;
   r.ws = p.ws ? p.ws + row : nullptr;
+  r.bc_stride = p.L;
   return r;
 }
 
@@ -504,7 +508,8 @@ __device__ __forceinline__ void window_begin(const LanesRows<T>& r, int t0, int 
                                              float (&du)[kLanesSteps], Raw8<T> (&rb)[NMAX], Raw8<T> (&rc)[NMAX]) {
 #pragma unroll
   for (int k = 0; k < kLanesAhead && k < NMAX; ++k)
-    rb[k] = ld8_state<FULL, EXACT>(r.B, k, N, t0, L), rc[k] = ld8_state<FULL, EXACT>(r.C, k, N, t0, L);
+    rb[k] = ld8_state<FULL, EXACT>(r.B, k, N, t0, L, r.bc_stride),
+    rc[k] = ld8_state<FULL, EXACT>(r.C, k, N, t0, L, r.bc_stride);
   load8<FULL>(r.u, t0, L, uu);
   load8<FULL>(r.delta, t0, L, dt);
   lanes_delta<FULL>(dt, c.bias, c.softplus, t0, L);
@@ -520,8 +525,8 @@ __device__ __forceinline__ void state_begin(const LanesRows<T>& r, int n, int t0
                                             const float (&du)[kLanesSteps], float (&Bv)[kLanesSteps],
                                             float (&Cv)[kLanesSteps], float (&a)[kLanesSteps], float& pa, float& xa) {
   if (n + kLanesAhead < NMAX)
-    rb[n + kLanesAhead] = ld8_state<FULL, EXACT>(r.B, n + kLanesAhead, N, t0, L),
-    rc[n + kLanesAhead] = ld8_state<FULL, EXACT>(r.C, n + kLanesAhead, N, t0, L);
+    rb[n + kLanesAhead] = ld8_state<FULL, EXACT>(r.B, n + kLanesAhead, N, t0, L, r.bc_stride),
+    rc[n + kLanesAhead] = ld8_state<FULL, EXACT>(r.C, n + kLanesAhead, N, t0, L, r.bc_stride);
   unpack8(rb[n], Bv);
   unpack8(rc[n], Cv);
   pa = 1.f, xa = 0.f;
@@ -584,9 +589,59 @@ __device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, in
   fwd_window<REV, false, false, T, NMAX, Z>(r, t0, L, N, lane, c, A2_l, h_l LANES_PROBE_ARG);
 }
 
+// LANES_FWD_STAGE (default on): the forward's B/C windows staged in shared memory by the block. A block's 4 warps
+// (channels of one B/C group) read the same B/C rows, each from L1, whose misses (L2 hits) were exposed: a probe
+// reading row 0 for every state (LANES_PROBE_BC_ROW0: always L1 hits) ran global XL at 0.197 ms against 0.230 (H100,
+// bf16; benchmarks/results/cuda-lanes-variants-NVIDIA-H100-80GB-HBM3-94b7beb-bc-row0-probe.json), and L1 prefetches
+// of the next window did not recover it (slower at global XL: ...-94b7beb-prefetch*.json). Here the block copies the
+// next window's rows (2 x NMAX x 256 elements) with cp.async (L2 only, no registers) while it computes the current
+// one, double-buffered, one barrier a window; the warps read theirs from shared memory.
+#ifndef LANES_FWD_STAGE
+#define LANES_FWD_STAGE 1
+#endif
+
+template <typename T, int NMAX>
+constexpr int lanes_stage_bytes() {
+  return 2 * 2 * NMAX * kLanesWindow * (int)sizeof(T);  // two windows of B and C rows
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((unsigned)__cvta_generic_to_shared(smem)),
+               "l"(__cvta_generic_to_global(gmem))
+               : "memory");
+#else
+  *reinterpret_cast<uint4*>(smem) = *reinterpret_cast<const uint4*>(gmem);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n\tcp.async.wait_group 0;" ::: "memory");
+#endif
+}
+
+// The block copies window w's B and C rows (full, 16-byte aligned) into `tile`: rows of kLanesWindow elements, B's
+// NMAX rows then C's.
+template <int NMAX, typename T>
+__device__ __forceinline__ void stage_bc_window(const LanesRows<T>& r, int w, int L, T* tile) {
+  constexpr int kPerRow = kLanesWindow * (int)sizeof(T) / 16, kElems = 16 / (int)sizeof(T);
+  constexpr int kChunks = 2 * NMAX * kPerRow;
+  static_assert(kChunks % (kLanesWarps * 32) == 0, "whole chunks a thread");
+#pragma unroll
+  for (int k = 0; k < kChunks / (kLanesWarps * 32); ++k) {
+    const int c = k * kLanesWarps * 32 + threadIdx.x, row = c / kPerRow, col = (c % kPerRow) * kElems;
+    const T* src = (row < NMAX ? r.B : r.C) + (size_t)(row % NMAX) * L + (size_t)w * kLanesWindow + col;
+    cp_async16(tile + row * kLanesWindow + col, src);
+  }
+}
+
 // One direction of the forward over the whole row: windows in scan order, the state entering each saved.
-template <bool REV, bool EXACT, typename T, int NMAX, int Z>
-__device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b, int chan, int lane, int mode) {
+// STAGE: B/C windows staged in `stage`, the block's shared memory (lanes_stage_bytes; every warp of the block alive,
+// in one B/C group, p.lanes_vec).
+template <bool REV, bool EXACT, typename T, int NMAX, int Z, bool STAGE>
+__device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b, int chan, int lane, int mode,
+                                              T* stage) {
   const DirParams& dp = p.dir[d];
   const int L = p.L, N = p.N;
   const size_t row = (size_t)b * p.dim + chan;
@@ -601,15 +656,31 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
 #ifdef LANES_PROBE_CLOCK
   LanesProbe pr{};
 #endif
+  constexpr int kTile = 2 * NMAX * kLanesWindow;  // elements of a staged window
+  const int nfull = p.lanes_vec ? L / kLanesWindow : 0;  // windows 0 .. nfull-1 are full
+  if (STAGE && (REV ? nwin - 1 : 0) < nfull) stage_bc_window<NMAX>(rows, REV ? nwin - 1 : 0, L, stage);
   for (int i = 0; i < nwin; ++i) {
     const int w = REV ? nwin - 1 - i : i;
     const int t0 = w * kLanesWindow + lane * kLanesSteps;
+    if constexpr (STAGE) {  // window w's copy landed and every warp is done with window i - 1's buffer: refill it
+      cp_async_wait_all();
+      __syncthreads();
+      const int wn = REV ? w - 1 : w + 1;
+      if (i + 1 < nwin && wn < nfull) stage_bc_window<NMAX>(rows, wn, L, stage + ((i + 1) & 1) * kTile);
+    }
     if (states && lane < N && lanes_saves_state(w, nwin, REV))
       states[(size_t)(w / kLanesStateStride) * N + lane] = h_l;
-    if (!p.lanes_vec || (w + 1) * kLanesWindow > L)
+    if (w >= nfull) {
       fwd_window_generic<REV, T, NMAX, Z>(rows, t0, L, N, lane, c, A2_l, h_l);
-    else
+    } else if constexpr (STAGE) {
+      LanesRows<T> sr = rows;  // B/C rows of window w from shared memory, indexed by t0 as in global memory
+      sr.B = stage + (i & 1) * kTile - (size_t)w * kLanesWindow;
+      sr.C = sr.B + NMAX * kLanesWindow;
+      sr.bc_stride = kLanesWindow;
+      fwd_window<REV, true, EXACT, T, NMAX, Z>(sr, t0, L, N, lane, c, A2_l, h_l LANES_PROBE_ARG);
+    } else {
       fwd_window<REV, true, EXACT, T, NMAX, Z>(rows, t0, L, N, lane, c, A2_l, h_l LANES_PROBE_ARG);
+    }
   }
 #ifdef LANES_PROBE_CLOCK
   h_l = 0.f;  // lane k: its phase k
@@ -622,18 +693,57 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
 // Bidirectional: two launches on one stream, the backward direction (kPassBiRev: its y into ws), then the forward one
 // (kPassBiFwd: adds it, gates and stores out). Z: z given (the unidirectional scan; kPassBiRev never gates, kPassBiFwd
 // checks at run time).
-template <typename T, int NMAX, bool EXACT, int PASS, bool Z>
+// STAGE: B/C windows staged in shared memory (LANES_FWD_STAGE; lanes_fwd_stages says where).
+template <typename T, int NMAX, bool EXACT, int PASS, bool Z, bool STAGE>
 __global__ void __launch_bounds__(kLanesWarps * 32, LANES_FWD_MINB) scan_fwd_lanes_kernel(const ScanParams p) {
   const int lane = threadIdx.x & 31;
   const int chan = blockIdx.y * kLanesWarps + (threadIdx.x >> 5);
   const int b = blockIdx.x;  // batch rows first: warps running together add dB/dC into different rows
-  if (chan >= p.dim) return;  // a whole warp; no block-level synchronisation below
+  if (chan >= p.dim) return;  // a whole warp; only when !STAGE (block barriers)
+  T* stage = nullptr;
+  if constexpr (STAGE) {
+    extern __shared__ uint4 s_stage[];
+    stage = reinterpret_cast<T*>(s_stage);
+  }
   if constexpr (PASS == kPassBiRev)
-    fwd_direction<true, EXACT, T, NMAX, kZNo>(p, 1, b, chan, lane, kToWs);
+    fwd_direction<true, EXACT, T, NMAX, kZNo, STAGE>(p, 1, b, chan, lane, kToWs, stage);
   else if constexpr (PASS == kPassBiFwd)
-    fwd_direction<false, EXACT, T, NMAX, kZRuntime>(p, 0, b, chan, lane, kAddWs);
+    fwd_direction<false, EXACT, T, NMAX, kZRuntime, STAGE>(p, 0, b, chan, lane, kAddWs, stage);
   else
-    fwd_direction<false, EXACT, T, NMAX, Z ? kZYes : kZNo>(p, 0, b, chan, lane, kUni);
+    fwd_direction<false, EXACT, T, NMAX, Z ? kZYes : kZNo, STAGE>(p, 0, b, chan, lane, kUni, stage);
+}
+
+// Whether a forward pass stages B/C (every warp of each block alive and in one B/C group of the direction it scans,
+// aligned rows; the N = 16 and N = 8 kernels without row masks).
+template <bool EXACT, int PASS>
+bool lanes_fwd_stages(const ScanParams& p) {
+  const int G = p.dir[PASS == kPassBiRev ? 1 : 0].groups;
+  return LANES_FWD_STAGE && EXACT && p.lanes_vec && p.L >= kLanesWindow && p.dim % kLanesWarps == 0 &&
+         (p.dim / G) % kLanesWarps == 0;
+}
+
+template <typename T, int NMAX, bool EXACT, int PASS, bool Z>
+cudaError_t launch_fwd_lanes(const ScanParams& p, dim3 grid, cudaStream_t stream) {
+  if constexpr (EXACT && LANES_FWD_STAGE) {
+    if (lanes_fwd_stages<EXACT, PASS>(p)) {
+      constexpr int smem = lanes_stage_bytes<T, NMAX>();
+      auto kernel = scan_fwd_lanes_kernel<T, NMAX, EXACT, PASS, Z, true>;
+      if constexpr (smem > 48 * 1024) {
+        static bool opted_in[64] = {};  // once per instantiation and device
+        int dev = 0;
+        cudaGetDevice(&dev);
+        if (dev >= 64 || !opted_in[dev]) {
+          const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+          if (e != cudaSuccess) return e;
+          if (dev < 64) opted_in[dev] = true;
+        }
+      }
+      kernel<<<grid, kLanesWarps * 32, smem, stream>>>(p);
+      return cudaGetLastError();
+    }
+  }
+  scan_fwd_lanes_kernel<T, NMAX, EXACT, PASS, Z, false><<<grid, kLanesWarps * 32, 0, stream>>>(p);
+  return cudaGetLastError();
 }
 
 // A lane's states h over its steps in scan order from hh, the state entering it.
@@ -1182,12 +1292,9 @@ cudaError_t launch_lanes_pass(const ScanParams& p, cudaStream_t stream) {
   const dim3 grid(p.batch, (p.dim + kLanesWarps - 1) / kLanesWarps);
   if constexpr (FWD) {
     if constexpr (PASS == kPassUni) {
-      if (p.z) {
-        scan_fwd_lanes_kernel<T, NMAX, EXACT, PASS, true><<<grid, kLanesWarps * 32, 0, stream>>>(p);
-        return cudaGetLastError();
-      }
+      if (p.z) return launch_fwd_lanes<T, NMAX, EXACT, PASS, true>(p, grid, stream);
     }
-    scan_fwd_lanes_kernel<T, NMAX, EXACT, PASS, false><<<grid, kLanesWarps * 32, 0, stream>>>(p);
+    return launch_fwd_lanes<T, NMAX, EXACT, PASS, false>(p, grid, stream);
   } else {
     constexpr int smem = kLanesBlockReduceBytes;
     if constexpr (smem + kLanesWarps * (2 * kLanesWindow + kLanesBwdScanFloats) * 4 > 48 * 1024) {  // static too
