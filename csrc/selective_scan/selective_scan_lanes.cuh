@@ -7,6 +7,7 @@
 // (prod a, x-part), the maps are scanned across the lanes (5 shuffle levels), and each lane replays its 8 steps
 // from the state entering it. Lane 31's last state is the next window's carry. The forward saves the state at
 // every window start (fp32, (batch, dim, nwin, N)) and, with z, y before the gate (for dz, as mamba-ssm does).
+// The block's 4 warps (channels of one B/C group) read B/C windows the block staged in shared memory (LANES_FWD_STAGE).
 //
 // Backward: windows last to first. Per state: recompute h over the window from its saved start state (the same
 // forward scan), then the adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} by the mirrored scan, with r = a_{t0} g_{t0}
