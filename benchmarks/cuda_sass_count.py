@@ -44,14 +44,15 @@ def _tool(name: str) -> str:
 
 
 def _short(mangled: str) -> str:
-    """'fwd uni exact z staged', 'bwd bi-rev masked n8' etc. from scan_{fwd,bwd}_lanes_kernel<T, NMAX, EXACT, PASS[,
-    Z, STAGE]>'s mangled name (n8: the 8-state kernels)."""
+    """'fwd uni exact z staged', 'bwd bi-rev masked n8' etc. from scan_fwd_lanes_kernel<T, NMAX, EXACT, PASS, Z, STAGE>
+    and scan_bwd_lanes_kernel<T, NMAX, EXACT, PASS, STAGE>'s mangled names (n8: the 8-state kernels)."""
     m = re.search(r"scan_(fwd|bwd)_lanes_kernel.*?Li(16|8)ELb([01])ELi([012])E(?:Lb([01])E)?(?:Lb([01])E)?", mangled)
     if not m:
         return mangled
     pass_ = {"0": "uni", "1": "bi-rev", "2": "bi-fwd"}[m.group(4)]
-    z = " z" if m.group(5) == "1" else ""
-    staged = " staged" if m.group(6) == "1" else ""
+    fwd = m.group(1) == "fwd"  # forward: <..., Z, STAGE>; backward: <..., STAGE>
+    z = " z" if fwd and m.group(5) == "1" else ""
+    staged = " staged" if (m.group(6) if fwd else m.group(5)) == "1" else ""
     n8 = " n8" if m.group(2) == "8" else ""
     return f"{m.group(1)} {pass_} {'exact' if m.group(3) == '1' else 'masked'}{z}{staged}{n8}"
 
