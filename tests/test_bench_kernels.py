@@ -171,3 +171,18 @@ def test_sass_schedule_model_flags_exposed_shuffles():
     assert a["loop_instr"] == b["loop_instr"] == 17
     assert a["shfl_use"] == 1 and b["shfl_use"] == 3
     assert a["loop_cycles"] > b["loop_cycles"]
+
+
+def test_sass_count_names_every_lanes_kernel():
+    """cuda_sass_count.py's short names (CPU) tell apart the template arguments of the lanes kernels: the forward's
+    <T, NMAX, EXACT, PASS, Z, STAGE> and the backward's <T, NMAX, EXACT, PASS, STAGE>."""
+    from cuda_sass_count import _short
+
+    fwd = "_ZN11matten_scan21scan_fwd_lanes_kernelI13__nv_bfloat16Li{}ELb{}ELi{}ELb{}ELb{}EEEvNS_10ScanParamsE"
+    bwd = "_ZN11matten_scan21scan_bwd_lanes_kernelI13__nv_bfloat16Li{}ELb{}ELi{}ELb{}EEEvNS_10ScanParamsE"
+    assert _short(fwd.format(16, 1, 0, 0, 0)) == "fwd uni exact"
+    assert _short(fwd.format(16, 1, 0, 1, 1)) == "fwd uni exact z staged"
+    assert _short(fwd.format(8, 0, 2, 0, 0)) == "fwd bi-fwd masked n8"
+    assert _short(bwd.format(16, 1, 1, 0)) == "bwd bi-rev exact"
+    assert _short(bwd.format(8, 1, 0, 1)) == "bwd uni exact staged n8"
+    assert _short("some_other_kernel") == "some_other_kernel"
