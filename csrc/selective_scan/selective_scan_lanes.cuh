@@ -465,6 +465,11 @@ __device__ __forceinline__ void ws_store8(float* ws, int t0, int L, const float 
 // 0.230 vs 0.238 ms, long 0.571 vs 0.605) or checked at run time (kPassBiFwd: its kernel without z compiled to 68 B
 // of spills, the bidirectional forward 0.505 ms at global XL against 0.478 with the check; NOTES.md, session 18).
 enum LanesZ : int { kZNo = 0, kZYes = 1, kZRuntime = 2 };
+// LANES_BIFWD_ZT (A/B, default off): kPassBiFwd instantiated with and without z too (kZYes / kZNo), as the
+// unidirectional kernel, instead of kZRuntime.
+#ifndef LANES_BIFWD_ZT
+#define LANES_BIFWD_ZT 0
+#endif
 
 struct LanesScalars {
   float bias, Dv, scale;  // delta_bias, D of the channel; 0.5 for divide_out (bidirectional), else 1
@@ -502,11 +507,26 @@ __device__ __forceinline__ void fwd_finish8(const LanesRows<T>& r, int t0, int L
   store8<FULL>(r.out, t0, L, y);
 }
 
-// A window's per-step inputs: u, d (softplus, zero beyond L), d*u; the B/C loads of the first kLanesAhead states.
+// LANES_PA_EXP (A/B, default off): a lane's decay over its steps, pa = prod_j exp2(d_j A2), as one exp2(A2 sum_j d_j)
+// (one FMUL and one MUFU a state instead of 7 FMULs; one rounding instead of 8).
+#ifndef LANES_PA_EXP
+#define LANES_PA_EXP 0
+#endif
+
+__device__ __forceinline__ float lane_dsum(const float (&dt)[kLanesSteps]) {
+  float s = 0.f;
+#pragma unroll
+  for (int j = 0; j < kLanesSteps; ++j) s += dt[j];
+  return s;
+}
+
+// A window's per-step inputs: u, d (softplus, zero beyond L), d*u, the lane's sum of d; the B/C loads of the first
+// kLanesAhead states.
 template <bool FULL, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void window_begin(const LanesRows<T>& r, int t0, int L, int N, const LanesScalars& c,
                                              float (&uu)[kLanesSteps], float (&dt)[kLanesSteps],
-                                             float (&du)[kLanesSteps], Raw8<T> (&rb)[NMAX], Raw8<T> (&rc)[NMAX]) {
+                                             float (&du)[kLanesSteps], float& sdt, Raw8<T> (&rb)[NMAX],
+                                             Raw8<T> (&rc)[NMAX]) {
 #pragma unroll
   for (int k = 0; k < kLanesAhead && k < NMAX; ++k)
     rb[k] = ld8_state<FULL, EXACT>(r.B, k, N, t0, L, r.bc_stride),
@@ -516,6 +536,7 @@ __device__ __forceinline__ void window_begin(const LanesRows<T>& r, int t0, int 
   lanes_delta<FULL>(dt, c.bias, c.softplus, t0, L);
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) du[j] = dt[j] * uu[j];
+  sdt = LANES_PA_EXP ? lane_dsum(dt) : 0.f;
 }
 
 // State n of a window: the B/C loads of state n + kLanesAhead issued, n's B/C unpacked, a = exp2(d A2) and the
@@ -523,20 +544,20 @@ __device__ __forceinline__ void window_begin(const LanesRows<T>& r, int t0, int 
 template <bool REV, bool FULL, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void state_begin(const LanesRows<T>& r, int n, int t0, int L, int N, float A2,
                                             Raw8<T> (&rb)[NMAX], Raw8<T> (&rc)[NMAX], const float (&dt)[kLanesSteps],
-                                            const float (&du)[kLanesSteps], float (&Bv)[kLanesSteps],
+                                            const float (&du)[kLanesSteps], float sdt, float (&Bv)[kLanesSteps],
                                             float (&Cv)[kLanesSteps], float (&a)[kLanesSteps], float& pa, float& xa) {
   if (n + kLanesAhead < NMAX)
     rb[n + kLanesAhead] = ld8_state<FULL, EXACT>(r.B, n + kLanesAhead, N, t0, L, r.bc_stride),
     rc[n + kLanesAhead] = ld8_state<FULL, EXACT>(r.C, n + kLanesAhead, N, t0, L, r.bc_stride);
   unpack8(rb[n], Bv);
   unpack8(rc[n], Cv);
-  pa = 1.f, xa = 0.f;
+  pa = LANES_PA_EXP ? fast_exp2(sdt * A2) : 1.f, xa = 0.f;
 #pragma unroll
   for (int k = 0; k < kLanesSteps; ++k) {
     const int j = Order<REV>::step(k);
     a[j] = fast_exp2(dt[j] * A2);
     xa = fmaf(a[j], xa, du[j] * Bv[j]);
-    pa *= a[j];
+    if (!LANES_PA_EXP) pa *= a[j];
   }
 }
 
@@ -547,9 +568,9 @@ __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L,
                                            const LanesScalars& c, float A2_l, float& h_l LANES_PROBE_PARAM) {
   using O = Order<REV>;
   LANES_PROBE_START();
-  float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], y[kLanesSteps];
+  float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], y[kLanesSteps], sdt;
   Raw8<T> rb[NMAX], rc[NMAX];
-  window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, rb, rc);
+  window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, sdt, rb, rc);
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) y[j] = c.Dv * uu[j];
   float4 wse[2];  // the other direction's y (kAddWs), loaded LANES_WS_AHEAD states before the window's end
@@ -557,7 +578,8 @@ __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L,
 #pragma unroll
   for (int n = 0; n < NMAX; ++n) {
     float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], pa, xa;
-    state_begin<REV, FULL, EXACT>(r, n, t0, L, N, __shfl_sync(kFull, A2_l, n), rb, rc, dt, du, Bv, Cv, a, pa, xa);
+    state_begin<REV, FULL, EXACT>(r, n, t0, L, N, __shfl_sync(kFull, A2_l, n), rb, rc, dt, du, sdt, Bv, Cv, a, pa,
+                                  xa);
     if (FULL && n == NMAX - LANES_WS_AHEAD && c.mode == kAddWs)
       wse[0] = reinterpret_cast<const float4*>(r.ws + t0)[0], wse[1] = reinterpret_cast<const float4*>(r.ws + t0)[1];
     float carry = __shfl_sync(kFull, h_l, n);
@@ -709,7 +731,8 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_FWD_MINB) scan_fwd_lan
   if constexpr (PASS == kPassBiRev)
     fwd_direction<true, EXACT, T, NMAX, kZNo, STAGE>(p, 1, b, chan, lane, kToWs, stage);
   else if constexpr (PASS == kPassBiFwd)
-    fwd_direction<false, EXACT, T, NMAX, kZRuntime, STAGE>(p, 0, b, chan, lane, kAddWs, stage);
+    fwd_direction<false, EXACT, T, NMAX, LANES_BIFWD_ZT ? (Z ? kZYes : kZNo) : kZRuntime, STAGE>(p, 0, b, chan, lane,
+                                                                                            kAddWs, stage);
   else
     fwd_direction<false, EXACT, T, NMAX, Z ? kZYes : kZNo, STAGE>(p, 0, b, chan, lane, kUni, stage);
 }
@@ -868,10 +891,10 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
                                            float* bxch LANES_PROBE_PARAM) {
   using O = Order<REV>;
   LANES_PROBE_START();
-  float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], dy[kLanesSteps];
+  float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], dy[kLanesSteps], sdt;
   float sgB[kLanesSteps], ddt[kLanesSteps];
   Raw8<T> rb[NMAX], rc[NMAX];
-  window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, rb, rc);
+  window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, sdt, rb, rc);
   bwd_dy<FULL>(r, t0, L, c, dy, sgB, ddt);
   LANES_PROBE(kProbeWinBegin);
 #pragma unroll
@@ -879,7 +902,7 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
     const float An = __shfl_sync(kFull, A_l, n);
     float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], h[kLanesSteps], pa, xa;
     // forward: the states of the window
-    state_begin<REV, FULL, EXACT>(r, n, t0, L, N, An * kLog2e, rb, rc, dt, du, Bv, Cv, a, pa, xa);
+    state_begin<REV, FULL, EXACT>(r, n, t0, L, N, An * kLog2e, rb, rc, dt, du, sdt, Bv, Cv, a, pa, xa);
     float h0 = __shfl_sync(kFull, h0_l, n);
     LANES_PROBE(kProbeStateBegin);
     float hh = lanes_state_in<REV>(pa, xa, h0, lane);
@@ -1060,6 +1083,7 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
   lanes_delta<true>(dt, c.bias, c.softplus, t0, L);
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) du[j] = dt[j] * uu[j];
+  const float sdt = LANES_PA_EXP ? lane_dsum(dt) : 0.f;
   bwd_dy<true>(r, t0, L, c, dy, sgB, ddt);
   LANES_PROBE(kProbeWinBegin);
 #if LANES_BWD_ROLL
@@ -1084,16 +1108,17 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
     }
 #pragma unroll
     for (int m = 0; m < G; ++m) {
-      float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], pa = 1.f, xa = 0.f, sa = 0.f;
+      float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], xa = 0.f, sa = 0.f;
       unpack8(rb[m], Bv);
       unpack8(rc[m], Cv);
       const float A2 = __shfl_sync(kFull, A_l, g0 + m) * kLog2e;
+      float pa = LANES_PA_EXP ? fast_exp2(sdt * A2) : 1.f;
 #pragma unroll
       for (int k = 0; k < kLanesSteps; ++k) {
         const int j = O::step(k);
         a[j] = fast_exp2(dt[j] * A2);
         xa = fmaf(a[j], xa, du[j] * Bv[j]);
-        pa *= a[j];
+        if (!LANES_PA_EXP) pa *= a[j];
       }
 #pragma unroll
       for (int k = kLanesSteps - 1; k >= 0; --k) {
@@ -1392,7 +1417,7 @@ template <typename T, bool FWD, int NMAX, bool EXACT, int PASS>
 cudaError_t launch_lanes_pass(const ScanParams& p, cudaStream_t stream) {
   const dim3 grid(p.batch, (p.dim + kLanesWarps - 1) / kLanesWarps);
   if constexpr (FWD) {
-    if constexpr (PASS == kPassUni) {
+    if constexpr (PASS == kPassUni || (LANES_BIFWD_ZT && PASS == kPassBiFwd)) {
       if (p.z) return launch_fwd_lanes<T, NMAX, EXACT, PASS, true>(p, grid, stream);
     }
     return launch_fwd_lanes<T, NMAX, EXACT, PASS, false>(p, grid, stream);
