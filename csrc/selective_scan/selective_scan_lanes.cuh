@@ -465,10 +465,12 @@ __device__ __forceinline__ void ws_store8(float* ws, int t0, int L, const float 
 // 0.230 vs 0.238 ms, long 0.571 vs 0.605) or checked at run time (kPassBiFwd: its kernel without z compiled to 68 B
 // of spills, the bidirectional forward 0.505 ms at global XL against 0.478 with the check; NOTES.md, session 18).
 enum LanesZ : int { kZNo = 0, kZYes = 1, kZRuntime = 2 };
-// LANES_BIFWD_ZT (A/B, default off): kPassBiFwd instantiated with and without z too (kZYes / kZNo), as the
-// unidirectional kernel, instead of kZRuntime.
+// LANES_BIFWD_ZT (default on; 0 for A/B runs): kPassBiFwd instantiated with and without z (kZYes / kZNo), as the
+// unidirectional kernel, instead of kZRuntime. With the staged B/C its kernel without z spilled 164 B under
+// kZRuntime, 84 B so: bidirectional forward at global XL 0.488 -> 0.460 ms, long 1.131 -> 1.057 (H100, bf16, one
+// call, same file as LANES_PA_EXP). Before the staging (session 18) the same split had spilled more and lost.
 #ifndef LANES_BIFWD_ZT
-#define LANES_BIFWD_ZT 0
+#define LANES_BIFWD_ZT 1
 #endif
 
 struct LanesScalars {
@@ -507,10 +509,12 @@ __device__ __forceinline__ void fwd_finish8(const LanesRows<T>& r, int t0, int L
   store8<FULL>(r.out, t0, L, y);
 }
 
-// LANES_PA_EXP (A/B, default off): a lane's decay over its steps, pa = prod_j exp2(d_j A2), as one exp2(A2 sum_j d_j)
-// (one FMUL and one MUFU a state instead of 7 FMULs; one rounding instead of 8).
+// LANES_PA_EXP (default on; 0 for A/B runs): a lane's decay over its steps, pa = prod_j exp2(d_j A2), as one
+// exp2(A2 sum_j d_j): one FMUL and one MUFU a state instead of 7 FMULs (forward loop 2,121 -> 2,049 instructions a
+// window), one rounding instead of 8. H100, bf16, fwd / fwd+bwd ms, one call: global XL 0.223 / 0.923 -> 0.217 /
+// 0.912, long 0.502 / 2.168 -> 0.491 / 2.136 (benchmarks/results/cuda-lanes-variants-...-5026acb-bst-pa-zt.json).
 #ifndef LANES_PA_EXP
-#define LANES_PA_EXP 0
+#define LANES_PA_EXP 1
 #endif
 
 __device__ __forceinline__ float lane_dsum(const float (&dt)[kLanesSteps]) {
@@ -714,8 +718,8 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
 }
 
 // Bidirectional: two launches on one stream, the backward direction (kPassBiRev: its y into ws), then the forward one
-// (kPassBiFwd: adds it, gates and stores out). Z: z given (the unidirectional scan; kPassBiRev never gates, kPassBiFwd
-// checks at run time).
+// (kPassBiFwd: adds it, gates and stores out). Z: z given (kPassBiRev never gates; kPassBiFwd checks at run time
+// with LANES_BIFWD_ZT=0).
 // STAGE: B/C windows staged in shared memory (LANES_FWD_STAGE; lanes_fwd_stages says where).
 template <typename T, int NMAX, bool EXACT, int PASS, bool Z, bool STAGE>
 __global__ void __launch_bounds__(kLanesWarps * 32, LANES_FWD_MINB) scan_fwd_lanes_kernel(const ScanParams p) {
@@ -1029,52 +1033,14 @@ __device__ __forceinline__ void group_scan_bwd(LanesBwdScanSmem& sm, int g0, int
   if (lane >= g0 && lane < g0 + G) r_l = r_new;
 }
 
-// LANES_BWD_STAGE (default off: prepared in session 19, not yet run on a GPU; A/B it with cuda_lanes_variants.py,
-// whose check compares it with the Triton backend): the backward's B/C staged in shared memory like the forward's
-// (LANES_FWD_STAGE), per group of kScanGroup states since a window's rows do not fit: at each group's first block
-// barrier (the block reduction's, every 2 states) the block issues cp.async for the next group's rows (the next
-// window's first group after a window's last) into the other half of a double buffer, 8 KB in a 16-bit dtype: the
-// warps' atomics buffer xch, unused where the block reduction runs; the copy is waited for before the group's second
-// barrier. 16-bit dtypes, N = 16 / 8 exactly, blocks that reduce in shared memory (bwd_stages).
-#ifndef LANES_BWD_STAGE
-#define LANES_BWD_STAGE 0
-#endif
-
-// The block copies states g0 .. g0 + kScanGroup - 1's B and C rows of window w (full) into `tile`: rows of
-// kLanesWindow elements, B's then C's.
-template <typename T>
-__device__ __forceinline__ void stage_bc_group(const LanesRows<T>& r, int w, int g0, int L, T* tile) {
-  constexpr int G = kScanGroup, kPerRow = kLanesWindow * (int)sizeof(T) / 16, kElems = 16 / (int)sizeof(T);
-  constexpr int kChunks = 2 * G * kPerRow;
-  static_assert(kChunks % (kLanesWarps * 32) == 0, "whole chunks a thread");
-#pragma unroll
-  for (int k = 0; k < kChunks / (kLanesWarps * 32); ++k) {
-    const int ci = k * kLanesWarps * 32 + threadIdx.x, row = ci / kPerRow, col = (ci % kPerRow) * kElems;
-    const T* src = (row < G ? r.B : r.C) + (size_t)(g0 + row % G) * L + (size_t)w * kLanesWindow + col;
-    cp_async16(tile + row * kLanesWindow + col, src);
-  }
-}
-
-// STAGE (LANES_BWD_STAGE): `stage` holds two groups' B/C rows; `pending`: this window's first group was issued by
-// the window before (left as whether the next one's was); wn: the next full window in the backward's order, or -1.
-template <bool REV, bool EXACT, typename T, int NMAX, bool STAGE>
+template <bool REV, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, int L, int N, int lane,
                                                 const LanesScalars& c, float A_l, float h0_l, float& r_l,
                                                 float (&dA)[NMAX], float& dD, float& dbias, float* xch, float* bxch,
-                                                LanesBwdScanSmem& sm, T* stage, bool* pending,
-                                                int wn LANES_PROBE_PARAM) {
+                                                LanesBwdScanSmem& sm LANES_PROBE_PARAM) {
   using O = Order<REV>;
   constexpr int G = kScanGroup;
   static_assert(NMAX % G == 0 && G == 4, "groups of 4 states");
-  static_assert(!STAGE || (kLanesStatesPerBarrier == 2 && EXACT && (NMAX / G) % 2 == 0),
-                "staging: a barrier every 2 states, an even count of groups");
-  constexpr int kGroupTile = 2 * G * kLanesWindow;  // elements of a staged group
-  const int w = (t0 - lane * kLanesSteps) / kLanesWindow;
-  if constexpr (STAGE) {
-    if (!*pending) stage_bc_group(r, w, 0, L, stage);
-    cp_async_wait_all();
-    __syncthreads();
-  }
   LANES_PROBE_START();
   float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], dy[kLanesSteps];
   float sgB[kLanesSteps], ddt[kLanesSteps];
@@ -1094,18 +1060,10 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
   for (int g0 = 0; g0 < NMAX; g0 += G) {
     // (1) the lanes' maps (B/C loaded here: issued earlier, during the previous group, they cost more registers
     // than their latency: LANES_BWD_AHEAD in csrc/selective_scan/NOTES.md, session 17)
-    // staged: the group's rows in `stage`, indexed by (n, t0) as in global memory
-    const T* sB = STAGE ? stage + ((g0 / G) & 1) * kGroupTile - (size_t)(g0 + w) * kLanesWindow : nullptr;
-    const T* sC = STAGE ? sB + G * kLanesWindow : nullptr;
     Raw8<T> rb[G], rc[G];
 #pragma unroll
-    for (int m = 0; m < G; ++m) {
-      if constexpr (STAGE)
-        rb[m] = ld8_state<true, EXACT>(sB, g0 + m, N, t0, L, kLanesWindow),
-        rc[m] = ld8_state<true, EXACT>(sC, g0 + m, N, t0, L, kLanesWindow);
-      else
-        rb[m] = ld8_state<true, EXACT>(r.B, g0 + m, N, t0, L), rc[m] = ld8_state<true, EXACT>(r.C, g0 + m, N, t0, L);
-    }
+    for (int m = 0; m < G; ++m)
+      rb[m] = ld8_state<true, EXACT>(r.B, g0 + m, N, t0, L), rc[m] = ld8_state<true, EXACT>(r.C, g0 + m, N, t0, L);
 #pragma unroll
     for (int m = 0; m < G; ++m) {
       float Bv[kLanesSteps], Cv[kLanesSteps], a[kLanesSteps], xa = 0.f, sa = 0.f;
@@ -1132,13 +1090,8 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
     // the replay's B/C again (L1 hits mostly), in flight during the scan
     Raw8<T> qb[G], qc[G];
 #pragma unroll
-    for (int m = 0; m < G; ++m) {
-      if constexpr (STAGE)
-        qb[m] = ld8_state<true, EXACT>(sB, g0 + m, N, t0, L, kLanesWindow),
-        qc[m] = ld8_state<true, EXACT>(sC, g0 + m, N, t0, L, kLanesWindow);
-      else
-        qb[m] = ld8_state<true, EXACT>(r.B, g0 + m, N, t0, L), qc[m] = ld8_state<true, EXACT>(r.C, g0 + m, N, t0, L);
-    }
+    for (int m = 0; m < G; ++m)
+      qb[m] = ld8_state<true, EXACT>(r.B, g0 + m, N, t0, L), qc[m] = ld8_state<true, EXACT>(r.C, g0 + m, N, t0, L);
     __syncwarp();
     LANES_PROBE(kProbeStateBegin);
     // (2) both scans of the group
@@ -1158,24 +1111,11 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
       const float gg = sm.rin[m][lane];
       bwd_replay<REV>(sm.hin[m][lane], a, du, Bv, h);
       LANES_PROBE(kProbeReplay);
-      if constexpr (STAGE) {
-        if (m == G - 1) cp_async_wait_all();  // the next group's rows, before the barrier that publishes them
-      }
       dA[n] += bwd_state_grads<REV, true, EXACT, T, NMAX>(r, n, t0, L, N, lane, An, gg, a, h, Bv, Cv, dt, du, dy,
                                                           sgB, ddt, xch, bxch LANES_PROBE_ARG);
-      if constexpr (STAGE) {
-        if (m == 1) {  // past the group's first barrier: every warp is done with the other half
-          T* next = stage + (((g0 / G) + 1) & 1) * kGroupTile;
-          if (g0 + G < NMAX)
-            stage_bc_group(r, w, g0 + G, L, next);
-          else if (wn >= 0)
-            stage_bc_group(r, wn, 0, L, next);
-        }
-      }
     }
     __syncwarp();  // the next group overwrites sm
   }
-  if constexpr (STAGE) *pending = wn >= 0;
   bwd_window_end<true>(r, t0, L, c, uu, dt, dy, sgB, ddt, dD, dbias);
   LANES_PROBE(kProbeWinEnd);
 #ifdef LANES_PROBE_CLOCK
@@ -1265,11 +1205,9 @@ __device__ __forceinline__ float bwd_window_state(const ScanParams& p, const Lan
 }
 
 // One direction of the backward over the whole row: windows against scan order; per-channel sums at the end.
-// STAGE: B/C staged in shared memory (LANES_BWD_STAGE; `stage`, 2 x 2 x kScanGroup rows).
-template <bool REV, bool EXACT, typename T, int NMAX, bool STAGE>
+template <bool REV, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b, int chan, int lane, int mode,
-                                              float* xch, float* bxch, float* hs, LanesBwdScanSmem* scan,
-                                              T* stage) {
+                                              float* xch, float* bxch, float* hs, LanesBwdScanSmem* scan) {
   const DirParams& dp = p.dir[d];
   const int L = p.L, N = p.N;
   const size_t row = (size_t)b * p.dim + chan;
@@ -1292,22 +1230,18 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
   LanesProbe pr{};
 #endif
 
-  bool pending = false;  // STAGE: the window's first group of B/C rows already issued
-  const int nfull = p.lanes_vec ? L / kLanesWindow : 0;  // windows 0 .. nfull-1 are full
   for (int i = 0; i < nwin; ++i) {
     const int w = REV ? i : nwin - 1 - i;
     const int t0 = w * kLanesWindow + lane * kLanesSteps;
-    const int wn = REV ? w + 1 : w - 1;  // the next window in the backward's order
 #if LANES_STATE_STRIDE > 1
     const float h0_l = bwd_window_state<REV, EXACT, T, NMAX>(p, rows, states, w, nwin, lane, c, A_l, hs);
 #else
     const float h0_l = lane < N ? states[(size_t)w * N + lane] : 0.f;
 #endif
-    if (w < nfull)
+    if (p.lanes_vec && (w + 1) * kLanesWindow <= L)
 #if LANES_SMEM_SCAN
-      bwd_window_smem<REV, EXACT, T, NMAX, STAGE>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch, bxch,
-                                                  *scan, stage, &pending, (wn >= 0 && wn < nfull) ? wn : -1
-                                                  LANES_PROBE_ARG);
+      bwd_window_smem<REV, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch, bxch, *scan
+                                           LANES_PROBE_ARG);
 #else
       bwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch,
                                             bxch LANES_PROBE_ARG);
@@ -1345,7 +1279,7 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
 }
 
 // Bidirectional: two launches, the backward direction (kPassBiRev), then the forward one (kPassBiFwd: dz too).
-template <typename T, int NMAX, bool EXACT, int PASS, bool STAGE>
+template <typename T, int NMAX, bool EXACT, int PASS>
 __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lanes_kernel(const ScanParams p) {
   // per warp: dB, dC of one state and window, staged for the atomics (without the block reduction)
   __shared__ alignas(16) float s_xch[kLanesWarps][2 * kLanesWindow];
@@ -1374,43 +1308,13 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lan
 #else
   float* hs = nullptr;
 #endif
-  // STAGE: the B/C rows in xch's place (unused: the launcher stages only where the block reduction runs)
-  T* stage = STAGE ? reinterpret_cast<T*>(&s_xch[0][0]) : nullptr;
-  static_assert(!STAGE || 2 * 2 * kScanGroup * kLanesWindow * sizeof(T) <= sizeof(s_xch), "staged groups fit xch");
   if constexpr (PASS == kPassBiRev) {
-    bwd_direction<true, EXACT, T, NMAX, STAGE>(p, 1, b, chan, lane, kToWs, xch, bxch, hs, scan, stage);
+    bwd_direction<true, EXACT, T, NMAX>(p, 1, b, chan, lane, kToWs, xch, bxch, hs, scan);
   } else if constexpr (PASS == kPassBiFwd) {
-    bwd_direction<false, EXACT, T, NMAX, STAGE>(p, 0, b, chan, lane, kAddWs, xch, bxch, hs, scan, stage);
+    bwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kAddWs, xch, bxch, hs, scan);
   } else {
-    bwd_direction<false, EXACT, T, NMAX, STAGE>(p, 0, b, chan, lane, kUni, xch, bxch, hs, scan, stage);
+    bwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kUni, xch, bxch, hs, scan);
   }
-}
-
-// Whether a backward pass stages B/C (LANES_BWD_STAGE): 16-bit dtypes, N exactly NMAX, aligned rows, and every block
-// reducing dB/dC in shared memory (as the kernel decides bxch).
-template <typename T, bool EXACT, int PASS>
-bool lanes_bwd_stages(const ScanParams& p) {
-  return LANES_BWD_STAGE && LANES_BLOCK_REDUCE && LANES_SMEM_SCAN && LANES_STATE_STRIDE == 1 && sizeof(T) == 2 &&
-         EXACT && p.lanes_vec && p.dim % kLanesWarps == 0 && (p.dim / p.dir[0].groups) % kLanesWarps == 0 &&
-         (PASS == kPassUni || (p.dim / p.dir[1].groups) % kLanesWarps == 0);
-}
-
-template <typename T, int NMAX, bool EXACT, int PASS, bool STAGE>
-cudaError_t launch_bwd_lanes(const ScanParams& p, dim3 grid, cudaStream_t stream) {
-  constexpr int smem = kLanesBlockReduceBytes;
-  if constexpr (smem + kLanesWarps * (2 * kLanesWindow + kLanesBwdScanFloats) * 4 > 48 * 1024) {  // static too
-    static bool opted_in[64] = {};  // once per instantiation and device
-    int dev = 0;
-    cudaGetDevice(&dev);
-    if (dev >= 64 || !opted_in[dev]) {
-      const cudaError_t e = cudaFuncSetAttribute(scan_bwd_lanes_kernel<T, NMAX, EXACT, PASS, STAGE>,
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-      if (e != cudaSuccess) return e;
-      if (dev < 64) opted_in[dev] = true;
-    }
-  }
-  scan_bwd_lanes_kernel<T, NMAX, EXACT, PASS, STAGE><<<grid, kLanesWarps * 32, smem, stream>>>(p);
-  return cudaGetLastError();
 }
 
 template <typename T, bool FWD, int NMAX, bool EXACT, int PASS>
@@ -1422,10 +1326,19 @@ cudaError_t launch_lanes_pass(const ScanParams& p, cudaStream_t stream) {
     }
     return launch_fwd_lanes<T, NMAX, EXACT, PASS, false>(p, grid, stream);
   } else {
-    const bool stage = lanes_bwd_stages<T, EXACT, PASS>(p);
-    if (LANES_BWD_STAGE && EXACT && sizeof(T) == 2 && stage)
-      return launch_bwd_lanes<T, NMAX, EXACT, PASS, LANES_BWD_STAGE && EXACT && sizeof(T) == 2>(p, grid, stream);
-    return launch_bwd_lanes<T, NMAX, EXACT, PASS, false>(p, grid, stream);
+    constexpr int smem = kLanesBlockReduceBytes;
+    if constexpr (smem + kLanesWarps * (2 * kLanesWindow + kLanesBwdScanFloats) * 4 > 48 * 1024) {  // static too
+      static bool opted_in[64] = {};  // once per instantiation and device
+      int dev = 0;
+      cudaGetDevice(&dev);
+      if (dev >= 64 || !opted_in[dev]) {
+        const cudaError_t e = cudaFuncSetAttribute(scan_bwd_lanes_kernel<T, NMAX, EXACT, PASS>,
+                                                   cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        if (e != cudaSuccess) return e;
+        if (dev < 64) opted_in[dev] = true;
+      }
+    }
+    scan_bwd_lanes_kernel<T, NMAX, EXACT, PASS><<<grid, kLanesWarps * 32, smem, stream>>>(p);
   }
   return cudaGetLastError();
 }
