@@ -112,6 +112,8 @@ struct DirParams {
   const float* D;             // (dim,) or nullptr
   const float* delta_bias;    // (dim,) or nullptr
   int groups;                 // G
+  const float* Bf;            // fp32 copies of B and C ((batch, G, N, L), contiguous) for the lanes forward's staging
+  const float* Cf;            //   (lanes_fwd_f32_copies below), or nullptr
   float* states;              // (batch, dim, nchunks, N): state before each chunk in scan order (forward:
                               //   written, nullptr = not saved; backward: read)
   // Backward outputs.
@@ -177,6 +179,40 @@ inline bool seq_fwd_applies(const ScanParams& p) {
   if (p.N > kSeqN || !p.lanes_vec || p.L % kSeqChunk != 0 || p.dim % kSeqCpw != 0 || p.batch > 65535) return false;
   for (int d = 0; d < (p.bidirectional ? 2 : 1); ++d)
     if ((p.dim / p.dir[d].groups) % kSeqCpw != 0) return false;
+  return true;
+}
+
+// Whether the seq forward runs (p.fwd_kernel: 0 = the default, seq where it applies and there are enough channels;
+// 1 = lanes; 2 = seq, an error where it does not apply).
+inline bool seq_fwd_runs(const ScanParams& p) {
+  if (p.fwd_kernel == 1 || !seq_fwd_applies(p)) return false;
+  return p.fwd_kernel == 2 || (long)p.batch * p.dim / kSeqCpw >= (long)kSeqMinWarpsPerSM * p.sms;
+}
+
+// The lanes forward stages its B/C windows in shared memory (LANES_FWD_STAGE in selective_scan_lanes.cuh) where every
+// block's 4 channels are in one B/C group, the rows are 16-byte aligned and N = 16 (or 8) exactly.
+#ifndef LANES_FWD_STAGE
+#define LANES_FWD_STAGE 1
+#endif
+#ifndef LANES_N8
+#define LANES_N8 1
+#endif
+inline bool lanes_fwd_stages_dir(const ScanParams& p, int d) {
+  return LANES_FWD_STAGE && (p.N == kLanesMaxN || (LANES_N8 && p.N == 8)) && p.lanes_vec && p.L >= 256 &&
+         p.dim % kLanesWarps == 0 && (p.dim / p.dir[d].groups) % kLanesWarps == 0;
+}
+
+// LANES_FWD_STAGE_F32 (A/B, default off): for 16-bit inputs the staged windows are fp32, copied from fp32 copies of
+// B and C that the binding makes before the lanes forward (one conversion per tensor) where the lanes forward runs
+// and stages: the warps' 16 states x 2 x 8 unpacking instructions a window go (each block's 4 warps unpacked the
+// same rows), for twice the bytes staged.
+#ifndef LANES_FWD_STAGE_F32
+#define LANES_FWD_STAGE_F32 0
+#endif
+inline bool lanes_fwd_f32_copies(const ScanParams& p, int elt_size) {
+  if (!LANES_FWD_STAGE_F32 || elt_size != 2 || seq_fwd_runs(p)) return false;
+  for (int d = 0; d < (p.bidirectional ? 2 : 1); ++d)
+    if (!lanes_fwd_stages_dir(p, d)) return false;
   return true;
 }
 

@@ -267,12 +267,10 @@ cudaError_t launch_seq_fwd_n(const ScanParams& p, cudaStream_t stream) {
 // (an error where it does not apply). Returns cudaErrorNotSupported when the lanes forward should run instead.
 template <typename T>
 cudaError_t launch_seq_fwd(const ScanParams& p, cudaStream_t stream) {
-  if (p.fwd_kernel == 1) return cudaErrorNotSupported;
   static_assert(SeqShape<kSeqNpt>::CPW == kSeqCpw, "selective_scan.h's kSeqCpw");
-  if (!seq_fwd_applies(p)) return p.fwd_kernel == 2 ? cudaErrorInvalidValue : cudaErrorNotSupported;
-  const long warps = (long)p.batch * p.dim / kSeqCpw;  // of one launch (a direction of the bidirectional scan)
-  if (p.fwd_kernel == 0 && warps < (long)kSeqMinWarpsPerSM * p.sms) return cudaErrorNotSupported;
-  return launch_seq_fwd_n<T, kSeqNpt>(p, stream);
+  if (p.fwd_kernel == 2 && !seq_fwd_applies(p)) return cudaErrorInvalidValue;
+  // (seq_fwd_runs, selective_scan.h: the warps of one launch, a direction of the bidirectional scan, counted)
+  return seq_fwd_runs(p) ? launch_seq_fwd_n<T, kSeqNpt>(p, stream) : cudaErrorNotSupported;
 }
 
 }  // namespace matten_scan
