@@ -177,13 +177,29 @@ __device__ __forceinline__ void load8(const T* __restrict__ row, int t0, int L, 
   unpack8(ld8<FULL>(row, t0, L), v);
 }
 
+// fp32 rows of a forward window staged in shared memory in halves (stage_bc_window): steps 8l .. 8l+3 of every lane
+// l first, then steps 8l+4 .. 8l+7, so that a warp's 16-byte reads of a row are conflict-free (in window order a lane's
+// 32 bytes put lanes l and l + 4 on the same banks: two wavefronts a quarter-warp, four times the bf16 rows').
+struct StagedF32 {
+  float v;
+};
+
 // Row n of B or C (batch, G, N, L) at t0; rows n >= N read as zero (by a select, not a branch). EXACT: N == NMAX.
-// Rows `stride` elements apart (0: L; kLanesWindow for a forward window staged in shared memory).
+// Rows `stride` elements apart (0: L; kLanesWindow for a forward window staged in shared memory). StagedF32: base
+// points half a window before the staged window's (t0 / 2 indexes lane t0 % 256 / 8's first half).
 template <bool FULL, bool EXACT, typename T>
 __device__ __forceinline__ Raw8<T> ld8_state(const T* __restrict__ base, int n, int N, int t0, int L, int stride = 0) {
 #ifdef LANES_PROBE_BC_ROW0  // timing probe only (wrong results): every state reads row 0 (what B/C's misses cost)
   n = 0;
 #endif
+  if constexpr (std::is_same_v<T, StagedF32>) {
+    static_assert(FULL && EXACT, "staged windows are full, N == NMAX");
+    const float* q = reinterpret_cast<const float*>(base) + (size_t)n * kLanesWindow + t0 / 2;
+    Raw8<T> r;
+    r.v[0] = *reinterpret_cast<const uint4*>(q);
+    r.v[1] = *reinterpret_cast<const uint4*>(q + kLanesWindow / 2);
+    return r;
+  }
   const size_t rs = stride ? stride : L;
   if constexpr (EXACT) return ld8<FULL>(base + (size_t)n * rs, t0, L);
   const bool ok = n < N;
@@ -536,7 +552,7 @@ __device__ __forceinline__ float lane_dsum(const float (&dt)[kLanesSteps]) {
 #endif
 template <typename T, typename TB>
 constexpr int lanes_ahead() {
-  return std::is_same_v<TB, float> && sizeof(T) == 2 ? LANES_AHEAD_F32 : kLanesAhead;
+  return sizeof(TB) == 4 && sizeof(T) == 2 ? LANES_AHEAD_F32 : kLanesAhead;
 }
 
 // A window's per-step inputs: u, d (softplus, zero beyond L), d*u, the lane's sum of d; the B/C loads of the first
@@ -674,9 +690,10 @@ __device__ __forceinline__ void stage_bc_window(const TS* B, const TS* C, int w,
   constexpr int kPerRow = kLanesWindow * (int)sizeof(TS) / 16, kElems = 16 / (int)sizeof(TS);
   constexpr int kThreads = kLanesWarps * 32, kRowStep = kThreads / kPerRow;
   static_assert(kThreads % kPerRow == 0 && NMAX % kRowStep == 0, "whole rows a pass of the block");
-  const int row0 = threadIdx.x / kPerRow, col = (threadIdx.x % kPerRow) * kElems;
+  const int row0 = threadIdx.x / kPerRow, ch = threadIdx.x % kPerRow, col = ch * kElems;
   const size_t off = (size_t)row0 * L + (size_t)w * kLanesWindow + col;
-  TS* dst = tile + row0 * kLanesWindow + col;
+  // fp32: chunk ch (steps 4 ch .. 4 ch + 3: lane ch / 2, half ch % 2) to the halves layout of StagedF32
+  TS* dst = tile + row0 * kLanesWindow + (sizeof(TS) == 4 ? (ch % 2) * (kLanesWindow / 2) + (ch / 2) * 4 : col);
 #pragma unroll
   for (int rk = 0; rk < 2 * NMAX; rk += kRowStep)
     cp_async16(dst + rk * kLanesWindow, (rk < NMAX ? B + (size_t)rk * L : C + (size_t)(rk - NMAX) * L) + off);
@@ -727,10 +744,12 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
       fwd_window_generic<REV, T, NMAX, Z>(rows, t0, L, N, lane, c, A2_l, h_l);
     } else if constexpr (STAGE) {
       LanesRows<T> sr = rows;  // B/C rows of window w from shared memory, indexed by t0 as in global memory
-      const TS* sb = stage + (i & 1) * kTile - (size_t)w * kLanesWindow;
+      // fp32 rows in halves (StagedF32: read at t0 / 2), else in window order (at t0)
+      using TB = std::conditional_t<sizeof(TS) == 4, StagedF32, TS>;
+      const TS* sb = stage + (i & 1) * kTile - (size_t)w * (sizeof(TS) == 4 ? kLanesWindow / 2 : kLanesWindow);
       sr.B = reinterpret_cast<const T*>(sb), sr.C = reinterpret_cast<const T*>(sb + NMAX * kLanesWindow);
       sr.bc_stride = kLanesWindow;
-      fwd_window<REV, true, EXACT, T, NMAX, Z, TS>(sr, t0, L, N, lane, c, A2_l, h_l LANES_PROBE_ARG);
+      fwd_window<REV, true, EXACT, T, NMAX, Z, TB>(sr, t0, L, N, lane, c, A2_l, h_l LANES_PROBE_ARG);
     } else {
       fwd_window<REV, true, EXACT, T, NMAX, Z>(rows, t0, L, N, lane, c, A2_l, h_l LANES_PROBE_ARG);
     }
