@@ -281,18 +281,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> selective_scan_fwd(
               matten_scan::kLanesConfig, ", N <= ", matten_scan::kSeqN, ", L % ", matten_scan::kSeqChunk,
               " == 0, 16-byte aligned rows and (dim / G) % ", matten_scan::kSeqCpw, " == 0; got N = ", N, ", L = ", L,
               ", dim = ", dim);
-  // fp32 copies of B and C for the lanes forward's staged windows (LANES_FWD_STAGE_F32): [B, C] per direction
-  Tensor bc_f32[2];
-  if (lanes && matten_scan::lanes_fwd_f32_copies(p, (int)c10::elementSize(dt))) {
-    for (int d = 0; d < ndir; ++d) {
-      const Dir& x = d ? r : f;
-      bc_f32[d] = at::empty({2, batch, d ? G1 : G0, N, L}, u.options().dtype(at::kFloat));
-      bc_f32[d][0].copy_(x.B);
-      bc_f32[d][1].copy_(x.C);
-      p.dir[d].Bf = bc_f32[d].data_ptr<float>();
-      p.dir[d].Cf = p.dir[d].Bf + batch * (d ? G1 : G0) * N * L;
-    }
-  }
   const cudaError_t err = launch(true, dt, p, cfg, c10::cuda::getCurrentCUDAStream().stream());
   MATTEN_CHECK_LAUNCH(err, "forward");
   return {out, last_state, states, y_saved};

@@ -112,8 +112,6 @@ struct DirParams {
   const float* D;             // (dim,) or nullptr
   const float* delta_bias;    // (dim,) or nullptr
   int groups;                 // G
-  const float* Bf;            // fp32 copies of B and C ((batch, G, N, L), contiguous) for the lanes forward's staging
-  const float* Cf;            //   (lanes_fwd_f32_copies below), or nullptr
   float* states;              // (batch, dim, nchunks, N): state before each chunk in scan order (forward:
                               //   written, nullptr = not saved; backward: read)
   // Backward outputs.
@@ -200,20 +198,6 @@ inline bool seq_fwd_runs(const ScanParams& p) {
 inline bool lanes_fwd_stages_dir(const ScanParams& p, int d) {
   return LANES_FWD_STAGE && (p.N == kLanesMaxN || (LANES_N8 && p.N == 8)) && p.lanes_vec && p.L >= 256 &&
          p.dim % kLanesWarps == 0 && (p.dim / p.dir[d].groups) % kLanesWarps == 0;
-}
-
-// LANES_FWD_STAGE_F32 (A/B, default off): for 16-bit inputs the staged windows are fp32, copied from fp32 copies of
-// B and C that the binding makes before the lanes forward (one conversion per tensor) where the lanes forward runs
-// and stages: the warps' 16 states x 2 x 8 unpacking instructions a window go (each block's 4 warps unpacked the
-// same rows), for twice the bytes staged.
-#ifndef LANES_FWD_STAGE_F32
-#define LANES_FWD_STAGE_F32 0
-#endif
-inline bool lanes_fwd_f32_copies(const ScanParams& p, int elt_size) {
-  if (!LANES_FWD_STAGE_F32 || elt_size != 2 || seq_fwd_runs(p)) return false;
-  for (int d = 0; d < (p.bidirectional ? 2 : 1); ++d)
-    if (!lanes_fwd_stages_dir(p, d)) return false;
-  return true;
 }
 
 // Channels per block of the backward (its grid is (ceil(seg / CPB), dim / seg, batch); dB_part holds one

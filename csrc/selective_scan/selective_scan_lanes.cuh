@@ -177,29 +177,13 @@ __device__ __forceinline__ void load8(const T* __restrict__ row, int t0, int L, 
   unpack8(ld8<FULL>(row, t0, L), v);
 }
 
-// fp32 rows of a forward window staged in shared memory in halves (stage_bc_window): steps 8l .. 8l+3 of every lane
-// l first, then steps 8l+4 .. 8l+7, so that a warp's 16-byte reads of a row are conflict-free (in window order a lane's
-// 32 bytes put lanes l and l + 4 on the same banks: two wavefronts a quarter-warp, four times the bf16 rows').
-struct StagedF32 {
-  float v;
-};
-
 // Row n of B or C (batch, G, N, L) at t0; rows n >= N read as zero (by a select, not a branch). EXACT: N == NMAX.
-// Rows `stride` elements apart (0: L; kLanesWindow for a forward window staged in shared memory). StagedF32: base
-// points half a window before the staged window's (t0 / 2 indexes lane t0 % 256 / 8's first half).
+// Rows `stride` elements apart (0: L; kLanesWindow for a forward window staged in shared memory).
 template <bool FULL, bool EXACT, typename T>
 __device__ __forceinline__ Raw8<T> ld8_state(const T* __restrict__ base, int n, int N, int t0, int L, int stride = 0) {
 #ifdef LANES_PROBE_BC_ROW0  // timing probe only (wrong results): every state reads row 0 (what B/C's misses cost)
   n = 0;
 #endif
-  if constexpr (std::is_same_v<T, StagedF32>) {
-    static_assert(FULL && EXACT, "staged windows are full, N == NMAX");
-    const float* q = reinterpret_cast<const float*>(base) + (size_t)n * kLanesWindow + t0 / 2;
-    Raw8<T> r;
-    r.v[0] = *reinterpret_cast<const uint4*>(q);
-    r.v[1] = *reinterpret_cast<const uint4*>(q + kLanesWindow / 2);
-    return r;
-  }
   const size_t rs = stride ? stride : L;
   if constexpr (EXACT) return ld8<FULL>(base + (size_t)n * rs, t0, L);
   const bool ok = n < N;
@@ -403,14 +387,6 @@ struct LanesRows {
   int bc_stride;    // B / C's row stride as the forward window reads them (L, or kLanesWindow when staged)
 };
 
-// B's (c = false) or C's rows read as TB: T, or float where a forward window's rows were staged as fp32
-// (LANES_FWD_STAGE_F32: r.B / r.C then point at them). (No separate fields: a larger LanesRows cost the
-// out-of-line partial-window path a stack frame and the staged kernels spills.)
-template <typename TB, typename T>
-__device__ __forceinline__ const TB* bc_row(const LanesRows<T>& r, bool c) {
-  return reinterpret_cast<const TB*>(c ? r.C : r.B);
-}
-
 template <typename T>
 __device__ __forceinline__ LanesRows<T> lanes_rows(const ScanParams& p, int d, int b, int chan) {
   const DirParams& dp = p.dir[d];
@@ -545,27 +521,17 @@ __device__ __forceinline__ float lane_dsum(const float (&dt)[kLanesSteps]) {
   return s;
 }
 
-// States whose B/C loads are in flight while one is computed, for B/C of type TB read by kernels of input type T:
-// kLanesAhead, or LANES_AHEAD_F32 for the fp32 rows staged for 16-bit inputs (shared memory; twice the registers).
-#ifndef LANES_AHEAD_F32
-#define LANES_AHEAD_F32 1
-#endif
-template <typename T, typename TB>
-constexpr int lanes_ahead() {
-  return sizeof(TB) == 4 && sizeof(T) == 2 ? LANES_AHEAD_F32 : kLanesAhead;
-}
-
 // A window's per-step inputs: u, d (softplus, zero beyond L), d*u, the lane's sum of d; the B/C loads of the first
-// lanes_ahead states.
-template <bool FULL, bool EXACT, typename T, int NMAX, typename TB>
+// kLanesAhead states.
+template <bool FULL, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void window_begin(const LanesRows<T>& r, int t0, int L, int N, const LanesScalars& c,
                                              float (&uu)[kLanesSteps], float (&dt)[kLanesSteps],
-                                             float (&du)[kLanesSteps], float& sdt, Raw8<TB> (&rb)[NMAX],
-                                             Raw8<TB> (&rc)[NMAX]) {
+                                             float (&du)[kLanesSteps], float& sdt, Raw8<T> (&rb)[NMAX],
+                                             Raw8<T> (&rc)[NMAX]) {
 #pragma unroll
-  for (int k = 0; k < lanes_ahead<T, TB>() && k < NMAX; ++k)
-    rb[k] = ld8_state<FULL, EXACT>(bc_row<TB>(r, false), k, N, t0, L, r.bc_stride),
-    rc[k] = ld8_state<FULL, EXACT>(bc_row<TB>(r, true), k, N, t0, L, r.bc_stride);
+  for (int k = 0; k < kLanesAhead && k < NMAX; ++k)
+    rb[k] = ld8_state<FULL, EXACT>(r.B, k, N, t0, L, r.bc_stride),
+    rc[k] = ld8_state<FULL, EXACT>(r.C, k, N, t0, L, r.bc_stride);
   load8<FULL>(r.u, t0, L, uu);
   load8<FULL>(r.delta, t0, L, dt);
   lanes_delta<FULL>(dt, c.bias, c.softplus, t0, L);
@@ -576,15 +542,14 @@ __device__ __forceinline__ void window_begin(const LanesRows<T>& r, int t0, int 
 
 // State n of a window: the B/C loads of state n + kLanesAhead issued, n's B/C unpacked, a = exp2(d A2) and the
 // lane's affine map (pa, xa) of its steps in scan order.
-template <bool REV, bool FULL, bool EXACT, typename T, int NMAX, typename TB>
+template <bool REV, bool FULL, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void state_begin(const LanesRows<T>& r, int n, int t0, int L, int N, float A2,
-                                            Raw8<TB> (&rb)[NMAX], Raw8<TB> (&rc)[NMAX], const float (&dt)[kLanesSteps],
+                                            Raw8<T> (&rb)[NMAX], Raw8<T> (&rc)[NMAX], const float (&dt)[kLanesSteps],
                                             const float (&du)[kLanesSteps], float sdt, float (&Bv)[kLanesSteps],
                                             float (&Cv)[kLanesSteps], float (&a)[kLanesSteps], float& pa, float& xa) {
-  constexpr int kAhead = lanes_ahead<T, TB>();
-  if (n + kAhead < NMAX)
-    rb[n + kAhead] = ld8_state<FULL, EXACT>(bc_row<TB>(r, false), n + kAhead, N, t0, L, r.bc_stride),
-    rc[n + kAhead] = ld8_state<FULL, EXACT>(bc_row<TB>(r, true), n + kAhead, N, t0, L, r.bc_stride);
+  if (n + kLanesAhead < NMAX)
+    rb[n + kLanesAhead] = ld8_state<FULL, EXACT>(r.B, n + kLanesAhead, N, t0, L, r.bc_stride),
+    rc[n + kLanesAhead] = ld8_state<FULL, EXACT>(r.C, n + kLanesAhead, N, t0, L, r.bc_stride);
   unpack8(rb[n], Bv);
   unpack8(rc[n], Cv);
   pa = LANES_PA_EXP ? fast_exp2(sdt * A2) : 1.f, xa = 0.f;
@@ -598,14 +563,14 @@ __device__ __forceinline__ void state_begin(const LanesRows<T>& r, int n, int t0
 }
 
 // One forward window. A2_l / h_l: lane n holds state n's A*log2(e) and carry. Z: whether z is given, known to the
-// compiler or not (see LanesZ). TB: B/C's element type as read (T, or float from fp32 staged rows).
-template <bool REV, bool FULL, bool EXACT, typename T, int NMAX, int Z, typename TB = T>
+// compiler or not (see LanesZ).
+template <bool REV, bool FULL, bool EXACT, typename T, int NMAX, int Z>
 __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L, int N, int lane,
                                            const LanesScalars& c, float A2_l, float& h_l LANES_PROBE_PARAM) {
   using O = Order<REV>;
   LANES_PROBE_START();
   float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], y[kLanesSteps], sdt;
-  Raw8<TB> rb[NMAX], rc[NMAX];
+  Raw8<T> rb[NMAX], rc[NMAX];
   window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, sdt, rb, rc);
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) y[j] = c.Dv * uu[j];
@@ -655,14 +620,14 @@ __device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, in
 // of the next window did not recover it (slower at global XL: ...-94b7beb-prefetch*.json). Here the block copies the
 // next window's rows (2 x NMAX x 256 elements) with cp.async (L2 only, no registers) while it computes the current
 // one, double-buffered, one barrier a window; the warps read theirs from shared memory. (LANES_FWD_STAGE and where
-// it applies, lanes_fwd_stages_dir: selective_scan.h.) LANES_FWD_STAGE_F32: the staged rows are fp32 for 16-bit
-// inputs, copied from p.dir[d].Bf / Cf.
-template <typename T>
-using StageT = std::conditional_t<LANES_FWD_STAGE_F32 && sizeof(T) == 2, float, T>;
+// it applies, lanes_fwd_stages_dir: selective_scan.h.) Staging fp32 copies of 16-bit B/C instead (no unpacking in
+// the warps: 14% fewer instructions a window) lost: global XL forward 0.199 -> 0.265 ms in window order, 0.381 with
+// the rows in conflict-free halves (H100, bf16; benchmarks/results/cuda-lanes-variants-...-75353e0-stage-f32.json,
+// ...-ba95c22-stage-f32-halves.json).
 
 template <typename T, int NMAX>
 constexpr int lanes_stage_bytes() {
-  return 2 * 2 * NMAX * kLanesWindow * (int)sizeof(StageT<T>);  // two windows of B and C rows
+  return 2 * 2 * NMAX * kLanesWindow * (int)sizeof(T);  // two windows of B and C rows
 }
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
@@ -682,18 +647,18 @@ __device__ __forceinline__ void cp_async_wait_all() {
 }
 
 // The block copies window w's B and C rows (full, 16-byte aligned) into `tile`: rows of kLanesWindow elements, B's
-// NMAX rows then C's.
-// Thread t copies 16-byte chunk t % kPerRow of rows t / kPerRow + k kRowStep (k = 0, 1, ..): whether a row is B's or
-// C's is known to the compiler, one address computation a chunk.
-template <int NMAX, typename TS>
-__device__ __forceinline__ void stage_bc_window(const TS* B, const TS* C, int w, int L, TS* tile) {
-  constexpr int kPerRow = kLanesWindow * (int)sizeof(TS) / 16, kElems = 16 / (int)sizeof(TS);
+// NMAX rows then C's. Thread t copies 16-byte chunk t % kPerRow of rows t / kPerRow + k kRowStep (k = 0, 1, ..):
+// whether a row is B's or C's is known to the compiler, one address computation a chunk (the per-chunk row and
+// column arithmetic it replaced cost 85 instructions a window in the forward's loop and ~7% of its time: H100, bf16,
+// global XL 0.216 -> 0.200 ms, across two calls: cuda-lanes-variants-...-5026acb-bst-pa-zt.json, ...-75353e0-*.json).
+template <int NMAX, typename T>
+__device__ __forceinline__ void stage_bc_window(const T* B, const T* C, int w, int L, T* tile) {
+  constexpr int kPerRow = kLanesWindow * (int)sizeof(T) / 16, kElems = 16 / (int)sizeof(T);
   constexpr int kThreads = kLanesWarps * 32, kRowStep = kThreads / kPerRow;
   static_assert(kThreads % kPerRow == 0 && NMAX % kRowStep == 0, "whole rows a pass of the block");
-  const int row0 = threadIdx.x / kPerRow, ch = threadIdx.x % kPerRow, col = ch * kElems;
+  const int row0 = threadIdx.x / kPerRow, col = (threadIdx.x % kPerRow) * kElems;
   const size_t off = (size_t)row0 * L + (size_t)w * kLanesWindow + col;
-  // fp32: chunk ch (steps 4 ch .. 4 ch + 3: lane ch / 2, half ch % 2) to the halves layout of StagedF32
-  TS* dst = tile + row0 * kLanesWindow + (sizeof(TS) == 4 ? (ch % 2) * (kLanesWindow / 2) + (ch / 2) * 4 : col);
+  T* dst = tile + row0 * kLanesWindow + col;
 #pragma unroll
   for (int rk = 0; rk < 2 * NMAX; rk += kRowStep)
     cp_async16(dst + rk * kLanesWindow, (rk < NMAX ? B + (size_t)rk * L : C + (size_t)(rk - NMAX) * L) + off);
@@ -704,8 +669,7 @@ __device__ __forceinline__ void stage_bc_window(const TS* B, const TS* C, int w,
 // in one B/C group, p.lanes_vec).
 template <bool REV, bool EXACT, typename T, int NMAX, int Z, bool STAGE>
 __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b, int chan, int lane, int mode,
-                                              StageT<T>* stage) {
-  using TS = StageT<T>;
+                                              T* stage) {
   const DirParams& dp = p.dir[d];
   const int L = p.L, N = p.N;
   const size_t row = (size_t)b * p.dim + chan;
@@ -722,13 +686,7 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
 #endif
   constexpr int kTile = 2 * NMAX * kLanesWindow;  // elements of a staged window
   const int nfull = p.lanes_vec ? L / kLanesWindow : 0;  // windows 0 .. nfull-1 are full
-  // the staged rows' source: B / C, or their fp32 copies (LANES_FWD_STAGE_F32, 16-bit inputs)
-  const TS *gB = reinterpret_cast<const TS*>(rows.B), *gC = reinterpret_cast<const TS*>(rows.C);
-  if constexpr (STAGE && !std::is_same_v<TS, T>) {
-    const size_t bcf = ((size_t)b * dp.groups + chan / (p.dim / dp.groups)) * N * L;
-    gB = dp.Bf + bcf, gC = dp.Cf + bcf;
-  }
-  if (STAGE && (REV ? nwin - 1 : 0) < nfull) stage_bc_window<NMAX>(gB, gC, REV ? nwin - 1 : 0, L, stage);
+  if (STAGE && (REV ? nwin - 1 : 0) < nfull) stage_bc_window<NMAX>(rows.B, rows.C, REV ? nwin - 1 : 0, L, stage);
   for (int i = 0; i < nwin; ++i) {
     const int w = REV ? nwin - 1 - i : i;
     const int t0 = w * kLanesWindow + lane * kLanesSteps;
@@ -736,7 +694,7 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
       cp_async_wait_all();
       __syncthreads();
       const int wn = REV ? w - 1 : w + 1;
-      if (i + 1 < nwin && wn < nfull) stage_bc_window<NMAX>(gB, gC, wn, L, stage + ((i + 1) & 1) * kTile);
+      if (i + 1 < nwin && wn < nfull) stage_bc_window<NMAX>(rows.B, rows.C, wn, L, stage + ((i + 1) & 1) * kTile);
     }
     if (states && lane < N && lanes_saves_state(w, nwin, REV))
       states[(size_t)(w / kLanesStateStride) * N + lane] = h_l;
@@ -744,12 +702,10 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
       fwd_window_generic<REV, T, NMAX, Z>(rows, t0, L, N, lane, c, A2_l, h_l);
     } else if constexpr (STAGE) {
       LanesRows<T> sr = rows;  // B/C rows of window w from shared memory, indexed by t0 as in global memory
-      // fp32 rows in halves (StagedF32: read at t0 / 2), else in window order (at t0)
-      using TB = std::conditional_t<sizeof(TS) == 4, StagedF32, TS>;
-      const TS* sb = stage + (i & 1) * kTile - (size_t)w * (sizeof(TS) == 4 ? kLanesWindow / 2 : kLanesWindow);
-      sr.B = reinterpret_cast<const T*>(sb), sr.C = reinterpret_cast<const T*>(sb + NMAX * kLanesWindow);
+      sr.B = stage + (i & 1) * kTile - (size_t)w * kLanesWindow;
+      sr.C = sr.B + NMAX * kLanesWindow;
       sr.bc_stride = kLanesWindow;
-      fwd_window<REV, true, EXACT, T, NMAX, Z, TB>(sr, t0, L, N, lane, c, A2_l, h_l LANES_PROBE_ARG);
+      fwd_window<REV, true, EXACT, T, NMAX, Z>(sr, t0, L, N, lane, c, A2_l, h_l LANES_PROBE_ARG);
     } else {
       fwd_window<REV, true, EXACT, T, NMAX, Z>(rows, t0, L, N, lane, c, A2_l, h_l LANES_PROBE_ARG);
     }
@@ -772,10 +728,10 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_FWD_MINB) scan_fwd_lan
   const int chan = blockIdx.y * kLanesWarps + (threadIdx.x >> 5);
   const int b = blockIdx.x;  // batch rows first: warps running together add dB/dC into different rows
   if (chan >= p.dim) return;  // a whole warp; only when !STAGE (block barriers)
-  StageT<T>* stage = nullptr;
+  T* stage = nullptr;
   if constexpr (STAGE) {
     extern __shared__ uint4 s_stage[];
-    stage = reinterpret_cast<StageT<T>*>(s_stage);
+    stage = reinterpret_cast<T*>(s_stage);
   }
   if constexpr (PASS == kPassBiRev)
     fwd_direction<true, EXACT, T, NMAX, kZNo, STAGE>(p, 1, b, chan, lane, kToWs, stage);
@@ -788,17 +744,15 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_FWD_MINB) scan_fwd_lan
 
 // Whether a forward pass stages B/C (every warp of each block alive and in one B/C group of the direction it scans,
 // aligned rows; the N = 16 and N = 8 kernels without row masks).
-// With LANES_FWD_STAGE_F32 and 16-bit inputs, only where the binding made the fp32 copies (lanes_fwd_f32_copies).
-template <typename T, bool EXACT, int PASS>
+template <bool EXACT, int PASS>
 bool lanes_fwd_stages(const ScanParams& p) {
-  const int d = PASS == kPassBiRev ? 1 : 0;
-  return EXACT && lanes_fwd_stages_dir(p, d) && (!std::is_same_v<StageT<T>, float> || sizeof(T) == 4 || p.dir[d].Bf);
+  return EXACT && lanes_fwd_stages_dir(p, PASS == kPassBiRev ? 1 : 0);
 }
 
 template <typename T, int NMAX, bool EXACT, int PASS, bool Z>
 cudaError_t launch_fwd_lanes(const ScanParams& p, dim3 grid, cudaStream_t stream) {
   if constexpr (EXACT && LANES_FWD_STAGE) {
-    if (lanes_fwd_stages<T, EXACT, PASS>(p)) {
+    if (lanes_fwd_stages<EXACT, PASS>(p)) {
       constexpr int smem = lanes_stage_bytes<T, NMAX>();
       auto kernel = scan_fwd_lanes_kernel<T, NMAX, EXACT, PASS, Z, true>;
       if constexpr (smem > 48 * 1024) {
