@@ -11,6 +11,7 @@ median distance from a shuffle to the use of its result, and the cycles a crude 
 iteration (``schedule``): it flags a schedule that stopped overlapping the states (session 18), nothing finer.
 
 Usage: python benchmarks/cuda_sass_count.py [--variants "base=;a2=-DLANES_AHEAD=2"] [--dtype bf16] [--which bwd]
+       [--hist "fwd uni exact staged"]   (also that kernel's main-loop opcode counts: where its instructions go)
 Needs nvcc (CUDA 12+) on PATH or under CUDA_HOME.
 """
 
@@ -45,7 +46,7 @@ def _tool(name: str) -> str:
 
 def _short(mangled: str) -> str:
     """'fwd uni exact z staged', 'bwd bi-rev masked n8' etc. from scan_fwd_lanes_kernel<T, NMAX, EXACT, PASS, Z, STAGE>
-    and scan_bwd_lanes_kernel<T, NMAX, EXACT, PASS, STAGE>'s mangled names (n8: the 8-state kernels)."""
+    and scan_bwd_lanes_kernel<T, NMAX, EXACT, PASS>'s mangled names (n8: the 8-state kernels)."""
     m = re.search(r"scan_(fwd|bwd)_lanes_kernel.*?Li(16|8)ELb([01])ELi([012])E(?:Lb([01])E)?(?:Lb([01])E)?", mangled)
     if not m:
         return mangled
@@ -76,9 +77,8 @@ def _regs(text: str) -> set:
     return out - {("R", 255)}
 
 
-def schedule(chunk: str) -> dict:
-    """Main-loop size, the median distance (instructions) from a SHFL to the first use of its result, and the modelled
-    cycles a loop iteration for one warp."""
+def main_loop(chunk: str) -> list:
+    """The (address, instruction) pairs of a kernel's main loop: the longest backward branch's body."""
     ins = [(int(a, 16), t.strip()) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", chunk)]
     body = []
     for a, t in ins:
@@ -86,6 +86,22 @@ def schedule(chunk: str) -> dict:
         if m and int(m.group(1), 16) < a:
             cand = [x for x in ins if int(m.group(1), 16) <= x[0] <= a]
             body = cand if len(cand) > len(body) else body
+    return body
+
+
+def histogram(chunk: str) -> list:
+    """(opcode, count) of a kernel's main loop, most frequent first (predicates dropped, modifiers kept)."""
+    counts = {}
+    for _, t in main_loop(chunk):
+        op = re.sub(r"^@!?U?P\w+\s+", "", t).split(" ")[0]
+        counts[op] = counts.get(op, 0) + 1
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def schedule(chunk: str) -> dict:
+    """Main-loop size, the median distance (instructions) from a SHFL to the first use of its result, and the modelled
+    cycles a loop iteration for one warp."""
+    body = main_loop(chunk)
     ready, t, last_mufu, shfl_dst, dists = {}, 0, -99, {}, []
     for i, (_, text) in enumerate(body):
         pred = re.match(r"^(@!?U?P\w+)\s+", text)
@@ -120,7 +136,8 @@ def schedule(chunk: str) -> dict:
 
 
 def compile_counts(which: str, dtype: str, flags: str) -> dict:
-    """{kernel: {registers, stack, spill_st, spill_ld, instr, LDL, ...}} for the lanes kernels of one translation unit."""
+    """{kernel: {registers, stack, spill_st, spill_ld, instr, LDL, ..., "hist": main-loop opcode counts}} for the lanes
+    kernels of one translation unit."""
     src = os.path.join(_CSRC, f"selective_scan_{which}_{dtype}.cu")
     with tempfile.TemporaryDirectory() as tmp:
         obj = os.path.join(tmp, "k.o")
@@ -151,6 +168,7 @@ def compile_counts(which: str, dtype: str, flags: str) -> dict:
         for op in _COUNTED:
             out[name][op] = sum(1 for o in ops if o == op or o.startswith(op + "."))
         out[name].update(schedule(chunk))
+        out[name]["hist"] = histogram(chunk)
     return {_short(k): v for k, v in out.items()}
 
 
@@ -159,14 +177,21 @@ def main():
     p.add_argument("--variants", default="default=", help='"name=flags;name=flags" (flags may be empty)')
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--which", default="fwd,bwd")
+    p.add_argument("--hist", default="", help='also the main loop\'s opcode counts of these kernels ("fwd uni exact '
+                                             'staged;bwd uni exact")')
     args = p.parse_args()
+    hist = [k for k in args.hist.split(";") if k]
     cols = ["registers", "stack", "spill_st", "spill_ld", "instr", *_COUNTED, "loop_instr", "shfl_use", "loop_cycles"]
     print(f"{'variant':>10} {'kernel':<22} " + " ".join(f"{c:>11}" for c in cols))
     for item in (v for v in args.variants.split(";") if v):
         name, flags = item.split("=", 1)
         for which in args.which.split(","):
-            for kernel, c in sorted(compile_counts(which, args.dtype, flags).items()):
+            counts = sorted(compile_counts(which, args.dtype, flags).items())
+            for kernel, c in counts:
                 print(f"{name:>10} {kernel:<22} " + " ".join(f"{c.get(k, '-'):>11}" for k in cols), flush=True)
+            for kernel, c in counts:
+                if kernel in hist:
+                    print(f"{name:>10} {kernel}: main loop " + ", ".join(f"{op} {n}" for op, n in c["hist"]))
 
 
 if __name__ == "__main__":

@@ -173,9 +173,22 @@ def test_sass_schedule_model_flags_exposed_shuffles():
     assert a["loop_cycles"] > b["loop_cycles"]
 
 
+def test_sass_histogram_counts_the_main_loop_only():
+    """cuda_sass_count.py's opcode histogram (CPU): the longest backward branch's body, predicates dropped, most
+    frequent first; instructions before the loop are not counted."""
+    from cuda_sass_count import histogram
+
+    lines = ["MOV R0, RZ", "LDG.E.128 R4, desc[UR4][R2.64]",  # before the loop (0x10, 0x20)
+             "FFMA R0, R1, R2, R0", "@P0 FFMA R3, R1, R2, R3", "@!P1 FMUL R5, R5, R6", "SHFL.UP PT, R1, R0, 0x1, RZ",
+             "FFMA R7, R1, R2, R7", "BRA 0x30", "EXIT"]
+    sass = "\n".join(f"        /*{16 * (i + 1):04x}*/                   {t} ;" for i, t in enumerate(lines))
+    assert histogram(sass) == [("FFMA", 3), ("BRA", 1), ("FMUL", 1), ("SHFL.UP", 1)]
+
+
 def test_sass_count_names_every_lanes_kernel():
     """cuda_sass_count.py's short names (CPU) tell apart the template arguments of the lanes kernels: the forward's
-    <T, NMAX, EXACT, PASS, Z, STAGE> and the backward's <T, NMAX, EXACT, PASS, STAGE>."""
+    <T, NMAX, EXACT, PASS, Z, STAGE> and the backward's <T, NMAX, EXACT, PASS> (<..., STAGE> in session 19's staged
+    backward, removed in session 20)."""
     from cuda_sass_count import _short
 
     fwd = "_ZN11matten_scan21scan_fwd_lanes_kernelI13__nv_bfloat16Li{}ELb{}ELi{}ELb{}ELb{}EEEvNS_10ScanParamsE"
@@ -183,6 +196,9 @@ def test_sass_count_names_every_lanes_kernel():
     assert _short(fwd.format(16, 1, 0, 0, 0)) == "fwd uni exact"
     assert _short(fwd.format(16, 1, 0, 1, 1)) == "fwd uni exact z staged"
     assert _short(fwd.format(8, 0, 2, 0, 0)) == "fwd bi-fwd masked n8"
+    bwd4 = "_ZN11matten_scan21scan_bwd_lanes_kernelI13__nv_bfloat16Li{}ELb{}ELi{}EEEvNS_10ScanParamsE"
+    assert _short(bwd4.format(16, 1, 1)) == "bwd bi-rev exact"
+    assert _short(bwd4.format(8, 0, 2)) == "bwd bi-fwd masked n8"
     assert _short(bwd.format(16, 1, 1, 0)) == "bwd bi-rev exact"
     assert _short(bwd.format(8, 1, 0, 1)) == "bwd uni exact staged n8"
     assert _short("some_other_kernel") == "some_other_kernel"
