@@ -12,6 +12,8 @@ iteration (``schedule``): it flags a schedule that stopped overlapping the state
 
 Usage: python benchmarks/cuda_sass_count.py [--variants "base=;a2=-DLANES_AHEAD=2"] [--dtype bf16] [--which bwd]
        [--hist "fwd uni exact staged"]   (also that kernel's main-loop opcode counts: where its instructions go)
+       [--same-as 77be19f]               (also whether each kernel's SASS is the one that revision's sources give:
+                                          a refactor or a default-off knob that must not change the default build)
 Needs nvcc (CUDA 12+) on PATH or under CUDA_HOME.
 """
 
@@ -135,13 +137,18 @@ def schedule(chunk: str) -> dict:
             "loop_cycles": max([t, *ready.values()]) if body else "-"}
 
 
-def compile_counts(which: str, dtype: str, flags: str) -> dict:
-    """{kernel: {registers, stack, spill_st, spill_ld, instr, LDL, ..., "hist": main-loop opcode counts}} for the lanes
-    kernels of one translation unit."""
-    src = os.path.join(_CSRC, f"selective_scan_{which}_{dtype}.cu")
+def normalized(chunk: str) -> str:
+    """A function's SASS without addresses and encodings: equal for two builds that emit the same instructions."""
+    return "\n".join(re.findall(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", chunk))
+
+
+def compile_counts(which: str, dtype: str, flags: str, csrc: str = _CSRC) -> dict:
+    """{kernel: {registers, stack, spill_st, spill_ld, instr, LDL, ..., "hist": main-loop opcode counts, "sass": its
+    normalized SASS}} for the lanes kernels of one translation unit (of the sources in `csrc`)."""
+    src = os.path.join(csrc, f"selective_scan_{which}_{dtype}.cu")
     with tempfile.TemporaryDirectory() as tmp:
         obj = os.path.join(tmp, "k.o")
-        r = subprocess.run([_tool("nvcc"), *_FLAGS, *flags.split(), f"-I{_CSRC}", src, "-o", obj],
+        r = subprocess.run([_tool("nvcc"), *_FLAGS, *flags.split(), f"-I{csrc}", src, "-o", obj],
                            capture_output=True, text=True)
         if r.returncode:
             raise SystemExit(r.stderr[-2000:])
@@ -169,6 +176,7 @@ def compile_counts(which: str, dtype: str, flags: str) -> dict:
             out[name][op] = sum(1 for o in ops if o == op or o.startswith(op + "."))
         out[name].update(schedule(chunk))
         out[name]["hist"] = histogram(chunk)
+        out[name]["sass"] = normalized(chunk)
     return {_short(k): v for k, v in out.items()}
 
 
@@ -179,8 +187,15 @@ def main():
     p.add_argument("--which", default="fwd,bwd")
     p.add_argument("--hist", default="", help='also the main loop\'s opcode counts of these kernels ("fwd uni exact '
                                              'staged;bwd uni exact")')
+    p.add_argument("--same-as", default="", metavar="REV",
+                   help="also whether each kernel's SASS is the same as REV's sources give (git archive of csrc/)")
     args = p.parse_args()
     hist = [k for k in args.hist.split(";") if k]
+    ref = tempfile.TemporaryDirectory() if args.same_as else None
+    if ref:
+        tar = subprocess.run(["git", "-C", _REPO, "archive", args.same_as, "csrc/selective_scan"], capture_output=True,
+                             check=True).stdout
+        subprocess.run(["tar", "-x", "-C", ref.name], input=tar, check=True)
     cols = ["registers", "stack", "spill_st", "spill_ld", "instr", *_COUNTED, "loop_instr", "shfl_use", "loop_cycles"]
     print(f"{'variant':>10} {'kernel':<22} " + " ".join(f"{c:>11}" for c in cols))
     for item in (v for v in args.variants.split(";") if v):
@@ -192,6 +207,11 @@ def main():
             for kernel, c in counts:
                 if kernel in hist:
                     print(f"{name:>10} {kernel}: main loop " + ", ".join(f"{op} {n}" for op, n in c["hist"]))
+            if ref:
+                old = compile_counts(which, args.dtype, flags, os.path.join(ref.name, "csrc", "selective_scan"))
+                same = [k for k, c in counts if k in old and old[k]["sass"] == c["sass"]]
+                print(f"{name:>10} {which}: SASS the same as {args.same_as}'s in {len(same)} of {len(counts)} kernels"
+                      + "".join(f"\n{name:>10}   differs: {k}" for k, _ in counts if k not in same), flush=True)
 
 
 if __name__ == "__main__":

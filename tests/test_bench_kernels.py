@@ -202,3 +202,16 @@ def test_sass_count_names_every_lanes_kernel():
     assert _short(bwd.format(16, 1, 1, 0)) == "bwd bi-rev exact"
     assert _short(bwd.format(8, 1, 0, 1)) == "bwd uni exact staged n8"
     assert _short("some_other_kernel") == "some_other_kernel"
+
+
+def test_sass_normalized_ignores_addresses_and_encodings():
+    """cuda_sass_count.py's --same-as compares kernels by their SASS without addresses and encodings (CPU): two dumps
+    that differ only there compare equal, a changed register does not."""
+    from cuda_sass_count import normalized
+
+    a = ("        /*0000*/                   MOV R1, c[0x0][0x28] ;          /* 0x00000a0000017a02 */\n"
+         "                                                                   /* 0x000fe40000000f00 */\n"
+         "        /*0010*/                   FFMA R0, R1, R2, R0 ;           /* 0x0000000201007223 */\n")
+    b = a.replace("/*0010*/", "/*0410*/").replace("0x000fe40000000f00", "0x000fc80000000f00")
+    assert normalized(a) == normalized(b) == "MOV R1, c[0x0][0x28] \nFFMA R0, R1, R2, R0 "
+    assert normalized(a) != normalized(a.replace("FFMA R0, R1, R2", "FFMA R0, R3, R2"))
