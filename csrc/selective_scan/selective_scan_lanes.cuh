@@ -633,7 +633,7 @@ __device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, in
 #define LANES_FWD_STAGE_UD 0
 #endif
 template <typename T>
-constexpr bool lanes_stage_ud() {
+__host__ __device__ constexpr bool lanes_stage_ud() {
   return LANES_FWD_STAGE_UD && sizeof(T) == 2;
 }
 // LANES_FWD_STAGE_AHEAD (A/B, default 1; prepared in session 20, not yet run): windows whose copies are in flight
@@ -643,18 +643,18 @@ constexpr bool lanes_stage_ud() {
 #define LANES_FWD_STAGE_AHEAD 1
 #endif
 template <typename T>
-constexpr int lanes_stage_ahead() {
+__host__ __device__ constexpr int lanes_stage_ahead() {
   return sizeof(T) == 2 ? LANES_FWD_STAGE_AHEAD : 1;
 }
 
 // Elements of one staged window: B's and C's rows, then (lanes_stage_ud) u's and delta's of the block's channels.
 template <typename T, int NMAX>
-constexpr int lanes_stage_tile() {
+__host__ __device__ constexpr int lanes_stage_tile() {
   return (2 * NMAX + (lanes_stage_ud<T>() ? 2 * kLanesWarps : 0)) * kLanesWindow;
 }
 
 template <typename T, int NMAX>
-constexpr int lanes_stage_bytes() {
+__host__ __device__ constexpr int lanes_stage_bytes() {
   return (lanes_stage_ahead<T>() + 1) * lanes_stage_tile<T, NMAX>() * (int)sizeof(T);  // the buffers of windows
 }
 
