@@ -625,26 +625,19 @@ __device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, in
 // the rows in conflict-free halves (H100, bf16; benchmarks/results/cuda-lanes-variants-...-75353e0-stage-f32.json,
 // ...-ba95c22-stage-f32-halves.json).
 
-// LANES_FWD_STAGE_UD (A/B, default off; prepared in session 20, not yet run): the window's u and delta rows of the
-// block's 4 channels staged too (8 more rows a window), so that a window starts on shared-memory loads, not on the
-// global ones that all 4 warps of a block issue at once after the barrier. 16-bit inputs only (fp32's 80 KB a block
-// would leave 2 blocks an SM).
+// LANES_FWD_STAGE_UD (default on): the window's u and delta rows of the block's 4 channels staged too (8 more rows a
+// window), so that a window starts on shared-memory loads, not on the global ones that all 4 warps of a block issue at
+// once after the barrier: global XL 0.199 / 0.896 -> 0.188 / 0.880 ms, bi 0.407 / 1.797 -> 0.385 / 1.774, long
+// 0.441 -> 0.411 forward (H100, bf16, one call: benchmarks/results/cuda-lanes-variants-...-42bee73-ud-ahead2.json).
+// 16-bit inputs only (fp32's 80 KB a block would leave 2 blocks an SM). Three buffers (the copy of window i + 2
+// issued at window i's barrier) did not help, with or without it (same file: 0.197 / 0.889, bi 0.413 / 1.809;
+// removed).
 #ifndef LANES_FWD_STAGE_UD
-#define LANES_FWD_STAGE_UD 0
+#define LANES_FWD_STAGE_UD 1
 #endif
 template <typename T>
 __host__ __device__ constexpr bool lanes_stage_ud() {
   return LANES_FWD_STAGE_UD && sizeof(T) == 2;
-}
-// LANES_FWD_STAGE_AHEAD (A/B, default 1; prepared in session 20, not yet run): windows whose copies are in flight
-// while one is computed (1: double-buffered; 2: three buffers, the copy of window i + 2 issued at window i's barrier,
-// so a copy has two windows to land). 16-bit inputs only (fp32's three 32 KB buffers would leave 2 blocks an SM).
-#ifndef LANES_FWD_STAGE_AHEAD
-#define LANES_FWD_STAGE_AHEAD 1
-#endif
-template <typename T>
-__host__ __device__ constexpr int lanes_stage_ahead() {
-  return sizeof(T) == 2 ? LANES_FWD_STAGE_AHEAD : 1;
 }
 
 // Elements of one staged window: B's and C's rows, then (lanes_stage_ud) u's and delta's of the block's channels.
@@ -655,7 +648,7 @@ __host__ __device__ constexpr int lanes_stage_tile() {
 
 template <typename T, int NMAX>
 __host__ __device__ constexpr int lanes_stage_bytes() {
-  return (lanes_stage_ahead<T>() + 1) * lanes_stage_tile<T, NMAX>() * (int)sizeof(T);  // the buffers of windows
+  return 2 * lanes_stage_tile<T, NMAX>() * (int)sizeof(T);  // double-buffered
 }
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
@@ -671,20 +664,6 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 __device__ __forceinline__ void cp_async_wait_all() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n\tcp.async.wait_group 0;" ::: "memory");
-#endif
-}
-
-// The copies issued since the last commit form a group (possibly empty); wait until at most PENDING groups are left.
-__device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
-}
-
-template <int PENDING>
-__device__ __forceinline__ void cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory");
 #endif
 }
 
@@ -741,37 +720,21 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
 #endif
   constexpr int kTile = lanes_stage_tile<T, NMAX>();  // elements of a staged window
   const int nfull = p.lanes_vec ? L / kLanesWindow : 0;  // windows 0 .. nfull-1 are full
-  // window i in scan order: REV ? nwin - 1 - i : i, staged in buffer i % kBufs when full (kAhead == 1: session 19's
-  // form, commit and wait together at the barrier, the measured default's code; else one commit group a window)
-  constexpr int kAhead = lanes_stage_ahead<T>(), kBufs = kAhead + 1;
+  // window i in scan order: REV ? nwin - 1 - i : i, staged in buffer i & 1 when full
   constexpr bool kUD = lanes_stage_ud<T>();
-  if constexpr (STAGE && kAhead == 1) {
+  if constexpr (STAGE) {
     if ((REV ? nwin - 1 : 0) < nfull)
       stage_window<NMAX, kUD>(rows.B, rows.C, rows.u, rows.delta, REV ? nwin - 1 : 0, L, stage);
-  } else if constexpr (STAGE) {
-#pragma unroll
-    for (int k = 0; k < kAhead; ++k) {
-      const int wk = REV ? nwin - 1 - k : k;
-      if (k < nwin && wk < nfull) stage_window<NMAX, kUD>(rows.B, rows.C, rows.u, rows.delta, wk, L, stage + k * kTile);
-      cp_async_commit();
-    }
   }
   for (int i = 0; i < nwin; ++i) {
     const int w = REV ? nwin - 1 - i : i;
     const int t0 = w * kLanesWindow + lane * kLanesSteps;
-    if constexpr (STAGE && kAhead == 1) {  // window w's copy landed and every warp is done with window i - 1's
-      cp_async_wait_all();                 // buffer: refill it
+    if constexpr (STAGE) {   // window w's copy landed and every warp is done with window i - 1's
+      cp_async_wait_all();  // buffer: refill it
       __syncthreads();
       const int wn = REV ? w - 1 : w + 1;
       if (i + 1 < nwin && wn < nfull)
         stage_window<NMAX, kUD>(rows.B, rows.C, rows.u, rows.delta, wn, L, stage + ((i + 1) & 1) * kTile);
-    } else if constexpr (STAGE) {
-      cp_async_wait<kAhead - 1>();
-      __syncthreads();
-      const int k = i + kAhead, wk = REV ? nwin - 1 - k : k;
-      if (k < nwin && wk < nfull)
-        stage_window<NMAX, kUD>(rows.B, rows.C, rows.u, rows.delta, wk, L, stage + (k % kBufs) * kTile);
-      cp_async_commit();
     }
     if (states && lane < N && lanes_saves_state(w, nwin, REV))
       states[(size_t)(w / kLanesStateStride) * N + lane] = h_l;
@@ -779,7 +742,7 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
       fwd_window_generic<REV, T, NMAX, Z>(rows, t0, L, N, lane, c, A2_l, h_l);
     } else if constexpr (STAGE) {
       LanesRows<T> sr = rows;  // B/C rows of window w from shared memory, indexed by t0 as in global memory
-      sr.B = stage + (kAhead == 1 ? i & 1 : i % kBufs) * kTile - (size_t)w * kLanesWindow;
+      sr.B = stage + (i & 1) * kTile - (size_t)w * kLanesWindow;
       sr.C = sr.B + NMAX * kLanesWindow;
       sr.bc_stride = kLanesWindow;
       if constexpr (kUD) {  // this warp's u / delta rows, indexed by t0 too
