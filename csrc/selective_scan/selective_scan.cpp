@@ -200,6 +200,17 @@ cudaError_t launch(bool fwd, at::ScalarType dt, const matten_scan::ScanParams& p
   return cudaErrorInvalidValue;
 }
 
+cudaError_t launch_finish(at::ScalarType dt, const matten_scan::ScanParams& p, cudaStream_t stream) {
+  using namespace matten_scan;
+  switch (dt) {
+    case at::kFloat: return launch_finish_fp32(p, stream);
+    case at::kHalf: return launch_finish_fp16(p, stream);
+    case at::kBFloat16: return launch_finish_bf16(p, stream);
+    default: MATTEN_CHECK(false, "selective_scan (cuda): unsupported dtype ", dt);
+  }
+  return cudaErrorInvalidValue;
+}
+
 // Returns (out, last_state, states, y_saved). last_state is empty for the bidirectional scan; states (ndir,
 // batch, dim, nchunks, N) and y_saved (the pre-gate y, only with z) are empty unless save_for_backward.
 std::tuple<Tensor, Tensor, Tensor, Tensor> selective_scan_fwd(
@@ -351,21 +362,38 @@ std::vector<Tensor> scan_bwd(
   p.split_state = split_state.data_ptr<float>();
   p.split_sumd = split_sumd.data_ptr<float>();
   struct DirGrads {
-    Tensor du, ddelta, dA_part, dB_part, dC_part, dD_part, dbias_part;
+    Tensor du, ddelta, dA_part, dB_part, dC_part, dD_part, dbias_part, dA, dB, dC, dD, dbias;
   } grads[2];
   const Dir* dirs[2] = {&f, &r};
   const int Gs[2] = {G0, G1};
+  const OptTensor* Ds[2] = {&D, &D_b};
+  const OptTensor* biases[2] = {&delta_bias, &delta_bias_b};
+  const Tensor none = at::empty({0}, f32);
+  // dB/dC partial sums of every direction in one buffer: the lanes kernels' atomics need it zeroed (one fill)
+  int64_t parts[2] = {0, 0}, bc_elems = 0;
+  for (int d = 0; d < ndir; ++d) {
+    parts[d] = lanes ? 1 : (int64_t)(dim / Gs[d] / seg) * blocks_per_seg;  // lanes: atomics into one
+    bc_elems += 2 * parts[d] * batch * Gs[d] * N * L;
+  }
+  const Tensor bc_part = lanes ? at::zeros({bc_elems}, f32) : at::empty({bc_elems}, f32);
+  int64_t bc_at = 0;
   for (int d = 0; d < ndir; ++d) {
     const int G = Gs[d];
-    const int64_t parts = lanes ? 1 : (int64_t)(dim / G / seg) * blocks_per_seg;  // lanes: atomics into one
     DirGrads& g = grads[d];
     g.du = at::empty({batch, dim, L}, u.options());
     g.ddelta = at::empty({batch, dim, L}, u.options());
     g.dA_part = at::empty({nsplit, batch, dim, N}, f32);
-    g.dB_part = lanes ? at::zeros({parts, batch, G, N, L}, f32) : at::empty({parts, batch, G, N, L}, f32);
-    g.dC_part = lanes ? at::zeros({parts, batch, G, N, L}, f32) : at::empty({parts, batch, G, N, L}, f32);
+    const int64_t n = parts[d] * batch * G * N * L;
+    g.dB_part = bc_part.narrow(0, bc_at, n).view({parts[d], batch, G, N, L});
+    g.dC_part = bc_part.narrow(0, bc_at + n, n).view({parts[d], batch, G, N, L});
+    bc_at += 2 * n;
     g.dD_part = at::empty({nsplit, batch, dim}, f32);
     g.dbias_part = at::empty({nsplit, batch, dim}, f32);
+    g.dA = at::empty({dim, N}, f32);
+    g.dB = at::empty({batch, G, N, L}, u.options());
+    g.dC = at::empty({batch, G, N, L}, u.options());
+    g.dD = Ds[d]->has_value() ? at::empty({dim}, f32) : none;
+    g.dbias = biases[d]->has_value() ? at::empty({dim}, f32) : none;
     matten_scan::DirParams& q = p.dir[d];
     fill_dir(q, *dirs[d], G);
     q.states = states.data_ptr<float>() + d * batch * dim * nchunks * N;
@@ -376,6 +404,12 @@ std::vector<Tensor> scan_bwd(
     q.dC_part = g.dC_part.data_ptr<float>();
     q.dD_part = g.dD_part.data_ptr<float>();
     q.dbias_part = g.dbias_part.data_ptr<float>();
+    q.parts = (int)parts[d];
+    q.dA = g.dA.data_ptr<float>();
+    q.dB = g.dB.data_ptr();
+    q.dC = g.dC.data_ptr();
+    q.dD = Ds[d]->has_value() ? g.dD.data_ptr<float>() : nullptr;
+    q.dbias = biases[d]->has_value() ? g.dbias.data_ptr<float>() : nullptr;
   }
   Tensor dz = (z && !dz_out) ? at::empty({batch, dim, L}, u.options()) : at::empty({0}, u.options());
   const Tensor& dz_dst = dz_out ? *dz_out : dz;
@@ -412,30 +446,30 @@ std::vector<Tensor> scan_bwd(
     join_ev.block(stream);
   }
   MATTEN_CHECK_LAUNCH(err, "backward");
+  // The partial sums summed (deterministic) and dB/dC cast, both directions in one launch.
+#ifndef SCAN_TORCH_FINISH  // A/B only: the torch ops it replaced
+  MATTEN_CHECK_LAUNCH(launch_finish(dt, p, stream.stream()), "backward finish");
+#else
+  for (int d = 0; d < ndir; ++d) {
+    DirGrads& g = grads[d];
+    const int64_t both[] = {0, 1};
+    const auto sum_parts = [](const Tensor& t) -> Tensor { return t.size(0) == 1 ? t.select(0, 0) : t.sum(0); };
+    g.dA = g.dA_part.sum(both);
+    g.dB = sum_parts(g.dB_part).to(dt);
+    g.dC = sum_parts(g.dC_part).to(dt);
+    if (Ds[d]->has_value()) g.dD = g.dD_part.sum(both);
+    if (biases[d]->has_value()) g.dbias = g.dbias_part.sum(both);
+  }
+#endif
 
-  // Deterministic reductions of the per-block / per-batch-row partial sums.
   std::vector<Tensor> res;
-  const Tensor none = at::empty({0}, f32);
-  const OptTensor* Ds[2] = {&D, &D_b};
-  const OptTensor* biases[2] = {&delta_bias, &delta_bias_b};
   for (int d = 0; d < 2; ++d) {
     if (d >= ndir) {
       for (int i = 0; i < 7; ++i) res.push_back(none);
       break;
     }
-    DirGrads& g = grads[d];
-    res.push_back(g.du);
-    res.push_back(g.ddelta);
-    // One kernel per reduced gradient (host time counts at short sequences); a single part (the lanes kernels'
-    // atomics) is only cast. H100, global XL fwd+bwd 1.155 vs 1.175 ms (benchmarks/results/cuda-lanes-variants-
-    // NVIDIA-H100-80GB-HBM3-2308258-prefetch-nored-fps.json).
-    const int64_t both[] = {0, 1};
-    const auto sum_parts = [](const Tensor& t) -> Tensor { return t.size(0) == 1 ? t.select(0, 0) : t.sum(0); };
-    res.push_back(g.dA_part.sum(both));
-    res.push_back(sum_parts(g.dB_part).to(dt));
-    res.push_back(sum_parts(g.dC_part).to(dt));
-    res.push_back(Ds[d]->has_value() ? g.dD_part.sum(both) : none);
-    res.push_back(biases[d]->has_value() ? g.dbias_part.sum(both) : none);
+    const DirGrads& g = grads[d];
+    for (const Tensor* t : {&g.du, &g.ddelta, &g.dA, &g.dB, &g.dC, &g.dD, &g.dbias}) res.push_back(*t);
     if (d == 0) {
       res.push_back(dz);
       res.push_back(dinit);

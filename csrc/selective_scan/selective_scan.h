@@ -123,6 +123,13 @@ struct DirParams {
   float* dC_part;             // (P, batch, G, N, L)
   float* dD_part;             // (nsplit, batch, dim)
   float* dbias_part;          // (nsplit, batch, dim)
+  int parts;                  // P
+  // The finish (launch_finish_*): the partial sums summed (fixed order) and dB/dC cast; nullptr: not wanted.
+  float* dA;                  // (dim, N)
+  void* dB;                   // (batch, G, N, L) dtype
+  void* dC;                   // (batch, G, N, L) dtype
+  float* dD;                  // (dim,)
+  float* dbias;               // (dim,)
 };
 
 struct ScanParams {
@@ -214,5 +221,10 @@ cudaError_t launch_fwd_bf16(const ScanParams& p, int config, cudaStream_t stream
 cudaError_t launch_bwd_fp32(const ScanParams& p, int config, cudaStream_t stream);
 cudaError_t launch_bwd_fp16(const ScanParams& p, int config, cudaStream_t stream);
 cudaError_t launch_bwd_bf16(const ScanParams& p, int config, cudaStream_t stream);
+// The backward's finish, after every backward launch of both directions: one launch that sums each direction's
+// partial sums (dA_part, dB_part, dC_part, dD_part, dbias_part) into dA, dB, dC, dD, dbias (dB/dC cast to dtype).
+cudaError_t launch_finish_fp32(const ScanParams& p, cudaStream_t stream);
+cudaError_t launch_finish_fp16(const ScanParams& p, cudaStream_t stream);
+cudaError_t launch_finish_bf16(const ScanParams& p, cudaStream_t stream);
 
 }  // namespace matten_scan

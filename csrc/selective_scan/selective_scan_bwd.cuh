@@ -17,6 +17,8 @@
 // dB_part/dC_part, which the caller sums (deterministic).
 #pragma once
 
+#include <algorithm>
+
 #include "selective_scan_common.cuh"
 #include "selective_scan_lanes.cuh"
 
@@ -480,6 +482,75 @@ cudaError_t launch_bwd(const ScanParams& p, int config, cudaStream_t stream) {
     default:
       return cudaErrorInvalidValue;
   }
+}
+
+}  // namespace matten_scan
+
+namespace matten_scan {
+
+// The backward's finish: every direction's partial sums summed in a fixed order (deterministic) into the gradients,
+// dB/dC cast to T, in one launch (grid.y: the direction). It replaced five torch kernels a direction (four sums or
+// casts and a fill) whose launches and gaps cost ~2 us each after the backward. Work items, grid-stride: dB's and
+// dC's elements by fours, then dA's, then dD's and dbias's.
+template <typename T>
+__global__ void __launch_bounds__(256) scan_finish_kernel(const ScanParams p) {
+  const DirParams& q = p.dir[blockIdx.y];
+  const long long nbc = (long long)p.batch * q.groups * p.N * p.L;  // elements of dB (and of dC)
+  const long long nquad = (nbc + 3) / 4, nA = (long long)p.dim * p.N;
+  const int rows = p.nsplit * p.batch;  // partial sums of dA / dD / dbias
+  const long long total = 2 * nquad + nA + 2 * (long long)p.dim;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+       i += (long long)gridDim.x * blockDim.x) {
+    if (i < 2 * nquad) {
+      const bool c = i >= nquad;
+      const float* src = c ? q.dC_part : q.dB_part;
+      T* dst = static_cast<T*>(c ? q.dC : q.dB);
+      if (dst == nullptr) continue;
+      const long long k = (i - (c ? nquad : 0)) * 4;
+      float s[4] = {0.f, 0.f, 0.f, 0.f};
+      if (nbc % 4 == 0) {  // every quad 16-byte aligned
+        for (int part = 0; part < q.parts; ++part) {
+          const float4 v = *reinterpret_cast<const float4*>(src + part * nbc + k);
+          s[0] += v.x, s[1] += v.y, s[2] += v.z, s[3] += v.w;
+        }
+      } else {
+        for (int part = 0; part < q.parts; ++part)
+          for (int j = 0; j < 4; ++j)
+            if (k + j < nbc) s[j] += src[part * nbc + k + j];
+      }
+      for (int j = 0; j < 4; ++j)
+        if (k + j < nbc) dst[k + j] = from_float<T>(s[j]);
+    } else if (i < 2 * nquad + nA) {
+      const long long k = i - 2 * nquad;
+      float s = 0.f;
+      for (int r = 0; r < rows; ++r) s += q.dA_part[r * nA + k];
+      if (q.dA) q.dA[k] = s;
+    } else {
+      const long long k = i - 2 * nquad - nA;
+      const bool bias = k >= p.dim;
+      const int c = (int)(bias ? k - p.dim : k);
+      float* dst = bias ? q.dbias : q.dD;
+      if (dst == nullptr) continue;
+      const float* src = bias ? q.dbias_part : q.dD_part;
+      float s = 0.f;
+      for (int r = 0; r < rows; ++r) s += src[(long long)r * p.dim + c];
+      dst[c] = s;
+    }
+  }
+}
+
+template <typename T>
+cudaError_t launch_finish(const ScanParams& p, cudaStream_t stream) {
+  const int ndir = p.bidirectional ? 2 : 1;
+  long long most = 0;
+  for (int d = 0; d < ndir; ++d) {
+    const DirParams& q = p.dir[d];
+    most = std::max(most, 2 * (((long long)p.batch * q.groups * p.N * p.L + 3) / 4) + (long long)p.dim * p.N +
+                              2 * (long long)p.dim);
+  }
+  const long long blocks = std::min<long long>((most + 255) / 256, 4 * 1024);
+  scan_finish_kernel<T><<<dim3((unsigned)blocks, ndir), 256, 0, stream>>>(p);
+  return cudaGetLastError();
 }
 
 }  // namespace matten_scan

@@ -7,4 +7,8 @@ cudaError_t launch_bwd_bf16(const ScanParams& p, int config, cudaStream_t stream
   return launch_bwd<__nv_bfloat16>(p, config, stream);
 }
 
+cudaError_t launch_finish_bf16(const ScanParams& p, cudaStream_t stream) {
+  return launch_finish<__nv_bfloat16>(p, stream);
+}
+
 }  // namespace matten_scan

@@ -7,4 +7,8 @@ cudaError_t launch_bwd_fp16(const ScanParams& p, int config, cudaStream_t stream
   return launch_bwd<__half>(p, config, stream);
 }
 
+cudaError_t launch_finish_fp16(const ScanParams& p, cudaStream_t stream) {
+  return launch_finish<__half>(p, stream);
+}
+
 }  // namespace matten_scan

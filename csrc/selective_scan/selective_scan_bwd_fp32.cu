@@ -7,4 +7,8 @@ cudaError_t launch_bwd_fp32(const ScanParams& p, int config, cudaStream_t stream
   return launch_bwd<float>(p, config, stream);
 }
 
+cudaError_t launch_finish_fp32(const ScanParams& p, cudaStream_t stream) {
+  return launch_finish<float>(p, stream);
+}
+
 }  // namespace matten_scan
