@@ -447,20 +447,7 @@ std::vector<Tensor> scan_bwd(
   }
   MATTEN_CHECK_LAUNCH(err, "backward");
   // The partial sums summed (deterministic) and dB/dC cast, both directions in one launch.
-#ifndef SCAN_TORCH_FINISH  // A/B only: the torch ops it replaced
   MATTEN_CHECK_LAUNCH(launch_finish(dt, p, stream.stream()), "backward finish");
-#else
-  for (int d = 0; d < ndir; ++d) {
-    DirGrads& g = grads[d];
-    const int64_t both[] = {0, 1};
-    const auto sum_parts = [](const Tensor& t) -> Tensor { return t.size(0) == 1 ? t.select(0, 0) : t.sum(0); };
-    g.dA = g.dA_part.sum(both);
-    g.dB = sum_parts(g.dB_part).to(dt);
-    g.dC = sum_parts(g.dC_part).to(dt);
-    if (Ds[d]->has_value()) g.dD = g.dD_part.sum(both);
-    if (biases[d]->has_value()) g.dbias = g.dbias_part.sum(both);
-  }
-#endif
 
   std::vector<Tensor> res;
   for (int d = 0; d < 2; ++d) {

@@ -506,6 +506,12 @@ __device__ __forceinline__ void fwd_finish8(const LanesRows<T>& r, int t0, int L
   store8<FULL>(r.out, t0, L, y);
 }
 
+// LANES_GENERIC_COPY (A/B): the out-of-line partial-window calls get copies of the running values (h_l; r_l, dA, dD,
+// dbias), so that the originals' addresses are never taken and they stay in registers.
+#ifndef LANES_GENERIC_COPY
+#define LANES_GENERIC_COPY 0
+#endif
+
 // LANES_PA_EXP (default on; 0 for A/B runs): a lane's decay over its steps, pa = prod_j exp2(d_j A2), as one
 // exp2(A2 sum_j d_j): one FMUL and one MUFU a state instead of 7 FMULs (forward loop 2,121 -> 2,049 instructions a
 // window), one rounding instead of 8. H100, bf16, fwd / fwd+bwd ms, one call: global XL 0.223 / 0.923 -> 0.217 /
@@ -739,7 +745,13 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
     if (states && lane < N && lanes_saves_state(w, nwin, REV))
       states[(size_t)(w / kLanesStateStride) * N + lane] = h_l;
     if (w >= nfull) {
+#if LANES_GENERIC_COPY
+      float h = h_l;  // a copy's address goes to the out-of-line call, not h_l's (which would live in local memory)
+      fwd_window_generic<REV, T, NMAX, Z>(rows, t0, L, N, lane, c, A2_l, h);
+      h_l = h;
+#else
       fwd_window_generic<REV, T, NMAX, Z>(rows, t0, L, N, lane, c, A2_l, h_l);
+#endif
     } else if constexpr (STAGE) {
       LanesRows<T> sr = rows;  // B/C rows of window w from shared memory, indexed by t0 as in global memory
       sr.B = stage + (i & 1) * kTile - (size_t)w * kLanesWindow;
@@ -1012,44 +1024,6 @@ struct LanesBwdScanSmem {  // one warp's
 // windows without the block reduction use it while the scan's is live).
 constexpr int kLanesBwdScanFloats = LANES_SMEM_SCAN ? (int)(sizeof(LanesBwdScanSmem) / 4) : 0;
 
-// LANES_BWD_PRE (A/B, default off): every lane copies its 16 bytes of the next window's u, dout and delta rows into
-// shared memory (cp.async, no registers) at the start of a window, so that a window starts on shared-memory loads
-// (the forward's u/delta staging, LANES_FWD_STAGE_UD, took 6% off it). A lane reads back only what it copied: no
-// barrier, one wait_group a window. Its 4 rows a warp (u, dout, delta double-buffered: delta is read again at the
-// window's end) take the warp's xch, free where the block reduces dB/dC (lanes_bwd_block_reduces); 16-bit inputs
-// only (2 KB a warp; shared memory is full at 3 blocks an SM).
-#ifndef LANES_BWD_PRE
-#define LANES_BWD_PRE 0
-#endif
-template <typename T>
-struct LanesBwdPre {
-  const T *u, *dout, *delta;  // the direction's global rows
-  T* buf;                     // this warp's 4 rows of kLanesWindow: u, dout, delta (slot 0), delta (slot 1)
-  int w;                      // the window to copy (-1: none)
-  int slot;                   // its delta slot
-};
-static_assert(4 * kLanesWindow * 2 <= 2 * kLanesWindow * 4, "4 16-bit rows fit a warp's xch");
-
-template <typename T>
-__device__ __forceinline__ void bwd_prefetch(const LanesBwdPre<T>& q, int lane) {
-  static_assert(sizeof(T) == 2, "a lane's 8 steps: 16 bytes");
-  const size_t off = (size_t)q.w * kLanesWindow + lane * kLanesSteps;
-  T* dst = q.buf + lane * kLanesSteps;
-  cp_async16(dst, q.u + off);
-  cp_async16(dst + kLanesWindow, q.dout + off);
-  cp_async16(dst + (2 + q.slot) * kLanesWindow, q.delta + off);
-}
-
-// Rows whose window w reads u / dout / delta from the copies bwd_prefetch made (indexed by t0 as in global memory).
-template <typename T>
-__device__ __forceinline__ LanesRows<T> bwd_prefetched_rows(LanesRows<T> r, const T* buf, int w, int slot) {
-  const T* base = buf - (size_t)w * kLanesWindow;
-  r.u = base;
-  r.dout = base + kLanesWindow;
-  r.delta = base + (2 + slot) * kLanesWindow;
-  return r;
-}
-
 // Phase (2) of a group (states g0 .. g0 + kScanGroup - 1): the state entering every lane (from h0_l, lane n: the saved
 // state n entering the window) to sm.hin, the R entering every lane (from r_l, lane n: state n's carry) to sm.rin;
 // r_l of the group's states becomes the R leaving the window's first lane (the window before's carry).
@@ -1114,11 +1088,11 @@ __device__ __forceinline__ void group_scan_bwd(LanesBwdScanSmem& sm, int g0, int
   if (lane >= g0 && lane < g0 + G) r_l = r_new;
 }
 
-template <bool REV, bool EXACT, typename T, int NMAX, bool PRE>
+template <bool REV, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, int L, int N, int lane,
                                                 const LanesScalars& c, float A_l, float h0_l, float& r_l,
                                                 float (&dA)[NMAX], float& dD, float& dbias, float* xch, float* bxch,
-                                                LanesBwdScanSmem& sm, const LanesBwdPre<T>& pre LANES_PROBE_PARAM) {
+                                                LanesBwdScanSmem& sm LANES_PROBE_PARAM) {
   using O = Order<REV>;
   constexpr int G = kScanGroup;
   static_assert(NMAX % G == 0 && G == 4, "groups of 4 states");
@@ -1132,9 +1106,6 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
   for (int j = 0; j < kLanesSteps; ++j) du[j] = dt[j] * uu[j];
   const float sdt = LANES_PA_EXP ? lane_dsum(dt) : 0.f;
   bwd_dy<true>(r, t0, L, c, dy, sgB, ddt);
-  if constexpr (PRE) {  // the next window's rows, once this one's are read (its delta into the other slot)
-    if (pre.w >= 0) bwd_prefetch(pre, lane);
-  }
   LANES_PROBE(kProbeWinBegin);
 #if LANES_BWD_ROLL
 #pragma unroll 1
@@ -1289,7 +1260,7 @@ __device__ __forceinline__ float bwd_window_state(const ScanParams& p, const Lan
 }
 
 // One direction of the backward over the whole row: windows against scan order; per-channel sums at the end.
-template <bool REV, bool EXACT, typename T, int NMAX, bool PRE>
+template <bool REV, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b, int chan, int lane, int mode,
                                               float* xch, float* bxch, float* hs, LanesBwdScanSmem* scan) {
   const DirParams& dp = p.dir[d];
@@ -1324,28 +1295,26 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
 #endif
     if (p.lanes_vec && (w + 1) * kLanesWindow <= L)
 #if LANES_SMEM_SCAN
-    {
-      if constexpr (PRE) {  // window w's rows copied during the window before it (backward order) when that was full
-        LanesBwdPre<T> pre{rows.u, rows.dout, rows.delta, reinterpret_cast<T*>(xch), -1, 0};
-        const int wp = REV ? w - 1 : w + 1, wn = REV ? w + 1 : w - 1;
-        if (i == 0 || (wp + 1) * kLanesWindow > L)
-          bwd_prefetch(LanesBwdPre<T>{rows.u, rows.dout, rows.delta, pre.buf, w, i & 1}, lane);
-        cp_async_wait_all();
-        if (wn >= 0 && wn < nwin && (wn + 1) * kLanesWindow <= L) pre.w = wn, pre.slot = (i + 1) & 1;
-        bwd_window_smem<REV, EXACT, T, NMAX, true>(bwd_prefetched_rows(rows, pre.buf, w, i & 1), t0, L, N, lane, c,
-                                                   A_l, h0_l, r_l, dA, dD, dbias, xch, bxch, *scan,
-                                                   pre LANES_PROBE_ARG);
-      } else {
-        bwd_window_smem<REV, EXACT, T, NMAX, false>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch,
-                                                    bxch, *scan, LanesBwdPre<T>{} LANES_PROBE_ARG);
-      }
-    }
+      bwd_window_smem<REV, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch, bxch, *scan
+                                           LANES_PROBE_ARG);
 #else
       bwd_window<REV, true, EXACT, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, xch,
                                             bxch LANES_PROBE_ARG);
 #endif
     else
+#if LANES_GENERIC_COPY
+    {  // copies' addresses go to the out-of-line call (r_l, dA, dD, dbias themselves would live in local memory)
+      float rr = r_l, dAc[NMAX], dDc = dD, dbc = dbias;
+#pragma unroll
+      for (int n = 0; n < NMAX; ++n) dAc[n] = dA[n];
+      bwd_window_generic<REV, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, rr, dAc, dDc, dbc);
+      r_l = rr, dD = dDc, dbias = dbc;
+#pragma unroll
+      for (int n = 0; n < NMAX; ++n) dA[n] = dAc[n];
+    }
+#else
       bwd_window_generic<REV, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias);
+#endif
   }
   // per-channel sums over the warp; partials per batch row (summed by the caller)
 #pragma unroll
@@ -1376,24 +1345,8 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
   }
 }
 
-// Whether the backward's blocks reduce dB/dC in shared memory (LANES_BLOCK_REDUCE): every warp of each block alive
-// and in one B/C group (of both directions when bidirectional); block-uniform.
-__host__ __device__ inline bool lanes_bwd_block_reduces(const ScanParams& p, bool bi) {
-  return p.dim % kLanesWarps == 0 && (p.dim / p.dir[0].groups) % kLanesWarps == 0 &&
-         (!bi || (p.dim / p.dir[1].groups) % kLanesWarps == 0);
-}
-
-// Whether a backward pass prefetches u, dout and delta (LANES_BWD_PRE): 16-bit inputs, N = 16 or 8 exactly, the
-// block reduces dB/dC (xch free) and the rows are 16-byte aligned.
-template <typename T, bool EXACT, int PASS>
-bool lanes_bwd_pre(const ScanParams& p) {
-  return LANES_BWD_PRE && LANES_SMEM_SCAN && LANES_BLOCK_REDUCE && sizeof(T) == 2 && EXACT && p.lanes_vec &&
-         lanes_bwd_block_reduces(p, PASS != kPassUni);
-}
-
 // Bidirectional: two launches, the backward direction (kPassBiRev), then the forward one (kPassBiFwd: dz too).
-// PRE: lanes_bwd_pre (the block reduces dB/dC; u, dout, delta prefetched into xch).
-template <typename T, int NMAX, bool EXACT, int PASS, bool PRE>
+template <typename T, int NMAX, bool EXACT, int PASS>
 __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lanes_kernel(const ScanParams p) {
   // per warp: dB, dC of one state and window, staged for the atomics (without the block reduction)
   __shared__ alignas(16) float s_xch[kLanesWarps][2 * kLanesWindow];
@@ -1410,9 +1363,9 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lan
   float* bxch = nullptr;
 #if LANES_BLOCK_REDUCE
   extern __shared__ float4 s_bxch[];  // kLanesBlockReduceBytes
-  // every warp of the block alive and in one B/C group (block-uniform): lanes_bwd_block_reduces
-  if (PRE || (p.dim % kLanesWarps == 0 && (p.dim / p.dir[0].groups) % kLanesWarps == 0 &&
-              (PASS == kPassUni || (p.dim / p.dir[1].groups) % kLanesWarps == 0)))
+  // every warp of the block alive and in one B/C group (block-uniform)
+  if (p.dim % kLanesWarps == 0 && (p.dim / p.dir[0].groups) % kLanesWarps == 0 &&
+      (PASS == kPassUni || (p.dim / p.dir[1].groups) % kLanesWarps == 0))
     bxch = reinterpret_cast<float*>(s_bxch);
 #endif
   if (chan >= p.dim) return;
@@ -1423,30 +1376,12 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lan
   float* hs = nullptr;
 #endif
   if constexpr (PASS == kPassBiRev) {
-    bwd_direction<true, EXACT, T, NMAX, PRE>(p, 1, b, chan, lane, kToWs, xch, bxch, hs, scan);
+    bwd_direction<true, EXACT, T, NMAX>(p, 1, b, chan, lane, kToWs, xch, bxch, hs, scan);
   } else if constexpr (PASS == kPassBiFwd) {
-    bwd_direction<false, EXACT, T, NMAX, PRE>(p, 0, b, chan, lane, kAddWs, xch, bxch, hs, scan);
+    bwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kAddWs, xch, bxch, hs, scan);
   } else {
-    bwd_direction<false, EXACT, T, NMAX, PRE>(p, 0, b, chan, lane, kUni, xch, bxch, hs, scan);
+    bwd_direction<false, EXACT, T, NMAX>(p, 0, b, chan, lane, kUni, xch, bxch, hs, scan);
   }
-}
-
-template <typename T, int NMAX, bool EXACT, int PASS, bool PRE>
-cudaError_t launch_bwd_lanes(const ScanParams& p, dim3 grid, cudaStream_t stream) {
-  constexpr int smem = kLanesBlockReduceBytes;
-  auto kernel = scan_bwd_lanes_kernel<T, NMAX, EXACT, PASS, PRE>;
-  if constexpr (smem + kLanesWarps * (2 * kLanesWindow + kLanesBwdScanFloats) * 4 > 48 * 1024) {  // static too
-    static bool opted_in[64] = {};  // once per instantiation and device
-    int dev = 0;
-    cudaGetDevice(&dev);
-    if (dev >= 64 || !opted_in[dev]) {
-      const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-      if (e != cudaSuccess) return e;
-      if (dev < 64) opted_in[dev] = true;
-    }
-  }
-  kernel<<<grid, kLanesWarps * 32, smem, stream>>>(p);
-  return cudaGetLastError();
 }
 
 template <typename T, bool FWD, int NMAX, bool EXACT, int PASS>
@@ -1458,11 +1393,21 @@ cudaError_t launch_lanes_pass(const ScanParams& p, cudaStream_t stream) {
     }
     return launch_fwd_lanes<T, NMAX, EXACT, PASS, false>(p, grid, stream);
   } else {
-    if constexpr (LANES_BWD_PRE && sizeof(T) == 2 && EXACT) {  // the kernels lanes_bwd_pre may choose
-      if (lanes_bwd_pre<T, EXACT, PASS>(p)) return launch_bwd_lanes<T, NMAX, EXACT, PASS, true>(p, grid, stream);
+    constexpr int smem = kLanesBlockReduceBytes;
+    if constexpr (smem + kLanesWarps * (2 * kLanesWindow + kLanesBwdScanFloats) * 4 > 48 * 1024) {  // static too
+      static bool opted_in[64] = {};  // once per instantiation and device
+      int dev = 0;
+      cudaGetDevice(&dev);
+      if (dev >= 64 || !opted_in[dev]) {
+        const cudaError_t e = cudaFuncSetAttribute(scan_bwd_lanes_kernel<T, NMAX, EXACT, PASS>,
+                                                   cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        if (e != cudaSuccess) return e;
+        if (dev < 64) opted_in[dev] = true;
+      }
     }
-    return launch_bwd_lanes<T, NMAX, EXACT, PASS, false>(p, grid, stream);
+    scan_bwd_lanes_kernel<T, NMAX, EXACT, PASS><<<grid, kLanesWarps * 32, smem, stream>>>(p);
   }
+  return cudaGetLastError();
 }
 
 template <typename T, bool FWD, int NMAX, bool EXACT, bool BI>
