@@ -506,12 +506,6 @@ __device__ __forceinline__ void fwd_finish8(const LanesRows<T>& r, int t0, int L
   store8<FULL>(r.out, t0, L, y);
 }
 
-// LANES_GENERIC_COPY (A/B): the out-of-line partial-window calls get copies of the running values (h_l; r_l, dA, dD,
-// dbias), so that the originals' addresses are never taken and they stay in registers.
-#ifndef LANES_GENERIC_COPY
-#define LANES_GENERIC_COPY 0
-#endif
-
 // LANES_PA_EXP (default on; 0 for A/B runs): a lane's decay over its steps, pa = prod_j exp2(d_j A2), as one
 // exp2(A2 sum_j d_j): one FMUL and one MUFU a state instead of 7 FMULs (forward loop 2,121 -> 2,049 instructions a
 // window), one rounding instead of 8. H100, bf16, fwd / fwd+bwd ms, one call: global XL 0.223 / 0.923 -> 0.217 /
@@ -610,6 +604,11 @@ __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L,
 }
 
 // The partial-window / unaligned path, kept out of line so that its registers do not count against the fast path.
+// Its callers pass copies of their running values (h_l here; r_l, dA, dD, dbias to bwd_window_generic): a value whose
+// address goes to a call lives in local memory for its whole life, and the fast path then stored h_l to the stack
+// at every state (16 STL a window) and kept dA there. H100, bf16, fwd+bwd ms in one call: global XL 0.869 -> 0.863,
+// global S 1.151 -> 1.132, bi global XL 1.752 -> 1.733, bi long 3.555 -> 3.475; forward global S 0.251 -> 0.243
+// (benchmarks/results/cuda-lanes-variants-NVIDIA-H100-80GB-HBM3-e3281be-generic-copy.json).
 template <bool REV, typename T, int NMAX, int Z>
 __device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, int L, int N, int lane,
                                                 const LanesScalars c, float A2_l, float& h_l) {
@@ -745,13 +744,9 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
     if (states && lane < N && lanes_saves_state(w, nwin, REV))
       states[(size_t)(w / kLanesStateStride) * N + lane] = h_l;
     if (w >= nfull) {
-#if LANES_GENERIC_COPY
-      float h = h_l;  // a copy's address goes to the out-of-line call, not h_l's (which would live in local memory)
+      float h = h_l;  // a copy to the out-of-line call (fwd_window_generic's note)
       fwd_window_generic<REV, T, NMAX, Z>(rows, t0, L, N, lane, c, A2_l, h);
       h_l = h;
-#else
-      fwd_window_generic<REV, T, NMAX, Z>(rows, t0, L, N, lane, c, A2_l, h_l);
-#endif
     } else if constexpr (STAGE) {
       LanesRows<T> sr = rows;  // B/C rows of window w from shared memory, indexed by t0 as in global memory
       sr.B = stage + (i & 1) * kTile - (size_t)w * kLanesWindow;
@@ -1302,8 +1297,7 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
                                             bxch LANES_PROBE_ARG);
 #endif
     else
-#if LANES_GENERIC_COPY
-    {  // copies' addresses go to the out-of-line call (r_l, dA, dD, dbias themselves would live in local memory)
+    {  // copies to the out-of-line call (fwd_window_generic's note)
       float rr = r_l, dAc[NMAX], dDc = dD, dbc = dbias;
 #pragma unroll
       for (int n = 0; n < NMAX; ++n) dAc[n] = dA[n];
@@ -1312,9 +1306,6 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
 #pragma unroll
       for (int n = 0; n < NMAX; ++n) dA[n] = dAc[n];
     }
-#else
-      bwd_window_generic<REV, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias);
-#endif
   }
   // per-channel sums over the warp; partials per batch row (summed by the caller)
 #pragma unroll
