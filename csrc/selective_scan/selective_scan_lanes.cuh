@@ -338,16 +338,49 @@ struct Order {
 // The state entering this lane: the lanes' affine maps (pa, xa) (h -> pa h + xa over the lane's steps) scanned
 // across the warp and applied to `carry`, the state entering the first lane; `carry` becomes the state leaving the
 // last lane (the next window's carry).
+// LANES_SCAN_PTX (A/B, default off): a scan level as PTX whose update is predicated on the shuffle's own in-range
+// flag (`shfl.sync ... d|p`), instead of on a lane test: ptxas then updates (xa, pa) in place. With the lane test it
+// computed into temporaries and moved them under the predicate (forward loop: 137 MOV + 35 IMAD.MOV a window, 1,963
+// instructions; with the PTX levels 10 MOV, 1,780; bf16, sm_90, offline).
+#ifndef LANES_SCAN_PTX
+#define LANES_SCAN_PTX 0
+#endif
+// (pa, xa) <- (pa pp, pa xp + xa) with (pp, xp) the lane's `off` places lower (DOWN: higher), where there is one.
+template <bool DOWN>
+__device__ __forceinline__ void compose_shfl(float& pa, float& xa, int off) {
+  if constexpr (DOWN) {
+    asm("{\n\t.reg .pred p;\n\t.reg .f32 xp, pp;\n\t"
+        "shfl.sync.down.b32 xp|p, %0, %2, 0x1f, -1;\n\t"
+        "shfl.sync.down.b32 pp, %1, %2, 0x1f, -1;\n\t"
+        "@p fma.rn.f32 %0, %1, xp, %0;\n\t"
+        "@p mul.rn.f32 %1, %1, pp;\n\t}"
+        : "+f"(xa), "+f"(pa)
+        : "r"(off));
+  } else {
+    asm("{\n\t.reg .pred p;\n\t.reg .f32 xp, pp;\n\t"
+        "shfl.sync.up.b32 xp|p, %0, %2, 0, -1;\n\t"
+        "shfl.sync.up.b32 pp, %1, %2, 0, -1;\n\t"
+        "@p fma.rn.f32 %0, %1, xp, %0;\n\t"
+        "@p mul.rn.f32 %1, %1, pp;\n\t}"
+        : "+f"(xa), "+f"(pa)
+        : "r"(off));
+  }
+}
+
 template <bool REV>
 __device__ __forceinline__ float lanes_state_in(float pa, float xa, float& carry, int lane) {
   using O = Order<REV>;
 #pragma unroll
   for (int off = 1; off < 32; off <<= 1) {
+#if LANES_SCAN_PTX
+    compose_shfl<REV>(pa, xa, off);
+#else
     const float pp = O::prev(pa, off), xp = O::prev(xa, off);
     if (O::has_prev(lane, off)) {
       xa = fmaf(pa, xp, xa);
       pa *= pp;
     }
+#endif
   }
   const float h_out = fmaf(pa, carry, xa);  // the state after this lane's steps
   float h_in = O::prev(h_out, 1);
@@ -364,11 +397,15 @@ __device__ __forceinline__ float lanes_adjoint_in(float q, float s, float r, int
   using O = Order<REV>;
 #pragma unroll
   for (int off = 1; off < 32; off <<= 1) {
+#if LANES_SCAN_PTX
+    compose_shfl<!REV>(q, s, off);
+#else
     const float qn = O::next(q, off), sn = O::next(s, off);
     if (O::has_next(lane, off)) {
       s = fmaf(q, sn, s);
       q *= qn;
     }
+#endif
   }
   g0 = fmaf(q, r, s);
   float g_in = O::next(g0, 1);
@@ -1046,6 +1083,10 @@ __device__ __forceinline__ void group_scan_bwd(LanesBwdScanSmem& sm, int g0, int
   float Pp = Pf, Xp = Xf, Ps = Pf, Ss = Sb;
 #pragma unroll
   for (int off = G; off < 32; off <<= 1) {
+#if LANES_SCAN_PTX
+    compose_shfl<false>(Pp, Xp, off);
+    compose_shfl<true>(Ps, Ss, off);
+#else
     const float pp = __shfl_up_sync(kFull, Pp, off), xp = __shfl_up_sync(kFull, Xp, off);
     const float pn = __shfl_down_sync(kFull, Ps, off), sn = __shfl_down_sync(kFull, Ss, off);
     if (lane >= off) {
@@ -1056,6 +1097,7 @@ __device__ __forceinline__ void group_scan_bwd(LanesBwdScanSmem& sm, int g0, int
       Ss = fmaf(Ps, sn, Ss);
       Ps *= pn;
     }
+#endif
   }
   const float h0 = __shfl_sync(kFull, h0_l, g0 + m), r0 = __shfl_sync(kFull, r_l, g0 + m);
   const float pe = __shfl_up_sync(kFull, Pp, G), xe = __shfl_up_sync(kFull, Xp, G);
