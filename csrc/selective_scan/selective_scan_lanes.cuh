@@ -331,20 +331,12 @@ struct Order {
   static __device__ __forceinline__ float next(float v, int off) {
     return REV ? __shfl_up_sync(kFull, v, off) : __shfl_down_sync(kFull, v, off);
   }
-  static __device__ __forceinline__ bool has_prev(int lane, int off) { return REV ? lane + off < 32 : lane >= off; }
-  static __device__ __forceinline__ bool has_next(int lane, int off) { return REV ? lane >= off : lane + off < 32; }
 };
 
-// The state entering this lane: the lanes' affine maps (pa, xa) (h -> pa h + xa over the lane's steps) scanned
-// across the warp and applied to `carry`, the state entering the first lane; `carry` becomes the state leaving the
-// last lane (the next window's carry).
-// LANES_SCAN_PTX (A/B, default off): a scan level as PTX whose update is predicated on the shuffle's own in-range
-// flag (`shfl.sync ... d|p`), instead of on a lane test: ptxas then updates (xa, pa) in place. With the lane test it
-// computed into temporaries and moved them under the predicate (forward loop: 137 MOV + 35 IMAD.MOV a window, 1,963
-// instructions; with the PTX levels 10 MOV, 1,780; bf16, sm_90, offline).
-#ifndef LANES_SCAN_PTX
-#define LANES_SCAN_PTX 0
-#endif
+// A scan level is PTX whose update is predicated on the shuffle's own in-range flag (`shfl.sync ... d|p`), not on a
+// lane test: ptxas then updates (xa, pa) in place. With the lane test it computed into temporaries and moved them
+// under the predicate (forward loop, bf16, sm_90: 137 MOV + 35 IMAD.MOV a window, 1,963 instructions; with the PTX
+// levels 10 MOV, 1,780; H100 global XL 0.186 / 0.864 -> 0.174 / 0.845 ms, NOTES.md "Session 22").
 // (pa, xa) <- (pa pp, pa xp + xa) with (pp, xp) the lane's `off` places lower (DOWN: higher), where there is one.
 template <bool DOWN>
 __device__ __forceinline__ void compose_shfl(float& pa, float& xa, int off) {
@@ -367,21 +359,14 @@ __device__ __forceinline__ void compose_shfl(float& pa, float& xa, int off) {
   }
 }
 
+// The state entering this lane: the lanes' affine maps (pa, xa) (h -> pa h + xa over the lane's steps) scanned
+// across the warp and applied to `carry`, the state entering the first lane; `carry` becomes the state leaving the
+// last lane (the next window's carry).
 template <bool REV>
 __device__ __forceinline__ float lanes_state_in(float pa, float xa, float& carry, int lane) {
   using O = Order<REV>;
 #pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-#if LANES_SCAN_PTX
-    compose_shfl<REV>(pa, xa, off);
-#else
-    const float pp = O::prev(pa, off), xp = O::prev(xa, off);
-    if (O::has_prev(lane, off)) {
-      xa = fmaf(pa, xp, xa);
-      pa *= pp;
-    }
-#endif
-  }
+  for (int off = 1; off < 32; off <<= 1) compose_shfl<REV>(pa, xa, off);
   const float h_out = fmaf(pa, carry, xa);  // the state after this lane's steps
   float h_in = O::prev(h_out, 1);
   if (lane == O::first) h_in = carry;
@@ -396,17 +381,7 @@ template <bool REV>
 __device__ __forceinline__ float lanes_adjoint_in(float q, float s, float r, int lane, float& g0) {
   using O = Order<REV>;
 #pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-#if LANES_SCAN_PTX
-    compose_shfl<!REV>(q, s, off);
-#else
-    const float qn = O::next(q, off), sn = O::next(s, off);
-    if (O::has_next(lane, off)) {
-      s = fmaf(q, sn, s);
-      q *= qn;
-    }
-#endif
-  }
+  for (int off = 1; off < 32; off <<= 1) compose_shfl<!REV>(q, s, off);
   g0 = fmaf(q, r, s);
   float g_in = O::next(g0, 1);
   if (lane == O::last) g_in = r;
@@ -1083,21 +1058,8 @@ __device__ __forceinline__ void group_scan_bwd(LanesBwdScanSmem& sm, int g0, int
   float Pp = Pf, Xp = Xf, Ps = Pf, Ss = Sb;
 #pragma unroll
   for (int off = G; off < 32; off <<= 1) {
-#if LANES_SCAN_PTX
     compose_shfl<false>(Pp, Xp, off);
     compose_shfl<true>(Ps, Ss, off);
-#else
-    const float pp = __shfl_up_sync(kFull, Pp, off), xp = __shfl_up_sync(kFull, Xp, off);
-    const float pn = __shfl_down_sync(kFull, Ps, off), sn = __shfl_down_sync(kFull, Ss, off);
-    if (lane >= off) {
-      Xp = fmaf(Pp, xp, Xp);
-      Pp *= pp;
-    }
-    if (lane + off < 32) {
-      Ss = fmaf(Ps, sn, Ss);
-      Ps *= pn;
-    }
-#endif
   }
   const float h0 = __shfl_sync(kFull, h0_l, g0 + m), r0 = __shfl_sync(kFull, r_l, g0 + m);
   const float pe = __shfl_up_sync(kFull, Pp, G), xe = __shfl_up_sync(kFull, Xp, G);
