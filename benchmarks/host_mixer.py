@@ -5,9 +5,11 @@ speed of the host. Times the mixer's forward and fwd+bwd per scan backend (Trito
 (``baselines.VimBiMamba``), then a cProfile of each backend's fwd+bwd (top entries by own time). At global XL the
 mixer's eager fwd+bwd took 4.5-5.7 ms of host time for 3.7 ms of device time (``bench_bidirectional.py
 --cudagraph``, f52c92c): its eager medians are the host's. Writes ``host_mixer.json`` and
-``host_mixer_profile_<backend>.txt`` under --out.
+``host_mixer_profile_<backend>.txt`` under --out. ``--torch-profile`` adds a torch.profiler table per backend (host time
+of every aten op and CUDA runtime call, kernels counted: ``host_mixer_torchprof_<backend>.txt``): the cProfile shows
+the Python, this shows what the host spends inside torch and the driver (a launch, an allocation, a synchronisation).
 
-Usage: PYTHONPATH=. python benchmarks/host_mixer.py [--mamba-build DIR] --out DIR
+Usage: PYTHONPATH=. python benchmarks/host_mixer.py [--shape 2,4096,1152] [--torch-profile] [--mamba-build DIR] --out DIR
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def main():
     ap.add_argument("--shape", default="1,256,128", help="batch,L,d_model (small: host-bound)")
     ap.add_argument("--mamba-build", default=None)
     ap.add_argument("--out", default=".")
+    ap.add_argument("--torch-profile", action="store_true", help="also a torch.profiler table per backend")
     args = ap.parse_args()
     if args.mamba_build:
         os.environ.setdefault("MATTEN_MAMBA_BUILD", args.mamba_build)
@@ -72,9 +75,30 @@ def main():
         with open(os.path.join(args.out, f"host_mixer_profile_{name}.txt"), "w") as fh:
             fh.write(s.getvalue())
         print("\n".join(s.getvalue().splitlines()[:40]))
+        if args.torch_profile:
+            torch_profile(fwd_bwd, os.path.join(args.out, f"host_mixer_torchprof_{name}.txt"))
     m.backend = None
     with open(os.path.join(args.out, "host_mixer.json"), "w") as fh:
         json.dump(res, fh, indent=1)
+
+
+def torch_profile(step, path, calls=5):
+    """torch.profiler over `calls` fwd+bwd: ops by host (self CPU) time, with the count of kernels a call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / calls
+    table = events.table(sort_by="self_cpu_time_total", row_limit=45, max_name_column_width=60)
+    text = f"{calls} calls; kernels a call: {kernels:.1f}\n{table}"
+    with open(path, "w") as fh:
+        fh.write(text)
+    print(text, flush=True)
 
 
 if __name__ == "__main__":

@@ -44,9 +44,10 @@ def stub_launches():
     from matten_kernels.attention import triton_bwd as ab, triton_fwd as af
     from matten_kernels.conv1d import triton_bwd as cb, triton_fwd as cf
     from matten_kernels.adaln import triton_kernels as nk
+    from matten_kernels.modules import ssm_params as mp
     from matten_kernels.selective_scan import triton_bwd as sb, triton_fwd as sf
 
-    for module in (af, ab, cf, cb, sf, sb, nk):
+    for module in (af, ab, cf, cb, sf, sb, nk, mp):
         module.launch = lambda *args, **kwargs: None
 
 

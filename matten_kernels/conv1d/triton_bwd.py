@@ -20,8 +20,8 @@ once; no (batch, D, L) scratch tensor is materialised. Two loop bodies (``GATHER
 The bodies are written for 4 taps; K < 4 runs as a width-4 conv with zero leading taps (``_tap``).
 
 Determinism: one program owns BLOCK_D channels x one chunk of L of one batch element and loops over the chunk's
-tiles; it writes its partial dweight/dbias sums to its own row of a (chunks*batch, D, K) fp32 buffer, which the
-launcher reduces with ``sum(0)`` in a fixed order. No atomics.
+tiles; it writes its partial dweight/dbias sums to its own row of a (chunks*batch, ...) fp32 buffer, which the
+launcher reduces with one ``sum(0)`` in a fixed order. No atomics.
 
 Cost model (global XL bf16, both directions): bytes = 2 B * b*d*L * (3 reads + 1 write) = 151 MB -> ~50 us at
 3.0 TB/s. Both kernels issue-bound on an H100: offline (sm_90 SASS) the loop costs 8.4 warp-instructions an output
@@ -97,13 +97,13 @@ def _partial_sums(BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
 
 
 @triton.jit
-def _store_partials(p_dw_part, p_dbias_part, row, D, o_d, m_d, b_dbias, b_dw0, b_dw1, b_dw2, b_dw3,
+def _store_partials(p_dw_part, p_dbias_part, row, stride_part, o_d, m_d, b_dbias, b_dw0, b_dw1, b_dw2, b_dw3,
                     K: tl.constexpr):
     """One program's partial dbias / dweight sums (kept per position in its loop, reduced over L once here: no
-    per-tile cross-warp reductions) into row ``row`` of the (chunks*batch, D) / (chunks*batch, D, K) buffers; padded
-    tap J is weight column J - (4-K)."""
-    p_dw_row = p_dw_part + row * D * K + o_d * K - (4 - K)
-    tl.store(p_dbias_part + row * D + o_d, tl.sum(b_dbias, axis=1), mask=m_d)
+    per-tile cross-warp reductions) into row ``row`` (``stride_part`` elements apart) of the (chunks*batch, D) /
+    (chunks*batch, D, K) partial sums; padded tap J is weight column J - (4-K)."""
+    p_dw_row = p_dw_part + row * stride_part + o_d * K - (4 - K)
+    tl.store(p_dbias_part + row * stride_part + o_d, tl.sum(b_dbias, axis=1), mask=m_d)
     if K >= 4:
         tl.store(p_dw_row + 0, tl.sum(b_dw0, axis=1), mask=m_d)
     if K >= 3:
@@ -135,6 +135,7 @@ def _dwconv_silu_bwd_kernel(
     stride_dy_b, stride_dy_d, stride_dy_l,
     stride_dyb_b, stride_dyb_d, stride_dyb_l,
     stride_dx_b, stride_dx_d, stride_dx_l,
+    stride_part,
     # meta-parameters
     K: tl.constexpr, BIDIR: tl.constexpr, GATHER: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
@@ -235,9 +236,10 @@ def _dwconv_silu_bwd_kernel(
             tl.store(p_dx_rows + o_l[None, :] * stride_dx_l, b_dx.to(p_dx.dtype.element_ty), mask=m_out)
 
     row = (i_c * n_b + i_b).to(tl.int64)
-    _store_partials(p_dw_part, p_dbias_part, row, D, o_d, m_d, b_dbias, b_dw0, b_dw1, b_dw2, b_dw3, K)
+    _store_partials(p_dw_part, p_dbias_part, row, stride_part, o_d, m_d, b_dbias, b_dw0, b_dw1, b_dw2, b_dw3, K)
     if BIDIR:
-        _store_partials(p_dwb_part, p_dbiasb_part, row, D, o_d, m_d, b_dbias_b, b_du0, b_du1, b_du2, b_du3, K)
+        _store_partials(p_dwb_part, p_dbiasb_part, row, stride_part, o_d, m_d, b_dbias_b, b_du0, b_du1, b_du2, b_du3,
+                        K)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -269,10 +271,12 @@ def _bwd_config(x: torch.Tensor):
 
 def dwconv_silu_bwd_launch(dy: torch.Tensor, dy_b: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
                            bias: torch.Tensor, weight_b: torch.Tensor | None = None,
-                           bias_b: torch.Tensor | None = None, dx_out: torch.Tensor | None = None):
+                           bias_b: torch.Tensor | None = None, dx_out: torch.Tensor | None = None,
+                           grads_as_views: bool = False):
     """Gradients (dx, dweight, dbias[, dweight_b, dbias_b]); dx in x's dtype and ``new_output`` layout (or written
     into ``dx_out``, any strides: the mixer core's slice of d(xz)), the others in their parameter's dtype. ``dy_b``
-    (and weight_b, bias_b) None: the causal direction only."""
+    (and weight_b, bias_b) None: the causal direction only. ``grads_as_views``: the parameters' gradients may be
+    slices of one tensor (one sum and one cast for all of them; a custom op may not return aliased outputs)."""
     batch, D, L = x.shape
     K = weight.shape[1]
     bidir = weight_b is not None
@@ -285,12 +289,14 @@ def dwconv_silu_bwd_launch(dy: torch.Tensor, dy_b: torch.Tensor | None, x: torch
     n_chunks = cdiv(n_tiles, tiles_per_prog)
 
     dx = new_output(x) if dx_out is None else dx_out
-    f32 = dict(device=x.device, dtype=torch.float32)
-    dw_part = torch.empty((n_chunks * batch, D, K), **f32)
-    dbias_part = torch.empty((n_chunks * batch, D), **f32)
+    # The partial sums, a row a program: dweight (D*K), dbias (D), then the anti-causal direction's; one buffer, so
+    # that one sum and one cast finish all of them.
+    ndir = 2 if bidir else 1
+    width = D * K + D
+    part = torch.empty((n_chunks * batch, ndir * width), device=x.device, dtype=torch.float32)
+    dw_part, dbias_part = part[:, :D * K], part[:, D * K:width]
     if bidir:
-        dwb_part = torch.empty((n_chunks * batch, D, K), **f32)
-        dbiasb_part = torch.empty((n_chunks * batch, D), **f32)
+        dwb_part, dbiasb_part = part[:, width:width + D * K], part[:, width + D * K:]
         w_b, b_b, g_b = weight_b, bias_b.contiguous(), dy_b
     else:
         dwb_part, dbiasb_part = dw_part, dbias_part  # never written
@@ -306,9 +312,16 @@ def dwconv_silu_bwd_launch(dy: torch.Tensor, dy_b: torch.Tensor | None, x: torch
         dy.stride(0), dy.stride(1), dy.stride(2),
         g_b.stride(0), g_b.stride(1), g_b.stride(2),
         dx.stride(0), dx.stride(1), dx.stride(2),
+        part.stride(0),
     ), dict(K=K, BIDIR=bidir, GATHER=gather, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=num_warps))
-    dweight = dw_part.sum(0).to(weight.dtype)
-    dbias = dbias_part.sum(0).to(bias.dtype)
-    if not bidir:
-        return dx, dweight, dbias
-    return dx, dweight, dbias, dwb_part.sum(0).to(weight_b.dtype), dbiasb_part.sum(0).to(bias_b.dtype)
+    params = (weight, bias, weight_b, bias_b) if bidir else (weight, bias)
+    dtypes = [p.dtype for p in params]
+    if grads_as_views:
+        total = part.sum(0)  # a fixed order: deterministic
+        if all(d == dtypes[0] for d in dtypes):
+            total = total.to(dtypes[0])
+        grads = [t.to(d) for t, d in zip(total.split([D * K, D] * ndir), dtypes)]
+    else:
+        grads = [t.sum(0).to(d) for t, d in zip(part.split([D * K, D] * ndir, dim=1), dtypes)]
+    grads[0::2] = [t.view(D, K) for t in grads[0::2]]
+    return (dx, *grads)

@@ -32,6 +32,7 @@ import torch
 
 from ..conv1d.triton_bwd import dwconv_silu_bwd_launch
 from ..conv1d.triton_fwd import dwconv_silu_fwd_launch
+from . import ssm_params
 from .channel_linear import sum_of_products
 
 _SCAN_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
@@ -80,8 +81,11 @@ class BiMambaCore(torch.autograd.Function):
 
     The parameters' preparation happens inside the node, not as autograd nodes of its own (each one a round of host
     work and a small kernel in both passes): conv weights (E, 1, k) viewed as (E, k), projection weights cast to the
-    compute dtype (xz's, as ``channel_linear`` casts), A = -exp(A_log), D and the dt biases in fp32; the backward
-    returns every gradient in its parameter's dtype (dA_log = dA * A)."""
+    compute dtype (xz's, as ``channel_linear`` casts), A = -exp(A_log), D and the dt biases in fp32 (one launch,
+    ``ssm_params``); the backward returns every gradient in its parameter's dtype (dA_log = dA * A: one launch for
+    the six SSM parameters, one sum and one cast for the four conv ones). Those launches took the eager global XL
+    fwd+bwd on the CUDA scan from 4.36 / 3.95 to 2.95 / 3.38 ms in two rounds of one call (Vim's 7.37 / 7.35; the
+    same kernels in a CUDA graph 2.87 -> 2.82: H100, ``benchmarks/README.md`` "Session 22")."""
 
     @staticmethod
     def forward(ctx, xz, conv_weight, conv_b, conv_weight_b, conv_b_b, xproj_weight, xproj_weight_b, dtproj_weight,
@@ -92,8 +96,8 @@ class BiMambaCore(torch.autograd.Function):
         conv_w, conv_w_b = conv_weight[:, 0, :], conv_weight_b[:, 0, :]
         xproj_w, xproj_w_b, dtproj_w, dtproj_w_b = (w.to(xz.dtype) for w in (xproj_weight, xproj_weight_b,
                                                                             dtproj_weight, dtproj_weight_b))
-        A, A_b = -torch.exp(ssm_param(A_log)), -torch.exp(ssm_param(A_b_log))
-        D, D_b, dt_bias, dt_bias_b = (ssm_param(p) for p in (D_param, D_b_param, dt_bias_param, dt_bias_b_param))
+        A, A_b, D, D_b, dt_bias, dt_bias_b = ssm_params.prepare(A_log, A_b_log, D_param, D_b_param, dt_bias_param,
+                                                                dt_bias_b_param)
         n, E2, L = xz.shape
         E, N, R = E2 // 2, A.shape[1], dt_rank
         x, z = xz[:, :E], xz[:, E:]
@@ -144,8 +148,9 @@ class BiMambaCore(torch.autograd.Function):
         du_f, dxproj_w, ddtproj_w = project_bwd("", x_f, dt, xproj_w, dtproj_w)
         du_b, dxproj_w_b, ddtproj_w_b = project_bwd("_b", x_b, dt_b, xproj_w_b, dtproj_w_b)
         _, dconv_w, dconv_b, dconv_w_b, dconv_b_b = dwconv_silu_bwd_launch(
-            du_f, du_b, xz[:, :E], conv_w, conv_b, conv_w_b, conv_b_b, dx_out=dxz[:, :E])
-        grads = (dxproj_w, dxproj_w_b, ddtproj_w, ddtproj_w_b, g["A"] * A, g["A_b"] * A_b, g["D"], g["D_b"],
-                 g["delta_bias"], g["delta_bias_b"])
-        return (dxz, dconv_w[:, None], dconv_b, dconv_w_b[:, None], dconv_b_b,
-                *(t.to(dt) for t, dt in zip(grads, ctx.dtypes)), None, None, None, None)
+            du_f, du_b, xz[:, :E], conv_w, conv_b, conv_w_b, conv_b_b, dx_out=dxz[:, :E], grads_as_views=True)
+        proj_grads = (t.to(dt) for t, dt in zip((dxproj_w, dxproj_w_b, ddtproj_w, ddtproj_w_b), ctx.dtypes))
+        ssm_grads = ssm_params.grads(g["A"], g["A_b"], A, A_b, g["D"], g["D_b"], g["delta_bias"], g["delta_bias_b"],
+                                     ctx.dtypes[4:])
+        return (dxz, dconv_w[:, None], dconv_b, dconv_w_b[:, None], dconv_b_b, *proj_grads, *ssm_grads,
+                None, None, None, None)
