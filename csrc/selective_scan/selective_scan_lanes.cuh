@@ -362,11 +362,23 @@ __device__ __forceinline__ void compose_shfl(float& pa, float& xa, int off) {
 // The state entering this lane: the lanes' affine maps (pa, xa) (h -> pa h + xa over the lane's steps) scanned
 // across the warp and applied to `carry`, the state entering the first lane; `carry` becomes the state leaving the
 // last lane (the next window's carry).
-template <bool REV>
+// PTX false: the levels as C++, the update under a lane test (the masked 8-state forward: with the PTX levels ptxas
+// spilled 116 B there against 20, and global XL at d_state 4 ran its forward in 0.226 ms against 0.145; H100, bf16).
+template <bool REV, bool PTX = true>
 __device__ __forceinline__ float lanes_state_in(float pa, float xa, float& carry, int lane) {
   using O = Order<REV>;
 #pragma unroll
-  for (int off = 1; off < 32; off <<= 1) compose_shfl<REV>(pa, xa, off);
+  for (int off = 1; off < 32; off <<= 1) {
+    if constexpr (PTX) {
+      compose_shfl<REV>(pa, xa, off);
+    } else {
+      const float pp = O::prev(pa, off), xp = O::prev(xa, off);
+      if (REV ? lane + off < 32 : lane >= off) {
+        xa = fmaf(pa, xp, xa);
+        pa *= pp;
+      }
+    }
+  }
   const float h_out = fmaf(pa, carry, xa);  // the state after this lane's steps
   float h_in = O::prev(h_out, 1);
   if (lane == O::first) h_in = carry;
@@ -597,7 +609,7 @@ __device__ __forceinline__ void fwd_window(const LanesRows<T>& r, int t0, int L,
       wse[0] = reinterpret_cast<const float4*>(r.ws + t0)[0], wse[1] = reinterpret_cast<const float4*>(r.ws + t0)[1];
     float carry = __shfl_sync(kFull, h_l, n);
     LANES_PROBE(kProbeFwdStateBegin);
-    float hh = lanes_state_in<REV>(pa, xa, carry, lane);
+    float hh = lanes_state_in<REV, EXACT || !FULL || NMAX != 8>(pa, xa, carry, lane);
     h_l = lane == n ? carry : h_l;
     LANES_PROBE(kProbeFwdStateScan);
 #pragma unroll
