@@ -24,14 +24,19 @@ BLOCK_E = 64
 
 
 @triton.jit
-def _prepare_kernel(p_alog, p_alog_b, p_d, p_d_b, p_bias, p_bias_b, p_out, E, N,
-                    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
-    """p_out (fp32): A (E, N) | A_b (E, N) | D | D_b | bias | bias_b (E each); inputs contiguous, any float dtype."""
+def _block(E, N, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's rows of E: their indices and mask, and those of their (E, N) elements."""
     o_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     o_n = tl.arange(0, BLOCK_N)
     m_e = o_e < E
-    m = m_e[:, None] & (o_n < N)[None, :]
-    idx = o_e[:, None] * N + o_n[None, :]
+    return o_e, m_e, o_e[:, None] * N + o_n[None, :], m_e[:, None] & (o_n < N)[None, :]
+
+
+@triton.jit
+def _prepare_kernel(p_alog, p_alog_b, p_d, p_d_b, p_bias, p_bias_b, p_out, E, N,
+                    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
+    """p_out (fp32): A (E, N) | A_b (E, N) | D | D_b | bias | bias_b (E each); inputs contiguous, any float dtype."""
+    o_e, m_e, idx, m = _block(E, N, BLOCK_E, BLOCK_N)
     tl.store(p_out + idx, -tl.exp(tl.load(p_alog + idx, mask=m).to(tl.float32)), mask=m)
     tl.store(p_out + E * N + idx, -tl.exp(tl.load(p_alog_b + idx, mask=m).to(tl.float32)), mask=m)
     p_vec = p_out + 2 * E * N + o_e
@@ -45,11 +50,7 @@ def _prepare_kernel(p_alog, p_alog_b, p_d, p_d_b, p_bias, p_bias_b, p_out, E, N,
 def _grads_kernel(p_da, p_da_b, p_a, p_a_b, p_dd, p_dd_b, p_dbias, p_dbias_b, p_out, E, N,
                   BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
     """p_out (the parameters' dtype): dA_log = dA * A (E, N) | dA_b_log (E, N) | dD | dD_b | dbias | dbias_b."""
-    o_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
-    o_n = tl.arange(0, BLOCK_N)
-    m_e = o_e < E
-    m = m_e[:, None] & (o_n < N)[None, :]
-    idx = o_e[:, None] * N + o_n[None, :]
+    o_e, m_e, idx, m = _block(E, N, BLOCK_E, BLOCK_N)
     ty = p_out.dtype.element_ty
     tl.store(p_out + idx, (tl.load(p_da + idx, mask=m) * tl.load(p_a + idx, mask=m)).to(ty), mask=m)
     tl.store(p_out + E * N + idx, (tl.load(p_da_b + idx, mask=m) * tl.load(p_a_b + idx, mask=m)).to(ty), mask=m)
