@@ -1,10 +1,15 @@
 """Test configuration.
 
 Without CUDA, Triton kernels run in the interpreter: ``TRITON_INTERPRET`` must be set before triton is imported,
-so it is set here, before any test module imports matten_kernels. Tests marked ``gpu`` skip without CUDA, and also
-under ``TRITON_INTERPRET=1`` on a CUDA machine (they test the compiled kernels; the interpreter would run them, very
-slowly, on the host), so the README's test command runs the CPU suite on any machine. On a GPU machine, the GPU tests
-run with ``python -m pytest -q -m gpu tests`` (no TRITON_INTERPRET).
+so it is set here, before any test module imports matten_kernels. Two markers split the suite by what it needs:
+
+- ``gpu``: checks the compiled kernels on CUDA tensors. Skipped without CUDA, and also under ``TRITON_INTERPRET=1``
+  on a CUDA machine (the interpreter would run them, very slowly, on the host).
+- ``interpreter``: runs Triton kernels on CPU tensors, which only the interpreter can. Skipped on a CUDA machine
+  without ``TRITON_INTERPRET=1``; the ``gpu`` tests cover the same kernels there.
+
+So the README's test command (``TRITON_INTERPRET=1 python -m pytest -q``) runs the CPU suite on any machine, and on
+a GPU machine ``python -m pytest -q tests`` runs the GPU tests and every test that needs neither.
 """
 
 import os
@@ -23,21 +28,22 @@ def _interpreting() -> bool:
 
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
-        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        marker, reason = "gpu", "needs a CUDA GPU"
     elif _interpreting():
-        skip = pytest.mark.skip(reason="TRITON_INTERPRET=1: GPU tests check the compiled kernels; run them without it "
-                                       "(python -m pytest -q -m gpu tests)")
+        marker, reason = "gpu", ("TRITON_INTERPRET=1: GPU tests check the compiled kernels; run them without it "
+                                 "(python -m pytest -q -m gpu tests)")
     else:
-        return
+        marker, reason = "interpreter", ("runs Triton on CPU tensors: needs TRITON_INTERPRET=1 (the README's test "
+                                         "command); the gpu tests cover these kernels")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if marker in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 def pytest_report_header(config):
     if torch.cuda.is_available() and not _interpreting():
-        return ("CUDA machine without TRITON_INTERPRET: the CPU tests of the Triton kernels need the interpreter and "
-                "fail here; run `-m gpu` for the GPU tests, and the CPU suite with TRITON_INTERPRET=1")
+        return ("CUDA machine without TRITON_INTERPRET: the GPU tests run; the CPU tests of the Triton kernels "
+                "(marker interpreter) skip, run them with TRITON_INTERPRET=1")
 
 
 @pytest.fixture(autouse=True)

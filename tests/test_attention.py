@@ -104,11 +104,12 @@ def test_ref_matches_fp64(F, S, D, axis):
 
 @pytest.mark.parametrize("axis", AXES)
 @pytest.mark.parametrize("F,S,D", SHAPES)
+@pytest.mark.interpreter
 def test_triton_matches_fp64(F, S, D, axis):
     _check_fwd_bwd("triton", 2, F, S, 2, D, axis)
 
 
-@pytest.mark.parametrize("backend", ["ref", "triton"])
+@pytest.mark.parametrize("backend", ["ref", pytest.param("triton", marks=pytest.mark.interpreter)])
 @pytest.mark.parametrize("axis", AXES)
 @pytest.mark.parametrize("F,S,D", [SHAPES[0], SHAPES[3]])
 def test_qkvpacked_matches_fp64(F, S, D, axis, backend):
@@ -116,6 +117,7 @@ def test_qkvpacked_matches_fp64(F, S, D, axis, backend):
 
 
 @pytest.mark.parametrize("axis", AXES)
+@pytest.mark.interpreter
 def test_qkvpacked_equals_views_route(axis):
     """The packed entry runs the same kernels as the unbind route; only where the gradients are stored differs, so
     outputs and gradients are identical bit for bit. qkv here is a non-contiguous view (strides read as given)."""
@@ -144,6 +146,7 @@ def test_qkvpacked_equals_views_route(axis):
         pytest.param(5, 37, 40, "global", id="global-185-D40"),
     ],
 )
+@pytest.mark.interpreter
 def test_triton_looping_mode(F, S, D, axis):
     """Sequences longer than the packing limit: several query and key blocks, with and without ragged tails (single
     fused backward launch, L <= FUSED_BWD_MAX_LEN)."""
@@ -154,6 +157,7 @@ def test_triton_looping_mode(F, S, D, axis):
     "F,S,D",
     [pytest.param(3, 100, 40, id="global-300-D40-masked"), pytest.param(5, 64, 8, id="global-320-even")],
 )
+@pytest.mark.interpreter
 def test_triton_two_launch_backward(F, S, D):
     """L > FUSED_BWD_MAX_LEN: the dQ launch writes delta, the dK/dV launch reads it."""
     from matten_kernels.attention import triton_bwd
@@ -164,6 +168,7 @@ def test_triton_two_launch_backward(F, S, D):
 
 @pytest.mark.parametrize("axis", AXES)
 @pytest.mark.parametrize("F,S,D", SHAPES)
+@pytest.mark.interpreter
 def test_triton_two_launch_backward_short(F, S, D, axis, monkeypatch):
     """The two-launch backward at short L, packed mode included (FUSED_BWD_MAX_LEN lowered): the same passes with
     delta through the buffer instead of recomputed."""
@@ -193,6 +198,7 @@ class _CountingLaunch:
         pytest.param(3, 100, "global", [(False, True), (True, False)], id="global-dq-then-dkdv"),
     ],
 )
+@pytest.mark.interpreter
 def test_launch_structure(F, S, axis, expected, monkeypatch):
     """One forward launch; one backward launch up to FUSED_BWD_MAX_LEN, else dQ (writes delta) then dK/dV."""
     from matten_kernels.attention import triton_bwd, triton_fwd
@@ -206,6 +212,7 @@ def test_launch_structure(F, S, axis, expected, monkeypatch):
     assert [(dkdv, dq) for _, dkdv, dq in bwd.names] == expected
 
 
+@pytest.mark.interpreter
 def test_launch_plans_cached_and_xl_structure():
     """Plans are computed once per shape class; at Matten-XL (B=2 F=16 S=256 H=16 hd=72) the backward is one launch
     for spatial and temporal, two for global."""
@@ -248,6 +255,7 @@ def test_config_choice(monkeypatch):
 
 
 @pytest.mark.parametrize("axis", ["temporal", "global"])
+@pytest.mark.interpreter
 def test_triton_unsplit_head_dim(axis, monkeypatch):
     """Head dim 40 as one masked 64 block instead of the default 32 + 16 chunks."""
     from matten_kernels.attention import triton_fwd
@@ -267,11 +275,13 @@ def test_head_dim_blocks():
     assert head_dim_blocks(8, split=True) == (16, 0)
 
 
+@pytest.mark.interpreter
 def test_triton_custom_scale():
     _check_fwd_bwd("triton", 1, 3, 4, 2, 16, "temporal", scale=0.3)
 
 
 @pytest.mark.parametrize("axis", AXES)
+@pytest.mark.interpreter
 def test_triton_expanded_cotangent(axis):
     """out.sum() gives a cotangent with all strides 0; dO is read through its strides."""
     qkv, _ = packed_qkv(1, 3 * 20, 2, 8)
@@ -282,6 +292,7 @@ def test_triton_expanded_cotangent(axis):
     assert _errors(f"expanded {axis}", qkv.grad, qkv64.grad) <= CPU_ATOL
 
 
+@pytest.mark.interpreter
 def test_triton_separate_tensors_and_noncontiguous_cotangent():
     """q, k, v from different storages with different strides; the cotangent a transposed view."""
     B, F, S, H, D = 1, 2, 3, 2, 8
@@ -310,6 +321,7 @@ def test_reference_is_the_spec():
         assert _errors(f"spec {axis}", got, masked_attention_fp64(q, k, v, 4, axis)) <= 1e-12
 
 
+@pytest.mark.interpreter
 def test_opcheck():
     from matten_kernels.attention import interface  # noqa: F401  (registers the ops)
 
@@ -323,6 +335,7 @@ def test_opcheck():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+@pytest.mark.interpreter
 def test_opcheck_qkvpacked():
     from matten_kernels.attention import interface  # noqa: F401  (registers the ops)
 
@@ -337,6 +350,7 @@ def test_opcheck_qkvpacked():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+@pytest.mark.interpreter
 def test_torch_compile_fullgraph_cpu():
     """Dynamo traces the public function and the custom ops without graph breaks (aot_eager: no C++ toolchain)."""
     B, F, S, H, D = 1, 3, 4, 2, 8
@@ -359,6 +373,7 @@ def test_torch_compile_fullgraph_cpu():
     assert _errors("compile grad", g_c, g_e) <= 1e-6
 
 
+@pytest.mark.interpreter
 def test_validation_errors():
     q = torch.randn(1, 6, 2, 8)
     with pytest.raises(ValueError, match="not divisible by num_frames=4"):
@@ -385,6 +400,7 @@ def test_validation_errors():
         video_attention(q.numpy(), q, q, num_frames=2, axis="spatial")
 
 
+@pytest.mark.interpreter
 def test_validation_errors_qkvpacked():
     qkv = torch.randn(1, 6, 3, 2, 8)
     with pytest.raises(ValueError, match="qkv must have 5 dimensions"):

@@ -81,12 +81,14 @@ def test_bi_ref_matches_composition(mode, shape):
     pytest.param("shared", (1, 3, 66, 3, None), (True, True, True, True, False), id="shared-L66-all-on"),
     pytest.param("v2", (1, 16, 72, 4, None), (True, True, True, True, False), id="v2-L72-dim16-even"),
 ])
+@pytest.mark.interpreter
 def test_bi_triton_matches_composition(mode, shape, opts):
     D, z, bias, softplus, divide_out = opts
     x, xb = make_bi(*shape, mode, D=D, z=z, bias=bias)
     run_bi("triton", x, xb, softplus, divide_out)
 
 
+@pytest.mark.interpreter
 def test_bi_padding_is_exact(monkeypatch):
     """On the GPU bi_selective_scan pads L to a multiple of 16 with u = 0 steps; forced here on the CPU (L = 17, v2,
     every option): outputs and every gradient against the float64 composition, as without padding."""
@@ -100,6 +102,7 @@ def test_bi_padding_is_exact(monkeypatch):
     assert (17, 32) in padded
 
 
+@pytest.mark.interpreter
 def test_bi_triton_deterministic_mode_matches():
     x, xb = make_bi(1, 4, 40, 3, None, "v2")
     prev = torch.are_deterministic_algorithms_enabled()
@@ -125,6 +128,7 @@ def test_bi_validation_errors():
             bi_selective_scan(*base, backend="ref", **over)
 
 
+@pytest.mark.interpreter
 def test_bi_opcheck_and_compile():
     from matten_kernels.selective_scan._ops import bi_selective_scan_fwd_op
 

@@ -380,6 +380,7 @@ def test_torch_compile_full_graph():
 
 
 @pytest.mark.skipif(not HAS_TRITON_DEVICE, reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.interpreter
 def test_torch_compile_full_graph_triton_kernels():
     """With kernel_backend="triton" the kernels enter the graph as torch.library custom ops (their fake kernels give
     the shapes): no graph break in the whole model, same output as eager."""

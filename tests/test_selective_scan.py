@@ -130,12 +130,14 @@ def test_ref_matches_float64(shape, opts):
     pytest.param((1, 4, 130, 4, 2), OPTIONS[2].values[0], id="L130-G2-D-bias-softplus-last"),
     pytest.param((1, 3, 257, 2, None), OPTIONS[3].values[0], id="L257-z-h0"),
 ])
+@pytest.mark.interpreter
 def test_triton_matches_float64(shape, opts):
     Dz, z, bias, sp, h0, last = opts
     x = make_inputs(*shape, D=Dz, z=z, bias=bias, h0=h0)
     run_case("triton", x, sp, last)
 
 
+@pytest.mark.interpreter
 def test_triton_noncontiguous_inputs():
     """Views with stride(-1) != 1 (a (batch, L, dim) buffer transposed) and a sliced A go through unchanged."""
     batch, dim, L, N = 2, 4, 40, 3
@@ -149,6 +151,7 @@ def test_triton_noncontiguous_inputs():
     run_case("triton", x, True, True)
 
 
+@pytest.mark.interpreter
 def test_triton_deterministic_mode_matches():
     """torch.use_deterministic_algorithms(True): per-tile dB/dC partials instead of atomics; same values."""
     x = make_inputs(2, 5, 40, 4, G=None, h0=True)
@@ -238,6 +241,7 @@ def test_cuda_backend_without_extension_raises_clearly():
 # torch.library registration
 
 
+@pytest.mark.interpreter
 def test_opcheck_fwd_op():
     from matten_kernels.selective_scan._ops import selective_scan_fwd_op
 
@@ -250,6 +254,7 @@ def test_opcheck_fwd_op():
     assert all(v == "SUCCESS" for v in res.values()), res
 
 
+@pytest.mark.interpreter
 def test_torch_compile_fullgraph():
     """A function calling selective_scan traces whole (fake kernels + autograd); aot_eager keeps it fast on CPU."""
     torch._dynamo.reset()
@@ -286,6 +291,7 @@ def test_torch_compile_fullgraph():
     pytest.param((1, 2, 257, 3, None), OPTIONS[3].values[0], id="L257-z-h0"),
     pytest.param((1, 1, 256, 2, None), OPTIONS[0].values[0], id="L256-whole-windows-all-on"),
 ])
+@pytest.mark.interpreter
 def test_triton_lanes_forward_matches_float64(shape, opts, monkeypatch):
     _forced_lanes_case("use_lanes", shape, opts, monkeypatch)
 
@@ -311,6 +317,7 @@ def _forced_lanes_case(chooser, shape, opts, monkeypatch):
     pytest.param((1, 4, 192, 3, 2), OPTIONS[2].values[0], id="L192-G2-D-bias-softplus-last"),
     pytest.param((1, 8, 64, 1, None), OPTIONS[3].values[0], id="L64-N1-z-h0"),
 ])
+@pytest.mark.interpreter
 def test_triton_lanes_backward_matches_float64(shape, opts, monkeypatch):
     _forced_lanes_case("use_lanes_bwd", shape, opts, monkeypatch)
 

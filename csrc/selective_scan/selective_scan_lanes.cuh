@@ -760,10 +760,14 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
     const int t0 = w * kLanesWindow + lane * kLanesSteps;
     if constexpr (STAGE) {   // window w's copy landed and every warp is done with window i - 1's
       cp_async_wait_all();  // buffer: refill it
+#ifndef LANES_PROBE_FWD_NO_BARRIER  // timing probe only (races: wrong results): what the window barrier costs
       __syncthreads();
+#endif
       const int wn = REV ? w - 1 : w + 1;
+#ifndef LANES_PROBE_FWD_NO_COPY  // timing probe only (stale rows: wrong results): what the staging copies cost
       if (i + 1 < nwin && wn < nfull)
         stage_window<NMAX, kUD>(rows.B, rows.C, rows.u, rows.delta, wn, L, stage + ((i + 1) & 1) * kTile);
+#endif
     }
     if (states && lane < N && lanes_saves_state(w, nwin, REV))
       states[(size_t)(w / kLanesStateStride) * N + lane] = h_l;
