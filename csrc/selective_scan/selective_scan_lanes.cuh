@@ -338,26 +338,27 @@ struct Order {
 // under the predicate (forward loop, bf16, sm_90: 137 MOV + 35 IMAD.MOV a window, 1,963 instructions; with the PTX
 // levels 10 MOV, 1,780; H100 global XL 0.186 / 0.864 -> 0.174 / 0.845 ms, NOTES.md "Session 22").
 // (pa, xa) <- (pa pp, pa xp + xa) with (pp, xp) the lane's `off` places lower (DOWN: higher), where there is one.
-template <bool DOWN>
+#define LANES_SCAN_LEVEL(MODE, C)                                \
+  "{\n\t.reg .pred p;\n\t.reg .f32 xp, pp;\n\t"                 \
+  "shfl.sync." MODE ".b32 xp|p, %0, %2, " C ", -1;\n\t"             \
+  "shfl.sync." MODE ".b32 pp, %1, %2, " C ", -1;\n\t"               \
+  "@p fma.rn.f32 %0, %1, xp, %0;\n\t"                              \
+  "@p mul.rn.f32 %1, %1, pp;\n\t}"
+// W: the lanes scanned together, the whole warp (32) or each half-warp (16: fwd_window_pair).
+template <bool DOWN, int W = 32>
 __device__ __forceinline__ void compose_shfl(float& pa, float& xa, int off) {
-  if constexpr (DOWN) {
-    asm("{\n\t.reg .pred p;\n\t.reg .f32 xp, pp;\n\t"
-        "shfl.sync.down.b32 xp|p, %0, %2, 0x1f, -1;\n\t"
-        "shfl.sync.down.b32 pp, %1, %2, 0x1f, -1;\n\t"
-        "@p fma.rn.f32 %0, %1, xp, %0;\n\t"
-        "@p mul.rn.f32 %1, %1, pp;\n\t}"
-        : "+f"(xa), "+f"(pa)
-        : "r"(off));
+  static_assert(W == 32 || W == 16, "a warp or a half-warp");
+  if constexpr (DOWN && W == 32) {
+    asm(LANES_SCAN_LEVEL("down", "0x1f") : "+f"(xa), "+f"(pa) : "r"(off));
+  } else if constexpr (DOWN) {
+    asm(LANES_SCAN_LEVEL("down", "0x101f") : "+f"(xa), "+f"(pa) : "r"(off));
+  } else if constexpr (W == 32) {
+    asm(LANES_SCAN_LEVEL("up", "0") : "+f"(xa), "+f"(pa) : "r"(off));
   } else {
-    asm("{\n\t.reg .pred p;\n\t.reg .f32 xp, pp;\n\t"
-        "shfl.sync.up.b32 xp|p, %0, %2, 0, -1;\n\t"
-        "shfl.sync.up.b32 pp, %1, %2, 0, -1;\n\t"
-        "@p fma.rn.f32 %0, %1, xp, %0;\n\t"
-        "@p mul.rn.f32 %1, %1, pp;\n\t}"
-        : "+f"(xa), "+f"(pa)
-        : "r"(off));
+    asm(LANES_SCAN_LEVEL("up", "0x1000") : "+f"(xa), "+f"(pa) : "r"(off));
   }
 }
+#undef LANES_SCAN_LEVEL
 
 // The state entering this lane: the lanes' affine maps (pa, xa) (h -> pa h + xa over the lane's steps) scanned
 // across the warp and applied to `carry`, the state entering the first lane; `carry` becomes the state leaving the
@@ -642,6 +643,121 @@ __device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, in
   fwd_window<REV, false, false, T, NMAX, Z>(r, t0, L, N, lane, c, A2_l, h_l LANES_PROBE_ARG);
 }
 
+// LANES_FWD_PAIR16 (default off; prepared in session 23, not yet run on a GPU): full staged windows of the
+// 16-state forward in the pair layout (fwd_window_pair). Where it applies: lanes_fwd_pair below.
+#ifndef LANES_FWD_PAIR16
+#define LANES_FWD_PAIR16 0
+#endif
+#ifndef LANES_PAIR_AHEAD  // rounds (pairs of states) whose B/C loads are in flight while one is computed
+#define LANES_PAIR_AHEAD 2
+#endif
+
+// Where a staged row's 16-byte chunk c lies in the pair layout: chunks 8..15 and 24..31 swap neighbours, so that the
+// 8 lanes of a quarter-warp reading chunks 2l (or 2l + 1) hit 8 different bank quads.
+__host__ __device__ constexpr int lanes_pair_chunk(int c) { return c ^ ((c >> 3) & 1); }
+
+template <typename T>
+__device__ __forceinline__ Raw8<T> lds8(const T* p) {
+  Raw8<T> r;
+  r.v[0] = *reinterpret_cast<const uint4*>(p);
+  return r;
+}
+
+// Two 16-byte vectors of a 16-bit dtype -> 16 floats.
+template <typename T>
+__device__ __forceinline__ void unpack16(const Raw8<T> (&r)[2], float (&v)[2 * kLanesSteps]) {
+  static_assert(sizeof(T) == 2, "16-bit inputs");
+  const uint32_t w[8] = {r[0].v[0].x, r[0].v[0].y, r[0].v[0].z, r[0].v[0].w,
+                         r[1].v[0].x, r[1].v[0].y, r[1].v[0].z, r[1].v[0].w};
+  unpack_words<T>(w, v);
+}
+
+// A full staged window of the 16-state forward, 16-bit inputs, in the pair layout: each half-warp scans one state
+// of a pair (half h: states 2k + h, k = 0..7) over the whole window, lane l (l = lane % 16) holding steps
+// 16 l .. 16 l + 15, so the cross-lane scan has 4 levels instead of 5 and its cost, the carries' shuffles and the
+// state's exp2 of the summed steps are spread over twice the steps. Per state ~80 instructions a warp against ~111
+// in fwd_window (counted by hand; benchmarks/cuda_sass_count.py has the compiled counts). The lane computes d, d u
+// of 8 of its steps (chunk 2 l + h; the partner lane, lane ^ 16, the other 8) and they trade them: the softplus runs
+// once an element, as in fwd_window. At the end the halves add their y (even and odd states) the same way, and each
+// lane finishes its chunk (D u, gate, store) as fwd_finish8 does. tile: the staged window (stage_window, PAIR).
+template <bool REV, typename T, int Z>
+__device__ __forceinline__ void fwd_window_pair(const LanesRows<T>& r, const T* tile, int wbase, int L, int lane,
+                                                const LanesScalars& c, float A2_l, float& h_l) {
+  constexpr int S = 2 * kLanesSteps, kRounds = 8, kAhead = LANES_PAIR_AHEAD;
+  const int h = lane >> 4, hl = lane & 15, own = 2 * hl + h;
+  const int first = REV ? 15 : 0, last = REV ? 0 : 15;
+  const int t0 = wbase + own * kLanesSteps;  // the lane's own chunk, in the row
+  const T* urow = tile + (2 * 16 + (threadIdx.x >> 5)) * kLanesWindow;
+  float u8[kLanesSteps], d8[kLanesSteps];
+  unpack8(lds8(urow + lanes_pair_chunk(own) * kLanesSteps), u8);
+  unpack8(lds8(urow + kLanesWarps * kLanesWindow + lanes_pair_chunk(own) * kLanesSteps), d8);
+  lanes_delta<true>(d8, c.bias, c.softplus, t0, L);
+  float dt[S], du[S], y[S];
+  const float s8 = lane_dsum(d8);
+  const float sdt = s8 + __shfl_xor_sync(kFull, s8, 16);
+#pragma unroll
+  for (int j = 0; j < kLanesSteps; ++j) {
+    const float mu = d8[j] * u8[j], Du = c.Dv * u8[j];
+    const float pd = __shfl_xor_sync(kFull, d8[j], 16), pu = __shfl_xor_sync(kFull, mu, 16);
+    dt[j] = h ? pd : d8[j], dt[kLanesSteps + j] = h ? d8[j] : pd;
+    du[j] = h ? pu : mu, du[kLanesSteps + j] = h ? mu : pu;
+    y[j] = h ? 0.f : Du, y[kLanesSteps + j] = h ? Du : 0.f;  // D u once, in the half that owns the step
+  }
+  // B / C rows of state 2 k + h: this lane's chunks 2 hl, 2 hl + 1
+  const int o0 = lanes_pair_chunk(2 * hl) * kLanesSteps, o1 = lanes_pair_chunk(2 * hl + 1) * kLanesSteps;
+  const T* bB = tile + h * kLanesWindow;
+  const T* bC = bB + 16 * kLanesWindow;
+  Raw8<T> rb[kRounds][2], rc[kRounds][2];
+#pragma unroll
+  for (int k = 0; k < kAhead; ++k)
+    rb[k][0] = lds8(bB + 2 * k * kLanesWindow + o0), rb[k][1] = lds8(bB + 2 * k * kLanesWindow + o1),
+    rc[k][0] = lds8(bC + 2 * k * kLanesWindow + o0), rc[k][1] = lds8(bC + 2 * k * kLanesWindow + o1);
+  float4 wse[2];
+#pragma unroll
+  for (int k = 0; k < kRounds; ++k) {
+    if (k + kAhead < kRounds) {
+      const int o = 2 * (k + kAhead) * kLanesWindow;
+      rb[k + kAhead][0] = lds8(bB + o + o0), rb[k + kAhead][1] = lds8(bB + o + o1);
+      rc[k + kAhead][0] = lds8(bC + o + o0), rc[k + kAhead][1] = lds8(bC + o + o1);
+    }
+    if (k == kRounds - 2 && c.mode == kAddWs)
+      wse[0] = reinterpret_cast<const float4*>(r.ws + t0)[0], wse[1] = reinterpret_cast<const float4*>(r.ws + t0)[1];
+    const int n = 2 * k + h;
+    const float A2 = __shfl_sync(kFull, A2_l, n);
+    float Bv[S], Cv[S], a[S];
+    unpack16(rb[k], Bv);
+    unpack16(rc[k], Cv);
+    float pa = fast_exp2(sdt * A2), xa = 0.f;
+#pragma unroll
+    for (int i = 0; i < S; ++i) {
+      const int j = REV ? S - 1 - i : i;
+      a[j] = fast_exp2(dt[j] * A2);
+      xa = fmaf(a[j], xa, du[j] * Bv[j]);
+    }
+    const float carry = __shfl_sync(kFull, h_l, n);
+#pragma unroll
+    for (int off = 1; off < 16; off <<= 1) compose_shfl<REV, 16>(pa, xa, off);
+    const float h_out = fmaf(pa, carry, xa);  // the state after this lane's steps
+    float hh = REV ? __shfl_down_sync(kFull, h_out, 1, 16) : __shfl_up_sync(kFull, h_out, 1, 16);
+    if (hl == first) hh = carry;
+    const float next = __shfl_sync(kFull, h_out, 16 * (lane & 1) + last);  // lanes 2k, 2k + 1: states 2k, 2k + 1
+    h_l = (lane >> 1) == k ? next : h_l;
+#pragma unroll
+    for (int i = 0; i < S; ++i) {
+      const int j = REV ? S - 1 - i : i;
+      hh = fmaf(a[j], hh, du[j] * Bv[j]);
+      y[j] = fmaf(Cv[j], hh, y[j]);
+    }
+  }
+  float y8[kLanesSteps];  // this lane's chunk: its half's states plus the partner's
+#pragma unroll
+  for (int j = 0; j < kLanesSteps; ++j) {
+    const float keep = h ? y[kLanesSteps + j] : y[j], send = h ? y[j] : y[kLanesSteps + j];
+    y8[j] = keep + __shfl_xor_sync(kFull, send, 16);
+  }
+  fwd_finish8<true, Z>(r, t0, L, c, y8, LANES_WS_AHEAD > 0 ? wse : nullptr);
+}
+
 // LANES_FWD_STAGE (default on): the forward's B/C windows staged in shared memory by the block. A block's 4 warps
 // (channels of one B/C group) read the same B/C rows, each from L1, whose misses (L2 hits) were exposed: a probe
 // reading row 0 for every state (LANES_PROBE_BC_ROW0: always L1 hits) ran global XL at 0.197 ms against 0.230 (H100,
@@ -701,14 +817,15 @@ __device__ __forceinline__ void cp_async_wait_all() {
 // whether a row is B's or C's is known to the compiler, one address computation a chunk (the per-chunk row and
 // column arithmetic it replaced cost 85 instructions a window in the forward's loop and ~7% of its time: H100, bf16,
 // global XL 0.216 -> 0.200 ms, across two calls: cuda-lanes-variants-...-5026acb-bst-pa-zt.json, ...-75353e0-*.json).
-template <int NMAX, typename T>
+// PAIR: 16-byte chunk c of a row lands at lanes_pair_chunk(c) (fwd_window_pair's conflict-free reads).
+template <int NMAX, bool PAIR = false, typename T>
 __device__ __forceinline__ void stage_bc_window(const T* B, const T* C, int w, int L, T* tile) {
   constexpr int kPerRow = kLanesWindow * (int)sizeof(T) / 16, kElems = 16 / (int)sizeof(T);
   constexpr int kThreads = kLanesWarps * 32, kRowStep = kThreads / kPerRow;
   static_assert(kThreads % kPerRow == 0 && NMAX % kRowStep == 0, "whole rows a pass of the block");
-  const int row0 = threadIdx.x / kPerRow, col = (threadIdx.x % kPerRow) * kElems;
+  const int row0 = threadIdx.x / kPerRow, chunk = threadIdx.x % kPerRow, col = chunk * kElems;
   const size_t off = (size_t)row0 * L + (size_t)w * kLanesWindow + col;
-  T* dst = tile + row0 * kLanesWindow + col;
+  T* dst = tile + row0 * kLanesWindow + (PAIR ? lanes_pair_chunk(chunk) * kElems : col);
 #pragma unroll
   for (int rk = 0; rk < 2 * NMAX; rk += kRowStep)
     cp_async16(dst + rk * kLanesWindow, (rk < NMAX ? B + (size_t)rk * L : C + (size_t)(rk - NMAX) * L) + off);
@@ -717,13 +834,13 @@ __device__ __forceinline__ void stage_bc_window(const T* B, const T* C, int w, i
 // Window w's rows staged by the block: B's and C's, and with UD (lanes_stage_ud) u's and delta's of its 4 channels
 // (rows L apart from the block's first channel, this warp's (threadIdx.x / 32) rows before its own). (The rows as
 // pointers: a LanesRows reference here changed the default kernels' register allocation.)
-template <int NMAX, bool UD, typename T>
+template <int NMAX, bool UD, bool PAIR = false, typename T>
 __device__ __forceinline__ void stage_window(const T* B, const T* C, const T* u, const T* delta, int w, int L,
                                              T* tile) {
-  stage_bc_window<NMAX>(B, C, w, L, tile);
+  stage_bc_window<NMAX, PAIR>(B, C, w, L, tile);
   if constexpr (UD) {
     const size_t warp = threadIdx.x >> 5;
-    stage_bc_window<kLanesWarps>(u - warp * L, delta - warp * L, w, L, tile + 2 * NMAX * kLanesWindow);
+    stage_bc_window<kLanesWarps, PAIR>(u - warp * L, delta - warp * L, w, L, tile + 2 * NMAX * kLanesWindow);
   }
 }
 
@@ -751,9 +868,10 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
   const int nfull = p.lanes_vec ? L / kLanesWindow : 0;  // windows 0 .. nfull-1 are full
   // window i in scan order: REV ? nwin - 1 - i : i, staged in buffer i & 1 when full
   constexpr bool kUD = lanes_stage_ud<T>();
+  constexpr bool kPair = LANES_FWD_PAIR16 && STAGE && EXACT && NMAX == 16 && kUD && sizeof(T) == 2;
   if constexpr (STAGE) {
     if ((REV ? nwin - 1 : 0) < nfull)
-      stage_window<NMAX, kUD>(rows.B, rows.C, rows.u, rows.delta, REV ? nwin - 1 : 0, L, stage);
+      stage_window<NMAX, kUD, kPair>(rows.B, rows.C, rows.u, rows.delta, REV ? nwin - 1 : 0, L, stage);
   }
   for (int i = 0; i < nwin; ++i) {
     const int w = REV ? nwin - 1 - i : i;
@@ -766,7 +884,7 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
       const int wn = REV ? w - 1 : w + 1;
 #ifndef LANES_PROBE_FWD_NO_COPY  // timing probe only (stale rows: wrong results): what the staging copies cost
       if (i + 1 < nwin && wn < nfull)
-        stage_window<NMAX, kUD>(rows.B, rows.C, rows.u, rows.delta, wn, L, stage + ((i + 1) & 1) * kTile);
+        stage_window<NMAX, kUD, kPair>(rows.B, rows.C, rows.u, rows.delta, wn, L, stage + ((i + 1) & 1) * kTile);
 #endif
     }
     if (states && lane < N && lanes_saves_state(w, nwin, REV))
@@ -775,6 +893,8 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
       float h = h_l;  // a copy to the out-of-line call (fwd_window_generic's note)
       fwd_window_generic<REV, T, NMAX, Z>(rows, t0, L, N, lane, c, A2_l, h);
       h_l = h;
+    } else if constexpr (kPair) {
+      fwd_window_pair<REV, T, Z>(rows, stage + (i & 1) * kTile, w * kLanesWindow, L, lane, c, A2_l, h_l);
     } else if constexpr (STAGE) {
       LanesRows<T> sr = rows;  // B/C rows of window w from shared memory, indexed by t0 as in global memory
       sr.B = stage + (i & 1) * kTile - (size_t)w * kLanesWindow;
