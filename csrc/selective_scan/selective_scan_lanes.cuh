@@ -651,6 +651,11 @@ __device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, in
 #ifndef LANES_PAIR_AHEAD  // rounds (pairs of states) whose B/C loads are in flight while one is computed
 #define LANES_PAIR_AHEAD 2
 #endif
+// LANES_PAIR_SPLIT: a lane's 16 steps as two chains of 8 (its map composed of the halves' maps, the second half's
+// replay started from its own entering state): half the dependent latency a round for 5 more instructions.
+#ifndef LANES_PAIR_SPLIT
+#define LANES_PAIR_SPLIT 0
+#endif
 
 // Where a staged row's 16-byte chunk c lies in the pair layout: chunks 8..15 and 24..31 swap neighbours, so that the
 // 8 lanes of a quarter-warp reading chunks 2l (or 2l + 1) hit 8 different bank quads.
@@ -693,8 +698,11 @@ __device__ __forceinline__ void fwd_window_pair(const LanesRows<T>& r, const T* 
   unpack8(lds8(urow + kLanesWarps * kLanesWindow + lanes_pair_chunk(own) * kLanesSteps), d8);
   lanes_delta<true>(d8, c.bias, c.softplus, t0, L);
   float dt[S], du[S], y[S];
-  const float s8 = lane_dsum(d8);
-  const float sdt = s8 + __shfl_xor_sync(kFull, s8, 16);
+  const float s8 = lane_dsum(d8), ps = __shfl_xor_sync(kFull, s8, 16);
+  const float sdt = s8 + ps;
+  // the summed steps of the lane's first and second 8 in scan order (LANES_PAIR_SPLIT)
+  const float s_lo = h ? ps : s8, s_hi = h ? s8 : ps;
+  const float sA = REV ? s_hi : s_lo, sB = REV ? s_lo : s_hi;
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) {
     const float mu = d8[j] * u8[j], Du = c.Dv * u8[j];
@@ -727,12 +735,27 @@ __device__ __forceinline__ void fwd_window_pair(const LanesRows<T>& r, const T* 
     float Bv[S], Cv[S], a[S];
     unpack16(rb[k], Bv);
     unpack16(rc[k], Cv);
-    float pa = fast_exp2(sdt * A2), xa = 0.f;
+    float pa, xa = 0.f, paA = 0.f, xaA = 0.f;
+    if constexpr (LANES_PAIR_SPLIT) {  // scan order: steps i < 8 are part A, the rest part B
+      float xaB = 0.f;
 #pragma unroll
-    for (int i = 0; i < S; ++i) {
-      const int j = REV ? S - 1 - i : i;
-      a[j] = fast_exp2(dt[j] * A2);
-      xa = fmaf(a[j], xa, du[j] * Bv[j]);
+      for (int i = 0; i < kLanesSteps; ++i) {
+        const int jA = REV ? S - 1 - i : i, jB = REV ? kLanesSteps - 1 - i : kLanesSteps + i;
+        a[jA] = fast_exp2(dt[jA] * A2), a[jB] = fast_exp2(dt[jB] * A2);
+        xaA = fmaf(a[jA], xaA, du[jA] * Bv[jA]);
+        xaB = fmaf(a[jB], xaB, du[jB] * Bv[jB]);
+      }
+      paA = fast_exp2(sA * A2);
+      const float paB = fast_exp2(sB * A2);
+      pa = paA * paB, xa = fmaf(paB, xaA, xaB);
+    } else {
+      pa = fast_exp2(sdt * A2);
+#pragma unroll
+      for (int i = 0; i < S; ++i) {
+        const int j = REV ? S - 1 - i : i;
+        a[j] = fast_exp2(dt[j] * A2);
+        xa = fmaf(a[j], xa, du[j] * Bv[j]);
+      }
     }
     const float carry = __shfl_sync(kFull, h_l, n);
 #pragma unroll
@@ -742,11 +765,23 @@ __device__ __forceinline__ void fwd_window_pair(const LanesRows<T>& r, const T* 
     if (hl == first) hh = carry;
     const float next = __shfl_sync(kFull, h_out, 16 * (lane & 1) + last);  // lanes 2k, 2k + 1: states 2k, 2k + 1
     h_l = (lane >> 1) == k ? next : h_l;
+    if constexpr (LANES_PAIR_SPLIT) {
+      float hB = fmaf(paA, hh, xaA);  // the state entering part B
 #pragma unroll
-    for (int i = 0; i < S; ++i) {
-      const int j = REV ? S - 1 - i : i;
-      hh = fmaf(a[j], hh, du[j] * Bv[j]);
-      y[j] = fmaf(Cv[j], hh, y[j]);
+      for (int i = 0; i < kLanesSteps; ++i) {
+        const int jA = REV ? S - 1 - i : i, jB = REV ? kLanesSteps - 1 - i : kLanesSteps + i;
+        hh = fmaf(a[jA], hh, du[jA] * Bv[jA]);
+        hB = fmaf(a[jB], hB, du[jB] * Bv[jB]);
+        y[jA] = fmaf(Cv[jA], hh, y[jA]);
+        y[jB] = fmaf(Cv[jB], hB, y[jB]);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < S; ++i) {
+        const int j = REV ? S - 1 - i : i;
+        hh = fmaf(a[j], hh, du[j] * Bv[j]);
+        y[j] = fmaf(Cv[j], hh, y[j]);
+      }
     }
   }
   float y8[kLanesSteps];  // this lane's chunk: its half's states plus the partner's
