@@ -62,7 +62,23 @@ def _probe(entry):
         return 0, f"{type(exc).__name__}: {exc}"
 
 
-class VideoFolderDataset(Dataset):
+class LabelledClips(Dataset):
+    """What the three datasets share: class names, and items drawn from ``(seed, epoch, index)``, so that
+    ``set_epoch`` (called by the training loop each epoch) gives every epoch new random choices."""
+
+    class_names: list[str]
+    seed: int
+    epoch: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class VideoFolderDataset(LabelledClips):
     """Clips of ``num_frames`` frames, ``frame_interval`` apart, from every video under ``root``.
 
     Class labels come from the sorted sub-folder names of ``root`` (a flat folder is one class). A "video" is a file
@@ -111,13 +127,6 @@ class VideoFolderDataset(Dataset):
         self._warned: set[str] = set()
         logger.info("video folder %s: %d clips-able videos in %d classes (%d skipped)", root, len(self.items),
                     len(self.class_names), len(candidates) - len(self.items))
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.items)
@@ -244,7 +253,7 @@ def render_shapes(params: dict, num_frames: int, size: int) -> torch.Tensor:
     return video * 2 - 1
 
 
-class SyntheticShapesDataset(Dataset):
+class SyntheticShapesDataset(LabelledClips):
     """Moving shapes generated on the fly: one antialiased shape per clip on a dark background, drifting along a
     smooth Lissajous path while it spins; the class label is the shape kind (``SHAPE_NAMES[:num_classes]``).
 
@@ -259,13 +268,6 @@ class SyntheticShapesDataset(Dataset):
             raise ValueError(f"need num_frames >= 1, size >= 4, length >= 1; got {num_frames}, {size}, {length}")
         self.num_frames, self.size, self.length, self.seed, self.epoch = num_frames, size, length, seed, 0
         self.class_names = list(SHAPE_NAMES[:num_classes])
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.length
@@ -287,7 +289,7 @@ class SyntheticShapesDataset(Dataset):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class LatentDataset(Dataset):
+class LatentDataset(LabelledClips):
     """Latents written by :func:`encode_dataset`: one safetensors file per clip with ``latents`` (and, when the
     source flipped, ``latents_flipped``: the encoding of the mirrored clip, chosen half of the time)."""
 
@@ -304,13 +306,6 @@ class LatentDataset(Dataset):
         self.root, self.seed, self.epoch = root, seed, 0
         self.files = self.meta["files"]
         self.class_names = self.meta["class_names"]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.files)
