@@ -144,6 +144,33 @@ void fill_dir(matten_scan::DirParams& p, const Dir& d, int G) {
 // Segment size: the largest channel count that divides dim / G of every direction.
 int segment(int dim, int G0, int G1) { return std::gcd(dim / G0, dim / G1); }
 
+// What the forward and the backward check alike: the sizes and dtype (from u), each direction's inputs and its number
+// of B/C groups (G1 = G0 without a backward direction).
+struct Inputs {
+  int64_t batch, dim, L, N;
+  at::Device dev;
+  at::ScalarType dt;
+  bool bi;
+  Dir f, r;
+  int G0, G1;
+};
+
+Inputs check_inputs(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
+                    const OptTensor& D, const OptTensor& delta_bias, const OptTensor& u_b, const OptTensor& delta_b,
+                    const OptTensor& A_b, const OptTensor& B_b, const OptTensor& C_b, const OptTensor& D_b,
+                    const OptTensor& delta_bias_b) {
+  MATTEN_CHECK(u.is_cuda(), "selective_scan (cuda): tensors must be on a CUDA device");
+  Inputs in{u.size(0), u.size(1), u.size(2), A.size(1), u.device(), u.scalar_type(), u_b.has_value(),
+            Dir{u, delta, A, B, C, D, delta_bias}, Dir{}, 0, 0};
+  in.G0 = in.G1 = check_dir(in.f, in.batch, in.dim, in.L, in.N, in.dev, in.dt);
+  if (in.bi) {
+    MATTEN_CHECK(delta_b && A_b && B_b && C_b, "selective_scan (cuda): bidirectional needs every *_b tensor");
+    in.r = Dir{*u_b, *delta_b, *A_b, *B_b, *C_b, D_b, delta_bias_b};
+    in.G1 = check_dir(in.r, in.batch, in.dim, in.L, in.N, in.dev, in.dt);
+  }
+  return in;
+}
+
 int resolve_config(int64_t config, int64_t N, int64_t L, bool bi) {
   const int c = config >= 0 ? static_cast<int>(config) : matten_scan::choose_config((int)N, (int)L, bi);
   MATTEN_CHECK(c < matten_scan::kNumConfigs, "selective_scan (cuda): unknown config ", config);
@@ -219,22 +246,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> selective_scan_fwd(
     const OptTensor& delta_b, const OptTensor& A_b, const OptTensor& B_b, const OptTensor& C_b,
     const OptTensor& D_b, const OptTensor& delta_bias_b, bool delta_softplus, bool divide_out,
     bool save_for_backward, int64_t config) {
-  MATTEN_CHECK(u.is_cuda(), "selective_scan (cuda): tensors must be on a CUDA device");
-  const c10::cuda::CUDAGuard guard(u.device());
-  const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1);
-  const auto dev = u.device();
-  const auto dt = u.scalar_type();
-  const bool bi = u_b.has_value();
-  const Dir f{u, delta, A, B, C, D, delta_bias};
-  const int G0 = check_dir(f, batch, dim, L, N, dev, dt);
-  Dir r;
-  int G1 = G0;
-  if (bi) {
-    MATTEN_CHECK(delta_b && A_b && B_b && C_b, "selective_scan (cuda): bidirectional needs every *_b tensor");
-    r = Dir{*u_b, *delta_b, *A_b, *B_b, *C_b, D_b, delta_bias_b};
-    G1 = check_dir(r, batch, dim, L, N, dev, dt);
-    MATTEN_CHECK(!initial_state, "selective_scan (cuda): initial_state is unidirectional only");
-  }
+  const Inputs in = check_inputs(u, delta, A, B, C, D, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b);
+  const auto& [batch, dim, L, N, dev, dt, bi, f, r, G0, G1] = in;
+  const c10::cuda::CUDAGuard guard(dev);
+  MATTEN_CHECK(!(bi && initial_state), "selective_scan (cuda): initial_state is unidirectional only");
   if (z) check_rows(*z, "z", dt, {batch, dim, L}, dev);
   if (initial_state) check_input(*initial_state, "initial_state", at::kFloat, {batch, dim, N}, dev);
   const int cfg = resolve_config(config, N, L, bi);
@@ -307,21 +322,9 @@ std::vector<Tensor> scan_bwd(
     const OptTensor& delta_b, const OptTensor& A_b, const OptTensor& B_b, const OptTensor& C_b,
     const OptTensor& D_b, const OptTensor& delta_bias_b, bool delta_softplus, bool divide_out, int64_t config,
     const OptTensor& dz_out) {
-  MATTEN_CHECK(u.is_cuda(), "selective_scan (cuda): tensors must be on a CUDA device");
-  const c10::cuda::CUDAGuard guard(u.device());
-  const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1);
-  const auto dev = u.device();
-  const auto dt = u.scalar_type();
-  const bool bi = u_b.has_value();
-  const Dir f{u, delta, A, B, C, D, delta_bias};
-  const int G0 = check_dir(f, batch, dim, L, N, dev, dt);
-  Dir r;
-  int G1 = G0;
-  if (bi) {
-    MATTEN_CHECK(delta_b && A_b && B_b && C_b, "selective_scan (cuda): bidirectional needs every *_b tensor");
-    r = Dir{*u_b, *delta_b, *A_b, *B_b, *C_b, D_b, delta_bias_b};
-    G1 = check_dir(r, batch, dim, L, N, dev, dt);
-  }
+  const Inputs in = check_inputs(u, delta, A, B, C, D, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b);
+  const auto& [batch, dim, L, N, dev, dt, bi, f, r, G0, G1] = in;
+  const c10::cuda::CUDAGuard guard(dev);
   check_input(dout, "dout", dt, {batch, dim, L}, dev);
   if (dlast_state) check_input(*dlast_state, "dlast_state", at::kFloat, {batch, dim, N}, dev);
   if (z) check_rows(*z, "z", dt, {batch, dim, L}, dev);
