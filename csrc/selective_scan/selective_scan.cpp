@@ -171,6 +171,30 @@ Inputs check_inputs(const Tensor& u, const Tensor& delta, const Tensor& A, const
   return in;
 }
 
+// The launch parameters the forward and the backward fill alike. split_state / split_sumd (sized for nsplit > 1, empty
+// otherwise) stay with the caller for the launch.
+matten_scan::ScanParams scan_params(const Inputs& in, bool delta_softplus, bool divide_out, int nsplit,
+                                    int split_chunks, Tensor& split_state, Tensor& split_sumd) {
+  const int ndir = in.bi ? 2 : 1;
+  const auto f32 = in.f.u.options().dtype(at::kFloat);
+  split_state = at::empty({nsplit > 1 ? ndir * nsplit * in.batch * in.dim * in.N : 0}, f32);
+  split_sumd = at::empty({nsplit > 1 ? ndir * nsplit * in.batch * in.dim : 0}, f32);
+  matten_scan::ScanParams p{};
+  p.batch = (int)in.batch;
+  p.dim = (int)in.dim;
+  p.L = (int)in.L;
+  p.N = (int)in.N;
+  p.seg = segment((int)in.dim, in.G0, in.G1);
+  p.bidirectional = in.bi;
+  p.delta_softplus = delta_softplus;
+  p.divide_out = divide_out;
+  p.nsplit = nsplit;
+  p.split_chunks = split_chunks;
+  p.split_state = split_state.data_ptr<float>();
+  p.split_sumd = split_sumd.data_ptr<float>();
+  return p;
+}
+
 int resolve_config(int64_t config, int64_t N, int64_t L, bool bi) {
   const int c = config >= 0 ? static_cast<int>(config) : matten_scan::choose_config((int)N, (int)L, bi);
   MATTEN_CHECK(c < matten_scan::kNumConfigs, "selective_scan (cuda): unknown config ", config);
@@ -269,22 +293,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> selective_scan_fwd(
   const auto info = matten_scan::config_info(cfg);
   const auto [nsplit, split_chunks] =
       lanes ? std::pair<int, int>{1, (int)nchunks} : splits(batch, dim, info.tpc, nchunks, 1024);  // 64-register kernels
-  Tensor split_state = at::empty({nsplit > 1 ? ndir * nsplit * batch * dim * N : 0}, u.options().dtype(at::kFloat));
-  Tensor split_sumd = at::empty({nsplit > 1 ? ndir * nsplit * batch * dim : 0}, u.options().dtype(at::kFloat));
-
-  matten_scan::ScanParams p{};
-  p.batch = (int)batch;
-  p.dim = (int)dim;
-  p.L = (int)L;
-  p.N = (int)N;
-  p.seg = segment((int)dim, G0, G1);
-  p.bidirectional = bi;
-  p.delta_softplus = delta_softplus;
-  p.divide_out = divide_out;
-  p.nsplit = nsplit;
-  p.split_chunks = split_chunks;
-  p.split_state = split_state.data_ptr<float>();
-  p.split_sumd = split_sumd.data_ptr<float>();
+  Tensor split_state, split_sumd;
+  matten_scan::ScanParams p = scan_params(in, delta_softplus, divide_out, nsplit, split_chunks, split_state, split_sumd);
   fill_dir(p.dir[0], f, G0);
   if (bi) fill_dir(p.dir[1], r, G1);
   const int64_t dir_states = batch * dim * nchunks * N;
@@ -349,21 +359,8 @@ std::vector<Tensor> scan_bwd(
   const auto [nsplit, split_chunks] =
       lanes ? std::pair<int, int>{1, (int)nchunks}
             : splits(batch * ndir, dim, matten_scan::config_info(cfg).tpc, nchunks, 768);
-  Tensor split_state = at::empty({nsplit > 1 ? ndir * nsplit * batch * dim * N : 0}, f32);
-  Tensor split_sumd = at::empty({nsplit > 1 ? ndir * nsplit * batch * dim : 0}, f32);
-  matten_scan::ScanParams p{};
-  p.batch = (int)batch;
-  p.dim = (int)dim;
-  p.L = (int)L;
-  p.N = (int)N;
-  p.seg = seg;
-  p.bidirectional = bi;
-  p.delta_softplus = delta_softplus;
-  p.divide_out = divide_out;
-  p.nsplit = nsplit;
-  p.split_chunks = split_chunks;
-  p.split_state = split_state.data_ptr<float>();
-  p.split_sumd = split_sumd.data_ptr<float>();
+  Tensor split_state, split_sumd;
+  matten_scan::ScanParams p = scan_params(in, delta_softplus, divide_out, nsplit, split_chunks, split_state, split_sumd);
   struct DirGrads {
     Tensor du, ddelta, dA_part, dB_part, dC_part, dD_part, dbias_part, dA, dB, dC, dD, dbias;
   } grads[2];
