@@ -61,7 +61,6 @@ def pair_window(d, u, B, C, A2, h0, D, reverse, split):
         mine, theirs = (1, 0) if half[lane] else (0, 1)  # which 8 of the 16 steps are the lane's own
         dt[lane, 8 * mine:][:8], dt[lane, 8 * theirs:][:8] = d8[lane], d8[p]
         du[lane, 8 * mine:][:8], du[lane, 8 * theirs:][:8] = d8[lane] * u8[lane], d8[p] * u8[p]
-        y[lane, 8 * mine:][:8] = D * u8[lane]
         s_lo[lane], s_hi[lane] = dt[lane, :8].sum(), dt[lane, 8:].sum()
     s_first, s_second = (s_hi, s_lo) if reverse else (s_lo, s_hi)  # the lane's first / second 8 in scan order
     order = list(range(STEPS - 1, -1, -1) if reverse else range(STEPS))
@@ -116,9 +115,9 @@ def pair_window(d, u, B, C, A2, h0, D, reverse, split):
                     y[lane, j] += Cv[lane, j] * h
 
     out = np.zeros(WINDOW)
-    for lane in range(LANES):  # each lane's chunk: its half's states plus the partner's
+    for lane in range(LANES):  # each lane's chunk: its half's states plus the partner's, plus D u
         mine = 8 * half[lane]
-        out[own[lane] * 8:][:8] = y[lane, mine:mine + 8] + y[lane ^ 16, mine:mine + 8]
+        out[own[lane] * 8:][:8] = D * u8[lane] + (y[lane, mine:mine + 8] + y[lane ^ 16, mine:mine + 8])
     return out, h_l[:N]
 
 

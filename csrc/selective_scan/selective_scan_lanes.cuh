@@ -705,11 +705,11 @@ __device__ __forceinline__ void fwd_window_pair(const LanesRows<T>& r, const T* 
   const float sA = REV ? s_hi : s_lo, sB = REV ? s_lo : s_hi;
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) {
-    const float mu = d8[j] * u8[j], Du = c.Dv * u8[j];
+    const float mu = d8[j] * u8[j];
     const float pd = __shfl_xor_sync(kFull, d8[j], 16), pu = __shfl_xor_sync(kFull, mu, 16);
     dt[j] = h ? pd : d8[j], dt[kLanesSteps + j] = h ? d8[j] : pd;
     du[j] = h ? pu : mu, du[kLanesSteps + j] = h ? mu : pu;
-    y[j] = h ? 0.f : Du, y[kLanesSteps + j] = h ? Du : 0.f;  // D u once, in the half that owns the step
+    y[j] = 0.f, y[kLanesSteps + j] = 0.f;
   }
   // B / C rows of state 2 k + h: this lane's chunks 2 hl, 2 hl + 1
   const int o0 = lanes_pair_chunk(2 * hl) * kLanesSteps, o1 = lanes_pair_chunk(2 * hl + 1) * kLanesSteps;
@@ -788,7 +788,7 @@ __device__ __forceinline__ void fwd_window_pair(const LanesRows<T>& r, const T* 
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) {
     const float keep = h ? y[kLanesSteps + j] : y[j], send = h ? y[j] : y[kLanesSteps + j];
-    y8[j] = keep + __shfl_xor_sync(kFull, send, 16);
+    y8[j] = fmaf(c.Dv, u8[j], keep + __shfl_xor_sync(kFull, send, 16));
   }
   fwd_finish8<true, Z>(r, t0, L, c, y8, LANES_WS_AHEAD > 0 ? wse : nullptr);
 }
