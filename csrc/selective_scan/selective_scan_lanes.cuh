@@ -643,18 +643,22 @@ __device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, in
   fwd_window<REV, false, false, T, NMAX, Z>(r, t0, L, N, lane, c, A2_l, h_l LANES_PROBE_ARG);
 }
 
-// LANES_FWD_PAIR16 (default off; prepared in session 23, not yet run on a GPU): full staged windows of the
-// 16-state forward in the pair layout (fwd_window_pair). Where it applies: lanes_fwd_pair below.
+// LANES_FWD_PAIR16 (default on): full staged windows of the 16-state forward in the pair layout (fwd_window_pair).
+// Where it applies: lanes_fwd_pair below. H100, bf16, fwd / fwd+bwd ms against the 32-lane window (0) in one call,
+// with LANES_PAIR_SPLIT=1 (benchmarks/results/cuda-lanes-variants-NVIDIA-H100-80GB-HBM3-a45c21e-pair.json): global XL
+// 0.176 / 0.850 -> 0.174 / 0.843, long 0.387 / 2.002 -> 0.385 / 1.990, bidirectional global XL 0.372 / 1.717 ->
+// 0.361 / 1.699, bidirectional long 0.840 / 3.486 -> 0.811 / 3.442 (offline 1,780 -> 1,690 loop instructions).
 #ifndef LANES_FWD_PAIR16
-#define LANES_FWD_PAIR16 0
+#define LANES_FWD_PAIR16 1
 #endif
 #ifndef LANES_PAIR_AHEAD  // rounds (pairs of states) whose B/C loads are in flight while one is computed
 #define LANES_PAIR_AHEAD 2
 #endif
 // LANES_PAIR_SPLIT: a lane's 16 steps as two chains of 8 (its map composed of the halves' maps, the second half's
-// replay started from its own entering state): half the dependent latency a round for 5 more instructions.
+// replay started from its own entering state): half the dependent latency a round for 5 more instructions. Default on:
+// in the call above one chain of 16 gave 0.175 / 0.849 (global XL) and 0.362 / 1.714 (bidirectional).
 #ifndef LANES_PAIR_SPLIT
-#define LANES_PAIR_SPLIT 0
+#define LANES_PAIR_SPLIT 1
 #endif
 
 // Where a staged row's 16-byte chunk c lies in the pair layout: chunks 8..15 and 24..31 swap neighbours, so that the
