@@ -328,6 +328,8 @@ LANES_CASES = [  # (batch, dim, N, L, options): the lanes kernels forced (config
     pytest.param(1, 4, 16, 4100, dict(groups=2, noncontig=True), id="L4100-G2-noncontig"),
     pytest.param(2, 6, 16, 600, dict(sliced=True, groups=2), id="sliced-zBC-G2-L600"),
     pytest.param(3, 4, 16, 2048, dict(sliced=True, last=True), id="sliced-zBC-L2048"),
+    # dim % 4 == 0, N = 16, L % 8 == 0 (16-byte rows): full windows staged (16-bit: the pair layout), a partial one
+    pytest.param(2, 8, 16, 1096, dict(has_init=True, last=True), id="N16-staged-L1096-init-last"),
 ]
 
 
@@ -349,6 +351,7 @@ LANES_BI_CASES = [  # (batch, dim, N, L, mode): the bidirectional lanes kernels,
     pytest.param(1, 3, 5, 600, "v2", id="v2-N5-L600"),
     pytest.param(2, 8, 8, 1024, "v2", id="v2-N8-exact-blockreduce-L1024"),
     pytest.param(2, 4, 16, 768, "v2-sliced", id="v2-sliced-zBC-L768"),
+    pytest.param(2, 8, 16, 1288, "v2", id="v2-N16-staged-L1288"),
 ]
 
 
