@@ -660,6 +660,13 @@ __device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, in
 #ifndef LANES_PAIR_SPLIT
 #define LANES_PAIR_SPLIT 1
 #endif
+// LANES_PAIR_ILP (default 1; prepared in session 24, not yet run on a GPU): rounds computed together, phase by
+// phase, so that their dependent chains (exp2 -> maps -> 4 shuffle levels -> replay) overlap in one warp. Nsight
+// Compute put the forward at 72% issue with 2.8 warps a scheduler, its stalls mostly fixed-latency waits and short
+// scoreboards (csrc/selective_scan/NOTES.md, "Session 24", with the offline counts).
+#ifndef LANES_PAIR_ILP
+#define LANES_PAIR_ILP 1
+#endif
 
 // Where a staged row's 16-byte chunk c lies in the pair layout: chunks 8..15 and 24..31 swap neighbours, so that the
 // 8 lanes of a quarter-warp reading chunks 2l (or 2l + 1) hit 8 different bank quads.
@@ -725,66 +732,80 @@ __device__ __forceinline__ void fwd_window_pair(const LanesRows<T>& r, const T* 
     rb[k][0] = lds8(bB + 2 * k * kLanesWindow + o0), rb[k][1] = lds8(bB + 2 * k * kLanesWindow + o1),
     rc[k][0] = lds8(bC + 2 * k * kLanesWindow + o0), rc[k][1] = lds8(bC + 2 * k * kLanesWindow + o1);
   float4 wse[2];
+  // LANES_PAIR_ILP rounds at a time, phase by phase: their maps, then their cross-lane scans level by level (the
+  // rounds' shuffles in flight together), then their replays. Rounds are independent (different states).
+  constexpr int R = LANES_PAIR_ILP;
+  static_assert(kRounds % R == 0 && (R == 1 || LANES_PAIR_SPLIT), "LANES_PAIR_ILP divides 8 (with LANES_PAIR_SPLIT)");
 #pragma unroll
-  for (int k = 0; k < kRounds; ++k) {
-    if (k + kAhead < kRounds) {
-      const int o = 2 * (k + kAhead) * kLanesWindow;
-      rb[k + kAhead][0] = lds8(bB + o + o0), rb[k + kAhead][1] = lds8(bB + o + o1);
-      rc[k + kAhead][0] = lds8(bC + o + o0), rc[k + kAhead][1] = lds8(bC + o + o1);
+  for (int k0 = 0; k0 < kRounds; k0 += R) {
+    float Bv[R][S], Cv[R][S], a[R][S], pa[R], xa[R], paA[R], xaA[R], carry[R];
+#pragma unroll
+    for (int q = 0; q < R; ++q) {
+      const int k = k0 + q;
+      if (k + kAhead < kRounds) {
+        const int o = 2 * (k + kAhead) * kLanesWindow;
+        rb[k + kAhead][0] = lds8(bB + o + o0), rb[k + kAhead][1] = lds8(bB + o + o1);
+        rc[k + kAhead][0] = lds8(bC + o + o0), rc[k + kAhead][1] = lds8(bC + o + o1);
+      }
+      if (k == kRounds - 2 && c.mode == kAddWs)
+        wse[0] = reinterpret_cast<const float4*>(r.ws + t0)[0], wse[1] = reinterpret_cast<const float4*>(r.ws + t0)[1];
+      const int n = 2 * k + h;
+      const float A2 = __shfl_sync(kFull, A2_l, n);
+      unpack16(rb[k], Bv[q]);
+      unpack16(rc[k], Cv[q]);
+      xa[q] = 0.f, paA[q] = 0.f, xaA[q] = 0.f;
+      if constexpr (LANES_PAIR_SPLIT) {  // scan order: steps i < 8 are part A, the rest part B
+        float xaB = 0.f;
+#pragma unroll
+        for (int i = 0; i < kLanesSteps; ++i) {
+          const int jA = REV ? S - 1 - i : i, jB = REV ? kLanesSteps - 1 - i : kLanesSteps + i;
+          a[q][jA] = fast_exp2(dt[jA] * A2), a[q][jB] = fast_exp2(dt[jB] * A2);
+          xaA[q] = fmaf(a[q][jA], xaA[q], du[jA] * Bv[q][jA]);
+          xaB = fmaf(a[q][jB], xaB, du[jB] * Bv[q][jB]);
+        }
+        paA[q] = fast_exp2(sA * A2);
+        const float paB = fast_exp2(sB * A2);
+        pa[q] = paA[q] * paB, xa[q] = fmaf(paB, xaA[q], xaB);
+      } else {
+        pa[q] = fast_exp2(sdt * A2);
+#pragma unroll
+        for (int i = 0; i < S; ++i) {
+          const int j = REV ? S - 1 - i : i;
+          a[q][j] = fast_exp2(dt[j] * A2);
+          xa[q] = fmaf(a[q][j], xa[q], du[j] * Bv[q][j]);
+        }
+      }
+      carry[q] = __shfl_sync(kFull, h_l, n);
     }
-    if (k == kRounds - 2 && c.mode == kAddWs)
-      wse[0] = reinterpret_cast<const float4*>(r.ws + t0)[0], wse[1] = reinterpret_cast<const float4*>(r.ws + t0)[1];
-    const int n = 2 * k + h;
-    const float A2 = __shfl_sync(kFull, A2_l, n);
-    float Bv[S], Cv[S], a[S];
-    unpack16(rb[k], Bv);
-    unpack16(rc[k], Cv);
-    float pa, xa = 0.f, paA = 0.f, xaA = 0.f;
-    if constexpr (LANES_PAIR_SPLIT) {  // scan order: steps i < 8 are part A, the rest part B
-      float xaB = 0.f;
 #pragma unroll
-      for (int i = 0; i < kLanesSteps; ++i) {
-        const int jA = REV ? S - 1 - i : i, jB = REV ? kLanesSteps - 1 - i : kLanesSteps + i;
-        a[jA] = fast_exp2(dt[jA] * A2), a[jB] = fast_exp2(dt[jB] * A2);
-        xaA = fmaf(a[jA], xaA, du[jA] * Bv[jA]);
-        xaB = fmaf(a[jB], xaB, du[jB] * Bv[jB]);
-      }
-      paA = fast_exp2(sA * A2);
-      const float paB = fast_exp2(sB * A2);
-      pa = paA * paB, xa = fmaf(paB, xaA, xaB);
-    } else {
-      pa = fast_exp2(sdt * A2);
+    for (int off = 1; off < 16; off <<= 1)
 #pragma unroll
-      for (int i = 0; i < S; ++i) {
-        const int j = REV ? S - 1 - i : i;
-        a[j] = fast_exp2(dt[j] * A2);
-        xa = fmaf(a[j], xa, du[j] * Bv[j]);
-      }
-    }
-    const float carry = __shfl_sync(kFull, h_l, n);
+      for (int q = 0; q < R; ++q) compose_shfl<REV, 16>(pa[q], xa[q], off);
 #pragma unroll
-    for (int off = 1; off < 16; off <<= 1) compose_shfl<REV, 16>(pa, xa, off);
-    const float h_out = fmaf(pa, carry, xa);  // the state after this lane's steps
-    float hh = REV ? __shfl_down_sync(kFull, h_out, 1, 16) : __shfl_up_sync(kFull, h_out, 1, 16);
-    if (hl == first) hh = carry;
-    const float next = __shfl_sync(kFull, h_out, 16 * (lane & 1) + last);  // lanes 2k, 2k + 1: states 2k, 2k + 1
-    h_l = (lane >> 1) == k ? next : h_l;
-    if constexpr (LANES_PAIR_SPLIT) {
-      float hB = fmaf(paA, hh, xaA);  // the state entering part B
+    for (int q = 0; q < R; ++q) {
+      const int k = k0 + q;
+      const float h_out = fmaf(pa[q], carry[q], xa[q]);  // the state after this lane's steps
+      float hh = REV ? __shfl_down_sync(kFull, h_out, 1, 16) : __shfl_up_sync(kFull, h_out, 1, 16);
+      if (hl == first) hh = carry[q];
+      const float next = __shfl_sync(kFull, h_out, 16 * (lane & 1) + last);  // lanes 2k, 2k + 1: states 2k, 2k + 1
+      h_l = (lane >> 1) == k ? next : h_l;
+      if constexpr (LANES_PAIR_SPLIT) {
+        float hB = fmaf(paA[q], hh, xaA[q]);  // the state entering part B
 #pragma unroll
-      for (int i = 0; i < kLanesSteps; ++i) {
-        const int jA = REV ? S - 1 - i : i, jB = REV ? kLanesSteps - 1 - i : kLanesSteps + i;
-        hh = fmaf(a[jA], hh, du[jA] * Bv[jA]);
-        hB = fmaf(a[jB], hB, du[jB] * Bv[jB]);
-        y[jA] = fmaf(Cv[jA], hh, y[jA]);
-        y[jB] = fmaf(Cv[jB], hB, y[jB]);
-      }
-    } else {
+        for (int i = 0; i < kLanesSteps; ++i) {
+          const int jA = REV ? S - 1 - i : i, jB = REV ? kLanesSteps - 1 - i : kLanesSteps + i;
+          hh = fmaf(a[q][jA], hh, du[jA] * Bv[q][jA]);
+          hB = fmaf(a[q][jB], hB, du[jB] * Bv[q][jB]);
+          y[jA] = fmaf(Cv[q][jA], hh, y[jA]);
+          y[jB] = fmaf(Cv[q][jB], hB, y[jB]);
+        }
+      } else {
 #pragma unroll
-      for (int i = 0; i < S; ++i) {
-        const int j = REV ? S - 1 - i : i;
-        hh = fmaf(a[j], hh, du[j] * Bv[j]);
-        y[j] = fmaf(Cv[j], hh, y[j]);
+        for (int i = 0; i < S; ++i) {
+          const int j = REV ? S - 1 - i : i;
+          hh = fmaf(a[q][j], hh, du[j] * Bv[q][j]);
+          y[j] = fmaf(Cv[q][j], hh, y[j]);
+        }
       }
     }
   }
