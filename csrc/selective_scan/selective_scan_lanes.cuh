@@ -8,6 +8,8 @@
 // from the state entering it. Lane 31's last state is the next window's carry. The forward saves the state at
 // every window start (fp32, (batch, dim, nwin, N)) and, with z, y before the gate (for dz, as mamba-ssm does).
 // The block's 4 warps (channels of one B/C group) read B/C windows the block staged in shared memory (LANES_FWD_STAGE).
+// Full staged windows of the 16-state forward with 16-bit inputs run in the pair layout instead (fwd_window_pair,
+// LANES_FWD_PAIR16): each half-warp scans one state of a pair, lane l % 16 holding 16 steps (4 shuffle levels).
 //
 // Backward: windows last to first. Per state: recompute h over the window from its saved start state (the same
 // forward scan), then the adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} by the mirrored scan, with r = a_{t0} g_{t0}
