@@ -8,6 +8,10 @@ Each variant's peak memory of one unidirectional fwd+bwd is measured per shape. 
 the Triton backend (output and every gradient, bf16, L = 1000: full and partial windows); ``--bi`` adds the
 bidirectional scan (timed and checked).
 
+A variant's flags may start with ``src=DIR``: it is built from that copy of ``csrc/selective_scan``
+(``MATTEN_SCAN_CSRC``), e.g. a revision's, ``git archive HEAD csrc/selective_scan | tar -x -C .ab/head``, carried to
+the device in an ignored folder.
+
 Usage: PYTHONPATH=. python benchmarks/cuda_lanes_variants.py --variants "base=;a2=-DLANES_AHEAD=2" [--bi] --out DIR
 """
 
@@ -89,9 +93,15 @@ def main():
         return
     variants = [v.split("=", 1) for v in args.variants.split(";") if v]
     env0 = dict(os.environ, MAX_JOBS=str(max(2, 16 // len(variants))))
+
+    def env(flags):
+        src = flags.split()[0][4:] if flags.startswith("src=") else ""
+        return dict(env0, MATTEN_SCAN_NVCC_FLAGS=flags[4 + len(src):].strip() if src else flags,
+                    MATTEN_SCAN_CSRC=os.path.abspath(src) if src else "")
+
     t0 = time.time()
     builds = [subprocess.Popen([sys.executable, "-c", "from matten_kernels.selective_scan import cuda; cuda._load()"],
-                               env=dict(env0, MATTEN_SCAN_NVCC_FLAGS=flags)) for _, flags in variants]
+                               env=env(flags)) for _, flags in variants]
     for b in builds:
         b.wait()
     print(f"built {len(variants)} variants in {time.time() - t0:.0f} s", flush=True)
@@ -99,7 +109,7 @@ def main():
     for name, flags in variants:
         r = subprocess.run([sys.executable, __file__, "--child", "--variants", "x", "--shapes", args.shapes]
                            + (["--bi"] if args.bi else []),
-                           env=dict(env0, MATTEN_SCAN_NVCC_FLAGS=flags), capture_output=True, text=True)
+                           env=env(flags), capture_output=True, text=True)
         line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
         table[name] = json.loads(line[0][7:]) if line else {"error": r.stderr[-800:]}
         row = table[name]

@@ -659,15 +659,11 @@ __device__ __noinline__ void fwd_window_generic(const LanesRows<T> r, int t0, in
 // LANES_PAIR_SPLIT: a lane's 16 steps as two chains of 8 (its map composed of the halves' maps, the second half's
 // replay started from its own entering state): half the dependent latency a round for 5 more instructions. Default on:
 // in the call above one chain of 16 gave 0.175 / 0.849 (global XL) and 0.362 / 1.714 (bidirectional).
+// Computing 2, 4 or 8 rounds together, phase by phase (maps, shuffle levels, replays; the one-warp model 3,944 ->
+// 2,871 cycles at 8) gave the same times: global XL forward 0.175 -> 0.176, 0.177, 0.176, issue rate 72% -> 71% at 8
+// (H100, bf16, one call: benchmarks/results/cuda-lanes-variants-NVIDIA-H100-80GB-HBM3-81bb68a-pair-ilp.json; removed).
 #ifndef LANES_PAIR_SPLIT
 #define LANES_PAIR_SPLIT 1
-#endif
-// LANES_PAIR_ILP (default 1; prepared in session 24, not yet run on a GPU): rounds computed together, phase by
-// phase, so that their dependent chains (exp2 -> maps -> 4 shuffle levels -> replay) overlap in one warp. Nsight
-// Compute put the forward at 72% issue with 2.8 warps a scheduler, its stalls mostly fixed-latency waits and short
-// scoreboards (csrc/selective_scan/NOTES.md, "Session 24", with the offline counts).
-#ifndef LANES_PAIR_ILP
-#define LANES_PAIR_ILP 1
 #endif
 
 // Where a staged row's 16-byte chunk c lies in the pair layout: chunks 8..15 and 24..31 swap neighbours, so that the
@@ -734,80 +730,66 @@ __device__ __forceinline__ void fwd_window_pair(const LanesRows<T>& r, const T* 
     rb[k][0] = lds8(bB + 2 * k * kLanesWindow + o0), rb[k][1] = lds8(bB + 2 * k * kLanesWindow + o1),
     rc[k][0] = lds8(bC + 2 * k * kLanesWindow + o0), rc[k][1] = lds8(bC + 2 * k * kLanesWindow + o1);
   float4 wse[2];
-  // LANES_PAIR_ILP rounds at a time, phase by phase: their maps, then their cross-lane scans level by level (the
-  // rounds' shuffles in flight together), then their replays. Rounds are independent (different states).
-  constexpr int R = LANES_PAIR_ILP;
-  static_assert(kRounds % R == 0 && (R == 1 || LANES_PAIR_SPLIT), "LANES_PAIR_ILP divides 8 (with LANES_PAIR_SPLIT)");
 #pragma unroll
-  for (int k0 = 0; k0 < kRounds; k0 += R) {
-    float Bv[R][S], Cv[R][S], a[R][S], pa[R], xa[R], paA[R], xaA[R], carry[R];
-#pragma unroll
-    for (int q = 0; q < R; ++q) {
-      const int k = k0 + q;
-      if (k + kAhead < kRounds) {
-        const int o = 2 * (k + kAhead) * kLanesWindow;
-        rb[k + kAhead][0] = lds8(bB + o + o0), rb[k + kAhead][1] = lds8(bB + o + o1);
-        rc[k + kAhead][0] = lds8(bC + o + o0), rc[k + kAhead][1] = lds8(bC + o + o1);
-      }
-      if (k == kRounds - 2 && c.mode == kAddWs)
-        wse[0] = reinterpret_cast<const float4*>(r.ws + t0)[0], wse[1] = reinterpret_cast<const float4*>(r.ws + t0)[1];
-      const int n = 2 * k + h;
-      const float A2 = __shfl_sync(kFull, A2_l, n);
-      unpack16(rb[k], Bv[q]);
-      unpack16(rc[k], Cv[q]);
-      xa[q] = 0.f, paA[q] = 0.f, xaA[q] = 0.f;
-      if constexpr (LANES_PAIR_SPLIT) {  // scan order: steps i < 8 are part A, the rest part B
-        float xaB = 0.f;
-#pragma unroll
-        for (int i = 0; i < kLanesSteps; ++i) {
-          const int jA = REV ? S - 1 - i : i, jB = REV ? kLanesSteps - 1 - i : kLanesSteps + i;
-          a[q][jA] = fast_exp2(dt[jA] * A2), a[q][jB] = fast_exp2(dt[jB] * A2);
-          xaA[q] = fmaf(a[q][jA], xaA[q], du[jA] * Bv[q][jA]);
-          xaB = fmaf(a[q][jB], xaB, du[jB] * Bv[q][jB]);
-        }
-        paA[q] = fast_exp2(sA * A2);
-        const float paB = fast_exp2(sB * A2);
-        pa[q] = paA[q] * paB, xa[q] = fmaf(paB, xaA[q], xaB);
-      } else {
-        pa[q] = fast_exp2(sdt * A2);
-#pragma unroll
-        for (int i = 0; i < S; ++i) {
-          const int j = REV ? S - 1 - i : i;
-          a[q][j] = fast_exp2(dt[j] * A2);
-          xa[q] = fmaf(a[q][j], xa[q], du[j] * Bv[q][j]);
-        }
-      }
-      carry[q] = __shfl_sync(kFull, h_l, n);
+  for (int k = 0; k < kRounds; ++k) {
+    if (k + kAhead < kRounds) {
+      const int o = 2 * (k + kAhead) * kLanesWindow;
+      rb[k + kAhead][0] = lds8(bB + o + o0), rb[k + kAhead][1] = lds8(bB + o + o1);
+      rc[k + kAhead][0] = lds8(bC + o + o0), rc[k + kAhead][1] = lds8(bC + o + o1);
     }
+    if (k == kRounds - 2 && c.mode == kAddWs)
+      wse[0] = reinterpret_cast<const float4*>(r.ws + t0)[0], wse[1] = reinterpret_cast<const float4*>(r.ws + t0)[1];
+    const int n = 2 * k + h;
+    const float A2 = __shfl_sync(kFull, A2_l, n);
+    float Bv[S], Cv[S], a[S];
+    unpack16(rb[k], Bv);
+    unpack16(rc[k], Cv);
+    float pa, xa = 0.f, paA = 0.f, xaA = 0.f;
+    if constexpr (LANES_PAIR_SPLIT) {  // scan order: steps i < 8 are part A, the rest part B
+      float xaB = 0.f;
 #pragma unroll
-    for (int off = 1; off < 16; off <<= 1)
+      for (int i = 0; i < kLanesSteps; ++i) {
+        const int jA = REV ? S - 1 - i : i, jB = REV ? kLanesSteps - 1 - i : kLanesSteps + i;
+        a[jA] = fast_exp2(dt[jA] * A2), a[jB] = fast_exp2(dt[jB] * A2);
+        xaA = fmaf(a[jA], xaA, du[jA] * Bv[jA]);
+        xaB = fmaf(a[jB], xaB, du[jB] * Bv[jB]);
+      }
+      paA = fast_exp2(sA * A2);
+      const float paB = fast_exp2(sB * A2);
+      pa = paA * paB, xa = fmaf(paB, xaA, xaB);
+    } else {
+      pa = fast_exp2(sdt * A2);
 #pragma unroll
-      for (int q = 0; q < R; ++q) compose_shfl<REV, 16>(pa[q], xa[q], off);
+      for (int i = 0; i < S; ++i) {
+        const int j = REV ? S - 1 - i : i;
+        a[j] = fast_exp2(dt[j] * A2);
+        xa = fmaf(a[j], xa, du[j] * Bv[j]);
+      }
+    }
+    const float carry = __shfl_sync(kFull, h_l, n);
 #pragma unroll
-    for (int q = 0; q < R; ++q) {
-      const int k = k0 + q;
-      const float h_out = fmaf(pa[q], carry[q], xa[q]);  // the state after this lane's steps
-      float hh = REV ? __shfl_down_sync(kFull, h_out, 1, 16) : __shfl_up_sync(kFull, h_out, 1, 16);
-      if (hl == first) hh = carry[q];
-      const float next = __shfl_sync(kFull, h_out, 16 * (lane & 1) + last);  // lanes 2k, 2k + 1: states 2k, 2k + 1
-      h_l = (lane >> 1) == k ? next : h_l;
-      if constexpr (LANES_PAIR_SPLIT) {
-        float hB = fmaf(paA[q], hh, xaA[q]);  // the state entering part B
+    for (int off = 1; off < 16; off <<= 1) compose_shfl<REV, 16>(pa, xa, off);
+    const float h_out = fmaf(pa, carry, xa);  // the state after this lane's steps
+    float hh = REV ? __shfl_down_sync(kFull, h_out, 1, 16) : __shfl_up_sync(kFull, h_out, 1, 16);
+    if (hl == first) hh = carry;
+    const float next = __shfl_sync(kFull, h_out, 16 * (lane & 1) + last);  // lanes 2k, 2k + 1: states 2k, 2k + 1
+    h_l = (lane >> 1) == k ? next : h_l;
+    if constexpr (LANES_PAIR_SPLIT) {
+      float hB = fmaf(paA, hh, xaA);  // the state entering part B
 #pragma unroll
-        for (int i = 0; i < kLanesSteps; ++i) {
-          const int jA = REV ? S - 1 - i : i, jB = REV ? kLanesSteps - 1 - i : kLanesSteps + i;
-          hh = fmaf(a[q][jA], hh, du[jA] * Bv[q][jA]);
-          hB = fmaf(a[q][jB], hB, du[jB] * Bv[q][jB]);
-          y[jA] = fmaf(Cv[q][jA], hh, y[jA]);
-          y[jB] = fmaf(Cv[q][jB], hB, y[jB]);
-        }
-      } else {
+      for (int i = 0; i < kLanesSteps; ++i) {
+        const int jA = REV ? S - 1 - i : i, jB = REV ? kLanesSteps - 1 - i : kLanesSteps + i;
+        hh = fmaf(a[jA], hh, du[jA] * Bv[jA]);
+        hB = fmaf(a[jB], hB, du[jB] * Bv[jB]);
+        y[jA] = fmaf(Cv[jA], hh, y[jA]);
+        y[jB] = fmaf(Cv[jB], hB, y[jB]);
+      }
+    } else {
 #pragma unroll
-        for (int i = 0; i < S; ++i) {
-          const int j = REV ? S - 1 - i : i;
-          hh = fmaf(a[q][j], hh, du[j] * Bv[q][j]);
-          y[j] = fmaf(Cv[q][j], hh, y[j]);
-        }
+      for (int i = 0; i < S; ++i) {
+        const int j = REV ? S - 1 - i : i;
+        hh = fmaf(a[j], hh, du[j] * Bv[j]);
+        y[j] = fmaf(Cv[j], hh, y[j]);
       }
     }
   }
@@ -1145,17 +1127,50 @@ __device__ __forceinline__ void bwd_window_end(const LanesRows<T>& r, int t0, in
   store8<FULL>(r.ddelta, t0, L, dd_o);
 }
 
+// dA over the warp, kept in one register a lane: the per-lane partials v of states 4 i .. 4 i + 3 (group i) are summed
+// over the lanes (a reduce-scatter: 6 shuffles) and state 4 i + m added in lane 8 m + i (dA_lane reads it back).
+// Replaced an array dA[NMAX] of per-lane partials: the smem-scan backward's group loop (LANES_BWD_ROLL) indexes its
+// states at run time, so that array lived in local memory, one LDL / STL pair a state whose latency was the kernel's
+// largest stall (16% of the warp samples; Nsight Compute, H100, global XL, csrc/selective_scan/NOTES.md "Session 25").
+__device__ __forceinline__ void dA_fold4(float& acc, const float (&v)[4], int i, int lane) {
+  const bool hi = lane & 16, b3 = lane & 8;
+  float k0 = hi ? v[2] : v[0], k1 = hi ? v[3] : v[1];
+  k0 += __shfl_xor_sync(kFull, hi ? v[0] : v[2], 16);
+  k1 += __shfl_xor_sync(kFull, hi ? v[1] : v[3], 16);
+  float k = b3 ? k1 : k0;
+  k += __shfl_xor_sync(kFull, b3 ? k0 : k1, 8);
+#pragma unroll
+  for (int off = 4; off > 0; off >>= 1) k += __shfl_xor_sync(kFull, k, off);
+  acc += (lane & 7) == i ? k : 0.f;
+}
+
+// Every group of an array of per-lane partials dA[NMAX] folded into acc.
+template <int NMAX>
+__device__ __forceinline__ void dA_fold(float& acc, const float (&dA)[NMAX], int lane) {
+  static_assert(NMAX % 4 == 0 && NMAX <= 32, "groups of 4 states, at most 8");
+#pragma unroll
+  for (int g = 0; g < NMAX / 4; ++g) {
+    const float v[4] = {dA[4 * g], dA[4 * g + 1], dA[4 * g + 2], dA[4 * g + 3]};
+    dA_fold4(acc, v, g, lane);
+  }
+}
+
+// Lane n's dA_n from the folded accumulator (every lane must call it).
+__device__ __forceinline__ float dA_lane(float acc, int lane) {
+  return __shfl_sync(kFull, acc, 8 * (lane & 3) + ((lane >> 2) & 7));
+}
+
 // One backward window. A_l / h0_l / r_l: lane n holds state n's A, the saved state entering the window and the
 // adjoint carry r entering from the window after it in scan order (left as the one for the window before);
-// dA: per-lane partials.
+// dA_acc: dA over the warp so far (dA_fold4).
 template <bool REV, bool FULL, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L, int N, int lane,
                                            const LanesScalars& c, float A_l, float h0_l, float& r_l,
-                                           float (&dA)[NMAX], float& dD, float& dbias, float* xch,
+                                           float& dA_acc, float& dD, float& dbias, float* xch,
                                            float* bxch LANES_PROBE_PARAM) {
   using O = Order<REV>;
   LANES_PROBE_START();
-  float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], dy[kLanesSteps], sdt;
+  float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], dy[kLanesSteps], sdt, dA[NMAX];
   float sgB[kLanesSteps], ddt[kLanesSteps];
   Raw8<T> rb[NMAX], rc[NMAX];
   window_begin<FULL, EXACT>(r, t0, L, N, c, uu, dt, du, sdt, rb, rc);
@@ -1191,9 +1206,10 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
     g0 = __shfl_sync(kFull, a[j_first] * g0, O::first);  // a g at the window's first step: the next window's r
     r_l = lane == n ? g0 : r_l;
     LANES_PROBE(kProbeAdjScan);
-    dA[n] += bwd_state_grads<REV, FULL, EXACT, T, NMAX>(r, n, t0, L, N, lane, An, gg, a, h, Bv, Cv, dt, du, dy, sgB,
+    dA[n] = bwd_state_grads<REV, FULL, EXACT, T, NMAX>(r, n, t0, L, N, lane, An, gg, a, h, Bv, Cv, dt, du, dy, sgB,
                                                         ddt, xch, bxch LANES_PROBE_ARG);
   }
+  dA_fold(dA_acc, dA, lane);
   bwd_window_end<FULL>(r, t0, L, c, uu, dt, dy, sgB, ddt, dD, dbias);
   LANES_PROBE(kProbeWinEnd);
 #ifdef LANES_PROBE_CLOCK
@@ -1288,7 +1304,7 @@ __device__ __forceinline__ void group_scan_bwd(LanesBwdScanSmem& sm, int g0, int
 template <bool REV, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, int L, int N, int lane,
                                                 const LanesScalars& c, float A_l, float h0_l, float& r_l,
-                                                float (&dA)[NMAX], float& dD, float& dbias, float* xch, float* bxch,
+                                                float& dA_acc, float& dD, float& dbias, float* xch, float* bxch,
                                                 LanesBwdScanSmem& sm LANES_PROBE_PARAM) {
   using O = Order<REV>;
   constexpr int G = kScanGroup;
@@ -1351,6 +1367,7 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
     __syncwarp();
     LANES_PROBE(kProbeStateScan);
     // (3) per state: the lane's states, then its gradients
+    float dAg[G];
 #pragma unroll
     for (int m = 0; m < G; ++m) {
       const int n = g0 + m;
@@ -1363,9 +1380,10 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
       const float gg = sm.rin[m][lane];
       bwd_replay<REV>(sm.hin[m][lane], a, du, Bv, h);
       LANES_PROBE(kProbeReplay);
-      dA[n] += bwd_state_grads<REV, true, EXACT, T, NMAX>(r, n, t0, L, N, lane, An, gg, a, h, Bv, Cv, dt, du, dy,
+      dAg[m] = bwd_state_grads<REV, true, EXACT, T, NMAX>(r, n, t0, L, N, lane, An, gg, a, h, Bv, Cv, dt, du, dy,
                                                           sgB, ddt, xch, bxch LANES_PROBE_ARG);
     }
+    dA_fold4(dA_acc, dAg, g0 / G, lane);
     __syncwarp();  // the next group overwrites sm
   }
   bwd_window_end<true>(r, t0, L, c, uu, dt, dy, sgB, ddt, dD, dbias);
@@ -1378,11 +1396,11 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
 template <bool REV, typename T, int NMAX>
 __device__ __noinline__ void bwd_window_generic(const LanesRows<T> r, int t0, int L, int N, int lane,
                                                 const LanesScalars c, float A_l, float h0_l, float& r_l,
-                                                float (&dA)[NMAX], float& dD, float& dbias) {
+                                                float& dA_acc, float& dD, float& dbias) {
 #ifdef LANES_PROBE_CLOCK
   LanesProbe pr{};  // partial windows are not counted
 #endif
-  bwd_window<REV, false, false, T, NMAX>(r, t0, L, N, lane, c, A_l, h0_l, r_l, dA, dD, dbias, nullptr,
+  bwd_window<REV, false, false, T, NMAX>(r, t0, L, N, lane, c, A_l, h0_l, r_l, dA_acc, dD, dbias, nullptr,
                                          nullptr LANES_PROBE_ARG);
 }
 
@@ -1475,9 +1493,7 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
   float r_l = (uni && lane < N && p.dlast_state) ? p.dlast_state[row * N + lane] : 0.f;
   const LanesScalars c{dp.delta_bias ? dp.delta_bias[chan] : 0.f, dp.D ? dp.D[chan] : 0.f,
                        p.divide_out ? 0.5f : 1.f, (bool)p.delta_softplus, mode};
-  float dA[NMAX], dD = 0.f, dbias = 0.f;
-#pragma unroll
-  for (int n = 0; n < NMAX; ++n) dA[n] = 0.f;
+  float dA = 0.f, dD = 0.f, dbias = 0.f;  // dA: folded (dA_fold4)
 #ifdef LANES_PROBE_CLOCK
   LanesProbe pr{};
 #endif
@@ -1500,13 +1516,9 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
 #endif
     else
     {  // copies to the out-of-line call (fwd_window_generic's note)
-      float rr = r_l, dAc[NMAX], dDc = dD, dbc = dbias;
-#pragma unroll
-      for (int n = 0; n < NMAX; ++n) dAc[n] = dA[n];
+      float rr = r_l, dAc = dA, dDc = dD, dbc = dbias;
       bwd_window_generic<REV, T, NMAX>(rows, t0, L, N, lane, c, A_l, h0_l, rr, dAc, dDc, dbc);
-      r_l = rr, dD = dDc, dbias = dbc;
-#pragma unroll
-      for (int n = 0; n < NMAX; ++n) dA[n] = dAc[n];
+      r_l = rr, dA = dAc, dD = dDc, dbias = dbc;
     }
   }
   // per-channel sums over the warp; partials per batch row (summed by the caller)
@@ -1515,14 +1527,7 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
     dD += __shfl_xor_sync(kFull, dD, off);
     dbias += __shfl_xor_sync(kFull, dbias, off);
   }
-  float dA_l = 0.f;
-#pragma unroll
-  for (int n = 0; n < NMAX; ++n) {
-    float v = dA[n];
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
-    dA_l = lane == n ? v : dA_l;
-  }
+  float dA_l = dA_lane(dA, lane);
   if (lane < N) {
 #ifdef LANES_PROBE_CLOCK
     dA_l = 0.f;  // lane k: its phase k (the lanes of a warp run in step)

@@ -114,13 +114,16 @@ def _load() -> None:
     else:
         from torch.utils.cpp_extension import load
 
-        # MATTEN_SCAN_NVCC_FLAGS: extra nvcc flags (e.g. -DLANES_AHEAD=2) for kernel A/B runs; a separate build each.
+        # Kernel A/B runs (benchmarks/cuda_lanes_variants.py), a separate build each: MATTEN_SCAN_NVCC_FLAGS, extra nvcc
+        # flags (e.g. -DLANES_AHEAD=2); MATTEN_SCAN_CSRC, another copy of csrc/selective_scan (e.g. a revision's).
         extra = os.environ.get("MATTEN_SCAN_NVCC_FLAGS", "").split()
-        name = "matten_selective_scan_cuda" + ("_" + hashlib.sha1(" ".join(extra).encode()).hexdigest()[:8] if extra else "")
+        csrc = os.path.abspath(os.environ.get("MATTEN_SCAN_CSRC") or _CSRC)
+        tag = " ".join(extra) + ("" if csrc == _CSRC else " " + csrc)
+        name = "matten_selective_scan_cuda" + ("_" + hashlib.sha1(tag.encode()).hexdigest()[:8] if tag else "")
         logger.info("selective_scan cuda: building the extension with ninja (first use; cached afterwards)")
-        load(name=name, sources=[os.path.join(_CSRC, s) for s in SOURCES],
-             extra_cflags=["-O3"] + [f for f in extra if f.startswith("-D")], extra_cuda_cflags=NVCC_FLAGS + extra, extra_include_paths=[_CSRC],
-             is_python_module=False, verbose=False)
+        load(name=name, sources=[os.path.join(csrc, s) for s in SOURCES],
+             extra_cflags=["-O3"] + [f for f in extra if f.startswith("-D")], extra_cuda_cflags=NVCC_FLAGS + extra,
+             extra_include_paths=[csrc], is_python_module=False, verbose=False)
     flat = list(torch.ops.matten_cuda.selective_scan_configs())
     _config_table = {i // 5: tuple(flat[i:i + 5]) for i in range(0, len(flat), 5)}
     _register()
