@@ -262,7 +262,8 @@ __device__ __forceinline__ void atomic_add8(float* row, int t0, int lane, int L,
 #endif
 // States whose dB/dC one block barrier covers (a divisor of 16). H100, bf16, fwd+bwd ms against 1 in one call
 // (benchmarks/results/cuda-lanes-variants-...-202e3c1-barrier.json): long 2.829 vs 2.899, bi global XL 2.488 vs 2.579,
-// bi long 6.126 vs 6.369; 4 (dynamic shared memory) no better.
+// bi long 6.126 vs 6.369; 4 (dynamic shared memory) no better. Session 25 (dA in one register), against 1: global XL
+// 0.802 vs 0.827, bi global XL 1.617 vs 1.663; 1 with 4 blocks an SM (LANES_BWD_MINB=4, 128 registers) 0.867 / 1.764.
 constexpr int kLanesStatesPerBarrier = LANES_BWD_STATES_PER_BARRIER;
 static_assert(16 % kLanesStatesPerBarrier == 0, "LANES_BWD_STATES_PER_BARRIER divides 16");
 // LANES_BLOCK_REDUCE (default on; 0 for A/B runs): on full windows with N = 16, the 4 warps (channels) of a block sum
@@ -1546,12 +1547,19 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
 // Bidirectional: two launches, the backward direction (kPassBiRev), then the forward one (kPassBiFwd: dz too).
 template <typename T, int NMAX, bool EXACT, int PASS>
 __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lanes_kernel(const ScanParams p) {
-  // per warp: dB, dC of one state and window, staged for the atomics (without the block reduction)
-  __shared__ alignas(16) float s_xch[kLanesWarps][2 * kLanesWindow];
   const int lane = threadIdx.x & 31;
   const int chan = blockIdx.y * kLanesWarps + (threadIdx.x >> 5);
   const int b = blockIdx.x;
+  // xch, per warp: dB, dC of one state and window, staged for the atomics where the block does not reduce them; in
+  // the block reduction's buffer, which such a kernel or block leaves unused (EXACT false, or bxch null below)
+#if LANES_BLOCK_REDUCE
+  extern __shared__ float4 s_bxch[];  // kLanesBlockReduceBytes
+  static_assert(kLanesBlockReduceBytes >= kLanesWarps * 2 * kLanesWindow * 4, "xch fits in the block buffer");
+  float* xch = reinterpret_cast<float*>(s_bxch) + (threadIdx.x >> 5) * 2 * kLanesWindow;
+#else
+  __shared__ alignas(16) float s_xch[kLanesWarps][2 * kLanesWindow];
   float* xch = s_xch[threadIdx.x >> 5];
+#endif
 #if LANES_SMEM_SCAN
   __shared__ LanesBwdScanSmem s_scan[kLanesWarps];
   LanesBwdScanSmem* scan = &s_scan[threadIdx.x >> 5];
@@ -1560,7 +1568,6 @@ __global__ void __launch_bounds__(kLanesWarps * 32, LANES_BWD_MINB) scan_bwd_lan
 #endif
   float* bxch = nullptr;
 #if LANES_BLOCK_REDUCE
-  extern __shared__ float4 s_bxch[];  // kLanesBlockReduceBytes
   // every warp of the block alive and in one B/C group (block-uniform)
   if (p.dim % kLanesWarps == 0 && (p.dim / p.dir[0].groups) % kLanesWarps == 0 &&
       (PASS == kPassUni || (p.dim / p.dir[1].groups) % kLanesWarps == 0))
@@ -1592,7 +1599,8 @@ cudaError_t launch_lanes_pass(const ScanParams& p, cudaStream_t stream) {
     return launch_fwd_lanes<T, NMAX, EXACT, PASS, false>(p, grid, stream);
   } else {
     constexpr int smem = kLanesBlockReduceBytes;
-    if constexpr (smem + kLanesWarps * (2 * kLanesWindow + kLanesBwdScanFloats) * 4 > 48 * 1024) {  // static too
+    constexpr int xch = LANES_BLOCK_REDUCE ? 0 : 2 * kLanesWindow;  // static shared memory too
+    if constexpr (smem + kLanesWarps * (xch + kLanesBwdScanFloats) * 4 > 48 * 1024) {
       static bool opted_in[64] = {};  // once per instantiation and device
       int dev = 0;
       cudaGetDevice(&dev);
