@@ -415,10 +415,15 @@ struct LanesRows {
   int bc_stride;    // B / C's row stride as the forward window reads them (L, or kLanesWindow when staged)
 };
 
+// The B/C group of channel chan in direction d.
+__device__ __forceinline__ int lanes_group(const ScanParams& p, int d, int chan) {
+  return chan / (p.dim / p.dir[d].groups);
+}
+
 template <typename T>
-__device__ __forceinline__ LanesRows<T> lanes_rows(const ScanParams& p, int d, int b, int chan) {
+__device__ __forceinline__ LanesRows<T> lanes_rows(const ScanParams& p, int d, int b, int chan,
+                                                   int g /* lanes_group */) {
   const DirParams& dp = p.dir[d];
-  const int g = chan / (p.dim / dp.groups);
   const size_t row = ((size_t)b * p.dim + chan) * p.L;
   const size_t bc = ((size_t)b * dp.groups + g) * p.N * p.L;  // the dB/dC partial sums' layout (contiguous)
   const size_t gi = (size_t)g * p.N * p.L, ci = (size_t)chan * p.L;  // within a batch row of B / C, z / dz
@@ -440,6 +445,11 @@ __device__ __forceinline__ LanesRows<T> lanes_rows(const ScanParams& p, int d, i
   r.ws = p.ws ? p.ws + row : nullptr;
   r.bc_stride = p.L;
   return r;
+}
+
+template <typename T>
+__device__ __forceinline__ LanesRows<T> lanes_rows(const ScanParams& p, int d, int b, int chan) {
+  return lanes_rows<T>(p, d, b, chan, lanes_group(p, d, chan));
 }
 
 // What a window does with its y (the scan's output before the gate, D u included):
@@ -1475,6 +1485,15 @@ __device__ __forceinline__ float bwd_window_state(const ScanParams& p, const Lan
   return hs[(w - g0) * 32 + lane];
 }
 
+// LANES_BWD_REMAT (default on; 0 for A/B runs): the backward recomputes its rows' pointers each window from the
+// kernel's parameters and (b, chan, group), which held across the loop had been spilled (180 B) and reloaded at every
+// window start, each reload the head of a chain LDL -> address -> LDG -> use (Nsight Compute: ~5% of the warp samples).
+// Offline (sm_90, bf16, uni exact): spills 180 -> 20 B, a window's loop body 1,696 -> 1,821 instructions. H100, bf16,
+// fwd+bwd ms against 0 in one call (benchmarks/results/cuda-lanes-variants-NVIDIA-H100-80GB-HBM3-7948c6e-remat.json):
+// global XL 0.803 -> 0.784, long 1.862 -> 1.816, global S 1.059 -> 1.039, bidirectional global XL 1.623 -> 1.586.
+#ifndef LANES_BWD_REMAT
+#define LANES_BWD_REMAT 1
+#endif
 // One direction of the backward over the whole row: windows against scan order; per-channel sums at the end.
 template <bool REV, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b, int chan, int lane, int mode,
@@ -1482,7 +1501,11 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
   const DirParams& dp = p.dir[d];
   const int L = p.L, N = p.N;
   const size_t row = (size_t)b * p.dim + chan;
+#if LANES_BWD_REMAT
+  const int grp = lanes_group(p, d, chan);
+#else
   const LanesRows<T> rows = lanes_rows<T>(p, d, b, chan);
+#endif
   const int nwin = (L + kLanesWindow - 1) / kLanesWindow;
 #if LANES_STATE_STRIDE > 1
   const float* __restrict__ states = dp.states + row * ((nwin + kLanesStateStride - 1) / kLanesStateStride) * N;
@@ -1502,6 +1525,15 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
   for (int i = 0; i < nwin; ++i) {
     const int w = REV ? i : nwin - 1 - i;
     const int t0 = w * kLanesWindow + lane * kLanesSteps;
+#if LANES_BWD_REMAT
+    // the rows' pointers recomputed each window from the kernel's parameters (b and chan made opaque, so that they are
+    // not hoisted out of the loop and spilled)
+    int bo, co, go;
+    asm volatile("mov.b32 %0, %1;" : "=r"(bo) : "r"(b));
+    asm volatile("mov.b32 %0, %1;" : "=r"(co) : "r"(chan));
+    asm volatile("mov.b32 %0, %1;" : "=r"(go) : "r"(grp));
+    const LanesRows<T> rows = lanes_rows<T>(p, d, bo, co, go);
+#endif
 #if LANES_STATE_STRIDE > 1
     const float h0_l = bwd_window_state<REV, EXACT, T, NMAX>(p, rows, states, w, nwin, lane, c, A_l, hs);
 #else
