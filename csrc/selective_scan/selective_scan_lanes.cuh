@@ -452,6 +452,18 @@ __device__ __forceinline__ LanesRows<T> lanes_rows(const ScanParams& p, int d, i
   return lanes_rows<T>(p, d, b, chan, lanes_group(p, d, chan));
 }
 
+// The rows again inside a loop (LANES_BWD_REMAT, LANES_FWD_REMAT): b, chan and g pass through an opaque move, so that
+// the compiler recomputes the pointers from the parameters there instead of hoisting them out of the loop and spilling
+// them.
+template <typename T>
+__device__ __forceinline__ LanesRows<T> lanes_rows_fresh(const ScanParams& p, int d, int b, int chan, int g) {
+  int bo, co, go;
+  asm volatile("mov.b32 %0, %1;" : "=r"(bo) : "r"(b));
+  asm volatile("mov.b32 %0, %1;" : "=r"(co) : "r"(chan));
+  asm volatile("mov.b32 %0, %1;" : "=r"(go) : "r"(g));
+  return lanes_rows<T>(p, d, bo, co, go);
+}
+
 // What a window does with its y (the scan's output before the gate, D u included):
 enum LanesMode : int {
   kUni = 0,     // unidirectional: gate, store out (backward: dz from the saved y)
@@ -899,6 +911,11 @@ __device__ __forceinline__ void stage_window(const T* B, const T* C, const T* u,
   }
 }
 
+// LANES_FWD_REMAT (default 0; prepared in session 25, not yet run on a GPU): the forward's rows recomputed each window
+// as the backward's (LANES_BWD_REMAT). Offline it removes the bidirectional forward pass's per-window spill reloads.
+#ifndef LANES_FWD_REMAT
+#define LANES_FWD_REMAT 0
+#endif
 // One direction of the forward over the whole row: windows in scan order, the state entering each saved.
 // STAGE: B/C windows staged in `stage`, the block's shared memory (lanes_stage_bytes; every warp of the block alive,
 // in one B/C group, p.lanes_vec).
@@ -908,7 +925,8 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
   const DirParams& dp = p.dir[d];
   const int L = p.L, N = p.N;
   const size_t row = (size_t)b * p.dim + chan;
-  const LanesRows<T> rows = lanes_rows<T>(p, d, b, chan);
+  const int grp = lanes_group(p, d, chan);
+  const LanesRows<T> rows = lanes_rows<T>(p, d, b, chan, grp);
   const int nwin = (L + kLanesWindow - 1) / kLanesWindow;
   const int nsave = (nwin + kLanesStateStride - 1) / kLanesStateStride;
   float* __restrict__ states = dp.states ? dp.states + row * nsave * N : nullptr;
@@ -931,6 +949,9 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
   for (int i = 0; i < nwin; ++i) {
     const int w = REV ? nwin - 1 - i : i;
     const int t0 = w * kLanesWindow + lane * kLanesSteps;
+#if LANES_FWD_REMAT
+    const LanesRows<T> rows = lanes_rows_fresh<T>(p, d, b, chan, grp);  // (shadows the one outside the loop)
+#endif
     if constexpr (STAGE) {   // window w's copy landed and every warp is done with window i - 1's
       cp_async_wait_all();  // buffer: refill it
 #ifndef LANES_PROBE_FWD_NO_BARRIER  // timing probe only (races: wrong results): what the window barrier costs
@@ -1526,13 +1547,7 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
     const int w = REV ? i : nwin - 1 - i;
     const int t0 = w * kLanesWindow + lane * kLanesSteps;
 #if LANES_BWD_REMAT
-    // the rows' pointers recomputed each window from the kernel's parameters (b and chan made opaque, so that they are
-    // not hoisted out of the loop and spilled)
-    int bo, co, go;
-    asm volatile("mov.b32 %0, %1;" : "=r"(bo) : "r"(b));
-    asm volatile("mov.b32 %0, %1;" : "=r"(co) : "r"(chan));
-    asm volatile("mov.b32 %0, %1;" : "=r"(go) : "r"(grp));
-    const LanesRows<T> rows = lanes_rows<T>(p, d, bo, co, go);
+    const LanesRows<T> rows = lanes_rows_fresh<T>(p, d, b, chan, grp);
 #endif
 #if LANES_STATE_STRIDE > 1
     const float h0_l = bwd_window_state<REV, EXACT, T, NMAX>(p, rows, states, w, nwin, lane, c, A_l, hs);
