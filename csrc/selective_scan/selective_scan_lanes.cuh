@@ -1139,14 +1139,19 @@ __device__ __forceinline__ float bwd_state_grads(const LanesRows<T>& r, int n, i
 }
 
 // A backward window's end: du, ddelta stored, dD / dbias summed.
+// delta_raw: delta's vector of these steps as loaded, if the caller kept it (else loaded here).
 template <bool FULL, typename T>
 __device__ __forceinline__ void bwd_window_end(const LanesRows<T>& r, int t0, int L, const LanesScalars& c,
                                                const float (&uu)[kLanesSteps], const float (&dt)[kLanesSteps],
                                                const float (&dy)[kLanesSteps], const float (&sgB)[kLanesSteps],
-                                               const float (&ddt)[kLanesSteps], float& dD, float& dbias) {
+                                               const float (&ddt)[kLanesSteps], float& dD, float& dbias,
+                                               const Raw8<T>* delta_raw = nullptr) {
   float du_o[kLanesSteps], dd_o[kLanesSteps];
   float raw[kLanesSteps];
-  load8<FULL>(r.delta, t0, L, raw);
+  if (delta_raw)
+    unpack8(*delta_raw, raw);
+  else
+    load8<FULL>(r.delta, t0, L, raw);
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) {
     const float sig = c.softplus ? fast_sigmoid(raw[j] + c.bias) : 1.f;  // d softplus / dx
@@ -1267,11 +1272,20 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
 constexpr int kScanGroup = 4;                // states a group; also the lanes a segment
 constexpr int kScanSegs = 32 / kScanGroup;  // segments of lanes
 constexpr int kHinStride = 32 + 4;          // floats a state row of the values entering the lanes (padded)
+// LANES_BWD_STASH_UD (default 0; prepared in session 25, not yet run on a GPU): 16-bit inputs: a full window's u and
+// delta vectors, loaded at its start, kept in shared memory for its end (ddelta needs u and softplus'(delta + bias)),
+// which otherwise loads them from global memory again there and waits (Nsight Compute at bdeef50: ~2% of the samples).
+#ifndef LANES_BWD_STASH_UD
+#define LANES_BWD_STASH_UD 0
+#endif
 struct LanesBwdScanSmem {  // one warp's
   float4 a[kScanGroup][2][32];
   float4 maps[kScanGroup][33];  // (pa, xa, sa, -) a lane; padded: the scan's 16-byte reads are conflict-free
   float hin[kScanGroup][kHinStride];
   float rin[kScanGroup][kHinStride];
+#if LANES_BWD_STASH_UD
+  uint4 ud[2][32];  // u's and delta's raw vectors a lane (16-bit inputs)
+#endif
 };
 // The backward kernel's static shared memory a warp for the scan (floats; xch is separate: the dB/dC atomics of full
 // windows without the block reduction use it while the scan's is live).
@@ -1344,8 +1358,15 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
   LANES_PROBE_START();
   float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], dy[kLanesSteps];
   float sgB[kLanesSteps], ddt[kLanesSteps];
-  load8<true>(r.u, t0, L, uu);
-  load8<true>(r.delta, t0, L, dt);
+  constexpr bool kStash = LANES_BWD_STASH_UD && sizeof(T) == 2;
+  {
+    const Raw8<T> ru = ld8<true>(r.u, t0, L), rd = ld8<true>(r.delta, t0, L);
+#if LANES_BWD_STASH_UD
+    if constexpr (kStash) sm.ud[0][lane] = ru.v[0], sm.ud[1][lane] = rd.v[0];
+#endif
+    unpack8(ru, uu);
+    unpack8(rd, dt);
+  }
   lanes_delta<true>(dt, c.bias, c.softplus, t0, L);
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) du[j] = dt[j] * uu[j];
@@ -1418,6 +1439,14 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
     dA_fold4(dA_acc, dAg, g0 / G, lane);
     __syncwarp();  // the next group overwrites sm
   }
+#if LANES_BWD_STASH_UD
+  if constexpr (kStash) {
+    Raw8<T> ru, rd;
+    ru.v[0] = sm.ud[0][lane], rd.v[0] = sm.ud[1][lane];
+    unpack8(ru, uu);
+    bwd_window_end<true>(r, t0, L, c, uu, dt, dy, sgB, ddt, dD, dbias, &rd);
+  } else
+#endif
   bwd_window_end<true>(r, t0, L, c, uu, dt, dy, sgB, ddt, dD, dbias);
   LANES_PROBE(kProbeWinEnd);
 #ifdef LANES_PROBE_CLOCK
