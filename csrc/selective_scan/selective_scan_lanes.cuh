@@ -1358,11 +1358,10 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
   LANES_PROBE_START();
   float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], dy[kLanesSteps];
   float sgB[kLanesSteps], ddt[kLanesSteps];
-  constexpr bool kStash = LANES_BWD_STASH_UD && sizeof(T) == 2;
   {
     const Raw8<T> ru = ld8<true>(r.u, t0, L), rd = ld8<true>(r.delta, t0, L);
 #if LANES_BWD_STASH_UD
-    if constexpr (kStash) sm.ud[0][lane] = ru.v[0], sm.ud[1][lane] = rd.v[0];
+    if constexpr (sizeof(T) == 2) sm.ud[0][lane] = ru.v[0], sm.ud[1][lane] = rd.v[0];
 #endif
     unpack8(ru, uu);
     unpack8(rd, dt);
@@ -1440,7 +1439,7 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
     __syncwarp();  // the next group overwrites sm
   }
 #if LANES_BWD_STASH_UD
-  if constexpr (kStash) {
+  if constexpr (sizeof(T) == 2) {
     Raw8<T> ru, rd;
     ru.v[0] = sm.ud[0][lane], rd.v[0] = sm.ud[1][lane];
     unpack8(ru, uu);
