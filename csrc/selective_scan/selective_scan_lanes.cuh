@@ -285,8 +285,19 @@ __device__ __forceinline__ void block_stage(const float (&dBv)[kLanesSteps], con
   mine[64 + lane * 2 + 1] = make_float4(dCv[4], dCv[5], dCv[6], dCv[7]);
 }
 
-// After a barrier: the block's sum of one staged state added to global memory (thread t: 4 values of dB or dC).
-__device__ __forceinline__ void block_flush(float* dB_row, float* dC_row, int wbase, const float* slot) {
+// LANES_BWD_LATE_FLUSH (default 0; prepared in session 25, not yet run on a GPU): the block's sums of a group of
+// states (kLanesStatesPerBarrier) added to global memory one state at a time while the next group is computed (state
+// n's after n + K's staging, from the other buffer, which the next barrier protects), not all right after their
+// barrier, where each thread's 4 LDS.128 and the FADDs waiting on them were the backward's top short-scoreboard stalls
+// (Nsight Compute at bdeef50, csrc/selective_scan/NOTES.md "Session 25"). A window's last group still goes at once.
+#ifndef LANES_BWD_LATE_FLUSH
+#define LANES_BWD_LATE_FLUSH 0
+#endif
+
+// After a barrier: the block's sum of one staged state added to global memory (thread t: 4 values of dB or dC); with
+// add false the sum is computed and dropped (a late flush with nothing pending: no branch around the loads).
+__device__ __forceinline__ void block_flush(float* dB_row, float* dC_row, int wbase, const float* slot,
+                                            bool add = true) {
   const int tid = threadIdx.x;
   float4 acc = reinterpret_cast<const float4*>(slot)[tid];
 #pragma unroll
@@ -295,7 +306,7 @@ __device__ __forceinline__ void block_flush(float* dB_row, float* dC_row, int wb
     acc.x += v.x, acc.y += v.y, acc.z += v.z, acc.w += v.w;
   }
   float* dst = tid < 64 ? dB_row + wbase + tid * 4 : dC_row + wbase + (tid - 64) * 4;
-  red_add4(dst, acc);
+  if (add) red_add4(dst, acc);
 }
 
 // Whether the forward saves the state entering natural window w (of nwin) in scan order, at slot w /
@@ -1120,15 +1131,22 @@ __device__ __forceinline__ float bwd_state_grads(const LanesRows<T>& r, int n, i
     float* slots = bxch + ((n / K) & 1) * (K * kLanesSlot);
     block_stage(dBv, dCv, slots + k * kLanesSlot);
     LANES_PROBE(kProbeStage);
+    if (LANES_BWD_LATE_FLUSH) {  // state n - K, staged in the other buffer before the last barrier (none for n < K)
+      const int np = n >= K ? n - K : 0;
+      block_flush(r.dB + (size_t)np * L, r.dC + (size_t)np * L, t0 - lane * kLanesSteps,
+                  bxch + (((n / K) + 1) & 1) * (K * kLanesSlot) + k * kLanesSlot, n >= K);
+    }
     if (k == K - 1 || n == NMAX - 1) {
 #ifndef LANES_PROBE_NO_BARRIER  // timing probe only (races: wrong dB/dC): what the barrier's waits cost
       __syncthreads();
 #endif
       LANES_PROBE(kProbeBarrier);
+      if (!LANES_BWD_LATE_FLUSH || n == NMAX - 1) {
 #pragma unroll
-      for (int i = 0; i <= k; ++i)
-        block_flush(r.dB + (size_t)(n - k + i) * L, r.dC + (size_t)(n - k + i) * L, t0 - lane * kLanesSteps,
-                    slots + i * kLanesSlot);
+        for (int i = 0; i <= k; ++i)
+          block_flush(r.dB + (size_t)(n - k + i) * L, r.dC + (size_t)(n - k + i) * L, t0 - lane * kLanesSteps,
+                      slots + i * kLanesSlot);
+      }
       LANES_PROBE(kProbeFlush);
     }
   } else if (n < N) {
