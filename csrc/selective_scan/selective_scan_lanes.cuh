@@ -285,19 +285,8 @@ __device__ __forceinline__ void block_stage(const float (&dBv)[kLanesSteps], con
   mine[64 + lane * 2 + 1] = make_float4(dCv[4], dCv[5], dCv[6], dCv[7]);
 }
 
-// LANES_BWD_LATE_FLUSH (default 0; prepared in session 25, not yet run on a GPU): the block's sums of a group of
-// states (kLanesStatesPerBarrier) added to global memory one state at a time while the next group is computed (state
-// n's after n + K's staging, from the other buffer, which the next barrier protects), not all right after their
-// barrier, where each thread's 4 LDS.128 and the FADDs waiting on them were the backward's top short-scoreboard stalls
-// (Nsight Compute at bdeef50, csrc/selective_scan/NOTES.md "Session 25"). A window's last group still goes at once.
-#ifndef LANES_BWD_LATE_FLUSH
-#define LANES_BWD_LATE_FLUSH 0
-#endif
-
-// After a barrier: the block's sum of one staged state added to global memory (thread t: 4 values of dB or dC); with
-// add false the sum is computed and dropped (a late flush with nothing pending: no branch around the loads).
-__device__ __forceinline__ void block_flush(float* dB_row, float* dC_row, int wbase, const float* slot,
-                                            bool add = true) {
+// After a barrier: the block's sum of one staged state added to global memory (thread t: 4 values of dB or dC).
+__device__ __forceinline__ void block_flush(float* dB_row, float* dC_row, int wbase, const float* slot) {
   const int tid = threadIdx.x;
   float4 acc = reinterpret_cast<const float4*>(slot)[tid];
 #pragma unroll
@@ -306,7 +295,7 @@ __device__ __forceinline__ void block_flush(float* dB_row, float* dC_row, int wb
     acc.x += v.x, acc.y += v.y, acc.z += v.z, acc.w += v.w;
   }
   float* dst = tid < 64 ? dB_row + wbase + tid * 4 : dC_row + wbase + (tid - 64) * 4;
-  if (add) red_add4(dst, acc);
+  red_add4(dst, acc);
 }
 
 // Whether the forward saves the state entering natural window w (of nwin) in scan order, at slot w /
@@ -463,7 +452,7 @@ __device__ __forceinline__ LanesRows<T> lanes_rows(const ScanParams& p, int d, i
   return lanes_rows<T>(p, d, b, chan, lanes_group(p, d, chan));
 }
 
-// The rows again inside a loop (LANES_BWD_REMAT, LANES_FWD_REMAT): b, chan and g pass through an opaque move, so that
+// The rows again inside a loop (LANES_BWD_REMAT): b, chan and g pass through an opaque move, so that
 // the compiler recomputes the pointers from the parameters there instead of hoisting them out of the loop and spilling
 // them.
 template <typename T>
@@ -922,11 +911,6 @@ __device__ __forceinline__ void stage_window(const T* B, const T* C, const T* u,
   }
 }
 
-// LANES_FWD_REMAT (default 0; prepared in session 25, not yet run on a GPU): the forward's rows recomputed each window
-// as the backward's (LANES_BWD_REMAT). Offline it removes the bidirectional forward pass's per-window spill reloads.
-#ifndef LANES_FWD_REMAT
-#define LANES_FWD_REMAT 0
-#endif
 // One direction of the forward over the whole row: windows in scan order, the state entering each saved.
 // STAGE: B/C windows staged in `stage`, the block's shared memory (lanes_stage_bytes; every warp of the block alive,
 // in one B/C group, p.lanes_vec).
@@ -936,8 +920,7 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
   const DirParams& dp = p.dir[d];
   const int L = p.L, N = p.N;
   const size_t row = (size_t)b * p.dim + chan;
-  const int grp = lanes_group(p, d, chan);
-  const LanesRows<T> rows = lanes_rows<T>(p, d, b, chan, grp);
+  const LanesRows<T> rows = lanes_rows<T>(p, d, b, chan);
   const int nwin = (L + kLanesWindow - 1) / kLanesWindow;
   const int nsave = (nwin + kLanesStateStride - 1) / kLanesStateStride;
   float* __restrict__ states = dp.states ? dp.states + row * nsave * N : nullptr;
@@ -960,9 +943,6 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
   for (int i = 0; i < nwin; ++i) {
     const int w = REV ? nwin - 1 - i : i;
     const int t0 = w * kLanesWindow + lane * kLanesSteps;
-#if LANES_FWD_REMAT
-    const LanesRows<T> rows = lanes_rows_fresh<T>(p, d, b, chan, grp);  // (shadows the one outside the loop)
-#endif
     if constexpr (STAGE) {   // window w's copy landed and every warp is done with window i - 1's
       cp_async_wait_all();  // buffer: refill it
 #ifndef LANES_PROBE_FWD_NO_BARRIER  // timing probe only (races: wrong results): what the window barrier costs
@@ -1131,22 +1111,15 @@ __device__ __forceinline__ float bwd_state_grads(const LanesRows<T>& r, int n, i
     float* slots = bxch + ((n / K) & 1) * (K * kLanesSlot);
     block_stage(dBv, dCv, slots + k * kLanesSlot);
     LANES_PROBE(kProbeStage);
-    if (LANES_BWD_LATE_FLUSH) {  // state n - K, staged in the other buffer before the last barrier (none for n < K)
-      const int np = n >= K ? n - K : 0;
-      block_flush(r.dB + (size_t)np * L, r.dC + (size_t)np * L, t0 - lane * kLanesSteps,
-                  bxch + (((n / K) + 1) & 1) * (K * kLanesSlot) + k * kLanesSlot, n >= K);
-    }
     if (k == K - 1 || n == NMAX - 1) {
 #ifndef LANES_PROBE_NO_BARRIER  // timing probe only (races: wrong dB/dC): what the barrier's waits cost
       __syncthreads();
 #endif
       LANES_PROBE(kProbeBarrier);
-      if (!LANES_BWD_LATE_FLUSH || n == NMAX - 1) {
 #pragma unroll
-        for (int i = 0; i <= k; ++i)
-          block_flush(r.dB + (size_t)(n - k + i) * L, r.dC + (size_t)(n - k + i) * L, t0 - lane * kLanesSteps,
-                      slots + i * kLanesSlot);
-      }
+      for (int i = 0; i <= k; ++i)
+        block_flush(r.dB + (size_t)(n - k + i) * L, r.dC + (size_t)(n - k + i) * L, t0 - lane * kLanesSteps,
+                    slots + i * kLanesSlot);
       LANES_PROBE(kProbeFlush);
     }
   } else if (n < N) {
@@ -1157,19 +1130,14 @@ __device__ __forceinline__ float bwd_state_grads(const LanesRows<T>& r, int n, i
 }
 
 // A backward window's end: du, ddelta stored, dD / dbias summed.
-// delta_raw: delta's vector of these steps as loaded, if the caller kept it (else loaded here).
 template <bool FULL, typename T>
 __device__ __forceinline__ void bwd_window_end(const LanesRows<T>& r, int t0, int L, const LanesScalars& c,
                                                const float (&uu)[kLanesSteps], const float (&dt)[kLanesSteps],
                                                const float (&dy)[kLanesSteps], const float (&sgB)[kLanesSteps],
-                                               const float (&ddt)[kLanesSteps], float& dD, float& dbias,
-                                               const Raw8<T>* delta_raw = nullptr) {
+                                               const float (&ddt)[kLanesSteps], float& dD, float& dbias) {
   float du_o[kLanesSteps], dd_o[kLanesSteps];
   float raw[kLanesSteps];
-  if (delta_raw)
-    unpack8(*delta_raw, raw);
-  else
-    load8<FULL>(r.delta, t0, L, raw);
+  load8<FULL>(r.delta, t0, L, raw);
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) {
     const float sig = c.softplus ? fast_sigmoid(raw[j] + c.bias) : 1.f;  // d softplus / dx
@@ -1290,20 +1258,11 @@ __device__ __forceinline__ void bwd_window(const LanesRows<T>& r, int t0, int L,
 constexpr int kScanGroup = 4;                // states a group; also the lanes a segment
 constexpr int kScanSegs = 32 / kScanGroup;  // segments of lanes
 constexpr int kHinStride = 32 + 4;          // floats a state row of the values entering the lanes (padded)
-// LANES_BWD_STASH_UD (default 0; prepared in session 25, not yet run on a GPU): 16-bit inputs: a full window's u and
-// delta vectors, loaded at its start, kept in shared memory for its end (ddelta needs u and softplus'(delta + bias)),
-// which otherwise loads them from global memory again there and waits (Nsight Compute at bdeef50: ~2% of the samples).
-#ifndef LANES_BWD_STASH_UD
-#define LANES_BWD_STASH_UD 0
-#endif
 struct LanesBwdScanSmem {  // one warp's
   float4 a[kScanGroup][2][32];
   float4 maps[kScanGroup][33];  // (pa, xa, sa, -) a lane; padded: the scan's 16-byte reads are conflict-free
   float hin[kScanGroup][kHinStride];
   float rin[kScanGroup][kHinStride];
-#if LANES_BWD_STASH_UD
-  uint4 ud[2][32];  // u's and delta's raw vectors a lane (16-bit inputs)
-#endif
 };
 // The backward kernel's static shared memory a warp for the scan (floats; xch is separate: the dB/dC atomics of full
 // windows without the block reduction use it while the scan's is live).
@@ -1376,14 +1335,8 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
   LANES_PROBE_START();
   float uu[kLanesSteps], dt[kLanesSteps], du[kLanesSteps], dy[kLanesSteps];
   float sgB[kLanesSteps], ddt[kLanesSteps];
-  {
-    const Raw8<T> ru = ld8<true>(r.u, t0, L), rd = ld8<true>(r.delta, t0, L);
-#if LANES_BWD_STASH_UD
-    if constexpr (sizeof(T) == 2) sm.ud[0][lane] = ru.v[0], sm.ud[1][lane] = rd.v[0];
-#endif
-    unpack8(ru, uu);
-    unpack8(rd, dt);
-  }
+  load8<true>(r.u, t0, L, uu);
+  load8<true>(r.delta, t0, L, dt);
   lanes_delta<true>(dt, c.bias, c.softplus, t0, L);
 #pragma unroll
   for (int j = 0; j < kLanesSteps; ++j) du[j] = dt[j] * uu[j];
@@ -1456,14 +1409,6 @@ __device__ __forceinline__ void bwd_window_smem(const LanesRows<T>& r, int t0, i
     dA_fold4(dA_acc, dAg, g0 / G, lane);
     __syncwarp();  // the next group overwrites sm
   }
-#if LANES_BWD_STASH_UD
-  if constexpr (sizeof(T) == 2) {
-    Raw8<T> ru, rd;
-    ru.v[0] = sm.ud[0][lane], rd.v[0] = sm.ud[1][lane];
-    unpack8(ru, uu);
-    bwd_window_end<true>(r, t0, L, c, uu, dt, dy, sgB, ddt, dD, dbias, &rd);
-  } else
-#endif
   bwd_window_end<true>(r, t0, L, c, uu, dt, dy, sgB, ddt, dD, dbias);
   LANES_PROBE(kProbeWinEnd);
 #ifdef LANES_PROBE_CLOCK
