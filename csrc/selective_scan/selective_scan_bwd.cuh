@@ -51,13 +51,9 @@ constexpr int bwd_min_blocks() {
 
 template <typename T, int TPC, int NPT, int CHUNK, int NWARPS, int MINB = bwd_min_blocks<TPC, NPT, CHUNK, NWARPS>()>
 __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanParams p) {
-  constexpr int NT = NWARPS * 32;
-  constexpr int CPB = NT / TPC;
-  constexpr int NP = TPC * NPT;
-  constexpr int TILE = CPB * CHUNK;
-  constexpr int EPT = (TILE + NT - 1) / NT;
-  constexpr int BC_TILE = NP * CHUNK;
-  constexpr int BPT = (BC_TILE + NT - 1) / NT;
+  using Shape = TileShape<TPC, NPT, CHUNK, NWARPS>;
+  constexpr int NT = Shape::NT, CPB = Shape::CPB, TILE = Shape::TILE, EPT = Shape::EPT, BC_TILE = Shape::BC_TILE;
+  constexpr int BPT = Shape::BPT;
   static_assert(NT % TPC == 0 && 32 % TPC == 0 && CHUNK <= 32 && NT % CHUNK == 0 && TPC % 4 == 0,
                 "bad configuration");
   using Smem = BwdSmem<TPC, NPT, CHUNK, NWARPS>;
@@ -118,7 +114,7 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
                    ? p.dlast_state[((size_t)b * dim + chan) * N + n] : 0.f;
       // Compose the summaries of the later splits: rho <- exp2(A2 * sum_d) rho + rho_split (rho = a * lambda).
       for (int s2 = p.nsplit - 1; s2 > si && ok; --s2) {
-        const size_t row = ((size_t)(di * p.nsplit + s2) * p.batch + b) * dim + chan;
+        const size_t row = split_row(p, di, s2, b, chan);
         lam[i] = fmaf(fast_exp2(A2[i] * p.split_sumd[row]), lam[i], p.split_state[row * N + n]);
       }
       a_next[i] = 1.f;
@@ -129,13 +125,8 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
     for (int r = 0; r < EPT; ++r) accD[r] = accBias[r] = 0.f;
 
     float row_bias[EPT], row_D[EPT];  // per-row constants, read once
-#pragma unroll
-    for (int r = 0; r < EPT; ++r) {
-      const int row = (tid + r * NT) / CHUNK;
-      const bool ok = tid + r * NT < TILE && c0 + row < c_end;
-      row_bias[r] = (ok && dp.delta_bias != nullptr) ? dp.delta_bias[c0 + row] : 0.f;
-      row_D[r] = (ok && dp.D != nullptr) ? dp.D[c0 + row] : 0.f;
-    }
+    tile_row_consts<EPT, NT, TILE, CHUNK>(dp.delta_bias, c0, c_end, row_bias);
+    tile_row_consts<EPT, NT, TILE, CHUNK>(dp.D, c0, c_end, row_D);
     T r_u[EPT], r_dt[EPT], r_do[EPT], r_z[EPT], r_ys[EPT], r_B[BPT], r_C[BPT];
     float r_h0[NPT];  // the chunk's saved start state
     auto load = [&](int c) {
@@ -333,13 +324,9 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
 // start when run from zero (rho_t = a_t (rho_{t+1} + gy_t C_t)), and the sum of d over it.
 template <typename T, int TPC, int NPT, int CHUNK, int NWARPS>
 __global__ void __launch_bounds__(NWARPS * 32) scan_bwd_split_kernel(const ScanParams p) {
-  constexpr int NT = NWARPS * 32;
-  constexpr int CPB = NT / TPC;
-  constexpr int NP = TPC * NPT;
-  constexpr int TILE = CPB * CHUNK;
-  constexpr int EPT = (TILE + NT - 1) / NT;
-  constexpr int BC_TILE = NP * CHUNK;
-  constexpr int BPT = (BC_TILE + NT - 1) / NT;
+  using Shape = TileShape<TPC, NPT, CHUNK, NWARPS>;
+  constexpr int NT = Shape::NT, CPB = Shape::CPB, NP = Shape::NP, TILE = Shape::TILE, EPT = Shape::EPT;
+  constexpr int BC_TILE = Shape::BC_TILE, BPT = Shape::BPT;
   __shared__ float2 s_dg[CPB][CHUNK];                 // (d, gy)
   __shared__ alignas(16) float2 s_c[CHUNK][NP + 2];  // (0, C): the layout load_bc reads
 
@@ -380,12 +367,7 @@ __global__ void __launch_bounds__(NWARPS * 32) scan_bwd_split_kernel(const ScanP
       rho[i] = 0.f;
     }
     float row_bias[EPT];
-#pragma unroll
-    for (int r = 0; r < EPT; ++r) {
-      const int row = (tid + r * NT) / CHUNK;
-      row_bias[r] = (tid + r * NT < TILE && c0 + row < c_end && dp.delta_bias != nullptr)
-                        ? dp.delta_bias[c0 + row] : 0.f;
-    }
+    tile_row_consts<EPT, NT, TILE, CHUNK>(dp.delta_bias, c0, c_end, row_bias);
     T r_dt[EPT], r_do[EPT], r_z[EPT], r_C[BPT];
     auto load = [&](int c) {
 #pragma unroll
@@ -443,15 +425,7 @@ __global__ void __launch_bounds__(NWARPS * 32) scan_bwd_split_kernel(const ScanP
         for (int i = 0; i < NPT; ++i) rho[i] = fast_exp2(dg.x * A2[i]) * fmaf(dg.y, bc[i].y, rho[i]);
       }
     }
-    if (chan_ok) {
-      const size_t row = ((size_t)(di * p.nsplit + si) * p.batch + b) * dim + chan;
-#pragma unroll
-      for (int i = 0; i < NPT; ++i) {
-        const int n = k * NPT + i;
-        if (n < N) p.split_state[row * N + n] = rho[i];
-      }
-      if (k == 0) p.split_sumd[row] = sum_d;
-    }
+    if (chan_ok) store_split_summary<NPT>(p, split_row(p, di, si, b, chan), k, rho, sum_d);
   }
 }
 

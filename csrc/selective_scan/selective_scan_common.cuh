@@ -1,5 +1,6 @@
-// Device helpers shared by the forward and backward scan kernels: dtype conversion, exp2, softplus, and the
-// shared-memory reads of (B, C) pairs and of per-lane partial sums. CUDA headers only.
+// Device helpers shared by the forward and backward scan kernels: dtype conversion, exp2, softplus, the
+// shared-memory reads of (B, C) pairs and of per-lane partial sums, and the channel-tile kernels' shape and split
+// summaries. CUDA headers only.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -107,5 +108,48 @@ __device__ __forceinline__ float sum_parts(const float* p) {
 
 // Scan position tau (0 .. L-1 in the order of the recurrence) -> index along L.
 __device__ __forceinline__ int natural_t(int tau, int L, bool reverse) { return reverse ? L - 1 - tau : tau; }
+
+// ---------------------------------------------------------------------------------------------------------------
+// The channel-tile kernels (scan_fwd_kernel, scan_bwd_kernel and their split summaries): NWARPS warps a block, TPC
+// threads a channel holding NPT states each, tiles of CHUNK steps; blockIdx.x = split * (blocks a segment) + block
+// within the segment, blockIdx.y = segment of p.seg channels.
+template <int TPC, int NPT, int CHUNK, int NWARPS>
+struct TileShape {
+  static constexpr int NT = NWARPS * 32;              // threads per block
+  static constexpr int CPB = NT / TPC;                // channels per block
+  static constexpr int NP = TPC * NPT;                // states per channel, padded
+  static constexpr int TILE = CPB * CHUNK;            // (channel, step) elements of a tile
+  static constexpr int EPT = (TILE + NT - 1) / NT;    // ... a thread
+  static constexpr int BC_TILE = NP * CHUNK;          // (state, step) elements of the B/C tile
+  static constexpr int BPT = (BC_TILE + NT - 1) / NT;  // ... a thread
+};
+
+// A per-channel constant (delta_bias, D; null: 0) of each tile row this thread stages, read once.
+template <int EPT, int NT, int TILE, int CHUNK>
+__device__ __forceinline__ void tile_row_consts(const float* v, int c0, int c_end, float (&out)[EPT]) {
+#pragma unroll
+  for (int r = 0; r < EPT; ++r) {
+    const int row = (threadIdx.x + r * NT) / CHUNK;
+    const bool ok = threadIdx.x + r * NT < TILE && c0 + row < c_end;
+    out[r] = (ok && v != nullptr) ? v[c0 + row] : 0.f;
+  }
+}
+
+// Row of split s's summary (p.split_state: N floats a row, p.split_sumd: one) of direction di, batch b, channel chan.
+__device__ __forceinline__ size_t split_row(const ScanParams& p, int di, int s, int b, int chan) {
+  return ((size_t)(di * p.nsplit + s) * p.batch + b) * p.dim + chan;
+}
+
+// A split kernel's result: this thread's NPT states of the summary (n = k*NPT + i < N) and, from lane 0, sum_d.
+template <int NPT>
+__device__ __forceinline__ void store_split_summary(const ScanParams& p, size_t row, int k, const float (&s)[NPT],
+                                                    float sum_d) {
+#pragma unroll
+  for (int i = 0; i < NPT; ++i) {
+    const int n = k * NPT + i;
+    if (n < p.N) p.split_state[row * p.N + n] = s[i];
+  }
+  if (k == 0) p.split_sumd[row] = sum_d;
+}
 
 }  // namespace matten_scan

@@ -17,13 +17,9 @@ namespace matten_scan {
 
 template <typename T, int TPC, int NPT, int CHUNK, int NWARPS, int MINB = (NPT == 1 && TPC >= 16 ? 32 : 16) / NWARPS>
 __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_fwd_kernel(const ScanParams p) {
-  constexpr int NT = NWARPS * 32;        // threads per block
-  constexpr int CPB = NT / TPC;          // channels per block
-  constexpr int NP = TPC * NPT;          // states per channel, padded
-  constexpr int TILE = CPB * CHUNK;      // (channel, step) elements of a tile
-  constexpr int EPT = (TILE + NT - 1) / NT;
-  constexpr int BC_TILE = NP * CHUNK;    // (state, step) elements of the B/C tile
-  constexpr int BPT = (BC_TILE + NT - 1) / NT;
+  using Shape = TileShape<TPC, NPT, CHUNK, NWARPS>;
+  constexpr int NT = Shape::NT, CPB = Shape::CPB, NP = Shape::NP, TILE = Shape::TILE, EPT = Shape::EPT;
+  constexpr int BC_TILE = Shape::BC_TILE, BPT = Shape::BPT;
   static_assert(NT % TPC == 0 && 32 % TPC == 0 && CHUNK <= 32 && NT % CHUNK == 0, "bad configuration");
 
   __shared__ float2 s_ddu[CPB][CHUNK];   // (d, d*u)
@@ -75,20 +71,15 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_fwd_kernel(const ScanP
                  ? p.initial_state[((size_t)b * dim + chan) * N + n] : 0.f;
       // Compose the summaries of the earlier splits: h <- exp2(A2 * sum_d) h + h_split.
       for (int s2 = 0; s2 < si && ok; ++s2) {
-        const size_t row = ((size_t)(di * p.nsplit + s2) * p.batch + b) * dim + chan;
+        const size_t row = split_row(p, di, s2, b, chan);
         h[i] = fmaf(fast_exp2(A2[i] * p.split_sumd[row]), h[i], p.split_state[row * N + n]);
       }
     }
 
     // Registers holding the next chunk's raw inputs.
     float row_bias[EPT], row_D[EPT];  // per-row constants, read once
-#pragma unroll
-    for (int r = 0; r < EPT; ++r) {
-      const int row = (tid + r * NT) / CHUNK;
-      const bool ok = tid + r * NT < TILE && c0 + row < c_end;
-      row_bias[r] = (ok && dp.delta_bias != nullptr) ? dp.delta_bias[c0 + row] : 0.f;
-      row_D[r] = (ok && dp.D != nullptr) ? dp.D[c0 + row] : 0.f;
-    }
+    tile_row_consts<EPT, NT, TILE, CHUNK>(dp.delta_bias, c0, c_end, row_bias);
+    tile_row_consts<EPT, NT, TILE, CHUNK>(dp.D, c0, c_end, row_D);
     T r_u[EPT], r_dt[EPT], r_z[EPT], r_B[BPT], r_C[BPT];
     auto load = [&](int c) {
 #pragma unroll
@@ -202,13 +193,9 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_fwd_kernel(const ScanP
 // sum of d over it (the same grid and thread layout as scan_fwd_kernel; no outputs per step).
 template <typename T, int TPC, int NPT, int CHUNK, int NWARPS>
 __global__ void __launch_bounds__(NWARPS * 32) scan_fwd_split_kernel(const ScanParams p) {
-  constexpr int NT = NWARPS * 32;
-  constexpr int CPB = NT / TPC;
-  constexpr int NP = TPC * NPT;
-  constexpr int TILE = CPB * CHUNK;
-  constexpr int EPT = (TILE + NT - 1) / NT;
-  constexpr int BC_TILE = NP * CHUNK;
-  constexpr int BPT = (BC_TILE + NT - 1) / NT;
+  using Shape = TileShape<TPC, NPT, CHUNK, NWARPS>;
+  constexpr int NT = Shape::NT, CPB = Shape::CPB, NP = Shape::NP, TILE = Shape::TILE, EPT = Shape::EPT;
+  constexpr int BC_TILE = Shape::BC_TILE, BPT = Shape::BPT;
   __shared__ float2 s_ddu[CPB][CHUNK];
   __shared__ alignas(16) float2 s_b[CHUNK][NP + 2];  // (B, 0): the layout load_bc reads
 
@@ -242,12 +229,7 @@ __global__ void __launch_bounds__(NWARPS * 32) scan_fwd_split_kernel(const ScanP
       h[i] = 0.f;
     }
     float row_bias[EPT];
-#pragma unroll
-    for (int r = 0; r < EPT; ++r) {
-      const int row = (tid + r * NT) / CHUNK;
-      row_bias[r] = (tid + r * NT < TILE && c0 + row < c_end && dp.delta_bias != nullptr)
-                        ? dp.delta_bias[c0 + row] : 0.f;
-    }
+    tile_row_consts<EPT, NT, TILE, CHUNK>(dp.delta_bias, c0, c_end, row_bias);
     T r_u[EPT], r_dt[EPT], r_B[BPT];
     auto load = [&](int c) {
 #pragma unroll
@@ -298,15 +280,7 @@ __global__ void __launch_bounds__(NWARPS * 32) scan_fwd_split_kernel(const ScanP
         for (int i = 0; i < NPT; ++i) h[i] = fmaf(fast_exp2(ddu.x * A2[i]), h[i], ddu.y * bc[i].x);
       }
     }
-    if (chan_ok) {
-      const size_t row = ((size_t)(di * p.nsplit + si) * p.batch + b) * dim + chan;
-#pragma unroll
-      for (int i = 0; i < NPT; ++i) {
-        const int n = k * NPT + i;
-        if (n < N) p.split_state[row * N + n] = h[i];
-      }
-      if (k == 0) p.split_sumd[row] = sum_d;
-    }
+    if (chan_ok) store_split_summary<NPT>(p, split_row(p, di, si, b, chan), k, h, sum_d);
   }
 }
 
