@@ -369,24 +369,30 @@ std::vector<Tensor> scan_bwd(
   const OptTensor* Ds[2] = {&D, &D_b};
   const OptTensor* biases[2] = {&delta_bias, &delta_bias_b};
   const Tensor none = at::empty({0}, f32);
-  // dB/dC partial sums of every direction in one buffer: the lanes kernels' atomics need it zeroed (one fill)
+  // dB/dC and dA sums: fp32 atomics into one buffer each (the lanes kernels always; the others unless torch's
+  // deterministic mode asks for bit-identical runs), else per-block / per-row partials (216 MiB of them at (512, 2304,
+  // 16, 16)). Every direction's dB/dC, then (atomic) its dA, in one buffer: atomics need it zeroed (one fill).
+  const bool atomic = lanes || !at::globalContext().deterministicAlgorithms();
+  p.atomic_sums = atomic;
   int64_t parts[2] = {0, 0}, bc_elems = 0;
   for (int d = 0; d < ndir; ++d) {
-    parts[d] = lanes ? 1 : (int64_t)(dim / Gs[d] / seg) * blocks_per_seg;  // lanes: atomics into one
+    parts[d] = atomic ? 1 : (int64_t)(dim / Gs[d] / seg) * blocks_per_seg;
     bc_elems += 2 * parts[d] * batch * Gs[d] * N * L;
   }
-  const Tensor bc_part = lanes ? at::zeros({bc_elems}, f32) : at::empty({bc_elems}, f32);
+  const int64_t a_elems = atomic ? ndir * dim * N : 0;
+  const Tensor bc_part = atomic ? at::zeros({bc_elems + a_elems}, f32) : at::empty({bc_elems}, f32);
   int64_t bc_at = 0;
   for (int d = 0; d < ndir; ++d) {
     const int G = Gs[d];
     DirGrads& g = grads[d];
     g.du = at::empty({batch, dim, L}, u.options());
     g.ddelta = at::empty({batch, dim, L}, u.options());
-    g.dA_part = at::empty({nsplit, batch, dim, N}, f32);
     const int64_t n = parts[d] * batch * G * N * L;
     g.dB_part = bc_part.narrow(0, bc_at, n).view({parts[d], batch, G, N, L});
     g.dC_part = bc_part.narrow(0, bc_at + n, n).view({parts[d], batch, G, N, L});
     bc_at += 2 * n;
+    g.dA_part = atomic ? bc_part.narrow(0, bc_elems + d * dim * N, dim * N).view({dim, N})
+                       : at::empty({nsplit, batch, dim, N}, f32);
     g.dD_part = at::empty({nsplit, batch, dim}, f32);
     g.dbias_part = at::empty({nsplit, batch, dim}, f32);
     g.dA = at::empty({dim, N}, f32);

@@ -117,9 +117,10 @@ struct DirParams {
   // Backward outputs.
   void* du;                   // (batch, dim, L) dtype
   void* ddelta;               // (batch, dim, L) dtype
-  float* dA_part;             // (nsplit, batch, dim, N): per split and batch row, summed by the caller
-  float* dB_part;             // (P, batch, G, N, L): per block of channels, summed by the caller (lanes: P = 1,
-                              //   zero-filled, atomics)
+  float* dA_part;             // (nsplit, batch, dim, N): per split and batch row, summed by the caller; with
+                              //   ScanParams::atomic_sums (dim, N), zero-filled, atomics
+  float* dB_part;             // (P, batch, G, N, L): per block of channels, summed by the caller (atomic_sums:
+                              //   P = 1, zero-filled, atomics)
   float* dC_part;             // (P, batch, G, N, L)
   float* dD_part;             // (nsplit, batch, dim)
   float* dbias_part;          // (nsplit, batch, dim)
@@ -145,6 +146,9 @@ struct ScanParams {
   int fwd_kernel;             // forward of config kLanesConfig: 0 default (the seq forward of selective_scan_seq.cuh
                               //   where it applies and the GPU has enough of its warps, else lanes), 1 lanes, 2 seq
   int sms;                    // multiprocessors of the device
+  int atomic_sums;            // backward: dB/dC and dA added with fp32 atomics into one zero-filled buffer each (the
+                              //   lanes config always; the others unless torch's deterministic mode is on), else
+                              //   per-block / per-row partials summed by the finish in a fixed order (bit-identical)
   float* split_state;         // (ndir, nsplit, batch, dim, N) split summaries (see above), when nsplit > 1
   float* split_sumd;          // (ndir, nsplit, batch, dim)
   DirParams dir[2];

@@ -14,7 +14,8 @@
 // backwards. The per-channel sums over n
 // go through shared memory (one part per lane and step, summed in the output pass); dB/dC are summed over the
 // warp's channels by shuffles, over the block's warps in shared memory (fixed order), and written per block to
-// dB_part/dC_part, which the caller sums (deterministic).
+// dB_part/dC_part, which the caller sums (deterministic), or, with p.atomic_sums, added with atomics into one part
+// (dA likewise over splits and batch rows).
 #pragma once
 
 #include <algorithm>
@@ -285,9 +286,15 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
             sB += S.dB[j][w][n];
             sC += S.dC[j][w][n];
           }
-          const size_t idx = ((((size_t)part * batch + b) * G + g) * N + n) * L + natural_t(tau, L, reverse);
-          dp.dB_part[idx] = sB;
-          dp.dC_part[idx] = sC;
+          const size_t idx = ((((size_t)(p.atomic_sums ? 0 : part) * batch + b) * G + g) * N + n) * L +
+                             natural_t(tau, L, reverse);
+          if (p.atomic_sums) {
+            atomicAdd(dp.dB_part + idx, sB);
+            atomicAdd(dp.dC_part + idx, sC);
+          } else {
+            dp.dB_part[idx] = sB;
+            dp.dC_part[idx] = sC;
+          }
         }
       }
     }
@@ -299,7 +306,10 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
       const int n = k * NPT + i;
       if (chan_ok && n < N) {
         const size_t idx = ((size_t)b * dim + chan) * N + n;
-        dp.dA_part[(size_t)si * batch * dim * N + idx] = dA_acc[i];
+        if (p.atomic_sums)
+          atomicAdd(dp.dA_part + (size_t)chan * N + n, dA_acc[i]);
+        else
+          dp.dA_part[(size_t)si * batch * dim * N + idx] = dA_acc[i];
         if (!p.bidirectional && p.dinitial_state != nullptr && si == 0) p.dinitial_state[idx] = a_next[i] * lam[i];
       }
     }
@@ -471,7 +481,8 @@ __global__ void __launch_bounds__(256) scan_finish_kernel(const ScanParams p) {
   const DirParams& q = p.dir[blockIdx.y];
   const long long nbc = (long long)p.batch * q.groups * p.N * p.L;  // elements of dB (and of dC)
   const long long nquad = (nbc + 3) / 4, nA = (long long)p.dim * p.N;
-  const int rows = p.nsplit * p.batch;  // partial sums of dA / dD / dbias
+  const int rows = p.nsplit * p.batch;  // partial sums of dD / dbias (and of dA without atomic_sums)
+  const int rows_A = p.atomic_sums ? 1 : rows;
   const long long total = 2 * nquad + nA + 2 * (long long)p.dim;
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
        i += (long long)gridDim.x * blockDim.x) {
@@ -497,7 +508,7 @@ __global__ void __launch_bounds__(256) scan_finish_kernel(const ScanParams p) {
     } else if (i < 2 * nquad + nA) {
       const long long k = i - 2 * nquad;
       float s = 0.f;
-      for (int r = 0; r < rows; ++r) s += q.dA_part[r * nA + k];
+      for (int r = 0; r < rows_A; ++r) s += q.dA_part[r * nA + k];
       if (q.dA) q.dA[k] = s;
     } else {
       const long long k = i - 2 * nquad - nA;

@@ -64,7 +64,7 @@ constexpr int kLanesAhead = LANES_AHEAD;  // states whose B/C loads are in fligh
 constexpr unsigned kFull = 0xffffffffu;
 
 // LANES_PROBE_CLOCK (timing probe only, wrong dA / last_state): the lanes backward (forward) accumulates the SM clock
-// cycles of each phase of its full windows per warp and writes lane 0's sums, as floats, where dA_part (last_state)
+// cycles of each phase of its full windows per warp and adds lane 0's sums, as floats, where dA_part (last_state)
 // would go, phase k in slot k (benchmarks/lanes_clock_probe.py reads them back). Phases: kProbe* below.
 #ifdef LANES_PROBE_CLOCK
 struct LanesProbe {
@@ -1560,7 +1560,7 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
       r_l = rr, dA = dAc, dD = dDc, dbias = dbc;
     }
   }
-  // per-channel sums over the warp; partials per batch row (summed by the caller)
+  // per-channel sums over the warp: dD / dbias partials per batch row (summed by the caller), dA added atomically
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
     dD += __shfl_xor_sync(kFull, dD, off);
@@ -1573,7 +1573,7 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
 #pragma unroll
     for (int k = 0; k < 16; ++k) dA_l = lane == k ? pr.c[k] : dA_l;
 #endif
-    dp.dA_part[row * N + lane] = dA_l;
+    atomicAdd(dp.dA_part + (size_t)chan * N + lane, dA_l);  // summed over batch rows (p.atomic_sums)
     if (uni && p.dinitial_state) p.dinitial_state[row * N + lane] = r_l;
   }
   if (lane == 0) {

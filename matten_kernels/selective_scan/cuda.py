@@ -8,14 +8,16 @@ autograd.Function over the same ops for eager calls) -> :func:`cuda_selective_sc
 Work layout, numerics and the choice of configuration: ``csrc/selective_scan/selective_scan.h``. Two layouts:
 - the lanes kernels (``selective_scan_lanes.cuh``, config ``LANES_CONFIG``): one warp per channel, the time axis across
   the lanes in windows of 256 steps, the state saved at every window start (and, with z, y before the gate, for dz),
-  dB/dC added with atomics; bidirectional: one launch a direction, the backward direction first (reversed scan order
+  dB/dC and dA added with atomics; bidirectional: one launch a direction, the backward direction first (reversed scan order
   inside the warp, no flipped copies; its y to an fp32 scratch that the forward direction adds), the backward pass's
   two launches independent (on two streams below two waves of blocks). The default for N <= 16 and L >= 256 (the
   fastest here: H100 numbers in ``csrc/selective_scan/NOTES.md``).
 - the others: threads over states, time sequential in chunks; the forward saves the fp32 state at every chunk start
   (CHUNK = 16 steps for N <= 16) for the backward, which recomputes inside a chunk; the sequence is split across blocks
-  when batch * dim is too small to fill the GPU (``MATTEN_SCAN_SPLITS`` overrides); dB/dC as per-block partial sums
-  (deterministic). N > 16, short sequences and deterministic mode use them.
+  when batch * dim is too small to fill the GPU (``MATTEN_SCAN_SPLITS`` overrides); dB/dC and dA added with atomics,
+  or, under ``torch.use_deterministic_algorithms(True)``, as per-block / per-row partial sums summed in a fixed order
+  (bit-identical runs; 216 MiB of partials at (512, 2304, 16, 16)). N > 16, short sequences and deterministic mode
+  use them.
 
 The extension is either built ahead of time (``MATTEN_BUILD_CUDA=1 pip install -e . --no-build-isolation``, which puts
 ``_C*.so`` next to this file) or on first use through ``torch.utils.cpp_extension.load`` (ninja; cached under

@@ -84,9 +84,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     h_{L-1} (batch, dim, N) fp32. Gradients flow to every tensor input, initial_state and last_state included.
 
     ``backend``: None (triton for CUDA tensors, ref for CPU tensors), "triton", "cuda" or "ref".
-    Determinism (triton): dB and dC are summed over channel tiles with fp32 atomics (fast, not bit-reproducible);
-    under ``torch.use_deterministic_algorithms(True)`` per-tile partials are summed instead (bit-identical runs,
-    n_tiles x batch x N x L fp32 of extra memory). All other gradients are deterministic either way.
+    Determinism: the gradients that are sums over channel tiles, batch rows or sequence segments (dB, dC, dA; with
+    the Triton backend dD and ddelta_bias too) are added with fp32 atomics (fast, not bit-reproducible); under
+    ``torch.use_deterministic_algorithms(True)`` partial sums are kept and summed in a fixed order instead
+    (bit-identical runs; more memory, e.g. n_tiles x batch x N x L fp32 for dB/dC). All other gradients are
+    deterministic either way.
     """
     op = "selective_scan"
     _validate(op, u, delta, A, B, C, D, z, delta_bias, initial_state)

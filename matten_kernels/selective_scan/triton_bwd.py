@@ -16,10 +16,10 @@ recompute the states of the chunk, run the adjoint, and form every gradient (hb_
     dd_t = u_t sum_n q_t B_t + sum_n A q_t hb_t   (times sigmoid for softplus)
     dA   = sum_t d_t q_t hb_t     dD = sum_t dy_t u_t     ddelta_bias = sum_t dd_t     dh_init = a_0 q_0
 
-dA, dD, ddelta_bias leave the program as per-(segment, batch) partials summed by the launcher (deterministic).
-dB, dC go into fp32 (batch, G, N, L) buffers with atomic adds across channel tiles, or, when
-torch.are_deterministic_algorithms_enabled(), into per-tile partial buffers summed by the launcher (bit-identical
-runs, more memory).
+dB, dC go into fp32 (batch, G, N, L) buffers with atomic adds across channel tiles, and dA, dD, ddelta_bias into
+fp32 (dim, [N]) ones with atomic adds across segments and batch rows; when torch.are_deterministic_algorithms_enabled(),
+all of them go into partial buffers (per tile; per segment and batch row) summed by the launcher in a fixed order
+(bit-identical runs, more memory: at (512, 2304, 16, 16) the dA partials alone are 72 MiB).
 
 Bidirectional: the program does the backward direction of its segment first, then the forward direction; gradients
 of inputs the two directions share (a missing ``*_b``) and dz (which needs y_f + y_b) go through fp32 scratch
@@ -237,13 +237,19 @@ def _bwd_direction(
                     tl.atomic_add(p_dB + o_dB4 + o_tn, b_dB_t, mask=m_tn4, sem="relaxed")
                     tl.atomic_add(p_dC + o_dC4 + o_tn, b_dC_t, mask=m_tn4, sem="relaxed")
 
-        o_p4 = ((i_s * batch + i_b64) * dim + o_d4) * N + o_n4  # per-(segment, batch) partials
-        tl.store(p_dA + o_p4, b_dA, mask=m_dn4)
-        o_p2 = (i_s * batch + i_b64) * dim + o_dl
-        if HAS_D:
-            tl.store(p_dD + o_p2, b_dDv, mask=m_d4 & m_lead)
-        if HAS_BIAS:
-            tl.store(p_dbias + o_p2, b_dbias, mask=m_d4 & m_lead)
+        if DETERMINISTIC:  # per-(segment, batch) partials
+            o_p2 = (i_s * batch + i_b64) * dim + o_dl
+            tl.store(p_dA + (((i_s * batch + i_b64) * dim + o_d4) * N + o_n4), b_dA, mask=m_dn4)
+            if HAS_D:
+                tl.store(p_dD + o_p2, b_dDv, mask=m_d4 & m_lead)
+            if HAS_BIAS:
+                tl.store(p_dbias + o_p2, b_dbias, mask=m_d4 & m_lead)
+        else:
+            tl.atomic_add(p_dA + (o_d4 * N + o_n4), b_dA, mask=m_dn4, sem="relaxed")
+            if HAS_D:
+                tl.atomic_add(p_dD + o_dl, b_dDv, mask=m_d4 & m_lead, sem="relaxed")
+            if HAS_BIAS:
+                tl.atomic_add(p_dbias + o_dl, b_dbias, mask=m_d4 & m_lead, sem="relaxed")
         if HAS_DH0:
             if i_s == 0:
                 tl.store(p_dh0 + o_st4, b_r, mask=m_dn4)  # dL/dh_init = a_0 q_0, the r left after step 0
@@ -390,8 +396,10 @@ def selective_scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, i
             return torch.empty((n_dtiles, batch, BLOCK_N, L), device=dev, dtype=f32)
         return torch.zeros((batch, G, BLOCK_N, L), device=dev, dtype=f32)
 
-    def partials(*shape):
-        return torch.empty((n_seg, batch, dim, *shape), device=dev, dtype=f32)
+    def partials(*shape):  # sums over segments and batch rows: per (segment, batch row), or one atomic buffer
+        if deterministic:
+            return torch.empty((n_seg, batch, dim, *shape), device=dev, dtype=f32)
+        return torch.zeros((1, 1, dim, *shape), device=dev, dtype=f32)
 
     dB, dC = bc_buffer(G_B), bc_buffer(G_C)
     dA = partials(N)
