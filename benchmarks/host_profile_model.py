@@ -48,15 +48,20 @@ def main():
         step()
     torch.cuda.synchronize()
     print(f"eager step without the profiler: {(time.perf_counter() - t0) / args.steps * 1e3:.1f} ms")
+    print_host_profile(step, args.steps, args.top)
+
+
+def print_host_profile(step, steps: int, top: int) -> None:
+    """cProfile over `steps` calls of `step` (warmed up by the caller), the top functions by own and cumulative time."""
     pr = cProfile.Profile()
     pr.enable()
-    for _ in range(args.steps):
+    for _ in range(steps):
         step()
     torch.cuda.synchronize()
     pr.disable()
     for key in ("tottime", "cumtime"):
         s = io.StringIO()
-        pstats.Stats(pr, stream=s).sort_stats(key).print_stats(args.top)
+        pstats.Stats(pr, stream=s).sort_stats(key).print_stats(top)
         print(s.getvalue())
 
 
