@@ -113,6 +113,25 @@ def test_bi_triton_deterministic_mode_matches():
         torch.use_deterministic_algorithms(prev)
 
 
+@pytest.mark.interpreter
+def test_bi_triton_sequence_segments(monkeypatch):
+    """Both directions split into 3 sequence segments (the GPU's config for long rows over few channels; the CPU one
+    has a single segment): the summary passes of each direction and the atomic sums over segments, against float64."""
+    from matten_kernels.selective_scan import triton_bwd, triton_fwd
+
+    default, used = triton_fwd.scan_config, []
+
+    def three_segments(*args, **kw):
+        used.append(args[3])  # L
+        return default(*args, **kw)[:5] + (3,)
+
+    monkeypatch.setattr(triton_fwd, "scan_config", three_segments, raising=True)
+    monkeypatch.setattr(triton_bwd, "scan_config", three_segments, raising=True)
+    x, xb = make_bi(2, 3, 144, 3, None, "v2")  # 144: a multiple of the padding unit, 3 saved blocks
+    run_bi("triton", x, xb, True, False)
+    assert used == [144, 144], used
+
+
 def test_bi_validation_errors():
     x, xb = make_bi(2, 4, 8, 3, None, "v2")
     base = [x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]

@@ -163,6 +163,31 @@ def test_triton_deterministic_mode_matches():
         torch.use_deterministic_algorithms(prev)
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_triton_sequence_segments(deterministic, monkeypatch):
+    """The sequence split into segments (what the GPU does for long rows over few channels; the CPU config has one):
+    the summary passes, the segments' carried states and adjoints, and dA / dD / ddelta_bias summed over segments and
+    batch rows (atomics, or per-(segment, batch) partials under deterministic mode) against float64."""
+    from matten_kernels.selective_scan import triton_bwd, triton_fwd
+
+    default, used = triton_fwd.scan_config, []
+
+    def three_segments(*args, **kw):
+        used.append(args[3])  # L
+        return default(*args, **kw)[:5] + (3,)
+
+    monkeypatch.setattr(triton_fwd, "scan_config", three_segments, raising=True)
+    monkeypatch.setattr(triton_bwd, "scan_config", three_segments, raising=True)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        run_case("triton", make_inputs(2, 3, 150, 4, h0=True), True, True)  # 3 saved blocks, one a segment
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert used == [150, 150], used  # the forward and the backward both ran segmented
+
+
 def test_ref_against_scan64_float64_inputs():
     """The library reference run in float64 (how other tests use it) agrees with the independent loop."""
     x = make_inputs(2, 3, 33, 5, G=None, h0=True)
