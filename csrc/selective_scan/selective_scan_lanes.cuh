@@ -26,8 +26,8 @@
 // before the gate. dz = dout y silu'(z) from the pre-gate y the forward saves (so the backward computes no y; a
 // probe build without it, H100, bf16: global XL fwd+bwd 0.955 -> 0.927 ms, bidirectional 1.942 -> 1.892; NOTES.md,
 // session 18).
-// dB/dC use atomics, so the result is not bit-reproducible; the launcher takes another config when the caller
-// asks for determinism.
+// dB/dC and dA (over batch rows) use atomics, so the result is not bit-reproducible; the launcher takes another
+// config when the caller asks for determinism.
 #pragma once
 
 #include <stdint.h>
