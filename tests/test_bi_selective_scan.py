@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from matten_kernels import bi_selective_scan
 
-from test_selective_scan import check, make_inputs, scan64
+from test_selective_scan import check, force_segments, make_inputs, scan64
 
 FWD = ("u", "delta", "A", "B", "C", "D", "delta_bias")
 BWD = tuple(k + "_b" for k in FWD)
@@ -117,16 +117,7 @@ def test_bi_triton_deterministic_mode_matches():
 def test_bi_triton_sequence_segments(monkeypatch):
     """Both directions split into 3 sequence segments (the GPU's config for long rows over few channels; the CPU one
     has a single segment): the summary passes of each direction and the atomic sums over segments, against float64."""
-    from matten_kernels.selective_scan import triton_bwd, triton_fwd
-
-    default, used = triton_fwd.scan_config, []
-
-    def three_segments(*args, **kw):
-        used.append(args[3])  # L
-        return default(*args, **kw)[:5] + (3,)
-
-    monkeypatch.setattr(triton_fwd, "scan_config", three_segments, raising=True)
-    monkeypatch.setattr(triton_bwd, "scan_config", three_segments, raising=True)
+    used = force_segments(monkeypatch, 3)
     x, xb = make_bi(2, 3, 144, 3, None, "v2")  # 144: a multiple of the padding unit, 3 saved blocks
     run_bi("triton", x, xb, True, False)
     assert used == [144, 144], used

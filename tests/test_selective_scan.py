@@ -163,22 +163,28 @@ def test_triton_deterministic_mode_matches():
         torch.use_deterministic_algorithms(prev)
 
 
+def force_segments(monkeypatch, n_seg):
+    """Make the Triton launchers split every sequence into n_seg segments; returns the list of the L they ran at."""
+    from matten_kernels.selective_scan import triton_bwd, triton_fwd
+
+    default, used = triton_fwd.scan_config, []
+
+    def split(*args, **kw):
+        used.append(args[3])  # L
+        return default(*args, **kw)[:5] + (n_seg,)
+
+    monkeypatch.setattr(triton_fwd, "scan_config", split, raising=True)
+    monkeypatch.setattr(triton_bwd, "scan_config", split, raising=True)
+    return used
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 def test_triton_sequence_segments(deterministic, monkeypatch):
     """The sequence split into segments (what the GPU does for long rows over few channels; the CPU config has one):
     the summary passes, the segments' carried states and adjoints, and dA / dD / ddelta_bias summed over segments and
     batch rows (atomics, or per-(segment, batch) partials under deterministic mode) against float64."""
-    from matten_kernels.selective_scan import triton_bwd, triton_fwd
-
-    default, used = triton_fwd.scan_config, []
-
-    def three_segments(*args, **kw):
-        used.append(args[3])  # L
-        return default(*args, **kw)[:5] + (3,)
-
-    monkeypatch.setattr(triton_fwd, "scan_config", three_segments, raising=True)
-    monkeypatch.setattr(triton_bwd, "scan_config", three_segments, raising=True)
+    used = force_segments(monkeypatch, 3)
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
     try:
