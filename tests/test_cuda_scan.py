@@ -469,6 +469,28 @@ def test_cuda_raw_bi_reads_slices_and_writes_dz_in_place(L):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("L", [16, 256, 1000])
+@pytest.mark.parametrize("bi", [False, True], ids=["uni", "bi"])
+def test_cuda_saves_no_first_state(L, bi):
+    """Memory: the forward saves the state entering every chunk / window but each direction's first (initial_state
+    or zero, read by the backward itself): (ndir, batch, dim, ceil(L / chunk) - 1, N), nothing for a one-chunk row
+    (L = 16: the tile kernels' chunk of 16; 256 and 1000: the lanes kernels' 256-step windows)."""
+    from matten_kernels.selective_scan import cuda as cuda_mod
+
+    dev, batch, dim, N = "cuda", 2, 8, 16
+    u, delta = torch.randn(batch, dim, L, device=dev), torch.rand(batch, dim, L, device=dev)
+    A, B = -torch.rand(dim, N, device=dev) - 0.5, torch.randn(batch, 1, N, L, device=dev)
+    twins = [u.flip(-1).contiguous(), delta, A, B, B] if bi else [None] * 5
+    cuda_mod._load()
+    cfg = cuda_mod._choose_config(N, L, bi)
+    _, _, states, _ = torch.ops.matten_cuda.selective_scan_fwd(u, delta, A, B, B, None, None, None, None, *twins,
+                                                               None, None, True, False, True, cfg)
+    chunk = cuda_mod._config_table[cfg][2]
+    assert chunk == (256 if L >= 256 else 16), (cfg, chunk)
+    assert states.shape == (2 if bi else 1, batch, dim, -(-L // chunk) - 1, N), states.shape
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("bi", [False, True], ids=["uni", "bi"])
 def test_cuda_default_forward_is_seq_for_many_channels_only(bi, monkeypatch):
     """The default forward of the lanes config: the seq kernel where there are >= 32 of its warps per SM (per

@@ -194,6 +194,25 @@ def test_triton_sequence_segments(deterministic, monkeypatch):
     assert used == [150, 150], used  # the forward and the backward both ran segmented
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("lanes", [False, True], ids=["segment", "lanes"])
+@pytest.mark.parametrize("L, kept", [(64, 0), (128, 1), (257, 4)])
+def test_triton_saves_no_first_state(L, kept, lanes, monkeypatch):
+    """Memory: the forward saves the state entering every 64-step block but the first (the initial state or zero,
+    which the backward reads itself): (batch, dim, ceil(L / 64) - 1, N), nothing for one block. Both forward
+    kernels; the gradients from these states are checked against float64 by the tests above."""
+    from matten_kernels.selective_scan import _ops
+
+    monkeypatch.setattr(_ops, "use_lanes", lambda *a, **k: lanes)
+    x = make_inputs(2, 3, L, 4, h0=True)
+    out, last, states = _ops.selective_scan_fwd_op(*(x[k] for k in NAMES), True)
+    assert states.shape == (2, 3, kept, 4) and states.dtype == torch.float32
+    ref_out, ref_last = scan64(*(x[k].double() if x[k] is not None and k not in ("A", "D", "delta_bias") else x[k]
+                                 for k in NAMES[:8]), True, x["initial_state"].double())
+    check("out", out, ref_out)
+    check("last_state", last, ref_last)
+
+
 def test_ref_against_scan64_float64_inputs():
     """The library reference run in float64 (how other tests use it) agrees with the independent loop."""
     x = make_inputs(2, 3, 33, 5, G=None, h0=True)

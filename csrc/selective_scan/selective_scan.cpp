@@ -263,7 +263,9 @@ cudaError_t launch_finish(at::ScalarType dt, const matten_scan::ScanParams& p, c
 }
 
 // Returns (out, last_state, states, y_saved). last_state is empty for the bidirectional scan; states (ndir,
-// batch, dim, nchunks, N) and y_saved (the pre-gate y, only with z) are empty unless save_for_backward.
+// batch, dim, nchunks - 1, N): the state entering every chunk but each direction's first (initial_state or zero,
+// never saved: matten_scan::kept_slots), and y_saved (the pre-gate y, only with z) are empty (0,) unless
+// save_for_backward.
 std::tuple<Tensor, Tensor, Tensor, Tensor> selective_scan_fwd(
     const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C, const OptTensor& D,
     const OptTensor& delta_bias, const OptTensor& z, const OptTensor& initial_state, const OptTensor& u_b,
@@ -285,7 +287,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> selective_scan_fwd(
   Tensor out = at::empty({batch, dim, L}, u.options());
   Tensor last_state = bi ? at::empty({0}, u.options().dtype(at::kFloat))
                          : at::empty({batch, dim, N}, u.options().dtype(at::kFloat));
-  Tensor states = save_for_backward ? at::empty({ndir, batch, dim, nchunks, N}, u.options().dtype(at::kFloat))
+  const int64_t kept = matten_scan::kept_slots((int)nchunks);
+  Tensor states = save_for_backward ? at::empty({ndir, batch, dim, kept, N}, u.options().dtype(at::kFloat))
                                     : at::empty({0}, u.options().dtype(at::kFloat));
   // y before the gate, for the backward's dz (as mamba-ssm saves it).
   Tensor y_saved = (save_for_backward && z) ? at::empty({batch, dim, L}, u.options()) : at::empty({0}, u.options());
@@ -297,7 +300,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> selective_scan_fwd(
   matten_scan::ScanParams p = scan_params(in, delta_softplus, divide_out, nsplit, split_chunks, split_state, split_sumd);
   fill_dir(p.dir[0], f, G0);
   if (bi) fill_dir(p.dir[1], r, G1);
-  const int64_t dir_states = batch * dim * nchunks * N;
+  const int64_t dir_states = batch * dim * kept * N;
   for (int d = 0; d < ndir; ++d)
     p.dir[d].states = save_for_backward ? states.data_ptr<float>() + d * dir_states : nullptr;
   p.z = ptr_or_null(z);
@@ -350,7 +353,8 @@ std::vector<Tensor> scan_bwd(
   const int cpb = lanes ? matten_scan::kLanesWarps : matten_scan::bwd_channels_per_block(cfg);
   const int64_t nchunks = (L + chunk - 1) / chunk;
   const int ndir = bi ? 2 : 1;
-  check_input(states, "states", at::kFloat, {ndir, batch, dim, nchunks, N}, dev);
+  const int64_t kept = matten_scan::kept_slots((int)nchunks);
+  check_input(states, "states", at::kFloat, {ndir, batch, dim, kept, N}, dev);
 
   const int seg = segment((int)dim, G0, G1);
   const int blocks_per_seg = (seg + cpb - 1) / cpb;
@@ -402,7 +406,7 @@ std::vector<Tensor> scan_bwd(
     g.dbias = biases[d]->has_value() ? at::empty({dim}, f32) : none;
     matten_scan::DirParams& q = p.dir[d];
     fill_dir(q, *dirs[d], G);
-    q.states = states.data_ptr<float>() + d * batch * dim * nchunks * N;
+    q.states = states.data_ptr<float>() + d * batch * dim * kept * N;
     q.du = g.du.data_ptr();
     q.ddelta = g.ddelta.data_ptr();
     q.dA_part = g.dA_part.data_ptr<float>();
@@ -427,6 +431,7 @@ std::vector<Tensor> scan_bwd(
   p.y_saved_in = z ? y_saved.data_ptr() : nullptr;
   p.dz = z ? dz_dst.data_ptr() : nullptr;
   p.dz_bstride = z ? bstride(dz_dst) : 0;
+  p.initial_state = fptr_or_null(initial_state);  // the state entering the first chunk (never saved)
   p.dinitial_state = initial_state ? dinit.data_ptr<float>() : nullptr;
   p.ws = nullptr;
   const Tensor ys = z ? y_saved : dout;  // rows_aligned's list: y_saved when it is read

@@ -56,6 +56,13 @@ constexpr int kLanesWarps = 4;  // channels (one warp each) per block of the lan
 // backward recomputes the other K - 1 window-start states of each group by a states-only forward pass).
 constexpr int kLanesStateStride = LANES_STATE_STRIDE;
 
+// Saved states a row keeps of its nslots chunk / window starts: all but its direction's first, which is initial_state
+// or zero (saved_index / saved_state in selective_scan_common.cuh).
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline constexpr int kept_slots(int nslots) { return nslots - 1; }
+
 struct ConfigInfo {
   int tpc, npt, chunk, nwarps_fwd, nwarps_bwd;
 };
@@ -112,8 +119,9 @@ struct DirParams {
   const float* D;             // (dim,) or nullptr
   const float* delta_bias;    // (dim,) or nullptr
   int groups;                 // G
-  float* states;              // (batch, dim, nchunks, N): state before each chunk in scan order (forward:
-                              //   written, nullptr = not saved; backward: read)
+  float* states;              // (batch, dim, nchunks - 1, N): the state before each chunk but the first
+                              //   (kept_slots, saved_index in selective_scan_common.cuh; forward: written,
+                              //   nullptr = not saved; backward: read)
   // Backward outputs.
   void* du;                   // (batch, dim, L) dtype
   void* ddelta;               // (batch, dim, L) dtype
@@ -154,7 +162,8 @@ struct ScanParams {
   DirParams dir[2];
   const void* z;              // (batch, dim, L) dtype or nullptr, batch stride z_bstride elements
   long long z_bstride;
-  const float* initial_state; // (batch, dim, N) or nullptr (unidirectional only)
+  const float* initial_state; // (batch, dim, N) or nullptr (unidirectional only; read by the backward too: the
+                              //   state entering the first chunk is not saved)
   // Forward outputs.
   void* out;                  // (batch, dim, L) dtype
   float* last_state;          // (batch, dim, N) or nullptr (unidirectional only)

@@ -134,7 +134,8 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_bwd_kernel(const ScanP
 #pragma unroll
       for (int i = 0; i < NPT; ++i) {
         const int n = k * NPT + i;
-        r_h0[i] = (chan_ok && n < N) ? dp.states[(((size_t)b * dim + chan) * nchunks + c) * N + n] : 0.f;
+        const size_t row = (size_t)b * dim + chan;
+        r_h0[i] = (chan_ok && n < N) ? saved_state(p, dp.states + row * kept_slots(nchunks) * N, c, 0, row, n) : 0.f;
       }
 #pragma unroll
       for (int r = 0; r < EPT; ++r) {

@@ -44,6 +44,20 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// Saved states. The forward saves the fp32 state entering each of a row's `nslots` slots (the tile kernels' chunks in
+// scan order; the lanes and seq kernels' 256-step windows, or groups of kLanesStateStride of them, in natural order)
+// but the one its direction starts from, `first` (0 in scan order; the reverse direction's last natural slot): that
+// state is initial_state or zero, so a row keeps kept_slots(nslots) = nslots - 1 (none for a one-chunk row).
+__device__ __forceinline__ int saved_index(int s, int first) { return s > first ? s - 1 : s; }
+
+// State n entering slot s of row `row` (row_states: that row's kept slots): the saved one, or for the first slot
+// initial_state (unidirectional scans that have one) or zero.
+__device__ __forceinline__ float saved_state(const ScanParams& p, const float* row_states, int s, int first,
+                                             size_t row, int n) {
+  if (s == first) return (p.initial_state && !p.bidirectional) ? p.initial_state[row * p.N + n] : 0.f;
+  return row_states[(size_t)saved_index(s, first) * p.N + n];
+}
+
 __device__ __forceinline__ float sigmoid(float x) { return __frcp_rn(1.f + __expf(-x)); }
 
 // d = softplus(x) (= x for x > 20, as the reference) and its derivative sigmoid(x).

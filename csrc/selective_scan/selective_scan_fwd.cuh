@@ -126,11 +126,11 @@ __global__ void __launch_bounds__(NWARPS * 32, MINB) scan_fwd_kernel(const ScanP
 
     load(c_lo);
     for (int c = c_lo; c < c_hi; ++c) {
-      if (dp.states != nullptr && chan_ok) {
+      if (dp.states != nullptr && chan_ok && c > 0) {  // chunk 0's is initial_state or zero (kept_slots)
 #pragma unroll
         for (int i = 0; i < NPT; ++i) {
           const int n = k * NPT + i;
-          if (n < N) dp.states[(((size_t)b * dim + chan) * nchunks + c) * N + n] = h[i];
+          if (n < N) dp.states[(((size_t)b * dim + chan) * kept_slots(nchunks) + c - 1) * N + n] = h[i];
         }
       }
       __syncthreads();  // the previous chunk's output pass is done with shared memory

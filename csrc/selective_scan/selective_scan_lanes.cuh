@@ -923,7 +923,7 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
   const LanesRows<T> rows = lanes_rows<T>(p, d, b, chan);
   const int nwin = (L + kLanesWindow - 1) / kLanesWindow;
   const int nsave = (nwin + kLanesStateStride - 1) / kLanesStateStride;
-  float* __restrict__ states = dp.states ? dp.states + row * nsave * N : nullptr;
+  float* __restrict__ states = dp.states ? dp.states + row * kept_slots(nsave) * N : nullptr;
   const float A2_l = lane < N ? dp.A[(size_t)chan * N + lane] * kLog2e : 0.f;
   float h_l = (lane < N && p.initial_state && !p.bidirectional) ? p.initial_state[row * N + lane] : 0.f;
   const LanesScalars c{dp.delta_bias ? dp.delta_bias[chan] : 0.f, dp.D ? dp.D[chan] : 0.f,
@@ -954,8 +954,8 @@ __device__ __forceinline__ void fwd_direction(const ScanParams& p, int d, int b,
         stage_window<NMAX, kUD, kPair>(rows.B, rows.C, rows.u, rows.delta, wn, L, stage + ((i + 1) & 1) * kTile);
 #endif
     }
-    if (states && lane < N && lanes_saves_state(w, nwin, REV))
-      states[(size_t)(w / kLanesStateStride) * N + lane] = h_l;
+    if (states && lane < N && i > 0 && lanes_saves_state(w, nwin, REV))  // i = 0: the first slot (kept_slots)
+      states[(size_t)saved_index(w / kLanesStateStride, REV ? nsave - 1 : 0) * N + lane] = h_l;
     if (w >= nfull) {
       float h = h_l;  // a copy to the out-of-line call (fwd_window_generic's note)
       fwd_window_generic<REV, T, NMAX, Z>(rows, t0, L, N, lane, c, A2_l, h);
@@ -1474,13 +1474,14 @@ __device__ __noinline__ void state_window_generic(const LanesRows<T> r, int t0, 
 // floats); every window of the group reads its own from there.
 template <bool REV, bool EXACT, typename T, int NMAX>
 __device__ __forceinline__ float bwd_window_state(const ScanParams& p, const LanesRows<T>& rows, const float* states,
-                                                  int w, int nwin, int lane, const LanesScalars& c, float A_l,
-                                                  float* hs) {
+                                                  size_t row, int w, int nwin, int lane, const LanesScalars& c,
+                                                  float A_l, float* hs) {
   const int N = p.N;
   constexpr int K = kLanesStateStride;
   const int g0 = w - w % K, g1 = min(g0 + K, nwin) - 1;  // the group's windows (natural order)
   if (w == (REV ? g0 : g1)) {  // the backward's first window of the group: recompute
-    float h_l = lane < N ? states[(size_t)(w / K) * N + lane] : 0.f;
+    const int nsave = (nwin + K - 1) / K;
+    float h_l = lane < N ? saved_state(p, states, w / K, REV ? nsave - 1 : 0, row, lane) : 0.f;
     const float A2_l = A_l * kLog2e;
     for (int i = 0; i <= g1 - g0; ++i) {  // scan order
       const int ww = REV ? g1 - i : g0 + i;
@@ -1519,11 +1520,8 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
   const LanesRows<T> rows = lanes_rows<T>(p, d, b, chan);
 #endif
   const int nwin = (L + kLanesWindow - 1) / kLanesWindow;
-#if LANES_STATE_STRIDE > 1
-  const float* __restrict__ states = dp.states + row * ((nwin + kLanesStateStride - 1) / kLanesStateStride) * N;
-#else
-  const float* __restrict__ states = dp.states + row * nwin * N;
-#endif
+  const int nsave = (nwin + kLanesStateStride - 1) / kLanesStateStride;
+  const float* __restrict__ states = dp.states + row * kept_slots(nsave) * N;
   const float A_l = lane < N ? dp.A[(size_t)chan * N + lane] : 0.f;
   const bool uni = !p.bidirectional;
   float r_l = (uni && lane < N && p.dlast_state) ? p.dlast_state[row * N + lane] : 0.f;
@@ -1541,9 +1539,9 @@ __device__ __forceinline__ void bwd_direction(const ScanParams& p, int d, int b,
     const LanesRows<T> rows = lanes_rows_fresh<T>(p, d, b, chan, grp);
 #endif
 #if LANES_STATE_STRIDE > 1
-    const float h0_l = bwd_window_state<REV, EXACT, T, NMAX>(p, rows, states, w, nwin, lane, c, A_l, hs);
+    const float h0_l = bwd_window_state<REV, EXACT, T, NMAX>(p, rows, states, row, w, nwin, lane, c, A_l, hs);
 #else
-    const float h0_l = lane < N ? states[(size_t)w * N + lane] : 0.f;
+    const float h0_l = lane < N ? saved_state(p, states, w, REV ? nwin - 1 : 0, row, lane) : 0.f;
 #endif
     if (p.lanes_vec && (w + 1) * kLanesWindow <= L)
 #if LANES_SMEM_SCAN

@@ -111,10 +111,11 @@ __device__ __forceinline__ void seq_fwd_chunks(const ScanParams& p, const SeqRow
     // (one in kLanesStateStride windows: the first of its group in scan order, at slot w / kLanesStateStride)
     if (states_row && (REV ? ((c + 1) % kSeqSaveChunks == 0 || c == p.L / kSeqChunk - 1) : c % kSeqSaveChunks == 0)) {
       const int w = REV ? min(c / kSeqSaveChunks, nwin - 1) : c / kSeqSaveChunks;
-      if (lanes_saves_state(w, nwin, REV)) {
+      const int s = w / kLanesStateStride, first = REV ? (nwin - 1) / kLanesStateStride : 0;
+      if (s != first && lanes_saves_state(w, nwin, REV)) {  // the first slot is not kept (kept_slots)
 #pragma unroll
         for (int q = 0; q < NPT; ++q)
-          if (k * NPT + q < p.N) states_row[(size_t)(w / kLanesStateStride) * p.N + k * NPT + q] = h[q];
+          if (k * NPT + q < p.N) states_row[(size_t)saved_index(s, first) * p.N + k * NPT + q] = h[q];
       }
     }
     // stage
@@ -233,7 +234,7 @@ __global__ void __launch_bounds__(32, 16) scan_fwd_seq_kernel(const ScanParams p
     h[q] = (PASS == kPassUni && n < p.N && p.initial_state) ? p.initial_state[row * p.N + n] : 0.f;
   }
   const float bias = dp.delta_bias ? dp.delta_bias[chan] : 0.f, Dv = dp.D ? dp.D[chan] : 0.f;
-  float* states_row = dp.states ? dp.states + row * nsave * p.N : nullptr;
+  float* states_row = dp.states ? dp.states + row * kept_slots(nsave) * p.N : nullptr;
   const SeqRows<T, NPT> r = seq_rows<T, NPT>(p, dp, b, chan, lane >> 1);
   if constexpr (PASS == kPassBiRev) {
     seq_fwd_chunks<T, NPT, true>(p, r, s, nch - 1, nch, 1, A2, h, states_row, bias, Dv);  // y to ws

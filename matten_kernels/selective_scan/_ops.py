@@ -24,7 +24,7 @@ from torch import Tensor
 from .._backend import use_custom_op
 from .triton_bwd import selective_scan_bwd
 from .triton_bwd_lanes import selective_scan_bwd_lanes, use_lanes_bwd
-from .triton_fwd import n_saved_states, selective_scan_fwd, time_contiguous
+from .triton_fwd import kept_states, selective_scan_fwd, time_contiguous
 from .triton_fwd_lanes import selective_scan_fwd_lanes, use_lanes
 
 _BI_NAMES = ("u_b", "delta_b", "A_b", "B_b", "C_b", "D_b", "delta_bias_b")
@@ -90,7 +90,7 @@ def selective_scan_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
 def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
     batch, dim, L = u.shape
     N = A.shape[1]
-    n_chunks = n_saved_states(L)
+    n_chunks = kept_states(L)
     return (u.new_empty(u.shape), u.new_empty((batch, dim, N), dtype=torch.float32),
             u.new_empty((batch, dim, n_chunks, N), dtype=torch.float32))
 
@@ -114,8 +114,9 @@ def _(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, sta
 def _scan_setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus = inputs
     _, _, states = output
-    # Saved: the inputs and the fp32 state every SAVE steps (batch, dim, L / SAVE, N). Recomputed in the
-    # backward: the states inside each chunk, y (for dz) and softplus(delta). Never a (batch, dim, L, N) tensor.
+    # Saved: the inputs and the fp32 state every SAVE steps but the first, which is initial_state or zero (batch, dim,
+    # L / SAVE - 1, N). Recomputed in the backward: the states inside each chunk, y (for dz) and softplus(delta).
+    # Never a (batch, dim, L, N) tensor.
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, states)
     ctx.delta_softplus = delta_softplus
 
@@ -193,7 +194,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, del
       divide_out):
     batch, dim, L = u.shape
     N = A.shape[1]
-    n_chunks = n_saved_states(L)
+    n_chunks = kept_states(L)
     states = u.new_empty((batch, dim, n_chunks, N), dtype=torch.float32)
     return u.new_empty(u.shape), states, states.new_empty(states.shape)
 

@@ -7,13 +7,14 @@ autograd.Function over the same ops for eager calls) -> :func:`cuda_selective_sc
 
 Work layout, numerics and the choice of configuration: ``csrc/selective_scan/selective_scan.h``. Two layouts:
 - the lanes kernels (``selective_scan_lanes.cuh``, config ``LANES_CONFIG``): one warp per channel, the time axis across
-  the lanes in windows of 256 steps, the state saved at every window start (and, with z, y before the gate, for dz),
+  the lanes in windows of 256 steps, the state saved at every window start but the first (and, with z, y before the
+  gate, for dz),
   dB/dC and dA added with atomics; bidirectional: one launch a direction, the backward direction first (reversed scan order
   inside the warp, no flipped copies; its y to an fp32 scratch that the forward direction adds), the backward pass's
   two launches independent (on two streams below two waves of blocks). The default for N <= 16 and L >= 256 (the
   fastest here: H100 numbers in ``csrc/selective_scan/NOTES.md``).
 - the others: threads over states, time sequential in chunks; the forward saves the fp32 state at every chunk start
-  (CHUNK = 16 steps for N <= 16) for the backward, which recomputes inside a chunk; the sequence is split across blocks
+  but the first (CHUNK = 16 steps for N <= 16) for the backward, which recomputes inside a chunk; the sequence is split across blocks
   when batch * dim is too small to fill the GPU (``MATTEN_SCAN_SPLITS`` overrides); dB/dC and dA added with atomics,
   or, under ``torch.use_deterministic_algorithms(True)``, as per-block / per-row partial sums summed in a fixed order
   (bit-identical runs; 216 MiB of partials at (512, 2304, 16, 16)). N > 16, short sequences and deterministic mode
@@ -178,7 +179,7 @@ def _register() -> None:
         ndir = 2 if u_b is not None else 1
         f32 = dict(dtype=torch.float32, device=u.device)
         last = u.new_empty((0,), dtype=torch.float32) if ndir == 2 else u.new_empty((batch, dim, N), **f32)
-        states = (u.new_empty((ndir, batch, dim, -(-L // chunk), N), **f32) if save_for_backward
+        states = (u.new_empty((ndir, batch, dim, -(-L // chunk) - 1, N), **f32) if save_for_backward
                   else u.new_empty((0,), **f32))
         keep_y = save_for_backward and z is not None
         y_saved = u.new_empty(u.shape) if keep_y else u.new_empty((0,))
@@ -209,9 +210,10 @@ def _setup_context(ctx, inputs, output):
     (u, delta, A, B, C, D, delta_bias, z, initial_state, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b,
      delta_softplus, divide_out, save_for_backward, config) = inputs
     _, _, states, y_saved = output
-    # Saved: the inputs, the fp32 state at every chunk start (ndir, batch, dim, L/chunk, N) and, with z, y before
-    # the gate (for dz, as mamba-ssm saves it). The backward recomputes h inside each chunk from its start state: no
-    # (batch, dim, L, N) tensor.
+    # Saved: the inputs, the fp32 state at every chunk start but each direction's first, which is initial_state or
+    # zero (ndir, batch, dim, L/chunk - 1, N: nothing for a one-chunk row), and, with z, y before the gate (for dz, as
+    # mamba-ssm saves it). The backward recomputes h inside each chunk from its start state: no (batch, dim, L, N)
+    # tensor.
     ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, z, initial_state, u_b, delta_b, A_b, B_b, C_b, D_b,
                           delta_bias_b, states, y_saved)
     ctx.flags = (delta_softplus, divide_out, config)
@@ -222,7 +224,7 @@ def _backward(ctx, dout, dlast_state, _dstates=None, _dy_saved=None):
     (u, delta, A, B, C, D, delta_bias, z, initial_state, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b,
      states, y_saved) = ctx.saved_tensors
     delta_softplus, divide_out, config = ctx.flags
-    if states.numel() == 0:
+    if states.dim() != 5:  # (0,) when the forward was asked not to save (a one-chunk row saves (.., 0, N))
         raise RuntimeError("selective_scan (cuda): the forward ran without saving states for the backward")
     dout = torch.zeros_like(u) if dout is None else dout.contiguous()
     if dlast_state is not None:

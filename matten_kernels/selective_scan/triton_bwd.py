@@ -33,13 +33,13 @@ import triton
 import triton.language as tl
 
 from .._launch import cdiv, launch
-from .triton_fwd import (SAVE, SAVE_STEPS, _bt, _chunk_adjoint, _chunk_of, _chunk_scan, _exp2, _load_dt, _lstride,
-                         _pick, scan_config, time_contiguous)
+from .triton_fwd import (SAVE, SAVE_STEPS, _bt, _chunk_adjoint, _chunk_of, _chunk_scan, _exp2, _load_dt, _load_saved,
+                         _lstride, _pick, kept_states, n_saved_states, scan_config, time_contiguous)
 
 
 @triton.jit
 def _bwd_direction(
-    p_u, p_delta, p_A, p_Bt, p_Ct, p_D, p_bias, p_z, p_dout, p_states, p_dlast, p_seg_r, p_seg_dt,
+    p_u, p_delta, p_A, p_Bt, p_Ct, p_D, p_bias, p_z, p_dout, p_states, p_h0, p_dlast, p_seg_r, p_seg_dt,
     p_du, p_du_acc, p_ddelta, p_ddelta_acc, p_dz, p_dz_acc, p_dB, p_dC, p_dA, p_dD, p_dbias, p_dh0,
     i_b, i_d, i_s, n_dtiles, batch, dim, L, N, n_chunks, seg_chunks, n_seg, G_B, G_C, dpg_B, dpg_C, o_seg,
     s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l, s_do_b, s_do_d, s_do_l,
@@ -91,7 +91,7 @@ def _bwd_direction(
     if HAS_Z:
         p_z4 = p_z + i_b64 * s_z_b + o_dl.to(tl.int64) * s_z_d
     n_saves = tl.cdiv(L, SAVE)
-    p_st4 = p_states + ((i_b64 * dim + o_d4) * n_saves) * N + o_n4
+    p_st4 = p_states + ((i_b64 * dim + o_d4) * (n_saves - 1)) * N + o_n4  # kept_states a row
     # dB/dC (fp32 (batch, G, BLOCK_N, L) like Bt): atomics, or per-tile partials (n_dtiles, batch, BLOCK_N, L)
     if DETERMINISTIC:
         o_dB4 = ((i_d * batch + i_b64) * BLOCK_N + o_n4) * L
@@ -153,7 +153,7 @@ def _bwd_direction(
             k_hi = tl.minimum(k_lo + SAVE_EVERY, n_chunks)
             n_k = k_hi - k_lo
             # states entering each chunk of the block, recomputed from the saved one, kept in registers
-            b_h = tl.load(p_st4 + blk * N, mask=m_dn4, other=0.0)
+            b_h = _load_saved(p_st4, p_h0 + o_st4, blk, n_saves, N, m_dn4, HAS_DH0, REVERSE)
             b_hk = tl.zeros([SAVE_EVERY, NL, BLOCK_D, NH], dtype=tl.float32)
             for j in range(0, n_k - 1):
                 b_hk = tl.where(o_k == j, b_h, b_hk)
@@ -258,7 +258,7 @@ def _bwd_direction(
 @triton.jit
 def _selective_scan_bwd_kernel(
     # forward direction inputs and gradients, shared, backward direction (bi only)
-    p_u, p_delta, p_A, p_B, p_C, p_D, p_bias, p_states, p_dlast, p_seg_r, p_seg_dt,
+    p_u, p_delta, p_A, p_B, p_C, p_D, p_bias, p_states, p_h0, p_dlast, p_seg_r, p_seg_dt,
     p_du, p_ddelta, p_dB, p_dC, p_dA, p_dD, p_dbias, p_dh0,
     p_z, p_dout, p_dz, p_dz_acc,
     p_ub, p_deltab, p_Ab, p_Bb, p_Cb, p_Db, p_biasb, p_states_b,
@@ -284,7 +284,7 @@ def _selective_scan_bwd_kernel(
     if SUMMARY:
         # grid axis 2: segment + n_seg * direction (1: the backward direction of bi)
         if i_s < n_seg:
-            _bwd_direction(p_u, p_delta, p_A, p_B, p_C, p_D, p_bias, p_z, p_dout, p_states, p_dlast, p_seg_r,
+            _bwd_direction(p_u, p_delta, p_A, p_B, p_C, p_D, p_bias, p_z, p_dout, p_states, p_h0, p_dlast, p_seg_r,
                            p_seg_dt, p_du, p_du, p_ddelta, p_ddelta, p_dz, p_dz_acc, p_dB, p_dC, p_dA, p_dD,
                            p_dbias, p_dh0,
                            i_b, i_d, i_s, n_dtiles, batch, dim, L, N, n_chunks, seg_chunks, n_seg,
@@ -294,7 +294,7 @@ def _selective_scan_bwd_kernel(
                            BLOCK_D, NH, NL, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, False, False, False,
                            False, False, 0, DETERMINISTIC, True)
         else:
-            _bwd_direction(p_ub, p_deltab, p_Ab, p_Bb, p_Cb, p_Db, p_biasb, p_z, p_dout, p_states_b, p_dlast,
+            _bwd_direction(p_ub, p_deltab, p_Ab, p_Bb, p_Cb, p_Db, p_biasb, p_z, p_dout, p_states_b, p_h0, p_dlast,
                            p_seg_r, p_seg_dt, p_dub, p_dub, p_ddeltab, p_ddeltab, p_dz, p_dz_acc, p_dBb, p_dCb,
                            p_dAb, p_dDb, p_dbiasb, p_dh0,
                            i_b, i_d, i_s - n_seg, n_dtiles, batch, dim, L, N, n_chunks, seg_chunks, n_seg,
@@ -305,7 +305,7 @@ def _selective_scan_bwd_kernel(
                            False, False, 0, DETERMINISTIC, True)
     elif BIDIR:
         # phase 1: backward direction; shared gradients go to fp32 scratch (p_dub / p_ddeltab point there)
-        _bwd_direction(p_ub, p_deltab, p_Ab, p_Bb, p_Cb, p_Db, p_biasb, p_z, p_dout, p_states_b, p_dlast,
+        _bwd_direction(p_ub, p_deltab, p_Ab, p_Bb, p_Cb, p_Db, p_biasb, p_z, p_dout, p_states_b, p_h0, p_dlast,
                        p_seg_r, p_seg_dt, p_dub, p_dub, p_ddeltab, p_ddeltab, p_dz, p_dz_acc, p_dBb, p_dCb,
                        p_dAb, p_dDb, p_dbiasb, p_dh0,
                        i_b, i_d, i_s, n_dtiles, batch, dim, L, N, n_chunks, seg_chunks, n_seg,
@@ -315,7 +315,7 @@ def _selective_scan_bwd_kernel(
                        BLOCK_D, NH, NL, CHUNK, HAS_D_B, HAS_Z, HAS_BIAS_B, SOFTPLUS, False, False, True,
                        False, False, 2 if HAS_Z else 0, DETERMINISTIC, False)
         tl.debug_barrier()  # phase 2 reads the scratch written above
-        _bwd_direction(p_u, p_delta, p_A, p_B, p_C, p_D, p_bias, p_z, p_dout, p_states, p_dlast, p_seg_r,
+        _bwd_direction(p_u, p_delta, p_A, p_B, p_C, p_D, p_bias, p_z, p_dout, p_states, p_h0, p_dlast, p_seg_r,
                        p_seg_dt, p_du, p_dub, p_ddelta, p_ddeltab, p_dz, p_dz_acc, p_dB, p_dC, p_dA, p_dD,
                        p_dbias, p_dh0,
                        i_b, i_d, i_s, n_dtiles, batch, dim, L, N, n_chunks, seg_chunks, n_seg,
@@ -325,7 +325,7 @@ def _selective_scan_bwd_kernel(
                        BLOCK_D, NH, NL, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, False, False, False,
                        SHARE_U, SHARE_DT, 3 if HAS_Z else 0, DETERMINISTIC, False)
     else:
-        _bwd_direction(p_u, p_delta, p_A, p_B, p_C, p_D, p_bias, p_z, p_dout, p_states, p_dlast, p_seg_r,
+        _bwd_direction(p_u, p_delta, p_A, p_B, p_C, p_D, p_bias, p_z, p_dout, p_states, p_h0, p_dlast, p_seg_r,
                        p_seg_dt, p_du, p_du, p_ddelta, p_ddelta, p_dz, p_dz_acc, p_dB, p_dC, p_dA, p_dD,
                        p_dbias, p_dh0,
                        i_b, i_d, i_s, n_dtiles, batch, dim, L, N, n_chunks, seg_chunks, n_seg,
@@ -379,8 +379,8 @@ def selective_scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, i
         bidirectional=bidirectional)
     BLOCK_N = NH * NL
     n_chunks = cdiv(L, CHUNK)
-    n_saves = cdiv(L, SAVE_STEPS)
-    assert states.shape[2] == n_saves, "forward and backward must save states every SAVE steps"
+    n_saves = n_saved_states(L)
+    assert states.shape[2] == kept_states(L), "forward and backward must save states every SAVE steps"
     seg_chunks = cdiv(n_saves, n_seg) * (SAVE_STEPS // CHUNK)
     n_seg = cdiv(n_chunks, seg_chunks)
     n_dtiles = cdiv(dim, BLOCK_D)
@@ -428,7 +428,8 @@ def selective_scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, i
     zs = _lstride(z) if z is not None else (0, 0, 0)
     args = (
         u, delta, A, Bt, Ct, D if D is not None else empty, delta_bias if delta_bias is not None else empty, states,
-        dlast_state if dlast_state is not None else empty, seg_r, seg_dt,
+        initial_state if initial_state is not None else empty, dlast_state if dlast_state is not None else empty,
+        seg_r, seg_dt,
         du, ddelta, dB, dC, dA, dD, dbias, dh0,
         z if z is not None else empty, dout, dz, dz_acc,
         ub, dtb, Ab, Btb, Ctb, Db if Db is not None else empty, biasb if biasb is not None else empty,

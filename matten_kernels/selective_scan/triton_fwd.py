@@ -12,7 +12,8 @@ Parallelism: one program per (channel tile, batch, segment of the sequence). Whe
 the GPU (global and long shapes), the sequence is split into segments: a summary pass computes, per segment, the
 state it ends in when started from zero and the sum of its softplus(delta) (its total decay is exp(A * that sum));
 the main pass combines the summaries of the segments before it into its starting state, then scans the segment.
-The state is saved (fp32) every ``SAVE`` steps for the backward, never a (batch, dim, L, N) tensor.
+The state is saved (fp32) every ``SAVE`` steps for the backward (but the first: it is the initial state or zero), never
+a (batch, dim, L, N) tensor.
 
 Long 16-bit sequences over many channels take the one-pass forward of :mod:`.triton_fwd_lanes` instead (uni only;
 same outputs and saved states), which evaluates each decay once; this kernel serves every other shape and the
@@ -91,6 +92,27 @@ def _pick(x, m):
     known at compile time). A NaN-propagating max against -inf, which LLVM folds to x: the masked sum this replaced
     left one FADD per element (Triton's reduction starts from +0.0, and 0 + x is not x for x = -0)."""
     return tl.reduce(tl.where(m, x, float("-inf")), 0, _maximum, keep_dims=True)
+
+
+@triton.jit
+def _saved_index(blk, n_saves, REVERSE: tl.constexpr):
+    """Where the state entering SAVE-step block blk (natural order) of a row's n_saves is kept among its
+    kept_states: -1 for the block its direction starts from (0; the reverse direction's last), which is not saved."""
+    if REVERSE:
+        return tl.where(blk == n_saves - 1, -1, blk)
+    else:
+        return blk - 1
+
+
+@triton.jit
+def _load_saved(p_st, p_h0, blk, n_saves, N, mask, HAS_H0: tl.constexpr, REVERSE: tl.constexpr):
+    """The state entering SAVE-step block blk: saved (p_st: the row's kept states), or for the direction's first
+    block the initial state (p_h0, offset like p_st; HAS_H0) or zero."""
+    i = _saved_index(blk, n_saves, REVERSE)
+    h = tl.load(p_st + tl.maximum(i, 0) * N, mask=mask & (i >= 0), other=0.0)
+    if HAS_H0:
+        h += tl.load(p_h0, mask=mask & (i < 0), other=0.0)
+    return h
 
 
 @triton.jit
@@ -218,21 +240,20 @@ def _fwd_direction(
     if HAS_Z:
         p_z4 = p_z + i_b64 * s_z_b + o_dl.to(tl.int64) * s_z_d
     n_saves = tl.cdiv(L, SAVE)
-    p_st4 = p_states + ((i_b64 * dim + o_d4) * n_saves) * N + o_n4
+    p_st4 = p_states + ((i_b64 * dim + o_d4) * (n_saves - 1)) * N + o_n4  # kept_states a row
 
     c_lo = i_s * seg_chunks
     c_hi = tl.minimum(c_lo + seg_chunks, n_chunks)
     for i in range(0, c_hi - c_lo):
         c = _chunk_of(i, c_lo, c_hi, REVERSE)
         if MODE != 3:
-            # the state entering every SAVE-step block (in scan order) is kept for the backward
+            # the state entering every SAVE-step block (in scan order) but the first is kept for the backward
             if REVERSE:
                 save = ((c + 1) % SAVE_EVERY == 0) | (c == n_chunks - 1)
-                i_save = c // SAVE_EVERY
             else:
                 save = c % SAVE_EVERY == 0
-                i_save = c // SAVE_EVERY
-            if save:
+            i_save = _saved_index(c // SAVE_EVERY, n_saves, REVERSE)
+            if save & (i_save >= 0):
                 tl.store(p_st4 + i_save * N, b_h, mask=m_dn4)
         o_t4 = c * CHUNK + o_c
         m_t4 = (o_t4 < L) & m_d4
@@ -385,8 +406,14 @@ def scan_config(batch: int, dim: int, N: int, L: int, dtype=torch.bfloat16, grou
 
 
 def n_saved_states(L: int) -> int:
-    """The number of states the forward saves per (batch, channel): one every SAVE steps."""
+    """The number of SAVE-step blocks of a row, whose entering states the backward starts from."""
     return cdiv(L, SAVE_STEPS)
+
+
+def kept_states(L: int) -> int:
+    """The states the forward saves per (batch, channel): one a SAVE-step block but the block its direction starts
+    from, whose state is the initial state or zero (nothing for L <= SAVE steps)."""
+    return n_saved_states(L) - 1
 
 
 def _bt(X):
@@ -416,8 +443,9 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta
     """Launch the forward kernels. Inputs validated by the caller, on one CUDA device (or the interpreter).
 
     Returns (out, last_state, states, states_b): out (batch, dim, L) in u.dtype; last_state (batch, dim, N) fp32
-    (uni only, else an empty tensor); states / states_b (batch, dim, ceil(L / SAVE), N) fp32, the state entering
-    every SAVE-step block in scan order (states_b: the backward direction's; empty for uni).
+    (uni only, else an empty tensor); states / states_b (batch, dim, ceil(L / SAVE) - 1, N) fp32, the state
+    entering every SAVE-step block but the direction's first in scan order (:func:`kept_states`; states_b: the
+    backward direction's; empty for uni).
     """
     batch, dim, L = u.shape
     N = A.shape[1]
@@ -439,7 +467,7 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta
     f32 = torch.float32
 
     out = torch.empty((batch, dim, L), device=dev, dtype=u.dtype)
-    states = torch.empty((batch, dim, n_saved_states(L), N), device=dev, dtype=f32)
+    states = torch.empty((batch, dim, kept_states(L), N), device=dev, dtype=f32)
     empty = torch.empty(0, device=dev, dtype=f32)
     if bidirectional:
         states_b = torch.empty_like(states)
