@@ -196,21 +196,36 @@ def test_triton_sequence_segments(deterministic, monkeypatch):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("lanes", [False, True], ids=["segment", "lanes"])
-@pytest.mark.parametrize("L, kept", [(64, 0), (128, 1), (257, 4)])
-def test_triton_saves_no_first_state(L, kept, lanes, monkeypatch):
-    """Memory: the forward saves the state entering every 64-step block but the first (the initial state or zero,
-    which the backward reads itself): (batch, dim, ceil(L / 64) - 1, N), nothing for one block. Both forward
-    kernels; the gradients from these states are checked against float64 by the tests above."""
+@pytest.mark.parametrize("L, kept", [(64, 0), (128, 1), (257, 4), (1024, 16)])
+def test_triton_saved_states_shape(L, kept, lanes, monkeypatch):
+    """Memory: the forward saves the state entering every 64-step block but, in rows shorter than KEEP_FIRST_MIN_L
+    (1024) steps, the first (the initial state or zero, which the backward reads itself): (batch, dim,
+    ceil(L / 64) - 1, N), nothing for one block. Both forward kernels; the gradients from these states are checked
+    against float64 by the tests above (and test_triton_first_block_kept below)."""
     from matten_kernels.selective_scan import _ops
 
     monkeypatch.setattr(_ops, "use_lanes", lambda *a, **k: lanes)
-    x = make_inputs(2, 3, L, 4, h0=True)
+    x = make_inputs(1, 2, L, 4, h0=True)
     out, last, states = _ops.selective_scan_fwd_op(*(x[k] for k in NAMES), True)
-    assert states.shape == (2, 3, kept, 4) and states.dtype == torch.float32
+    assert states.shape == (1, 2, kept, 4) and states.dtype == torch.float32
     ref_out, ref_last = scan64(*(x[k].double() if x[k] is not None and k not in ("A", "D", "delta_bias") else x[k]
                                  for k in NAMES[:8]), True, x["initial_state"].double())
     check("out", out, ref_out)
     check("last_state", last, ref_last)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kernels", ["segment", "lanes"])
+def test_triton_first_block_kept(kernels, monkeypatch):
+    """The layout of long rows (the first block's state saved too, KEEP_FIRST_MIN_L) on a short one, the threshold
+    lowered: forward and every gradient against float64, segment kernels or both lanes kernels."""
+    from matten_kernels.selective_scan import _ops, triton_fwd
+
+    monkeypatch.setattr(triton_fwd, "KEEP_FIRST_MIN_L", 0)
+    if kernels == "lanes":
+        monkeypatch.setattr(_ops, "use_lanes", lambda *a, **k: True)
+        monkeypatch.setattr(_ops, "use_lanes_bwd", lambda *a, **k: True)
+    run_case("triton", make_inputs(1, 8, 128, 2, h0=True), True, True)  # fp32: two 64-step windows a channel pair
 
 
 def test_ref_against_scan64_float64_inputs():

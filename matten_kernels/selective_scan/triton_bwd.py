@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .._launch import cdiv, launch
 from .triton_fwd import (SAVE, SAVE_STEPS, _bt, _chunk_adjoint, _chunk_of, _chunk_scan, _exp2, _load_dt, _load_saved,
-                         _lstride, _pick, kept_states, n_saved_states, scan_config, time_contiguous)
+                         _lstride, _pick, first_kept, n_saved_states, scan_config, time_contiguous)
 
 
 @triton.jit
@@ -48,7 +48,7 @@ def _bwd_direction(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_DLAST: tl.constexpr, HAS_DH0: tl.constexpr, REVERSE: tl.constexpr,
     ACC_U: tl.constexpr, ACC_DT: tl.constexpr, DZ_MODE: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    SUMMARY: tl.constexpr,
+    SUMMARY: tl.constexpr, FIRST: tl.constexpr,
 ):
     """Gradients of one direction over segment i_s. REVERSE: the direction's state runs from the end.
 
@@ -91,7 +91,7 @@ def _bwd_direction(
     if HAS_Z:
         p_z4 = p_z + i_b64 * s_z_b + o_dl.to(tl.int64) * s_z_d
     n_saves = tl.cdiv(L, SAVE)
-    p_st4 = p_states + ((i_b64 * dim + o_d4) * (n_saves - 1)) * N + o_n4  # kept_states a row
+    p_st4 = p_states + ((i_b64 * dim + o_d4) * (n_saves - 1 + FIRST)) * N + o_n4  # kept_states a row
     # dB/dC (fp32 (batch, G, BLOCK_N, L) like Bt): atomics, or per-tile partials (n_dtiles, batch, BLOCK_N, L)
     if DETERMINISTIC:
         o_dB4 = ((i_d * batch + i_b64) * BLOCK_N + o_n4) * L
@@ -153,7 +153,7 @@ def _bwd_direction(
             k_hi = tl.minimum(k_lo + SAVE_EVERY, n_chunks)
             n_k = k_hi - k_lo
             # states entering each chunk of the block, recomputed from the saved one, kept in registers
-            b_h = _load_saved(p_st4, p_h0 + o_st4, blk, n_saves, N, m_dn4, HAS_DH0, REVERSE)
+            b_h = _load_saved(p_st4, p_h0 + o_st4, blk, n_saves, N, m_dn4, HAS_DH0, REVERSE, FIRST)
             b_hk = tl.zeros([SAVE_EVERY, NL, BLOCK_D, NH], dtype=tl.float32)
             for j in range(0, n_k - 1):
                 b_hk = tl.where(o_k == j, b_h, b_hk)
@@ -275,7 +275,7 @@ def _selective_scan_bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_DLAST: tl.constexpr, HAS_DH0: tl.constexpr, BIDIR: tl.constexpr, HAS_D_B: tl.constexpr,
     HAS_BIAS_B: tl.constexpr, SHARE_U: tl.constexpr, SHARE_DT: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    SUMMARY: tl.constexpr,
+    SUMMARY: tl.constexpr, FIRST: tl.constexpr,
 ):
     i_d = tl.program_id(0)
     i_b = tl.program_id(1)
@@ -292,7 +292,7 @@ def _selective_scan_bwd_kernel(
                            s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l,
                            s_do_b, s_do_d, s_do_l, scale,
                            BLOCK_D, NH, NL, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, False, False, False,
-                           False, False, 0, DETERMINISTIC, True)
+                           False, False, 0, DETERMINISTIC, True, FIRST)
         else:
             _bwd_direction(p_ub, p_deltab, p_Ab, p_Bb, p_Cb, p_Db, p_biasb, p_z, p_dout, p_states_b, p_h0, p_dlast,
                            p_seg_r, p_seg_dt, p_dub, p_dub, p_ddeltab, p_ddeltab, p_dz, p_dz_acc, p_dBb, p_dCb,
@@ -302,7 +302,7 @@ def _selective_scan_bwd_kernel(
                            s_ub_b, s_ub_d, s_ub_l, s_dtb_b, s_dtb_d, s_dtb_l, s_z_b, s_z_d, s_z_l,
                            s_do_b, s_do_d, s_do_l, scale,
                            BLOCK_D, NH, NL, CHUNK, HAS_D_B, HAS_Z, HAS_BIAS_B, SOFTPLUS, False, False, True,
-                           False, False, 0, DETERMINISTIC, True)
+                           False, False, 0, DETERMINISTIC, True, FIRST)
     elif BIDIR:
         # phase 1: backward direction; shared gradients go to fp32 scratch (p_dub / p_ddeltab point there)
         _bwd_direction(p_ub, p_deltab, p_Ab, p_Bb, p_Cb, p_Db, p_biasb, p_z, p_dout, p_states_b, p_h0, p_dlast,
@@ -313,7 +313,7 @@ def _selective_scan_bwd_kernel(
                        s_ub_b, s_ub_d, s_ub_l, s_dtb_b, s_dtb_d, s_dtb_l, s_z_b, s_z_d, s_z_l,
                        s_do_b, s_do_d, s_do_l, scale,
                        BLOCK_D, NH, NL, CHUNK, HAS_D_B, HAS_Z, HAS_BIAS_B, SOFTPLUS, False, False, True,
-                       False, False, 2 if HAS_Z else 0, DETERMINISTIC, False)
+                       False, False, 2 if HAS_Z else 0, DETERMINISTIC, False, FIRST)
         tl.debug_barrier()  # phase 2 reads the scratch written above
         _bwd_direction(p_u, p_delta, p_A, p_B, p_C, p_D, p_bias, p_z, p_dout, p_states, p_h0, p_dlast, p_seg_r,
                        p_seg_dt, p_du, p_dub, p_ddelta, p_ddeltab, p_dz, p_dz_acc, p_dB, p_dC, p_dA, p_dD,
@@ -323,7 +323,7 @@ def _selective_scan_bwd_kernel(
                        s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l,
                        s_do_b, s_do_d, s_do_l, scale,
                        BLOCK_D, NH, NL, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, False, False, False,
-                       SHARE_U, SHARE_DT, 3 if HAS_Z else 0, DETERMINISTIC, False)
+                       SHARE_U, SHARE_DT, 3 if HAS_Z else 0, DETERMINISTIC, False, FIRST)
     else:
         _bwd_direction(p_u, p_delta, p_A, p_B, p_C, p_D, p_bias, p_z, p_dout, p_states, p_h0, p_dlast, p_seg_r,
                        p_seg_dt, p_du, p_du, p_ddelta, p_ddelta, p_dz, p_dz_acc, p_dB, p_dC, p_dA, p_dD,
@@ -333,7 +333,7 @@ def _selective_scan_bwd_kernel(
                        s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l,
                        s_do_b, s_do_d, s_do_l, scale,
                        BLOCK_D, NH, NL, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_DLAST, HAS_DH0, False,
-                       False, False, 1 if HAS_Z else 0, DETERMINISTIC, False)
+                       False, False, 1 if HAS_Z else 0, DETERMINISTIC, False, FIRST)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -380,7 +380,7 @@ def selective_scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, i
     BLOCK_N = NH * NL
     n_chunks = cdiv(L, CHUNK)
     n_saves = n_saved_states(L)
-    assert states.shape[2] == kept_states(L), "forward and backward must save states every SAVE steps"
+    first = first_kept(states, L)
     seg_chunks = cdiv(n_saves, n_seg) * (SAVE_STEPS // CHUNK)
     n_seg = cdiv(n_chunks, seg_chunks)
     n_dtiles = cdiv(dim, BLOCK_D)
@@ -445,7 +445,7 @@ def selective_scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, i
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         HAS_DLAST=dlast_state is not None, HAS_DH0=initial_state is not None, BIDIR=bidirectional,
         HAS_D_B=Db is not None, HAS_BIAS_B=biasb is not None, SHARE_U=share_u, SHARE_DT=share_dt,
-        DETERMINISTIC=deterministic, num_warps=num_warps,
+        DETERMINISTIC=deterministic, FIRST=first, num_warps=num_warps,
     )
     if n_seg > 1:
         launch(_selective_scan_bwd_kernel, (n_dtiles, batch, n_dir * n_seg), args, dict(meta, SUMMARY=True))

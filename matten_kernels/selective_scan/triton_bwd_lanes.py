@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from .._launch import launch, next_power_of_2
-from .triton_fwd import SAVE, SAVE_STEPS, _exp2, _sm_count, _softplus
+from .triton_fwd import SAVE, SAVE_STEPS, _exp2, _sm_count, _softplus, first_kept
 from .triton_fwd_lanes import _channel_params, lanes_bc
 
 
@@ -100,12 +100,15 @@ def _red_add(p, x, TL: tl.constexpr, CPW: tl.constexpr, NW: tl.constexpr, VEC: t
 
 
 @triton.jit
-def _ld_state(p_A, p_h, m_h, p_b, p_c, n, L, N, o_l):
-    """State n's A and window-start state [TL, C] (0 where not m_h), and its B, C over the window [TL, C, VEC]
-    (u's dtype)."""
+def _ld_state(p_A, p_h, p_b, p_c, n, L, N, o_l, FIRST: tl.constexpr, m_h):
+    """State n's A and saved window-start state [TL, C] (not FIRST: 0 where not m_h), and its B, C over the window
+    [TL, C, VEC] (u's dtype)."""
     m = (o_l * 0 + n) < N
-    return (tl.load(p_A + n, mask=m, other=0.0), tl.load(p_h + n, mask=m & m_h, other=0.0), tl.load(p_b + n * L),
-            tl.load(p_c + n * L))
+    if FIRST:
+        h = tl.load(p_h + n, mask=m, other=0.0)
+    else:
+        h = tl.load(p_h + n, mask=m & m_h, other=0.0)
+    return tl.load(p_A + n, mask=m, other=0.0), h, tl.load(p_b + n * L), tl.load(p_c + n * L)
 
 
 @triton.jit
@@ -144,7 +147,7 @@ def _selective_scan_bwd_lanes_kernel(
     dim, L, N, G_B, G_C, dpg_B, dpg_C, s_u_b, s_u_d, s_dt_b, s_dt_d, s_z_b, s_z_d, s_do_b, s_do_d,
     BLOCK_N: tl.constexpr, VEC: tl.constexpr, CPW: tl.constexpr, NW: tl.constexpr, HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr,
-    HAS_DH0: tl.constexpr,
+    HAS_DH0: tl.constexpr, FIRST: tl.constexpr,
 ):
     """Channels program_id(1) * C .. + C - 1 (C = CPW * NW) of batch row program_id(0), every window, every
     gradient. A warp holds CPW channels over TL = 32 / CPW lanes each; windows are TL * VEC steps."""
@@ -163,7 +166,10 @@ def _selective_scan_bwd_lanes_kernel(
     o_t3 = (tl.arange(0, TL)[:, None] * VEC + tl.arange(0, VEC)[None, :])[:, None, :]  # [TL, 1, VEC]
     row = i_b * dim + i_d  # [1, C]
     n_saves = tl.cdiv(L, SAVE)
-    p_st = p_states + row * (n_saves - 1) * N  # [1, C]: kept_states a row
+    if FIRST:
+        p_st = p_states + row * n_saves * N  # [1, C]: block i's state at p_st + i * N
+    else:  # block 0's is not kept (kept_states): the same indexing, one slot back
+        p_st = p_states + row * (n_saves - 1) * N - N
     p_u3 = p_u + i_b * s_u_b + o_d3 * s_u_d + o_t3
     p_dt3 = p_delta + i_b * s_dt_b + o_d3 * s_dt_d + o_t3
     p_do3 = p_dout + i_b * s_do_b + o_d3 * s_do_d + o_t3
@@ -204,13 +210,11 @@ def _selective_scan_bwd_lanes_kernel(
         dt_c = _cols(dt, TL, C, VEC)
         du_c = _cols(du, TL, C, VEC)
         dy_c = _cols(dy, TL, C, VEC)
-        # [TL, C]: the states the forward saved at the window's start; the first window's, not saved, are the
-        # initial state (HAS_DH0) or zero
-        p_h = tl.where(t0 > 0, p_st + (t0 // SAVE - 1) * N, p_h0 + row * N) + o_l * 0
-        if HAS_DH0:
+        p_h = p_st + (t0 // SAVE) * N + o_l * 0  # [TL, C]: the states the forward saved at the window's start
+        m_h = t0 > 0
+        if not FIRST and HAS_DH0:  # not FIRST: the first window's state was not saved: initial_state (or zero)
+            p_h = tl.where(m_h, p_h, p_h0 + row * N + o_l * 0)
             m_h = t0 >= 0
-        else:
-            m_h = t0 > 0
         p_b = p_B + o_B3 + t0
         p_c = p_C + o_C3 + t0
         S1 = tl.zeros([TL, C, VEC], dtype=tl.float32)  # sum_n q B
@@ -218,15 +222,15 @@ def _selective_scan_bwd_lanes_kernel(
         r_next = ()
         # A, the saved state, B and C of state n + 2 are loaded while state n is worked on (H100, global XL: none
         # ahead 1.80 ms, one 1.41, two 1.35)
-        A_1, h_1, b_1, c_1 = _ld_state(p_A1, p_h, m_h, p_b, p_c, 0, L, N, o_l)
+        A_1, h_1, b_1, c_1 = _ld_state(p_A1, p_h, p_b, p_c, 0, L, N, o_l, FIRST, m_h)
         if BLOCK_N > 1:
-            A_2, h_2, b_2, c_2 = _ld_state(p_A1, p_h, m_h, p_b, p_c, 1, L, N, o_l)
+            A_2, h_2, b_2, c_2 = _ld_state(p_A1, p_h, p_b, p_c, 1, L, N, o_l, FIRST, m_h)
         for n in tl.static_range(BLOCK_N):
             A_n, h_in, b3, c3 = A_1, h_1, b_1, c_1
             if n + 1 < BLOCK_N:
                 A_1, h_1, b_1, c_1 = A_2, h_2, b_2, c_2
             if n + 2 < BLOCK_N:
-                A_2, h_2, b_2, c_2 = _ld_state(p_A1, p_h, m_h, p_b, p_c, n + 2, L, N, o_l)
+                A_2, h_2, b_2, c_2 = _ld_state(p_A1, p_h, p_b, p_c, n + 2, L, N, o_l, FIRST, m_h)
             b3 = b3.to(tl.float32)
             c3 = c3.to(tl.float32)
             b_c = _cols(b3, TL, C, VEC)
@@ -392,7 +396,7 @@ def selective_scan_bwd_lanes(dout, dlast_state, u, delta, A, B, C, D, z, delta_b
     )
     meta = dict(BLOCK_N=BLOCK_N, VEC=VEC, CPW=CPW, NW=NW, HAS_D=D is not None, HAS_Z=z is not None,
                 HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_DLAST=dlast_state is not None,
-                HAS_DH0=initial_state is not None)
+                HAS_DH0=initial_state is not None, FIRST=first_kept(states, L))
     meta.update(over)
     launch(_selective_scan_bwd_lanes_kernel, (batch, dim // (CPW * NW)), args, dict(meta, num_warps=NW))
 

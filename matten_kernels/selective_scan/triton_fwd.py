@@ -12,8 +12,8 @@ Parallelism: one program per (channel tile, batch, segment of the sequence). Whe
 the GPU (global and long shapes), the sequence is split into segments: a summary pass computes, per segment, the
 state it ends in when started from zero and the sum of its softplus(delta) (its total decay is exp(A * that sum));
 the main pass combines the summaries of the segments before it into its starting state, then scans the segment.
-The state is saved (fp32) every ``SAVE`` steps for the backward (but the first: it is the initial state or zero), never
-a (batch, dim, L, N) tensor.
+The state is saved (fp32) every ``SAVE`` steps for the backward (the first, the initial state or zero, only in rows
+of at least 1024 steps: :func:`keeps_first`), never a (batch, dim, L, N) tensor.
 
 Long 16-bit sequences over many channels take the one-pass forward of :mod:`.triton_fwd_lanes` instead (uni only;
 same outputs and saved states), which evaluates each decay once; this kernel serves every other shape and the
@@ -41,6 +41,8 @@ from .._launch import cdiv, launch, next_power_of_2
 LOG2E = 1.4426950408889634
 SAVE_STEPS = 64  # the forward saves the state every SAVE_STEPS steps; a multiple of every CHUNK
 SAVE = tl.constexpr(SAVE_STEPS)  # the same, for the kernels
+# Rows at least this long also save the state entering their first SAVE-step block (see kept_states).
+KEEP_FIRST_MIN_L = 1024
 
 
 @triton.jit
@@ -95,20 +97,26 @@ def _pick(x, m):
 
 
 @triton.jit
-def _saved_index(blk, n_saves, REVERSE: tl.constexpr):
+def _saved_index(blk, n_saves, REVERSE: tl.constexpr, FIRST: tl.constexpr):
     """Where the state entering SAVE-step block blk (natural order) of a row's n_saves is kept among its
-    kept_states: -1 for the block its direction starts from (0; the reverse direction's last), which is not saved."""
-    if REVERSE:
+    kept_states. FIRST (keeps_first): every block's, at blk. Else -1 for the block its direction starts from (0; the
+    reverse direction's last), which is not saved."""
+    if FIRST:
+        return blk
+    elif REVERSE:
         return tl.where(blk == n_saves - 1, -1, blk)
     else:
         return blk - 1
 
 
 @triton.jit
-def _load_saved(p_st, p_h0, blk, n_saves, N, mask, HAS_H0: tl.constexpr, REVERSE: tl.constexpr):
-    """The state entering SAVE-step block blk: saved (p_st: the row's kept states), or for the direction's first
-    block the initial state (p_h0, offset like p_st; HAS_H0) or zero."""
-    i = _saved_index(blk, n_saves, REVERSE)
+def _load_saved(p_st, p_h0, blk, n_saves, N, mask, HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
+                FIRST: tl.constexpr):
+    """The state entering SAVE-step block blk: saved (p_st: the row's kept states), or (not FIRST) for the
+    direction's first block the initial state (p_h0, offset like p_st; HAS_H0) or zero."""
+    if FIRST:
+        return tl.load(p_st + blk * N, mask=mask, other=0.0)
+    i = _saved_index(blk, n_saves, REVERSE, FIRST)
     h = tl.load(p_st + tl.maximum(i, 0) * N, mask=mask & (i >= 0), other=0.0)
     if HAS_H0:
         h += tl.load(p_h0, mask=mask & (i < 0), other=0.0)
@@ -181,6 +189,7 @@ def _fwd_direction(
     BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_LAST: tl.constexpr, REVERSE: tl.constexpr, MODE: tl.constexpr,
+    FIRST: tl.constexpr,
 ):
     """Scan one direction over segment i_s for one (batch, channel tile).
 
@@ -240,19 +249,19 @@ def _fwd_direction(
     if HAS_Z:
         p_z4 = p_z + i_b64 * s_z_b + o_dl.to(tl.int64) * s_z_d
     n_saves = tl.cdiv(L, SAVE)
-    p_st4 = p_states + ((i_b64 * dim + o_d4) * (n_saves - 1)) * N + o_n4  # kept_states a row
+    p_st4 = p_states + ((i_b64 * dim + o_d4) * (n_saves - 1 + FIRST)) * N + o_n4  # kept_states a row
 
     c_lo = i_s * seg_chunks
     c_hi = tl.minimum(c_lo + seg_chunks, n_chunks)
     for i in range(0, c_hi - c_lo):
         c = _chunk_of(i, c_lo, c_hi, REVERSE)
         if MODE != 3:
-            # the state entering every SAVE-step block (in scan order) but the first is kept for the backward
+            # the state entering every SAVE-step block (in scan order; the first only if FIRST) is kept
             if REVERSE:
                 save = ((c + 1) % SAVE_EVERY == 0) | (c == n_chunks - 1)
             else:
                 save = c % SAVE_EVERY == 0
-            i_save = _saved_index(c // SAVE_EVERY, n_saves, REVERSE)
+            i_save = _saved_index(c // SAVE_EVERY, n_saves, REVERSE, FIRST)
             if save & (i_save >= 0):
                 tl.store(p_st4 + i_save * N, b_h, mask=m_dn4)
         o_t4 = c * CHUNK + o_c
@@ -309,7 +318,7 @@ def _selective_scan_fwd_kernel(
     BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, BIDIR: tl.constexpr, HAS_D_B: tl.constexpr, HAS_BIAS_B: tl.constexpr,
-    SUMMARY: tl.constexpr,
+    SUMMARY: tl.constexpr, FIRST: tl.constexpr,
 ):
     i_d = tl.program_id(0)
     i_b = tl.program_id(1)
@@ -321,32 +330,32 @@ def _selective_scan_fwd_kernel(
                            p_hlast, p_ybuf, p_out, i_b, i_d, i_s, dim, L, N, n_chunks, seg_chunks, n_seg,
                            G_B, G_C, dpg_B, dpg_C, 0,
                            s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l, scale,
-                           BLOCK_D, NH, NL, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, False, False, False, 3)
+                           BLOCK_D, NH, NL, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, False, False, False, 3, FIRST)
         else:
             _fwd_direction(p_ub, p_deltab, p_Ab, p_Btb, p_Ctb, p_Db, p_biasb, p_z, p_h0, p_seg_h, p_seg_dt,
                            p_states_b, p_hlast, p_ybuf, p_out, i_b, i_d, i_s - n_seg, dim, L, N, n_chunks,
                            seg_chunks, n_seg, G_Bb, G_Cb, dpg_Bb, dpg_Cb, batch * dim,
                            s_ub_b, s_ub_d, s_ub_l, s_dtb_b, s_dtb_d, s_dtb_l, s_z_b, s_z_d, s_z_l, scale,
-                           BLOCK_D, NH, NL, CHUNK, HAS_D_B, HAS_Z, HAS_BIAS_B, SOFTPLUS, False, False, True, 3)
+                           BLOCK_D, NH, NL, CHUNK, HAS_D_B, HAS_Z, HAS_BIAS_B, SOFTPLUS, False, False, True, 3, FIRST)
     elif BIDIR:
         # backward direction first (state runs from the end), into the fp32 scratch
         _fwd_direction(p_ub, p_deltab, p_Ab, p_Btb, p_Ctb, p_Db, p_biasb, p_z, p_h0, p_seg_h, p_seg_dt, p_states_b,
                        p_hlast, p_ybuf, p_out, i_b, i_d, i_s, dim, L, N, n_chunks, seg_chunks, n_seg,
                        G_Bb, G_Cb, dpg_Bb, dpg_Cb, batch * dim,
                        s_ub_b, s_ub_d, s_ub_l, s_dtb_b, s_dtb_d, s_dtb_l, s_z_b, s_z_d, s_z_l, scale,
-                       BLOCK_D, NH, NL, CHUNK, HAS_D_B, HAS_Z, HAS_BIAS_B, SOFTPLUS, False, False, True, 1)
+                       BLOCK_D, NH, NL, CHUNK, HAS_D_B, HAS_Z, HAS_BIAS_B, SOFTPLUS, False, False, True, 1, FIRST)
         tl.debug_barrier()  # the scratch written above is read back below by other threads of this program
         _fwd_direction(p_u, p_delta, p_A, p_Bt, p_Ct, p_D, p_bias, p_z, p_h0, p_seg_h, p_seg_dt, p_states,
                        p_hlast, p_ybuf, p_out, i_b, i_d, i_s, dim, L, N, n_chunks, seg_chunks, n_seg,
                        G_B, G_C, dpg_B, dpg_C, 0,
                        s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l, scale,
-                       BLOCK_D, NH, NL, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, False, False, False, 2)
+                       BLOCK_D, NH, NL, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, False, False, False, 2, FIRST)
     else:
         _fwd_direction(p_u, p_delta, p_A, p_Bt, p_Ct, p_D, p_bias, p_z, p_h0, p_seg_h, p_seg_dt, p_states,
                        p_hlast, p_ybuf, p_out, i_b, i_d, i_s, dim, L, N, n_chunks, seg_chunks, n_seg,
                        G_B, G_C, dpg_B, dpg_C, 0,
                        s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l, scale,
-                       BLOCK_D, NH, NL, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_H0, True, False, 0)
+                       BLOCK_D, NH, NL, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_H0, True, False, 0, FIRST)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -410,10 +419,25 @@ def n_saved_states(L: int) -> int:
     return cdiv(L, SAVE_STEPS)
 
 
+def keeps_first(L: int) -> bool:
+    """Whether the forward saves the state entering a direction's first SAVE-step block too (the initial state or
+    zero, which the backward can read itself). Short rows leave it out: it is all a one-block row saves (72 MiB at
+    (512, 2304, 16, 16)) and a quarter at L = 256. Rows of KEEP_FIRST_MIN_L steps or more keep it: there it is 1/16 of
+    the states or less, and leaving it out cost the lanes backward (255 registers, at its spill cliff) 3% at global
+    XL and S (H200, bf16, benchmarks/NOTES_scan.md "Session 27")."""
+    return L >= KEEP_FIRST_MIN_L
+
+
 def kept_states(L: int) -> int:
-    """The states the forward saves per (batch, channel): one a SAVE-step block but the block its direction starts
-    from, whose state is the initial state or zero (nothing for L <= SAVE steps)."""
-    return n_saved_states(L) - 1
+    """The states the forward saves per (batch, channel): one a SAVE-step block, but for the block its direction
+    starts from where not :func:`keeps_first` (nothing then for L <= SAVE steps)."""
+    return n_saved_states(L) - (0 if keeps_first(L) else 1)
+
+
+def first_kept(states, L: int) -> bool:
+    """From the saved states' shape, whether they hold the first block's state (the backward's FIRST)."""
+    assert states.shape[2] == kept_states(L), "forward and backward must save states every SAVE steps"
+    return keeps_first(L)
 
 
 def _bt(X):
@@ -443,8 +467,8 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta
     """Launch the forward kernels. Inputs validated by the caller, on one CUDA device (or the interpreter).
 
     Returns (out, last_state, states, states_b): out (batch, dim, L) in u.dtype; last_state (batch, dim, N) fp32
-    (uni only, else an empty tensor); states / states_b (batch, dim, ceil(L / SAVE) - 1, N) fp32, the state
-    entering every SAVE-step block but the direction's first in scan order (:func:`kept_states`; states_b: the
+    (uni only, else an empty tensor); states / states_b (batch, dim, kept_states(L), N) fp32, the state entering
+    every SAVE-step block in scan order, the direction's first only where :func:`keeps_first` (states_b: the
     backward direction's; empty for uni).
     """
     batch, dim, L = u.shape
@@ -500,7 +524,7 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta
         BLOCK_D=BLOCK_D, NH=NH, NL=NL, CHUNK=CHUNK,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         HAS_H0=initial_state is not None, BIDIR=bidirectional, HAS_D_B=D_b is not None,
-        HAS_BIAS_B=delta_bias_b is not None, num_warps=num_warps,
+        HAS_BIAS_B=delta_bias_b is not None, FIRST=keeps_first(L), num_warps=num_warps,
     )
     n_dtiles = cdiv(dim, BLOCK_D)
     if n_seg > 1:

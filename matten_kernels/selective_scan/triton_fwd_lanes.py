@@ -11,9 +11,8 @@ so each decay exp(delta * A) is evaluated once (the floor's count) and no summar
   over a lane's VEC steps, shuffles across lanes), and y += C_n * h;
 * the state carried between windows enters as x_0 += a_0 * carry, so the scan yields the states directly; each
   lane's last state (a register move) is saved every ``SAVE`` steps for the backward (block 0's, the initial state,
-  is not), the state after the last step is ``last_state``, and lane 31's is broadcast (``tl.gather``: one
-  shuffle) as the next window's carry, kept with the A values in every lane's registers (``[32, BLOCK_N]``, picked
-  by register moves);
+  only where ``FIRST``: :func:`.triton_fwd.keeps_first`), the state after the last step is ``last_state``, and lane 31's is broadcast (``tl.gather``: one shuffle) as the next window's carry, kept with
+  the A values in every lane's registers (``[32, BLOCK_N]``, picked by register moves);
 * B, C of the states three ahead are loaded while state n is scanned, u and delta of the next window while this
   one is (the kernel is latency-bound: session 6 measured each state of prefetch distance).
 
@@ -34,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .._launch import launch, next_power_of_2
-from .triton_fwd import LOG2E, SAVE, _exp2, _maximum, _sm_count, _softplus, kept_states
+from .triton_fwd import LOG2E, SAVE, _exp2, _maximum, _sm_count, _softplus, keeps_first, kept_states
 
 
 @triton.jit
@@ -88,11 +87,11 @@ def _window(w, u_raw, dt_raw, carry, A2, bias, Dv, p_z1, p_B1, p_C1, p_out1, p_s
     du2 = tl.reshape(dt * u, [32, VEC])  # [lane, step of the lane]
     dt2 = tl.reshape(dt, [32, VEC])
     y = tl.zeros([W], dtype=tl.float32)
-    # each lane's last step ends a SAVE block every SAVE / VEC lanes: the state entering block i_save (>= 1) is kept
-    # at i_save - 1 (block 0's is the initial state, not saved: kept_states; the slot after the last is last_state)
+    # each lane's last step ends a SAVE block every SAVE / VEC lanes: the state entering block i_save is kept (the
+    # slot after the last one is the last state)
     i_save = (w * W + (o_l + 1) * VEC) // SAVE  # [32, 1]
     m_save = (((o_l + 1) * VEC) % SAVE == 0) & (i_save <= n_saves)
-    p_save = tl.where(i_save < n_saves, p_st + (i_save - 1) * N, p_hl)
+    p_save = tl.where(i_save < n_saves, p_st + i_save * N, p_hl)
     # B, C of states n+1, n+2, n+3 are in flight while state n is scanned (each state's chain of exp, scan and
     # shuffles is short next to an L2 round trip: 1 state ahead 0.337, 2 ahead 0.319, 3 ahead 0.315 ms at global XL)
     b1 = _ld(p_B1 + t, m, EVEN)
@@ -137,7 +136,7 @@ def _selective_scan_fwd_lanes_kernel(
     p_u, p_delta, p_A, p_B, p_C, p_D, p_bias, p_z, p_h0, p_out, p_hlast, p_states,
     dim, L, N, G_B, G_C, dpg_B, dpg_C, s_u_b, s_u_d, s_dt_b, s_dt_d, s_z_b, s_z_d,
     BLOCK_N: tl.constexpr, W: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, TAIL: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, TAIL: tl.constexpr, FIRST: tl.constexpr,
 ):
     """TAIL False: the whole windows of channel (program_id 1, program_id 0); TAIL True: its last partial window."""
     VEC: tl.constexpr = W // 32
@@ -150,14 +149,20 @@ def _selective_scan_fwd_lanes_kernel(
     o_n2 = tl.arange(0, BLOCK_N)[None, :] + o_l * 0  # [32, BLOCK_N]: every lane holds all the states
     m_n2 = o_n2 < N
     n_saves = tl.cdiv(L, SAVE)
-    p_st = p_states + row * (n_saves - 1) * N  # kept_states a row
+    if FIRST:
+        p_st = p_states + row * n_saves * N  # block i's state at p_st + i * N
+    else:  # block 0's is not kept (kept_states): the same indexing, one slot back
+        p_st = p_states + row * (n_saves - 1) * N - N
     A2 = tl.load(p_A + i_d * N + o_n2, mask=m_n2, other=0.0) * 1.4426950408889634  # padded states: decay 1
     n_full = L // W
     carry = tl.zeros([32, BLOCK_N], dtype=tl.float32)
-    if TAIL and n_full > 0:  # saved by the main launch (a window is whole SAVE blocks, so this is not block 0's)
-        carry = tl.load(p_st + ((n_full * W) // SAVE - 1) * N + o_n2, mask=m_n2, other=0.0)
-    elif HAS_H0:
-        carry = tl.load(p_h0 + row * N + o_n2, mask=m_n2, other=0.0)
+    if TAIL and n_full > 0:
+        carry = tl.load(p_st + ((n_full * W) // SAVE) * N + o_n2, mask=m_n2, other=0.0)  # saved by the main launch
+    else:
+        if HAS_H0:
+            carry = tl.load(p_h0 + row * N + o_n2, mask=m_n2, other=0.0)
+        if FIRST:
+            tl.store(p_st + o_n2, carry, mask=m_n2 & (o_l == 0))  # the state entering the first SAVE block
     bias, Dv = _channel_params(p_bias, p_D, i_d, HAS_BIAS, HAS_D)
     p_u1 = p_u + i_b * s_u_b + i_d * s_u_d
     p_dt1 = p_delta + i_b * s_dt_b + i_d * s_dt_d
@@ -250,7 +255,7 @@ def selective_scan_fwd_lanes(u, delta, A, B, C, D, z, delta_bias, initial_state,
         dim, L, N, G_B, G_C, dim // G_B, dim // G_C, u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), *zs,
     )
     meta = dict(BLOCK_N=BLOCK_N, W=W, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                SOFTPLUS=delta_softplus, HAS_H0=initial_state is not None, num_warps=1)
+                SOFTPLUS=delta_softplus, HAS_H0=initial_state is not None, FIRST=keeps_first(L), num_warps=1)
     if L >= W:
         launch(_selective_scan_fwd_lanes_kernel, (dim, batch), args, dict(meta, TAIL=False))
     if L % W:
