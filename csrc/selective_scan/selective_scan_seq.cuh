@@ -1,6 +1,7 @@
 // Forward of the selective scan with the time axis sequential in each thread ("seq" forward), uni- and
 // bidirectional, for N <= 16: a drop-in for the lanes forward (selective_scan_lanes.cuh) with the same outputs
-// (out, the state at every 256-step window start in scan order, last_state), so the lanes backward reads them.
+// (out, the state at every 256-step window start in scan order but the first, last_state), so the lanes backward
+// reads them.
 //
 // Layout. A lane owns NPT = 4 adjacent states of one channel (TPC = 4 lanes per channel, CPW = 8 channels per warp,
 // channels fastest across the lanes, all of one batch row and one B/C group) and runs h_t = exp2(d_t A_n log2 e)

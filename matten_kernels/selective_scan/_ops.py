@@ -114,9 +114,9 @@ def _(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, sta
 def _scan_setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus = inputs
     _, _, states = output
-    # Saved: the inputs and the fp32 state every SAVE steps but the first, which is initial_state or zero (batch, dim,
-    # L / SAVE - 1, N). Recomputed in the backward: the states inside each chunk, y (for dz) and softplus(delta).
-    # Never a (batch, dim, L, N) tensor.
+    # Saved: the inputs and the fp32 state every SAVE steps, the first (initial_state or zero) only in rows of 1024+
+    # steps (batch, dim, kept_states(L), N). Recomputed in the backward: the states inside each chunk, y (for dz) and
+    # softplus(delta). Never a (batch, dim, L, N) tensor.
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, states)
     ctx.delta_softplus = delta_softplus
 
