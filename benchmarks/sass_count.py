@@ -137,11 +137,11 @@ def main():
     elif args.kernel == "lanes":
         calls = record(triton_fwd_lanes.selective_scan_fwd_lanes, u, delta, A, B, C, D, None, bias, None, True)
     elif args.kernel == "lanes_bwd":
-        states = torch.zeros(batch, dim, triton_fwd.n_saved_states(L), N)
+        states = torch.zeros(batch, dim, triton_fwd.kept_states(L, triton_bwd_lanes.lanes_save_steps(u, B, C)), N)
         calls = record(triton_bwd_lanes.selective_scan_bwd_lanes, torch.zeros_like(u), None, u, delta, A, B, C, D,
                        None, bias, None, states, True)
     else:
-        states = torch.zeros(batch, dim, triton_fwd.n_saved_states(L), N)
+        states = torch.zeros(batch, dim, triton_fwd.kept_states(L), N)
         calls = record(triton_bwd.selective_scan_bwd, torch.zeros_like(u), None, u, delta, A, B, C, D, None, bias,
                        None, states, True, deterministic=False)
     for i, (kernel, grid, kargs, meta) in enumerate(calls):

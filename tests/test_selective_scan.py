@@ -228,6 +228,53 @@ def test_triton_first_block_kept(kernels, monkeypatch):
     run_case("triton", make_inputs(1, 8, 128, 2, h0=True), True, True)  # fp32: two 64-step windows a channel pair
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("keep_first", [False, True], ids=["short-row", "long-row"])
+@pytest.mark.parametrize("forward", ["segment", "lanes"])
+def test_triton_states_saved_for_lanes_backward(forward, keep_first, monkeypatch):
+    """Memory: where the lanes backward will read the states, the forward saves one a lanes-backward window (its
+    only reads) instead of one every 64 steps. fp32 in the interpreter with dim 3 (one channel a warp): 128-step
+    windows, so L = 384 saves 3 states (2 without the first) where 64-step spacing saves 6 (5). Both forward kernels
+    (the lanes one with one 16-byte vector a lane: 128-step windows too), forward and every gradient against
+    float64."""
+    from matten_kernels.selective_scan import _ops, triton_fwd
+
+    if keep_first:
+        monkeypatch.setattr(triton_fwd, "KEEP_FIRST_MIN_L", 0)
+    monkeypatch.setattr(_ops, "use_lanes", lambda *a, **k: forward == "lanes")
+    monkeypatch.setattr(_ops, "use_lanes_bwd", lambda *a, **k: True)
+    x = make_inputs(1, 3, 384, 2, h0=True)
+    _, _, states = _ops.selective_scan_fwd_op(*(x[k] for k in NAMES), True)
+    assert states.shape == (1, 3, 3 if keep_first else 2, 2)
+    assert triton_fwd.saved_layout(states, 384) == (128, keep_first)
+    run_case("triton", x, True, True)
+
+
+@pytest.mark.interpreter
+def test_triton_deterministic_after_forward_recomputes_states(monkeypatch, caplog):
+    """States saved for the lanes backward (one a 128-step window), then the segment backward chosen (as when
+    torch's deterministic mode is turned on between forward and backward): the forward runs again with the 64-step
+    spacing the segment backward reads, says so in a warning, and every gradient matches float64."""
+    from matten_kernels.selective_scan import _ops
+
+    monkeypatch.setattr(_ops, "use_lanes_bwd", lambda *a, **k: True)
+    x = make_inputs(1, 3, 384, 2, h0=True)
+    leaves = {k: x[k].clone().requires_grad_() for k in NAMES}
+    leaves64 = {k: x[k].double().requires_grad_() for k in NAMES}
+    out = selective_scan(*(leaves[k] for k in NAMES[:8]), True, initial_state=leaves["initial_state"],
+                         backend="triton")
+    monkeypatch.setattr(_ops, "use_lanes_bwd", lambda *a, **k: False)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    with caplog.at_level(logging.WARNING, logger="matten_kernels"):
+        out.backward(dout)
+    assert any("deterministic mode was turned on after the forward" in r.message for r in caplog.records)
+    ref_out, _ = scan64(*(leaves64[k] for k in NAMES[:8]), True, leaves64["initial_state"])
+    ref_out.backward(dout.double())
+    check("out", out, ref_out)
+    for k in NAMES:
+        check(f"d{k}", leaves[k].grad, leaves64[k].grad)
+
+
 def test_ref_against_scan64_float64_inputs():
     """The library reference run in float64 (how other tests use it) agrees with the independent loop."""
     x = make_inputs(2, 3, 33, 5, G=None, h0=True)

@@ -85,6 +85,21 @@ def test_uni_lanes_backward(dtype, shape, monkeypatch):
     _forced_lanes_case("use_lanes_bwd", dtype, shape, monkeypatch)
 
 
+def test_lanes_backward_by_shape_saves_a_state_a_window():
+    """Chosen by shape (3,200 channels fill the GPU; bf16, L 1024), the lanes backward reads the states the forward
+    saved one a 128-step window (not every 64 steps): their layout, then output and every gradient against the
+    reference."""
+    from matten_kernels.selective_scan import _ops, triton_fwd
+
+    batch, dim, L, N = 2, 1600, 1024, 16
+    x = inputs(batch, dim, L, N, torch.bfloat16)
+    if not _ops.use_lanes_bwd(x["u"], N, x["u"].device.index):
+        pytest.skip("3,200 channels do not fill this GPU for the lanes backward (24 a SM needed)")
+    states = _ops.selective_scan_fwd_op(*(x[k] for k in NAMES), None, True)[2]
+    assert triton_fwd.saved_layout(states, L) == (128, True) and states.shape == (batch, dim, L // 128, N)
+    _uni_case(torch.bfloat16, (batch, dim, L, N, None))
+
+
 def _uni_case(dtype, shape):
     batch, dim, L, N, G = shape
     x = inputs(batch, dim, L, N, dtype, G)

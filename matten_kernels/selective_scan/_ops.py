@@ -16,6 +16,7 @@ None in the autograd formula. Being opaque custom ops with fake kernels, they tr
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Optional
 
 import torch
@@ -23,10 +24,11 @@ from torch import Tensor
 
 from .._backend import use_custom_op
 from .triton_bwd import selective_scan_bwd
-from .triton_bwd_lanes import selective_scan_bwd_lanes, use_lanes_bwd
-from .triton_fwd import kept_states, selective_scan_fwd, time_contiguous
+from .triton_bwd_lanes import lanes_save_steps, selective_scan_bwd_lanes, use_lanes_bwd
+from .triton_fwd import SAVE_STEPS, kept_states, saved_layout, selective_scan_fwd, time_contiguous
 from .triton_fwd_lanes import selective_scan_fwd_lanes, use_lanes
 
+logger = logging.getLogger("matten_kernels")
 _BI_NAMES = ("u_b", "delta_b", "A_b", "B_b", "C_b", "D_b", "delta_bias_b")
 
 
@@ -51,16 +53,26 @@ def _or_none(t: Tensor, present: bool):
 # unidirectional
 
 
+def _save_steps(u, B, C, N: int) -> int:
+    """The spacing of the states the forward saves: the lanes backward's window where :func:`use_lanes_bwd` says
+    that kernel will read them (it reads no others), else SAVE_STEPS (what the segment backward reads)."""
+    if use_lanes_bwd(u, N, u.device.index if u.is_cuda else None):
+        return lanes_save_steps(u, B, C)
+    return SAVE_STEPS
+
+
 def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
     """Either forward kernel (same outputs and saved states, so the same backward): the lanes kernel where
-    :func:`use_lanes` says it is the faster one (long 16-bit sequences over many channels), else the segments."""
+    :func:`use_lanes` says it is the faster one (long 16-bit sequences over many channels), else the segments.
+    Either saves the states every :func:`_save_steps` steps."""
     with _device_guard(u):
         u, delta, z = map(time_contiguous, (u, delta, z))
+        save = _save_steps(u, B, C, A.shape[1])
         if use_lanes(u, delta, z, A.shape[1], u.device.index if u.is_cuda else None):
             return selective_scan_fwd_lanes(u, delta, _c(A), B, C, _c(D), z, _c(delta_bias), _c(initial_state),
-                                            delta_softplus)
+                                            delta_softplus, save=save)
         out, last_state, states, _ = selective_scan_fwd(u, delta, _c(A), B, C, _c(D), z, _c(delta_bias),
-                                                        _c(initial_state), delta_softplus)
+                                                        _c(initial_state), delta_softplus, save=save)
     return out, last_state, states
 
 
@@ -73,6 +85,15 @@ def _scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_st
             g = selective_scan_bwd_lanes(dout, _c(dlast_state), u, delta, _c(A), B, C, _c(D), z, _c(delta_bias),
                                          initial_state, states, delta_softplus)
         else:
+            if saved_layout(states, u.shape[2])[0] != SAVE_STEPS:
+                # saved for the lanes backward, which use_lanes_bwd no longer takes: torch's deterministic mode
+                # was turned on after the forward. The segment backward reads a state every SAVE_STEPS steps.
+                logger.warning("selective_scan backward: deterministic mode was turned on after the forward, "
+                               "whose states were saved for the (atomic) lanes backward; running the forward "
+                               "again to save them every %d steps for the deterministic segment backward",
+                               SAVE_STEPS)
+                states = selective_scan_fwd(u, delta, _c(A), B, C, _c(D), z, _c(delta_bias), _c(initial_state),
+                                            delta_softplus)[2]
             g = selective_scan_bwd(dout, _c(dlast_state), u, delta, _c(A), B, C, _c(D), z, _c(delta_bias),
                                    initial_state, states, delta_softplus)
     return tuple(_empty(u) if g[k] is None else g[k] for k in
@@ -90,7 +111,7 @@ def selective_scan_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
 def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
     batch, dim, L = u.shape
     N = A.shape[1]
-    n_chunks = kept_states(L)
+    n_chunks = kept_states(L, _save_steps(u, B, C, N))
     return (u.new_empty(u.shape), u.new_empty((batch, dim, N), dtype=torch.float32),
             u.new_empty((batch, dim, n_chunks, N), dtype=torch.float32))
 
@@ -114,9 +135,10 @@ def _(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, sta
 def _scan_setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus = inputs
     _, _, states = output
-    # Saved: the inputs and the fp32 state every SAVE steps, the first (initial_state or zero) only in rows of 1024+
-    # steps (batch, dim, kept_states(L), N). Recomputed in the backward: the states inside each chunk, y (for dz) and
-    # softplus(delta). Never a (batch, dim, L, N) tensor.
+    # Saved: the inputs and the fp32 state every _save_steps steps (64, or the lanes backward's 128 or 256), the
+    # first (initial_state or zero) only in rows of 1024+ steps: (batch, dim, kept_states(L, save), N). Recomputed
+    # in the backward: the states inside each chunk, y (for dz) and softplus(delta). Never a (batch, dim, L, N)
+    # tensor.
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, states)
     ctx.delta_softplus = delta_softplus
 

@@ -33,8 +33,10 @@ import triton
 import triton.language as tl
 
 from .._launch import cdiv, launch
-from .triton_fwd import (SAVE, SAVE_STEPS, _bt, _chunk_adjoint, _chunk_of, _chunk_scan, _exp2, _load_dt, _load_saved,
-                         _lstride, _pick, first_kept, n_saved_states, scan_config, time_contiguous)
+from .triton_fwd import (SAVE_STEPS, _bt, _chunk_adjoint, _chunk_of, _chunk_scan, _exp2, _load_dt, _load_saved,
+                         _lstride, _pick, n_saved_states, saved_layout, scan_config, time_contiguous)
+
+SAVE = tl.constexpr(SAVE_STEPS)  # this backward reads the states every SAVE_STEPS steps (the forward's default)
 
 
 @triton.jit
@@ -380,7 +382,8 @@ def selective_scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, i
     BLOCK_N = NH * NL
     n_chunks = cdiv(L, CHUNK)
     n_saves = n_saved_states(L)
-    first = first_kept(states, L)
+    save, first = saved_layout(states, L)
+    assert save == SAVE_STEPS, "the segment backward reads the states every SAVE_STEPS steps"
     seg_chunks = cdiv(n_saves, n_seg) * (SAVE_STEPS // CHUNK)
     n_seg = cdiv(n_chunks, seg_chunks)
     n_dtiles = cdiv(dim, BLOCK_D)

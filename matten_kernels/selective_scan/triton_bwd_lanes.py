@@ -9,8 +9,8 @@ that wins at global shapes: time across the lanes of a warp. This is that design
   lane), walked from the last to the first. A window's tensors are ``[TL, C, VEC]`` (time lane, channel, step of the
   lane), split into ``VEC`` ``[TL, C]`` columns (register moves: :func:`_cols`) where a step depends on its
   neighbour. The lane axis comes first so that Triton's coalescer gives every load the same layout;
-* per state n: the states over the window are recomputed from the state the forward saved at its start (windows
-  start on the forward's SAVE-step boundaries): a = exp2(delta A_n log2 e), x = delta u B_n, each lane composes its
+* per state n: the states over the window are recomputed from the state the forward saved at its start (the forward
+  saves one a window for rows this kernel will take, :func:`lanes_save_steps`, and one every 64 steps otherwise): a = exp2(delta A_n log2 e), x = delta u B_n, each lane composes its
   VEC steps into one affine map, a shuffle scan over the TL lanes (``tl.gather`` along the lanes: one ``shfl.idx``
   each) gives each lane its entering state, and the steps follow in-thread. The adjoint runs the same way against
   time: with q_t = dL/dh_t and r_t = a_t q_t (what flows to step t - 1),
@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from .._launch import launch, next_power_of_2
-from .triton_fwd import SAVE, SAVE_STEPS, _exp2, _sm_count, _softplus, first_kept
+from .triton_fwd import SAVE_STEPS, _exp2, _sm_count, _softplus, saved_layout
 from .triton_fwd_lanes import _channel_params, lanes_bc
 
 
@@ -147,7 +147,7 @@ def _selective_scan_bwd_lanes_kernel(
     dim, L, N, G_B, G_C, dpg_B, dpg_C, s_u_b, s_u_d, s_dt_b, s_dt_d, s_z_b, s_z_d, s_do_b, s_do_d,
     BLOCK_N: tl.constexpr, VEC: tl.constexpr, CPW: tl.constexpr, NW: tl.constexpr, HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr,
-    HAS_DH0: tl.constexpr, FIRST: tl.constexpr,
+    HAS_DH0: tl.constexpr, FIRST: tl.constexpr, SAVE: tl.constexpr,
 ):
     """Channels program_id(1) * C .. + C - 1 (C = CPW * NW) of batch row program_id(0), every window, every
     gradient. A warp holds CPW channels over TL = 32 / CPW lanes each; windows are TL * VEC steps."""
@@ -330,8 +330,8 @@ _META_OVERRIDES: dict = {}  # benchmarks/triton_lanes_bwd_ab.py sets variants he
 def lanes_bwd_config(dim: int, G_B: int, G_C: int, elt: int):
     """(CPW, NW): channels per warp and warps per program. CPW channels share a warp (32 / CPW time lanes each) so
     that dB/dC are summed over them by shuffles before the atomics; a program's CPW * NW channels must share one B
-    group and one C group, and a window (32 / CPW lanes x one 16-byte vector) must start on the forward's saved
-    states."""
+    group and one C group, and a window (32 / CPW lanes x one 16-byte vector) must be whole SAVE_STEPS blocks (so it
+    can start from states saved every SAVE_STEPS steps too)."""
     cpw, nw = _CONFIG
     vec = 16 // elt
     while cpw > 1 and ((32 // cpw) * vec) % SAVE_STEPS:
@@ -342,6 +342,20 @@ def lanes_bwd_config(dim: int, G_B: int, G_C: int, elt: int):
         else:
             cpw //= 2
     return cpw, nw
+
+
+def _groups(X) -> int:
+    return 1 if X.dim() == 3 else X.shape[1]
+
+
+def _lanes_meta(u, B, C):
+    """(CPW, NW, the remaining meta-parameter overrides, the window W in steps) of the launch for these inputs."""
+    over = dict(_META_OVERRIDES)
+    if "CPW" in over:
+        cpw, nw = over.pop("CPW"), over.pop("NW")
+    else:
+        cpw, nw = lanes_bwd_config(u.shape[1], _groups(B), _groups(C), u.element_size())
+    return cpw, nw, over, 32 // cpw * (16 // u.element_size())
 
 
 def use_lanes_bwd(u, N: int, device_index=None) -> bool:
@@ -359,6 +373,13 @@ def use_lanes_bwd(u, N: int, device_index=None) -> bool:
     return batch * dim >= 24 * _sm_count(device_index)
 
 
+def lanes_save_steps(u, B, C) -> int:
+    """The spacing of the states the forward saves for this kernel: its window (128 steps at 2 channels a warp in
+    16-bit dtypes, 256 at one), the only states it reads. Against SAVE_STEPS (64) that halves the saved states or
+    more: 18 -> 9 MiB at global XL. The caller decides with :func:`use_lanes_bwd` that this kernel will read them."""
+    return _lanes_meta(u, B, C)[3]
+
+
 def selective_scan_bwd_lanes(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, states,
                              delta_softplus: bool):
     """Launch the lanes backward. Inputs validated by the caller; dout, u, delta, z time contiguous; L a multiple of
@@ -368,12 +389,10 @@ def selective_scan_bwd_lanes(dout, dlast_state, u, delta, A, B, C, D, z, delta_b
     N = A.shape[1]
     dev = u.device
     Bt, G_B, Ct, G_C, BLOCK_N = lanes_bc(u, B, C)
-    over = dict(_META_OVERRIDES)
-    CPW, NW = lanes_bwd_config(dim, G_B, G_C, u.element_size()) if "CPW" not in over else (over.pop("CPW"),
-                                                                                            over.pop("NW"))
+    CPW, NW, over, W = _lanes_meta(u, B, C)
     VEC = 16 // u.element_size()
-    W = 32 // CPW * VEC
-    assert L % W == 0 and W % SAVE_STEPS == 0, "windows must be whole and start on saved states"
+    save, first = saved_layout(states, L)
+    assert L % W == 0 and W % save == 0, "windows must be whole and start on saved states"
     f32 = torch.float32
     empty = torch.empty(0, device=dev, dtype=f32)
     du = torch.empty((batch, dim, L), device=dev, dtype=u.dtype)
@@ -396,7 +415,7 @@ def selective_scan_bwd_lanes(dout, dlast_state, u, delta, A, B, C, D, z, delta_b
     )
     meta = dict(BLOCK_N=BLOCK_N, VEC=VEC, CPW=CPW, NW=NW, HAS_D=D is not None, HAS_Z=z is not None,
                 HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_DLAST=dlast_state is not None,
-                HAS_DH0=initial_state is not None, FIRST=first_kept(states, L))
+                HAS_DH0=initial_state is not None, FIRST=first, SAVE=save)
     meta.update(over)
     launch(_selective_scan_bwd_lanes_kernel, (batch, dim // (CPW * NW)), args, dict(meta, num_warps=NW))
 

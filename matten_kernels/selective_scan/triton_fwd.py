@@ -13,7 +13,9 @@ the GPU (global and long shapes), the sequence is split into segments: a summary
 state it ends in when started from zero and the sum of its softplus(delta) (its total decay is exp(A * that sum));
 the main pass combines the summaries of the segments before it into its starting state, then scans the segment.
 The state is saved (fp32) every ``SAVE`` steps for the backward (the first, the initial state or zero, only in rows
-of at least 1024 steps: :func:`keeps_first`), never a (batch, dim, L, N) tensor.
+of at least 1024 steps: :func:`keeps_first`), never a (batch, dim, L, N) tensor. ``SAVE`` is ``SAVE_STEPS`` (64,
+what the segment backward reads) or, for rows the lanes backward will take, that kernel's window (128 or 256 steps,
+the only states it reads: :func:`.triton_bwd_lanes.lanes_save_steps`).
 
 Long 16-bit sequences over many channels take the one-pass forward of :mod:`.triton_fwd_lanes` instead (uni only;
 same outputs and saved states), which evaluates each decay once; this kernel serves every other shape and the
@@ -39,8 +41,7 @@ from .._backend import triton_interpreting
 from .._launch import cdiv, launch, next_power_of_2
 
 LOG2E = 1.4426950408889634
-SAVE_STEPS = 64  # the forward saves the state every SAVE_STEPS steps; a multiple of every CHUNK
-SAVE = tl.constexpr(SAVE_STEPS)  # the same, for the kernels
+SAVE_STEPS = 64  # the forward saves the state every SAVE_STEPS steps (or a multiple: save_every); a multiple of CHUNK
 # Rows at least this long also save the state entering their first SAVE-step block (see kept_states).
 KEEP_FIRST_MIN_L = 1024
 
@@ -189,7 +190,7 @@ def _fwd_direction(
     BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_LAST: tl.constexpr, REVERSE: tl.constexpr, MODE: tl.constexpr,
-    FIRST: tl.constexpr,
+    FIRST: tl.constexpr, SAVE: tl.constexpr,
 ):
     """Scan one direction over segment i_s for one (batch, channel tile).
 
@@ -318,7 +319,7 @@ def _selective_scan_fwd_kernel(
     BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, BIDIR: tl.constexpr, HAS_D_B: tl.constexpr, HAS_BIAS_B: tl.constexpr,
-    SUMMARY: tl.constexpr, FIRST: tl.constexpr,
+    SUMMARY: tl.constexpr, FIRST: tl.constexpr, SAVE: tl.constexpr,
 ):
     i_d = tl.program_id(0)
     i_b = tl.program_id(1)
@@ -330,32 +331,32 @@ def _selective_scan_fwd_kernel(
                            p_hlast, p_ybuf, p_out, i_b, i_d, i_s, dim, L, N, n_chunks, seg_chunks, n_seg,
                            G_B, G_C, dpg_B, dpg_C, 0,
                            s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l, scale,
-                           BLOCK_D, NH, NL, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, False, False, False, 3, FIRST)
+                           BLOCK_D, NH, NL, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, False, False, False, 3, FIRST, SAVE)
         else:
             _fwd_direction(p_ub, p_deltab, p_Ab, p_Btb, p_Ctb, p_Db, p_biasb, p_z, p_h0, p_seg_h, p_seg_dt,
                            p_states_b, p_hlast, p_ybuf, p_out, i_b, i_d, i_s - n_seg, dim, L, N, n_chunks,
                            seg_chunks, n_seg, G_Bb, G_Cb, dpg_Bb, dpg_Cb, batch * dim,
                            s_ub_b, s_ub_d, s_ub_l, s_dtb_b, s_dtb_d, s_dtb_l, s_z_b, s_z_d, s_z_l, scale,
-                           BLOCK_D, NH, NL, CHUNK, HAS_D_B, HAS_Z, HAS_BIAS_B, SOFTPLUS, False, False, True, 3, FIRST)
+                           BLOCK_D, NH, NL, CHUNK, HAS_D_B, HAS_Z, HAS_BIAS_B, SOFTPLUS, False, False, True, 3, FIRST, SAVE)
     elif BIDIR:
         # backward direction first (state runs from the end), into the fp32 scratch
         _fwd_direction(p_ub, p_deltab, p_Ab, p_Btb, p_Ctb, p_Db, p_biasb, p_z, p_h0, p_seg_h, p_seg_dt, p_states_b,
                        p_hlast, p_ybuf, p_out, i_b, i_d, i_s, dim, L, N, n_chunks, seg_chunks, n_seg,
                        G_Bb, G_Cb, dpg_Bb, dpg_Cb, batch * dim,
                        s_ub_b, s_ub_d, s_ub_l, s_dtb_b, s_dtb_d, s_dtb_l, s_z_b, s_z_d, s_z_l, scale,
-                       BLOCK_D, NH, NL, CHUNK, HAS_D_B, HAS_Z, HAS_BIAS_B, SOFTPLUS, False, False, True, 1, FIRST)
+                       BLOCK_D, NH, NL, CHUNK, HAS_D_B, HAS_Z, HAS_BIAS_B, SOFTPLUS, False, False, True, 1, FIRST, SAVE)
         tl.debug_barrier()  # the scratch written above is read back below by other threads of this program
         _fwd_direction(p_u, p_delta, p_A, p_Bt, p_Ct, p_D, p_bias, p_z, p_h0, p_seg_h, p_seg_dt, p_states,
                        p_hlast, p_ybuf, p_out, i_b, i_d, i_s, dim, L, N, n_chunks, seg_chunks, n_seg,
                        G_B, G_C, dpg_B, dpg_C, 0,
                        s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l, scale,
-                       BLOCK_D, NH, NL, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, False, False, False, 2, FIRST)
+                       BLOCK_D, NH, NL, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, False, False, False, 2, FIRST, SAVE)
     else:
         _fwd_direction(p_u, p_delta, p_A, p_Bt, p_Ct, p_D, p_bias, p_z, p_h0, p_seg_h, p_seg_dt, p_states,
                        p_hlast, p_ybuf, p_out, i_b, i_d, i_s, dim, L, N, n_chunks, seg_chunks, n_seg,
                        G_B, G_C, dpg_B, dpg_C, 0,
                        s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l, scale,
-                       BLOCK_D, NH, NL, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_H0, True, False, 0, FIRST)
+                       BLOCK_D, NH, NL, CHUNK, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_H0, True, False, 0, FIRST, SAVE)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -414,13 +415,13 @@ def scan_config(batch: int, dim: int, N: int, L: int, dtype=torch.bfloat16, grou
     return BLOCK_D, NH, NL, CHUNK, num_warps, n_seg
 
 
-def n_saved_states(L: int) -> int:
-    """The number of SAVE-step blocks of a row, whose entering states the backward starts from."""
-    return cdiv(L, SAVE_STEPS)
+def n_saved_states(L: int, save: int = SAVE_STEPS) -> int:
+    """The number of save-step blocks of a row, whose entering states the backward starts from."""
+    return cdiv(L, save)
 
 
 def keeps_first(L: int) -> bool:
-    """Whether the forward saves the state entering a direction's first SAVE-step block too (the initial state or
+    """Whether the forward saves the state entering a direction's first save-step block too (the initial state or
     zero, which the backward can read itself). Short rows leave it out: it is all a one-block row saves (72 MiB at
     (512, 2304, 16, 16)) and a quarter at L = 256. Rows of KEEP_FIRST_MIN_L steps or more keep it: there it is 1/16 of
     the states or less, and leaving it out cost the lanes backward (255 registers, at its spill cliff) 3% at global
@@ -428,16 +429,23 @@ def keeps_first(L: int) -> bool:
     return L >= KEEP_FIRST_MIN_L
 
 
-def kept_states(L: int) -> int:
-    """The states the forward saves per (batch, channel): one a SAVE-step block, but for the block its direction
-    starts from where not :func:`keeps_first` (nothing then for L <= SAVE steps)."""
-    return n_saved_states(L) - (0 if keeps_first(L) else 1)
+def kept_states(L: int, save: int = SAVE_STEPS) -> int:
+    """The states the forward saves per (batch, channel) when it saves every ``save`` steps: one a block, but for the
+    block its direction starts from where not :func:`keeps_first` (nothing then for L <= save steps)."""
+    return n_saved_states(L, save) - (0 if keeps_first(L) else 1)
 
 
-def first_kept(states, L: int) -> bool:
-    """From the saved states' shape, whether they hold the first block's state (the backward's FIRST)."""
-    assert states.shape[2] == kept_states(L), "forward and backward must save states every SAVE steps"
-    return keeps_first(L)
+def saved_layout(states, L: int) -> tuple[int, bool]:
+    """From the saved states' shape (batch, dim, kept, N): (the steps between them, whether the first block's is
+    kept). The spacing is SAVE_STEPS or a power-of-2 multiple of it (:func:`.triton_bwd_lanes.lanes_save_steps`);
+    the candidates give distinct counts wherever they differ in layout."""
+    first = keeps_first(L)
+    save = SAVE_STEPS
+    while save <= max(L, SAVE_STEPS):
+        if states.shape[2] == kept_states(L, save):
+            return save, first
+        save *= 2
+    raise AssertionError(f"saved states {tuple(states.shape)} fit no spacing for L = {L}")
 
 
 def _bt(X):
@@ -463,14 +471,16 @@ def time_contiguous(x):
 
 def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus: bool,
                        u_b=None, delta_b=None, A_b=None, B_b=None, C_b=None, D_b=None, delta_bias_b=None,
-                       bidirectional: bool = False, divide_out: bool = False, config=None):
+                       bidirectional: bool = False, divide_out: bool = False, config=None,
+                       save: int = SAVE_STEPS):
     """Launch the forward kernels. Inputs validated by the caller, on one CUDA device (or the interpreter).
 
     Returns (out, last_state, states, states_b): out (batch, dim, L) in u.dtype; last_state (batch, dim, N) fp32
-    (uni only, else an empty tensor); states / states_b (batch, dim, kept_states(L), N) fp32, the state entering
-    every SAVE-step block in scan order, the direction's first only where :func:`keeps_first` (states_b: the
-    backward direction's; empty for uni).
+    (uni only, else an empty tensor); states / states_b (batch, dim, kept_states(L, save), N) fp32, the state
+    entering every ``save``-step block (SAVE_STEPS or a multiple) in scan order, the direction's first only where
+    :func:`keeps_first` (states_b: the backward direction's; empty for uni).
     """
+    assert save % SAVE_STEPS == 0
     batch, dim, L = u.shape
     N = A.shape[1]
     dev = u.device
@@ -485,13 +495,13 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta
     BLOCK_D, NH, NL, CHUNK, num_warps, n_seg = config or scan_config(
         batch, dim, N, L, u.dtype, groups, dev.index if dev.type == "cuda" else None, bidirectional=bidirectional)
     n_chunks = cdiv(L, CHUNK)
-    seg_chunks = cdiv(n_saved_states(L), n_seg) * (SAVE_STEPS // CHUNK)
+    seg_chunks = cdiv(n_saved_states(L, save), n_seg) * (save // CHUNK)  # segments of whole save-step blocks
     n_seg = cdiv(n_chunks, seg_chunks)
     A, A_b = A.contiguous(), A_b.contiguous()
     f32 = torch.float32
 
     out = torch.empty((batch, dim, L), device=dev, dtype=u.dtype)
-    states = torch.empty((batch, dim, kept_states(L), N), device=dev, dtype=f32)
+    states = torch.empty((batch, dim, kept_states(L, save), N), device=dev, dtype=f32)
     empty = torch.empty(0, device=dev, dtype=f32)
     if bidirectional:
         states_b = torch.empty_like(states)
@@ -524,7 +534,7 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta
         BLOCK_D=BLOCK_D, NH=NH, NL=NL, CHUNK=CHUNK,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         HAS_H0=initial_state is not None, BIDIR=bidirectional, HAS_D_B=D_b is not None,
-        HAS_BIAS_B=delta_bias_b is not None, FIRST=keeps_first(L), num_warps=num_warps,
+        HAS_BIAS_B=delta_bias_b is not None, FIRST=keeps_first(L), SAVE=save, num_warps=num_warps,
     )
     n_dtiles = cdiv(dim, BLOCK_D)
     if n_seg > 1:

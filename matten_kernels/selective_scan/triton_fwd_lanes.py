@@ -10,8 +10,9 @@ so each decay exp(delta * A) is evaluated once (the floor's count) and no summar
   x = delta * u * B_n over the window, then ``tl.associative_scan`` of (a, x) pairs along the window (in-thread
   over a lane's VEC steps, shuffles across lanes), and y += C_n * h;
 * the state carried between windows enters as x_0 += a_0 * carry, so the scan yields the states directly; each
-  lane's last state (a register move) is saved every ``SAVE`` steps for the backward (block 0's, the initial state,
-  only where ``FIRST``: :func:`.triton_fwd.keeps_first`), the state after the last step is ``last_state``, and lane 31's is broadcast (``tl.gather``: one shuffle) as the next window's carry, kept with
+  lane's last state (a register move) is saved every ``SAVE`` steps for the backward (64, or the lanes backward's
+  window: :func:`.triton_bwd_lanes.lanes_save_steps`; block 0's, the initial state, only where ``FIRST``:
+  :func:`.triton_fwd.keeps_first`), the state after the last step is ``last_state``, and lane 31's is broadcast (``tl.gather``: one shuffle) as the next window's carry, kept with
   the A values in every lane's registers (``[32, BLOCK_N]``, picked by register moves);
 * B, C of the states three ahead are loaded while state n is scanned, u and delta of the next window while this
   one is (the kernel is latency-bound: session 6 measured each state of prefetch distance).
@@ -33,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .._launch import launch, next_power_of_2
-from .triton_fwd import LOG2E, SAVE, _exp2, _maximum, _sm_count, _softplus, keeps_first, kept_states
+from .triton_fwd import LOG2E, SAVE_STEPS, _exp2, _maximum, _sm_count, _softplus, keeps_first, kept_states
 
 
 @triton.jit
@@ -71,7 +72,7 @@ def _combine(a1, x1, a2, x2):
 @triton.jit
 def _window(w, u_raw, dt_raw, carry, A2, bias, Dv, p_z1, p_B1, p_C1, p_out1, p_st, p_hl, L, N, n_saves,
             o_t, o_l, o_v, o_n2, W: tl.constexpr, BLOCK_N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-            SOFTPLUS: tl.constexpr, EVEN: tl.constexpr):
+            SOFTPLUS: tl.constexpr, EVEN: tl.constexpr, SAVE: tl.constexpr):
     """Scan window w (steps w * W ..) of one channel from the carried states; returns the states after it."""
     VEC: tl.constexpr = W // 32
     o_last = o_v == VEC - 1
@@ -90,7 +91,7 @@ def _window(w, u_raw, dt_raw, carry, A2, bias, Dv, p_z1, p_B1, p_C1, p_out1, p_s
     # each lane's last step ends a SAVE block every SAVE / VEC lanes: the state entering block i_save is kept (the
     # slot after the last one is the last state)
     i_save = (w * W + (o_l + 1) * VEC) // SAVE  # [32, 1]
-    m_save = (((o_l + 1) * VEC) % SAVE == 0) & (i_save <= n_saves)
+    m_save = (((o_l + 1) * VEC) % SAVE == 0) & (i_save <= n_saves)  # W is a multiple of SAVE
     p_save = tl.where(i_save < n_saves, p_st + i_save * N, p_hl)
     # B, C of states n+1, n+2, n+3 are in flight while state n is scanned (each state's chain of exp, scan and
     # shuffles is short next to an L2 round trip: 1 state ahead 0.337, 2 ahead 0.319, 3 ahead 0.315 ms at global XL)
@@ -136,7 +137,7 @@ def _selective_scan_fwd_lanes_kernel(
     p_u, p_delta, p_A, p_B, p_C, p_D, p_bias, p_z, p_h0, p_out, p_hlast, p_states,
     dim, L, N, G_B, G_C, dpg_B, dpg_C, s_u_b, s_u_d, s_dt_b, s_dt_d, s_z_b, s_z_d,
     BLOCK_N: tl.constexpr, W: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, TAIL: tl.constexpr, FIRST: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, TAIL: tl.constexpr, FIRST: tl.constexpr, SAVE: tl.constexpr,
 ):
     """TAIL False: the whole windows of channel (program_id 1, program_id 0); TAIL True: its last partial window."""
     VEC: tl.constexpr = W // 32
@@ -176,7 +177,7 @@ def _selective_scan_fwd_lanes_kernel(
         u_raw = tl.load(p_u1 + t, mask=t < L, other=0.0)
         dt_raw = tl.load(p_dt1 + t, mask=t < L, other=0.0)
         _window(n_full, u_raw, dt_raw, carry, A2, bias, Dv, p_z1, p_B1, p_C1, p_out1, p_st, p_hl, L, N, n_saves,
-                o_t, o_l, o_v, o_n2, W, BLOCK_N, HAS_D, HAS_Z, SOFTPLUS, False)
+                o_t, o_l, o_v, o_n2, W, BLOCK_N, HAS_D, HAS_Z, SOFTPLUS, False, SAVE)
     else:
         u_raw = tl.load(p_u1 + o_t)
         dt_raw = tl.load(p_dt1 + o_t)
@@ -185,7 +186,7 @@ def _selective_scan_fwd_lanes_kernel(
             u_next = tl.load(p_u1 + t_next)
             dt_next = tl.load(p_dt1 + t_next)
             carry = _window(w, u_raw, dt_raw, carry, A2, bias, Dv, p_z1, p_B1, p_C1, p_out1, p_st, p_hl, L, N,
-                            n_saves, o_t, o_l, o_v, o_n2, W, BLOCK_N, HAS_D, HAS_Z, SOFTPLUS, True)
+                            n_saves, o_t, o_l, o_v, o_n2, W, BLOCK_N, HAS_D, HAS_Z, SOFTPLUS, True, SAVE)
             u_raw = u_next
             dt_raw = dt_next
 
@@ -232,19 +233,22 @@ def lanes_bc(u, B, C):
     return Bt, G_B, Ct, G_C, Bt.shape[2]
 
 
-def selective_scan_fwd_lanes(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus: bool):
+def selective_scan_fwd_lanes(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus: bool,
+                             save: int = SAVE_STEPS):
     """Launch the lanes forward. Inputs validated by the caller; u, delta, z time contiguous.
 
-    Returns (out, last_state, states) as :func:`.triton_fwd.selective_scan_fwd` does for the uni scan.
+    Returns (out, last_state, states) as :func:`.triton_fwd.selective_scan_fwd` does for the uni scan, a state
+    saved every ``save`` steps.
     """
     batch, dim, L = u.shape
     N = A.shape[1]
     dev = u.device
     Bt, G_B, Ct, G_C, BLOCK_N = lanes_bc(u, B, C)
     W = 32 * (16 // u.element_size())
+    assert save % SAVE_STEPS == 0 and W % save == 0, "windows are whole save-step blocks"
     f32 = torch.float32
     out = torch.empty((batch, dim, L), device=dev, dtype=u.dtype)
-    states = torch.empty((batch, dim, kept_states(L), N), device=dev, dtype=f32)
+    states = torch.empty((batch, dim, kept_states(L, save), N), device=dev, dtype=f32)
     last_state = torch.empty((batch, dim, N), device=dev, dtype=f32)
     empty = torch.empty(0, device=dev, dtype=f32)
     zs = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
@@ -255,7 +259,8 @@ def selective_scan_fwd_lanes(u, delta, A, B, C, D, z, delta_bias, initial_state,
         dim, L, N, G_B, G_C, dim // G_B, dim // G_C, u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), *zs,
     )
     meta = dict(BLOCK_N=BLOCK_N, W=W, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                SOFTPLUS=delta_softplus, HAS_H0=initial_state is not None, FIRST=keeps_first(L), num_warps=1)
+                SOFTPLUS=delta_softplus, HAS_H0=initial_state is not None, FIRST=keeps_first(L), SAVE=save,
+                num_warps=1)
     if L >= W:
         launch(_selective_scan_fwd_lanes_kernel, (dim, batch), args, dict(meta, TAIL=False))
     if L % W:
