@@ -56,7 +56,8 @@ class MattenConfig:
     d_conv: int = 4  # depthwise conv width
     dt_rank: int | str = "auto"  # R: "auto" = ceil(D / 16)
     # ---- kernels -----------------------------------------------------------------------------------------------------
-    kernel_backend: str = "auto"  # "auto" (triton on CUDA tensors, ref on CPU), "triton", "cuda" (scan) or "ref"
+    kernel_backend: str = "auto"  # "auto" (ref on CPU; on CUDA triton, the scan on a prebuilt CUDA extension where
+    # it serves the shape: selective_scan's backend=None), "triton", "cuda" (scan) or "ref"
 
     def __post_init__(self):
         self.validate()

@@ -36,7 +36,8 @@ from ._compat import ConfigMixin, ModelMixin, Transformer2DModelOutput, register
 from .config import MattenConfig, get_config
 
 # kernel_backend -> the backend= argument of video_attention, the adaLN ops and BiMamba. "auto" is None (triton for
-# CUDA tensors, ref on the CPU). "cuda" selects the CUDA C++ scan; attention and the adaLN ops have no CUDA C++
+# CUDA tensors, ref on the CPU; BiMamba's scan takes a CUDA extension installed ahead of time where it serves the
+# shape: selective_scan's rule). "cuda" selects the CUDA C++ scan; attention and the adaLN ops have no CUDA C++
 # kernel, so they run on triton then.
 _TRITON_BACKEND = {"auto": None, "triton": "triton", "cuda": "triton", "ref": "ref"}
 _MAMBA_BACKEND = {"auto": None, "triton": "triton", "cuda": "cuda", "ref": "ref"}

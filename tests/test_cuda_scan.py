@@ -103,7 +103,58 @@ def test_cuda_backend_without_gpu_raises_with_build_command():
     assert cuda_mod.build_command() in str(info.value)
 
 
+def test_auto_backend_takes_prebuilt_cuda_on_lanes_shapes(monkeypatch):
+    """backend=None: ref for CPU tensors; for CUDA tensors the CUDA extension only when it was installed ahead of
+    time (PREBUILT) and the shape is one its lanes kernels serve (N <= 16, L >= 256) outside deterministic mode, else
+    triton; explicit backends are kept. (The resolver alone: no tensor is made.)"""
+    from matten_kernels.selective_scan import cuda as cuda_mod
+    from matten_kernels.selective_scan.interface import scan_backend
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.setattr(cuda_mod, "PREBUILT", False)
+    assert scan_backend(None, gpu, 16, 4096, "t") == "triton"
+    monkeypatch.setattr(cuda_mod, "PREBUILT", True)
+    assert scan_backend(None, gpu, 16, 4096, "t") == "cuda"  # global XL
+    assert scan_backend(None, gpu, 8, 256, "t") == "cuda"  # spatial rows
+    assert scan_backend(None, gpu, 16, 16, "t") == "triton"  # temporal XL: Triton is faster there
+    assert scan_backend(None, gpu, 17, 4096, "t") == "triton"  # N > 16: not the lanes kernels
+    assert scan_backend("triton", gpu, 16, 4096, "t") == "triton"
+    assert scan_backend(None, cpu, 16, 4096, "t") == "ref"
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert scan_backend(None, gpu, 16, 4096, "t") == "triton"
+
+
 # ------------------------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+def test_auto_backend_runs_the_prebuilt_extension(monkeypatch):
+    """With the extension taken as prebuilt, backend=None runs it on a lanes shape: the forward output equals
+    backend="cuda"'s bit for bit (uni, bi and the BiMamba mixer), and it is not Triton's; a short row stays on
+    Triton (equal to backend="triton")."""
+    from matten_kernels.modules import BiMamba
+    from matten_kernels.selective_scan import cuda as cuda_mod
+
+    if not cuda_mod.is_available():
+        pytest.skip("CUDA extension not buildable here")
+    cuda_mod._load()
+    monkeypatch.setattr(cuda_mod, "PREBUILT", True)
+    x = _inputs(2, 64, 16, 1024, torch.bfloat16)
+    args = [x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    run = lambda f, b: f(*args, True, backend=b)  # noqa: E731
+    for f in (selective_scan, bi_selective_scan):
+        auto, cuda_out, triton_out = run(f, None), run(f, "cuda"), run(f, "triton")
+        assert torch.equal(auto, cuda_out) and not torch.equal(auto, triton_out), f.__name__
+    short = _inputs(4, 64, 16, 16, torch.bfloat16)
+    sargs = [short[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    assert torch.equal(selective_scan(*sargs, True), selective_scan(*sargs, True, backend="triton"))
+    torch.manual_seed(0)
+    mixer = BiMamba(64).cuda()
+    h = torch.randn(2, 512, 64, device="cuda")
+    with torch.no_grad():
+        auto = mixer(h)
+        mixer.backend = "cuda"
+        assert torch.equal(auto, mixer(h))
+
+
 def _check(name, x, ref, dtype, mult=1.0):
     rtol, atol = TOL[dtype]
     rtol, atol = rtol * mult, atol * mult

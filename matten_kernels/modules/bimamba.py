@@ -38,7 +38,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .._backend import FLOAT_DTYPES, check_tensor, choose_backend, use_custom_op
+from .._backend import FLOAT_DTYPES, check_tensor, use_custom_op
 from ..conv1d import (bi_depthwise_conv1d_silu, bi_depthwise_conv1d_silu_ref, depthwise_conv1d_silu,
                       depthwise_conv1d_silu_ref)
 from ..selective_scan import bi_selective_scan, bi_selective_scan_ref, selective_scan, selective_scan_ref
@@ -65,8 +65,10 @@ class BiMamba(nn.Module):
         d_state, d_conv, expand, dt_rank: SSM state size N, conv width k, expansion E, rank of the dt projection.
         bimamba: "v2" (full backward parameter set), "v1" (only A_b separate) or "none" (unidirectional).
         divide_out: halve the sum of both directions before the gate (Vim's ``if_devide_out``).
-        backend: None (auto: "triton" for CUDA tensors, "ref" otherwise), "triton", "cuda" or "ref". "cuda" runs the
-            scan through the CUDA C++ extension (the conv kernel stays Triton); "ref" runs the slow path.
+        backend: None (auto), "triton", "cuda" or "ref". "cuda" runs the scan through the CUDA C++ extension (the conv
+            kernel stays Triton); "ref" runs the slow path. Auto: "ref" for CPU tensors; for CUDA tensors the scan's
+            rule (``selective_scan``): the CUDA extension where it was installed ahead of time and serves the shape
+            (d_state <= 16, L >= 256, outside deterministic mode), else "triton".
         use_fast_path: False runs the slow path: plain PyTorch (F.conv1d with flips, the reference scan).
         fuse_core: on the fast path, run v2's conv + projections + scan as one autograd node (``BiMambaCore``:
             fewer kernels and less host work in the backward) in eager calls; False composes the public ops, as
@@ -174,7 +176,8 @@ class BiMamba(nn.Module):
         if hidden_states.device != self.in_proj.weight.device:
             raise ValueError(f"{op}: hidden_states is on {hidden_states.device}, the module on "
                              f"{self.in_proj.weight.device}")
-        backend = choose_backend(self.backend, hidden_states.device, op, available=("triton", "cuda", "ref"))
+        # the scan's rule (None: the prebuilt CUDA extension where it serves the shape faster, else Triton)
+        backend = scan_interface.scan_backend(self.backend, hidden_states.device, self.d_state, L, op)
         if backend == "cuda" and hidden_states.device.type != "cuda":
             raise ValueError(f"{op}: backend='cuda' needs CUDA tensors, got hidden_states on {hidden_states.device}")
         if self.use_fast_path and backend in ("triton", "cuda"):

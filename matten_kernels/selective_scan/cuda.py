@@ -98,6 +98,21 @@ def is_available() -> bool:
     return _unavailable_reason() is None
 
 
+# An extension installed ahead of time (build_command), looked for once, at import: what backend=None may take.
+PREBUILT = _prebuilt() is not None
+
+
+def auto_takes(N: int, L: int) -> bool:
+    """Whether ``backend=None`` runs a scan of CUDA tensors (N states, L steps) on this extension: only when it was
+    installed ahead of time (an auto call never starts a build, and its choice does not change within a process when
+    a ``backend="cuda"`` call builds or loads the extension), and only on the shapes its lanes kernels take (N <= 16,
+    L >= 256, outside deterministic mode), where they were measured faster than the Triton kernels at every SPEC
+    section 7 shape, uni- and bidirectional, bf16 and fp32 (H100 and H200: README, csrc/selective_scan/NOTES.md).
+    Elsewhere the Triton kernels: short rows (temporal XL: Triton 0.23 / 1.53 ms against 0.47 / 1.90), N > 16, and
+    deterministic mode."""
+    return PREBUILT and N <= 16 and L >= 256 and not torch.are_deterministic_algorithms_enabled()
+
+
 def _load() -> None:
     """Load the extension (prebuilt, else build it with ninja on first use) and register fake kernels and autograd."""
     global _loaded, _config_table

@@ -24,6 +24,19 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("triton", "cuda", "ref")
 MAX_DSTATE = 256
 
+
+def scan_backend(backend, device: torch.device, N: int, L: int, op: str) -> str:
+    """Resolve ``backend`` for a scan of N states over L steps on ``device``: :func:`choose_backend`'s rule (None:
+    triton for CUDA tensors, ref otherwise), except that None takes the CUDA extension where
+    :func:`cuda.auto_takes` says so (installed ahead of time, and a shape its lanes kernels serve faster)."""
+    chosen = choose_backend(backend, device, op, available=BACKENDS)
+    if backend is None and chosen == "triton" and cuda.auto_takes(N, L):
+        chosen = "cuda"
+        if not torch.compiler.is_compiling():  # a log call inside a traced graph breaks fullgraph compilation
+            logger.debug("%s: backend=None -> 'cuda' (prebuilt extension; N = %d <= 16, L = %d >= 256)", op, N, L)
+    return chosen
+
+
 def _validate(op, u, delta, A, B, C, D, z, delta_bias, initial_state, suffix=""):
     """Check one direction's inputs against u; raise ValueError/TypeError naming the argument."""
     s = suffix
@@ -83,7 +96,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     Returns ``out`` (batch, dim, L) in u.dtype, or ``(out, last_state)`` with ``return_last_state``, last_state =
     h_{L-1} (batch, dim, N) fp32. Gradients flow to every tensor input, initial_state and last_state included.
 
-    ``backend``: None (triton for CUDA tensors, ref for CPU tensors), "triton", "cuda" or "ref".
+    ``backend``: None (auto), "triton", "cuda" or "ref". Auto: ref for CPU tensors; for CUDA tensors the CUDA
+    extension where it was installed ahead of time (``MATTEN_BUILD_CUDA=1 pip install -e . --no-build-isolation``)
+    and the shape is one its lanes kernels serve (N <= 16, L >= 256, outside deterministic mode: measured faster
+    there), else triton (:func:`scan_backend`). The choice is logged at DEBUG level on the ``matten_kernels`` logger.
     Determinism: the gradients that are sums over channel tiles, batch rows or sequence segments (dB, dC, dA; with
     the Triton backend dD and ddelta_bias too) are added with fp32 atomics (fast, not bit-reproducible); under
     ``torch.use_deterministic_algorithms(True)`` partial sums are kept and summed in a fixed order instead
@@ -94,7 +110,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     _validate(op, u, delta, A, B, C, D, z, delta_bias, initial_state)
     _check_flag(op, "delta_softplus", delta_softplus)
     _check_flag(op, "return_last_state", return_last_state)
-    backend = choose_backend(backend, u.device, op, available=BACKENDS)
+    backend = scan_backend(backend, u.device, A.shape[1], u.shape[-1], op)
     if backend == "ref":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                   initial_state=initial_state)
@@ -133,7 +149,7 @@ def bi_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
               twin(delta_bias_b, delta_bias), None, suffix="_b")
     _check_flag(op, "delta_softplus", delta_softplus)
     _check_flag(op, "divide_out", divide_out)
-    backend = choose_backend(backend, u.device, op, available=BACKENDS)
+    backend = scan_backend(backend, u.device, A.shape[1], u.shape[-1], op)
     kwargs = dict(u_b=u_b, delta_b=delta_b, A_b=A_b, B_b=B_b, C_b=C_b, D_b=D_b, delta_bias_b=delta_bias_b,
                   divide_out=divide_out)
     if backend == "ref":
