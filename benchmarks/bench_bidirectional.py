@@ -27,6 +27,8 @@ from _scan_common import (ANCHORS, DTYPES, SHAPES, bench, env_info, floor_ms, gr
                           mamba_provider, peak_mem_mb, print_table, scan_inputs, write_results)
 
 from matten_kernels import bi_selective_scan, selective_scan  # noqa: E402
+from matten_kernels.selective_scan import cuda as scan_cuda  # noqa: E402
+from matten_kernels.selective_scan import interface as scan_interface  # noqa: E402
 
 FWD = ("u", "delta", "A", "B", "C", "D", "delta_bias")
 
@@ -145,11 +147,14 @@ def run_mixer_shape(args, rows, sname, BiMamba, VimBiMamba, why):
     h = torch.randn(b, L, d // 2, device="cuda", dtype=dtype, requires_grad=True)
     leaves = [h] + list(m.parameters())
     g = torch.randn(b, L, d // 2, device="cuda", dtype=dtype)
-    mods = [("BiMamba (ours)", m, None, None), (f"Vim-style ({why})", vim, None, None)]
+    mods = [("BiMamba (ours)", m, "triton", None), (f"Vim-style ({why})", vim, None, None)]
     if not args.no_cuda:  # the same module, its scan on the CUDA backend
         mods.insert(1, ("BiMamba (ours, cuda scan)", m, "cuda", None))
         if sname != "global XL":
             mods.insert(2, ("BiMamba (ours, cuda scan, lanes forward)", m, "cuda", "1"))
+    if scan_cuda.PREBUILT:  # backend=None takes the installed extension where it serves the shape: say so in a row
+        auto = scan_interface.scan_backend(None, h.device, N, L, "bench")
+        mods.insert(1, (f"BiMamba (ours, backend=None -> {auto})", m, None, None))
     for pname, mod, backend, fwd_kernel in mods:
         row = dict(dtype="bf16", shape=f"mixer {sname}", provider=pname)
         m.backend = backend
