@@ -44,6 +44,9 @@ CASES = [
     ("Matten-XL/2 v4", 4, "auto", False, True),
     ("Matten-XL/2 v3 ref", 3, "ref", False, False),
     ("Matten-XL/2 v3 cuda", 3, "cuda", False, True),  # the scan through the CUDA C++ backend
+    # every op on Triton: what "auto" runs unless the CUDA scan was installed ahead of time (then auto takes it for
+    # the spatial and global blocks, Triton for the temporal ones)
+    ("Matten-XL/2 v3 triton", 3, "triton", False, True),
     # torch.compile of the model (`matten train --compile`): fewer launches for the host-bound eager step; our ops
     # stay opaque custom ops inside the compiled graph
     ("Matten-XL/2 v3 compiled", 3, "auto", False, True),
