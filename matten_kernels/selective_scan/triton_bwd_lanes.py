@@ -10,10 +10,11 @@ that wins at global shapes: time across the lanes of a warp. This is that design
   lane), split into ``VEC`` ``[TL, C]`` columns (register moves: :func:`_cols`) where a step depends on its
   neighbour. The lane axis comes first so that Triton's coalescer gives every load the same layout;
 * per state n: the states over the window are recomputed from the state the forward saved at its start (the forward
-  saves one a window for rows this kernel will take, :func:`lanes_save_steps`, and one every 64 steps otherwise): a = exp2(delta A_n log2 e), x = delta u B_n, each lane composes its
-  VEC steps into one affine map, a shuffle scan over the TL lanes (``tl.gather`` along the lanes: one ``shfl.idx``
-  each) gives each lane its entering state, and the steps follow in-thread. The adjoint runs the same way against
-  time: with q_t = dL/dh_t and r_t = a_t q_t (what flows to step t - 1),
+  saves one a window for rows this kernel will take, :func:`lanes_save_steps`, and one every 64 steps otherwise): a =
+  exp2(delta A_n log2 e), x = delta u B_n, each lane composes its VEC steps into one affine map, a shuffle scan over
+  the TL lanes (``tl.gather`` along the lanes: one ``shfl.idx`` each) gives each lane its entering state, and the
+  steps follow in-thread. The adjoint runs the same way against time: with q_t = dL/dh_t and r_t = a_t q_t (what flows
+  to step t - 1),
 
       q_t = C_t dy_t + r_{t+1},
 
