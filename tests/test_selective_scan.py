@@ -408,6 +408,26 @@ def test_triton_lanes_forward_matches_float64(shape, opts, monkeypatch):
     _forced_lanes_case("use_lanes", shape, opts, monkeypatch)
 
 
+# The same with two channels a warp (lanes_fwd_cpw picks it where the grid allows; forced here): 16 lanes a channel,
+# windows of 64 steps in fp32, B/C in one group or two of two channels; the launches must have taken CPW 2.
+@pytest.mark.parametrize("shape, opts", [
+    pytest.param((1, 2, 1, 1, None), OPTIONS[0].values[0], id="L1-all-on"),
+    pytest.param((2, 4, 130, 5, 2), OPTIONS[2].values[0], id="L130-N5-G2-D-bias-softplus-last"),
+    pytest.param((1, 2, 193, 3, None), OPTIONS[3].values[0], id="L193-z-h0"),
+    pytest.param((1, 4, 128, 2, None), OPTIONS[1].values[0], id="L128-whole-windows-all-off"),
+])
+@pytest.mark.interpreter
+def test_triton_lanes_forward_two_channels_a_warp(shape, opts, monkeypatch):
+    from matten_kernels.selective_scan import triton_fwd_lanes
+
+    cpws = []
+    launch = triton_fwd_lanes.launch
+    monkeypatch.setattr(triton_fwd_lanes, "CPW_OVERRIDE", 2)
+    monkeypatch.setattr(triton_fwd_lanes, "launch", lambda k, g, a, m: cpws.append(m["CPW"]) or launch(k, g, a, m))
+    _forced_lanes_case("use_lanes", shape, opts, monkeypatch)
+    assert cpws and set(cpws) == {2}, cpws
+
+
 def _forced_lanes_case(chooser, shape, opts, monkeypatch):
     """run_case with the lanes kernel that ``_ops.<chooser>`` picks forced on, and a check that it ran."""
     from matten_kernels.selective_scan import _ops
@@ -477,3 +497,18 @@ def test_lanes_forward_choice():
     assert not use_lanes(u(2, 2304, 4104), u(2, 2304, 4104), None, 16)  # rows not 16-element aligned
     t = torch.empty(2, 4096, 2304, dtype=torch.bfloat16, device="meta").transpose(1, 2)
     assert not use_lanes(t, t, None, 16)  # time not contiguous (the op copies such inputs first)
+
+
+def test_lanes_forward_channels_per_warp():
+    """Two channels a warp where a pair shares its B/C groups, the half window is whole saved blocks and the grid
+    loses no waves (132 SMs, 12 one-warp programs each); one elsewhere, global XL included (measured slower there)."""
+    from matten_kernels.selective_scan.triton_fwd_lanes import lanes_fwd_cpw
+
+    W1 = 256  # bf16: 32 lanes x 8 steps
+    assert lanes_fwd_cpw(2, 2304, 1, 1, W1, 128, 132) == 1  # global XL: 2304 programs are 1.45 waves
+    assert lanes_fwd_cpw(8, 768, 1, 1, W1, 128, 132) == 2  # global S: 3072 programs, 1.94 waves
+    assert lanes_fwd_cpw(1, 2304, 1, 1, W1, 64, 132) == 2  # long: 1152 programs, under one wave (2304 were 1.45)
+    assert lanes_fwd_cpw(8, 768, 1, 1, W1, 256, 132) == 1  # states every 256 steps: the 128-step window cannot
+    assert lanes_fwd_cpw(8, 768, 1, 256, W1, 128, 132) == 1  # 3 channels a C group
+    assert lanes_fwd_cpw(8, 768, 384, 1, W1, 128, 132) == 2  # 2 a B group
+    assert lanes_fwd_cpw(1, 64, 1, 1, W1, 64, 132) == 1  # a fraction of a wave either way: twice the work a warp

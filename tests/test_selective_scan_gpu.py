@@ -62,7 +62,11 @@ def test_uni_dtypes(dtype, shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("shape", [(2, 96, 4096, 16, None), (2, 64, 4100, 5, 2), (3, 16, 200, 16, None)],
                          ids=["L4096", "L4100-N5-G2", "L200"])
-def test_uni_lanes_forward(dtype, shape, monkeypatch):
+@pytest.mark.parametrize("cpw", [1, 2], ids=["cpw1", "cpw2"])
+def test_uni_lanes_forward(dtype, shape, cpw, monkeypatch):
+    from matten_kernels.selective_scan import triton_fwd_lanes
+
+    monkeypatch.setattr(triton_fwd_lanes, "CPW_OVERRIDE", cpw)  # one or two channels a warp (lanes_fwd_cpw)
     _forced_lanes_case("use_lanes", dtype, shape, monkeypatch)
 
 
