@@ -39,6 +39,8 @@ from .triton_fwd import (SAVE_STEPS, _bt, _chunk_adjoint, _chunk_of, _chunk_scan
 SAVE = tl.constexpr(SAVE_STEPS)  # this backward reads the states every SAVE_STEPS steps (the forward's default)
 
 
+MAIN_META_OVERRIDES: dict = {}  # benchmarks set meta-parameters (maxnreg, ...) of the main pass here for A/B runs
+
 @triton.jit
 def _bwd_direction(
     p_u, p_delta, p_A, p_Bt, p_Ct, p_D, p_bias, p_z, p_dout, p_states, p_h0, p_dlast, p_seg_r, p_seg_dt,
@@ -452,7 +454,7 @@ def selective_scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, i
     )
     if n_seg > 1:
         launch(_selective_scan_bwd_kernel, (n_dtiles, batch, n_dir * n_seg), args, dict(meta, SUMMARY=True))
-    launch(_selective_scan_bwd_kernel, (n_dtiles, batch, n_seg), args, dict(meta, SUMMARY=False))
+    launch(_selective_scan_bwd_kernel, (n_dtiles, batch, n_seg), args, dict(meta, SUMMARY=False, **MAIN_META_OVERRIDES))
 
     grads = dict(u=du, delta=ddelta, A=dA.sum((0, 1)))
     grads["B"] = _finish_bc(dB, B, G_B, deterministic, batch, n_dtiles)

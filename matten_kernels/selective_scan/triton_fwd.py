@@ -46,6 +46,8 @@ SAVE_STEPS = 64  # the forward saves the state every SAVE_STEPS steps (or a mult
 KEEP_FIRST_MIN_L = 1024
 
 
+MAIN_META_OVERRIDES: dict = {}  # benchmarks set meta-parameters (maxnreg, ...) of the main pass here for A/B runs
+
 @triton.jit
 def _exp2_asm(x):
     # MUFU.EX2 alone: ftz, so no denormal fix-up around it (tl.exp2 adds three instructions); decays below 2^-126
@@ -539,5 +541,5 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta
     n_dtiles = cdiv(dim, BLOCK_D)
     if n_seg > 1:
         launch(_selective_scan_fwd_kernel, (n_dtiles, batch, n_dir * n_seg), args, dict(meta, SUMMARY=True))
-    launch(_selective_scan_fwd_kernel, (n_dtiles, batch, n_seg), args, dict(meta, SUMMARY=False))
+    launch(_selective_scan_fwd_kernel, (n_dtiles, batch, n_seg), args, dict(meta, SUMMARY=False, **MAIN_META_OVERRIDES))
     return out, last_state, states, states_b
