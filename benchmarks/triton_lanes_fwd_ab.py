@@ -1,9 +1,11 @@
 """A/B of the Triton lanes forward (triton_fwd_lanes.py): channels a warp and meta-parameters, launcher level.
 
-For each shape: the forward with one channel a warp (CPW 1) is the reference; every variant (``--variants
-"name=CPW:dict;..."``, e.g. ``"cpw2=2:{'maxnreg': 168}"``) is checked against it (out, the saved states and the last
-state: max |diff| / max |reference|) and timed (median, triton.testing.do_bench). The states are saved every
-``--save`` steps (128: the lanes backward's window at 2 channels a warp, what the op saves for it at global XL).
+For each shape: the forward with one channel a warp (CPW 1) is the reference (``--bi``: the segment kernel's
+bidirectional forward); every variant (``--variants "name=CPW:dict;..."``, e.g. ``"cpw2=2:{'maxnreg': 168}"``; CPW
+0: the rule's choice; ``{'maxnreg': None}``: uncapped) is checked against it (out, the saved states and the last
+state; bi: out and both directions' states: max |diff| / max |reference|) and timed (median,
+triton.testing.do_bench). The states are saved every ``--save`` steps (128: the lanes backward's window at 2 channels
+a warp, what the op saves for it at global XL; bi: 64, what the segment backward reads).
 
 Usage (device): PYTHONPATH=. python benchmarks/triton_lanes_fwd_ab.py --commit SHA --out $OUT [--shapes "global XL"]
 """
@@ -18,14 +20,18 @@ import os
 import torch
 
 from _scan_common import SHAPES, bench, env_info, scan_inputs
-from matten_kernels.selective_scan import triton_fwd_lanes
+from matten_kernels.selective_scan import triton_fwd, triton_fwd_lanes
 
 
-def _run(cpw, over, args):
-    triton_fwd_lanes.CPW_OVERRIDE = cpw
+def _run(cpw, over, args, bi=False):
+    if cpw < 0:  # the segment kernel (the bidirectional reference)
+        return triton_fwd.selective_scan_fwd(*args[:10], **args[10], bidirectional=True)
+    triton_fwd_lanes.CPW_OVERRIDE = cpw or None
     triton_fwd_lanes.META_OVERRIDES.clear()
     triton_fwd_lanes.META_OVERRIDES.update(over)
     try:
+        if bi:
+            return triton_fwd_lanes.bi_selective_scan_fwd_lanes(*args[:8], *args[10].values(), True, False)
         return triton_fwd_lanes.selective_scan_fwd_lanes(*args)
     finally:
         triton_fwd_lanes.CPW_OVERRIDE = None
@@ -38,6 +44,8 @@ def main():
     p.add_argument("--variants", default="cpw2=2:{}")
     p.add_argument("--save", type=int, default=128)
     p.add_argument("--z", action="store_true", help="with a z gate")
+    p.add_argument("--bi", action="store_true", help="the bidirectional forward (Vim v2 inputs): the segment kernel "
+                   "is the reference, each variant runs the lanes kernels' two launches")
     p.add_argument("--commit", default="unknown")
     p.add_argument("--out", default=".")
     args = p.parse_args()
@@ -54,16 +62,25 @@ def main():
         x = scan_inputs(b, d, N, L, torch.bfloat16)
         z = torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16) if args.z else None
         call = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], z, x["delta_bias"], None, True, args.save)
-        ref = _run(1, {}, call)
-        t_ref = bench(lambda: _run(1, {}, call))
-        row = dict(shape=shape, cpw1_ms=t_ref, variants={})
-        print(f"{shape}: CPW 1 {t_ref:.4f} ms")
+        names = ("out", "last_state", "states")
+        ref_cpw = 1
+        if args.bi:  # (u, delta, A, B, C, D, z, delta_bias, -, -, {the backward direction's inputs})
+            xb = scan_inputs(b, d, N, L, torch.bfloat16, seed=1)
+            call = call[:10] + (dict(u_b=xb["u"], delta_b=xb["delta"], A_b=xb["A"], B_b=xb["B"], C_b=xb["C"],
+                                     D_b=xb["D"], delta_bias_b=xb["delta_bias"]),)
+            names, ref_cpw = ("out", "states", "states_b"), -1
+        ref = _run(ref_cpw, {}, call, args.bi)
+        if args.bi:
+            ref = (ref[0], ref[2], ref[3])
+        t_ref = bench(lambda: _run(ref_cpw, {}, call, args.bi))
+        row = dict(shape=shape, reference_ms=t_ref, variants={})
+        print(f"{shape}: {'segment kernel' if args.bi else 'CPW 1'} {t_ref:.4f} ms")
         for name, cpw, over in variants:
             try:
-                got = _run(cpw, over, call)
+                got = _run(cpw, over, call, args.bi)
                 errs = {k: ((g.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-30)).item()
-                        for k, g, r in zip(("out", "last_state", "states"), got, ref)}
-                t = bench(lambda: _run(cpw, over, call))
+                        for k, g, r in zip(names, got, ref)}
+                t = bench(lambda: _run(cpw, over, call, args.bi))
                 row["variants"][name] = dict(cpw=cpw, meta=over, ms=t, rel_err=errs)
                 print(f"  {name:12s} {t:.4f} ms ({t / t_ref:.3f}x)  worst rel err {max(errs.values()):.2e} "
                       f"({max(errs, key=errs.get)})  CPW {cpw} {over}")
@@ -74,7 +91,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"triton-lanes-fwd-ab-{info['gpu'].replace(' ', '-')}-{args.commit}.json")
     with open(path, "w") as fh:
-        json.dump(dict(env=info, z=args.z, save=args.save, results=results), fh, indent=1)
+        json.dump(dict(env=info, z=args.z, bi=args.bi, save=args.save, results=results), fh, indent=1)
     print("wrote", path)
 
 

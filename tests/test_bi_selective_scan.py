@@ -88,6 +88,32 @@ def test_bi_triton_matches_composition(mode, shape, opts):
     run_bi("triton", x, xb, softplus, divide_out)
 
 
+# The lanes forward's two launches (use_lanes_bi: 16-bit rows of whole windows over many channels on the GPU; forced
+# here): the backward direction in reverse scan order into the scratch, then the forward one; the segment backward
+# reads the states they saved. fp32 in the interpreter: windows of 128 steps (CPW 1) or 64 (CPW 2); L = 128 saves
+# no first state, L = 1024 keeps it (keeps_first), with 16 blocks a direction.
+@pytest.mark.parametrize("mode, shape, opts, cpw", [
+    pytest.param("v2", (2, 4, 128, 3, None), (True, True, True, True, True), 1, id="v2-L128-all-on"),
+    pytest.param("v1", (1, 4, 256, 2, 2), (True, False, True, True, False), 2, id="v1-L256-G2-noz-cpw2"),
+    pytest.param("shared", (1, 2, 192, 4, None), (False, True, False, False, True), 2, id="shared-L192-z-half-cpw2"),
+    pytest.param("v2", (1, 2, 1024, 2, None), (True, True, True, True, False), 2, id="v2-L1024-first-cpw2"),
+])
+@pytest.mark.interpreter
+def test_bi_triton_lanes_forward_matches_composition(mode, shape, opts, cpw, monkeypatch):
+    from matten_kernels.selective_scan import _ops, triton_fwd_lanes
+
+    modes = []
+    launch = triton_fwd_lanes.launch
+    monkeypatch.setattr(_ops, "use_lanes_bi", lambda *a, **k: True)
+    monkeypatch.setattr(triton_fwd_lanes, "CPW_OVERRIDE", cpw)
+    monkeypatch.setattr(triton_fwd_lanes, "launch",
+                        lambda k, g, a, m: modes.append((m["REV"], m["MODE"], m["CPW"])) or launch(k, g, a, m))
+    D, z, bias, softplus, divide_out = opts
+    x, xb = make_bi(*shape, mode, D=D, z=z, bias=bias)
+    run_bi("triton", x, xb, softplus, divide_out)
+    assert modes == [(True, 1, cpw), (False, 2, cpw)], modes
+
+
 @pytest.mark.interpreter
 def test_bi_padding_is_exact(monkeypatch):
     """On the GPU bi_selective_scan pads L to a multiple of 16 with u = 0 steps; forced here on the CPU (L = 17, v2,

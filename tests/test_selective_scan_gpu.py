@@ -127,10 +127,20 @@ def _uni_case(dtype, shape):
               scale_by_max=k in REDUCED)
 
 
+# forward "lanes": the lanes kernels' two launches forced (use_lanes_bi: rows of whole windows, L = 1536), one or two
+# channels a warp; "auto": the shape's choice (the segment kernel here)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("mode", ["v2", "v1", "shared"])
-def test_bi_dtypes(dtype, mode):
+@pytest.mark.parametrize("forward", ["auto", "lanes", "lanes-cpw2"])
+def test_bi_dtypes(dtype, mode, forward, monkeypatch):
     batch, dim, L, N = 2, 72, 1500, 16
+    if forward != "auto":
+        from matten_kernels.selective_scan import _ops, triton_fwd_lanes
+
+        chosen = []
+        monkeypatch.setattr(_ops, "use_lanes_bi", lambda *a, **k: chosen.append(True) or True)
+        monkeypatch.setattr(triton_fwd_lanes, "CPW_OVERRIDE", 2 if forward == "lanes-cpw2" else 1)
+        L = 1536
     x = inputs(batch, dim, L, N, dtype)
     o = inputs(batch, dim, L, N, dtype, seed=1, z=False)
     xb = {"v2": {k + "_b": o[k] for k in ("u", "delta", "A", "B", "C", "D", "delta_bias")}, "v1": {"A_b": o["A"]},
@@ -147,6 +157,8 @@ def test_bi_dtypes(dtype, mode):
     ref.backward(dout.float())
     for k in lx:
         close(f"d{k}", lx[k].grad, rx[k].grad, rtol * GRAD_MULT, atol * GRAD_MULT, scale_by_max=k in REDUCED)
+    if forward != "auto":
+        assert chosen, "use_lanes_bi was not consulted"
 
 
 @pytest.mark.parametrize("forward", ["auto", "lanes"])
@@ -157,6 +169,7 @@ def test_large_delta_bf16_finite(forward, monkeypatch):
         from matten_kernels.selective_scan import _ops
 
         monkeypatch.setattr(_ops, "use_lanes", lambda *a, **k: True)
+        monkeypatch.setattr(_ops, "use_lanes_bi", lambda *a, **k: True)
     x = inputs(2, 64, 2048, 16, torch.bfloat16, big_delta=True)
     leaves = {k: v.clone().requires_grad_() for k, v in x.items() if v is not None}
     for bi in (False, True):

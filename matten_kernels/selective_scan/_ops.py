@@ -26,7 +26,7 @@ from .._backend import use_custom_op
 from .triton_bwd import selective_scan_bwd
 from .triton_bwd_lanes import lanes_save_steps, selective_scan_bwd_lanes, use_lanes_bwd
 from .triton_fwd import SAVE_STEPS, kept_states, saved_layout, selective_scan_fwd, time_contiguous
-from .triton_fwd_lanes import selective_scan_fwd_lanes, use_lanes
+from .triton_fwd_lanes import bi_selective_scan_fwd_lanes, selective_scan_fwd_lanes, use_lanes, use_lanes_bi
 
 logger = logging.getLogger("matten_kernels")
 _BI_NAMES = ("u_b", "delta_b", "A_b", "B_b", "C_b", "D_b", "delta_bias_b")
@@ -193,7 +193,17 @@ def triton_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
 
 def _bi_fwd(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b, delta_softplus,
             divide_out):
+    """Either forward kernel (the same outputs and saved states, so the same backward): the lanes kernel, one launch
+    a direction, where :func:`use_lanes_bi` takes both directions' rows, else the segments (one launch)."""
     with _device_guard(u):
+        u_l, delta_l, z_l = map(time_contiguous, (u, delta, z))
+        u_bl, delta_bl = (time_contiguous(x) if x is not None else y for x, y in ((u_b, u_l), (delta_b, delta_l)))
+        if use_lanes_bi(u_l, delta_l, u_bl, delta_bl, z_l, A.shape[1], u.device.index if u.is_cuda else None):
+            twin = lambda b, f: f if b is None else b  # noqa: E731
+            return bi_selective_scan_fwd_lanes(
+                u_l, delta_l, _c(A), B, C, _c(D), z_l, _c(delta_bias), u_bl, delta_bl, _c(twin(A_b, A)),
+                twin(B_b, B), twin(C_b, C), _c(twin(D_b, D)), _c(twin(delta_bias_b, delta_bias)), delta_softplus,
+                divide_out)
         out, _, states, states_b = selective_scan_fwd(
             u, delta, _c(A), B, C, _c(D), z, _c(delta_bias), None, delta_softplus, u_b=u_b, delta_b=delta_b,
             A_b=_c(A_b), B_b=B_b, C_b=C_b, D_b=_c(D_b), delta_bias_b=_c(delta_bias_b), bidirectional=True,

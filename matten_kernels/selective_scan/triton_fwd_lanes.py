@@ -74,17 +74,48 @@ def _combine(a1, x1, a2, x2):
 
 
 @triton.jit
-def _window(w, u_raw, dt_raw, carry, A2, bias, Dv, p_z1, p_B1, p_C1, p_out1, p_st, p_hl, L, N, n_saves,
-            o_t, o_l, o_v, o_c3, o_n2, CPW: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr, HAS_D: tl.constexpr,
-            HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, EVEN: tl.constexpr, SAVE: tl.constexpr):
+def _rev2(x):
+    """[.., .., 2] -> the last axis reversed (register moves: it is in-thread)."""
+    a, b = tl.split(x)
+    return tl.join(b, a)
+
+
+@triton.jit
+def _rev4(x, S0: tl.constexpr, S1: tl.constexpr):
+    e, o = tl.split(tl.reshape(x, [S0, S1, 2, 2]))  # steps 0, 2 and 1, 3
+    return tl.reshape(tl.join(_rev2(o), _rev2(e)), [S0, S1, 4])
+
+
+@triton.jit
+def _rev_steps(x, CPW: tl.constexpr, TL: tl.constexpr, VEC: tl.constexpr):
+    """[CPW, TL * VEC] -> each lane's VEC steps in reverse order (register moves)."""
+    if VEC == 4:
+        r = _rev4(tl.reshape(x, [CPW, TL, 4]), CPW, TL)
+    else:
+        e, o = tl.split(tl.reshape(x, [CPW, TL, 4, 2]))  # steps 0, 2, 4, 6 and 1, 3, 5, 7
+        r = tl.join(_rev4(o, CPW, TL), _rev4(e, CPW, TL))
+    return tl.reshape(r, [CPW, TL * VEC])
+
+
+@triton.jit
+def _window(w, u_raw, dt_raw, carry, A2, bias, Dv, scale, p_z1, p_B1, p_C1, p_out1, p_ws1, p_st, p_hl, L, N,
+            n_saves, o_t, o_l, o_v, o_c3, o_n2, CPW: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr,
+            HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, EVEN: tl.constexpr,
+            SAVE: tl.constexpr, REV: tl.constexpr, MODE: tl.constexpr, FIRST: tl.constexpr):
     """Scan window w (steps w * W ..) of the program's CPW channels from the carried states; returns the states after
-    it. [CPW, W] tensors (channel, step), viewed as [CPW, TL, VEC] (channel, time lane, step of the lane)."""
+    it. [CPW, W] tensors (channel, step in scan order), viewed as [CPW, TL, VEC] (channel, time lane, step of the
+    lane). REV: scan order is descending time: lane l holds the window's chunk TL - 1 - l (``o_t``, loaded as
+    16-byte vectors), its steps reversed in registers (:func:`_rev_steps`). MODE (as the segment kernel's) 0: out;
+    1: y into the fp32 scratch ws; 2: out = (y + ws) * scale, gated."""
     TL: tl.constexpr = 32 // CPW
     VEC: tl.constexpr = W // TL
     o_last = o_v == VEC - 1
     o_first = (o_l == 0) & (o_v == 0)
-    t = w * W + o_t  # [CPW, W]: the same steps in every channel's row
+    t = w * W + o_t  # [CPW, W]: the steps each element loads (the same in every channel's row)
     m = t < L
+    if REV:
+        u_raw = _rev_steps(u_raw, CPW, TL, VEC)
+        dt_raw = _rev_steps(dt_raw, CPW, TL, VEC)
     u = u_raw.to(tl.float32)
     dt = dt_raw.to(tl.float32) + bias
     if SOFTPLUS:
@@ -94,12 +125,19 @@ def _window(w, u_raw, dt_raw, carry, A2, bias, Dv, p_z1, p_B1, p_C1, p_out1, p_s
     du2 = tl.reshape(dt * u, [CPW, TL, VEC])
     dt2 = tl.reshape(dt, [CPW, TL, VEC])
     y = tl.zeros([CPW, W], dtype=tl.float32)
-    # each lane's last step ends a SAVE block every SAVE / VEC lanes: the state entering block i_save is kept (the
-    # slot after the last one is the last state)
-    t_end = w * W + (o_l + 1) * VEC  # [1, TL, 1]
-    i_save = t_end // SAVE
-    m_save = (t_end % SAVE == 0) & (i_save <= n_saves)
-    p_save = tl.where(i_save < n_saves, p_st + i_save * N, p_hl)  # [CPW, TL, 1]
+    # the state after each lane's last step in scan order is kept where that ends a SAVE block: forward, the state
+    # entering block i_save (the slot after the last one is the last state); REV (windows whole), the one entering
+    # block i_save - 1 from its end, which the lane's chunk start t_end begins
+    if REV:
+        t_end = w * W + (TL - 1 - o_l) * VEC  # [1, TL, 1]
+        i_save = t_end // SAVE - 1
+        m_save = (t_end % SAVE == 0) & (t_end > 0)
+        p_save = p_st + i_save * N
+    else:
+        t_end = w * W + (o_l + 1) * VEC
+        i_save = t_end // SAVE
+        m_save = (t_end % SAVE == 0) & (i_save <= n_saves)
+        p_save = tl.where(i_save < n_saves, p_st + i_save * N, p_hl)  # [CPW, TL, 1]
     # B, C of states n+1, n+2, n+3 are in flight while state n is scanned (each state's chain of exp, scan and
     # shuffles is short next to an L2 round trip: 1 state ahead 0.337, 2 ahead 0.319, 3 ahead 0.315 ms at global XL).
     # The CPW channels share B/C: their lanes load the same addresses, which one request serves.
@@ -115,6 +153,9 @@ def _window(w, u_raw, dt_raw, carry, A2, bias, Dv, p_z1, p_B1, p_C1, p_out1, p_s
     for n in tl.static_range(BLOCK_N):
         b_n = b1.to(tl.float32)
         c_n = c1.to(tl.float32)
+        if REV:
+            b_n = _rev_steps(b_n, CPW, TL, VEC)
+            c_n = _rev_steps(c_n, CPW, TL, VEC)
         b1, c1, b2, c2 = b2, c2, b3, c3
         if n + 3 < BLOCK_N:
             b3 = _ld(p_B1 + (n + 3) * L + t, m, EVEN)
@@ -130,33 +171,48 @@ def _window(w, u_raw, dt_raw, carry, A2, bias, Dv, p_z1, p_B1, p_C1, p_out1, p_s
         carry = tl.where(o_n2 == n, tl.gather(h_end, o_l * 0 + (TL - 1) + o_c3 * 0, 1), carry)
     if HAS_D:
         y += Dv * u
-    if HAS_Z:
-        z = _ld(p_z1 + t, m, EVEN).to(tl.float32)
-        y = y * z * tl.sigmoid(z)
-    if EVEN:
-        tl.store(p_out1 + t, y.to(p_out1.dtype.element_ty))
+    if REV:
+        y = _rev_steps(y, CPW, TL, VEC)  # back to the loaded order
+    if MODE == 1:
+        if EVEN:
+            tl.store(p_ws1 + t, y)
+        else:
+            tl.store(p_ws1 + t, y, mask=m)
     else:
-        tl.store(p_out1 + t, y.to(p_out1.dtype.element_ty), mask=m)
+        if MODE == 2:
+            y = (y + _ld(p_ws1 + t, m, EVEN)) * scale
+        if HAS_Z:
+            z = _ld(p_z1 + t, m, EVEN).to(tl.float32)
+            y = y * z * tl.sigmoid(z)
+        if EVEN:
+            tl.store(p_out1 + t, y.to(p_out1.dtype.element_ty))
+        else:
+            tl.store(p_out1 + t, y.to(p_out1.dtype.element_ty), mask=m)
     return carry
 
 
 @triton.jit
 def _selective_scan_fwd_lanes_kernel(
-    p_u, p_delta, p_A, p_B, p_C, p_D, p_bias, p_z, p_h0, p_out, p_hlast, p_states,
-    dim, L, N, G_B, G_C, dpg_B, dpg_C, s_u_b, s_u_d, s_dt_b, s_dt_d, s_z_b, s_z_d,
+    p_u, p_delta, p_A, p_B, p_C, p_D, p_bias, p_z, p_h0, p_out, p_hlast, p_states, p_ws,
+    dim, L, N, G_B, G_C, dpg_B, dpg_C, s_u_b, s_u_d, s_dt_b, s_dt_d, s_z_b, s_z_d, scale,
     BLOCK_N: tl.constexpr, CPW: tl.constexpr, W: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, TAIL: tl.constexpr, FIRST: tl.constexpr,
-    SAVE: tl.constexpr,
+    SAVE: tl.constexpr, REV: tl.constexpr, MODE: tl.constexpr,
 ):
     """TAIL False: the whole windows of channels CPW program_id(0) .. + CPW - 1 of batch row program_id(1); TAIL True:
-    their last partial window."""
+    their last partial window (not with REV: a direction that starts at the row's end needs whole windows).
+    REV / MODE: :func:`_window` (the bidirectional scan's two launches: REV with MODE 1, then MODE 2)."""
     TL: tl.constexpr = 32 // CPW
     VEC: tl.constexpr = W // TL
     i_b = tl.program_id(1).to(tl.int64)
     d0 = tl.program_id(0) * CPW  # the program's channels share one B group and one C group (the launcher's check)
     o_c = tl.arange(0, CPW)[:, None]  # [CPW, 1]
     o_c3 = tl.arange(0, CPW)[:, None, None]
-    o_t = tl.arange(0, W)[None, :] + o_c * 0  # [CPW, W]
+    o_i = tl.arange(0, W)[None, :]
+    if REV:  # element i of a window loads step (TL - 1 - i // VEC) VEC + i % VEC: lanes in reverse, vectors whole
+        o_t = (TL - 1 - o_i // VEC) * VEC + o_i % VEC + o_c * 0
+    else:
+        o_t = o_i + o_c * 0  # [CPW, W]
     o_l = tl.arange(0, TL)[None, :, None]  # [1, TL, 1]
     o_v = tl.arange(0, VEC)[None, None, :]
     o_n2 = tl.arange(0, BLOCK_N)[None, None, :] + o_l * 0 + o_c3 * 0  # [CPW, TL, BLOCK_N]: every lane, every state
@@ -164,9 +220,9 @@ def _selective_scan_fwd_lanes_kernel(
     d2, d3 = d0 + o_c, d0 + o_c3
     row2, row3 = i_b * dim + d2, i_b * dim + d3
     n_saves = tl.cdiv(L, SAVE)
-    if FIRST:
-        p_st = p_states + row3 * n_saves * N  # block i's state at p_st + i * N
-    else:  # block 0's is not kept (kept_states): the same indexing, one slot back
+    if FIRST or REV:
+        p_st = p_states + row3 * (n_saves - 1 + FIRST) * N  # block i's state at p_st + i * N (REV: the last's not
+    else:  # kept unless FIRST); forward, block 0's is not kept unless FIRST (kept_states): one slot back
         p_st = p_states + row3 * (n_saves - 1) * N - N
     A2 = tl.load(p_A + d3 * N + o_n2, mask=m_n2, other=0.0) * 1.4426950408889634  # padded states: decay 1
     n_full = L // W
@@ -176,13 +232,17 @@ def _selective_scan_fwd_lanes_kernel(
     else:
         if HAS_H0:
             carry = tl.load(p_h0 + row3 * N + o_n2, mask=m_n2, other=0.0)
-        if FIRST:
-            tl.store(p_st + o_n2, carry, mask=m_n2 & (o_l == 0))  # the state entering the first SAVE block
+        if FIRST:  # the state entering the first SAVE block in scan order
+            if REV:
+                tl.store(p_st + (n_saves - 1) * N + o_n2, carry, mask=m_n2 & (o_l == 0))
+            else:
+                tl.store(p_st + o_n2, carry, mask=m_n2 & (o_l == 0))
     bias, Dv = _channel_params(p_bias, p_D, d2, HAS_BIAS, HAS_D)
     p_u1 = p_u + i_b * s_u_b + d2 * s_u_d
     p_dt1 = p_delta + i_b * s_dt_b + d2 * s_dt_d
     p_z1 = p_z + i_b * s_z_b + d2 * s_z_d
     p_out1 = p_out + row2 * L
+    p_ws1 = p_ws + row2 * L
     p_hl = p_hlast + row3 * N
     p_B1 = p_B + (i_b * G_B + d0 // dpg_B) * BLOCK_N * L
     p_C1 = p_C + (i_b * G_C + d0 // dpg_C) * BLOCK_N * L
@@ -190,17 +250,25 @@ def _selective_scan_fwd_lanes_kernel(
         t = n_full * W + o_t
         u_raw = tl.load(p_u1 + t, mask=t < L, other=0.0)
         dt_raw = tl.load(p_dt1 + t, mask=t < L, other=0.0)
-        _window(n_full, u_raw, dt_raw, carry, A2, bias, Dv, p_z1, p_B1, p_C1, p_out1, p_st, p_hl, L, N, n_saves,
-                o_t, o_l, o_v, o_c3, o_n2, CPW, W, BLOCK_N, HAS_D, HAS_Z, SOFTPLUS, False, SAVE)
+        _window(n_full, u_raw, dt_raw, carry, A2, bias, Dv, scale, p_z1, p_B1, p_C1, p_out1, p_ws1, p_st, p_hl, L,
+                N, n_saves, o_t, o_l, o_v, o_c3, o_n2, CPW, W, BLOCK_N, HAS_D, HAS_Z, SOFTPLUS, False, SAVE, REV,
+                MODE, FIRST)
     else:
-        u_raw = tl.load(p_u1 + o_t)
-        dt_raw = tl.load(p_dt1 + o_t)
-        for w in range(0, n_full):
-            t_next = tl.minimum(w + 1, n_full - 1) * W + o_t  # the next window (the last one loads itself again)
+        w0 = (n_full - 1) * REV  # the first window in scan order
+        u_raw = tl.load(p_u1 + w0 * W + o_t)
+        dt_raw = tl.load(p_dt1 + w0 * W + o_t)
+        for i_w in range(0, n_full):
+            if REV:
+                w = n_full - 1 - i_w
+                t_next = tl.maximum(w - 1, 0) * W + o_t  # the next window (the last one loads itself again)
+            else:
+                w = i_w
+                t_next = tl.minimum(w + 1, n_full - 1) * W + o_t
             u_next = tl.load(p_u1 + t_next)
             dt_next = tl.load(p_dt1 + t_next)
-            carry = _window(w, u_raw, dt_raw, carry, A2, bias, Dv, p_z1, p_B1, p_C1, p_out1, p_st, p_hl, L, N,
-                            n_saves, o_t, o_l, o_v, o_c3, o_n2, CPW, W, BLOCK_N, HAS_D, HAS_Z, SOFTPLUS, True, SAVE)
+            carry = _window(w, u_raw, dt_raw, carry, A2, bias, Dv, scale, p_z1, p_B1, p_C1, p_out1, p_ws1, p_st,
+                            p_hl, L, N, n_saves, o_t, o_l, o_v, o_c3, o_n2, CPW, W, BLOCK_N, HAS_D, HAS_Z, SOFTPLUS,
+                            True, SAVE, REV, MODE, FIRST)
             u_raw = u_next
             dt_raw = dt_next
 
@@ -268,6 +336,44 @@ def lanes_bc(u, B, C):
     return Bt, G_B, Ct, G_C, Bt.shape[2]
 
 
+def _launch(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save, out, last_state, states,
+            ws, scale, REV, MODE):
+    """One launch of the lanes forward over whole windows (and a TAIL launch for a partial last one, not REV)."""
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    Bt, G_B, Ct, G_C, BLOCK_N = lanes_bc(u, B, C)
+    W1 = 32 * (16 // u.element_size())  # one channel a warp: 32 lanes x one 16-byte vector
+    CPW = lanes_fwd_cpw(batch, dim, G_B, G_C, W1, save, _sm_count(u.device.index if u.is_cuda else None))
+    W = W1 // CPW
+    assert save % SAVE_STEPS == 0 and W % save == 0 and dim % CPW == 0, "windows are whole save-step blocks"
+    assert not REV or L % W == 0, "the reverse direction starts at the row's end: whole windows"
+    empty = u.new_empty(0, dtype=torch.float32)
+    zs = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
+    args = (
+        u, delta, A.contiguous(), Bt, Ct, D if D is not None else empty,
+        delta_bias if delta_bias is not None else empty, z if z is not None else empty,
+        initial_state if initial_state is not None else empty, out, last_state, states, ws,
+        dim, L, N, G_B, G_C, dim // G_B, dim // G_C, u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), *zs,
+        scale,
+    )
+    meta = dict(BLOCK_N=BLOCK_N, CPW=CPW, W=W, HAS_D=D is not None, HAS_Z=z is not None,
+                HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_H0=initial_state is not None,
+                FIRST=keeps_first(L), SAVE=save, REV=REV, MODE=MODE, num_warps=1)
+    # 12 programs an SM, and a better schedule: uncapped, ptxas takes 254-255 registers with z, with ws or at CPW 2
+    # (B/C loads hoisted) and 163-168 otherwise, and every launch was slower than at 168 (H200, bf16, ms uncapped ->
+    # 168; benchmarks/NOTES_scan.md "Session 29"): global XL forward 0.296 -> 0.278, with z 0.346 -> 0.289, the
+    # bidirectional scan's reverse direction 0.444 -> 0.259, its forward one 0.392 -> 0.309; CPW 2 at global S 0.392
+    # -> 0.340. Lower caps spill (160: 0.329, 144: 0.424 at global XL).
+    meta["maxnreg"] = 168
+    meta.update(META_OVERRIDES)
+    if meta.get("maxnreg", 0) is None:  # an A/B run's "uncapped"
+        del meta["maxnreg"]
+    if L >= W:
+        launch(_selective_scan_fwd_lanes_kernel, (dim // CPW, batch), args, dict(meta, TAIL=False))
+    if L % W:
+        launch(_selective_scan_fwd_lanes_kernel, (dim // CPW, batch), args, dict(meta, TAIL=True))
+
+
 def selective_scan_fwd_lanes(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus: bool,
                              save: int = SAVE_STEPS):
     """Launch the lanes forward. Inputs validated by the caller; u, delta, z time contiguous.
@@ -277,32 +383,40 @@ def selective_scan_fwd_lanes(u, delta, A, B, C, D, z, delta_bias, initial_state,
     """
     batch, dim, L = u.shape
     N = A.shape[1]
-    dev = u.device
-    Bt, G_B, Ct, G_C, BLOCK_N = lanes_bc(u, B, C)
-    W1 = 32 * (16 // u.element_size())  # one channel a warp: 32 lanes x one 16-byte vector
-    CPW = lanes_fwd_cpw(batch, dim, G_B, G_C, W1, save, _sm_count(dev.index if dev.type == "cuda" else None))
-    W = W1 // CPW
-    assert save % SAVE_STEPS == 0 and W % save == 0 and dim % CPW == 0, "windows are whole save-step blocks"
     f32 = torch.float32
-    out = torch.empty((batch, dim, L), device=dev, dtype=u.dtype)
-    states = torch.empty((batch, dim, kept_states(L, save), N), device=dev, dtype=f32)
-    last_state = torch.empty((batch, dim, N), device=dev, dtype=f32)
-    empty = torch.empty(0, device=dev, dtype=f32)
-    zs = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
-    args = (
-        u, delta, A.contiguous(), Bt, Ct, D if D is not None else empty,
-        delta_bias if delta_bias is not None else empty, z if z is not None else empty,
-        initial_state if initial_state is not None else empty, out, last_state, states,
-        dim, L, N, G_B, G_C, dim // G_B, dim // G_C, u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), *zs,
-    )
-    meta = dict(BLOCK_N=BLOCK_N, CPW=CPW, W=W, HAS_D=D is not None, HAS_Z=z is not None,
-                HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_H0=initial_state is not None,
-                FIRST=keeps_first(L), SAVE=save, num_warps=1)
-    if CPW == 2:
-        meta["maxnreg"] = 168  # uncapped, ptxas takes 255 (B/C loads hoisted): 0.380 against 0.332 ms at global XL
-    meta.update(META_OVERRIDES)
-    if L >= W:
-        launch(_selective_scan_fwd_lanes_kernel, (dim // CPW, batch), args, dict(meta, TAIL=False))
-    if L % W:
-        launch(_selective_scan_fwd_lanes_kernel, (dim // CPW, batch), args, dict(meta, TAIL=True))
+    out = torch.empty((batch, dim, L), device=u.device, dtype=u.dtype)
+    states = torch.empty((batch, dim, kept_states(L, save), N), device=u.device, dtype=f32)
+    last_state = torch.empty((batch, dim, N), device=u.device, dtype=f32)
+    _launch(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save, out, last_state, states,
+            u.new_empty(0, dtype=f32), 1.0, False, 0)
     return out, last_state, states
+
+
+def use_lanes_bi(u, delta, u_b, delta_b, z, N: int, device_index=None) -> bool:
+    """Whether the bidirectional forward takes this kernel (one launch a direction): :func:`use_lanes` for both
+    directions' rows and whole windows (the reverse direction starts at the row's end)."""
+    W1 = 32 * (16 // u.element_size())
+    return (use_lanes(u, delta, z, N, device_index) and use_lanes(u_b, delta_b, None, N, device_index)
+            and u.shape[2] % W1 == 0)
+
+
+def bi_selective_scan_fwd_lanes(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b,
+                                delta_softplus: bool, divide_out: bool):
+    """The bidirectional forward in two launches, no flipped copies: the backward direction in reverse scan order
+    (REV), its y (D included) into an fp32 scratch, then the forward direction, which adds it, scales, gates and
+    stores out. Returns (out, states, states_b) as :func:`.triton_fwd.selective_scan_fwd` does for the bidirectional
+    scan (a state every SAVE_STEPS steps, what the segment backward reads). Inputs validated by the caller; every
+    row time contiguous; L whole windows (:func:`use_lanes_bi`)."""
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    f32 = torch.float32
+    out = torch.empty((batch, dim, L), device=u.device, dtype=u.dtype)
+    ws = torch.empty((batch, dim, L), device=u.device, dtype=f32)
+    states = torch.empty((batch, dim, kept_states(L), N), device=u.device, dtype=f32)
+    states_b = torch.empty_like(states)
+    last_state = torch.empty((batch, dim, N), device=u.device, dtype=f32)  # written by the forward one, unused
+    _launch(u_b, delta_b, A_b, B_b, C_b, D_b, None, delta_bias_b, None, delta_softplus, SAVE_STEPS, out, last_state,
+            states_b, ws, 1.0, True, 1)
+    _launch(u, delta, A, B, C, D, z, delta_bias, None, delta_softplus, SAVE_STEPS, out, last_state, states, ws,
+            0.5 if divide_out else 1.0, False, 2)
+    return out, states, states_b
