@@ -10,6 +10,8 @@ fraction of floor = floor / measured.
 
 from __future__ import annotations
 
+import argparse
+import ast
 import importlib
 import json
 import os
@@ -175,6 +177,57 @@ def write_results(name, rows, info, out_dir=None):
     path = os.path.join(out_dir, f"{name}-{gpu}-{info['commit']}.json")
     with open(path, "w") as f:
         json.dump(dict(info=info, rows=rows), f, indent=1)
+    return path
+
+
+def ab_parser(shapes, variants):
+    """The kernel A/B scripts' common options: --shapes, --variants, --commit, --out."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", default=shapes)
+    p.add_argument("--variants", default=variants)
+    p.add_argument("--commit", default="unknown")
+    p.add_argument("--out", default=".")
+    return p
+
+
+def rel_err(got, ref):
+    """max |got - ref| / max |ref| (a float)."""
+    return ((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
+
+
+def ab_env(args):
+    """An A/B run's environment (``env_info``), printed."""
+    info = env_info(args.commit)
+    print(info)
+    return info
+
+
+def ab_variants(spec):
+    """``"name=dict;name=dict"`` -> [(name, dict)] (the dicts as Python literals)."""
+    return [(v.split("=", 1)[0], ast.literal_eval(v.split("=", 1)[1])) for v in spec.split(";")]
+
+
+def ab_cases(shapes):
+    """Per shape of a comma-separated list (SHAPES' names): (name, (batch, dim, N, L), bf16 inputs)."""
+    for shape in shapes.split(","):
+        b, d, N, L = SHAPES[shape]
+        yield shape, (b, d, N, L), scan_inputs(b, d, N, L, torch.bfloat16)
+
+
+def ab_failed(row, name, e, label):
+    """Record and print an A/B variant that raised (the run goes on with the next)."""
+    msg = f"{type(e).__name__}: {str(e)[:300]}"
+    row["variants"][name] = dict(error=msg)
+    print(f"{label}: {msg}")
+
+
+def write_ab(stem, info, out_dir, **payload):
+    """An A/B script's results as ``<out_dir>/<stem>-<gpu>-<commit>.json`` ({env: info, **payload}); the path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{stem}-{info['gpu'].replace(' ', '-')}-{info['commit']}.json")
+    with open(path, "w") as fh:
+        json.dump(dict(env=info, **payload), fh, indent=1)
+    print("wrote", path)
     return path
 
 

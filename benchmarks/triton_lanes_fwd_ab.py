@@ -12,14 +12,11 @@ Usage (device): PYTHONPATH=. python benchmarks/triton_lanes_fwd_ab.py --commit S
 
 from __future__ import annotations
 
-import argparse
 import ast
-import json
-import os
 
 import torch
 
-from _scan_common import SHAPES, bench, env_info, scan_inputs
+from _scan_common import ab_cases, ab_env, ab_failed, ab_parser, bench, rel_err, scan_inputs, write_ab
 from matten_kernels.selective_scan import triton_fwd, triton_fwd_lanes
 
 
@@ -39,27 +36,20 @@ def _run(cpw, over, args, bi=False):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--shapes", default="global XL,global S,long")
-    p.add_argument("--variants", default="cpw2=2:{}")
+    p = ab_parser("global XL,global S,long", "cpw2=2:{}")
     p.add_argument("--save", type=int, default=128)
     p.add_argument("--z", action="store_true", help="with a z gate")
     p.add_argument("--bi", action="store_true", help="the bidirectional forward (Vim v2 inputs): the segment kernel "
                    "is the reference, each variant runs the lanes kernels' two launches")
-    p.add_argument("--commit", default="unknown")
-    p.add_argument("--out", default=".")
     args = p.parse_args()
     variants = []
     for v in args.variants.split(";"):
         name, spec = v.split("=", 1)
         cpw, over = spec.split(":", 1)
         variants.append((name, int(cpw), ast.literal_eval(over)))
-    info = env_info(args.commit)
-    print(info)
+    info = ab_env(args)
     results = []
-    for shape in args.shapes.split(","):
-        b, d, N, L = SHAPES[shape]
-        x = scan_inputs(b, d, N, L, torch.bfloat16)
+    for shape, (b, d, N, L), x in ab_cases(args.shapes):
         z = torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16) if args.z else None
         call = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], z, x["delta_bias"], None, True, args.save)
         names = ("out", "last_state", "states")
@@ -78,21 +68,15 @@ def main():
         for name, cpw, over in variants:
             try:
                 got = _run(cpw, over, call, args.bi)
-                errs = {k: ((g.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-30)).item()
-                        for k, g, r in zip(names, got, ref)}
+                errs = {k: rel_err(g, r) for k, g, r in zip(names, got, ref)}
                 t = bench(lambda: _run(cpw, over, call, args.bi))
                 row["variants"][name] = dict(cpw=cpw, meta=over, ms=t, rel_err=errs)
                 print(f"  {name:12s} {t:.4f} ms ({t / t_ref:.3f}x)  worst rel err {max(errs.values()):.2e} "
                       f"({max(errs, key=errs.get)})  CPW {cpw} {over}")
             except Exception as e:  # noqa: BLE001
-                row["variants"][name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
-                print(f"  {name}: {type(e).__name__}: {str(e)[:300]}")
+                ab_failed(row, name, e, f"  {name}")
         results.append(row)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"triton-lanes-fwd-ab-{info['gpu'].replace(' ', '-')}-{args.commit}.json")
-    with open(path, "w") as fh:
-        json.dump(dict(env=info, z=args.z, bi=args.bi, save=args.save, results=results), fh, indent=1)
-    print("wrote", path)
+    write_ab("triton-lanes-fwd-ab", info, args.out, z=args.z, bi=args.bi, save=args.save, results=results)
 
 
 if __name__ == "__main__":

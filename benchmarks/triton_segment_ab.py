@@ -10,14 +10,9 @@ Usage (device): PYTHONPATH=. python benchmarks/triton_segment_ab.py --commit SHA
 
 from __future__ import annotations
 
-import argparse
-import ast
-import json
-import os
-
 import torch
 
-from _scan_common import SHAPES, bench, env_info, scan_inputs
+from _scan_common import ab_cases, ab_env, ab_failed, ab_parser, ab_variants, bench, rel_err, scan_inputs, write_ab
 from matten_kernels.selective_scan import triton_bwd, triton_fwd
 
 
@@ -27,26 +22,14 @@ def _set(over):
         m.MAIN_META_OVERRIDES.update(over)
 
 
-def _rel(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
-
-
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--shapes", default="global XL,spatial XL,long")
-    p.add_argument("--variants", default="r168={'maxnreg': 168}")
+    p = ab_parser("global XL,spatial XL,long", "r168={'maxnreg': 168}")
     p.add_argument("--bi", default="1,2", help="direction counts: 1 (uni), 2 (bidirectional, Vim v2 inputs)")
-    p.add_argument("--commit", default="unknown")
-    p.add_argument("--out", default=".")
     args = p.parse_args()
-    variants = [("default", {})] + [(v.split("=", 1)[0], ast.literal_eval(v.split("=", 1)[1]))
-                                    for v in args.variants.split(";")]
-    info = env_info(args.commit)
-    print(info)
+    variants = [("default", {})] + ab_variants(args.variants)
+    info = ab_env(args)
     results = []
-    for shape in args.shapes.split(","):
-        b, d, N, L = SHAPES[shape]
-        x = scan_inputs(b, d, N, L, torch.bfloat16)
+    for shape, (b, d, N, L), x in ab_cases(args.shapes):
         xb = scan_inputs(b, d, N, L, torch.bfloat16, seed=1)
         for ndir in map(int, args.bi.split(",")):
             kw = {}
@@ -69,21 +52,16 @@ def main():
                     t_b = bench(lambda: triton_bwd.selective_scan_bwd(*bwd_args, deterministic=False, **bkw))
                     if ref is None:
                         ref = (out, g)
-                    errs = {"out": _rel(out, ref[0])}
-                    errs.update({k: _rel(v, ref[1][k]) for k, v in g.items() if v is not None and v.numel()})
+                    errs = {"out": rel_err(out, ref[0])}
+                    errs.update({k: rel_err(v, ref[1][k]) for k, v in g.items() if v is not None and v.numel()})
                     row["variants"][name] = dict(meta=over, fwd_ms=t_f, bwd_ms=t_b, rel_err=errs)
                     print(f"{shape} {'bi' if ndir == 2 else 'uni'} {name:10s} fwd {t_f:.4f}  bwd {t_b:.4f} ms  "
                           f"worst rel err {max(errs.values()):.1e}")
                 except Exception as e:  # noqa: BLE001
-                    row["variants"][name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
-                    print(f"{shape} {name}: {type(e).__name__}: {str(e)[:300]}")
+                    ab_failed(row, name, e, f"{shape} {name}")
             results.append(row)
     _set({})
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"triton-segment-ab-{info['gpu'].replace(' ', '-')}-{args.commit}.json")
-    with open(path, "w") as fh:
-        json.dump(dict(env=info, results=results), fh, indent=1)
-    print("wrote", path)
+    write_ab("triton-segment-ab", info, args.out, results=results)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,14 @@ where the grid allows (:func:`lanes_fwd_cpw`). Windows are whole (no masks, vect
 partial window, which a second launch (``TAIL``) runs with masks after loading its carry from the saved states, so
 the masked code's registers do not lower the main loop's occupancy.
 
+The bidirectional scan runs as two launches of this kernel (:func:`bi_selective_scan_fwd_lanes`), no flipped
+copies: the backward direction in reverse scan order (``REV``: lane l takes the window's chunk TL - 1 - l and its
+steps in reverse, register moves), its y into an fp32 scratch, then the forward direction, which adds it, scales,
+gates and writes out once.
+
 When it is used: :func:`use_lanes` (16-bit dtypes, long sequences, enough channels to fill the GPU, vector-aligned
-rows). Everything else takes the segment kernel; both give the same outputs and saved states (same backward).
+rows; bidirectional, :func:`use_lanes_bi`: both directions' rows, whole windows). Everything else takes the segment
+kernel; both give the same outputs and saved states (same backward).
 """
 
 from __future__ import annotations
