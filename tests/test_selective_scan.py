@@ -499,6 +499,27 @@ def test_lanes_forward_choice():
     assert not use_lanes(t, t, None, 16)  # time not contiguous (the op copies such inputs first)
 
 
+def test_lanes_forward_bidirectional_choice():
+    """use_lanes_bi: both directions' rows as use_lanes takes them, and whole windows (the reverse direction starts at
+    the row's end): global XL and S in 16-bit dtypes; not a partial window, fp32, or a backward direction's
+    misaligned rows."""
+    from matten_kernels.selective_scan.triton_fwd_lanes import use_lanes_bi
+
+    def u(batch, dim, L, dtype=torch.bfloat16):
+        return torch.empty(batch, dim, L, dtype=dtype, device="meta")
+
+    x = u(2, 2304, 4096)
+    assert use_lanes_bi(x, x, x, x, None, 16)  # global XL
+    assert use_lanes_bi(u(8, 768, 4096), u(8, 768, 4096), u(8, 768, 4096), u(8, 768, 4096), u(8, 768, 4096), 16)
+    y = u(2, 2304, 4112)  # 16-element aligned, not whole 256-step windows
+    assert not use_lanes_bi(y, y, y, y, None, 16)
+    f = u(2, 2304, 4096, torch.float32)
+    assert not use_lanes_bi(f, f, f, f, None, 16)
+    t = torch.empty(2, 4096, 2304, dtype=torch.bfloat16, device="meta").transpose(1, 2)
+    assert not use_lanes_bi(x, x, t, x, None, 16)  # u_b not time contiguous
+    assert not use_lanes_bi(u(1, 2304, 16384), u(1, 2304, 16384), u(1, 2304, 16384), u(1, 2304, 16384), None, 16)
+
+
 def test_lanes_forward_channels_per_warp():
     """Two channels a warp where a pair shares its B/C groups, the half window is whole saved blocks and the grid
     loses no waves (132 SMs, 12 one-warp programs each); one elsewhere, global XL included (measured slower there)."""
