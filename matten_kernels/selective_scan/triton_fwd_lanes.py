@@ -342,8 +342,8 @@ def lanes_bc(u, B, C):
     return Bt, G_B, Ct, G_C, Bt.shape[2]
 
 
-def _launch(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save, out, last_state, states,
-            ws, scale, REV, MODE):
+def _launch_pass(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save, out, last_state, states,
+                 ws, scale, REV, MODE):
     """One launch of the lanes forward over whole windows (and a TAIL launch for a partial last one, not REV)."""
     batch, dim, L = u.shape
     N = A.shape[1]
@@ -393,13 +393,13 @@ def selective_scan_fwd_lanes(u, delta, A, B, C, D, z, delta_bias, initial_state,
     out = torch.empty((batch, dim, L), device=u.device, dtype=u.dtype)
     states = torch.empty((batch, dim, kept_states(L, save), N), device=u.device, dtype=f32)
     last_state = torch.empty((batch, dim, N), device=u.device, dtype=f32)
-    _launch(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save, out, last_state, states,
-            u.new_empty(0, dtype=f32), 1.0, False, 0)
+    _launch_pass(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save, out, last_state, states,
+                 u.new_empty(0, dtype=f32), 1.0, False, 0)
     return out, last_state, states
 
 
 def use_lanes_bi(u, delta, u_b, delta_b, z, N: int, device_index=None) -> bool:
-    """Whether the bidirectional forward takes this kernel (one launch a direction): :func:`use_lanes` for both
+    """Whether the bidirectional forward takes this kernel (a launch a direction): :func:`use_lanes` for both
     directions' rows and whole windows (the reverse direction starts at the row's end)."""
     W1 = 32 * (16 // u.element_size())
     return (use_lanes(u, delta, z, N, device_index) and use_lanes(u_b, delta_b, None, N, device_index)
@@ -421,8 +421,8 @@ def bi_selective_scan_fwd_lanes(u, delta, A, B, C, D, z, delta_bias, u_b, delta_
     states = torch.empty((batch, dim, kept_states(L), N), device=u.device, dtype=f32)
     states_b = torch.empty_like(states)
     last_state = torch.empty((batch, dim, N), device=u.device, dtype=f32)  # written by the forward one, unused
-    _launch(u_b, delta_b, A_b, B_b, C_b, D_b, None, delta_bias_b, None, delta_softplus, SAVE_STEPS, out, last_state,
-            states_b, ws, 1.0, True, 1)
-    _launch(u, delta, A, B, C, D, z, delta_bias, None, delta_softplus, SAVE_STEPS, out, last_state, states, ws,
-            0.5 if divide_out else 1.0, False, 2)
+    _launch_pass(u_b, delta_b, A_b, B_b, C_b, D_b, None, delta_bias_b, None, delta_softplus, SAVE_STEPS, out,
+                 last_state, states_b, ws, 1.0, True, 1)
+    _launch_pass(u, delta, A, B, C, D, z, delta_bias, None, delta_softplus, SAVE_STEPS, out, last_state, states, ws,
+                 0.5 if divide_out else 1.0, False, 2)
     return out, states, states_b
