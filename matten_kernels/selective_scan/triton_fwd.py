@@ -17,9 +17,9 @@ of at least 1024 steps: :func:`keeps_first`), never a (batch, dim, L, N) tensor.
 what the segment backward reads) or, for rows the lanes backward will take, that kernel's window (128 or 256 steps,
 the only states it reads: :func:`.triton_bwd_lanes.lanes_save_steps`).
 
-Long 16-bit sequences over many channels take the one-pass forward of :mod:`.triton_fwd_lanes` instead (uni only;
-same outputs and saved states), which evaluates each decay once; this kernel serves every other shape and the
-bidirectional scan.
+Long 16-bit sequences over many channels take the one-pass forward of :mod:`.triton_fwd_lanes` instead (same
+outputs and saved states; bidirectional: one launch a direction), which evaluates each decay once; this kernel
+serves every other shape.
 
 Bidirectional: the main program first scans its segment of the backward-direction inputs in reverse (reversed
 indexing, no flipped copies) into an fp32 scratch, then the forward direction, and writes
