@@ -107,7 +107,7 @@ def _rev_steps(x, CPW: tl.constexpr, TL: tl.constexpr, VEC: tl.constexpr):
 def _window(w, u_raw, dt_raw, carry, A2, bias, Dv, scale, p_z1, p_B1, p_C1, p_out1, p_ws1, p_st, p_hl, L, N,
             n_saves, o_t, o_l, o_v, o_c3, o_n2, CPW: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr,
             HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, EVEN: tl.constexpr,
-            SAVE: tl.constexpr, REV: tl.constexpr, MODE: tl.constexpr, FIRST: tl.constexpr):
+            SAVE: tl.constexpr, REV: tl.constexpr, MODE: tl.constexpr):
     """Scan window w (steps w * W ..) of the program's CPW channels from the carried states; returns the states after
     it. [CPW, W] tensors (channel, step in scan order), viewed as [CPW, TL, VEC] (channel, time lane, step of the
     lane). REV: scan order is descending time: lane l holds the window's chunk TL - 1 - l (``o_t``, loaded as
@@ -226,9 +226,12 @@ def _selective_scan_fwd_lanes_kernel(
     d2, d3 = d0 + o_c, d0 + o_c3
     row2, row3 = i_b * dim + d2, i_b * dim + d3
     n_saves = tl.cdiv(L, SAVE)
+    # block i's state at p_st + i * N. The state a direction starts from is kept only where FIRST (kept_states):
+    # forward, block 0's (without it the same indexing, one slot back); REV, the last block's (the slot after the
+    # others)
     if FIRST or REV:
-        p_st = p_states + row3 * (n_saves - 1 + FIRST) * N  # block i's state at p_st + i * N (REV: the last's not
-    else:  # kept unless FIRST); forward, block 0's is not kept unless FIRST (kept_states): one slot back
+        p_st = p_states + row3 * (n_saves - 1 + FIRST) * N
+    else:
         p_st = p_states + row3 * (n_saves - 1) * N - N
     A2 = tl.load(p_A + d3 * N + o_n2, mask=m_n2, other=0.0) * 1.4426950408889634  # padded states: decay 1
     n_full = L // W
@@ -258,7 +261,7 @@ def _selective_scan_fwd_lanes_kernel(
         dt_raw = tl.load(p_dt1 + t, mask=t < L, other=0.0)
         _window(n_full, u_raw, dt_raw, carry, A2, bias, Dv, scale, p_z1, p_B1, p_C1, p_out1, p_ws1, p_st, p_hl, L,
                 N, n_saves, o_t, o_l, o_v, o_c3, o_n2, CPW, W, BLOCK_N, HAS_D, HAS_Z, SOFTPLUS, False, SAVE, REV,
-                MODE, FIRST)
+                MODE)
     else:
         w0 = (n_full - 1) * REV  # the first window in scan order
         u_raw = tl.load(p_u1 + w0 * W + o_t)
@@ -274,7 +277,7 @@ def _selective_scan_fwd_lanes_kernel(
             dt_next = tl.load(p_dt1 + t_next)
             carry = _window(w, u_raw, dt_raw, carry, A2, bias, Dv, scale, p_z1, p_B1, p_C1, p_out1, p_ws1, p_st,
                             p_hl, L, N, n_saves, o_t, o_l, o_v, o_c3, o_n2, CPW, W, BLOCK_N, HAS_D, HAS_Z, SOFTPLUS,
-                            True, SAVE, REV, MODE, FIRST)
+                            True, SAVE, REV, MODE)
             u_raw = u_next
             dt_raw = dt_next
 
