@@ -37,9 +37,8 @@ from .triton_fwd import (SAVE_STEPS, _bt, _chunk_adjoint, _chunk_of, _chunk_scan
                          _lstride, _pick, n_saved_states, saved_layout, scan_config, time_contiguous)
 
 SAVE = tl.constexpr(SAVE_STEPS)  # this backward reads the states every SAVE_STEPS steps (the forward's default)
-
-
 MAIN_META_OVERRIDES: dict = {}  # benchmarks set meta-parameters (maxnreg, ...) of the main pass here for A/B runs
+
 
 @triton.jit
 def _bwd_direction(

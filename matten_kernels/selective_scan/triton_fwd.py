@@ -44,9 +44,8 @@ LOG2E = 1.4426950408889634
 SAVE_STEPS = 64  # the forward saves the state every SAVE_STEPS steps (or a multiple: save_every); a multiple of CHUNK
 # Rows at least this long also save the state entering their first SAVE-step block (see kept_states).
 KEEP_FIRST_MIN_L = 1024
-
-
 MAIN_META_OVERRIDES: dict = {}  # benchmarks set meta-parameters (maxnreg, ...) of the main pass here for A/B runs
+
 
 @triton.jit
 def _exp2_asm(x):
