@@ -5,7 +5,7 @@ arguments, meta-parameters and specialisations (16-byte alignment, ints divisibl
 would give it on a GPU. Then every loop of the SASS (a backward branch to a label) is listed with its instruction
 count and its opcode histogram, and the per-element cost of the main loop is printed.
 
-Usage: PYTHONPATH=.:/tmp/t36 python benchmarks/sass_count.py [--shape global_xl] [--kernel fwd|lanes|bwd] [--dump FILE]
+Usage: PYTHONPATH=.:/tmp/t36 python benchmarks/sass_count.py [--shape global_xl] [--kernel fwd|lanes|bwd|lanes_bwd] [--bi] [--dump FILE]
 (Triton 3.6 is the device's version: `pip install --target /tmp/t36 triton==3.6.0`; its layouts differ from 3.9's.)
 Needs ptxas and nvdisasm (Triton ships both).
 """
@@ -121,6 +121,8 @@ def main():
                    help="fwd: the segment forward; lanes: the one-pass forward (triton_fwd_lanes.py); bwd: the "
                         "segment backward; lanes_bwd: the lanes backward (triton_bwd_lanes.py)")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--bi", action="store_true", help="lanes / lanes_bwd: the bidirectional scan's two launches (Vim "
+                                                       "v2 inputs, z)")
     p.add_argument("--dump", default=None, help="write the SASS of each kernel to FILE.<i>.sass")
     args = p.parse_args()
     batch, dim, N, L = SHAPES[args.shape]
@@ -132,12 +134,21 @@ def main():
     C = torch.zeros_like(B)
     D = torch.zeros(dim)
     bias = torch.zeros(dim)
+    save = triton_bwd_lanes.lanes_save_steps(u, B, C)
+    v2 = (u, delta, A, B, C, D, bias)  # the backward direction's inputs (the same tensors: only the code matters)
     if args.kernel == "fwd":
         calls = record(triton_fwd.selective_scan_fwd, u, delta, A, B, C, D, None, bias, None, True)
+    elif args.kernel == "lanes" and args.bi:
+        calls = record(triton_fwd_lanes.bi_selective_scan_fwd_lanes, u, delta, A, B, C, D, torch.zeros_like(u), bias,
+                       *v2, True, False, save=save)
     elif args.kernel == "lanes":
         calls = record(triton_fwd_lanes.selective_scan_fwd_lanes, u, delta, A, B, C, D, None, bias, None, True)
+    elif args.kernel == "lanes_bwd" and args.bi:
+        states = torch.zeros(batch, dim, triton_fwd.kept_states(L, save), N)
+        calls = record(triton_bwd_lanes.bi_selective_scan_bwd_lanes, torch.zeros_like(u), u, delta, A, B, C, D,
+                       torch.zeros_like(u), bias, *v2, states, states, True, False)
     elif args.kernel == "lanes_bwd":
-        states = torch.zeros(batch, dim, triton_fwd.kept_states(L, triton_bwd_lanes.lanes_save_steps(u, B, C)), N)
+        states = torch.zeros(batch, dim, triton_fwd.kept_states(L, save), N)
         calls = record(triton_bwd_lanes.selective_scan_bwd_lanes, torch.zeros_like(u), None, u, delta, A, B, C, D,
                        None, bias, None, states, True)
     else:

@@ -114,6 +114,36 @@ def test_bi_triton_lanes_forward_matches_composition(mode, shape, opts, cpw, mon
     assert modes == [(True, 1, cpw), (False, 2, cpw)], modes
 
 
+# The lanes backward's two launches (use_lanes_bi_bwd: the uni rule with one window for both directions; forced here):
+# the backward direction in reverse scan order (its y into the scratch, its du / ddelta into fp32 scratch where u /
+# delta are shared), then the forward one, which adds them; from the states either forward saved a window apart.
+# fp32 in the interpreter: windows of 64 steps (two channels a warp) or 128 (one: dim 3); L = 1024 keeps the first
+# state.
+@pytest.mark.parametrize("mode, shape, opts, lanes_fwd", [
+    pytest.param("v2", (2, 4, 128, 3, None), (True, True, True, True, True), True, id="v2-L128-all-on-lanes-fwd"),
+    pytest.param("v1", (1, 4, 256, 2, 2), (True, False, True, True, False), False, id="v1-L256-G2-noz"),
+    pytest.param("shared", (1, 3, 256, 4, None), (False, True, False, False, True), True, id="shared-L256-dim3-z-half"),
+    pytest.param("shared", (1, 8, 192, 3, None), (True, True, True, True, False), False, id="shared-L192-all-on"),
+    pytest.param("v2", (1, 2, 1024, 2, None), (True, True, True, True, False), True, id="v2-L1024-first"),
+])
+@pytest.mark.interpreter
+def test_bi_triton_lanes_backward_matches_composition(mode, shape, opts, lanes_fwd, monkeypatch):
+    from matten_kernels.selective_scan import _ops, triton_bwd_lanes
+
+    launches = []
+    launch = triton_bwd_lanes.launch
+    monkeypatch.setattr(_ops, "use_lanes_bi_bwd", lambda *a, **k: True)
+    if lanes_fwd:
+        monkeypatch.setattr(_ops, "use_lanes_bi", lambda *a, **k: True)
+    monkeypatch.setattr(triton_bwd_lanes, "launch", lambda k, g, a, m: launches.append(
+        (m["REV"], m["MODE"], m["ACC_U"], m["ACC_DT"])) or launch(k, g, a, m))
+    D, z, bias, softplus, divide_out = opts
+    x, xb = make_bi(*shape, mode, D=D, z=z, bias=bias)
+    run_bi("triton", x, xb, softplus, divide_out)
+    shared = mode != "v2"
+    assert launches == [(True, 1, False, False), (False, 2, shared, shared)], launches
+
+
 @pytest.mark.interpreter
 def test_bi_padding_is_exact(monkeypatch):
     """On the GPU bi_selective_scan pads L to a multiple of 16 with u = 0 steps; forced here on the CPU (L = 17, v2,

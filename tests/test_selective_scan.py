@@ -520,6 +520,29 @@ def test_lanes_forward_bidirectional_choice():
     assert not use_lanes_bi(u(1, 2304, 16384), u(1, 2304, 16384), u(1, 2304, 16384), u(1, 2304, 16384), None, 16)
 
 
+def test_lanes_backward_bidirectional_choice():
+    """use_lanes_bi_bwd: the uni rule (global XL and S in 16-bit dtypes, not long or fp32) with one window for both
+    directions, so that one spacing of saved states serves both; the bidirectional forward then saves a state a
+    window (128 steps at two channels a warp: half the states of every 64 steps), else every SAVE_STEPS."""
+    from matten_kernels.selective_scan._ops import _bi_save_steps
+    from matten_kernels.selective_scan.triton_bwd_lanes import use_lanes_bi_bwd
+
+    def t(*shape, dtype=torch.bfloat16):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    x, B = t(2, 2304, 4096), t(2, 16, 4096)
+    assert use_lanes_bi_bwd(x, B, B, B, B, 16) and _bi_save_steps(x, B, B, None, None, 16) == 128  # global XL
+    assert use_lanes_bi_bwd(t(8, 768, 4096), t(8, 16, 4096), t(8, 16, 4096), t(8, 16, 4096), t(8, 16, 4096), 16)
+    G768 = t(2, 768, 16, 4096)  # 3 channels a group: one channel a warp, 256-step windows
+    assert not use_lanes_bi_bwd(x, B, B, B, G768, 16)
+    assert _bi_save_steps(x, B, B, B, G768, 16) == 64
+    assert use_lanes_bi_bwd(x, G768, G768, G768, G768, 16) and _bi_save_steps(x, G768, G768, None, None, 16) == 256
+    long, Bl = t(1, 2304, 16384), t(1, 16, 16384)
+    assert not use_lanes_bi_bwd(long, Bl, Bl, Bl, Bl, 16) and _bi_save_steps(long, Bl, Bl, None, None, 16) == 64
+    f = t(2, 2304, 4096, dtype=torch.float32)
+    assert not use_lanes_bi_bwd(f, B.float(), B.float(), B.float(), B.float(), 16)
+
+
 def test_lanes_forward_channels_per_warp():
     """Two channels a warp where a pair shares its B/C groups, the half window is whole saved blocks and the grid
     loses no waves (132 SMs, 12 one-warp programs each); one elsewhere, global XL included (measured slower there)."""

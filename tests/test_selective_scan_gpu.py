@@ -128,23 +128,38 @@ def _uni_case(dtype, shape):
 
 
 # forward "lanes": the lanes kernels' two launches forced (use_lanes_bi: rows of whole windows, L = 1536), one or two
-# channels a warp; "auto": the shape's choice (the segment kernel here)
+# channels a warp; backward "lanes": the lanes backward's two launches forced (use_lanes_bi_bwd; the forward then
+# saves a state a window); "auto": the shape's choice (the segment kernels here)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("mode", ["v2", "v1", "shared"])
-@pytest.mark.parametrize("forward", ["auto", "lanes", "lanes-cpw2"])
-def test_bi_dtypes(dtype, mode, forward, monkeypatch):
-    batch, dim, L, N = 2, 72, 1500, 16
-    if forward != "auto":
-        from matten_kernels.selective_scan import _ops, triton_fwd_lanes
+@pytest.mark.parametrize("forward, backward", [("auto", "auto"), ("lanes", "auto"), ("lanes-cpw2", "auto"),
+                                               ("auto", "lanes"), ("lanes", "lanes"), ("lanes-cpw2", "lanes")])
+def test_bi_dtypes(dtype, mode, forward, backward, monkeypatch):
+    from matten_kernels.selective_scan import _ops, triton_fwd_lanes
 
-        chosen = []
-        monkeypatch.setattr(_ops, "use_lanes_bi", lambda *a, **k: chosen.append(True) or True)
+    batch, dim, L, N = 2, 72, 1500, 16
+    chosen = []
+    if forward != "auto":
+        monkeypatch.setattr(_ops, "use_lanes_bi", lambda *a, **k: chosen.append("fwd") or True)
         monkeypatch.setattr(triton_fwd_lanes, "CPW_OVERRIDE", 2 if forward == "lanes-cpw2" else 1)
         L = 1536
+    if backward != "auto":
+        monkeypatch.setattr(_ops, "use_lanes_bi_bwd", lambda *a, **k: chosen.append("bwd") or True)
+        L = 1536
+    _bi_case(dtype, mode, batch, dim, L, N)
+    assert ("fwd" in chosen) == (forward != "auto") and ("bwd" in chosen) == (backward != "auto"), chosen
+
+
+def _bi_inputs(dtype, mode, batch, dim, L, N):
     x = inputs(batch, dim, L, N, dtype)
     o = inputs(batch, dim, L, N, dtype, seed=1, z=False)
     xb = {"v2": {k + "_b": o[k] for k in ("u", "delta", "A", "B", "C", "D", "delta_bias")}, "v1": {"A_b": o["A"]},
           "shared": {}}[mode]
+    return x, xb
+
+
+def _bi_case(dtype, mode, batch, dim, L, N):
+    x, xb = _bi_inputs(dtype, mode, batch, dim, L, N)
     rtol, atol = TOLS[dtype]
     lx = {k: v.clone().requires_grad_() for k, v in {**x, **xb}.items() if v is not None}
     rx = {k: v.detach().float().requires_grad_() for k, v in lx.items()}
@@ -157,19 +172,36 @@ def test_bi_dtypes(dtype, mode, forward, monkeypatch):
     ref.backward(dout.float())
     for k in lx:
         close(f"d{k}", lx[k].grad, rx[k].grad, rtol * GRAD_MULT, atol * GRAD_MULT, scale_by_max=k in REDUCED)
-    if forward != "auto":
-        assert chosen, "use_lanes_bi was not consulted"
+
+
+def test_bi_lanes_backward_by_shape_saves_a_state_a_window():
+    """Chosen by shape (3,200 channels fill the GPU; bf16, L 1024, Vim v2), the bidirectional forward saves both
+    directions' states a 128-step window apart (not every 64 steps) and the lanes backward reads them: their layout,
+    then output and every gradient against the reference."""
+    from matten_kernels.selective_scan import _ops, triton_fwd
+
+    batch, dim, L, N = 2, 1600, 1024, 16
+    x, xb = _bi_inputs(torch.bfloat16, "v2", batch, dim, L, N)
+    if not _ops.use_lanes_bi_bwd(x["u"], x["B"], x["C"], xb["B_b"], xb["C_b"], N, x["u"].device.index):
+        pytest.skip("3,200 channels do not fill this GPU for the lanes backward (24 a SM needed)")
+    args = [x[k] for k in NAMES] + [xb[k + "_b"] for k in ("u", "delta", "A", "B", "C", "D", "delta_bias")]
+    _, states, states_b = _ops.bi_selective_scan_fwd_op(*args, True, False)
+    assert triton_fwd.saved_layout(states, L) == (128, True) and states.shape == (batch, dim, L // 128, N)
+    assert states_b.shape == states.shape
+    _bi_case(torch.bfloat16, "v2", batch, dim, L, N)
 
 
 @pytest.mark.parametrize("forward", ["auto", "lanes"])
 def test_large_delta_bf16_finite(forward, monkeypatch):
     """delta + delta_bias = 30 (softplus passes it through; decays exp(30 A) underflow to 0): no NaN/Inf, with the
-    forward the shape picks and with the lanes forward forced."""
+    kernels the shape picks and with the lanes forward and backward forced."""
     if forward == "lanes":
         from matten_kernels.selective_scan import _ops
 
         monkeypatch.setattr(_ops, "use_lanes", lambda *a, **k: True)
         monkeypatch.setattr(_ops, "use_lanes_bi", lambda *a, **k: True)
+        monkeypatch.setattr(_ops, "use_lanes_bwd", lambda *a, **k: True)
+        monkeypatch.setattr(_ops, "use_lanes_bi_bwd", lambda *a, **k: True)
     x = inputs(2, 64, 2048, 16, torch.bfloat16, big_delta=True)
     leaves = {k: v.clone().requires_grad_() for k, v in x.items() if v is not None}
     for bi in (False, True):

@@ -24,7 +24,8 @@ from torch import Tensor
 
 from .._backend import use_custom_op
 from .triton_bwd import selective_scan_bwd
-from .triton_bwd_lanes import lanes_save_steps, selective_scan_bwd_lanes, use_lanes_bwd
+from .triton_bwd_lanes import (bi_selective_scan_bwd_lanes, lanes_save_steps, selective_scan_bwd_lanes,
+                               use_lanes_bi_bwd, use_lanes_bwd)
 from .triton_fwd import SAVE_STEPS, kept_states, saved_layout, selective_scan_fwd, time_contiguous
 from .triton_fwd_lanes import bi_selective_scan_fwd_lanes, selective_scan_fwd_lanes, use_lanes, use_lanes_bi
 
@@ -191,23 +192,39 @@ def triton_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
 # bidirectional
 
 
+def _bi_lanes_window(u, B, C, B_b, C_b, N: int) -> Optional[int]:
+    """The lanes backward's window where :func:`use_lanes_bi_bwd` takes the bidirectional backward, else None."""
+    B_b, C_b = B if B_b is None else B_b, C if C_b is None else C_b
+    if use_lanes_bi_bwd(u, B, C, B_b, C_b, N, u.device.index if u.is_cuda else None):
+        return lanes_save_steps(u, B, C)
+    return None
+
+
+def _bi_save_steps(u, B, C, B_b, C_b, N: int) -> int:
+    """The spacing of both directions' saved states: the lanes backward's window where that kernel will read them
+    (:func:`_bi_lanes_window`), else SAVE_STEPS (what the segment backward reads)."""
+    return _bi_lanes_window(u, B, C, B_b, C_b, N) or SAVE_STEPS
+
+
 def _bi_fwd(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b, delta_softplus,
             divide_out):
     """Either forward kernel (the same outputs and saved states, so the same backward): the lanes kernel, one launch
-    a direction, where :func:`use_lanes_bi` takes both directions' rows, else the segments (one launch)."""
+    a direction, where :func:`use_lanes_bi` takes both directions' rows, else the segments (one launch). Either
+    saves the states every :func:`_bi_save_steps` steps."""
     with _device_guard(u):
         u_l, delta_l, z_l = map(time_contiguous, (u, delta, z))
         u_bl, delta_bl = (time_contiguous(x) if x is not None else y for x, y in ((u_b, u_l), (delta_b, delta_l)))
+        save = _bi_save_steps(u_l, B, C, B_b, C_b, A.shape[1])
         if use_lanes_bi(u_l, delta_l, u_bl, delta_bl, z_l, A.shape[1], u.device.index if u.is_cuda else None):
             twin = lambda b, f: f if b is None else b  # noqa: E731
             return bi_selective_scan_fwd_lanes(
                 u_l, delta_l, _c(A), B, C, _c(D), z_l, _c(delta_bias), u_bl, delta_bl, _c(twin(A_b, A)),
                 twin(B_b, B), twin(C_b, C), _c(twin(D_b, D)), _c(twin(delta_bias_b, delta_bias)), delta_softplus,
-                divide_out)
+                divide_out, save=save)
         out, _, states, states_b = selective_scan_fwd(
             u, delta, _c(A), B, C, _c(D), z, _c(delta_bias), None, delta_softplus, u_b=u_b, delta_b=delta_b,
             A_b=_c(A_b), B_b=B_b, C_b=C_b, D_b=_c(D_b), delta_bias_b=_c(delta_bias_b), bidirectional=True,
-            divide_out=divide_out)
+            divide_out=divide_out, save=save)
     return out, states, states_b
 
 
@@ -226,7 +243,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, del
       divide_out):
     batch, dim, L = u.shape
     N = A.shape[1]
-    n_chunks = kept_states(L)
+    n_chunks = kept_states(L, _bi_save_steps(u, B, C, B_b, C_b, N))
     states = u.new_empty((batch, dim, n_chunks, N), dtype=torch.float32)
     return u.new_empty(u.shape), states, states.new_empty(states.shape)
 
@@ -236,11 +253,29 @@ _BI_GRAD_ORDER = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias") + _BI_NAM
 
 def _bi_bwd(dout, u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b, states,
             states_b, delta_softplus, divide_out):
+    """Either backward kernel: the lanes kernel, one launch a direction, where :func:`_bi_lanes_window` takes the
+    backward and the states were saved for it, else the segments (one launch)."""
     with _device_guard(u):
-        g = selective_scan_bwd(dout, None, u, delta, _c(A), B, C, _c(D), z, _c(delta_bias), None, states,
-                               delta_softplus, u_b=u_b, delta_b=delta_b, A_b=_c(A_b), B_b=B_b, C_b=C_b, D_b=_c(D_b),
-                               delta_bias_b=_c(delta_bias_b), states_b=states_b, bidirectional=True,
-                               divide_out=divide_out)
+        N, L = A.shape[1], u.shape[2]
+        save = saved_layout(states, L)[0]
+        bi = dict(u_b=u_b, delta_b=delta_b, A_b=_c(A_b), B_b=B_b, C_b=C_b, D_b=_c(D_b), delta_bias_b=_c(delta_bias_b))
+        if save == _bi_lanes_window(u, B, C, B_b, C_b, N):
+            dout, u, delta, z = map(time_contiguous, (dout, u, delta, z))
+            g = bi_selective_scan_bwd_lanes(dout, u, delta, _c(A), B, C, _c(D), z, _c(delta_bias),
+                                            time_contiguous(u_b), time_contiguous(delta_b), bi["A_b"], B_b, C_b,
+                                            bi["D_b"], bi["delta_bias_b"], states, states_b, delta_softplus,
+                                            divide_out)
+        else:
+            if save != SAVE_STEPS:  # as in _scan_bwd: deterministic mode turned on after the forward
+                logger.warning("bi_selective_scan backward: deterministic mode was turned on after the forward, "
+                               "whose states were saved for the (atomic) lanes backward; running the forward "
+                               "again to save them every %d steps for the deterministic segment backward",
+                               SAVE_STEPS)
+                _, _, states, states_b = selective_scan_fwd(
+                    u, delta, _c(A), B, C, _c(D), z, _c(delta_bias), None, delta_softplus, bidirectional=True,
+                    divide_out=divide_out, **bi)
+            g = selective_scan_bwd(dout, None, u, delta, _c(A), B, C, _c(D), z, _c(delta_bias), None, states,
+                                   delta_softplus, states_b=states_b, bidirectional=True, divide_out=divide_out, **bi)
     return [_empty(u) if g[k] is None else g[k] for k in _BI_GRAD_ORDER]
 
 

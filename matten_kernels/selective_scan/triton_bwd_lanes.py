@@ -84,17 +84,47 @@ def _uncols(c, TL: tl.constexpr, C: tl.constexpr, VEC: tl.constexpr):
 
 
 @triton.jit
-def _red_add(p, x, TL: tl.constexpr, CPW: tl.constexpr, NW: tl.constexpr, VEC: tl.constexpr):
-    """Add x [TL, NW * CPW, VEC] (fp32), summed over each warp's CPW channels, at p + lane * VEC + step (time
-    contiguous) with atomics. The channel sum is a butterfly over lanes; the atomics go in 16-byte pieces, since
-    Triton gives an atomic at most 4 fp32 per thread and lays out a wider one differently from x (a shared-memory
-    conversion), while halves of 4 keep x's layout (one vector reduction each)."""
+def _rev_tuple(c, VEC: tl.constexpr):
+    r = ()
+    for j in tl.static_range(VEC):
+        r = r + (c[VEC - 1 - j],)
+    return r
+
+
+@triton.jit
+def _scols(x, TL: tl.constexpr, C: tl.constexpr, VEC: tl.constexpr, REV: tl.constexpr):
+    """:func:`_cols` in scan order: a lane's steps descending where REV (the tuple reversed: no instructions)."""
+    if REV:
+        return _rev_tuple(_cols(x, TL, C, VEC), VEC)
+    else:
+        return _cols(x, TL, C, VEC)
+
+
+@triton.jit
+def _suncols(c, TL: tl.constexpr, C: tl.constexpr, VEC: tl.constexpr, REV: tl.constexpr):
+    """The inverse of :func:`_scols`: scan-order columns -> [TL, C, VEC] in time order."""
+    if REV:
+        return _uncols(_rev_tuple(c, VEC), TL, C, VEC)
+    else:
+        return _uncols(c, TL, C, VEC)
+
+
+@triton.jit
+def _red_add(p, x, TL: tl.constexpr, CPW: tl.constexpr, NW: tl.constexpr, VEC: tl.constexpr, REV: tl.constexpr):
+    """Add x [TL, NW * CPW, VEC] (fp32), summed over each warp's CPW channels, at p + chunk * VEC + step (time
+    contiguous; the chunk is the lane's, TL - 1 - lane where REV) with atomics. The channel sum is a butterfly over
+    lanes; the atomics go in 16-byte pieces, since Triton gives an atomic at most 4 fp32 per thread and lays out a
+    wider one differently from x (a shared-memory conversion), while halves of 4 keep x's layout (one vector
+    reduction each)."""
     xs = tl.sum(tl.reshape(x, [TL, NW, CPW, VEC]), axis=2)  # [TL, NW, VEC]
+    chunk = tl.arange(0, TL)
+    if REV:
+        chunk = TL - 1 - chunk
     if VEC == 4 or CPW > 1:  # the CPW lanes holding the sum share its VEC values: VEC / CPW <= 4 each
-        o = (tl.arange(0, TL)[:, None] * VEC + tl.arange(0, VEC)[None, :])[:, None, :] + tl.zeros([1, NW, 1], tl.int32)
+        o = (chunk[:, None] * VEC + tl.arange(0, VEC)[None, :])[:, None, :] + tl.zeros([1, NW, 1], tl.int32)
         tl.atomic_add(p + o, xs, sem="relaxed")
     else:
-        o = (tl.arange(0, TL)[:, None] * VEC + tl.arange(0, 4)[None, :])[:, None, :] + tl.zeros([1, NW, 1], tl.int32)
+        o = (chunk[:, None] * VEC + tl.arange(0, 4)[None, :])[:, None, :] + tl.zeros([1, NW, 1], tl.int32)
         x0, x1 = tl.split(tl.permute(tl.reshape(xs, [TL, NW, 2, 4]), [0, 1, 3, 2]))  # steps 0-3 and 4-7
         tl.atomic_add(p + o, x0, sem="relaxed")
         tl.atomic_add(p + o + 4, x1, sem="relaxed")
@@ -144,14 +174,22 @@ def _scan_down(m, v, o_l, TL: tl.constexpr):
 @triton.jit
 def _selective_scan_bwd_lanes_kernel(
     p_u, p_delta, p_A, p_B, p_C, p_D, p_bias, p_z, p_dout, p_states, p_h0, p_dlast,
-    p_du, p_ddelta, p_dz, p_dB, p_dC, p_dA, p_dD, p_dbias, p_dh0,
-    dim, L, N, G_B, G_C, dpg_B, dpg_C, s_u_b, s_u_d, s_dt_b, s_dt_d, s_z_b, s_z_d, s_do_b, s_do_d,
+    p_du, p_ddelta, p_dz, p_dB, p_dC, p_dA, p_dD, p_dbias, p_dh0, p_ws, p_du_acc, p_ddt_acc,
+    dim, L, N, G_B, G_C, dpg_B, dpg_C, s_u_b, s_u_d, s_dt_b, s_dt_d, s_z_b, s_z_d, s_do_b, s_do_d, scale,
     BLOCK_N: tl.constexpr, VEC: tl.constexpr, CPW: tl.constexpr, NW: tl.constexpr, HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr,
-    HAS_DH0: tl.constexpr, FIRST: tl.constexpr, SAVE: tl.constexpr,
+    HAS_DH0: tl.constexpr, FIRST: tl.constexpr, SAVE: tl.constexpr, REV: tl.constexpr, MODE: tl.constexpr,
+    ACC_U: tl.constexpr, ACC_DT: tl.constexpr,
 ):
     """Channels program_id(1) * C .. + C - 1 (C = CPW * NW) of batch row program_id(0), every window, every
-    gradient. A warp holds CPW channels over TL = 32 / CPW lanes each; windows are TL * VEC steps."""
+    gradient. A warp holds CPW channels over TL = 32 / CPW lanes each; windows are TL * VEC steps.
+
+    The bidirectional scan's backward is two launches (:func:`bi_selective_scan_bwd_lanes`). REV: the backward
+    direction, scanned in descending time: lane l holds the window's chunk TL - 1 - l and takes its steps in reverse
+    (the columns' tuple reversed), so the scan and adjoint below run unchanged in scan order; windows go in ascending
+    time. dy = dout * scale (* silu(z)); MODE 1 (REV's launch) writes its recomputed y (D u included) into the fp32
+    scratch ws instead of dz, MODE 2 (the forward direction's) adds ws to its y for dz. ACC_U / ACC_DT add the other
+    direction's du / ddelta (fp32 scratch) to this one's, where the two directions share u / delta."""
     TL: tl.constexpr = 32 // CPW
     C: tl.constexpr = CPW * NW
     W: tl.constexpr = TL * VEC
@@ -164,11 +202,15 @@ def _selective_scan_bwd_lanes_kernel(
     o_l = tl.arange(0, TL)[:, None] + o_w * 0  # [TL, C]: the time lane
     i_d = i_c * C + o_w  # [1, C]: the channel
     o_d3 = i_d[:, :, None]  # [1, C, 1]
-    o_t3 = (tl.arange(0, TL)[:, None] * VEC + tl.arange(0, VEC)[None, :])[:, None, :]  # [TL, 1, VEC]
+    chunk = tl.arange(0, TL)
+    if REV:
+        chunk = TL - 1 - chunk
+    o_t3 = (chunk[:, None] * VEC + tl.arange(0, VEC)[None, :])[:, None, :]  # [TL, 1, VEC]: time in the window
     row = i_b * dim + i_d  # [1, C]
     n_saves = tl.cdiv(L, SAVE)
-    if FIRST:
-        p_st = p_states + row * n_saves * N  # [1, C]: block i's state at p_st + i * N
+    if FIRST or REV:  # [1, C]: block i's state at p_st + i * N (REV: entering it from its end; the last block's,
+        # zero, is kept only where FIRST, after the others)
+        p_st = p_states + row * (n_saves - 1 + FIRST) * N
     else:  # block 0's is not kept (kept_states): the same indexing, one slot back
         p_st = p_states + row * (n_saves - 1) * N - N
     p_u3 = p_u + i_b * s_u_b + o_d3 * s_u_d + o_t3
@@ -197,25 +239,35 @@ def _selective_scan_bwd_lanes_kernel(
 
     n_win = L // W
     for i_w in range(0, n_win):
-        w = n_win - 1 - i_w
+        if REV:
+            w = i_w
+        else:
+            w = n_win - 1 - i_w
         t0 = w * W
         dt = tl.load(p_dt3 + t0).to(tl.float32) + bias
         if SOFTPLUS:
             dt = _softplus(dt)
         du = dt * tl.load(p_u3 + t0).to(tl.float32)
         dy = tl.load(p_do3 + t0).to(tl.float32)
+        if MODE != 0:
+            dy = dy * scale
         if HAS_Z:
             zv = tl.load(p_z3 + t0).to(tl.float32)
             dy = dy * zv * tl.sigmoid(zv)
             y = tl.zeros([TL, C, VEC], dtype=tl.float32)
-        dt_c = _cols(dt, TL, C, VEC)
-        du_c = _cols(du, TL, C, VEC)
-        dy_c = _cols(dy, TL, C, VEC)
-        p_h = p_st + (t0 // SAVE) * N + o_l * 0  # [TL, C]: the states the forward saved at the window's start
-        m_h = t0 > 0
-        if not FIRST and HAS_DH0:  # not FIRST: the first window's state was not saved: initial_state (or zero)
-            p_h = tl.where(m_h, p_h, p_h0 + row * N + o_l * 0)
-            m_h = t0 >= 0
+        dt_c = _scols(dt, TL, C, VEC, REV)
+        du_c = _scols(du, TL, C, VEC, REV)
+        dy_c = _scols(dy, TL, C, VEC, REV)
+        # [TL, C]: the state the forward saved at the window's start in scan order
+        if REV:
+            p_h = p_st + ((t0 + W) // SAVE - 1) * N + o_l * 0
+            m_h = t0 + W < L  # not FIRST: the last window's (zero) was not saved
+        else:
+            p_h = p_st + (t0 // SAVE) * N + o_l * 0
+            m_h = t0 > 0
+            if not FIRST and HAS_DH0:  # not FIRST: the first window's state was not saved: initial_state (or zero)
+                p_h = tl.where(m_h, p_h, p_h0 + row * N + o_l * 0)
+                m_h = t0 >= 0
         p_b = p_B + o_B3 + t0
         p_c = p_C + o_C3 + t0
         S1 = tl.zeros([TL, C, VEC], dtype=tl.float32)  # sum_n q B
@@ -234,8 +286,8 @@ def _selective_scan_bwd_lanes_kernel(
                 A_2, h_2, b_2, c_2 = _ld_state(p_A1, p_h, p_b, p_c, n + 2, L, N, o_l, FIRST, m_h)
             b3 = b3.to(tl.float32)
             c3 = c3.to(tl.float32)
-            b_c = _cols(b3, TL, C, VEC)
-            c_c = _cols(c3, TL, C, VEC)
+            b_c = _scols(b3, TL, C, VEC, REV)
+            c_c = _scols(c3, TL, C, VEC, REV)
             A2_n = A_n * 1.4426950408889634
             # states: each lane's steps as one map, the lanes scanned, the steps again from the lane's entering state
             a = ()
@@ -274,9 +326,9 @@ def _selective_scan_bwd_lanes_kernel(
                 ql = g[VEC - 1 - jj] + a[VEC - jj] * ql
                 q = (ql,) + q
             # gradients of this state
-            h3 = _uncols(h, TL, C, VEC)
-            q3 = _uncols(q, TL, C, VEC)
-            P3 = q3 * (h3 - _uncols(x, TL, C, VEC))  # q_t a_t h_{t-1}
+            h3 = _suncols(h, TL, C, VEC, REV)
+            q3 = _suncols(q, TL, C, VEC, REV)
+            P3 = q3 * (h3 - _suncols(x, TL, C, VEC, REV))  # q_t a_t h_{t-1}
             S1 += q3 * b3
             S2 += P3 * A_n[:, :, None]
             if HAS_Z:
@@ -285,8 +337,8 @@ def _selective_scan_bwd_lanes_kernel(
             # (no branch per state, but 16 more live values) spilled and took 2.85 ms instead of 1.41 (H100).
             tl.atomic_add(p_dA1 + n, tl.sum(tl.sum(P3 * dt, axis=2), axis=0, keep_dims=True) + o_l * 0.0,
                           mask=lane0 & ((o_l * 0 + n) < N), sem="relaxed")
-            _red_add(p_dB + (i_b * G_B + g_B) * BLOCK_N * L + n * L + t0, q3 * du, TL, CPW, NW, VEC)
-            _red_add(p_dC + (i_b * G_C + g_C) * BLOCK_N * L + n * L + t0, h3 * dy, TL, CPW, NW, VEC)
+            _red_add(p_dB + (i_b * G_B + g_B) * BLOCK_N * L + n * L + t0, q3 * du, TL, CPW, NW, VEC, REV)
+            _red_add(p_dC + (i_b * G_C + g_C) * BLOCK_N * L + n * L + t0, h3 * dy, TL, CPW, NW, VEC, REV)
         r = r_next
         # u, delta (and dout, z) again rather than kept through the states (registers); L1 or L2 hits
         u = tl.load(p_u3 + t0).to(tl.float32)
@@ -303,10 +355,19 @@ def _selective_scan_bwd_lanes_kernel(
         if HAS_Z:
             if HAS_D:
                 y += Dv * u
-            dout = tl.load(p_do3 + t0).to(tl.float32)
-            sig = tl.sigmoid(zv)
-            dz = dout * sig * (1.0 + zv * (1.0 - sig)) * y
-            tl.store(p_dz + p_g3 + t0, dz.to(p_dz.dtype.element_ty))
+            if MODE == 1:
+                tl.store(p_ws + p_g3 + t0, y)
+            else:
+                if MODE == 2:
+                    y = (y + tl.load(p_ws + p_g3 + t0)) * scale
+                dout = tl.load(p_do3 + t0).to(tl.float32)
+                sig = tl.sigmoid(zv)
+                dz = dout * sig * (1.0 + zv * (1.0 - sig)) * y
+                tl.store(p_dz + p_g3 + t0, dz.to(p_dz.dtype.element_ty))
+        if ACC_U:
+            du_out += tl.load(p_du_acc + p_g3 + t0)
+        if ACC_DT:
+            ddt += tl.load(p_ddt_acc + p_g3 + t0)
         tl.store(p_du + p_g3 + t0, du_out.to(p_du.dtype.element_ty))
         tl.store(p_ddelta + p_g3 + t0, ddt.to(p_ddelta.dtype.element_ty))
 
@@ -381,49 +442,128 @@ def lanes_save_steps(u, B, C) -> int:
     return _lanes_meta(u, B, C)[3]
 
 
-def selective_scan_bwd_lanes(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, states,
-                             delta_softplus: bool):
-    """Launch the lanes backward. Inputs validated by the caller; dout, u, delta, z time contiguous; L a multiple of
-    the window (32 / CPW lanes x one 16-byte vector). Returns a dict of gradients as
-    :func:`.triton_bwd.selective_scan_bwd`."""
+def use_lanes_bi_bwd(u, B, C, B_b, C_b, N: int, device_index=None) -> bool:
+    """Whether the bidirectional backward takes this kernel (a launch a direction): :func:`use_lanes_bwd`, with one
+    window for both directions (their B/C groups may differ), so that one spacing of saved states serves both."""
+    return use_lanes_bwd(u, N, device_index) and lanes_save_steps(u, B, C) == lanes_save_steps(u, B_b, C_b)
+
+
+def _grad_buffers(u, delta, A, B, C, D, z, delta_bias, initial_state, du_dtype=None, ddelta_dtype=None, dB=None,
+                  dC=None, dA=None):
+    """The gradient buffers one launch writes: du, ddelta, dz (empty without z); dB, dC (fp32 (batch, G, BLOCK_N, L))
+    and dA (fp32 (batch, dim, N)), zero-filled and added to with atomics, unless given (shared with the other
+    direction's); dD, ddelta_bias (fp32 per (batch, channel)); dinitial_state."""
     batch, dim, L = u.shape
     N = A.shape[1]
     dev = u.device
+    f32 = torch.float32
+    empty = torch.empty(0, device=dev, dtype=f32)
+    BLOCK_N = next_power_of_2(N)
+    return dict(
+        u=torch.empty((batch, dim, L), device=dev, dtype=du_dtype or u.dtype),
+        delta=torch.empty((batch, dim, L), device=dev, dtype=ddelta_dtype or delta.dtype),
+        z=torch.empty((batch, dim, L), device=dev, dtype=z.dtype) if z is not None else empty,
+        B=dB if dB is not None else torch.zeros((batch, _groups(B), BLOCK_N, L), device=dev, dtype=f32),
+        C=dC if dC is not None else torch.zeros((batch, _groups(C), BLOCK_N, L), device=dev, dtype=f32),
+        A=dA if dA is not None else torch.zeros((batch, dim, N), device=dev, dtype=f32),
+        D=torch.empty((batch, dim), device=dev, dtype=f32) if D is not None else empty,
+        delta_bias=torch.empty((batch, dim), device=dev, dtype=f32) if delta_bias is not None else empty,
+        initial_state=torch.empty((batch, dim, N), device=dev, dtype=f32) if initial_state is not None else empty,
+    )
+
+
+def _launch_bwd(g, dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, states,
+                delta_softplus: bool, REV=False, MODE=0, scale=1.0, ws=None, du_acc=None, ddelta_acc=None):
+    """One launch of the lanes backward into the buffers g (:func:`_grad_buffers`). REV / MODE / scale / ws and the
+    accumulated scratches (du_acc, ddelta_acc): the bidirectional scan's launches (see the kernel)."""
+    batch, dim, L = u.shape
+    N = A.shape[1]
     Bt, G_B, Ct, G_C, BLOCK_N = lanes_bc(u, B, C)
     CPW, NW, over, W = _lanes_meta(u, B, C)
     VEC = 16 // u.element_size()
     save, first = saved_layout(states, L)
     assert L % W == 0 and W % save == 0, "windows must be whole and start on saved states"
-    f32 = torch.float32
-    empty = torch.empty(0, device=dev, dtype=f32)
-    du = torch.empty((batch, dim, L), device=dev, dtype=u.dtype)
-    ddelta = torch.empty((batch, dim, L), device=dev, dtype=delta.dtype)
-    dz = torch.empty((batch, dim, L), device=dev, dtype=z.dtype) if z is not None else empty
-    dB = torch.zeros((batch, G_B, BLOCK_N, L), device=dev, dtype=f32)
-    dC = torch.zeros((batch, G_C, BLOCK_N, L), device=dev, dtype=f32)
-    dA = torch.zeros((batch, dim, N), device=dev, dtype=f32)
-    dD = torch.empty((batch, dim), device=dev, dtype=f32) if D is not None else empty
-    dbias = torch.empty((batch, dim), device=dev, dtype=f32) if delta_bias is not None else empty
-    dh0 = torch.empty((batch, dim, N), device=dev, dtype=f32) if initial_state is not None else empty
+    assert not REV or (initial_state is None and dlast_state is None), "the bidirectional scan has no end states"
+    empty = u.new_empty(0, dtype=torch.float32)
+    opt = lambda x: x if x is not None else empty  # noqa: E731
     zs = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
     args = (
-        u, delta, A.contiguous(), Bt, Ct, D if D is not None else empty,
-        delta_bias if delta_bias is not None else empty, z if z is not None else empty, dout, states,
-        initial_state if initial_state is not None else empty, dlast_state if dlast_state is not None else empty,
-        du, ddelta, dz, dB, dC, dA, dD, dbias, dh0,
+        u, delta, A.contiguous(), Bt, Ct, opt(D), opt(delta_bias), opt(z), dout, states, opt(initial_state),
+        opt(dlast_state), g["u"], g["delta"], g["z"], g["B"], g["C"], g["A"], g["D"], g["delta_bias"],
+        g["initial_state"], opt(ws), opt(du_acc), opt(ddelta_acc),
         dim, L, N, G_B, G_C, dim // G_B, dim // G_C, u.stride(0), u.stride(1), delta.stride(0), delta.stride(1),
-        *zs, dout.stride(0), dout.stride(1),
+        *zs, dout.stride(0), dout.stride(1), scale,
     )
     meta = dict(BLOCK_N=BLOCK_N, VEC=VEC, CPW=CPW, NW=NW, HAS_D=D is not None, HAS_Z=z is not None,
                 HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_DLAST=dlast_state is not None,
-                HAS_DH0=initial_state is not None, FIRST=first, SAVE=save)
+                HAS_DH0=initial_state is not None, FIRST=first, SAVE=save, REV=REV, MODE=MODE,
+                ACC_U=du_acc is not None, ACC_DT=ddelta_acc is not None)
     meta.update(over)
     launch(_selective_scan_bwd_lanes_kernel, (batch, dim // (CPW * NW)), args, dict(meta, num_warps=NW))
+
+
+def _finish(g, u, B, C, D, z, delta_bias, initial_state):
+    """The buffers of :func:`_grad_buffers` -> gradients as :func:`.triton_bwd.selective_scan_bwd` returns them."""
+    batch, _, L = u.shape
+    N = g["A"].shape[2]
 
     def bc(buf, X):
         buf = buf[:, :, :N]
         return (buf.reshape(batch, N, L) if X.dim() == 3 else buf).to(X.dtype)
 
-    return dict(u=du, delta=ddelta, A=dA.sum(0), B=bc(dB, B), C=bc(dC, C),
-                D=dD.sum(0) if D is not None else None, delta_bias=dbias.sum(0) if delta_bias is not None else None,
-                z=dz if z is not None else None, initial_state=dh0 if initial_state is not None else None)
+    return dict(u=g["u"], delta=g["delta"], A=g["A"].sum(0), B=bc(g["B"], B), C=bc(g["C"], C),
+                D=g["D"].sum(0) if D is not None else None,
+                delta_bias=g["delta_bias"].sum(0) if delta_bias is not None else None,
+                z=g["z"] if z is not None else None,
+                initial_state=g["initial_state"] if initial_state is not None else None)
+
+
+def selective_scan_bwd_lanes(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, states,
+                             delta_softplus: bool):
+    """Launch the lanes backward. Inputs validated by the caller; dout, u, delta, z time contiguous; L a multiple of
+    the window (32 / CPW lanes x one 16-byte vector). Returns a dict of gradients as
+    :func:`.triton_bwd.selective_scan_bwd`."""
+    g = _grad_buffers(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    _launch_bwd(g, dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, states, delta_softplus)
+    return _finish(g, u, B, C, D, z, delta_bias, initial_state)
+
+
+def bi_selective_scan_bwd_lanes(dout, u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b,
+                                delta_bias_b, states, states_b, delta_softplus: bool, divide_out: bool):
+    """The bidirectional backward in two launches, no flipped copies: the backward direction (REV, from states_b)
+    with its recomputed y into an fp32 scratch, then the forward direction, which adds it for dz. A ``*_b`` left out
+    is its forward twin: where u / delta are shared the backward direction's du / ddelta go to fp32 scratch that the
+    second launch adds; shared B, C, A take both directions' atomics in one buffer; D, delta_bias are added here.
+    Returns a dict of gradients as :func:`.triton_bwd.selective_scan_bwd` does for the bidirectional scan. Inputs
+    validated by the caller; every row time contiguous; L whole windows; states of both directions saved a window
+    apart (:func:`use_lanes_bi_bwd`, :func:`lanes_save_steps`)."""
+    twin = lambda b, f: f if b is None else b  # noqa: E731
+    ub, dtb, Ab, Bb, Cb = twin(u_b, u), twin(delta_b, delta), twin(A_b, A), twin(B_b, B), twin(C_b, C)
+    Db, biasb = twin(D_b, D), twin(delta_bias_b, delta_bias)
+    f32 = torch.float32
+    scale = 0.5 if divide_out else 1.0
+    gf = _grad_buffers(u, delta, A, B, C, D, z, delta_bias, None)
+    gb = _grad_buffers(ub, dtb, Ab, Bb, Cb, Db, None, biasb, None, du_dtype=f32 if u_b is None else None,
+                       ddelta_dtype=f32 if delta_b is None else None, dB=gf["B"] if B_b is None else None,
+                       dC=gf["C"] if C_b is None else None, dA=gf["A"] if A_b is None else None)
+    ws = torch.empty(u.shape, device=u.device, dtype=f32) if z is not None else None
+    _launch_bwd(gb, dout, None, ub, dtb, Ab, Bb, Cb, Db, z, biasb, None, states_b, delta_softplus, REV=True, MODE=1,
+                scale=scale, ws=ws)
+    _launch_bwd(gf, dout, None, u, delta, A, B, C, D, z, delta_bias, None, states, delta_softplus, MODE=2,
+                scale=scale, ws=ws, du_acc=gb["u"] if u_b is None else None,
+                ddelta_acc=gb["delta"] if delta_b is None else None)
+    grads = _finish(gf, u, B, C, D, z, delta_bias, None)
+    back = _finish(gb, ub, Bb, Cb, Db, None, biasb, None)
+    grads["u_b"] = None if u_b is None else back["u"]
+    grads["delta_b"] = None if delta_b is None else back["delta"]
+    grads["A_b"] = None if A_b is None else back["A"]  # shared: one buffer took both directions
+    grads["B_b"] = None if B_b is None else back["B"]
+    grads["C_b"] = None if C_b is None else back["C"]
+    for name, X, Xb in (("D", D, D_b), ("delta_bias", delta_bias, delta_bias_b)):
+        if Xb is None:
+            if X is not None:
+                grads[name] = grads[name] + back[name]
+            grads[name + "_b"] = None
+        else:
+            grads[name + "_b"] = back[name]
+    return grads

@@ -410,22 +410,22 @@ def use_lanes_bi(u, delta, u_b, delta_b, z, N: int, device_index=None) -> bool:
 
 
 def bi_selective_scan_fwd_lanes(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b,
-                                delta_softplus: bool, divide_out: bool):
+                                delta_softplus: bool, divide_out: bool, save: int = SAVE_STEPS):
     """The bidirectional forward in two launches, no flipped copies: the backward direction in reverse scan order
     (REV), its y (D included) into an fp32 scratch, then the forward direction, which adds it, scales, gates and
     stores out. Returns (out, states, states_b) as :func:`.triton_fwd.selective_scan_fwd` does for the bidirectional
-    scan (a state every SAVE_STEPS steps, what the segment backward reads). Inputs validated by the caller; every
-    row time contiguous; L whole windows (:func:`use_lanes_bi`)."""
+    scan (a state every ``save`` steps: SAVE_STEPS for the segment backward, the window for the lanes one). Inputs
+    validated by the caller; every row time contiguous; L whole windows (:func:`use_lanes_bi`)."""
     batch, dim, L = u.shape
     N = A.shape[1]
     f32 = torch.float32
     out = torch.empty((batch, dim, L), device=u.device, dtype=u.dtype)
     ws = torch.empty((batch, dim, L), device=u.device, dtype=f32)
-    states = torch.empty((batch, dim, kept_states(L), N), device=u.device, dtype=f32)
+    states = torch.empty((batch, dim, kept_states(L, save), N), device=u.device, dtype=f32)
     states_b = torch.empty_like(states)
     last_state = torch.empty((batch, dim, N), device=u.device, dtype=f32)  # written by the forward one, unused
-    _launch_pass(u_b, delta_b, A_b, B_b, C_b, D_b, None, delta_bias_b, None, delta_softplus, SAVE_STEPS, out,
+    _launch_pass(u_b, delta_b, A_b, B_b, C_b, D_b, None, delta_bias_b, None, delta_softplus, save, out,
                  last_state, states_b, ws, 1.0, True, 1)
-    _launch_pass(u, delta, A, B, C, D, z, delta_bias, None, delta_softplus, SAVE_STEPS, out, last_state, states, ws,
+    _launch_pass(u, delta, A, B, C, D, z, delta_bias, None, delta_softplus, save, out, last_state, states, ws,
                  0.5 if divide_out else 1.0, False, 2)
     return out, states, states_b
