@@ -5,7 +5,8 @@ arguments, meta-parameters and specialisations (16-byte alignment, ints divisibl
 would give it on a GPU. Then every loop of the SASS (a backward branch to a label) is listed with its instruction
 count and its opcode histogram, and the per-element cost of the main loop is printed.
 
-Usage: PYTHONPATH=.:/tmp/t36 python benchmarks/sass_count.py [--shape global_xl] [--kernel fwd|lanes|bwd|lanes_bwd] [--bi] [--dump FILE]
+Usage: PYTHONPATH=.:/tmp/t36 python benchmarks/sass_count.py [--shape global_xl] [--kernel fwd|lanes|bwd|lanes_bwd]
+       [--bi] [--dump FILE]
 (Triton 3.6 is the device's version: `pip install --target /tmp/t36 triton==3.6.0`; its layouts differ from 3.9's.)
 Needs ptxas and nvdisasm (Triton ships both).
 """

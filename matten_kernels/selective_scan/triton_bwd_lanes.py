@@ -40,6 +40,13 @@ shuffle level halves the atomic traffic: 1.41 ms, and B/C/A/states two states ah
 1.95, the sum's layout no longer matches the atomics'). No segments and no summary pass, and y is recomputed for dz
 from the recomputed states. When it is used: :func:`use_lanes_bwd` (16-bit dtypes, long sequences in whole windows,
 N <= 16, enough channels to fill the GPU).
+
+The bidirectional scan's backward runs as two launches of this kernel (:func:`bi_selective_scan_bwd_lanes`, where
+:func:`use_lanes_bi_bwd` takes the rows), no flipped copies: the backward direction in reverse scan order (``REV``:
+lane l holds the window's chunk TL - 1 - l, its steps taken in reverse by reversing the tuple of columns, which costs
+no instructions; windows in ascending time), its recomputed y into an fp32 scratch, then the forward direction,
+whose dz reads it. H200, bf16, op level, against the segment kernel's one launch in the same call: fwd+bwd global XL
+3.331 -> 3.278 ms, global S 4.262 -> 3.583 (benchmarks/NOTES_scan.md "Session 30").
 """
 
 from __future__ import annotations
