@@ -14,6 +14,7 @@ Needs ptxas and nvdisasm (Triton ships both).
 from __future__ import annotations
 
 import argparse
+import ast
 import collections
 import os
 import re
@@ -125,7 +126,11 @@ def main():
     p.add_argument("--bi", action="store_true", help="lanes / lanes_bwd: the bidirectional scan's two launches (Vim "
                                                        "v2 inputs, z)")
     p.add_argument("--dump", default=None, help="write the SASS of each kernel to FILE.<i>.sass")
+    p.add_argument("--meta", default=None, help="lanes_bwd: meta-parameter overrides as a dict literal, e.g. "
+                                                 "\"{'NS': 2}\" (triton_bwd_lanes._META_OVERRIDES)")
     args = p.parse_args()
+    if args.meta:
+        triton_bwd_lanes._META_OVERRIDES.update(ast.literal_eval(args.meta))
     batch, dim, N, L = SHAPES[args.shape]
     dt = getattr(torch, args.dtype)
     u = torch.zeros(batch, dim, L, dtype=dt)
