@@ -145,6 +145,23 @@ def test_bi_triton_lanes_backward_matches_composition(mode, shape, opts, lanes_f
 
 
 @pytest.mark.interpreter
+def test_bi_opcheck_lanes_backward(monkeypatch):
+    """With the lanes backward taken (forced; dim 3: one channel a warp, so its 128-step window is not SAVE_STEPS),
+    the fake kernel sizes the saved states as the forward does (opcheck's fake-tensor and autograd checks; L = 128:
+    no state saved, one window a direction)."""
+    from matten_kernels.selective_scan import _ops, triton_fwd
+
+    monkeypatch.setattr(_ops, "use_lanes_bi_bwd", lambda *a, **k: True)
+    x, xb = make_bi(1, 3, 128, 1, None, "v2")
+    args = tuple(v.clone().requires_grad_() for v in
+                 [x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")] + [xb[k] for k in BWD])
+    states = _ops.bi_selective_scan_fwd_op(*args, True, False)[1]
+    assert triton_fwd.saved_layout(states, 128)[0] == 128 and states.shape[2] == 0  # SAVE_STEPS: 1 slot
+    res = torch.library.opcheck(_ops.bi_selective_scan_fwd_op, args + (True, False))
+    assert all(v == "SUCCESS" for v in res.values()), res
+
+
+@pytest.mark.interpreter
 def test_bi_padding_is_exact(monkeypatch):
     """On the GPU bi_selective_scan pads L to a multiple of 16 with u = 0 steps; forced here on the CPU (L = 17, v2,
     every option): outputs and every gradient against the float64 composition, as without padding."""
