@@ -147,8 +147,8 @@ def test_bi_triton_lanes_backward_matches_composition(mode, shape, opts, lanes_f
 @pytest.mark.interpreter
 def test_bi_opcheck_lanes_backward(monkeypatch):
     """With the lanes backward taken (forced; dim 3: one channel a warp, so its 128-step window is not SAVE_STEPS),
-    the fake kernel sizes the saved states as the forward does (opcheck's fake-tensor and autograd checks; L = 128:
-    no state saved, one window a direction)."""
+    the fake kernel sizes the saved states as the forward does (opcheck's schema, fake-tensor and autograd
+    registration checks; L = 128: no state saved, one window a direction)."""
     from matten_kernels.selective_scan import _ops, triton_fwd
 
     monkeypatch.setattr(_ops, "use_lanes_bi_bwd", lambda *a, **k: True)
@@ -157,7 +157,8 @@ def test_bi_opcheck_lanes_backward(monkeypatch):
                  [x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")] + [xb[k] for k in BWD])
     states = _ops.bi_selective_scan_fwd_op(*args, True, False)[1]
     assert triton_fwd.saved_layout(states, 128)[0] == 128 and states.shape[2] == 0  # SAVE_STEPS: 1 slot
-    res = torch.library.opcheck(_ops.bi_selective_scan_fwd_op, args + (True, False))
+    res = torch.library.opcheck(_ops.bi_selective_scan_fwd_op, args + (True, False),
+                                test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     assert all(v == "SUCCESS" for v in res.values()), res
 
 
