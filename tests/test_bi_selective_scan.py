@@ -145,6 +145,26 @@ def test_bi_triton_lanes_backward_matches_composition(mode, shape, opts, lanes_f
 
 
 @pytest.mark.interpreter
+def test_bi_triton_lanes_backward_own_groups(monkeypatch):
+    """B_b / C_b in their own group count (2, against ungrouped B / C): each direction's launch fits its programs to
+    its groups (4 and 2 warps here) over the same window; every gradient against the float64 composition."""
+    from matten_kernels.selective_scan import _ops, triton_bwd_lanes
+
+    from test_selective_scan import make_inputs
+
+    launches = []
+    launch = triton_bwd_lanes.launch
+    monkeypatch.setattr(_ops, "use_lanes_bi_bwd", lambda *a, **k: True)
+    monkeypatch.setattr(triton_bwd_lanes, "launch", lambda k, g, a, m: launches.append((m["REV"], m["NW"])) or
+                        launch(k, g, a, m))
+    x, xb = make_bi(1, 8, 128, 3, None, "v2")
+    grouped = make_inputs(1, 8, 128, 3, 2, D=True, z=False, bias=True, seed=3)
+    xb["B_b"], xb["C_b"] = grouped["B"], grouped["C"]
+    run_bi("triton", x, xb, True, False)
+    assert launches == [(True, 2), (False, 4)], launches
+
+
+@pytest.mark.interpreter
 def test_bi_opcheck_lanes_backward(monkeypatch):
     """With the lanes backward taken (forced; dim 3: one channel a warp, so its 128-step window is not SAVE_STEPS),
     the fake kernel sizes the saved states as the forward does (opcheck's schema, fake-tensor and autograd
