@@ -231,6 +231,11 @@ def write_ab(stem, info, out_dir, **payload):
     return path
 
 
+def log_row(row):
+    """One measured row, printed (flushed) as it is taken: a run cut short by a timeout still shows what it got."""
+    print("  row:", {k: v for k, v in row.items() if v is not None}, flush=True)
+
+
 def print_table(rows, cols):
     widths = [max(len(c), *(len(f"{r.get(c, '')}") for r in rows)) for c in cols]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))

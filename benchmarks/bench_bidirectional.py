@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _scan_common import (ANCHORS, DTYPES, SHAPES, bench, env_info, floor_ms, graphed_ms, host_ms,  # noqa: E402
-                          mamba_provider, peak_mem_mb, print_table, scan_inputs, write_results)
+                          log_row, mamba_provider, peak_mem_mb, print_table, scan_inputs, write_results)
 
 from matten_kernels import bi_selective_scan, selective_scan  # noqa: E402
 from matten_kernels.selective_scan import cuda as scan_cuda  # noqa: E402
@@ -118,6 +118,7 @@ def run_ops(args, rows):
                 except Exception as e:  # noqa: BLE001
                     row["error"] = f"{type(e).__name__}: {str(e)[:100]}"
                 rows.append(row)
+                log_row(row)
             del x, xb, leaves
             torch.cuda.empty_cache()
 
@@ -176,6 +177,7 @@ def run_mixer_shape(args, rows, sname, BiMamba, VimBiMamba, why):
             row["error"] = f"{type(e).__name__}: {str(e)[:100]}"
         os.environ.pop("MATTEN_SCAN_FWD_KERNEL", None)
         rows.append(row)
+        log_row(row)
     m.backend = None
 
 

@@ -21,7 +21,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _scan_common import (ANCHORS, DTYPES, EXTRA_SHAPES, SHAPES, bench, bytes_model, cuda_provider,  # noqa: E402
-                          env_info, floor_ms, mamba_provider, peak_mem_mb, print_table, scan_inputs, write_results)
+                          env_info, floor_ms, log_row, mamba_provider, peak_mem_mb, print_table, scan_inputs,
+                          write_results)
 
 from matten_kernels import selective_scan, selective_scan_ref  # noqa: E402
 
@@ -81,6 +82,7 @@ def run(args):
                     row["anchor_fwd"], row["anchor_fwdbwd"] = ANCHORS[sname][:2]
                 row["fwd_ms"], row["fwdbwd_ms"] = round(row["fwd_ms"], 4), round(row["fwdbwd_ms"], 4)
                 rows.append(row)
+                log_row(row)
             del x, inp
             torch.cuda.empty_cache()
     return rows
