@@ -127,7 +127,7 @@ def main():
                                                        "v2 inputs, z)")
     p.add_argument("--dump", default=None, help="write the SASS of each kernel to FILE.<i>.sass")
     p.add_argument("--meta", default=None, help="lanes_bwd: meta-parameter overrides as a dict literal, e.g. "
-                                                 "\"{'NS': 2}\" (triton_bwd_lanes._META_OVERRIDES)")
+                                                 "\"{'maxnreg': 240}\" (triton_bwd_lanes._META_OVERRIDES)")
     args = p.parse_args()
     if args.meta:
         triton_bwd_lanes._META_OVERRIDES.update(ast.literal_eval(args.meta))

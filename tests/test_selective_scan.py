@@ -454,30 +454,6 @@ def test_triton_lanes_backward_matches_float64(shape, opts, monkeypatch):
     _forced_lanes_case("use_lanes_bwd", shape, opts, monkeypatch)
 
 
-# The lanes backward with its states split over groups of warps (NS, an A/B variant: a warp carries BLOCK_N / NS
-# states; the sums over n are added across the groups once a window), forced on the float64 checks: N = 5 (8 padded
-# states) in 2 and 4 groups, and the bidirectional launches (v2, z) in 2.
-@pytest.mark.parametrize("ns", [2, 4])
-@pytest.mark.interpreter
-def test_triton_lanes_backward_state_groups(ns, monkeypatch):
-    from matten_kernels.selective_scan import triton_bwd_lanes
-
-    monkeypatch.setitem(triton_bwd_lanes._META_OVERRIDES, "NS", ns)
-    seen = []
-    launch = triton_bwd_lanes.launch
-    monkeypatch.setattr(triton_bwd_lanes, "launch", lambda k, g, a, m: seen.append((m["NS"], m["num_warps"])) or
-                        launch(k, g, a, m))
-    _forced_lanes_case("use_lanes_bwd", (2, 8, 128, 5, None), OPTIONS[0].values[0], monkeypatch)
-    if ns == 2:
-        from matten_kernels.selective_scan import _ops
-        from test_bi_selective_scan import make_bi, run_bi
-
-        monkeypatch.setattr(_ops, "use_lanes_bi_bwd", lambda *a, **k: True)
-        x, xb = make_bi(1, 4, 128, 3, None, "v2")
-        run_bi("triton", x, xb, True, True)
-    assert seen and all(s[0] == ns and s[1] % ns == 0 for s in seen), seen
-
-
 def test_lanes_backward_choice(monkeypatch):
     """use_lanes_bwd takes the shapes it was measured faster on (SPEC section 7, bf16, H100: global XL and global S)
     and leaves the others, fp32, N > 16, partial windows and deterministic mode to the segment backward; the

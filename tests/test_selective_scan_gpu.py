@@ -82,15 +82,10 @@ def _forced_lanes_case(chooser, dtype, shape, monkeypatch):
 # The lanes backward (chosen by shape: long 16-bit sequences over many channels) forced on fewer channels: two channels
 # per warp and four warps (dim 96), B/C in two groups with N = 5 (dim 64), one channel per warp (dim 6), L = 4096 and
 # 1024 (the shortest it is chosen for); fp32 too (4 steps per lane), which the shape choice never takes.
-# ns: the states split over 1, 2 or 4 groups of warps (NS, an A/B variant of the kernel; default 1).
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("shape", [(2, 96, 4096, 16, None), (2, 64, 4096, 5, 2), (3, 6, 1024, 16, None)],
                          ids=["L4096", "L4096-N5-G2", "L1024-dim6"])
-@pytest.mark.parametrize("ns", [1, 2, 4], ids=["ns1", "ns2", "ns4"])
-def test_uni_lanes_backward(dtype, shape, ns, monkeypatch):
-    from matten_kernels.selective_scan import triton_bwd_lanes
-
-    monkeypatch.setitem(triton_bwd_lanes._META_OVERRIDES, "NS", ns)
+def test_uni_lanes_backward(dtype, shape, monkeypatch):
     _forced_lanes_case("use_lanes_bwd", dtype, shape, monkeypatch)
 
 
@@ -134,13 +129,11 @@ def _uni_case(dtype, shape):
 
 # forward "lanes": the lanes kernels' two launches forced (use_lanes_bi: rows of whole windows, L = 1536), one or two
 # channels a warp; backward "lanes": the lanes backward's two launches forced (use_lanes_bi_bwd; the forward then
-# saves a state a window), "lanes-ns2" with the states in two groups of warps (NS); "auto": the shape's choice (the
-# segment kernels here)
+# saves a state a window); "auto": the shape's choice (the segment kernels here)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("mode", ["v2", "v1", "shared"])
 @pytest.mark.parametrize("forward, backward", [("auto", "auto"), ("lanes", "auto"), ("lanes-cpw2", "auto"),
-                                               ("auto", "lanes"), ("lanes", "lanes"), ("lanes-cpw2", "lanes"),
-                                               ("lanes", "lanes-ns2")])
+                                               ("auto", "lanes"), ("lanes", "lanes"), ("lanes-cpw2", "lanes")])
 def test_bi_dtypes(dtype, mode, forward, backward, monkeypatch):
     from matten_kernels.selective_scan import _ops, triton_fwd_lanes
 
@@ -153,10 +146,6 @@ def test_bi_dtypes(dtype, mode, forward, backward, monkeypatch):
     if backward != "auto":
         monkeypatch.setattr(_ops, "use_lanes_bi_bwd", lambda *a, **k: chosen.append("bwd") or True)
         L = 1536
-    if backward == "lanes-ns2":
-        from matten_kernels.selective_scan import triton_bwd_lanes
-
-        monkeypatch.setitem(triton_bwd_lanes._META_OVERRIDES, "NS", 2)
     _bi_case(dtype, mode, batch, dim, L, N)
     assert ("fwd" in chosen) == (forward != "auto") and ("bwd" in chosen) == (backward != "auto"), chosen
 

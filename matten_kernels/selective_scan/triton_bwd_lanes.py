@@ -138,25 +138,15 @@ def _red_add(p, x, TL: tl.constexpr, CPW: tl.constexpr, NW: tl.constexpr, VEC: t
 
 
 @triton.jit
-def _ld_state(p_A, p_h, p_b, p_c, n, n3, L, N, o_l, FIRST: tl.constexpr, m_h):
+def _ld_state(p_A, p_h, p_b, p_c, n, L, N, o_l, FIRST: tl.constexpr, m_h):
     """State n's A and saved window-start state [TL, C] (not FIRST: 0 where not m_h), and its B, C over the window
-    [TL, C, VEC] (u's dtype). n: the state (a [1, C] tensor where the program's warps hold different states; n3 its
-    [1, C, 1] view, else n itself)."""
+    [TL, C, VEC] (u's dtype)."""
     m = (o_l * 0 + n) < N
     if FIRST:
         h = tl.load(p_h + n, mask=m, other=0.0)
     else:
         h = tl.load(p_h + n, mask=m & m_h, other=0.0)
-    return tl.load(p_A + n, mask=m, other=0.0), h, tl.load(p_b + n3 * L), tl.load(p_c + n3 * L)
-
-
-@triton.jit
-def _n3(n, NS: tl.constexpr):
-    """A state index as :func:`_ld_state` takes it for [TL, C, VEC] offsets: n itself, or its [1, C, 1] view."""
-    if NS == 1:
-        return n
-    else:
-        return n[:, :, None]
+    return tl.load(p_A + n, mask=m, other=0.0), h, tl.load(p_b + n * L), tl.load(p_c + n * L)
 
 
 @triton.jit
@@ -196,13 +186,10 @@ def _selective_scan_bwd_lanes_kernel(
     BLOCK_N: tl.constexpr, VEC: tl.constexpr, CPW: tl.constexpr, NW: tl.constexpr, HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr,
     HAS_DH0: tl.constexpr, FIRST: tl.constexpr, SAVE: tl.constexpr, REV: tl.constexpr, MODE: tl.constexpr,
-    ACC_U: tl.constexpr, ACC_DT: tl.constexpr, NS: tl.constexpr,
+    ACC_U: tl.constexpr, ACC_DT: tl.constexpr,
 ):
-    """Channels program_id(1) * CH .. + CH - 1 (CH = CPW * NW) of batch row program_id(0), every window, every
-    gradient. A warp holds CPW channels over TL = 32 / CPW lanes each; windows are TL * VEC steps. NS > 1 (an A/B
-    variant, default 1): the states split into NS groups, each on its own NW warps (NS * NW warps a program), so a
-    warp carries BLOCK_N / NS states' values; the sums over n (du, ddelta, y for dz) are added across the groups once
-    a window.
+    """Channels program_id(1) * C .. + C - 1 (C = CPW * NW) of batch row program_id(0), every window, every
+    gradient. A warp holds CPW channels over TL = 32 / CPW lanes each; windows are TL * VEC steps.
 
     The bidirectional scan's backward is two launches (:func:`bi_selective_scan_bwd_lanes`). REV: the backward
     direction, scanned in descending time: lane l holds the window's chunk TL - 1 - l and takes its steps in reverse
@@ -211,9 +198,7 @@ def _selective_scan_bwd_lanes_kernel(
     scratch ws instead of dz, MODE 2 (the forward direction's) adds ws to its y for dz. ACC_U / ACC_DT add the other
     direction's du / ddelta (fp32 scratch) to this one's, where the two directions share u / delta."""
     TL: tl.constexpr = 32 // CPW
-    CH: tl.constexpr = CPW * NW
-    C: tl.constexpr = CH * NS  # slots (state group, channel), the group slowest: NS * NW warps
-    SPG: tl.constexpr = BLOCK_N // NS  # states a group
+    C: tl.constexpr = CPW * NW
     W: tl.constexpr = TL * VEC
     i_b = tl.program_id(0).to(tl.int64)
     i_c = tl.program_id(1)
@@ -222,12 +207,7 @@ def _selective_scan_bwd_lanes_kernel(
     # layout every tensor here shares: any other would be a shared-memory conversion per use)
     o_w = tl.arange(0, C)[None, :]  # [1, C]
     o_l = tl.arange(0, TL)[:, None] + o_w * 0  # [TL, C]: the time lane
-    if NS == 1:
-        i_d = i_c * C + o_w  # [1, C]: the channel
-        n0 = 0  # the slot's first state
-    else:
-        i_d = i_c * CH + o_w % CH
-        n0 = (o_w // CH) * SPG
+    i_d = i_c * C + o_w  # [1, C]: the channel
     o_d3 = i_d[:, :, None]  # [1, C, 1]
     chunk = tl.arange(0, TL)
     if REV:
@@ -245,37 +225,22 @@ def _selective_scan_bwd_lanes_kernel(
     p_do3 = p_dout + i_b * s_do_b + o_d3 * s_do_d + o_t3
     p_z3 = p_z + i_b * s_z_b + o_d3 * s_z_d + o_t3
     p_g3 = (i_b * dim + o_d3) * L + o_t3  # du, ddelta, dz: contiguous (batch, dim, L)
-    g_B = (i_c * CH) // dpg_B  # the program's channels share one B group and one C group
-    g_C = (i_c * CH) // dpg_C
+    g_B = (i_c * C) // dpg_B  # the program's channels share one B group and one C group
+    g_C = (i_c * C) // dpg_C
     o_B3 = (i_b * G_B + g_B) * BLOCK_N * L + o_t3 + o_d3 * 0  # [TL, C, VEC]: every channel reads the same B
     o_C3 = (i_b * G_C + g_C) * BLOCK_N * L + o_t3 + o_d3 * 0
 
     # the r each state carries from window to window: a tuple of [TL, C] (every lane holds every state's)
     r = ()
-    for n in tl.static_range(SPG):
+    for n in tl.static_range(BLOCK_N):
         r_n = tl.zeros([TL, C], dtype=tl.float32)
         if HAS_DLAST:
-            r_n = tl.load(p_dlast + row * N + n0 + n + o_l * 0, mask=(o_l * 0 + n0 + n) < N, other=0.0)
+            r_n = tl.load(p_dlast + row * N + n + o_l * 0, mask=(o_l * 0 + n) < N, other=0.0)
         r = r + (r_n,)
     bias, Dv = _channel_params(p_bias, p_D, o_d3, HAS_BIAS, HAS_D)
+    dD = tl.zeros([TL, C], dtype=tl.float32)
+    dbias = tl.zeros([TL, C], dtype=tl.float32)
     lane0 = o_l == 0
-    # the window's end (the sums over n done): [TL, CH(, VEC)], the same tensors as above where NS == 1
-    if NS == 1:
-        p_u3e, p_dt3e, p_do3e, p_z3e, p_g3e = p_u3, p_dt3, p_do3, p_z3, p_g3
-        bias_e, Dv_e, row_e, o_le = bias, Dv, row, o_l
-    else:
-        i_de = i_c * CH + tl.arange(0, CH)[None, :]  # [1, CH]
-        o_d3e = i_de[:, :, None]
-        row_e = i_b * dim + i_de
-        o_le = tl.arange(0, TL)[:, None] + i_de * 0  # [TL, CH]
-        p_u3e = p_u + i_b * s_u_b + o_d3e * s_u_d + o_t3
-        p_dt3e = p_delta + i_b * s_dt_b + o_d3e * s_dt_d + o_t3
-        p_do3e = p_dout + i_b * s_do_b + o_d3e * s_do_d + o_t3
-        p_z3e = p_z + i_b * s_z_b + o_d3e * s_z_d + o_t3
-        p_g3e = (i_b * dim + o_d3e) * L + o_t3
-        bias_e, Dv_e = _channel_params(p_bias, p_D, o_d3e, HAS_BIAS, HAS_D)
-    dD = tl.zeros([TL, CH], dtype=tl.float32)
-    dbias = tl.zeros([TL, CH], dtype=tl.float32)
     p_A1 = p_A + i_d * N + o_l * 0  # [TL, C]
     p_dA1 = p_dA + row * N + o_l * 0
 
@@ -317,16 +282,15 @@ def _selective_scan_bwd_lanes_kernel(
         r_next = ()
         # A, the saved state, B and C of state n + 2 are loaded while state n is worked on (H100, global XL: none
         # ahead 1.80 ms, one 1.41, two 1.35)
-        A_1, h_1, b_1, c_1 = _ld_state(p_A1, p_h, p_b, p_c, n0, _n3(n0, NS), L, N, o_l, FIRST, m_h)
-        if SPG > 1:
-            A_2, h_2, b_2, c_2 = _ld_state(p_A1, p_h, p_b, p_c, n0 + 1, _n3(n0 + 1, NS), L, N, o_l, FIRST, m_h)
-        for n in tl.static_range(SPG):
+        A_1, h_1, b_1, c_1 = _ld_state(p_A1, p_h, p_b, p_c, 0, L, N, o_l, FIRST, m_h)
+        if BLOCK_N > 1:
+            A_2, h_2, b_2, c_2 = _ld_state(p_A1, p_h, p_b, p_c, 1, L, N, o_l, FIRST, m_h)
+        for n in tl.static_range(BLOCK_N):
             A_n, h_in, b3, c3 = A_1, h_1, b_1, c_1
-            if n + 1 < SPG:
+            if n + 1 < BLOCK_N:
                 A_1, h_1, b_1, c_1 = A_2, h_2, b_2, c_2
-            if n + 2 < SPG:
-                A_2, h_2, b_2, c_2 = _ld_state(p_A1, p_h, p_b, p_c, n0 + n + 2, _n3(n0 + n + 2, NS), L, N, o_l,
-                                               FIRST, m_h)
+            if n + 2 < BLOCK_N:
+                A_2, h_2, b_2, c_2 = _ld_state(p_A1, p_h, p_b, p_c, n + 2, L, N, o_l, FIRST, m_h)
             b3 = b3.to(tl.float32)
             c3 = c3.to(tl.float32)
             b_c = _scols(b3, TL, C, VEC, REV)
@@ -361,8 +325,7 @@ def _selective_scan_bwd_lanes_kernel(
                 be = a[VEC - jj] * be
             m_s, v_s = _scan_down(a[0] * be, a[0] * al, o_l, TL)
             r_start = v_s + m_s * r[n]  # r leaving each lane (towards the earlier lanes)
-            # r entering each lane
-            ql = tl.where(o_l == TL - 1, r[n], tl.gather(r_start, tl.minimum(o_l + 1, TL - 1), 0))
+            ql = tl.where(o_l == TL - 1, r[n], tl.gather(r_start, tl.minimum(o_l + 1, TL - 1), 0))  # r entering each lane
             r_next = r_next + (tl.gather(r_start, o_l * 0, 0),)  # lane 0's: the earlier window's carry
             ql = g[VEC - 1] + ql
             q = (ql,)
@@ -379,33 +342,17 @@ def _selective_scan_bwd_lanes_kernel(
                 y += h3 * c3
             # dA: the window's sum over the lanes, added by lane 0. Per-state accumulators in registers instead
             # (no branch per state, but 16 more live values) spilled and took 2.85 ms instead of 1.41 (H100).
-            tl.atomic_add(p_dA1 + n0 + n, tl.sum(tl.sum(P3 * dt, axis=2), axis=0, keep_dims=True) + o_l * 0.0,
-                          mask=lane0 & ((o_l * 0 + n0 + n) < N), sem="relaxed")
-            if NS == 1:
-                n_w = n
-            else:  # [1, NS * NW, 1]: the state of each warp's group
-                n_w = ((tl.arange(0, NS * NW) // NW) * SPG + n)[None, :, None]
-            _red_add(p_dB + (i_b * G_B + g_B) * BLOCK_N * L + n_w * L + t0, q3 * du, TL, CPW, NW * NS, VEC, REV)
-            _red_add(p_dC + (i_b * G_C + g_C) * BLOCK_N * L + n_w * L + t0, h3 * dy, TL, CPW, NW * NS, VEC, REV)
+            tl.atomic_add(p_dA1 + n, tl.sum(tl.sum(P3 * dt, axis=2), axis=0, keep_dims=True) + o_l * 0.0,
+                          mask=lane0 & ((o_l * 0 + n) < N), sem="relaxed")
+            _red_add(p_dB + (i_b * G_B + g_B) * BLOCK_N * L + n * L + t0, q3 * du, TL, CPW, NW, VEC, REV)
+            _red_add(p_dC + (i_b * G_C + g_C) * BLOCK_N * L + n * L + t0, h3 * dy, TL, CPW, NW, VEC, REV)
         r = r_next
-        if NS > 1:  # the sums over n across the groups; the window's per-channel values again in [TL, CH, VEC]
-            S1 = tl.sum(tl.reshape(S1, [TL, NS, CH, VEC]), axis=1)
-            S2 = tl.sum(tl.reshape(S2, [TL, NS, CH, VEC]), axis=1)
-            if HAS_Z:
-                y = tl.sum(tl.reshape(y, [TL, NS, CH, VEC]), axis=1)
-            dt = tl.load(p_dt3e + t0).to(tl.float32) + bias_e
-            if SOFTPLUS:
-                dt = _softplus(dt)
-            dy = tl.load(p_do3e + t0).to(tl.float32) * scale
-            if HAS_Z:
-                zv = tl.load(p_z3e + t0).to(tl.float32)
-                dy = dy * zv * tl.sigmoid(zv)
         # u, delta (and dout, z) again rather than kept through the states (registers); L1 or L2 hits
-        u = tl.load(p_u3e + t0).to(tl.float32)
-        dt_raw = tl.load(p_dt3e + t0).to(tl.float32) + bias_e
+        u = tl.load(p_u3 + t0).to(tl.float32)
+        dt_raw = tl.load(p_dt3 + t0).to(tl.float32) + bias
         du_out = dt * S1
         if HAS_D:
-            du_out += Dv_e * dy
+            du_out += Dv * dy
             dD += tl.sum(dy * u, axis=2)
         ddt = u * S1 + S2
         if SOFTPLUS:
@@ -414,31 +361,31 @@ def _selective_scan_bwd_lanes_kernel(
             dbias += tl.sum(ddt, axis=2)
         if HAS_Z:
             if HAS_D:
-                y += Dv_e * u
+                y += Dv * u
             if MODE == 1:
-                tl.store(p_ws + p_g3e + t0, y)
+                tl.store(p_ws + p_g3 + t0, y)
             else:
                 if MODE == 2:
-                    y = (y + tl.load(p_ws + p_g3e + t0)) * scale
-                dout = tl.load(p_do3e + t0).to(tl.float32)
+                    y = (y + tl.load(p_ws + p_g3 + t0)) * scale
+                dout = tl.load(p_do3 + t0).to(tl.float32)
                 sig = tl.sigmoid(zv)
                 dz = dout * sig * (1.0 + zv * (1.0 - sig)) * y
-                tl.store(p_dz + p_g3e + t0, dz.to(p_dz.dtype.element_ty))
+                tl.store(p_dz + p_g3 + t0, dz.to(p_dz.dtype.element_ty))
         if ACC_U:
-            du_out += tl.load(p_du_acc + p_g3e + t0)
+            du_out += tl.load(p_du_acc + p_g3 + t0)
         if ACC_DT:
-            ddt += tl.load(p_ddt_acc + p_g3e + t0)
-        tl.store(p_du + p_g3e + t0, du_out.to(p_du.dtype.element_ty))
-        tl.store(p_ddelta + p_g3e + t0, ddt.to(p_ddelta.dtype.element_ty))
+            ddt += tl.load(p_ddt_acc + p_g3 + t0)
+        tl.store(p_du + p_g3 + t0, du_out.to(p_du.dtype.element_ty))
+        tl.store(p_ddelta + p_g3 + t0, ddt.to(p_ddelta.dtype.element_ty))
 
     # per-(batch, channel) sums; lane 0 stores the warp's
     if HAS_DH0:
-        for n in tl.static_range(SPG):
-            tl.store(p_dh0 + row * N + n0 + n + o_l * 0, r[n], mask=lane0 & ((o_l * 0 + n0 + n) < N))
+        for n in tl.static_range(BLOCK_N):
+            tl.store(p_dh0 + row * N + n + o_l * 0, r[n], mask=lane0 & ((o_l * 0 + n) < N))
     if HAS_D:
-        tl.store(p_dD + row_e + o_le * 0, tl.sum(dD, axis=0, keep_dims=True) + o_le * 0, mask=o_le == 0)
+        tl.store(p_dD + row + o_l * 0, tl.sum(dD, axis=0, keep_dims=True) + o_l * 0, mask=lane0)
     if HAS_BIAS:
-        tl.store(p_dbias + row_e + o_le * 0, tl.sum(dbias, axis=0, keep_dims=True) + o_le * 0, mask=o_le == 0)
+        tl.store(p_dbias + row + o_l * 0, tl.sum(dbias, axis=0, keep_dims=True) + o_l * 0, mask=lane0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -557,10 +504,9 @@ def _launch_bwd(g, dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initi
     meta = dict(BLOCK_N=BLOCK_N, VEC=VEC, CPW=CPW, NW=NW, HAS_D=D is not None, HAS_Z=z is not None,
                 HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_DLAST=dlast_state is not None,
                 HAS_DH0=initial_state is not None, FIRST=first, SAVE=save, REV=REV, MODE=MODE,
-                ACC_U=du_acc is not None, ACC_DT=ddelta_acc is not None, NS=1)
+                ACC_U=du_acc is not None, ACC_DT=ddelta_acc is not None)
     meta.update(over)
-    assert BLOCK_N % meta["NS"] == 0, "the state groups split the (padded) states evenly"
-    launch(_selective_scan_bwd_lanes_kernel, (batch, dim // (CPW * NW)), args, dict(meta, num_warps=NW * meta["NS"]))
+    launch(_selective_scan_bwd_lanes_kernel, (batch, dim // (CPW * NW)), args, dict(meta, num_warps=NW))
 
 
 def _finish(g, u, B, C, D, z, delta_bias, initial_state):
