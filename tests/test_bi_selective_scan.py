@@ -259,3 +259,35 @@ def test_bi_opcheck_and_compile():
     check("compiled loss", loss.detach(), f(*leaves).detach())
     for g1, v in zip(grads, leaves):
         check("compiled grad", g1, v.grad)
+
+
+# The bidirectional lanes launches (REV and MODE 1 / 2) in bf16 with the word loads (WORDS, the default for bf16)
+# against the element loads: bit for bit, output and every gradient of both directions (v2 and shared); see
+# test_selective_scan.test_triton_lanes_bf16_word_loads.
+@pytest.mark.parametrize("mode", ["v2", "shared"])
+@pytest.mark.interpreter
+def test_bi_triton_lanes_bf16_word_loads(mode, monkeypatch):
+    from matten_kernels.selective_scan import _ops, triton_bwd_lanes, triton_fwd_lanes
+
+    monkeypatch.setattr(_ops, "use_lanes_bi", lambda *a, **k: True)
+    monkeypatch.setattr(_ops, "use_lanes_bi_bwd", lambda *a, **k: True)
+    words = []
+    for mod in (triton_fwd_lanes, triton_bwd_lanes):
+        monkeypatch.setattr(mod, "launch", lambda k, g, a, m, _l=mod.launch: words.append(m["WORDS"]) or _l(k, g, a, m))
+    x, xb = make_bi(1, 4, 512, 3, None, mode)
+    x = {k: (v.bfloat16() if v is not None and k in ("u", "delta", "B", "C", "z") else v) for k, v in x.items()}
+    xb = {k: (v.bfloat16() if k in ("u_b", "delta_b", "B_b", "C_b") else v) for k, v in xb.items()}
+    dout = torch.randn(1, 4, 512, generator=torch.Generator().manual_seed(3)).bfloat16()
+    results = []
+    for over in ({}, {"WORDS": False}):
+        monkeypatch.setattr(triton_fwd_lanes, "META_OVERRIDES", dict(over))
+        monkeypatch.setattr(triton_bwd_lanes, "_META_OVERRIDES", dict(over))
+        lx = {k: v.clone().requires_grad_() for k, v in x.items() if v is not None and k != "initial_state"}
+        lxb = {k: v.clone().requires_grad_() for k, v in xb.items()}
+        out = bi_selective_scan(*(lx.get(k) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")), True,
+                                **lxb, backend="triton")
+        out.backward(dout)
+        results.append([out] + [v.grad for v in list(lx.values()) + list(lxb.values())])
+    assert words == [True] * 4 + [False] * 4, words
+    for got, ref in zip(*results):
+        assert torch.equal(got, ref)

@@ -556,3 +556,41 @@ def test_lanes_forward_channels_per_warp():
     assert lanes_fwd_cpw(8, 768, 1, 256, W1, 128, 132) == 1  # 3 channels a C group
     assert lanes_fwd_cpw(8, 768, 384, 1, W1, 128, 132) == 2  # 2 a B group
     assert lanes_fwd_cpw(1, 64, 1, 1, W1, 64, 132) == 1  # a fraction of a wave either way: twice the work a warp
+
+
+# bf16 rows loaded two elements a 32-bit word and unpacked by shift / mask (WORDS, the lanes kernels' default for
+# bf16) against the element loads and Triton's conversion: the unpacking is exact, so outputs and every gradient must
+# match bit for bit (a swapped half or a lost sign bit does not); and both within bf16 rounding of float64. The
+# interpreter runs bf16 here (fp16 keeps the element loads). Windows of 256 (forward) and 128 (backward) steps; L = 300
+# adds the forward's partial window (its TAIL launch keeps element loads).
+@pytest.mark.parametrize("L, backward", [(512, True), (300, False)], ids=["L512-fwd-bwd", "L300-fwd-tail"])
+@pytest.mark.interpreter
+def test_triton_lanes_bf16_word_loads(L, backward, monkeypatch):
+    from matten_kernels.selective_scan import _ops, triton_bwd_lanes, triton_fwd_lanes
+
+    monkeypatch.setattr(_ops, "use_lanes", lambda *a, **k: True)
+    monkeypatch.setattr(_ops, "use_lanes_bwd", lambda *a, **k: backward)
+    words = []
+    for mod in (triton_fwd_lanes, triton_bwd_lanes):
+        monkeypatch.setattr(mod, "launch", lambda k, g, a, m, _l=mod.launch: words.append(m["WORDS"]) or _l(k, g, a, m))
+    x = make_inputs(1, 4, L, 3, D=True, z=True, bias=True, h0=True)
+    x = {k: (v.bfloat16() if v is not None and k in ("u", "delta", "B", "C", "z") else v) for k, v in x.items()}
+    results = []
+    for over in ({}, {"WORDS": False}):
+        monkeypatch.setattr(triton_fwd_lanes, "META_OVERRIDES", dict(over))
+        monkeypatch.setattr(triton_bwd_lanes, "_META_OVERRIDES", dict(over))
+        leaves = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}
+        out, last = selective_scan(*(leaves[k] for k in NAMES[:8]), True, True, initial_state=leaves["initial_state"],
+                                   backend="triton")
+        (out.float() * torch.linspace(-1, 1, L)).sum().add(last.sum()).backward()
+        results.append([out, last] + [leaves[k].grad for k in NAMES if leaves[k] is not None])
+    assert words[0] is True and False in words and (not backward or words.count(True) == 2), words
+    for got, ref in zip(*results):
+        assert torch.equal(got, ref)
+    x64 = {k: (v.double().requires_grad_() if v is not None else None) for k, v in x.items()}
+    ref, ref_last = scan64(*(x64[k] for k in NAMES[:8]), softplus=True, initial_state=x64["initial_state"])
+    check("out", results[0][0], ref, tol=3e-2)
+    check("last_state", results[0][1], ref_last, tol=1e-2)
+    (ref * torch.linspace(-1, 1, L, dtype=torch.float64)).sum().add(ref_last.sum()).backward()
+    for k, got in zip([k for k in NAMES if x[k] is not None], results[0][2:]):
+        check(f"d{k}", got, x64[k].grad, tol=5e-2)

@@ -56,6 +56,26 @@ def _ld(p, m, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _ld_raw(p, base, t, tw, m, EVEN: tl.constexpr, WORDS: tl.constexpr):
+    """Elements p + t of a 16-bit row as loaded: WORDS, two a 32-bit word, from (p + base) + tw (tw: word offsets,
+    base even: t = base + the elements of tw); else the elements themselves (masked unless EVEN)."""
+    if WORDS:
+        return tl.load((p + base).to(tl.pointer_type(tl.int32), bitcast=True) + tw)
+    else:
+        return _ld(p + t, m, EVEN)
+
+
+@triton.jit
+def _f32(x, WORDS: tl.constexpr):
+    """Loaded elements -> fp32. WORDS (bf16 pairs in int32 words, the last axis): one instruction an element, the
+    low half shifted up and the high half masked (Triton's bf16 -> fp32 of a high half takes two: PRMT + SHF)."""
+    if WORDS:
+        return tl.interleave((x << 16).to(tl.float32, bitcast=True), (x & -65536).to(tl.float32, bitcast=True))
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
 def _pick_last_axis(x, m):
     """x[..., j] where the mask m is true at j only (a register move: the last axis is in-thread)."""
     return tl.reduce(tl.where(m, x, float("-inf")), len(x.shape) - 1, _maximum, keep_dims=True)
@@ -105,9 +125,9 @@ def _rev_steps(x, CPW: tl.constexpr, TL: tl.constexpr, VEC: tl.constexpr):
 
 @triton.jit
 def _window(w, u_raw, dt_raw, carry, A2, bias, Dv, scale, p_z1, p_B1, p_C1, p_out1, p_ws1, p_st, p_hl, L, N,
-            n_saves, o_t, o_l, o_v, o_c3, o_n2, CPW: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr,
+            n_saves, o_t, o_tw, o_l, o_v, o_c3, o_n2, CPW: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr,
             HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, EVEN: tl.constexpr,
-            SAVE: tl.constexpr, REV: tl.constexpr, MODE: tl.constexpr):
+            SAVE: tl.constexpr, REV: tl.constexpr, MODE: tl.constexpr, WORDS: tl.constexpr):
     """Scan window w (steps w * W ..) of the program's CPW channels from the carried states; returns the states after
     it. [CPW, W] tensors (channel, step in scan order), viewed as [CPW, TL, VEC] (channel, time lane, step of the
     lane). REV: scan order is descending time: lane l holds the window's chunk TL - 1 - l (``o_t``, loaded as
@@ -119,11 +139,11 @@ def _window(w, u_raw, dt_raw, carry, A2, bias, Dv, scale, p_z1, p_B1, p_C1, p_ou
     o_first = (o_l == 0) & (o_v == 0)
     t = w * W + o_t  # [CPW, W]: the steps each element loads (the same in every channel's row)
     m = t < L
+    u = _f32(u_raw, WORDS)
+    dt = _f32(dt_raw, WORDS) + bias
     if REV:
-        u_raw = _rev_steps(u_raw, CPW, TL, VEC)
-        dt_raw = _rev_steps(dt_raw, CPW, TL, VEC)
-    u = u_raw.to(tl.float32)
-    dt = dt_raw.to(tl.float32) + bias
+        u = _rev_steps(u, CPW, TL, VEC)
+        dt = _rev_steps(dt, CPW, TL, VEC)
     if SOFTPLUS:
         dt = _softplus(dt)
     if not EVEN:
@@ -147,25 +167,25 @@ def _window(w, u_raw, dt_raw, carry, A2, bias, Dv, scale, p_z1, p_B1, p_C1, p_ou
     # B, C of states n+1, n+2, n+3 are in flight while state n is scanned (each state's chain of exp, scan and
     # shuffles is short next to an L2 round trip: 1 state ahead 0.337, 2 ahead 0.319, 3 ahead 0.315 ms at global XL).
     # The CPW channels share B/C: their lanes load the same addresses, which one request serves.
-    b1 = _ld(p_B1 + t, m, EVEN)
-    c1 = _ld(p_C1 + t, m, EVEN)
+    b1 = _ld_raw(p_B1, w * W, t, o_tw, m, EVEN, WORDS)
+    c1 = _ld_raw(p_C1, w * W, t, o_tw, m, EVEN, WORDS)
     b2, c2, b3, c3 = b1, c1, b1, c1
     if BLOCK_N > 1:
-        b2 = _ld(p_B1 + L + t, m, EVEN)
-        c2 = _ld(p_C1 + L + t, m, EVEN)
+        b2 = _ld_raw(p_B1 + L, w * W, t, o_tw, m, EVEN, WORDS)
+        c2 = _ld_raw(p_C1 + L, w * W, t, o_tw, m, EVEN, WORDS)
     if BLOCK_N > 2:
-        b3 = _ld(p_B1 + 2 * L + t, m, EVEN)
-        c3 = _ld(p_C1 + 2 * L + t, m, EVEN)
+        b3 = _ld_raw(p_B1 + 2 * L, w * W, t, o_tw, m, EVEN, WORDS)
+        c3 = _ld_raw(p_C1 + 2 * L, w * W, t, o_tw, m, EVEN, WORDS)
     for n in tl.static_range(BLOCK_N):
-        b_n = b1.to(tl.float32)
-        c_n = c1.to(tl.float32)
+        b_n = _f32(b1, WORDS)
+        c_n = _f32(c1, WORDS)
         if REV:
             b_n = _rev_steps(b_n, CPW, TL, VEC)
             c_n = _rev_steps(c_n, CPW, TL, VEC)
         b1, c1, b2, c2 = b2, c2, b3, c3
         if n + 3 < BLOCK_N:
-            b3 = _ld(p_B1 + (n + 3) * L + t, m, EVEN)
-            c3 = _ld(p_C1 + (n + 3) * L + t, m, EVEN)
+            b3 = _ld_raw(p_B1 + (n + 3) * L, w * W, t, o_tw, m, EVEN, WORDS)
+            c3 = _ld_raw(p_C1 + (n + 3) * L, w * W, t, o_tw, m, EVEN, WORDS)
         a2 = _exp2(dt2 * _pick_last_axis(A2, o_n2 == n))
         x2 = du2 * tl.reshape(b_n, [CPW, TL, VEC])
         x2 = tl.where(o_first, x2 + a2 * _pick_last_axis(carry, o_n2 == n), x2)  # the carry enters at step 0
@@ -188,7 +208,7 @@ def _window(w, u_raw, dt_raw, carry, A2, bias, Dv, scale, p_z1, p_B1, p_C1, p_ou
         if MODE == 2:
             y = (y + _ld(p_ws1 + t, m, EVEN)) * scale
         if HAS_Z:
-            z = _ld(p_z1 + t, m, EVEN).to(tl.float32)
+            z = _f32(_ld_raw(p_z1, w * W, t, o_tw, m, EVEN, WORDS), WORDS)
             y = y * z * tl.sigmoid(z)
         if EVEN:
             tl.store(p_out1 + t, y.to(p_out1.dtype.element_ty))
@@ -203,7 +223,7 @@ def _selective_scan_fwd_lanes_kernel(
     dim, L, N, G_B, G_C, dpg_B, dpg_C, s_u_b, s_u_d, s_dt_b, s_dt_d, s_z_b, s_z_d, scale,
     BLOCK_N: tl.constexpr, CPW: tl.constexpr, W: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, TAIL: tl.constexpr, FIRST: tl.constexpr,
-    SAVE: tl.constexpr, REV: tl.constexpr, MODE: tl.constexpr,
+    SAVE: tl.constexpr, REV: tl.constexpr, MODE: tl.constexpr, WORDS: tl.constexpr,
 ):
     """TAIL False: the whole windows of channels CPW program_id(0) .. + CPW - 1 of batch row program_id(1); TAIL True:
     their last partial window (not with REV: a direction that starts at the row's end needs whole windows).
@@ -219,6 +239,13 @@ def _selective_scan_fwd_lanes_kernel(
         o_t = (TL - 1 - o_i // VEC) * VEC + o_i % VEC + o_c * 0
     else:
         o_t = o_i + o_c * 0  # [CPW, W]
+    # WORDS: the same elements two a 32-bit word ([CPW, W / 2], word offsets)
+    VW: tl.constexpr = VEC // 2
+    o_iw = tl.arange(0, W // 2)[None, :]
+    if REV:
+        o_tw = (TL - 1 - o_iw // VW) * VW + o_iw % VW + o_c * 0
+    else:
+        o_tw = o_iw + o_c * 0
     o_l = tl.arange(0, TL)[None, :, None]  # [1, TL, 1]
     o_v = tl.arange(0, VEC)[None, None, :]
     o_n2 = tl.arange(0, BLOCK_N)[None, None, :] + o_l * 0 + o_c3 * 0  # [CPW, TL, BLOCK_N]: every lane, every state
@@ -260,24 +287,24 @@ def _selective_scan_fwd_lanes_kernel(
         u_raw = tl.load(p_u1 + t, mask=t < L, other=0.0)
         dt_raw = tl.load(p_dt1 + t, mask=t < L, other=0.0)
         _window(n_full, u_raw, dt_raw, carry, A2, bias, Dv, scale, p_z1, p_B1, p_C1, p_out1, p_ws1, p_st, p_hl, L,
-                N, n_saves, o_t, o_l, o_v, o_c3, o_n2, CPW, W, BLOCK_N, HAS_D, HAS_Z, SOFTPLUS, False, SAVE, REV,
-                MODE)
+                N, n_saves, o_t, o_tw, o_l, o_v, o_c3, o_n2, CPW, W, BLOCK_N, HAS_D, HAS_Z, SOFTPLUS, False, SAVE,
+                REV, MODE, False)
     else:
         w0 = (n_full - 1) * REV  # the first window in scan order
-        u_raw = tl.load(p_u1 + w0 * W + o_t)
-        dt_raw = tl.load(p_dt1 + w0 * W + o_t)
+        u_raw = _ld_raw(p_u1, w0 * W, w0 * W + o_t, o_tw, None, True, WORDS)
+        dt_raw = _ld_raw(p_dt1, w0 * W, w0 * W + o_t, o_tw, None, True, WORDS)
         for i_w in range(0, n_full):
             if REV:
                 w = n_full - 1 - i_w
-                t_next = tl.maximum(w - 1, 0) * W + o_t  # the next window (the last one loads itself again)
+                w_next = tl.maximum(w - 1, 0)  # the next window (the last one loads itself again)
             else:
                 w = i_w
-                t_next = tl.minimum(w + 1, n_full - 1) * W + o_t
-            u_next = tl.load(p_u1 + t_next)
-            dt_next = tl.load(p_dt1 + t_next)
+                w_next = tl.minimum(w + 1, n_full - 1)
+            u_next = _ld_raw(p_u1, w_next * W, w_next * W + o_t, o_tw, None, True, WORDS)
+            dt_next = _ld_raw(p_dt1, w_next * W, w_next * W + o_t, o_tw, None, True, WORDS)
             carry = _window(w, u_raw, dt_raw, carry, A2, bias, Dv, scale, p_z1, p_B1, p_C1, p_out1, p_ws1, p_st,
-                            p_hl, L, N, n_saves, o_t, o_l, o_v, o_c3, o_n2, CPW, W, BLOCK_N, HAS_D, HAS_Z, SOFTPLUS,
-                            True, SAVE, REV, MODE)
+                            p_hl, L, N, n_saves, o_t, o_tw, o_l, o_v, o_c3, o_n2, CPW, W, BLOCK_N, HAS_D, HAS_Z,
+                            SOFTPLUS, True, SAVE, REV, MODE, WORDS)
             u_raw = u_next
             dt_raw = dt_next
 
@@ -367,7 +394,7 @@ def _launch_pass(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softp
     )
     meta = dict(BLOCK_N=BLOCK_N, CPW=CPW, W=W, HAS_D=D is not None, HAS_Z=z is not None,
                 HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_H0=initial_state is not None,
-                FIRST=keeps_first(L), SAVE=save, REV=REV, MODE=MODE, num_warps=1)
+                FIRST=keeps_first(L), SAVE=save, REV=REV, MODE=MODE, WORDS=u.dtype == torch.bfloat16, num_warps=1)
     # 12 programs an SM, and a better schedule: uncapped, ptxas takes 254-255 registers with z, with ws or at CPW 2
     # (B/C loads hoisted) and 163-168 otherwise, and every launch was slower than at 168 (H200, bf16, ms uncapped ->
     # 168; benchmarks/NOTES_scan.md "Session 29"): global XL forward 0.296 -> 0.278, with z 0.346 -> 0.289, the
