@@ -125,6 +125,8 @@ def main():
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--bi", action="store_true", help="lanes / lanes_bwd: the bidirectional scan's two launches (Vim "
                                                        "v2 inputs, z)")
+    p.add_argument("--save", type=int, default=0, help="lanes / lanes_bwd: the saved states' spacing (default: the "
+                                                       "op's for the lanes backward)")
     p.add_argument("--dump", default=None, help="write the SASS of each kernel to FILE.<i>.sass")
     p.add_argument("--meta", default=None, help="lanes_bwd: meta-parameter overrides as a dict literal, e.g. "
                                                  "\"{'maxnreg': 240}\" (triton_bwd_lanes._META_OVERRIDES)")
@@ -140,7 +142,7 @@ def main():
     C = torch.zeros_like(B)
     D = torch.zeros(dim)
     bias = torch.zeros(dim)
-    save = triton_bwd_lanes.lanes_save_steps(u, B, C)
+    save = args.save or triton_bwd_lanes.lanes_save_steps(u, B, C)
     v2 = (u, delta, A, B, C, D, bias)  # the backward direction's inputs (the same tensors: only the code matters)
     if args.kernel == "fwd":
         calls = record(triton_fwd.selective_scan_fwd, u, delta, A, B, C, D, None, bias, None, True)

@@ -57,7 +57,7 @@ import triton.language as tl
 
 from .._launch import launch, next_power_of_2
 from .triton_fwd import SAVE_STEPS, _exp2, _sm_count, _softplus, saved_layout
-from .triton_fwd_lanes import _channel_params, _f32, _ld_raw, lanes_bc
+from .triton_fwd_lanes import _channel_params, lanes_bc
 
 
 @triton.jit
@@ -138,7 +138,7 @@ def _red_add(p, x, TL: tl.constexpr, CPW: tl.constexpr, NW: tl.constexpr, VEC: t
 
 
 @triton.jit
-def _ld_state(p_A, p_h, p_b, p_c, n, L, N, o_l, o_t3, o_t3w, FIRST: tl.constexpr, m_h, WORDS: tl.constexpr):
+def _ld_state(p_A, p_h, p_b, p_c, n, L, N, o_l, FIRST: tl.constexpr, m_h):
     """State n's A and saved window-start state [TL, C] (not FIRST: 0 where not m_h), and its B, C over the window
     [TL, C, VEC] (u's dtype)."""
     m = (o_l * 0 + n) < N
@@ -146,8 +146,7 @@ def _ld_state(p_A, p_h, p_b, p_c, n, L, N, o_l, o_t3, o_t3w, FIRST: tl.constexpr
         h = tl.load(p_h + n, mask=m, other=0.0)
     else:
         h = tl.load(p_h + n, mask=m & m_h, other=0.0)
-    return (tl.load(p_A + n, mask=m, other=0.0), h, _ld_raw(p_b, n * L, n * L + o_t3, o_t3w, None, True, WORDS),
-            _ld_raw(p_c, n * L, n * L + o_t3, o_t3w, None, True, WORDS))
+    return tl.load(p_A + n, mask=m, other=0.0), h, tl.load(p_b + n * L), tl.load(p_c + n * L)
 
 
 @triton.jit
@@ -187,7 +186,7 @@ def _selective_scan_bwd_lanes_kernel(
     BLOCK_N: tl.constexpr, VEC: tl.constexpr, CPW: tl.constexpr, NW: tl.constexpr, HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr,
     HAS_DH0: tl.constexpr, FIRST: tl.constexpr, SAVE: tl.constexpr, REV: tl.constexpr, MODE: tl.constexpr,
-    ACC_U: tl.constexpr, ACC_DT: tl.constexpr, WORDS: tl.constexpr,
+    ACC_U: tl.constexpr, ACC_DT: tl.constexpr,
 ):
     """Channels program_id(1) * C .. + C - 1 (C = CPW * NW) of batch row program_id(0), every window, every
     gradient. A warp holds CPW channels over TL = 32 / CPW lanes each; windows are TL * VEC steps.
@@ -214,8 +213,6 @@ def _selective_scan_bwd_lanes_kernel(
     if REV:
         chunk = TL - 1 - chunk
     o_t3 = (chunk[:, None] * VEC + tl.arange(0, VEC)[None, :])[:, None, :]  # [TL, 1, VEC]: time in the window
-    # WORDS: 16-bit rows loaded two elements a 32-bit word ([TL, 1, VEC / 2] word offsets; _f32 unpacks them)
-    o_t3w = (chunk[:, None] * (VEC // 2) + tl.arange(0, VEC // 2)[None, :])[:, None, :]
     row = i_b * dim + i_d  # [1, C]
     n_saves = tl.cdiv(L, SAVE)
     if FIRST or REV:  # [1, C]: block i's state at p_st + i * N (REV: entering it from its end; the last block's,
@@ -223,15 +220,15 @@ def _selective_scan_bwd_lanes_kernel(
         p_st = p_states + row * (n_saves - 1 + FIRST) * N
     else:  # block 0's is not kept (kept_states): the same indexing, one slot back
         p_st = p_states + row * (n_saves - 1) * N - N
-    p_u1 = p_u + i_b * s_u_b + o_d3 * s_u_d  # [1, C, 1]: the channels' rows
-    p_dt1 = p_delta + i_b * s_dt_b + o_d3 * s_dt_d
-    p_do1 = p_dout + i_b * s_do_b + o_d3 * s_do_d
-    p_z1 = p_z + i_b * s_z_b + o_d3 * s_z_d
+    p_u3 = p_u + i_b * s_u_b + o_d3 * s_u_d + o_t3
+    p_dt3 = p_delta + i_b * s_dt_b + o_d3 * s_dt_d + o_t3
+    p_do3 = p_dout + i_b * s_do_b + o_d3 * s_do_d + o_t3
+    p_z3 = p_z + i_b * s_z_b + o_d3 * s_z_d + o_t3
     p_g3 = (i_b * dim + o_d3) * L + o_t3  # du, ddelta, dz: contiguous (batch, dim, L)
     g_B = (i_c * C) // dpg_B  # the program's channels share one B group and one C group
     g_C = (i_c * C) // dpg_C
-    o_B3 = (i_b * G_B + g_B) * BLOCK_N * L + o_d3 * 0  # [1, C, 1]: every channel reads the same B row
-    o_C3 = (i_b * G_C + g_C) * BLOCK_N * L + o_d3 * 0
+    o_B3 = (i_b * G_B + g_B) * BLOCK_N * L + o_t3 + o_d3 * 0  # [TL, C, VEC]: every channel reads the same B
+    o_C3 = (i_b * G_C + g_C) * BLOCK_N * L + o_t3 + o_d3 * 0
 
     # the r each state carries from window to window: a tuple of [TL, C] (every lane holds every state's)
     r = ()
@@ -254,15 +251,15 @@ def _selective_scan_bwd_lanes_kernel(
         else:
             w = n_win - 1 - i_w
         t0 = w * W
-        dt = _f32(_ld_raw(p_dt1, t0, t0 + o_t3, o_t3w, None, True, WORDS), WORDS) + bias
+        dt = tl.load(p_dt3 + t0).to(tl.float32) + bias
         if SOFTPLUS:
             dt = _softplus(dt)
-        du = dt * _f32(_ld_raw(p_u1, t0, t0 + o_t3, o_t3w, None, True, WORDS), WORDS)
-        dy = _f32(_ld_raw(p_do1, t0, t0 + o_t3, o_t3w, None, True, WORDS), WORDS)
+        du = dt * tl.load(p_u3 + t0).to(tl.float32)
+        dy = tl.load(p_do3 + t0).to(tl.float32)
         if MODE != 0:
             dy = dy * scale
         if HAS_Z:
-            zv = _f32(_ld_raw(p_z1, t0, t0 + o_t3, o_t3w, None, True, WORDS), WORDS)
+            zv = tl.load(p_z3 + t0).to(tl.float32)
             dy = dy * zv * tl.sigmoid(zv)
             y = tl.zeros([TL, C, VEC], dtype=tl.float32)
         dt_c = _scols(dt, TL, C, VEC, REV)
@@ -285,18 +282,17 @@ def _selective_scan_bwd_lanes_kernel(
         r_next = ()
         # A, the saved state, B and C of state n + 2 are loaded while state n is worked on (H100, global XL: none
         # ahead 1.80 ms, one 1.41, two 1.35)
-        A_1, h_1, b_1, c_1 = _ld_state(p_A1, p_h, p_b, p_c, 0, L, N, o_l, o_t3, o_t3w, FIRST, m_h, WORDS)
+        A_1, h_1, b_1, c_1 = _ld_state(p_A1, p_h, p_b, p_c, 0, L, N, o_l, FIRST, m_h)
         if BLOCK_N > 1:
-            A_2, h_2, b_2, c_2 = _ld_state(p_A1, p_h, p_b, p_c, 1, L, N, o_l, o_t3, o_t3w, FIRST, m_h, WORDS)
+            A_2, h_2, b_2, c_2 = _ld_state(p_A1, p_h, p_b, p_c, 1, L, N, o_l, FIRST, m_h)
         for n in tl.static_range(BLOCK_N):
             A_n, h_in, b3, c3 = A_1, h_1, b_1, c_1
             if n + 1 < BLOCK_N:
                 A_1, h_1, b_1, c_1 = A_2, h_2, b_2, c_2
             if n + 2 < BLOCK_N:
-                A_2, h_2, b_2, c_2 = _ld_state(p_A1, p_h, p_b, p_c, n + 2, L, N, o_l, o_t3, o_t3w, FIRST, m_h,
-                                               WORDS)
-            b3 = _f32(b3, WORDS)
-            c3 = _f32(c3, WORDS)
+                A_2, h_2, b_2, c_2 = _ld_state(p_A1, p_h, p_b, p_c, n + 2, L, N, o_l, FIRST, m_h)
+            b3 = b3.to(tl.float32)
+            c3 = c3.to(tl.float32)
             b_c = _scols(b3, TL, C, VEC, REV)
             c_c = _scols(c3, TL, C, VEC, REV)
             A2_n = A_n * 1.4426950408889634
@@ -352,8 +348,8 @@ def _selective_scan_bwd_lanes_kernel(
             _red_add(p_dC + (i_b * G_C + g_C) * BLOCK_N * L + n * L + t0, h3 * dy, TL, CPW, NW, VEC, REV)
         r = r_next
         # u, delta (and dout, z) again rather than kept through the states (registers); L1 or L2 hits
-        u = _f32(_ld_raw(p_u1, t0, t0 + o_t3, o_t3w, None, True, WORDS), WORDS)
-        dt_raw = _f32(_ld_raw(p_dt1, t0, t0 + o_t3, o_t3w, None, True, WORDS), WORDS) + bias
+        u = tl.load(p_u3 + t0).to(tl.float32)
+        dt_raw = tl.load(p_dt3 + t0).to(tl.float32) + bias
         du_out = dt * S1
         if HAS_D:
             du_out += Dv * dy
@@ -371,7 +367,7 @@ def _selective_scan_bwd_lanes_kernel(
             else:
                 if MODE == 2:
                     y = (y + tl.load(p_ws + p_g3 + t0)) * scale
-                dout = _f32(_ld_raw(p_do1, t0, t0 + o_t3, o_t3w, None, True, WORDS), WORDS)
+                dout = tl.load(p_do3 + t0).to(tl.float32)
                 sig = tl.sigmoid(zv)
                 dz = dout * sig * (1.0 + zv * (1.0 - sig)) * y
                 tl.store(p_dz + p_g3 + t0, dz.to(p_dz.dtype.element_ty))
@@ -508,7 +504,7 @@ def _launch_bwd(g, dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initi
     meta = dict(BLOCK_N=BLOCK_N, VEC=VEC, CPW=CPW, NW=NW, HAS_D=D is not None, HAS_Z=z is not None,
                 HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_DLAST=dlast_state is not None,
                 HAS_DH0=initial_state is not None, FIRST=first, SAVE=save, REV=REV, MODE=MODE,
-                ACC_U=du_acc is not None, ACC_DT=ddelta_acc is not None, WORDS=u.dtype == torch.bfloat16)
+                ACC_U=du_acc is not None, ACC_DT=ddelta_acc is not None)
     meta.update(over)
     launch(_selective_scan_bwd_lanes_kernel, (batch, dim // (CPW * NW)), args, dict(meta, num_warps=NW))
 
