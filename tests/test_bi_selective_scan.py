@@ -261,9 +261,9 @@ def test_bi_opcheck_and_compile():
         check("compiled grad", g1, v.grad)
 
 
-# The bidirectional lanes launches (REV and MODE 1 / 2) in bf16 with the word loads (WORDS, the default for bf16)
-# against the element loads: bit for bit, output and every gradient of both directions (v2 and shared); see
-# test_selective_scan.test_triton_lanes_bf16_word_loads.
+# The bidirectional lanes launches (REV and MODE 1 / 2) in bf16 with the word loads (WORDS: an A/B variant here, the
+# default only for the unidirectional scan) against the element loads (their default): bit for bit, output and every
+# gradient of both directions (v2 and shared); see test_selective_scan.test_triton_lanes_bf16_word_loads.
 @pytest.mark.parametrize("mode", ["v2", "shared"])
 @pytest.mark.interpreter
 def test_bi_triton_lanes_bf16_word_loads(mode, monkeypatch):
@@ -279,7 +279,7 @@ def test_bi_triton_lanes_bf16_word_loads(mode, monkeypatch):
     xb = {k: (v.bfloat16() if k in ("u_b", "delta_b", "B_b", "C_b") else v) for k, v in xb.items()}
     dout = torch.randn(1, 4, 512, generator=torch.Generator().manual_seed(3)).bfloat16()
     results = []
-    for over in ({}, {"WORDS": False}):
+    for over in ({"WORDS": True}, {}):
         monkeypatch.setattr(triton_fwd_lanes, "META_OVERRIDES", dict(over))
         lx = {k: v.clone().requires_grad_() for k, v in x.items() if v is not None and k != "initial_state"}
         lxb = {k: v.clone().requires_grad_() for k, v in xb.items()}

@@ -20,7 +20,8 @@ so each decay exp(delta * A) is evaluated once (the floor's count) and no summar
 
 B and C are read in u's dtype, not as fp32 copies: every channel's program reads them, so they are the kernel's
 largest traffic (L2 to SM), and halving it was measured 13% faster at global XL (H100, session 6: 0.361 -> 0.324
-ms) despite the conversions. Two channels a warp halve it again (their lanes read the same vectors: one request)
+ms) despite the conversions (in bf16 the unidirectional scan loads them two elements to a 32-bit word and unpacks
+them with one instruction an element, :func:`_f32`: 5% faster). Two channels a warp halve it again (their lanes read the same vectors: one request)
 where the grid allows (:func:`lanes_fwd_cpw`). Windows are whole (no masks, vector loads) except an optional last
 partial window, which a second launch (``TAIL``) runs with masks after loading its carry from the saved states, so
 the masked code's registers do not lower the main loop's occupancy.
@@ -394,7 +395,12 @@ def _launch_pass(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softp
     )
     meta = dict(BLOCK_N=BLOCK_N, CPW=CPW, W=W, HAS_D=D is not None, HAS_Z=z is not None,
                 HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_H0=initial_state is not None,
-                FIRST=keeps_first(L), SAVE=save, REV=REV, MODE=MODE, WORDS=u.dtype == torch.bfloat16, num_warps=1)
+                FIRST=keeps_first(L), SAVE=save, REV=REV, MODE=MODE, num_warps=1)
+    # bf16 rows as 32-bit words (_f32), in the unidirectional scan only. H200, bf16, launcher level, against the
+    # element loads in one call (benchmarks/NOTES_scan.md "Session 31"): global XL 0.2745 -> 0.2605 ms, global S 0.339
+    # -> 0.322, long 0.669 -> 0.635, with z 0.2955 -> 0.2758; the bidirectional scan's two launches 0.565 -> 0.778
+    # (with z 0.581 -> 0.801), although their SASS has the same loads, fewer instructions and no more spills.
+    meta["WORDS"] = u.dtype == torch.bfloat16 and MODE == 0
     # 12 programs an SM, and a better schedule: uncapped, ptxas takes 254-255 registers with z, with ws or at CPW 2
     # (B/C loads hoisted) and 163-168 otherwise, and every launch was slower than at 168 (H200, bf16, ms uncapped ->
     # 168; benchmarks/NOTES_scan.md "Session 29"): global XL forward 0.296 -> 0.278, with z 0.346 -> 0.289, the
