@@ -185,6 +185,18 @@ def test_sass_histogram_counts_the_main_loop_only():
     assert histogram(sass) == [("FFMA", 3), ("BRA", 1), ("FMUL", 1), ("SHFL.UP", 1)]
 
 
+def test_sass_load_use_distances():
+    """benchmarks/sass_count.py (CPU): for each global load of a loop, the instructions to the first one reading a
+    register it wrote (all four of a 128-bit load; not a register whose name only begins the same; a store's data
+    counts, a write of the register does not)."""
+    from sass_count import load_use_distances
+
+    body = [("LDG.E.128", "R4, desc[UR4][R2.64]"), ("FMUL", "R1, R40, R12"), ("MOV", "R5, R9"),
+            ("FFMA", "R0, R7, R2, R0"), ("LDG.E", "R8, desc[UR4][R2.64]"), ("STG.E", "desc[UR4][R2.64], R8"),
+            ("LDG.E", "R20, desc[UR4][R2.64]")]
+    assert load_use_distances(body) == [3, 1]
+
+
 def test_sass_count_names_every_lanes_kernel():
     """cuda_sass_count.py's short names (CPU) tell apart the template arguments of the lanes kernels: the forward's
     <T, NMAX, EXACT, PASS, Z, STAGE> and the backward's <T, NMAX, EXACT, PASS> (<..., STAGE> in session 19's staged
