@@ -53,20 +53,23 @@ def test_kernel_files_include_no_torch():
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: cannot check that the .cu files compile")
 def test_cu_files_compile_sm80_sm90():
-    """Each .cu compiles with plain `nvcc -c` for sm_80 and sm_90 (one nvcc per file, two at a time)."""
+    """Each .cu goes through nvcc's front end for sm_80 and sm_90 without an error or a warning (one `nvcc -ptx`
+    per file and architecture, two at a time). PTX, not object code: ptxas took three quarters of the time on two CPU
+    cores (315 -> 60 s for the test), and the GPU tests below build the extension with it."""
     sources = _kernel_sources()
     assert len(sources) == 6, sources
 
-    def compile_one(name):
+    def compile_one(job):
+        name, arch = job
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = ["nvcc", "-c", "-std=c++17", "-O3", "-I", CSRC,
-                   "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
-                   os.path.join(CSRC, name), "-o", os.path.join(tmp, name + ".o")]
+            cmd = ["nvcc", "-ptx", "-std=c++17", "-O3", "-I", CSRC, f"-arch=compute_{arch}",
+                   os.path.join(CSRC, name), "-o", os.path.join(tmp, name + ".ptx")]
             res = subprocess.run(cmd, capture_output=True, text=True)
-            return name, res.returncode, res.stderr
+            return f"{name} (sm_{arch})", res.returncode, res.stderr
 
+    jobs = [(name, arch) for name in sources for arch in (80, 90)]
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        results = list(pool.map(compile_one, sources))
+        results = list(pool.map(compile_one, jobs))
     for name, rc, err in results:
         assert rc == 0, f"nvcc failed on {name}:\n{err}"
         assert "warning" not in err.lower(), f"nvcc warned on {name}:\n{err}"

@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 
 from .._launch import launch, next_power_of_2
-from .triton_fwd import SAVE_STEPS, _exp2, _sm_count, _softplus, saved_layout
+from .triton_fwd import SAVE_STEPS, _exp2, _mask_if, _sm_count, _softplus, saved_layout
 from .triton_fwd_lanes import _channel_params, lanes_bc
 
 
@@ -145,7 +145,7 @@ def _ld_state(p_A, p_h, p_b, p_c, n, L, N, o_l, FIRST: tl.constexpr, m_h):
     if FIRST:
         h = tl.load(p_h + n, mask=m, other=0.0)
     else:
-        h = tl.load(p_h + n, mask=m & m_h, other=0.0)
+        h = tl.load(p_h + n, mask=_mask_if(m, m_h), other=0.0)
     return tl.load(p_A + n, mask=m, other=0.0), h, tl.load(p_b + n * L), tl.load(p_c + n * L)
 
 

@@ -112,6 +112,13 @@ def _saved_index(blk, n_saves, REVERSE: tl.constexpr, FIRST: tl.constexpr):
 
 
 @triton.jit
+def _mask_if(mask, cond):
+    """mask where the scalar cond holds, else all False. Not `mask & cond`: Triton 3.9's interpreter gives a tensor
+    and a scalar comparison combined that way an int32 mask, which its loads reject; the compiled code is the same."""
+    return tl.where(cond, mask, False)
+
+
+@triton.jit
 def _load_saved(p_st, p_h0, blk, n_saves, N, mask, HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
                 FIRST: tl.constexpr):
     """The state entering SAVE-step block blk: saved (p_st: the row's kept states), or (not FIRST) for the
@@ -119,9 +126,9 @@ def _load_saved(p_st, p_h0, blk, n_saves, N, mask, HAS_H0: tl.constexpr, REVERSE
     if FIRST:
         return tl.load(p_st + blk * N, mask=mask, other=0.0)
     i = _saved_index(blk, n_saves, REVERSE, FIRST)
-    h = tl.load(p_st + tl.maximum(i, 0) * N, mask=mask & (i >= 0), other=0.0)
+    h = tl.load(p_st + tl.maximum(i, 0) * N, mask=_mask_if(mask, i >= 0), other=0.0)
     if HAS_H0:
-        h += tl.load(p_h0, mask=mask & (i < 0), other=0.0)
+        h += tl.load(p_h0, mask=_mask_if(mask, i < 0), other=0.0)
     return h
 
 
