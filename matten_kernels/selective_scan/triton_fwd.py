@@ -91,11 +91,22 @@ def _maximum(a, b):
 
 
 @triton.jit
-def _pick(x, m):
+def _pick_max(x, m):
     """x[j] along axis 0 where the mask m is true at j only (a register move when axis 0 is in-thread and m is
     known at compile time). A NaN-propagating max against -inf, which LLVM folds to x: the masked sum this replaced
     left one FADD per element (Triton's reduction starts from +0.0, and 0 + x is not x for x = -0)."""
     return tl.reduce(tl.where(m, x, float("-inf")), 0, _maximum, keep_dims=True)
+
+
+@triton.jit
+def _pick_sum(x, m):
+    """:func:`_pick_max` for the interpreter, which runs a reduction with our own combine function one Python call
+    per element pair (80% of the CPU suite's scan time) and tl.sum as one numpy call. The same x[j], except a -0
+    that comes out +0."""
+    return tl.sum(tl.where(m, x, 0.0), 0, keep_dims=True)
+
+
+_pick = _pick_sum if triton_interpreting() else _pick_max
 
 
 @triton.jit

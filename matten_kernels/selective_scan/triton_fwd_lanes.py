@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._backend import triton_interpreting
 from .._launch import launch, next_power_of_2
 from .triton_fwd import LOG2E, SAVE_STEPS, _exp2, _maximum, _sm_count, _softplus, keeps_first, kept_states
 
@@ -77,9 +78,18 @@ def _f32(x, WORDS: tl.constexpr):
 
 
 @triton.jit
-def _pick_last_axis(x, m):
+def _pick_last_axis_max(x, m):
     """x[..., j] where the mask m is true at j only (a register move: the last axis is in-thread)."""
     return tl.reduce(tl.where(m, x, float("-inf")), len(x.shape) - 1, _maximum, keep_dims=True)
+
+
+@triton.jit
+def _pick_last_axis_sum(x, m):
+    """:func:`_pick_last_axis_max` for the interpreter (see :func:`.triton_fwd._pick_sum`)."""
+    return tl.sum(tl.where(m, x, 0.0), len(x.shape) - 1, keep_dims=True)
+
+
+_pick_last_axis = _pick_last_axis_sum if triton_interpreting() else _pick_last_axis_max
 
 
 @triton.jit
