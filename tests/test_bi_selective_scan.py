@@ -144,6 +144,28 @@ def test_bi_triton_lanes_backward_matches_composition(mode, shape, opts, lanes_f
     assert launches == [(True, 1, False, False), (False, 2, shared, shared)], launches
 
 
+# Both launches with a row's windows in segments (forced): the reverse launch's segments go up in time, its r
+# carried forward; shared u / delta (its du / ddelta scratch added by the forward launch), z (its y scratch).
+@pytest.mark.parametrize("mode, shape, opts, nseg", [
+    pytest.param("shared", (1, 8, 192, 3, None), (True, True, True, True, False), 2, id="shared-L192-all-on-2-segments"),
+    pytest.param("v2", (2, 4, 256, 2, None), (True, True, True, True, True), 3, id="v2-L256-all-on-3-segments"),
+])
+@pytest.mark.interpreter
+def test_bi_triton_lanes_backward_segments(mode, shape, opts, nseg, monkeypatch):
+    from matten_kernels.selective_scan import _ops, triton_bwd_lanes
+
+    launches = []
+    launch = triton_bwd_lanes.launch
+    monkeypatch.setattr(_ops, "use_lanes_bi_bwd", lambda *a, **k: True)
+    monkeypatch.setitem(triton_bwd_lanes._META_OVERRIDES, "NSEG", nseg)
+    monkeypatch.setattr(triton_bwd_lanes, "launch", lambda k, g, a, m: launches.append((m["REV"], m["NSEG"], len(g)))
+                        or launch(k, g, a, m))
+    D, z, bias, softplus, divide_out = opts
+    x, xb = make_bi(*shape, mode, D=D, z=z, bias=bias)
+    run_bi("triton", x, xb, softplus, divide_out)
+    assert launches == [(True, nseg, 1), (False, nseg, 1)], launches
+
+
 @pytest.mark.interpreter
 def test_bi_triton_lanes_backward_own_groups(monkeypatch):
     """B_b / C_b in their own group count (2, against ungrouped B / C): each direction's launch fits its programs to

@@ -454,6 +454,43 @@ def test_triton_lanes_backward_matches_float64(shape, opts, monkeypatch):
     _forced_lanes_case("use_lanes_bwd", shape, opts, monkeypatch)
 
 
+# The same with a row's windows split into segments (lanes_bwd_segments picks them where the grid's last wave would
+# idle; forced here): 3 or 5 windows of 64 steps in 2 or 3 segments of unequal length, every option on (the r carried
+# between segments, dlast_state only into the first, dinitial_state only from the last, D / delta_bias summed over
+# the segments' partials). The launches must be one-dimensional grids of NSEG programs a row group.
+@pytest.mark.parametrize("shape, opts, nseg", [
+    pytest.param((2, 8, 192, 3, None), OPTIONS[0].values[0], 2, id="L192-3-windows-2-segments-all-on"),
+    pytest.param((1, 4, 320, 2, 2), OPTIONS[2].values[0], 3, id="L320-G2-5-windows-3-segments"),
+])
+@pytest.mark.interpreter
+def test_triton_lanes_backward_segments(shape, opts, nseg, monkeypatch):
+    from matten_kernels.selective_scan import triton_bwd_lanes
+
+    grids = []
+    launch = triton_bwd_lanes.launch
+    monkeypatch.setitem(triton_bwd_lanes._META_OVERRIDES, "NSEG", nseg)
+    monkeypatch.setattr(triton_bwd_lanes, "launch", lambda k, g, a, m: grids.append(
+        (g, m["NSEG"], m["CPW"] * m["NW"])) or launch(k, g, a, m))
+    _forced_lanes_case("use_lanes_bwd", shape, opts, monkeypatch)
+    batch, dim = shape[:2]
+    assert len(grids) == 1 and grids[0][:2] == ((nseg * batch * dim // grids[0][2],), nseg), grids
+
+
+def test_lanes_backward_segments_rule():
+    """Segments where whole rows leave the last round of programs mostly empty (global XL: 576 programs on 264 slots
+    of an H200 are 3 rounds, of which the last 18% full; 4 segments a row make it 2.25 rows' time), none where the
+    rounds are nearly full (global S: 768 programs, 2.91) or a segment would be under 4 windows."""
+    from matten_kernels.selective_scan.triton_bwd_lanes import lanes_bwd_segments
+
+    def t(*shape):
+        return torch.empty(*shape, dtype=torch.bfloat16, device="meta")
+
+    assert lanes_bwd_segments(t(2, 2304, 4096), t(2, 16, 4096), t(2, 16, 4096)) == 4  # global XL
+    assert lanes_bwd_segments(t(8, 768, 4096), t(8, 16, 4096), t(8, 16, 4096)) == 1  # global S
+    assert lanes_bwd_segments(t(1, 2304, 16384), t(1, 16, 16384), t(1, 16, 16384)) == 7  # long: 288 programs, 8/7
+    assert lanes_bwd_segments(t(2, 2304, 1024), t(2, 16, 1024), t(2, 16, 1024)) == 2  # 8 windows: 2 of 4
+
+
 def test_lanes_backward_choice(monkeypatch):
     """use_lanes_bwd takes the shapes it was measured faster on (SPEC section 7, bf16, H100: global XL and global S)
     and leaves the others, fp32, N > 16, partial windows and deterministic mode to the segment backward; the

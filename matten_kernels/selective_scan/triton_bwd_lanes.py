@@ -181,12 +181,12 @@ def _scan_down(m, v, o_l, TL: tl.constexpr):
 @triton.jit
 def _selective_scan_bwd_lanes_kernel(
     p_u, p_delta, p_A, p_B, p_C, p_D, p_bias, p_z, p_dout, p_states, p_h0, p_dlast,
-    p_du, p_ddelta, p_dz, p_dB, p_dC, p_dA, p_dD, p_dbias, p_dh0, p_ws, p_du_acc, p_ddt_acc,
-    dim, L, N, G_B, G_C, dpg_B, dpg_C, s_u_b, s_u_d, s_dt_b, s_dt_d, s_z_b, s_z_d, s_do_b, s_do_d, scale,
+    p_du, p_ddelta, p_dz, p_dB, p_dC, p_dA, p_dD, p_dbias, p_dh0, p_ws, p_du_acc, p_ddt_acc, p_sync, p_carry,
+    batch, dim, L, N, G_B, G_C, dpg_B, dpg_C, s_u_b, s_u_d, s_dt_b, s_dt_d, s_z_b, s_z_d, s_do_b, s_do_d, scale,
     BLOCK_N: tl.constexpr, VEC: tl.constexpr, CPW: tl.constexpr, NW: tl.constexpr, HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr,
     HAS_DH0: tl.constexpr, FIRST: tl.constexpr, SAVE: tl.constexpr, REV: tl.constexpr, MODE: tl.constexpr,
-    ACC_U: tl.constexpr, ACC_DT: tl.constexpr,
+    ACC_U: tl.constexpr, ACC_DT: tl.constexpr, NSEG: tl.constexpr,
 ):
     """Channels program_id(1) * C .. + C - 1 (C = CPW * NW) of batch row program_id(0), every window, every
     gradient. A warp holds CPW channels over TL = 32 / CPW lanes each; windows are TL * VEC steps.
@@ -196,12 +196,26 @@ def _selective_scan_bwd_lanes_kernel(
     (the columns' tuple reversed), so the scan and adjoint below run unchanged in scan order; windows go in ascending
     time. dy = dout * scale (* silu(z)); MODE 1 (REV's launch) writes its recomputed y (D u included) into the fp32
     scratch ws instead of dz, MODE 2 (the forward direction's) adds ws to its y for dz. ACC_U / ACC_DT add the other
-    direction's du / ddelta (fp32 scratch) to this one's, where the two directions share u / delta."""
+    direction's du / ddelta (fp32 scratch) to this one's, where the two directions share u / delta.
+
+    NSEG > 1: a row's windows are NSEG segments, each its own program, so that the grid's last wave is not a third
+    of the kernel's time (:func:`lanes_bwd_segments`). A segment starts from the r its predecessor (the windows
+    after it in scan-adjoint order) stored in p_carry and flagged in p_sync; programs take their unit from a ticket
+    (p_sync[0]) in the order they start, segment-major, so a segment waits only on one that has started."""
     TL: tl.constexpr = 32 // CPW
     C: tl.constexpr = CPW * NW
     W: tl.constexpr = TL * VEC
-    i_b = tl.program_id(0).to(tl.int64)
-    i_c = tl.program_id(1)
+    if NSEG == 1:
+        i_b = tl.program_id(0).to(tl.int64)
+        i_c = tl.program_id(1)
+        seg = 0
+    else:
+        n_rp = batch * (dim // C)  # programs a segment
+        unit = tl.atomic_add(p_sync, 1, sem="relaxed")
+        seg = unit // n_rp
+        i_rp = unit - seg * n_rp
+        i_b = (i_rp % batch).to(tl.int64)
+        i_c = i_rp // batch
     # Shapes are [lane, channel(, step)]: Triton 3.6's coalescer orders dimensions of equal contiguity ascending, so
     # with the time lanes first a load maps dim 0 to TL lanes and dim 1 to the other lanes, then the warps (the
     # layout every tensor here shares: any other would be a shared-memory conversion per use)
@@ -231,11 +245,19 @@ def _selective_scan_bwd_lanes_kernel(
     o_C3 = (i_b * G_C + g_C) * BLOCK_N * L + o_t3 + o_d3 * 0
 
     # the r each state carries from window to window: a tuple of [TL, C] (every lane holds every state's)
+    if NSEG > 1:
+        p_sync_in = p_sync + 1 + (seg - 1) * n_rp + i_rp
+        if seg > 0:  # the predecessor's r (release / acquire through its flag)
+            while tl.atomic_add(p_sync_in, 0, sem="acquire") == 0:
+                pass
     r = ()
     for n in tl.static_range(BLOCK_N):
         r_n = tl.zeros([TL, C], dtype=tl.float32)
         if HAS_DLAST:
-            r_n = tl.load(p_dlast + row * N + n + o_l * 0, mask=(o_l * 0 + n) < N, other=0.0)
+            r_n = tl.load(p_dlast + row * N + n + o_l * 0, mask=_mask_if((o_l * 0 + n) < N, seg == 0), other=0.0)
+        if NSEG > 1:
+            r_n += tl.load(p_carry + ((seg - 1) * batch * dim + row) * BLOCK_N + n + o_l * 0,
+                           mask=_mask_if(o_l * 0 == 0, seg > 0), other=0.0, cache_modifier=".cg")
         r = r + (r_n,)
     bias, Dv = _channel_params(p_bias, p_D, o_d3, HAS_BIAS, HAS_D)
     dD = tl.zeros([TL, C], dtype=tl.float32)
@@ -245,7 +267,7 @@ def _selective_scan_bwd_lanes_kernel(
     p_dA1 = p_dA + row * N + o_l * 0
 
     n_win = L // W
-    for i_w in range(0, n_win):
+    for i_w in range((seg * n_win) // NSEG, ((seg + 1) * n_win) // NSEG):
         if REV:
             w = i_w
         else:
@@ -378,14 +400,21 @@ def _selective_scan_bwd_lanes_kernel(
         tl.store(p_du + p_g3 + t0, du_out.to(p_du.dtype.element_ty))
         tl.store(p_ddelta + p_g3 + t0, ddt.to(p_ddelta.dtype.element_ty))
 
-    # per-(batch, channel) sums; lane 0 stores the warp's
+    if NSEG > 1:
+        if seg < NSEG - 1:  # r for the next segment, then its flag
+            for n in tl.static_range(BLOCK_N):
+                tl.store(p_carry + (seg * batch * dim + row) * BLOCK_N + n + o_l * 0, r[n], mask=lane0)
+            tl.debug_barrier()
+            tl.atomic_xchg(p_sync + 1 + seg * n_rp + i_rp, 1, sem="release")
+    # per-(segment, batch, channel) sums; lane 0 stores the warp's
     if HAS_DH0:
         for n in tl.static_range(BLOCK_N):
-            tl.store(p_dh0 + row * N + n + o_l * 0, r[n], mask=lane0 & ((o_l * 0 + n) < N))
+            tl.store(p_dh0 + row * N + n + o_l * 0, r[n], mask=_mask_if(lane0 & ((o_l * 0 + n) < N), seg == NSEG - 1))
     if HAS_D:
-        tl.store(p_dD + row + o_l * 0, tl.sum(dD, axis=0, keep_dims=True) + o_l * 0, mask=lane0)
+        tl.store(p_dD + seg * batch * dim + row + o_l * 0, tl.sum(dD, axis=0, keep_dims=True) + o_l * 0, mask=lane0)
     if HAS_BIAS:
-        tl.store(p_dbias + row + o_l * 0, tl.sum(dbias, axis=0, keep_dims=True) + o_l * 0, mask=lane0)
+        tl.store(p_dbias + seg * batch * dim + row + o_l * 0, tl.sum(dbias, axis=0, keep_dims=True) + o_l * 0,
+                 mask=lane0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -413,13 +442,39 @@ def lanes_bwd_config(dim: int, G_B: int, G_C: int, elt: int):
     return cpw, nw
 
 
+# The kernel compiles at 255 registers (Triton 3.6, sm_90): 8 warps an SM, two programs of four.
+_WARPS_PER_SM = 8
+_MIN_SEGMENT_WINDOWS = 4
+
+
+def lanes_bwd_segments(u, B, C, device_index=None) -> int:
+    """How many segments (programs) a row's windows are split into: the fewest that bring the grid's rounds of
+    programs, ceil(programs x segments / slots) / segments in units of a whole row's time, 3% or more closer to the
+    ideal programs / slots, with at least _MIN_SEGMENT_WINDOWS windows a segment. Global XL (576 programs of 4 warps,
+    264 slots on an H200): 3 rounds of whole rows, of which the last 18% full; 4 segments make it 2.25."""
+    if "NSEG" in _META_OVERRIDES:
+        return _META_OVERRIDES["NSEG"]
+    batch, dim, L = u.shape
+    cpw, nw, _, W = _lanes_meta(u, B, C)
+    programs = batch * dim // (cpw * nw)
+    slots = _sm_count(device_index) * max(1, _WARPS_PER_SM // nw)
+    best, rounds = 1, -(-programs // slots)
+    for nseg in range(2, 9):
+        if (L // W) // nseg < _MIN_SEGMENT_WINDOWS:
+            break
+        r = -(-programs * nseg // slots) / nseg
+        if r < 0.97 * rounds:
+            best, rounds = nseg, r
+    return best
+
+
 def _groups(X) -> int:
     return 1 if X.dim() == 3 else X.shape[1]
 
 
 def _lanes_meta(u, B, C):
     """(CPW, NW, the remaining meta-parameter overrides, the window W in steps) of the launch for these inputs."""
-    over = dict(_META_OVERRIDES)
+    over = {k: v for k, v in _META_OVERRIDES.items() if k != "NSEG"}
     if "CPW" in over:
         cpw, nw = over.pop("CPW"), over.pop("NW")
     else:
@@ -455,11 +510,12 @@ def use_lanes_bi_bwd(u, B, C, B_b, C_b, N: int, device_index=None) -> bool:
     return use_lanes_bwd(u, N, device_index) and lanes_save_steps(u, B, C) == lanes_save_steps(u, B_b, C_b)
 
 
-def _grad_buffers(u, delta, A, B, C, D, z, delta_bias, initial_state, du_dtype=None, ddelta_dtype=None, dB=None,
-                  dC=None, dA=None):
-    """The gradient buffers one launch writes: du, ddelta, dz (empty without z); dB, dC (fp32 (batch, G, BLOCK_N, L))
-    and dA (fp32 (batch, dim, N)), zero-filled and added to with atomics, unless given (shared with the other
-    direction's); dD, ddelta_bias (fp32 per (batch, channel)); dinitial_state."""
+def _grad_buffers(u, delta, A, B, C, D, z, delta_bias, initial_state, nseg, du_dtype=None, ddelta_dtype=None,
+                  dB=None, dC=None, dA=None):
+    """The gradient buffers one launch of nseg segments a row writes: du, ddelta, dz (empty without z); dB, dC (fp32
+    (batch, G, BLOCK_N, L)) and dA (fp32 (batch, dim, N)), zero-filled and added to with atomics, unless given
+    (shared with the other direction's); dD, ddelta_bias (fp32 per (segment, batch, channel), as (nseg * batch,
+    dim)); dinitial_state; the segments' sync words (ticket, flags) and r carries."""
     batch, dim, L = u.shape
     N = A.shape[1]
     dev = u.device
@@ -473,9 +529,12 @@ def _grad_buffers(u, delta, A, B, C, D, z, delta_bias, initial_state, du_dtype=N
         B=dB if dB is not None else torch.zeros((batch, _groups(B), BLOCK_N, L), device=dev, dtype=f32),
         C=dC if dC is not None else torch.zeros((batch, _groups(C), BLOCK_N, L), device=dev, dtype=f32),
         A=dA if dA is not None else torch.zeros((batch, dim, N), device=dev, dtype=f32),
-        D=torch.empty((batch, dim), device=dev, dtype=f32) if D is not None else empty,
-        delta_bias=torch.empty((batch, dim), device=dev, dtype=f32) if delta_bias is not None else empty,
+        D=torch.empty((nseg * batch, dim), device=dev, dtype=f32) if D is not None else empty,
+        delta_bias=torch.empty((nseg * batch, dim), device=dev, dtype=f32) if delta_bias is not None else empty,
         initial_state=torch.empty((batch, dim, N), device=dev, dtype=f32) if initial_state is not None else empty,
+        sync=torch.zeros(1 + (nseg - 1) * batch * dim, device=dev, dtype=torch.int32) if nseg > 1 else empty,
+        carry=torch.empty((nseg - 1) * batch * dim * BLOCK_N, device=dev, dtype=f32) if nseg > 1 else empty,
+        nseg=nseg,
     )
 
 
@@ -497,16 +556,19 @@ def _launch_bwd(g, dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initi
     args = (
         u, delta, A.contiguous(), Bt, Ct, opt(D), opt(delta_bias), opt(z), dout, states, opt(initial_state),
         opt(dlast_state), g["u"], g["delta"], g["z"], g["B"], g["C"], g["A"], g["D"], g["delta_bias"],
-        g["initial_state"], opt(ws), opt(du_acc), opt(ddelta_acc),
-        dim, L, N, G_B, G_C, dim // G_B, dim // G_C, u.stride(0), u.stride(1), delta.stride(0), delta.stride(1),
+        g["initial_state"], opt(ws), opt(du_acc), opt(ddelta_acc), g["sync"], g["carry"],
+        # batch only where segments use it: Triton compiles a 1 as a constant, and NSEG 1 as it was before segments
+        batch if g["nseg"] > 1 else 1, dim, L, N, G_B, G_C, dim // G_B, dim // G_C, u.stride(0), u.stride(1), delta.stride(0), delta.stride(1),
         *zs, dout.stride(0), dout.stride(1), scale,
     )
     meta = dict(BLOCK_N=BLOCK_N, VEC=VEC, CPW=CPW, NW=NW, HAS_D=D is not None, HAS_Z=z is not None,
                 HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_DLAST=dlast_state is not None,
                 HAS_DH0=initial_state is not None, FIRST=first, SAVE=save, REV=REV, MODE=MODE,
-                ACC_U=du_acc is not None, ACC_DT=ddelta_acc is not None)
+                ACC_U=du_acc is not None, ACC_DT=ddelta_acc is not None, NSEG=g["nseg"])
     meta.update(over)
-    launch(_selective_scan_bwd_lanes_kernel, (batch, dim // (CPW * NW)), args, dict(meta, num_warps=NW))
+    nseg = g["nseg"]
+    grid = (batch, dim // (CPW * NW)) if nseg == 1 else (nseg * batch * dim // (CPW * NW),)
+    launch(_selective_scan_bwd_lanes_kernel, grid, args, dict(meta, num_warps=NW))
 
 
 def _finish(g, u, B, C, D, z, delta_bias, initial_state):
@@ -530,7 +592,8 @@ def selective_scan_bwd_lanes(dout, dlast_state, u, delta, A, B, C, D, z, delta_b
     """Launch the lanes backward. Inputs validated by the caller; dout, u, delta, z time contiguous; L a multiple of
     the window (32 / CPW lanes x one 16-byte vector). Returns a dict of gradients as
     :func:`.triton_bwd.selective_scan_bwd`."""
-    g = _grad_buffers(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    nseg = lanes_bwd_segments(u, B, C, u.device.index if u.is_cuda else None)
+    g = _grad_buffers(u, delta, A, B, C, D, z, delta_bias, initial_state, nseg)
     _launch_bwd(g, dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, states, delta_softplus)
     return _finish(g, u, B, C, D, z, delta_bias, initial_state)
 
@@ -549,8 +612,9 @@ def bi_selective_scan_bwd_lanes(dout, u, delta, A, B, C, D, z, delta_bias, u_b, 
     Db, biasb = twin(D_b, D), twin(delta_bias_b, delta_bias)
     f32 = torch.float32
     scale = 0.5 if divide_out else 1.0
-    gf = _grad_buffers(u, delta, A, B, C, D, z, delta_bias, None)
-    gb = _grad_buffers(ub, dtb, Ab, Bb, Cb, Db, None, biasb, None, du_dtype=f32 if u_b is None else None,
+    nseg = lanes_bwd_segments(u, B, C, u.device.index if u.is_cuda else None)
+    gf = _grad_buffers(u, delta, A, B, C, D, z, delta_bias, None, nseg)
+    gb = _grad_buffers(ub, dtb, Ab, Bb, Cb, Db, None, biasb, None, nseg, du_dtype=f32 if u_b is None else None,
                        ddelta_dtype=f32 if delta_b is None else None, dB=gf["B"] if B_b is None else None,
                        dC=gf["C"] if C_b is None else None, dA=gf["A"] if A_b is None else None)
     ws = torch.empty(u.shape, device=u.device, dtype=f32) if z is not None else None

@@ -101,7 +101,7 @@ def _pick_max(x, m):
 @triton.jit
 def _pick_sum(x, m):
     """:func:`_pick_max` for the interpreter, which runs a reduction with our own combine function one Python call
-    per element pair (80% of the CPU suite's scan time) and tl.sum as one numpy call. The same x[j], except a -0
+    per element pair (420 of one mixer test's 430 s) and tl.sum as one numpy call. The same x[j], except a -0
     that comes out +0."""
     return tl.sum(tl.where(m, x, 0.0), 0, keep_dims=True)
 
