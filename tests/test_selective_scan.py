@@ -492,8 +492,9 @@ def test_lanes_backward_segments_rule():
 
 
 def test_lanes_backward_choice(monkeypatch):
-    """use_lanes_bwd takes the shapes it was measured faster on (SPEC section 7, bf16, H100: global XL and global S)
-    and leaves the others, fp32, N > 16, partial windows and deterministic mode to the segment backward; the
+    """use_lanes_bwd takes the shapes it was measured faster on (SPEC section 7, bf16: global XL, global S, and long
+    since its rows are split into segments; one whole round of programs, 2,112 channels on 132 SMs) and leaves the
+    others, fp32, N > 16, partial windows and deterministic mode to the segment backward; the
     channels per warp and program fit the B/C groups and the saved states."""
     from matten_kernels.selective_scan.triton_bwd_lanes import lanes_bwd_config, use_lanes_bwd
 
@@ -502,7 +503,8 @@ def test_lanes_backward_choice(monkeypatch):
 
     assert use_lanes_bwd(u(2, 2304, 4096), 16)  # global XL
     assert use_lanes_bwd(u(8, 768, 4096), 16)  # global S
-    assert not use_lanes_bwd(u(1, 2304, 16384), 16)  # long: too few channels (measured slower)
+    assert use_lanes_bwd(u(1, 2304, 16384), 16)  # long: 288 programs, 264 slots
+    assert not use_lanes_bwd(u(1, 2048, 16384), 16)  # under one round of programs
     assert not use_lanes_bwd(u(32, 2304, 256), 16)  # spatial XL: short
     assert not use_lanes_bwd(u(2, 2304, 4096, torch.float32), 16)
     assert not use_lanes_bwd(u(2, 2304, 4096), 64)
@@ -558,7 +560,7 @@ def test_lanes_forward_bidirectional_choice():
 
 
 def test_lanes_backward_bidirectional_choice():
-    """use_lanes_bi_bwd: the uni rule (global XL and S in 16-bit dtypes, not long or fp32) with one window for both
+    """use_lanes_bi_bwd: the uni rule (global XL, S and long in 16-bit dtypes, not fp32) with one window for both
     directions, so that one spacing of saved states serves both; the bidirectional forward then saves a state a
     window (128 steps at two channels a warp: half the states of every 64 steps), else every SAVE_STEPS."""
     from matten_kernels.selective_scan._ops import _bi_save_steps
@@ -575,7 +577,9 @@ def test_lanes_backward_bidirectional_choice():
     assert _bi_save_steps(x, B, B, B, G768, 16) == 64
     assert use_lanes_bi_bwd(x, G768, G768, G768, G768, 16) and _bi_save_steps(x, G768, G768, None, None, 16) == 256
     long, Bl = t(1, 2304, 16384), t(1, 16, 16384)
-    assert not use_lanes_bi_bwd(long, Bl, Bl, Bl, Bl, 16) and _bi_save_steps(long, Bl, Bl, None, None, 16) == 64
+    assert use_lanes_bi_bwd(long, Bl, Bl, Bl, Bl, 16) and _bi_save_steps(long, Bl, Bl, None, None, 16) == 128
+    short = t(1, 2048, 16384)  # under one round of programs
+    assert not use_lanes_bi_bwd(short, Bl, Bl, Bl, Bl, 16) and _bi_save_steps(short, Bl, Bl, None, None, 16) == 64
     f = t(2, 2304, 4096, dtype=torch.float32)
     assert not use_lanes_bi_bwd(f, B.float(), B.float(), B.float(), B.float(), 16)
 

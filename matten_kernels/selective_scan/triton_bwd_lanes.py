@@ -37,9 +37,17 @@ benchmarks/NOTES_scan.md "Session 8"): the dB/dC atomics, not the arithmetic, we
 (CPW 1) took 2.26-2.69 ms, of which the atomics 1.4 ms (1.09 without them); summing over the 4 warps of a program
 first (Triton's cross-warp reduction through shared memory) took 7.8 ms; two channels per warp summed by one
 shuffle level halves the atomic traffic: 1.41 ms, and B/C/A/states two states ahead 1.35 ms (four channels per warp:
-1.95, the sum's layout no longer matches the atomics'). No segments and no summary pass, and y is recomputed for dz
-from the recomputed states. When it is used: :func:`use_lanes_bwd` (16-bit dtypes, long sequences in whole windows,
-N <= 16, enough channels to fill the GPU).
+1.95, the sum's layout no longer matches the atomics'). No summary pass, and y is recomputed for dz from the
+recomputed states. When it is used: :func:`use_lanes_bwd` (16-bit dtypes, long sequences in whole windows, N <= 16,
+enough channels for one round of programs).
+
+The kernel compiles at 255 registers: 8 warps an SM, so global XL's 576 programs were 3 rounds on an H200's 264
+slots, the last 18% full, and Nsight Compute counted 12% occupancy and 37% of cycles issuing. Where whole rows leave
+such a round, a row's windows are split into NSEG segments (:func:`lanes_bwd_segments`), each a program that waits for
+the adjoint carry r of the one before it in scan-adjoint order (a flag, release / acquire; programs take their
+segment from a ticket in the order they start, so one waits only on a program already running). H200, bf16,
+launcher level, NSEG 1 and the default in one run (5d91651): global XL 1.347 -> 1.051 ms (4 segments), long
+3.422 -> 2.094 (7), the bidirectional backward with z at global XL 3.102 -> 2.510 (4).
 
 The bidirectional scan's backward runs as two launches of this kernel (:func:`bi_selective_scan_bwd_lanes`, where
 :func:`use_lanes_bi_bwd` takes the rows), no flipped copies: the backward direction in reverse scan order (``REV``:
@@ -483,18 +491,19 @@ def _lanes_meta(u, B, C):
 
 
 def use_lanes_bwd(u, N: int, device_index=None) -> bool:
-    """Whether the uni backward takes this kernel: where session 8 measured it faster than the segment backward (H100,
-    bf16, launcher level, one run: global XL 1.35 vs 1.41 ms, global S 1.47 vs 1.79) and not where it was slower
-    (long (1, 2304, 16, 16384): 3.45 vs 2.73, only 2304 channels). Needs 16-bit inputs (one 16-byte vector of u per
-    lane and window), N <= 16 (every state of the window in registers), whole windows (L a multiple of 256),
-    L >= 1024, batch * dim channels filling the GPU, and torch's deterministic mode off (dB/dC are added with
-    atomics)."""
+    """Whether the uni backward takes this kernel: where it was measured faster than the segment backward (launcher
+    level, bf16, each in one run: H100, session 8: global XL 1.35 vs 1.41 ms, global S 1.47 vs 1.79; H200 at 5d91651
+    with segments: global XL 1.051 vs 1.418, long (1, 2304, 16, 16384) 2.094 vs 2.733, which before segments took
+    3.42). Needs 16-bit inputs (one 16-byte vector of u per lane and window), N <= 16 (every state of the window in
+    registers), whole windows (L a multiple of 256), L >= 1024, channels for one whole round of programs (two
+    channels a warp, _WARPS_PER_SM warps an SM: 2,112 on an H200; segments split the rest, :func:`lanes_bwd_segments`)
+    and torch's deterministic mode off (dB/dC are added with atomics)."""
     batch, dim, L = u.shape
     if u.dtype not in (torch.bfloat16, torch.float16) or next_power_of_2(N) > 16 or L < LANES_BWD_MIN_L:
         return False
     if L % (32 * (16 // u.element_size())) or torch.are_deterministic_algorithms_enabled():
         return False
-    return batch * dim >= 24 * _sm_count(device_index)
+    return batch * dim >= _CONFIG[0] * _WARPS_PER_SM * _sm_count(device_index)
 
 
 def lanes_save_steps(u, B, C) -> int:
