@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One device round for the selective scan: GPU tests, (optionally) build mamba-ssm's extension in parallel, benchmarks.
 # Usage (device): MATTEN_COMMIT=<sha> bash benchmarks/device_scan_round.sh [mamba_src_dir] [prebuilt_dir]
+# e.g. session 32's unfinished check: TEST_FILES="tests/test_selective_scan_gpu.py tests/test_bi_selective_scan.py"
+#   TEST_K="lanes_backward or (bi_dtypes and lanes) or large_delta" TEST_WORKERS=12 TEST_TIMEOUT=400
 # Writes logs and result JSON under $OUT (or ./out).
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -14,7 +16,11 @@ if [ -n "$MAMBA_SRC" ] && [ ! -e "$MAMBA_BUILD/selective_scan_cuda.so" ]; then
   (timeout 240 python3 benchmarks/build_mamba_scan.py "$MAMBA_SRC" "$MAMBA_BUILD" 90 > "$OUT/mamba_build.log" 2>&1; echo "build rc $?" >> "$OUT/mamba_build.log") &
   BUILD_PID=$!
 fi
-timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -x tests/test_selective_scan_gpu.py -p no:cacheprovider --durations=5 -k "${TEST_K:-not nothing}" 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
+# TEST_FILES (default the uni GPU tests), TEST_K, TEST_WORKERS (pytest-xdist processes; a cold machine spends most
+# of the time compiling, one core a process), TEST_TIMEOUT
+timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -x -m gpu ${TEST_FILES:-tests/test_selective_scan_gpu.py} \
+  ${TEST_WORKERS:+-n $TEST_WORKERS} -p no:cacheprovider --durations=5 -k "${TEST_K:-not nothing}" 2>&1 | tail -25 \
+  | tee "$OUT/gpu_tests.log"
 if [ -n "${BUILD_PID:-}" ]; then
   wait $BUILD_PID; tail -3 "$OUT/mamba_build.log"
   # bring the module back (<= 16 MiB a file) so later rounds can skip the build
