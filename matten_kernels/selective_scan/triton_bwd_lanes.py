@@ -495,15 +495,17 @@ def use_lanes_bwd(u, N: int, device_index=None) -> bool:
     level, bf16, each in one run: H100, session 8: global XL 1.35 vs 1.41 ms, global S 1.47 vs 1.79; H200 at 5d91651
     with segments: global XL 1.051 vs 1.418, long (1, 2304, 16, 16384) 2.094 vs 2.733, which before segments took
     3.42). Needs 16-bit inputs (one 16-byte vector of u per lane and window), N <= 16 (every state of the window in
-    registers), whole windows (L a multiple of 256), L >= 1024, channels for one whole round of programs (two
-    channels a warp, _WARPS_PER_SM warps an SM: 2,112 on an H200; segments split the rest, :func:`lanes_bwd_segments`)
-    and torch's deterministic mode off (dB/dC are added with atomics)."""
+    registers), whole windows (L a multiple of 256), L >= 1024, 24 channels an SM, or, in rows of 2048 steps or more
+    (16 windows: room for 4 segments of 4), one whole round of programs (two channels a warp, _WARPS_PER_SM warps an
+    SM: 2,112 channels on an H200; segments split the rest, :func:`lanes_bwd_segments`), and torch's deterministic
+    mode off (dB/dC are added with atomics)."""
     batch, dim, L = u.shape
     if u.dtype not in (torch.bfloat16, torch.float16) or next_power_of_2(N) > 16 or L < LANES_BWD_MIN_L:
         return False
     if L % (32 * (16 // u.element_size())) or torch.are_deterministic_algorithms_enabled():
         return False
-    return batch * dim >= _CONFIG[0] * _WARPS_PER_SM * _sm_count(device_index)
+    n_sm = _sm_count(device_index)
+    return batch * dim >= 24 * n_sm or (L >= 2048 and batch * dim >= _CONFIG[0] * _WARPS_PER_SM * n_sm)
 
 
 def lanes_save_steps(u, B, C) -> int:
