@@ -83,9 +83,23 @@ def test_bi_ref_matches_composition(mode, shape):
 ])
 @pytest.mark.interpreter
 def test_bi_triton_matches_composition(mode, shape, opts):
+    _run_triton(mode, shape, opts)
+
+
+def _run_triton(mode, shape, opts):
+    """run_bi on the Triton backend over make_bi(*shape, mode) with opts (D, z, bias, softplus, divide_out)."""
     D, z, bias, softplus, divide_out = opts
     x, xb = make_bi(*shape, mode, D=D, z=z, bias=bias)
     run_bi("triton", x, xb, softplus, divide_out)
+
+
+def _launches(module, record, mode, shape, opts, monkeypatch):
+    """:func:`_run_triton`, and record(grid, meta) of every launch of ``module``'s kernels, in order."""
+    seen = []
+    launch = module.launch
+    monkeypatch.setattr(module, "launch", lambda k, g, a, m: seen.append(record(g, m)) or launch(k, g, a, m))
+    _run_triton(mode, shape, opts)
+    return seen
 
 
 # The lanes forward's two launches (use_lanes_bi: 16-bit rows of whole windows over many channels on the GPU; forced
@@ -102,15 +116,9 @@ def test_bi_triton_matches_composition(mode, shape, opts):
 def test_bi_triton_lanes_forward_matches_composition(mode, shape, opts, cpw, monkeypatch):
     from matten_kernels.selective_scan import _ops, triton_fwd_lanes
 
-    modes = []
-    launch = triton_fwd_lanes.launch
     monkeypatch.setattr(_ops, "use_lanes_bi", lambda *a, **k: True)
     monkeypatch.setattr(triton_fwd_lanes, "CPW_OVERRIDE", cpw)
-    monkeypatch.setattr(triton_fwd_lanes, "launch",
-                        lambda k, g, a, m: modes.append((m["REV"], m["MODE"], m["CPW"])) or launch(k, g, a, m))
-    D, z, bias, softplus, divide_out = opts
-    x, xb = make_bi(*shape, mode, D=D, z=z, bias=bias)
-    run_bi("triton", x, xb, softplus, divide_out)
+    modes = _launches(triton_fwd_lanes, lambda g, m: (m["REV"], m["MODE"], m["CPW"]), mode, shape, opts, monkeypatch)
     assert modes == [(True, 1, cpw), (False, 2, cpw)], modes
 
 
@@ -130,16 +138,11 @@ def test_bi_triton_lanes_forward_matches_composition(mode, shape, opts, cpw, mon
 def test_bi_triton_lanes_backward_matches_composition(mode, shape, opts, lanes_fwd, monkeypatch):
     from matten_kernels.selective_scan import _ops, triton_bwd_lanes
 
-    launches = []
-    launch = triton_bwd_lanes.launch
     monkeypatch.setattr(_ops, "use_lanes_bi_bwd", lambda *a, **k: True)
     if lanes_fwd:
         monkeypatch.setattr(_ops, "use_lanes_bi", lambda *a, **k: True)
-    monkeypatch.setattr(triton_bwd_lanes, "launch", lambda k, g, a, m: launches.append(
-        (m["REV"], m["MODE"], m["ACC_U"], m["ACC_DT"])) or launch(k, g, a, m))
-    D, z, bias, softplus, divide_out = opts
-    x, xb = make_bi(*shape, mode, D=D, z=z, bias=bias)
-    run_bi("triton", x, xb, softplus, divide_out)
+    launches = _launches(triton_bwd_lanes, lambda g, m: (m["REV"], m["MODE"], m["ACC_U"], m["ACC_DT"]), mode, shape,
+                         opts, monkeypatch)
     shared = mode != "v2"
     assert launches == [(True, 1, False, False), (False, 2, shared, shared)], launches
 
@@ -147,22 +150,16 @@ def test_bi_triton_lanes_backward_matches_composition(mode, shape, opts, lanes_f
 # Both launches with a row's windows in segments (forced): the reverse launch's segments go up in time, its r
 # carried forward; shared u / delta (its du / ddelta scratch added by the forward launch), z (its y scratch).
 @pytest.mark.parametrize("mode, shape, opts, nseg", [
-    pytest.param("shared", (1, 8, 192, 3, None), (True, True, True, True, False), 2, id="shared-L192-all-on-2-segments"),
-    pytest.param("v2", (2, 4, 256, 2, None), (True, True, True, True, True), 3, id="v2-L256-all-on-3-segments"),
+    pytest.param("shared", (1, 8, 192, 3, None), (True, True, True, True, False), 2, id="shared-L192-all-on-2seg"),
+    pytest.param("v2", (2, 4, 256, 2, None), (True, True, True, True, True), 3, id="v2-L256-all-on-3seg"),
 ])
 @pytest.mark.interpreter
 def test_bi_triton_lanes_backward_segments(mode, shape, opts, nseg, monkeypatch):
     from matten_kernels.selective_scan import _ops, triton_bwd_lanes
 
-    launches = []
-    launch = triton_bwd_lanes.launch
     monkeypatch.setattr(_ops, "use_lanes_bi_bwd", lambda *a, **k: True)
     monkeypatch.setitem(triton_bwd_lanes._META_OVERRIDES, "NSEG", nseg)
-    monkeypatch.setattr(triton_bwd_lanes, "launch", lambda k, g, a, m: launches.append((m["REV"], m["NSEG"], len(g)))
-                        or launch(k, g, a, m))
-    D, z, bias, softplus, divide_out = opts
-    x, xb = make_bi(*shape, mode, D=D, z=z, bias=bias)
-    run_bi("triton", x, xb, softplus, divide_out)
+    launches = _launches(triton_bwd_lanes, lambda g, m: (m["REV"], m["NSEG"], len(g)), mode, shape, opts, monkeypatch)
     assert launches == [(True, nseg, 1), (False, nseg, 1)], launches
 
 
