@@ -194,7 +194,7 @@ def _selective_scan_bwd_lanes_kernel(
     BLOCK_N: tl.constexpr, VEC: tl.constexpr, CPW: tl.constexpr, NW: tl.constexpr, HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr,
     HAS_DH0: tl.constexpr, FIRST: tl.constexpr, SAVE: tl.constexpr, REV: tl.constexpr, MODE: tl.constexpr,
-    ACC_U: tl.constexpr, ACC_DT: tl.constexpr, NSEG: tl.constexpr, STAGES: tl.constexpr,
+    ACC_U: tl.constexpr, ACC_DT: tl.constexpr, NSEG: tl.constexpr,
 ):
     """Channels program_id(1) * C .. + C - 1 (C = CPW * NW) of batch row program_id(0), every window, every
     gradient. A warp holds CPW channels over TL = 32 / CPW lanes each; windows are TL * VEC steps.
@@ -209,11 +209,7 @@ def _selective_scan_bwd_lanes_kernel(
     NSEG > 1: a row's windows are NSEG segments, each its own program, so that the grid's last wave is not a third
     of the kernel's time (:func:`lanes_bwd_segments`). A segment starts from the r its predecessor (the windows
     after it in scan-adjoint order) stored in p_carry and flagged in p_sync; programs take their unit from a ticket
-    (p_sync[0]) in the order they start, segment-major, so a segment waits only on one that has started.
-
-    STAGES > 1 (an A/B knob, default 1): Triton's software pipeline over the windows, the next window's loads issued
-    as asynchronous copies into shared memory (Triton 3.6, sm_90, global XL: 138 LDGSTS, spills LDL 92 -> 66 and STL
-    94 -> 62; STAGES 1 compiles to the SASS of a plain range)."""
+    (p_sync[0]) in the order they start, segment-major, so a segment waits only on one that has started."""
     TL: tl.constexpr = 32 // CPW
     C: tl.constexpr = CPW * NW
     W: tl.constexpr = TL * VEC
@@ -279,7 +275,7 @@ def _selective_scan_bwd_lanes_kernel(
     p_dA1 = p_dA + row * N + o_l * 0
 
     n_win = L // W
-    for i_w in tl.range((seg * n_win) // NSEG, ((seg + 1) * n_win) // NSEG, num_stages=STAGES):
+    for i_w in range((seg * n_win) // NSEG, ((seg + 1) * n_win) // NSEG):
         if REV:
             w = i_w
         else:
@@ -579,7 +575,7 @@ def _launch_bwd(g, dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initi
     meta = dict(BLOCK_N=BLOCK_N, VEC=VEC, CPW=CPW, NW=NW, HAS_D=D is not None, HAS_Z=z is not None,
                 HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_DLAST=dlast_state is not None,
                 HAS_DH0=initial_state is not None, FIRST=first, SAVE=save, REV=REV, MODE=MODE,
-                ACC_U=du_acc is not None, ACC_DT=ddelta_acc is not None, NSEG=g["nseg"], STAGES=1)
+                ACC_U=du_acc is not None, ACC_DT=ddelta_acc is not None, NSEG=g["nseg"])
     meta.update(over)
     nseg = g["nseg"]
     grid = (batch, dim // (CPW * NW)) if nseg == 1 else (nseg * batch * dim // (CPW * NW),)
