@@ -170,13 +170,33 @@ def env_info(commit=None):
                 date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
-def write_results(name, rows, info, out_dir=None):
+def _results_path(name, info, out_dir=None, suffix=".json"):
     out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out_dir, exist_ok=True)
     gpu = info["gpu"].replace(" ", "-")
-    path = os.path.join(out_dir, f"{name}-{gpu}-{info['commit']}.json")
+    return os.path.join(out_dir, f"{name}-{gpu}-{info['commit']}{suffix}")
+
+
+_ROW_LOG = None  # the JSON-lines file log_row appends to (start_row_log), removed by write_results
+
+
+def start_row_log(name, info, out_dir=None):
+    """From now on log_row also appends each row to NAME-GPU-COMMIT.rows.jsonl (its first line the info), so a run
+    cut short by a timeout leaves what it measured in a file; write_results removes it once the JSON is written."""
+    global _ROW_LOG
+    _ROW_LOG = _results_path(name, info, out_dir, ".rows.jsonl")
+    with open(_ROW_LOG, "w") as f:
+        f.write(json.dumps(dict(info=info)) + "\n")
+
+
+def write_results(name, rows, info, out_dir=None):
+    global _ROW_LOG
+    path = _results_path(name, info, out_dir)
     with open(path, "w") as f:
         json.dump(dict(info=info, rows=rows), f, indent=1)
+    if _ROW_LOG is not None and os.path.exists(_ROW_LOG):
+        os.remove(_ROW_LOG)
+    _ROW_LOG = None
     return path
 
 
@@ -232,8 +252,12 @@ def write_ab(stem, info, out_dir, **payload):
 
 
 def log_row(row):
-    """One measured row, printed (flushed) as it is taken: a run cut short by a timeout still shows what it got."""
+    """One measured row, printed (flushed) as it is taken, and appended to the row log if one was started
+    (start_row_log): a run cut short by a timeout still shows and keeps what it got."""
     print("  row:", {k: v for k, v in row.items() if v is not None}, flush=True)
+    if _ROW_LOG is not None:
+        with open(_ROW_LOG, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def print_table(rows, cols):

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _scan_common import (ANCHORS, DTYPES, SHAPES, bench, env_info, floor_ms, graphed_ms, host_ms,  # noqa: E402
-                          log_row, mamba_provider, peak_mem_mb, print_table, scan_inputs, write_results)
+                          log_row, mamba_provider, peak_mem_mb, print_table, scan_inputs, start_row_log,
+                          write_results)
 
 from matten_kernels import bi_selective_scan, selective_scan  # noqa: E402
 from matten_kernels.selective_scan import cuda as scan_cuda  # noqa: E402
@@ -197,6 +198,7 @@ if __name__ == "__main__":
     info = env_info(args.commit)
     print(info)
     rows = []
+    start_row_log("bench_bidirectional", info, args.out)
     run_ops(args, rows)
     if not args.no_mixer:
         run_mixer(args, rows)

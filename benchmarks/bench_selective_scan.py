@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _scan_common import (ANCHORS, DTYPES, EXTRA_SHAPES, SHAPES, bench, bytes_model, cuda_provider,  # noqa: E402
                           env_info, floor_ms, log_row, mamba_provider, peak_mem_mb, print_table, scan_inputs,
-                          write_results)
+                          start_row_log, write_results)
 
 from matten_kernels import selective_scan, selective_scan_ref  # noqa: E402
 
@@ -160,6 +160,7 @@ if __name__ == "__main__":
         print_table(rows, ["shape", "phase", "cfg", "default", "ms", "error"])
     else:
         providers_cache = providers(args)
+        start_row_log("bench_selective_scan", info, args.out)
         rows = run(args)
         print(f"results: {write_results('bench_selective_scan', rows, info, args.out)}")
         print_table(rows, ["dtype", "shape", "provider", "fwd_ms", "fwdbwd_ms", "anchor_fwd", "anchor_fwdbwd",

@@ -227,3 +227,25 @@ def test_sass_normalized_ignores_addresses_and_encodings():
     b = a.replace("/*0010*/", "/*0410*/").replace("0x000fe40000000f00", "0x000fc80000000f00")
     assert normalized(a) == normalized(b) == "MOV R1, c[0x0][0x28] \nFFMA R0, R1, R2, R0 "
     assert normalized(a) != normalized(a.replace("FFMA R0, R1, R2", "FFMA R0, R3, R2"))
+
+
+def test_row_log_keeps_rows_of_a_cut_run(tmp_path):
+    """The benchmarks' row log: each logged row lands in NAME-GPU-COMMIT.rows.jsonl as it is measured (what a run
+    cut by a timeout keeps), and the final JSON replaces it."""
+    import json
+
+    import _scan_common as sc
+
+    info = dict(gpu="Some GPU", commit="abc1234")
+    sc.start_row_log("bench_x", info, str(tmp_path))
+    log = tmp_path / "bench_x-Some-GPU-abc1234.rows.jsonl"
+    rows = [dict(shape="global XL", fwd_ms=0.25), dict(shape="long", error="RuntimeError: x")]
+    for r in rows:
+        sc.log_row(r)
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert lines == [dict(info=info)] + rows
+    path = sc.write_results("bench_x", rows, info, str(tmp_path))
+    assert json.loads(open(path).read()) == dict(info=info, rows=rows)
+    assert not log.exists()
+    sc.log_row(dict(shape="after"))  # no log open any more: printed only
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_x-Some-GPU-abc1234.json"]
