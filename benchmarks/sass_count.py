@@ -49,8 +49,9 @@ def record(fn, *args, **kwargs):
     return calls
 
 
-def compile_sass(kernel, args, meta) -> str:
-    """SASS text of ``kernel`` specialised as Triton would for ``args`` (CPU tensors stand for the GPU ones)."""
+def compile_sass(kernel, args, meta):
+    """(SASS text, registers, shared memory bytes) of ``kernel`` specialised as Triton would for ``args`` (CPU
+    tensors stand for the GPU ones)."""
     fn = kernel
     names = fn.arg_names
     sig, attrs, constexprs = {}, {}, {}
@@ -93,7 +94,7 @@ def compile_sass(kernel, args, meta) -> str:
         usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", path], capture_output=True,
                                text=True).stdout
         regs = re.search(r"REG:(\d+)", usage)
-        return sass, int(regs.group(1)) if regs else None
+        return sass, int(regs.group(1)) if regs else None, compiled.metadata.shared
 
 
 def loops(sass: str):
@@ -187,7 +188,7 @@ def main():
         calls = record(triton_bwd.selective_scan_bwd, torch.zeros_like(u), None, u, delta, A, B, C, D, None, bias,
                        None, states, True, deterministic=False)
     for i, (kernel, grid, kargs, meta) in enumerate(calls):
-        sass, n_regs = compile_sass(kernel, kargs, meta)
+        sass, n_regs, smem = compile_sass(kernel, kargs, meta)
         if args.dump:
             with open(f"{args.dump}.{i}.sass", "w") as fh:
                 fh.write(sass)
@@ -198,7 +199,7 @@ def main():
         else:
             elems = meta["W"] // 32 * meta["BLOCK_N"] if "W" in meta else meta["CHUNK"] * meta["NH"]
         print(f"== launch {i}: grid {grid}, meta { {k: v for k, v in meta.items() if k.isupper() or k == 'num_warps'} }")
-        print(f"   registers {n_regs}, SASS instructions {total}")
+        print(f"   registers {n_regs}, shared memory {smem} bytes, SASS instructions {total}")
         for label, body in found:
             ops = [o for o, _ in body]
             hist = collections.Counter(o.split(".")[0] for o in ops)

@@ -309,3 +309,34 @@ def test_bi_triton_lanes_bf16_word_loads(mode, monkeypatch):
     assert words == [True] * 2 + [False] * 2, words
     for got, ref in zip(*results):
         assert torch.equal(got, ref)
+
+
+# The lanes forward with two warps a program (NW, an A/B knob; see test_selective_scan's
+# test_triton_lanes_forward_warps_a_program) regroups channels into programs and nothing else, so in bf16 (the word
+# loads of the unidirectional launch, the reverse direction's launch, its scratch) the bidirectional output and every
+# gradient are bit for bit those of one warp a program.
+@pytest.mark.interpreter
+def test_bi_triton_lanes_forward_warps_a_program_bit_for_bit(monkeypatch):
+    from matten_kernels.selective_scan import _ops, triton_fwd_lanes
+
+    monkeypatch.setattr(_ops, "use_lanes_bi", lambda *a, **k: True)
+    monkeypatch.setattr(_ops, "use_lanes_bi_bwd", lambda *a, **k: True)
+    nws = []
+    launch = triton_fwd_lanes.launch
+    monkeypatch.setattr(triton_fwd_lanes, "launch", lambda k, g, a, m: nws.append(m["NW"]) or launch(k, g, a, m))
+    x, xb = make_bi(1, 4, 512, 3, None, "v2")
+    x = {k: (v.bfloat16() if v is not None and k in ("u", "delta", "B", "C", "z") else v) for k, v in x.items()}
+    xb = {k: (v.bfloat16() if k in ("u_b", "delta_b", "B_b", "C_b") else v) for k, v in xb.items()}
+    dout = torch.randn(1, 4, 512, generator=torch.Generator().manual_seed(5)).bfloat16()
+    results = []
+    for over in ({"NW": 2, "STAGES": 2}, {}):
+        monkeypatch.setattr(triton_fwd_lanes, "META_OVERRIDES", dict(over))
+        lx = {k: v.clone().requires_grad_() for k, v in x.items() if v is not None and k != "initial_state"}
+        lxb = {k: v.clone().requires_grad_() for k, v in xb.items()}
+        out = bi_selective_scan(*(lx.get(k) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")), True,
+                                **lxb, backend="triton")
+        out.backward(dout)
+        results.append([out] + [v.grad for v in list(lx.values()) + list(lxb.values())])
+    assert nws == [2, 2, 1, 1], nws
+    for got, ref in zip(*results):
+        assert torch.equal(got, ref)

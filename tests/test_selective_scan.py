@@ -428,6 +428,52 @@ def test_triton_lanes_forward_two_channels_a_warp(shape, opts, monkeypatch):
     assert cpws and set(cpws) == {2}, cpws
 
 
+# The lanes forward with two warps a program (NW, an A/B knob: the warps share one row of B/C, staged in shared
+# memory where the window loop is pipelined, STAGES > 1; the interpreter runs the same arithmetic): one and two
+# channels a warp, B/C in one group or two (each group the whole program's channels), whole and partial windows.
+@pytest.mark.parametrize("cpw, shape, opts", [
+    pytest.param(1, (1, 4, 130, 5, 2), OPTIONS[2].values[0], id="cpw1-L130-N5-G2-D-bias-softplus-last"),
+    pytest.param(1, (2, 2, 257, 3, None), OPTIONS[3].values[0], id="cpw1-L257-z-h0"),
+    pytest.param(2, (1, 4, 130, 2, None), OPTIONS[0].values[0], id="cpw2-L130-all-on"),
+])
+@pytest.mark.interpreter
+def test_triton_lanes_forward_warps_a_program(cpw, shape, opts, monkeypatch):
+    from matten_kernels.selective_scan import triton_fwd_lanes
+
+    metas = []
+    launch = triton_fwd_lanes.launch
+    monkeypatch.setattr(triton_fwd_lanes, "CPW_OVERRIDE", cpw)
+    monkeypatch.setattr(triton_fwd_lanes, "META_OVERRIDES", {"NW": 2, "STAGES": 2})
+    monkeypatch.setattr(triton_fwd_lanes, "launch",
+                        lambda k, g, a, m: metas.append((g, m["NW"], m["num_warps"])) or launch(k, g, a, m))
+    _forced_lanes_case("use_lanes", shape, opts, monkeypatch)
+    batch, dim = shape[:2]
+    assert metas and set(metas) == {((dim // (2 * cpw), batch), 2, 2)}, metas
+
+
+# ... and in bf16 (the unidirectional launch's 32-bit word loads of u, delta, B, C) bit for bit one warp a program's.
+@pytest.mark.interpreter
+def test_triton_lanes_forward_warps_a_program_bf16_words(monkeypatch):
+    from matten_kernels.selective_scan import _ops, triton_fwd_lanes
+
+    monkeypatch.setattr(_ops, "use_lanes", lambda *a, **k: True)
+    monkeypatch.setattr(_ops, "use_lanes_bwd", lambda *a, **k: False)
+    metas = []
+    launch = triton_fwd_lanes.launch
+    monkeypatch.setattr(triton_fwd_lanes, "launch",
+                        lambda k, g, a, m: metas.append((m["NW"], m["WORDS"])) or launch(k, g, a, m))
+    x = make_inputs(1, 4, 512, 3, D=True, z=True, bias=True, h0=True)
+    x = {k: (v.bfloat16() if v is not None and k in ("u", "delta", "B", "C", "z") else v) for k, v in x.items()}
+    outs = []
+    for over in ({"NW": 4, "STAGES": 2}, {}):
+        monkeypatch.setattr(triton_fwd_lanes, "META_OVERRIDES", dict(over))
+        outs.append(selective_scan(*(x[k] for k in NAMES[:8]), True, True, initial_state=x["initial_state"],
+                                   backend="triton"))
+    assert metas == [(4, True), (1, True)], metas
+    for got, ref in zip(*outs):
+        assert torch.equal(got, ref)
+
+
 def _forced_lanes_case(chooser, shape, opts, monkeypatch):
     """run_case with the lanes kernel that ``_ops.<chooser>`` picks forced on, and a check that it ran."""
     from matten_kernels.selective_scan import _ops

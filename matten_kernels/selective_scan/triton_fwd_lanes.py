@@ -26,6 +26,13 @@ where the grid allows (:func:`lanes_fwd_cpw`). Windows are whole (no masks, vect
 partial window, which a second launch (``TAIL``) runs with masks after loading its carry from the saved states, so
 the masked code's registers do not lower the main loop's occupancy.
 
+Two A/B knobs (``META_OVERRIDES``; default 1, which compiles to the SASS of the kernel without them): ``STAGES`` > 1
+runs the window loop through Triton's software pipeline (the next window's B/C rows as asynchronous copies into
+shared memory, 16 KB a program at global XL), and ``NW`` > 1 puts NW warps (NW x CPW channels) in a program that
+load B/C as one row [1, W] for all of them, so with ``STAGES`` > 1 the warps share one copy, as the CUDA forward's
+blocks stage B/C. Without the pipeline that row is converted between layouts through shared memory every state
+(offline: 4,817 loop instructions against 1,913), so NW > 1 is meant with STAGES > 1 (2,041).
+
 The bidirectional scan runs as two launches of this kernel (:func:`bi_selective_scan_fwd_lanes`), no flipped
 copies: the backward direction in reverse scan order (``REV``: lane l takes the window's chunk TL - 1 - l and its
 steps in reverse, register moves), its y into an fp32 scratch, then the forward direction, which adds it, scales,
@@ -136,9 +143,10 @@ def _rev_steps(x, CPW: tl.constexpr, TL: tl.constexpr, VEC: tl.constexpr):
 
 @triton.jit
 def _window(w, u_raw, dt_raw, carry, A2, bias, Dv, scale, p_z1, p_B1, p_C1, p_out1, p_ws1, p_st, p_hl, L, N,
-            n_saves, o_t, o_tw, o_l, o_v, o_c3, o_n2, CPW: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr,
+            n_saves, o_t, o_tw, o_tb, o_twb, o_l, o_v, o_c3, o_n2, CPW: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr,
             HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, EVEN: tl.constexpr,
-            SAVE: tl.constexpr, REV: tl.constexpr, MODE: tl.constexpr, WORDS: tl.constexpr):
+            SAVE: tl.constexpr, REV: tl.constexpr, MODE: tl.constexpr, WORDS: tl.constexpr, NW: tl.constexpr,
+            CB: tl.constexpr):
     """Scan window w (steps w * W ..) of the program's CPW channels from the carried states; returns the states after
     it. [CPW, W] tensors (channel, step in scan order), viewed as [CPW, TL, VEC] (channel, time lane, step of the
     lane). REV: scan order is descending time: lane l holds the window's chunk TL - 1 - l (``o_t``, loaded as
@@ -146,6 +154,7 @@ def _window(w, u_raw, dt_raw, carry, A2, bias, Dv, scale, p_z1, p_B1, p_C1, p_ou
     1: y into the fp32 scratch ws; 2: out = (y + ws) * scale, gated."""
     TL: tl.constexpr = 32 // CPW
     VEC: tl.constexpr = W // TL
+    C: tl.constexpr = CPW * NW  # the program's channels: CPW a warp, NW warps
     o_last = o_v == VEC - 1
     o_first = (o_l == 0) & (o_v == 0)
     t = w * W + o_t  # [CPW, W]: the steps each element loads (the same in every channel's row)
@@ -153,15 +162,15 @@ def _window(w, u_raw, dt_raw, carry, A2, bias, Dv, scale, p_z1, p_B1, p_C1, p_ou
     u = _f32(u_raw, WORDS)
     dt = _f32(dt_raw, WORDS) + bias
     if REV:
-        u = _rev_steps(u, CPW, TL, VEC)
-        dt = _rev_steps(dt, CPW, TL, VEC)
+        u = _rev_steps(u, C, TL, VEC)
+        dt = _rev_steps(dt, C, TL, VEC)
     if SOFTPLUS:
         dt = _softplus(dt)
     if not EVEN:
         dt = tl.where(m, dt, 0.0)  # padded steps: decay 1, input 0, so the state passes through them unchanged
-    du2 = tl.reshape(dt * u, [CPW, TL, VEC])
-    dt2 = tl.reshape(dt, [CPW, TL, VEC])
-    y = tl.zeros([CPW, W], dtype=tl.float32)
+    du2 = tl.reshape(dt * u, [C, TL, VEC])
+    dt2 = tl.reshape(dt, [C, TL, VEC])
+    y = tl.zeros([C, W], dtype=tl.float32)
     # the state after each lane's last step in scan order is kept where that ends a SAVE block: forward, the state
     # entering block i_save (the slot after the last one is the last state); REV (windows whole), the one entering
     # block i_save - 1 from its end, which the lane's chunk start t_end begins
@@ -178,38 +187,43 @@ def _window(w, u_raw, dt_raw, carry, A2, bias, Dv, scale, p_z1, p_B1, p_C1, p_ou
     # B, C of states n+1, n+2, n+3 are in flight while state n is scanned (each state's chain of exp, scan and
     # shuffles is short next to an L2 round trip: 1 state ahead 0.337, 2 ahead 0.319, 3 ahead 0.315 ms at global XL).
     # The CPW channels share B/C: their lanes load the same addresses, which one request serves.
-    b1 = _ld_raw(p_B1, w * W, t, o_tw, m, EVEN, WORDS)
-    c1 = _ld_raw(p_C1, w * W, t, o_tw, m, EVEN, WORDS)
+    # B/C rows [CB, W] at offsets o_tb / o_twb: CB = CPW (the same addresses in every channel's row), or, NW > 1, 1:
+    # one row the program's warps share (one copy in shared memory where the window loop is pipelined, STAGES > 1),
+    # broadcast over the channels
+    tb = w * W + o_tb
+    mb = tb < L
+    b1 = _ld_raw(p_B1, w * W, tb, o_twb, mb, EVEN, WORDS)
+    c1 = _ld_raw(p_C1, w * W, tb, o_twb, mb, EVEN, WORDS)
     b2, c2, b3, c3 = b1, c1, b1, c1
     if BLOCK_N > 1:
-        b2 = _ld_raw(p_B1 + L, w * W, t, o_tw, m, EVEN, WORDS)
-        c2 = _ld_raw(p_C1 + L, w * W, t, o_tw, m, EVEN, WORDS)
+        b2 = _ld_raw(p_B1 + L, w * W, tb, o_twb, mb, EVEN, WORDS)
+        c2 = _ld_raw(p_C1 + L, w * W, tb, o_twb, mb, EVEN, WORDS)
     if BLOCK_N > 2:
-        b3 = _ld_raw(p_B1 + 2 * L, w * W, t, o_tw, m, EVEN, WORDS)
-        c3 = _ld_raw(p_C1 + 2 * L, w * W, t, o_tw, m, EVEN, WORDS)
+        b3 = _ld_raw(p_B1 + 2 * L, w * W, tb, o_twb, mb, EVEN, WORDS)
+        c3 = _ld_raw(p_C1 + 2 * L, w * W, tb, o_twb, mb, EVEN, WORDS)
     for n in tl.static_range(BLOCK_N):
         b_n = _f32(b1, WORDS)
         c_n = _f32(c1, WORDS)
         if REV:
-            b_n = _rev_steps(b_n, CPW, TL, VEC)
-            c_n = _rev_steps(c_n, CPW, TL, VEC)
+            b_n = _rev_steps(b_n, CB, TL, VEC)
+            c_n = _rev_steps(c_n, CB, TL, VEC)
         b1, c1, b2, c2 = b2, c2, b3, c3
         if n + 3 < BLOCK_N:
-            b3 = _ld_raw(p_B1 + (n + 3) * L, w * W, t, o_tw, m, EVEN, WORDS)
-            c3 = _ld_raw(p_C1 + (n + 3) * L, w * W, t, o_tw, m, EVEN, WORDS)
+            b3 = _ld_raw(p_B1 + (n + 3) * L, w * W, tb, o_twb, mb, EVEN, WORDS)
+            c3 = _ld_raw(p_C1 + (n + 3) * L, w * W, tb, o_twb, mb, EVEN, WORDS)
         a2 = _exp2(dt2 * _pick_last_axis(A2, o_n2 == n))
-        x2 = du2 * tl.reshape(b_n, [CPW, TL, VEC])
+        x2 = du2 * tl.reshape(b_n, [CB, TL, VEC])
         x2 = tl.where(o_first, x2 + a2 * _pick_last_axis(carry, o_n2 == n), x2)  # the carry enters at step 0
-        _, h = tl.associative_scan((tl.reshape(a2, [CPW, W]), tl.reshape(x2, [CPW, W])), 1, _combine)
+        _, h = tl.associative_scan((tl.reshape(a2, [C, W]), tl.reshape(x2, [C, W])), 1, _combine)
         y += h * c_n
-        h_end = _pick_last_axis(tl.reshape(h, [CPW, TL, VEC]), o_last)  # [CPW, TL, 1]: the state after each lane
+        h_end = _pick_last_axis(tl.reshape(h, [C, TL, VEC]), o_last)  # [C, TL, 1]: the state after each lane
         if n < N:
             tl.store(p_save + n, h_end, mask=m_save)
         carry = tl.where(o_n2 == n, tl.gather(h_end, o_l * 0 + (TL - 1) + o_c3 * 0, 1), carry)
     if HAS_D:
         y += Dv * u
     if REV:
-        y = _rev_steps(y, CPW, TL, VEC)  # back to the loaded order
+        y = _rev_steps(y, C, TL, VEC)  # back to the loaded order
     if MODE == 1:
         if EVEN:
             tl.store(p_ws1 + t, y)
@@ -234,32 +248,46 @@ def _selective_scan_fwd_lanes_kernel(
     dim, L, N, G_B, G_C, dpg_B, dpg_C, s_u_b, s_u_d, s_dt_b, s_dt_d, s_z_b, s_z_d, scale,
     BLOCK_N: tl.constexpr, CPW: tl.constexpr, W: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, TAIL: tl.constexpr, FIRST: tl.constexpr,
-    SAVE: tl.constexpr, REV: tl.constexpr, MODE: tl.constexpr, WORDS: tl.constexpr,
+    SAVE: tl.constexpr, REV: tl.constexpr, MODE: tl.constexpr, WORDS: tl.constexpr, NW: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
-    """TAIL False: the whole windows of channels CPW program_id(0) .. + CPW - 1 of batch row program_id(1); TAIL True:
-    their last partial window (not with REV: a direction that starts at the row's end needs whole windows).
-    REV / MODE: :func:`_window` (the bidirectional scan's two launches: REV with MODE 1, then MODE 2)."""
+    """TAIL False: the whole windows of channels C program_id(0) .. + C - 1 (C = CPW * NW: CPW a warp, NW warps) of
+    batch row program_id(1); TAIL True: their last partial window (not with REV: a direction that starts at the
+    row's end needs whole windows). REV / MODE: :func:`_window` (the bidirectional scan's two launches: REV with MODE
+    1, then MODE 2). STAGES > 1: Triton's software pipeline over the windows (loads of the next window issued as
+    asynchronous copies into shared memory); with NW > 1 the warps share one copy of B/C (A/B knobs, default 1)."""
     TL: tl.constexpr = 32 // CPW
     VEC: tl.constexpr = W // TL
+    C: tl.constexpr = CPW * NW
     i_b = tl.program_id(1).to(tl.int64)
-    d0 = tl.program_id(0) * CPW  # the program's channels share one B group and one C group (the launcher's check)
-    o_c = tl.arange(0, CPW)[:, None]  # [CPW, 1]
-    o_c3 = tl.arange(0, CPW)[:, None, None]
+    d0 = tl.program_id(0) * C  # the program's channels share one B group and one C group (the launcher's check)
+    o_c = tl.arange(0, C)[:, None]  # [C, 1]
+    o_c3 = tl.arange(0, C)[:, None, None]
     o_i = tl.arange(0, W)[None, :]
     if REV:  # element i of a window loads step (TL - 1 - i // VEC) VEC + i % VEC: lanes in reverse, vectors whole
-        o_t = (TL - 1 - o_i // VEC) * VEC + o_i % VEC + o_c * 0
+        o_t1 = (TL - 1 - o_i // VEC) * VEC + o_i % VEC
     else:
-        o_t = o_i + o_c * 0  # [CPW, W]
-    # WORDS: the same elements two a 32-bit word ([CPW, W / 2], word offsets)
+        o_t1 = o_i  # [1, W]
+    o_t = o_t1 + o_c * 0  # [C, W]
+    # WORDS: the same elements two a 32-bit word ([C, W / 2], word offsets)
     VW: tl.constexpr = VEC // 2
     o_iw = tl.arange(0, W // 2)[None, :]
     if REV:
-        o_tw = (TL - 1 - o_iw // VW) * VW + o_iw % VW + o_c * 0
+        o_tw1 = (TL - 1 - o_iw // VW) * VW + o_iw % VW
     else:
-        o_tw = o_iw + o_c * 0
+        o_tw1 = o_iw
+    o_tw = o_tw1 + o_c * 0
+    if NW > 1:  # B/C: one row for the program's warps ([1, W], [1, W / 2])
+        o_tb = o_t1
+        o_twb = o_tw1
+        CB: tl.constexpr = 1
+    else:
+        o_tb = o_t
+        o_twb = o_tw
+        CB: tl.constexpr = CPW
     o_l = tl.arange(0, TL)[None, :, None]  # [1, TL, 1]
     o_v = tl.arange(0, VEC)[None, None, :]
-    o_n2 = tl.arange(0, BLOCK_N)[None, None, :] + o_l * 0 + o_c3 * 0  # [CPW, TL, BLOCK_N]: every lane, every state
+    o_n2 = tl.arange(0, BLOCK_N)[None, None, :] + o_l * 0 + o_c3 * 0  # [C, TL, BLOCK_N]: every lane, every state
     m_n2 = o_n2 < N
     d2, d3 = d0 + o_c, d0 + o_c3
     row2, row3 = i_b * dim + d2, i_b * dim + d3
@@ -273,7 +301,7 @@ def _selective_scan_fwd_lanes_kernel(
         p_st = p_states + row3 * (n_saves - 1) * N - N
     A2 = tl.load(p_A + d3 * N + o_n2, mask=m_n2, other=0.0) * 1.4426950408889634  # padded states: decay 1
     n_full = L // W
-    carry = tl.zeros([CPW, TL, BLOCK_N], dtype=tl.float32)
+    carry = tl.zeros([C, TL, BLOCK_N], dtype=tl.float32)
     if TAIL and n_full > 0:
         carry = tl.load(p_st + ((n_full * W) // SAVE) * N + o_n2, mask=m_n2, other=0.0)  # saved by the main launch
     else:
@@ -298,13 +326,13 @@ def _selective_scan_fwd_lanes_kernel(
         u_raw = tl.load(p_u1 + t, mask=t < L, other=0.0)
         dt_raw = tl.load(p_dt1 + t, mask=t < L, other=0.0)
         _window(n_full, u_raw, dt_raw, carry, A2, bias, Dv, scale, p_z1, p_B1, p_C1, p_out1, p_ws1, p_st, p_hl, L,
-                N, n_saves, o_t, o_tw, o_l, o_v, o_c3, o_n2, CPW, W, BLOCK_N, HAS_D, HAS_Z, SOFTPLUS, False, SAVE,
-                REV, MODE, False)
+                N, n_saves, o_t, o_tw, o_tb, o_twb, o_l, o_v, o_c3, o_n2, CPW, W, BLOCK_N, HAS_D, HAS_Z, SOFTPLUS,
+                False, SAVE, REV, MODE, False, NW, CB)
     else:
         w0 = (n_full - 1) * REV  # the first window in scan order
         u_raw = _ld_raw(p_u1, w0 * W, w0 * W + o_t, o_tw, None, True, WORDS)
         dt_raw = _ld_raw(p_dt1, w0 * W, w0 * W + o_t, o_tw, None, True, WORDS)
-        for i_w in range(0, n_full):
+        for i_w in tl.range(0, n_full, num_stages=STAGES):
             if REV:
                 w = n_full - 1 - i_w
                 w_next = tl.maximum(w - 1, 0)  # the next window (the last one loads itself again)
@@ -314,8 +342,8 @@ def _selective_scan_fwd_lanes_kernel(
             u_next = _ld_raw(p_u1, w_next * W, w_next * W + o_t, o_tw, None, True, WORDS)
             dt_next = _ld_raw(p_dt1, w_next * W, w_next * W + o_t, o_tw, None, True, WORDS)
             carry = _window(w, u_raw, dt_raw, carry, A2, bias, Dv, scale, p_z1, p_B1, p_C1, p_out1, p_ws1, p_st,
-                            p_hl, L, N, n_saves, o_t, o_tw, o_l, o_v, o_c3, o_n2, CPW, W, BLOCK_N, HAS_D, HAS_Z,
-                            SOFTPLUS, True, SAVE, REV, MODE, WORDS)
+                            p_hl, L, N, n_saves, o_t, o_tw, o_tb, o_twb, o_l, o_v, o_c3, o_n2, CPW, W, BLOCK_N,
+                            HAS_D, HAS_Z, SOFTPLUS, True, SAVE, REV, MODE, WORDS, NW, CB)
             u_raw = u_next
             dt_raw = dt_next
 
@@ -405,7 +433,7 @@ def _launch_pass(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softp
     )
     meta = dict(BLOCK_N=BLOCK_N, CPW=CPW, W=W, HAS_D=D is not None, HAS_Z=z is not None,
                 HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_H0=initial_state is not None,
-                FIRST=keeps_first(L), SAVE=save, REV=REV, MODE=MODE, num_warps=1)
+                FIRST=keeps_first(L), SAVE=save, REV=REV, MODE=MODE, NW=1, STAGES=1)
     # bf16 rows as 32-bit words (_f32), in the unidirectional scan only. H200, bf16, launcher level, against the
     # element loads in one call (benchmarks/NOTES_scan.md "Session 31"): global XL 0.2745 -> 0.2605 ms, global S 0.339
     # -> 0.322, long 0.669 -> 0.635, with z 0.2955 -> 0.2758; the bidirectional scan's two launches 0.565 -> 0.778
@@ -420,10 +448,14 @@ def _launch_pass(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softp
     meta.update(META_OVERRIDES)
     if meta.get("maxnreg", 0) is None:  # an A/B run's "uncapped"
         del meta["maxnreg"]
+    C = CPW * meta["NW"]
+    assert dim % C == 0 and ((dim // G_B) % C == 0 or C == CPW) and ((dim // G_C) % C == 0 or C == CPW), \
+        "a program's channels share one B group and one C group"
+    meta["num_warps"] = meta["NW"]
     if L >= W:
-        launch(_selective_scan_fwd_lanes_kernel, (dim // CPW, batch), args, dict(meta, TAIL=False))
+        launch(_selective_scan_fwd_lanes_kernel, (dim // C, batch), args, dict(meta, TAIL=False))
     if L % W:
-        launch(_selective_scan_fwd_lanes_kernel, (dim // CPW, batch), args, dict(meta, TAIL=True))
+        launch(_selective_scan_fwd_lanes_kernel, (dim // C, batch), args, dict(meta, TAIL=True))
 
 
 def selective_scan_fwd_lanes(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus: bool,
