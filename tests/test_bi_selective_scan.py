@@ -280,63 +280,39 @@ def test_bi_opcheck_and_compile():
         check("compiled grad", g1, v.grad)
 
 
-# The bidirectional lanes launches (REV and MODE 1 / 2) in bf16 with the word loads (WORDS: an A/B variant here, the
-# default only for the unidirectional scan) against the element loads (their default): bit for bit, output and every
-# gradient of both directions (v2 and shared); see test_selective_scan.test_triton_lanes_bf16_word_loads.
-@pytest.mark.parametrize("mode", ["v2", "shared"])
+# Variants of the bidirectional lanes forward's launches (REV and MODE 1 / 2) that must change nothing, in bf16: the
+# output and every gradient of both directions bit for bit against the default launches. WORDS, the word loads (an
+# A/B variant here, the default only for the unidirectional scan; see
+# test_selective_scan.test_triton_lanes_bf16_word_loads), in v2 and shared modes; NW, two warps a program (an A/B knob
+# with STAGES; see test_selective_scan.test_triton_lanes_forward_warps_a_program), which regroups channels and
+# nothing else.
+@pytest.mark.parametrize("mode, over, key, seen", [
+    ("v2", {"WORDS": True}, "WORDS", [True] * 2 + [False] * 2),
+    ("shared", {"WORDS": True}, "WORDS", [True] * 2 + [False] * 2),
+    ("v2", {"NW": 2, "STAGES": 2}, "NW", [2, 2, 1, 1]),
+], ids=["words-v2", "words-shared", "nw2-v2"])
 @pytest.mark.interpreter
-def test_bi_triton_lanes_bf16_word_loads(mode, monkeypatch):
+def test_bi_triton_lanes_forward_variants_bit_for_bit(mode, over, key, seen, monkeypatch):
     from matten_kernels.selective_scan import _ops, triton_fwd_lanes
 
     monkeypatch.setattr(_ops, "use_lanes_bi", lambda *a, **k: True)
     monkeypatch.setattr(_ops, "use_lanes_bi_bwd", lambda *a, **k: True)
-    words = []
+    metas = []
     launch = triton_fwd_lanes.launch
-    monkeypatch.setattr(triton_fwd_lanes, "launch", lambda k, g, a, m: words.append(m["WORDS"]) or launch(k, g, a, m))
+    monkeypatch.setattr(triton_fwd_lanes, "launch", lambda k, g, a, m: metas.append(m[key]) or launch(k, g, a, m))
     x, xb = make_bi(1, 4, 512, 3, None, mode)
     x = {k: (v.bfloat16() if v is not None and k in ("u", "delta", "B", "C", "z") else v) for k, v in x.items()}
     xb = {k: (v.bfloat16() if k in ("u_b", "delta_b", "B_b", "C_b") else v) for k, v in xb.items()}
     dout = torch.randn(1, 4, 512, generator=torch.Generator().manual_seed(3)).bfloat16()
     results = []
-    for over in ({"WORDS": True}, {}):
-        monkeypatch.setattr(triton_fwd_lanes, "META_OVERRIDES", dict(over))
+    for o in (over, {}):
+        monkeypatch.setattr(triton_fwd_lanes, "META_OVERRIDES", dict(o))
         lx = {k: v.clone().requires_grad_() for k, v in x.items() if v is not None and k != "initial_state"}
         lxb = {k: v.clone().requires_grad_() for k, v in xb.items()}
         out = bi_selective_scan(*(lx.get(k) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")), True,
                                 **lxb, backend="triton")
         out.backward(dout)
         results.append([out] + [v.grad for v in list(lx.values()) + list(lxb.values())])
-    assert words == [True] * 2 + [False] * 2, words
-    for got, ref in zip(*results):
-        assert torch.equal(got, ref)
-
-
-# The lanes forward with two warps a program (NW, an A/B knob; see test_selective_scan's
-# test_triton_lanes_forward_warps_a_program) regroups channels into programs and nothing else, so in bf16 (the word
-# loads of the unidirectional launch, the reverse direction's launch, its scratch) the bidirectional output and every
-# gradient are bit for bit those of one warp a program.
-@pytest.mark.interpreter
-def test_bi_triton_lanes_forward_warps_a_program_bit_for_bit(monkeypatch):
-    from matten_kernels.selective_scan import _ops, triton_fwd_lanes
-
-    monkeypatch.setattr(_ops, "use_lanes_bi", lambda *a, **k: True)
-    monkeypatch.setattr(_ops, "use_lanes_bi_bwd", lambda *a, **k: True)
-    nws = []
-    launch = triton_fwd_lanes.launch
-    monkeypatch.setattr(triton_fwd_lanes, "launch", lambda k, g, a, m: nws.append(m["NW"]) or launch(k, g, a, m))
-    x, xb = make_bi(1, 4, 512, 3, None, "v2")
-    x = {k: (v.bfloat16() if v is not None and k in ("u", "delta", "B", "C", "z") else v) for k, v in x.items()}
-    xb = {k: (v.bfloat16() if k in ("u_b", "delta_b", "B_b", "C_b") else v) for k, v in xb.items()}
-    dout = torch.randn(1, 4, 512, generator=torch.Generator().manual_seed(5)).bfloat16()
-    results = []
-    for over in ({"NW": 2, "STAGES": 2}, {}):
-        monkeypatch.setattr(triton_fwd_lanes, "META_OVERRIDES", dict(over))
-        lx = {k: v.clone().requires_grad_() for k, v in x.items() if v is not None and k != "initial_state"}
-        lxb = {k: v.clone().requires_grad_() for k, v in xb.items()}
-        out = bi_selective_scan(*(lx.get(k) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")), True,
-                                **lxb, backend="triton")
-        out.backward(dout)
-        results.append([out] + [v.grad for v in list(lx.values()) + list(lxb.values())])
-    assert nws == [2, 2, 1, 1], nws
+    assert metas == seen, metas
     for got, ref in zip(*results):
         assert torch.equal(got, ref)
