@@ -1,11 +1,12 @@
 """A/B of the Triton lanes forward (triton_fwd_lanes.py): channels a warp and meta-parameters, launcher level.
 
-For each shape: the forward with one channel a warp (CPW 1) is the reference (``--bi``: the segment kernel's
-bidirectional forward); every variant (``--variants "name=CPW:dict;..."``, e.g. ``"cpw2=2:{'maxnreg': 168}"``; CPW
-0: the rule's choice; ``{'maxnreg': None}``: uncapped) is checked against it (out, the saved states and the last
-state; bi: out and both directions' states: max |diff| / max |reference|) and timed (median,
-triton.testing.do_bench). The states are saved every ``--save`` steps (128: the lanes backward's window at 2 channels
-a warp, what the op saves for it at global XL; bi: 64, what the segment backward reads).
+For each shape: the forward with one channel a warp (CPW 1) is the reference (``--segment-ref``: the segment
+kernel, the op's other choice; ``--bi``: the segment kernel's bidirectional forward); every variant (``--variants
+"name=CPW:dict;..."``, e.g. ``"cpw2=2:{'maxnreg': 168}"``; CPW 0: the rule's choice; ``{'maxnreg': None}``:
+uncapped) is checked against it (out, the saved states and the last state; bi: out and both directions' states:
+max |diff| / max |reference|) and timed (median, triton.testing.do_bench). The states are saved every ``--save``
+steps (128: the lanes backward's window at 2 channels a warp, what the op saves for it at global XL; bi: 64, what
+the segment backward reads).
 
 Usage (device): PYTHONPATH=. python benchmarks/triton_lanes_fwd_ab.py --commit SHA --out $OUT [--shapes "global XL"]
 """
@@ -21,8 +22,10 @@ from matten_kernels.selective_scan import triton_fwd, triton_fwd_lanes
 
 
 def _run(cpw, over, args, bi=False):
-    if cpw < 0:  # the segment kernel (the bidirectional reference)
-        return triton_fwd.selective_scan_fwd(*args[:10], **args[10], bidirectional=True)
+    if cpw < 0:  # the segment kernel (the bidirectional reference; uni: --segment-ref)
+        if bi:
+            return triton_fwd.selective_scan_fwd(*args[:10], **args[10], bidirectional=True)
+        return triton_fwd.selective_scan_fwd(*args[:10], save=args[10])[:3]
     triton_fwd_lanes.CPW_OVERRIDE = cpw or None
     triton_fwd_lanes.META_OVERRIDES.clear()
     triton_fwd_lanes.META_OVERRIDES.update(over)
@@ -39,6 +42,8 @@ def main():
     p = ab_parser("global XL,global S,long", "cpw2=2:{}")
     p.add_argument("--save", type=int, default=128)
     p.add_argument("--z", action="store_true", help="with a z gate")
+    p.add_argument("--segment-ref", action="store_true", help="the uni reference is the segment kernel (the op's "
+                   "other choice), not the lanes kernel at CPW 1")
     p.add_argument("--bi", action="store_true", help="the bidirectional forward (Vim v2 inputs): the segment kernel "
                    "is the reference, each variant runs the lanes kernels' two launches")
     args = p.parse_args()
@@ -53,7 +58,7 @@ def main():
         z = torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16) if args.z else None
         call = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], z, x["delta_bias"], None, True, args.save)
         names = ("out", "last_state", "states")
-        ref_cpw = 1
+        ref_cpw = -1 if args.segment_ref else 1
         if args.bi:  # (u, delta, A, B, C, D, z, delta_bias, -, -, {the backward direction's inputs})
             xb = scan_inputs(b, d, N, L, torch.bfloat16, seed=1)
             call = call[:10] + (dict(u_b=xb["u"], delta_b=xb["delta"], A_b=xb["A"], B_b=xb["B"], C_b=xb["C"],
@@ -64,7 +69,7 @@ def main():
             ref = (ref[0], ref[2], ref[3])
         t_ref = bench(lambda: _run(ref_cpw, {}, call, args.bi))
         row = dict(shape=shape, reference_ms=t_ref, variants={})
-        print(f"{shape}: {'segment kernel' if args.bi else 'CPW 1'} {t_ref:.4f} ms")
+        print(f"{shape}: {'segment kernel' if ref_cpw < 0 else 'CPW 1'} {t_ref:.4f} ms")
         for name, cpw, over in variants:
             try:
                 got = _run(cpw, over, call, args.bi)

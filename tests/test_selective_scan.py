@@ -538,9 +538,9 @@ def test_lanes_backward_segments_rule():
 
 
 def test_lanes_backward_choice(monkeypatch):
-    """use_lanes_bwd takes the shapes it was measured faster on (SPEC section 7, bf16: global XL, global S, and long
-    since its rows are split into segments: one whole round of programs, 2,112 channels on 132 SMs, in rows of 16
-    windows or more) and leaves the others, fp32, N > 16, partial windows and deterministic mode to the segment backward; the
+    """use_lanes_bwd takes the shapes it was measured faster on (SPEC section 7, bf16: global XL, global S, spatial XL,
+    and long since its rows are split into segments: one whole round of programs, 2,112 channels on 132 SMs, in rows
+    of 16 windows or more) and leaves the others, fp32, N > 16, partial windows and deterministic mode to the segment backward; the
     channels per warp and program fit the B/C groups and the saved states."""
     from matten_kernels.selective_scan.triton_bwd_lanes import lanes_bwd_config, use_lanes_bwd
 
@@ -553,7 +553,8 @@ def test_lanes_backward_choice(monkeypatch):
     assert not use_lanes_bwd(u(1, 2048, 16384), 16)  # under one round of programs
     assert not use_lanes_bwd(u(1, 2304, 1024), 16)  # 8 windows a row: not enough for segments (not measured)
     assert use_lanes_bwd(u(2, 1600, 1024), 16)  # 24 channels an SM
-    assert not use_lanes_bwd(u(32, 2304, 256), 16)  # spatial XL: short
+    assert use_lanes_bwd(u(32, 2304, 256), 16)  # spatial XL: two windows a row
+    assert not use_lanes_bwd(u(32, 2304, 16), 16)  # temporal XL: not a whole window
     assert not use_lanes_bwd(u(2, 2304, 4096, torch.float32), 16)
     assert not use_lanes_bwd(u(2, 2304, 4096), 64)
     assert not use_lanes_bwd(u(2, 2304, 4100), 16)  # a partial window

@@ -80,11 +80,13 @@ def _forced_lanes_case(chooser, dtype, shape, monkeypatch):
 
 
 # The lanes backward (chosen by shape: long 16-bit sequences over many channels) forced on fewer channels: two channels
-# per warp and four warps (dim 96), B/C in two groups with N = 5 (dim 64), one channel per warp (dim 6), L = 4096 and
-# 1024 (the shortest it is chosen for); fp32 too (4 steps per lane), which the shape choice never takes.
+# per warp and four warps (dim 96), B/C in two groups with N = 5 (dim 64), one channel per warp (dim 6), L = 4096,
+# 1024 and 256 (the shortest it is chosen for: two windows); fp32 too (4 steps per lane), which the shape choice
+# never takes.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("shape", [(2, 96, 4096, 16, None), (2, 64, 4096, 5, 2), (3, 6, 1024, 16, None)],
-                         ids=["L4096", "L4096-N5-G2", "L1024-dim6"])
+@pytest.mark.parametrize("shape", [(2, 96, 4096, 16, None), (2, 64, 4096, 5, 2), (3, 6, 1024, 16, None),
+                                   (5, 40, 256, 16, None)],
+                         ids=["L4096", "L4096-N5-G2", "L1024-dim6", "L256"])
 def test_uni_lanes_backward(dtype, shape, monkeypatch):
     _forced_lanes_case("use_lanes_bwd", dtype, shape, monkeypatch)
 

@@ -428,7 +428,7 @@ def _selective_scan_bwd_lanes_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 # launcher
 
-LANES_BWD_MIN_L = 1024
+LANES_BWD_MIN_L = 256
 _CONFIG = (2, 4)  # (CPW, NW) before lanes_bwd_config fits it to the shape
 _META_OVERRIDES: dict = {}  # benchmarks/triton_lanes_bwd_ab.py sets variants here (CPW, NW and meta-parameters)
 
@@ -494,8 +494,9 @@ def use_lanes_bwd(u, N: int, device_index=None) -> bool:
     """Whether the uni backward takes this kernel: where it was measured faster than the segment backward (launcher
     level, bf16, each in one run: H100, session 8: global XL 1.35 vs 1.41 ms, global S 1.47 vs 1.79; H200 at 5d91651
     with segments: global XL 1.051 vs 1.418, long (1, 2304, 16, 16384) 2.094 vs 2.733, which before segments took
-    3.42). Needs 16-bit inputs (one 16-byte vector of u per lane and window), N <= 16 (every state of the window in
-    registers), whole windows (L a multiple of 256), L >= 1024, 24 channels an SM, or, in rows of 2048 steps or more
+    3.42; H200 at 5695200: spatial XL (32, 2304, 16, 256), two windows a row, 1.065 vs 1.194). Needs 16-bit inputs
+    (one 16-byte vector of u per lane and window), N <= 16 (every state of the window in registers), whole windows
+    (L a multiple of 256), 24 channels an SM, or, in rows of 2048 steps or more
     (16 windows: room for 4 segments of 4), one whole round of programs (two channels a warp, _WARPS_PER_SM warps an
     SM: 2,112 channels on an H200; segments split the rest, :func:`lanes_bwd_segments`), and torch's deterministic
     mode off (dB/dC are added with atomics)."""

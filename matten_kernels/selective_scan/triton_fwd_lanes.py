@@ -15,8 +15,9 @@ so each decay exp(delta * A) is evaluated once (the floor's count) and no summar
   :func:`.triton_fwd.keeps_first`), the state after the last step is ``last_state``, and a channel's last lane's
   is broadcast (``tl.gather``: one shuffle) as the next window's carry, kept with the A values in every lane's
   registers (``[CPW, TL, BLOCK_N]``, picked by register moves);
-* B, C of the states three ahead are loaded while state n is scanned, u and delta of the next window while this
-  one is (the kernel is latency-bound: session 6 measured each state of prefetch distance).
+* B, C rows are copied into shared memory one window ahead (the pipeline, below) and read from there three states
+  ahead of their use, u and delta of the next window loaded while this one is scanned (the kernel is
+  latency-bound: session 6 measured each state of prefetch distance).
 
 B and C are read in u's dtype, not as fp32 copies: every channel's program reads them, so they are the kernel's
 largest traffic (L2 to SM), and halving it was measured 13% faster at global XL (H100, session 6: 0.361 -> 0.324
@@ -26,12 +27,13 @@ where the grid allows (:func:`lanes_fwd_cpw`). Windows are whole (no masks, vect
 partial window, which a second launch (``TAIL``) runs with masks after loading its carry from the saved states, so
 the masked code's registers do not lower the main loop's occupancy.
 
-Two A/B knobs (``META_OVERRIDES``; default 1, which compiles to the SASS of the kernel without them): ``STAGES`` > 1
-runs the window loop through Triton's software pipeline (the next window's B/C rows as asynchronous copies into
-shared memory, 16 KB a program at global XL), and ``NW`` > 1 puts NW warps (NW x CPW channels) in a program that
-load B/C as one row [1, W] for all of them, so with ``STAGES`` > 1 the warps share one copy, as the CUDA forward's
-blocks stage B/C. Without the pipeline that row is converted between layouts through shared memory every state
-(offline: 4,817 loop instructions against 1,913), so NW > 1 is meant with STAGES > 1 (2,041).
+The window loop runs through Triton's software pipeline (``STAGES`` 2: the next window's B/C rows as asynchronous
+copies into shared memory, 16 KB a program at global XL; 20% faster there than loading them into registers three
+states ahead). ``NW`` > 1 (an A/B knob, default 1) puts NW warps (NW x CPW channels) in a program that load B/C as
+one row [1, W] for all of them, so the warps share one copy, as the CUDA forward's blocks stage B/C: measured slower
+(H200: global XL 0.288 ms at NW 2 against 0.208). Without the pipeline that row is converted between layouts
+through shared memory every state (offline: 4,817 loop instructions against 1,913), so NW > 1 is meant with
+``STAGES`` > 1.
 
 The bidirectional scan runs as two launches of this kernel (:func:`bi_selective_scan_fwd_lanes`), no flipped
 copies: the backward direction in reverse scan order (``REV``: lane l takes the window's chunk TL - 1 - l and its
@@ -433,7 +435,7 @@ def _launch_pass(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softp
     )
     meta = dict(BLOCK_N=BLOCK_N, CPW=CPW, W=W, HAS_D=D is not None, HAS_Z=z is not None,
                 HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_H0=initial_state is not None,
-                FIRST=keeps_first(L), SAVE=save, REV=REV, MODE=MODE, NW=1, STAGES=1)
+                FIRST=keeps_first(L), SAVE=save, REV=REV, MODE=MODE, NW=1, STAGES=2)
     # bf16 rows as 32-bit words (_f32), in the unidirectional scan only. H200, bf16, launcher level, against the
     # element loads in one call (benchmarks/NOTES_scan.md "Session 31"): global XL 0.2745 -> 0.2605 ms, global S 0.339
     # -> 0.322, long 0.669 -> 0.635, with z 0.2955 -> 0.2758; the bidirectional scan's two launches 0.565 -> 0.778
@@ -445,6 +447,11 @@ def _launch_pass(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softp
     # bidirectional scan's reverse direction 0.444 -> 0.259, its forward one 0.392 -> 0.309; CPW 2 at global S 0.392
     # -> 0.340. Lower caps spill (160: 0.329, 144: 0.424 at global XL).
     meta["maxnreg"] = 168
+    # STAGES 2: the window loop through Triton's software pipeline, the next window's B/C rows as asynchronous copies
+    # into shared memory (16 KB a program at global XL: the 12 programs an SM still fit). H200, bf16, launcher
+    # level, against STAGES 1 in one call at 5695200 (benchmarks/NOTES_scan.md "Session 34"): global XL 0.2606 ->
+    # 0.2080 ms, global S 0.3226 -> 0.2693; the bidirectional scan's two launches 0.554 -> 0.495 and 0.679 -> 0.607.
+    # NW 2 / 4 warps sharing one copy lost (global XL 0.288 / 0.294).
     meta.update(META_OVERRIDES)
     if meta.get("maxnreg", 0) is None:  # an A/B run's "uncapped"
         del meta["maxnreg"]
