@@ -568,8 +568,9 @@ def test_lanes_backward_choice(monkeypatch):
 
 
 def test_lanes_forward_choice():
-    """use_lanes takes the shapes it was measured faster on (SPEC section 7, bf16, H100: global XL and global S) and
-    leaves the others, other dtypes, N > 16 and misaligned rows to the segment kernel."""
+    """use_lanes takes the shapes it was measured faster on (SPEC section 7, bf16, H200: global XL, global S and long)
+    and leaves the others, other dtypes, N > 16, under one round of programs and misaligned rows to the segment
+    kernel."""
     from matten_kernels.selective_scan.triton_fwd_lanes import use_lanes
 
     def u(batch, dim, L, dtype=torch.bfloat16):
@@ -577,7 +578,8 @@ def test_lanes_forward_choice():
 
     assert use_lanes(u(2, 2304, 4096), u(2, 2304, 4096), None, 16)  # global XL
     assert use_lanes(u(8, 768, 4096), u(8, 768, 4096), u(8, 768, 4096), 16)  # global S, with z
-    assert not use_lanes(u(1, 2304, 16384), u(1, 2304, 16384), None, 16)  # long: too few channels
+    assert use_lanes(u(1, 2304, 16384), u(1, 2304, 16384), None, 16)  # long: 1.45 rounds of programs
+    assert not use_lanes(u(1, 1536, 16384), u(1, 1536, 16384), None, 16)  # under one round (1,584 on 132 SMs)
     assert not use_lanes(u(32, 2304, 256), u(32, 2304, 256), None, 16)  # spatial XL: short
     assert not use_lanes(u(512, 2304, 16), u(512, 2304, 16), None, 16)  # temporal XL
     assert not use_lanes(u(2, 2304, 4096, torch.float32), u(2, 2304, 4096, torch.float32), None, 16)
@@ -589,8 +591,8 @@ def test_lanes_forward_choice():
 
 def test_lanes_forward_bidirectional_choice():
     """use_lanes_bi: both directions' rows as use_lanes takes them, and whole windows (the reverse direction starts at
-    the row's end): global XL and S in 16-bit dtypes; not a partial window, fp32, or a backward direction's
-    misaligned rows."""
+    the row's end): global XL, S and long in 16-bit dtypes; not a partial window, fp32, under one round of programs
+    or a backward direction's misaligned rows."""
     from matten_kernels.selective_scan.triton_fwd_lanes import use_lanes_bi
 
     def u(batch, dim, L, dtype=torch.bfloat16):
@@ -605,7 +607,9 @@ def test_lanes_forward_bidirectional_choice():
     assert not use_lanes_bi(f, f, f, f, None, 16)
     t = torch.empty(2, 4096, 2304, dtype=torch.bfloat16, device="meta").transpose(1, 2)
     assert not use_lanes_bi(x, x, t, x, None, 16)  # u_b not time contiguous
-    assert not use_lanes_bi(u(1, 2304, 16384), u(1, 2304, 16384), u(1, 2304, 16384), u(1, 2304, 16384), None, 16)
+    assert use_lanes_bi(u(1, 2304, 16384), u(1, 2304, 16384), u(1, 2304, 16384), u(1, 2304, 16384), None, 16)  # long
+    z = u(1, 1536, 16384)
+    assert not use_lanes_bi(z, z, z, z, None, 16)  # under one round of programs
 
 
 def test_lanes_backward_bidirectional_choice():
@@ -635,13 +639,15 @@ def test_lanes_backward_bidirectional_choice():
 
 def test_lanes_forward_channels_per_warp():
     """Two channels a warp where a pair shares its B/C groups, the half window is whole saved blocks and the grid
-    loses no waves (132 SMs, 12 one-warp programs each); one elsewhere, global XL included (measured slower there)."""
+    loses no waves and fills one round (132 SMs, 12 one-warp programs each); one elsewhere, global XL and long
+    included (measured slower there)."""
     from matten_kernels.selective_scan.triton_fwd_lanes import lanes_fwd_cpw
 
     W1 = 256  # bf16: 32 lanes x 8 steps
     assert lanes_fwd_cpw(2, 2304, 1, 1, W1, 128, 132) == 1  # global XL: 2304 programs are 1.45 waves
     assert lanes_fwd_cpw(8, 768, 1, 1, W1, 128, 132) == 2  # global S: 3072 programs, 1.94 waves
-    assert lanes_fwd_cpw(1, 2304, 1, 1, W1, 64, 132) == 2  # long: 1152 programs, under one wave (2304 were 1.45)
+    assert lanes_fwd_cpw(1, 2304, 1, 1, W1, 64, 132) == 1  # long: 1152 programs, 0.73 of a round (2304 are 1.45)
+    assert lanes_fwd_cpw(2, 1584, 1, 1, W1, 64, 132) == 2  # 1584 programs: one whole round (2 rounds' work either way)
     assert lanes_fwd_cpw(8, 768, 1, 1, W1, 256, 132) == 1  # states every 256 steps: the 128-step window cannot
     assert lanes_fwd_cpw(8, 768, 1, 256, W1, 128, 132) == 1  # 3 channels a C group
     assert lanes_fwd_cpw(8, 768, 384, 1, W1, 128, 132) == 2  # 2 a B group

@@ -355,39 +355,43 @@ def _selective_scan_fwd_lanes_kernel(
 
 LANES_MIN_L = 1024
 LANES_WARPS_PER_SM = 12  # one-warp programs an SM at the kernel's 168 registers
-LANES_PROGRAMS_PER_SM = 2 * LANES_WARPS_PER_SM  # one-warp programs per SM needed: 2 waves
 CPW_OVERRIDE: int | None = None  # benchmarks set a channels-per-warp variant here for A/B runs
 META_OVERRIDES: dict = {}  # and meta-parameters (maxnreg, ...)
 
 
 def lanes_fwd_cpw(batch: int, dim: int, G_B: int, G_C: int, W1: int, save: int, n_sm: int) -> int:
-    """Channels per warp (program): 2 where that costs no waves of the programs' work, else 1.
+    """Channels per warp (program): 2 where that costs no waves of the programs' work and still fills one whole
+    round of programs, else 1.
 
     At 2 a pair of channels (one B group, one C group) splits the warp's lanes, 16 each, so the pair's lanes read
     each B/C vector with one request: half the L2 -> SM traffic of B/C, the kernel's largest. Its window is half of
     ``W1`` (the 1-channel one) and must be whole ``save`` blocks. The catch is the grid: half the programs, each with
-    twice the work, at the same ~12 a SM (168 registers). Taken when rounds x work a program is not larger:
-    ``2 ceil(waves at 2) <= ceil(waves at 1)``. H200, bf16, launcher level, one call (benchmarks/NOTES_scan.md
-    "Session 29"): global S 0.381 -> 0.340 ms (1.9 waves at 2), long 0.773 -> 0.675 (0.7); not taken at global XL
-    (1.45 waves at 2: 0.291 -> 0.332)."""
+    twice the work, at the same ~12 a SM (168 registers). Taken when rounds x work a program is not larger,
+    ``2 ceil(waves at 2) <= ceil(waves at 1)``, and the programs at 2 fill at least one round (under it the whole
+    kernel runs below the 12 warps an SM). H200, bf16, launcher level, one call at c584dbb (benchmarks/NOTES_scan.md
+    "Session 34"): global S 0.2744 -> 0.2676 ms at 2 (1.94 rounds); long (1, 2304, 16, 16384) 0.443 at 1 against
+    0.515 at 2 (0.73 of a round); global XL 0.209 at 1 against 0.228 at 2 (1.45 rounds, 4 > 3 waves)."""
     if CPW_OVERRIDE is not None:
         return CPW_OVERRIDE
     if (dim // G_B) % 2 or (dim // G_C) % 2 or (W1 // 2) % save:
         return 1
     slots = LANES_WARPS_PER_SM * n_sm
-    return 2 if 2 * math.ceil(batch * dim / 2 / slots) <= math.ceil(batch * dim / slots) else 1
+    waves2 = batch * dim / 2 / slots
+    return 2 if waves2 >= 1 and 2 * math.ceil(waves2) <= math.ceil(batch * dim / slots) else 1
 
 
 def use_lanes(u, delta, z, N: int, device_index=None) -> bool:
-    """Whether the uni forward takes this kernel: where session 6 measured it faster than the segment kernel (H100,
-    bf16, one call: global XL 0.315 vs 0.373 ms, global S 0.413 vs 0.482) and not where it was slower (long (1, 2304,
-    16, 16384): 0.790 vs 0.714, only 2304 channels; spatial XL, L = 256: 0.309 vs 0.246). Needs 16-bit inputs (its
-    window is one 16-byte vector per lane), N <= 16 (all states in every lane's registers), L >= 1024, batch * dim
-    channels filling ~2 waves, and rows of u, delta, z, out and B/C starting 16-element aligned (vector loads)."""
+    """Whether the uni forward takes this kernel: where it was measured faster than the segment kernel (H200, bf16,
+    launcher level, one call at c584dbb: global XL 0.208 vs 0.420 ms, global S 0.270 vs 0.471, long (1, 2304, 16,
+    16384) 0.443 vs 0.695) and not where it was slower (H100, session 6: spatial XL, L = 256: 0.309 vs 0.246, one
+    window a row). Needs 16-bit inputs (its window is one 16-byte vector per lane), N <= 16 (all states in every
+    lane's registers), L >= 1024, batch * dim channels filling one round of programs (12 one-warp programs an SM:
+    1,584 channels on an H200; long's 2,304 are 1.45 rounds), and rows of u, delta, z, out and B/C starting
+    16-element aligned (vector loads)."""
     batch, dim, L = u.shape
     if u.dtype not in (torch.bfloat16, torch.float16) or next_power_of_2(N) > 16 or L < LANES_MIN_L:
         return False
-    if batch * dim < LANES_PROGRAMS_PER_SM * _sm_count(device_index):
+    if batch * dim < LANES_WARPS_PER_SM * _sm_count(device_index):
         return False
     rows = [u, delta] + ([z] if z is not None else [])
     return all(x.stride(2) == 1 and x.stride(0) % 16 == 0 and x.stride(1) % 16 == 0 and x.data_ptr() % 16 == 0
