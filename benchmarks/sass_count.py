@@ -151,11 +151,12 @@ def main():
     p.add_argument("--save", type=int, default=0, help="lanes / lanes_bwd: the saved states' spacing (default: the "
                                                        "op's for the lanes backward)")
     p.add_argument("--dump", default=None, help="write the SASS of each kernel to FILE.<i>.sass")
-    p.add_argument("--meta", default=None, help="lanes / lanes_bwd: meta-parameter overrides as a dict literal, e.g. "
-                                                 "\"{'maxnreg': 240}\" (triton_bwd_lanes._META_OVERRIDES)")
+    p.add_argument("--meta", default=None, help="meta-parameter overrides as a dict literal, e.g. \"{'maxnreg': 240}\" "
+                                                 "(the lanes kernels' overrides; fwd / bwd: their main pass's)")
     args = p.parse_args()
     if args.meta:
-        over = triton_fwd_lanes.META_OVERRIDES if args.kernel == "lanes" else triton_bwd_lanes._META_OVERRIDES
+        over = dict(lanes=triton_fwd_lanes.META_OVERRIDES, lanes_bwd=triton_bwd_lanes._META_OVERRIDES,
+                    fwd=triton_fwd.MAIN_META_OVERRIDES, bwd=triton_bwd.MAIN_META_OVERRIDES)[args.kernel]
         over.update(ast.literal_eval(args.meta))
     batch, dim, N, L = SHAPES[args.shape]
     dt = getattr(torch, args.dtype)

@@ -152,6 +152,19 @@ def test_bi_dtypes(dtype, mode, forward, backward, monkeypatch):
     assert ("fwd" in chosen) == (forward != "auto") and ("bwd" in chosen) == (backward != "auto"), chosen
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_bi_lanes_backward_at_256_steps(dtype, monkeypatch):
+    """The shortest rows use_lanes_bi_bwd takes (spatial XL: two 128-step windows a row in bf16), forced on few
+    channels: the segment forward saves a state a window for it; output and every gradient against the reference
+    (Vim v2, z)."""
+    from matten_kernels.selective_scan import _ops
+
+    chosen = []
+    monkeypatch.setattr(_ops, "use_lanes_bi_bwd", lambda *a, **k: chosen.append(True) or True)
+    _bi_case(dtype, "v2", 3, 40, 256, 16)
+    assert chosen, "use_lanes_bi_bwd was not consulted"
+
+
 def _bi_inputs(dtype, mode, batch, dim, L, N):
     x = inputs(batch, dim, L, N, dtype)
     o = inputs(batch, dim, L, N, dtype, seed=1, z=False)
