@@ -522,6 +522,36 @@ def test_triton_lanes_backward_segments(shape, opts, nseg, monkeypatch):
     assert len(grids) == 1 and grids[0][:2] == ((nseg * batch * dim // grids[0][2],), nseg), grids
 
 
+# The lanes backward's reduce-scatter of dB / dC over a warp's channel pair (RS, an A/B knob; bf16 only: 8 steps a
+# lane) against the butterfly: the pair's sums are the same additions, so every gradient must match bit for bit (a
+# half sent to the wrong lane, or stored at the other half's steps, does not). dim 8 (4 warps of 2 channels) and 4 in
+# 2 B/C groups (2 warps), two 128-step windows.
+@pytest.mark.parametrize("shape", [(1, 8, 256, 3, None), (2, 4, 256, 2, 2)], ids=["dim8", "dim4-G2"])
+@pytest.mark.interpreter
+def test_triton_lanes_backward_reduce_scatter_bit_for_bit(shape, monkeypatch):
+    from matten_kernels.selective_scan import _ops, triton_bwd_lanes
+
+    monkeypatch.setattr(_ops, "use_lanes_bwd", lambda *a, **k: True)
+    metas = []
+    launch = triton_bwd_lanes.launch
+    monkeypatch.setattr(triton_bwd_lanes, "launch",
+                        lambda k, g, a, m: metas.append((m["CPW"], m["RS"])) or launch(k, g, a, m))
+    x = make_inputs(*shape, D=True, z=True, bias=True, h0=True)
+    x = {k: (v.bfloat16() if v is not None and k in ("u", "delta", "B", "C", "z") else v) for k, v in x.items()}
+    L = shape[2]
+    results = []
+    for over in ({"RS": 1}, {}):
+        monkeypatch.setattr(triton_bwd_lanes, "_META_OVERRIDES", dict(over))
+        leaves = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}
+        out, last = selective_scan(*(leaves[k] for k in NAMES[:8]), True, True, initial_state=leaves["initial_state"],
+                                   backend="triton")
+        (out.float() * torch.linspace(-1, 1, L)).sum().add(last.sum()).backward()
+        results.append([leaves[k].grad for k in NAMES if leaves[k] is not None])
+    assert metas == [(2, 1), (2, 0)], metas
+    for k, got, ref in zip([k for k in NAMES if x[k] is not None], *results):
+        assert torch.equal(got, ref), k
+
+
 def test_lanes_backward_segments_rule():
     """Segments where whole rows leave the last round of programs mostly empty (global XL: 576 programs on 264 slots
     of an H200 are 3 rounds, of which the last 18% full; 4 segments a row make it 2.25 rows' time), none where the

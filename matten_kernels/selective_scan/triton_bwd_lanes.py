@@ -125,16 +125,33 @@ def _suncols(c, TL: tl.constexpr, C: tl.constexpr, VEC: tl.constexpr, REV: tl.co
 
 
 @triton.jit
-def _red_add(p, x, TL: tl.constexpr, CPW: tl.constexpr, NW: tl.constexpr, VEC: tl.constexpr, REV: tl.constexpr):
+def _red_add(p, x, TL: tl.constexpr, CPW: tl.constexpr, NW: tl.constexpr, VEC: tl.constexpr, REV: tl.constexpr,
+             RS: tl.constexpr):
     """Add x [TL, NW * CPW, VEC] (fp32), summed over each warp's CPW channels, at p + chunk * VEC + step (time
     contiguous; the chunk is the lane's, TL - 1 - lane where REV) with atomics. The channel sum is a butterfly over
     lanes; the atomics go in 16-byte pieces, since Triton gives an atomic at most 4 fp32 per thread and lays out a
     wider one differently from x (a shared-memory conversion), while halves of 4 keep x's layout (one vector
-    reduction each)."""
-    xs = tl.sum(tl.reshape(x, [TL, NW, CPW, VEC]), axis=2)  # [TL, NW, VEC]
+    reduction each). RS (an A/B knob, CPW 2 and VEC 8 only): a reduce-scatter instead, each of a pair's lanes
+    keeping the sums of 4 of the 8 steps (channel 0 the first 4) and sending the other 4 to its partner (a gather
+    along the pair: 4 shuffles where the butterfly moves 8), then one 16-byte atomic each."""
     chunk = tl.arange(0, TL)
     if REV:
         chunk = TL - 1 - chunk
+    if RS and CPW == 2 and VEC == 8:
+        x4 = tl.reshape(x, [TL, NW, CPW, VEC])
+        lo, hi = tl.split(tl.permute(tl.reshape(x4, [TL, NW, CPW, 2, 4]), [0, 1, 2, 4, 3]))  # steps 0-3, 4-7
+        ch = tl.arange(0, CPW)[None, None, :, None] + tl.zeros([TL, NW, CPW, 4], tl.int32)
+        keep = tl.where(ch == 0, lo, hi)
+        recv = tl.gather(tl.where(ch == 0, hi, lo), 1 - ch, 2)  # the partner's half of this lane's steps
+        # the atomic as [CPW, TL, NW, 4], contiguous along the last axis only: the coalescer then lays it out as the
+        # gather's result (lanes over the pair, then time; warps over NW); as [TL, NW, CPW, 4] with a pair's 8 steps
+        # seen contiguous it spread the pair over warps, reached through shared memory and a barrier each time
+        o = (tl.arange(0, CPW)[:, None, None, None] * 4 + chunk[None, :, None, None] * VEC
+             + tl.arange(0, 4)[None, None, None, :] + tl.zeros([1, 1, NW, 1], tl.int32))
+        o = tl.max_contiguous(o, [1, 1, 1, 4])
+        tl.atomic_add(p + o, tl.permute(keep + recv, [2, 0, 1, 3]), sem="relaxed")
+        return
+    xs = tl.sum(tl.reshape(x, [TL, NW, CPW, VEC]), axis=2)  # [TL, NW, VEC]
     if VEC == 4 or CPW > 1:  # the CPW lanes holding the sum share its VEC values: VEC / CPW <= 4 each
         o = (chunk[:, None] * VEC + tl.arange(0, VEC)[None, :])[:, None, :] + tl.zeros([1, NW, 1], tl.int32)
         tl.atomic_add(p + o, xs, sem="relaxed")
@@ -194,7 +211,7 @@ def _selective_scan_bwd_lanes_kernel(
     BLOCK_N: tl.constexpr, VEC: tl.constexpr, CPW: tl.constexpr, NW: tl.constexpr, HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr,
     HAS_DH0: tl.constexpr, FIRST: tl.constexpr, SAVE: tl.constexpr, REV: tl.constexpr, MODE: tl.constexpr,
-    ACC_U: tl.constexpr, ACC_DT: tl.constexpr, NSEG: tl.constexpr,
+    ACC_U: tl.constexpr, ACC_DT: tl.constexpr, NSEG: tl.constexpr, RS: tl.constexpr,
 ):
     """Channels program_id(1) * C .. + C - 1 (C = CPW * NW) of batch row program_id(0), every window, every
     gradient. A warp holds CPW channels over TL = 32 / CPW lanes each; windows are TL * VEC steps.
@@ -374,8 +391,8 @@ def _selective_scan_bwd_lanes_kernel(
             # (no branch per state, but 16 more live values) spilled and took 2.85 ms instead of 1.41 (H100).
             tl.atomic_add(p_dA1 + n, tl.sum(tl.sum(P3 * dt, axis=2), axis=0, keep_dims=True) + o_l * 0.0,
                           mask=lane0 & ((o_l * 0 + n) < N), sem="relaxed")
-            _red_add(p_dB + (i_b * G_B + g_B) * BLOCK_N * L + n * L + t0, q3 * du, TL, CPW, NW, VEC, REV)
-            _red_add(p_dC + (i_b * G_C + g_C) * BLOCK_N * L + n * L + t0, h3 * dy, TL, CPW, NW, VEC, REV)
+            _red_add(p_dB + (i_b * G_B + g_B) * BLOCK_N * L + n * L + t0, q3 * du, TL, CPW, NW, VEC, REV, RS)
+            _red_add(p_dC + (i_b * G_C + g_C) * BLOCK_N * L + n * L + t0, h3 * dy, TL, CPW, NW, VEC, REV, RS)
         r = r_next
         # u, delta (and dout, z) again rather than kept through the states (registers); L1 or L2 hits
         u = tl.load(p_u3 + t0).to(tl.float32)
@@ -576,7 +593,7 @@ def _launch_bwd(g, dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initi
     meta = dict(BLOCK_N=BLOCK_N, VEC=VEC, CPW=CPW, NW=NW, HAS_D=D is not None, HAS_Z=z is not None,
                 HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_DLAST=dlast_state is not None,
                 HAS_DH0=initial_state is not None, FIRST=first, SAVE=save, REV=REV, MODE=MODE,
-                ACC_U=du_acc is not None, ACC_DT=ddelta_acc is not None, NSEG=g["nseg"])
+                ACC_U=du_acc is not None, ACC_DT=ddelta_acc is not None, NSEG=g["nseg"], RS=0)
     meta.update(over)
     nseg = g["nseg"]
     grid = (batch, dim // (CPW * NW)) if nseg == 1 else (nseg * batch * dim // (CPW * NW),)
